@@ -1,0 +1,6 @@
+"""kpid-zoo: Knapsack Pruning with Inner Distillation (Aflalo et al., 2020) as a timm model-zoo generator.
+
+The package is a pipeline, one stage a module:
+recipe -> parent -> groups -> importance -> knapsack -> surgery -> distill/train -> evaluate -> export/publish -> registry
+"""
+__version__ = "0.1.0"
