@@ -1,0 +1,171 @@
+"""Stage 6: cut the pruned channels out of a network, and rebuild a pruned network from its widths alone.
+
+`prune_model` slices the parent's tensors (the result computes exactly what the parent computes with those
+channels removed). `build_pruned` needs no parent weights: it creates the parent architecture with timm and
+narrows it to the widths recorded in an `ArchSpec`, which is what the zoo ships in `config.json`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn as nn
+
+from .groups import ROLE_DW, ROLE_IN, ROLE_NORM, ROLE_OUT, GroupGraph, discover_groups
+
+SPEC_VERSION = 1
+
+
+@dataclass
+class ArchSpec:
+    """A pruned architecture: the timm parent and the kept width of every pruned channel group."""
+    parent: str
+    widths: dict[str, int]
+    input_size: tuple[int, int, int] = (3, 224, 224)
+    parent_kwargs: dict = field(default_factory=dict)
+    version: int = SPEC_VERSION
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["input_size"] = list(self.input_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "architecture spec") -> "ArchSpec":
+        missing = {"parent", "widths"} - set(d)
+        if missing:
+            raise ValueError(f"{source}: missing field(s) {sorted(missing)}; expected parent, widths, input_size")
+        unknown = set(d) - {"parent", "widths", "input_size", "parent_kwargs", "version"}
+        if unknown:
+            raise ValueError(f"{source}: unknown field(s) {sorted(unknown)}")
+        if d.get("version", SPEC_VERSION) > SPEC_VERSION:
+            raise ValueError(f"{source}: spec version {d['version']} is newer than this kpid-zoo understands "
+                             f"({SPEC_VERSION}); upgrade kpid-zoo")
+        if not isinstance(d["widths"], dict) or not all(isinstance(v, int) and v > 0 for v in d["widths"].values()):
+            raise ValueError(f"{source}: widths must map group names to positive integers")
+        return cls(parent=d["parent"], widths=dict(d["widths"]),
+                   input_size=tuple(d.get("input_size", (3, 224, 224))),
+                   parent_kwargs=dict(d.get("parent_kwargs", {})), version=d.get("version", SPEC_VERSION))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ArchSpec":
+        return cls.from_dict(json.loads(Path(path).read_text()), source=str(path))
+
+
+def prune_model(model: nn.Module, graph: GroupGraph, keep: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of `model` that keeps, for each group named in `keep`, only the channels at those indices.
+
+    Groups not named in `keep` stay whole. The parent is not modified.
+    """
+    pruned = copy.deepcopy(model)
+    for name, idx in keep.items():
+        group = graph[name]
+        idx = torch.as_tensor(idx, dtype=torch.long).sort().values
+        if not group.prunable:
+            if len(idx) == group.size:
+                continue
+            raise ValueError(f"group {name!r} cannot be pruned: {group.reason}")
+        if len(idx) == 0 or idx[0] < 0 or idx[-1] >= group.size or len(idx.unique()) != len(idx):
+            raise ValueError(f"group {name!r}: kept indices must be distinct, in [0, {group.size}), and not empty")
+        for member in group.members:
+            _slice_member(pruned.get_submodule(member.module), member.role, idx)
+    _update_model_widths(pruned, graph)
+    return pruned
+
+
+def build_pruned(spec: ArchSpec, **timm_kwargs) -> nn.Module:
+    """The pruned architecture of `spec` with freshly initialised weights (load the pruned weights after)."""
+    if not timm.is_model(spec.parent):
+        raise ValueError(f"architecture spec: parent {spec.parent!r} is not a timm model")
+    kwargs = {**spec.parent_kwargs, **timm_kwargs, "pretrained": False}
+    model = timm.create_model(spec.parent, **kwargs)
+    in_chans = kwargs.get("in_chans", spec.input_size[0])
+    graph = discover_groups(model, (in_chans, *spec.input_size[1:]))
+    unknown = set(spec.widths) - {g.name for g in graph.groups}
+    if unknown:
+        raise ValueError(f"architecture spec for {spec.parent}: no channel group named {sorted(unknown)[:3]} "
+                         f"(the spec was made for a different architecture or timm version)")
+    keep = {}
+    for name, width in spec.widths.items():
+        if width > graph[name].size:
+            raise ValueError(f"architecture spec for {spec.parent}: group {name!r} keeps {width} channels "
+                             f"but the parent has only {graph[name].size}")
+        keep[name] = torch.arange(width)
+    pruned = prune_model(model, graph, keep)
+    pruned.kpid_spec = spec
+    return pruned
+
+
+def group_widths(model: nn.Module, graph: GroupGraph) -> dict[str, int]:
+    """The current width of every group of `graph` as found in `model` (its first producer's output channels)."""
+    widths = {}
+    for g in graph.groups:
+        producer = model.get_submodule(g.modules(ROLE_OUT)[0])
+        widths[g.name] = producer.out_channels if isinstance(producer, nn.Conv2d) else producer.out_features
+    return widths
+
+
+def _slice_member(module: nn.Module, role: str, idx: torch.Tensor) -> None:
+    n = len(idx)
+    if role == ROLE_OUT:
+        _slice_param(module, "weight", 0, idx)
+        _slice_param(module, "bias", 0, idx)
+        if isinstance(module, nn.Conv2d):
+            module.out_channels = n
+        else:
+            module.out_features = n
+    elif role == ROLE_IN:
+        _slice_param(module, "weight", 1, idx)
+        if isinstance(module, nn.Conv2d):
+            module.in_channels = n
+        else:
+            module.in_features = n
+    elif role == ROLE_DW:
+        _slice_param(module, "weight", 0, idx)
+        _slice_param(module, "bias", 0, idx)
+        module.in_channels = module.out_channels = module.groups = n
+    elif role == ROLE_NORM:
+        for attr in ("weight", "bias", "running_mean", "running_var"):
+            _slice_param(module, attr, 0, idx)
+        module.num_features = n
+    else:
+        raise ValueError(f"unknown member role {role!r}")
+
+
+def _slice_param(module: nn.Module, attr: str, dim: int, idx: torch.Tensor) -> None:
+    t = getattr(module, attr, None)
+    if t is None:
+        return
+    sliced = t.detach().index_select(dim, idx.to(t.device)).clone()
+    if isinstance(t, nn.Parameter):
+        setattr(module, attr, nn.Parameter(sliced, requires_grad=t.requires_grad))
+    else:
+        setattr(module, attr, sliced)
+
+
+def _update_model_widths(model: nn.Module, graph: GroupGraph) -> None:
+    """Keep timm's width attributes true, so reset_classifier, forward_head and features_only keep working."""
+    widths = group_widths(model, graph)
+    if graph.global_pool_group is not None and hasattr(model, "num_features"):
+        model.num_features = widths[graph.global_pool_group]
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if hasattr(model, "head_hidden_size"):
+        if isinstance(classifier, nn.Linear):
+            model.head_hidden_size = classifier.in_features
+        elif "conv_head" in graph.module_out_group:
+            model.head_hidden_size = widths[graph.module_out_group["conv_head"]]
+        else:
+            model.head_hidden_size = model.num_features
+    feature_info = getattr(model, "feature_info", None)
+    if feature_info:
+        for info in feature_info:
+            group = graph.module_out_group.get(info["module"])
+            if group is not None:
+                info["num_chs"] = widths[group]
