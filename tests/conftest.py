@@ -1,0 +1,36 @@
+"""Shared fixtures, and the default skips for the `network`, `gpu` and `slow` markers (see pyproject)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+_OPT_IN = {'network': 'KPID_TEST_NETWORK', 'slow': 'KPID_TEST_SLOW'}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        for marker, env in _OPT_IN.items():
+            if marker in item.keywords and os.environ.get(env) != '1':
+                item.add_marker(pytest.mark.skip(reason=f'{marker} test: set {env}=1 to run'))
+        if 'gpu' in item.keywords and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason='gpu test: no CUDA device'))
+
+
+@pytest.fixture(scope='session')
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope='session')
+def cifar10_tarball() -> Path:
+    """The shared CIFAR-10 JPEG tarball (../shared/data or $KPID_CIFAR10_TAR); skips the test where it is absent."""
+    from kpid_zoo.data import find_cifar10_tarball
+    try:
+        return find_cifar10_tarball()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
