@@ -4,3 +4,5 @@ The package is a pipeline, one stage a module:
 recipe -> parent -> groups -> importance -> knapsack -> surgery -> distill/train -> evaluate -> export/publish -> registry
 """
 __version__ = "0.1.0"
+
+from . import registry  # noqa: F401,E402  (registers kpid_* models in timm)

@@ -176,8 +176,10 @@ def trace(model: nn.Module, input_size: tuple[int, int, int]) -> fx.GraphModule:
     gm = fx.GraphModule(model, graph)
     was_training = gm.training
     gm.eval()
+    param = next(model.parameters(), None)
+    dtype, device = (param.dtype, param.device) if param is not None else (torch.float32, "cpu")
     with torch.no_grad():
-        ShapeProp(gm).propagate(torch.zeros(1, *input_size))
+        ShapeProp(gm).propagate(torch.zeros(1, *input_size, dtype=dtype, device=device))
     gm.train(was_training)
     return gm
 

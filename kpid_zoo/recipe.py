@@ -76,7 +76,8 @@ def _rule(default: Any = MISSING, *, expected: str | None = None, ok: Callable[[
     metadata = {'expected': expected, 'ok': ok, 'internal': internal}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
+    # an internal field (where the recipe came from) is not content: no part of equality
+    return field(default=default, metadata=metadata, compare=not internal)
 
 
 def _positive(default: Any = MISSING, kind: str = 'number') -> Any:

@@ -1,0 +1,245 @@
+"""Data stage: timm datasets, transforms and loaders for ImageFolder trees and the CIFAR-10 JPEG set.
+
+Everything goes through `timm.data` (`create_dataset`, `resolve_data_config`, `create_transform`); loaders are
+plain `torch.utils.data.DataLoader`s so that Accelerate can shard and seed them (`accelerator.prepare`).
+
+Augmentation is a pure function of (seed, epoch, sample index): each sample is transformed under a private RNG
+seeded from those three numbers. That is what makes a resumed run and a 2-process run see exactly the same pixels
+as an uninterrupted single-process run, independent of worker count and of how many batches were pre-fetched.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.utils.data as tud
+from timm.data import create_dataset, create_transform, resolve_data_config
+
+CIFAR10_TARBALL = 'cifar10-jpg.tar.gz'
+CIFAR10_DIRNAME = 'cifar10-jpg'
+CACHE_ENV = 'KPID_CACHE'
+CIFAR10_TAR_ENV = 'KPID_CIFAR10_TAR'
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# timm's ImageNet default (scale 0.08..1) destroys 32 px images; CIFAR keeps most of the frame.
+_TRAIN_SCALE = {'imagefolder': (0.08, 1.0), 'cifar10': (0.6, 1.0)}
+_DEFAULT_CROP_PCT = {'cifar10': 1.0}  # images are already at the training resolution: no centre-crop border
+
+
+@dataclass
+class DataBundle:
+    """What the data stage hands to training and evaluation."""
+    train_loader: tud.DataLoader
+    val_loader: tud.DataLoader
+    data_config: dict  # timm data config actually used: input_size, mean, std, interpolation, crop_pct
+    class_to_idx: dict
+    num_classes: int
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CIFAR-10 tarball -> cache dir
+# ---------------------------------------------------------------------------------------------------------------
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or '~/.cache/kpid_zoo').expanduser()
+
+
+def find_cifar10_tarball(root: Optional[str | os.PathLike] = None) -> Path:
+    """Locate `cifar10-jpg.tar.gz`: `root` (the tarball or a folder holding it), $KPID_CIFAR10_TAR, ../shared/data."""
+    candidates = []
+    if root:
+        root = Path(root).expanduser()
+        candidates.append(root if root.suffix == '.gz' else root / CIFAR10_TARBALL)
+    if os.environ.get(CIFAR10_TAR_ENV):
+        candidates.append(Path(os.environ[CIFAR10_TAR_ENV]).expanduser())
+    candidates.append(_REPO_ROOT.parent / 'shared' / 'data' / CIFAR10_TARBALL)
+    candidates.append(Path.cwd().parent / 'shared' / 'data' / CIFAR10_TARBALL)
+    for path in candidates:
+        if path.is_file():
+            return path
+    tried = ', '.join(str(p) for p in dict.fromkeys(candidates))
+    raise FileNotFoundError(
+        f'CIFAR-10 JPEG tarball not found; tried: {tried}. '
+        f'Set data.root in the recipe or ${CIFAR10_TAR_ENV} to the path of {CIFAR10_TARBALL}.')
+
+
+def _is_split_tree(path: Path) -> bool:
+    return (path / 'train').is_dir() and (path / 'test').is_dir()
+
+
+def prepare_cifar10(root: Optional[str | os.PathLike] = None, cache_dir: Optional[str | os.PathLike] = None) -> Path:
+    """Return a folder with `train/<class>/*.jpg` and `test/<class>/*.jpg`, unpacking the tarball on first use.
+
+    The tarball is unpacked into a temp dir inside the cache and renamed into place, so a killed unpack leaves no
+    half-written tree behind (only a stale temp dir, which the next call ignores).
+    """
+    if root and _is_split_tree(Path(root).expanduser()):
+        return Path(root).expanduser()  # already an unpacked tree
+    cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    target = cache_dir / CIFAR10_DIRNAME
+    if _is_split_tree(target):
+        return target
+    tarball = find_cifar10_tarball(root)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{CIFAR10_DIRNAME}-', dir=cache_dir))
+    try:
+        with tarfile.open(tarball) as tf:
+            tf.extractall(tmp, filter='data')
+        unpacked = tmp / CIFAR10_DIRNAME
+        if not _is_split_tree(unpacked):
+            raise ValueError(f'{tarball} does not contain {CIFAR10_DIRNAME}/train and {CIFAR10_DIRNAME}/test folders')
+        try:
+            os.rename(unpacked, target)
+        except OSError:
+            if not _is_split_tree(target):  # lost a race with another process only if it finished the job
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Datasets
+# ---------------------------------------------------------------------------------------------------------------
+
+class SeededTransformDataset(tud.Dataset):
+    """Wraps a timm dataset: optional index subset + a transform run under an RNG seeded by (seed, epoch, index).
+
+    `set_epoch` is called by Accelerate's prepared loaders (`DataLoaderShard.set_epoch`) every epoch.
+    """
+
+    def __init__(self, base: tud.Dataset, transform: Optional[Callable], indices: Optional[Sequence[int]] = None,
+                 seed: int = 0):
+        self.base = base
+        self.transform = transform
+        self.indices = list(indices) if indices is not None else None
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.indices) if self.indices is not None else len(self.base)
+
+    def __getitem__(self, index: int):
+        base_index = self.indices[index] if self.indices is not None else index
+        img, target = self.base[base_index]
+        if self.transform is not None:
+            # timm/torchvision transforms draw from both python `random` and torch's global RNG.
+            sample_seed = hash((self.seed, self.epoch, base_index)) & 0x7FFF_FFFF
+            py_state = random.getstate()
+            with torch.random.fork_rng(devices=[]):
+                random.seed(sample_seed)
+                torch.manual_seed(sample_seed)
+                img = self.transform(img)
+            random.setstate(py_state)
+        return img, target
+
+
+def subset_indices(n_total: int, n_keep: Optional[int], seed: int = 0, mode: str = 'random') -> Optional[list]:
+    """First / seeded-random `n_keep` indices (sorted) of `n_total`; None when no subset is asked for."""
+    if not n_keep or n_keep >= n_total:
+        return None
+    if mode == 'first':
+        return list(range(n_keep))
+    if mode != 'random':
+        raise ValueError(f"subset mode must be 'first' or 'random', got {mode!r}")
+    g = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(n_total, generator=g)[:n_keep].tolist())
+
+
+def load_image_folder(root: str | os.PathLike, split: str):
+    """timm folder dataset for `root/split/<class>/*.jpg`, with errors that name the path."""
+    split_dir = Path(root).expanduser() / split
+    if not split_dir.is_dir():
+        raise FileNotFoundError(f'dataset split folder not found: {split_dir} (expected {split_dir}/<class>/<image>)')
+    if not any(p.is_dir() for p in split_dir.iterdir()):
+        raise ValueError(f'no class folders in {split_dir} (expected ImageNet layout {split_dir}/<class>/<image>)')
+    # timm's search_split would silently fall back to `root` for a missing split; we checked it exists above.
+    return create_dataset('', root=str(split_dir), split=split, search_split=False)
+
+
+def _field(section: Any, name: str, default: Any = None) -> Any:
+    value = getattr(section, name, default)
+    return default if value is None else value
+
+
+def resolve_data_settings(model: Optional[torch.nn.Module], data: Any, input_size: Optional[Sequence[int]] = None
+                          ) -> dict:
+    """timm data config from the model's pretrained_cfg, overridden by the recipe's data section and input size."""
+    args = {}
+    if input_size is not None:
+        args['input_size'] = tuple(input_size)
+    config = resolve_data_config(args, model=model) if model is not None else resolve_data_config(
+        args, pretrained_cfg={'input_size': tuple(input_size or (3, 224, 224))})
+    dataset = _field(data, 'dataset', 'imagefolder')
+    if _field(data, 'mean') is not None:
+        config['mean'] = tuple(data.mean)
+    if _field(data, 'std') is not None:
+        config['std'] = tuple(data.std)
+    config['crop_pct'] = _field(data, 'crop_pct', _DEFAULT_CROP_PCT.get(dataset, config['crop_pct']))
+    return config
+
+
+def build_transforms(config: dict, dataset: str = 'imagefolder', train_aug: bool = True):
+    """(train, eval) timm transforms. `train_aug=False` gives the eval transform for both (debugging, exactness)."""
+    eval_tf = create_transform(
+        config['input_size'], is_training=False, interpolation=config['interpolation'], mean=config['mean'],
+        std=config['std'], crop_pct=config['crop_pct'], crop_mode=config.get('crop_mode'))
+    if not train_aug:
+        return eval_tf, eval_tf
+    train_tf = create_transform(
+        config['input_size'], is_training=True, scale=_TRAIN_SCALE.get(dataset, _TRAIN_SCALE['imagefolder']),
+        hflip=0.5, color_jitter=0.0 if dataset == 'cifar10' else 0.4, interpolation=config['interpolation'],
+        mean=config['mean'], std=config['std'])
+    return train_tf, eval_tf
+
+
+def create_loaders(data: Any, model: Optional[torch.nn.Module] = None, input_size: Optional[Sequence[int]] = None,
+                   seed: int = 0, train_aug: bool = True, subset_mode: str = 'random',
+                   cache_dir: Optional[str | os.PathLike] = None) -> DataBundle:
+    """Train/val loaders from the recipe's `data` section (dataset, root, train_split, val_split, num_classes,
+    batch_size [per process], workers, mean, std, crop_pct, train_subset, val_subset).
+
+    Mean/std/interpolation default to `model.pretrained_cfg` via `timm.data.resolve_data_config`.
+    """
+    dataset = _field(data, 'dataset', 'imagefolder')
+    if dataset == 'cifar10':
+        root = prepare_cifar10(_field(data, 'root'), cache_dir=cache_dir)
+        train_split, val_split = _field(data, 'train_split', 'train'), _field(data, 'val_split', 'test')
+    elif dataset == 'imagefolder':
+        if not _field(data, 'root'):
+            raise ValueError("data.root is required for dataset 'imagefolder'")
+        root = Path(data.root).expanduser()
+        train_split, val_split = _field(data, 'train_split', 'train'), _field(data, 'val_split', 'val')
+    else:
+        raise ValueError(f"data.dataset must be 'imagefolder' or 'cifar10', got {dataset!r}")
+
+    config = resolve_data_settings(model, data, input_size)
+    train_tf, eval_tf = build_transforms(config, dataset, train_aug)
+    train_base, val_base = load_image_folder(root, train_split), load_image_folder(root, val_split)
+    class_to_idx = dict(train_base.reader.class_to_idx)
+    if dict(val_base.reader.class_to_idx) != class_to_idx:
+        raise ValueError(f'class folders differ between {root / train_split} and {root / val_split}')
+    num_classes = _field(data, 'num_classes', len(class_to_idx))
+    if num_classes != len(class_to_idx):
+        raise ValueError(f'data.num_classes={num_classes} but {root / train_split} has {len(class_to_idx)} '
+                         f'class folders')
+
+    train_ds = SeededTransformDataset(
+        train_base, train_tf, subset_indices(len(train_base), _field(data, 'train_subset'), seed, subset_mode), seed)
+    val_ds = SeededTransformDataset(
+        val_base, eval_tf, subset_indices(len(val_base), _field(data, 'val_subset'), seed + 1, subset_mode), seed)
+    batch_size, workers = int(_field(data, 'batch_size', 64)), int(_field(data, 'workers', 0))
+    # drop_last on train keeps every optimizer step at the same global batch (needed for multi-process equivalence)
+    train_loader = tud.DataLoader(train_ds, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers)
+    val_loader = tud.DataLoader(val_ds, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=workers)
+    return DataBundle(train_loader, val_loader, config, class_to_idx, num_classes)

@@ -1,0 +1,105 @@
+"""Evaluation stage: top-1 / top-5 / loss over a loader (multi-process aware) and CPU throughput."""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class EvalResult:
+    top1: float  # percent
+    top5: float  # percent (top-k with k = min(5, num_classes))
+    loss: float  # mean cross-entropy
+    n: int  # number of samples counted (each sample exactly once across processes)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict:
+    """Per-sample 0/1 correctness for each k (k clipped to the number of classes)."""
+    max_k = min(max(ks), logits.shape[-1])
+    pred = logits.topk(max_k, dim=-1).indices  # (N, max_k)
+    hit = pred.eq(target.unsqueeze(-1))
+    return {k: hit[:, :min(k, max_k)].any(dim=-1).float() for k in ks}
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device('cpu')
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader, accelerator=None) -> EvalResult:
+    """Top-1/top-5/CE of `model` over `loader`.
+
+    With an `accelerator` the loader is expected to be prepared (sharded); per-sample statistics are gathered with
+    `gather_for_metrics`, which drops the duplicates Accelerate pads the last uneven batch with.
+    """
+    was_training = model.training
+    model.eval()
+    device = accelerator.device if accelerator is not None else _device_of(model)
+    autocast = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
+    sums = torch.zeros(3, dtype=torch.float64)  # top1 hits, top5 hits, loss sum
+    n = 0
+    try:
+        for images, target in loader:
+            images, target = images.to(device), target.to(device)
+            with autocast:
+                logits = model(images)
+            logits = logits.float()
+            hits = topk_correct(logits, target)
+            per_sample = torch.stack([hits[1], hits[5], F.cross_entropy(logits, target, reduction='none')], dim=1)
+            if accelerator is not None:
+                per_sample = accelerator.gather_for_metrics(per_sample)
+            sums += per_sample.sum(dim=0).double().cpu()
+            n += per_sample.shape[0]
+    finally:
+        model.train(was_training)
+    if n == 0:
+        raise ValueError('evaluate(): the loader yielded no samples')
+    return EvalResult(top1=100.0 * sums[0].item() / n, top5=100.0 * sums[1].item() / n, loss=sums[2].item() / n, n=n)
+
+
+@torch.inference_mode()
+def measure_throughput(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), batch_size: int = 32,
+                       warmup: int = 3, iters: int = 10, threads: Optional[int] = None,
+                       channels_last: bool = False) -> float:
+    """Images per second of `model` on CPU (eval mode, inference_mode), median over `iters` timed batches.
+
+    threads: torch intra-op threads for the measurement (restored afterwards); None keeps the current setting.
+    """
+    if iters < 1:
+        raise ValueError(f'iters must be >= 1, got {iters}')
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    was_training = model.training
+    model = model.eval()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    params = next(model.parameters(), None)
+    dtype = params.dtype if params is not None else torch.float32
+    x = torch.randn(batch_size, *input_size, dtype=dtype).to(memory_format=memory_format)
+    try:
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        for _ in range(warmup):
+            model(x)
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t0)
+    finally:
+        if channels_last:
+            model.to(memory_format=torch.contiguous_format)
+        model.train(was_training)
+        torch.set_num_threads(old_threads)
+    times.sort()
+    return batch_size / times[len(times) // 2]

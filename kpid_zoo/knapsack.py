@@ -1,0 +1,157 @@
+"""Stage 5: choose how many channels each group keeps, maximising summed importance under a FLOPs budget.
+
+The FLOPs of a network are a polynomial in its group widths: a dense conv costs (in/IN) * (out/OUT) times its
+full-width count, a BN or depthwise conv (w/W) times it. `CostModel` holds those terms, built from fvcore's
+per-module counts of the parent, so it counts what fvcore counts. Removing a channel also shrinks the next layer's
+input (the coupled cost), so the knapsack is solved on the cost linearised at the current widths; the pruning
+loop (prune.py) re-linearises, rebuilds and recounts with fvcore until the target is met.
+
+Within a group the best k channels are the k most important ones, so the problem is a multiple-choice knapsack
+over one width per group. It is solved exactly by dynamic programming on a discretised budget (costs rounded up,
+so the answer is always feasible); the LP relaxation gives the upper bound against which the gap is reported.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .flops import FlopsReport
+from .groups import GroupGraph
+
+
+@dataclass
+class CostModel:
+    """FLOPs as a function of group widths: fixed + sum of coef * prod(width/full) over each term's groups."""
+    terms: list[tuple[float, tuple[str, ...]]]
+    fixed: float
+    sizes: dict[str, int]
+
+    @classmethod
+    def from_flops(cls, model: nn.Module, graph: GroupGraph, flops: FlopsReport) -> "CostModel":
+        own = _own_flops(model, flops.by_module)
+        prunable = {g.name for g in graph.prunable}
+        member_of: dict[str, list[str]] = {}
+        for g in graph.prunable:
+            for m in g.members:
+                member_of.setdefault(m.module, []).append(g.name)
+        terms, fixed = [], 0.0
+        for module, count in own.items():
+            if count == 0:
+                continue
+            groups = tuple(member_of.get(module, ()))
+            if not groups and graph.module_out_group.get(module) in prunable and not _has_children(model, module):
+                groups = (graph.module_out_group[module],)  # channel-wise ops such as the global pool
+            if groups:
+                terms.append((float(count), groups))
+            else:
+                fixed += count
+        return cls(terms, fixed, {g.name: g.size for g in graph.prunable})
+
+    def flops(self, widths: dict[str, int]) -> float:
+        return self.fixed + sum(c * math.prod(widths[g] / self.sizes[g] for g in gs) for c, gs in self.terms)
+
+    def marginal(self, widths: dict[str, float]) -> dict[str, float]:
+        """dFLOPs / d(width of g) at `widths`: the cost of one more channel of g with the others held."""
+        grad = dict.fromkeys(self.sizes, 0.0)
+        for c, gs in self.terms:
+            for i, g in enumerate(gs):
+                others = math.prod(widths[h] / self.sizes[h] for j, h in enumerate(gs) if j != i)
+                grad[g] += c * others / self.sizes[g]
+        return grad
+
+
+@dataclass
+class KnapsackSolution:
+    widths: dict[str, int]
+    value: float        # summed importance of the kept channels
+    cost: float         # linearised cost of the solution (same units as the budget)
+    lp_bound: float     # value of the LP relaxation: no integer solution does better
+
+    @property
+    def gap(self) -> float:
+        """Relative optimality gap against the LP bound (0 = provably optimal)."""
+        return (self.lp_bound - self.value) / self.lp_bound if self.lp_bound > 0 else 0.0
+
+
+def width_choices(size: int, min_channels: int, round_to: int) -> list[int]:
+    """Widths a group may take: multiples of `round_to` from `min_channels` up, plus the full width."""
+    if size <= min_channels:
+        return [size]
+    start = min(size, round_to * math.ceil(min_channels / round_to))
+    return sorted(set(range(start, size + 1, round_to)) | {size})
+
+
+def solve_knapsack(importance: dict[str, torch.Tensor], unit_cost: dict[str, float], budget: float,
+                   choices: dict[str, list[int]], resolution: int = 20000) -> KnapsackSolution:
+    """Pick one width per group maximising sum(top-k importance) s.t. sum(unit_cost * width) <= budget."""
+    names = list(choices)
+    if budget <= 0:
+        raise ValueError(f"knapsack: the budget left for prunable channels is {budget:.4g} FLOPs; "
+                         f"the target is below what the unprunable layers alone cost")
+    cum = {g: np.concatenate([[0.0], np.cumsum(np.sort(importance[g].double().numpy())[::-1])]) for g in names}
+    unit = budget / resolution
+    dp = np.zeros(resolution + 1)
+    picks = np.zeros((len(names), resolution + 1), dtype=np.int32)
+    for gi, g in enumerate(names):
+        best = np.full(resolution + 1, -np.inf)
+        for ci, k in enumerate(choices[g]):
+            c = math.ceil(unit_cost[g] * k / unit - 1e-9)
+            if c > resolution:
+                break
+            cand = np.full(resolution + 1, -np.inf)
+            cand[c:] = dp[: resolution + 1 - c] + cum[g][k]
+            better = cand > best
+            best[better], picks[gi][better] = cand[better], ci
+        dp = best
+    if not np.isfinite(dp[resolution]):
+        floor = sum(unit_cost[g] * choices[g][0] for g in names)
+        raise ValueError(f"knapsack: even the narrowest widths cost {floor:.4g} FLOPs, over the budget of "
+                         f"{budget:.4g}: the target is below the smallest reachable")
+    widths, b = {}, resolution
+    for gi in reversed(range(len(names))):
+        g = names[gi]
+        k = choices[g][picks[gi][b]]
+        widths[g] = k
+        b -= math.ceil(unit_cost[g] * k / unit - 1e-9)
+    value = float(sum(cum[g][widths[g]] for g in names))
+    cost = sum(unit_cost[g] * widths[g] for g in names)
+    return KnapsackSolution(widths, value, cost, _lp_bound(cum, unit_cost, budget, choices))
+
+
+def _lp_bound(cum: dict[str, np.ndarray], unit_cost: dict[str, float], budget: float,
+              choices: dict[str, list[int]]) -> float:
+    """Greedy fractional fill of the width increments; exact for the LP because values are concave in width."""
+    value = sum(cum[g][ch[0]] for g, ch in choices.items())
+    left = budget - sum(unit_cost[g] * ch[0] for g, ch in choices.items())
+    steps = []
+    for g, ch in choices.items():
+        for a, b in zip(ch, ch[1:]):
+            steps.append((cum[g][b] - cum[g][a], unit_cost[g] * (b - a)))
+    for dv, dc in sorted(steps, key=lambda s: s[0] / s[1] if s[1] > 0 else math.inf, reverse=True):
+        if left <= 0:
+            break
+        take = 1.0 if dc <= left else left / dc
+        value += take * dv
+        left -= take * dc
+    return float(value)
+
+
+def _has_children(model: nn.Module, name: str) -> bool:
+    return next(model.get_submodule(name).children(), None) is not None
+
+
+def _own_flops(model: nn.Module, by_module: dict[str, int]) -> dict[str, int]:
+    """fvcore counts a module with all its submodules; keep only what each module computes itself."""
+    own = {}
+    for name, count in by_module.items():
+        if name == "":
+            continue
+        children = (f"{name}.{c}" for c, _ in model.get_submodule(name).named_children())
+        own[name] = count - sum(by_module.get(c, 0) for c in children)
+    top_children = sum(by_module.get(c, 0) for c, _ in model.named_children())
+    own[""] = by_module.get("", 0) - top_children  # functional ops in the model's own forward
+    return own

@@ -1,0 +1,170 @@
+"""The model card (README.md) of an exported kpid-zoo model, and its per-layer width plot.
+
+The card is a `huggingface_hub.ModelCard`: YAML metadata the Hub indexes (library_name: timm, license, tags,
+base_model, a model-index with the top-1/top-5 results), then a body a person reads (how to load it, FLOPs,
+params, parent, the recipe verbatim with its sha256, and the width plot).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+PAPER_ID = 'arXiv:2002.08258'
+PAPER_NAME = 'Knapsack Pruning with Inner Distillation'
+PAPER_URL = 'https://arxiv.org/abs/2002.08258'
+WIDTHS_PLOT = 'layer_widths.png'
+
+# Hub dataset ids (for `datasets:` and the model-index), keyed by recipe `data.dataset`.
+_DATASETS = {
+    'imagefolder': ('imagenet-1k', 'ImageNet-1k'),
+    'cifar10': ('cifar10', 'CIFAR-10'),
+}
+
+
+def plot_widths(layer_widths: list[tuple[str, int, int]], path: Path, title: str = '') -> Path:
+    """Per-layer widths, parent vs pruned, as a png.
+
+    Prefers the lead's `kpid_zoo.report.plot_widths` (one look across the project); falls back to a local bar
+    chart so export works on checkouts where report.py is not there yet.
+    """
+    try:
+        from .report import plot_widths as report_plot_widths
+    except ImportError:
+        report_plot_widths = None
+    if report_plot_widths is not None:
+        out = report_plot_widths(layer_widths, path)
+        return Path(out) if out is not None else Path(path)
+
+    import matplotlib
+    matplotlib.use('Agg', force=False)
+    import matplotlib.pyplot as plt
+
+    names = [n for n, _, _ in layer_widths]
+    parent = [p for _, p, _ in layer_widths]
+    pruned = [k for _, _, k in layer_widths]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.18 * len(names) + 2), 4), dpi=100)
+    x = range(len(names))
+    ax.bar(x, parent, color='#c8c8c8', label='parent')
+    ax.bar(x, pruned, color='#1f77b4', label='pruned')
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(names, rotation=90, fontsize=5)
+    ax.set_ylabel('channels')
+    ax.set_title(title or 'per-layer width: parent vs pruned')
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def _pct(v: Any) -> str:
+    return f'{float(v):.2f}' if isinstance(v, (int, float)) else str(v)
+
+
+def build_card(
+        *,
+        name: str,
+        repo_id: str,
+        spec_parent: str,
+        base_model: str | None,
+        license: str,
+        dataset: str,
+        metrics: Mapping[str, Any],
+        report: Any,
+        recipe_dict: Mapping[str, Any],
+        recipe_sha256: str,
+        weights_sha256: str,
+        pretrained_cfg: Mapping[str, Any],
+) -> ModelCard:
+    """The card for one export; `metrics` holds top1/top5 in percent (as `evaluate.EvalResult`)."""
+    dataset_id, dataset_name = _DATASETS.get(dataset, (dataset, dataset))
+    eval_results = [
+        EvalResult(
+            task_type='image-classification', task_name='Image Classification',
+            dataset_type=dataset_id, dataset_name=dataset_name, dataset_split=str(metrics.get('split', 'validation')),
+            metric_type='accuracy', metric_name=f'Top-{k} Accuracy', metric_value=round(float(metrics[f'top{k}']), 3),
+        )
+        for k in (1, 5) if metrics.get(f'top{k}') is not None
+    ]
+    data = ModelCardData(
+        library_name='timm',
+        pipeline_tag='image-classification',
+        license=license,
+        tags=['image-classification', 'timm', 'pruning', 'kpid', 'knapsack-pruning', 'distillation'],
+        datasets=[dataset_id],
+        base_model=base_model,
+        model_name=name,
+        eval_results=eval_results or None,
+        metrics=['accuracy'],
+    )
+    gmacs = getattr(report, 'achieved_gmacs', None)
+    rows = [
+        ('Parent', f'`{spec_parent}`' + (f' ([{base_model}](https://huggingface.co/{base_model}))' if base_model else '')),
+        ('GMACs (pruned / parent)', f'{gmacs:.3f} / {report.parent_gmacs:.3f} (target {report.target_gmacs:.3f})'),
+        ('Params (pruned / parent)', f'{report.params / 1e6:.2f} M / {report.parent_params / 1e6:.2f} M'),
+        ('Input size', 'x'.join(str(s) for s in pretrained_cfg['input_size'])),
+        ('Crop pct / interpolation', f"{pretrained_cfg.get('crop_pct')} / {pretrained_cfg.get('interpolation')}"),
+        ('Mean / std', f"{tuple(pretrained_cfg.get('mean', ()))} / {tuple(pretrained_cfg.get('std', ()))}"),
+    ]
+    for key in ('top1', 'top5', 'parent_top1', 'parent_top5'):
+        if metrics.get(key) is not None:
+            rows.append((f'{key.replace("_", " ")} ({dataset_name}, %)', _pct(metrics[key])))
+    table = '\n'.join(f'| {k} | {v} |' for k, v in rows)
+    recipe_yaml = yaml.safe_dump(dict(recipe_dict), sort_keys=False).rstrip()
+
+    content = f"""---
+{data.to_yaml()}
+---
+
+# {name}
+
+`{spec_parent}` pruned to {gmacs:.3f} GMACs with **{PAPER_NAME}** (KPID, [{PAPER_ID}]({PAPER_URL})):
+channels are chosen by a knapsack over their importance under a FLOPs budget, then the pruned network is
+fine-tuned with inner distillation from its parent. Built by [kpid-zoo](https://github.com/kpid-zoo/kpid-zoo).
+
+## Usage
+
+```python
+import timm
+import kpid_zoo  # registers the kpid_* architectures in timm
+
+model = timm.create_model('hf-hub:{repo_id}', pretrained=True).eval()
+data_config = timm.data.resolve_model_data_config(model)
+transform = timm.data.create_transform(**data_config, is_training=False)
+```
+
+## Model details
+
+| | |
+|---|---|
+{table}
+
+Weights: `model.safetensors`, sha256 `{weights_sha256}` (checked on load).
+
+## Per-layer widths
+
+![per-layer width, parent vs pruned]({WIDTHS_PLOT})
+
+## Recipe
+
+sha256 `{recipe_sha256}` (of the canonical JSON of the recipe)
+
+```yaml
+{recipe_yaml}
+```
+
+## Citation
+
+```bibtex
+@article{{aflalo2020knapsack,
+  title={{Knapsack Pruning with Inner Distillation}},
+  author={{Aflalo, Yonathan and Noy, Asaf and Lin, Ming and Friedman, Itamar and Zelnik, Lihi}},
+  journal={{arXiv preprint arXiv:2002.08258}},
+  year={{2020}}
+}}
+```
+"""
+    return ModelCard(content)

@@ -1,0 +1,125 @@
+"""Stages 3-6 together: groups -> importance -> knapsack -> surgery, repeated until fvcore agrees with the target.
+
+Each round linearises the FLOPs at the current widths, solves the knapsack, cuts the network and recounts it with
+fvcore. The aim is corrected by what fvcore measured, so the loop ends with FLOPs inside
+[target * (1 - tolerance), target].
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .flops import count_flops, count_params
+from .groups import ROLE_OUT, GroupGraph
+from .importance import Importance
+from .knapsack import CostModel, KnapsackSolution, solve_knapsack, width_choices
+from .surgery import ArchSpec, group_widths, prune_model
+
+
+@dataclass
+class PruneReport:
+    parent: str
+    input_size: tuple[int, int, int]
+    parent_gmacs: float
+    target_gmacs: float
+    achieved_gmacs: float
+    parent_params: int
+    params: int
+    value: float                 # summed importance kept
+    lp_bound: float              # LP upper bound on that value
+    gap: float                   # (lp_bound - value) / lp_bound
+    rounds: list[dict] = field(default_factory=list)               # aim / predicted / achieved per round
+    layer_widths: list[tuple[str, int, int]] = field(default_factory=list)  # (module, parent out, pruned out)
+
+    @property
+    def flops_error(self) -> float:
+        """(achieved - target) / target: negative means under budget."""
+        return (self.achieved_gmacs - self.target_gmacs) / self.target_gmacs
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["flops_error"] = self.flops_error
+        return d
+
+
+@dataclass
+class PruneResult:
+    model: nn.Module
+    spec: ArchSpec
+    keep: dict[str, torch.Tensor]     # group name -> parent channel indices kept (sorted)
+    graph: GroupGraph
+    report: PruneReport
+
+    def kept_channels(self, module: str) -> torch.Tensor | None:
+        """Indices of the parent's channels kept in `module`'s output; None when its channels are all kept."""
+        group = self.graph.module_out_group.get(module)
+        return self.keep.get(group) if group is not None else None
+
+
+def knapsack_prune(parent: nn.Module, graph: GroupGraph, importance: Importance, target_gmacs: float, *,
+                   arch: str, input_size: tuple[int, int, int] = (3, 224, 224), min_channels: int = 8,
+                   round_to: int = 8, tolerance: float = 0.01, max_rounds: int = 12,
+                   progress: bool = True) -> PruneResult:
+    """Prune `parent` to at most `target_gmacs`, keeping the most important channels (KPID)."""
+    if not graph.prunable:
+        raise ValueError(f"{arch}: no prunable channel group was found "
+                         f"({', '.join(sorted({g.reason for g in graph.groups if g.reason})) or 'no conv layers'})")
+    parent_flops = count_flops(parent, input_size)
+    target = target_gmacs * 1e9
+    if target >= parent_flops.total:
+        raise ValueError(f"{arch}: FLOPs target {target_gmacs:.4g} GMACs is not below the parent's "
+                         f"{parent_flops.gmacs:.4g} GMACs at {input_size}")
+    cost = CostModel.from_flops(parent, graph, parent_flops)
+    choices = {g.name: width_choices(g.size, min_channels, round_to) for g in graph.prunable}
+    floor = cost.flops({g: ch[0] for g, ch in choices.items()})
+    if target < floor:
+        raise ValueError(f"{arch}: FLOPs target {target_gmacs:.4g} GMACs is below the smallest reachable "
+                         f"{floor / 1e9:.4g} GMACs (every group at {min_channels} channels)")
+
+    goal = target * (1 - tolerance / 2)
+    aim, widths = goal, dict(cost.sizes)
+    best: tuple[KnapsackSolution, nn.Module, dict, int] | None = None
+    rounds = []
+    bar = tqdm(range(max_rounds), desc="knapsack", disable=not progress, leave=False)
+    for _ in bar:
+        marginal = cost.marginal(widths)
+        offset = cost.flops(widths) - sum(marginal[g] * widths[g] for g in marginal)
+        sol = solve_knapsack(importance, marginal, aim - offset, choices)
+        keep = {g: _top_k(importance[g], k) for g, k in sol.widths.items() if k < cost.sizes[g]}
+        model = prune_model(parent, graph, keep)
+        achieved = count_flops(model, input_size).total
+        rounds.append({"aim_gmacs": aim / 1e9, "predicted_gmacs": cost.flops(sol.widths) / 1e9,
+                       "achieved_gmacs": achieved / 1e9, "value": sol.value})
+        bar.set_postfix(achieved=f"{achieved / 1e9:.4f}", target=f"{target_gmacs:.4f}")
+        if achieved <= target and (best is None or sol.value > best[0].value):
+            best = (sol, model, keep, achieved)
+        if target * (1 - tolerance) <= achieved <= target:
+            break
+        aim += goal - achieved
+        widths = sol.widths
+    if best is None:
+        raise ValueError(f"{arch}: no width assignment under {target_gmacs:.4g} GMACs was found in "
+                         f"{max_rounds} rounds (last: {rounds[-1]['achieved_gmacs']:.4g}); try round_to: 1")
+    sol, model, keep, achieved = best
+    spec = ArchSpec(arch, {g: len(idx) for g, idx in keep.items()}, tuple(input_size))
+    report = PruneReport(
+        parent=arch, input_size=tuple(input_size), parent_gmacs=parent_flops.gmacs, target_gmacs=target_gmacs,
+        achieved_gmacs=achieved / 1e9, parent_params=count_params(parent), params=count_params(model),
+        value=sol.value, lp_bound=sol.lp_bound, gap=sol.gap, rounds=rounds,
+        layer_widths=layer_widths(parent, model, graph))
+    return PruneResult(model, spec, keep, graph, report)
+
+
+def layer_widths(parent: nn.Module, pruned: nn.Module, graph: GroupGraph) -> list[tuple[str, int, int]]:
+    """(module, parent width, pruned width) for every conv / linear output, in the model's module order."""
+    before, after = group_widths(parent, graph), group_widths(pruned, graph)
+    rows = {m.module: (m.module, before[g.name], after[g.name])
+            for g in graph.groups for m in g.members if m.role == ROLE_OUT}
+    return [rows[name] for name, _ in parent.named_modules() if name in rows]
+
+
+def _top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.argsort(scores, descending=True, stable=True)[:k].sort().values

@@ -1,0 +1,101 @@
+import pytest
+import torch
+
+from kpid_zoo.groups import discover_groups
+from kpid_zoo.importance import magnitude_importance
+from kpid_zoo.prune import knapsack_prune
+from kpid_zoo.flops import count_flops
+from kpid_zoo.surgery import ArchSpec, build_pruned, prune_model
+
+from engine_utils import FAMILIES, INPUT, random_model, zero_pruned_inputs
+
+
+def _random_keep(graph, generator):
+    keep = {}
+    for group in graph.prunable:
+        k = int(torch.randint(1, group.size + 1, (1,), generator=generator))
+        keep[group.name] = torch.randperm(group.size, generator=generator)[:k]
+    return keep
+
+
+def _assert_prunes_exactly(model, graph, keep):
+    x = torch.randn(3, *INPUT, dtype=torch.float64)
+    pruned = prune_model(model, graph, keep)
+    with torch.no_grad():
+        expected = zero_pruned_inputs(model, graph, keep)(x)
+        got = pruned(x)
+    assert expected.abs().max() > 1e-3  # a vanishing output would make the comparison meaningless
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    return pruned
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_pruned_net_equals_parent_with_pruned_channels_zeroed_random_masks(name, seed):
+    model = random_model(name, seed)
+    graph = discover_groups(model, INPUT)
+    pruned = _assert_prunes_exactly(model, graph, _random_keep(graph, torch.Generator().manual_seed(seed)))
+    assert pruned.num_features == pruned.get_classifier().in_features or hasattr(pruned, "head_hidden_size")
+    x = torch.randn(2, *INPUT, dtype=torch.float64)
+    for info, feat in zip(pruned.feature_info, pruned.forward_intermediates(x, intermediates_only=True)):
+        assert feat.shape[1] == info["num_chs"], info["module"]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "mobilenetv3_small_100"])
+def test_pruned_net_equals_parent_with_pruned_channels_zeroed_knapsack_masks(name):
+    model = random_model(name)
+    graph = discover_groups(model, INPUT)
+    target = 0.5 * count_flops(model, INPUT).gmacs
+    result = knapsack_prune(model, graph, magnitude_importance(model, graph), target,
+                            arch=name, input_size=INPUT, progress=False)
+    assert result.keep, "the knapsack pruned nothing"
+    _assert_prunes_exactly(model, graph, result.keep)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_spec_rebuilds_the_pruned_architecture_without_parent_weights(name, tmp_path):
+    model = random_model(name)
+    graph = discover_groups(model, INPUT)
+    keep = _random_keep(graph, torch.Generator().manual_seed(3))
+    pruned = prune_model(model, graph, keep)
+    spec = ArchSpec(name, {g: len(i) for g, i in keep.items()}, INPUT)
+    spec.save(tmp_path / "spec.json")
+    rebuilt = build_pruned(ArchSpec.load(tmp_path / "spec.json")).double().eval()
+    rebuilt.load_state_dict(pruned.state_dict())  # strict: every name and shape must agree
+    x = torch.randn(2, *INPUT, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), pruned(x), atol=0, rtol=0)
+    assert rebuilt.num_features == pruned.num_features
+
+
+def test_rebuild_accepts_timm_kwargs():
+    spec = ArchSpec("resnet18", {"layer1.0.conv1": 16, "conv1": 32}, INPUT)
+    model = build_pruned(spec, num_classes=7, in_chans=1)
+    assert model(torch.randn(2, 1, 64, 64)).shape == (2, 7)
+    model.reset_classifier(3)
+    assert model(torch.randn(1, 1, 64, 64)).shape == (1, 3)
+
+
+def test_parent_is_untouched():
+    model = random_model("resnet18")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    graph = discover_groups(model, INPUT)
+    prune_model(model, graph, _random_keep(graph, torch.Generator().manual_seed(0)))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_bad_keep_and_spec_are_clear_errors():
+    model = random_model("resnet18")
+    graph = discover_groups(model, INPUT)
+    with pytest.raises(ValueError, match="group 'layer1.0.conv1': kept indices"):
+        prune_model(model, graph, {"layer1.0.conv1": torch.tensor([0, 0, 1])})
+    with pytest.raises(ValueError, match="'fc' cannot be pruned: network output"):
+        prune_model(model, graph, {"fc": torch.arange(10)})
+    with pytest.raises(KeyError, match="no channel group named 'nope'"):
+        prune_model(model, graph, {"nope": torch.arange(3)})
+    with pytest.raises(ValueError, match=r"no channel group named \['layer9.conv'\]"):
+        build_pruned(ArchSpec("resnet18", {"layer9.conv": 3}))
+    with pytest.raises(ValueError, match="keeps 999 channels but the parent has only 64"):
+        build_pruned(ArchSpec("resnet18", {"conv1": 999}))
+    with pytest.raises(ValueError, match="spec.json: missing field"):
+        ArchSpec.from_dict({"parent": "resnet18"}, source="spec.json")
