@@ -149,6 +149,7 @@ def export_model(
     try:
         weights = tmp / WEIGHTS_FILE
         safetensors.torch.save_file(_state_dict_for_safetensors(model), str(weights), metadata={'format': 'pt'})
+        os.chmod(weights, 0o644)  # safetensors writes 0600; a Hub repo folder is meant to be read by others
         weights_sha = file_sha256(weights)
 
         data_config = {k: cfg_in[k] for k in _DATA_KEYS if cfg_in.get(k) is not None}
