@@ -45,13 +45,12 @@ def evaluate(model: nn.Module, loader, accelerator=None) -> EvalResult:
     was_training = model.training
     model.eval()
     device = accelerator.device if accelerator is not None else _device_of(model)
-    autocast = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
     sums = torch.zeros(3, dtype=torch.float64)  # top1 hits, top5 hits, loss sum
     n = 0
     try:
         for images, target in loader:
             images, target = images.to(device), target.to(device)
-            with autocast:
+            with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
                 logits = model(images)
             logits = logits.float()
             hits = topk_correct(logits, target)
