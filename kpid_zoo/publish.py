@@ -1,0 +1,119 @@
+"""Stage 9b: push an export folder to the Hugging Face Hub (create_repo, then upload_folder).
+
+The token comes from the caller, else the usual places (`HF_TOKEN`, `hf auth login`'s token file) through
+`huggingface_hub.get_token()`. It is handed to `HfApi` and nowhere else: never logged, printed, or written.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import safetensors
+from huggingface_hub import HfApi, get_token
+from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.repocard import metadata_load
+
+from . import __version__
+from .export import CARD_FILE, CONFIG_FILE, EXPORT_FILES, WEIGHTS_FILE, file_sha256, read_export_config
+
+__all__ = ['publish', 'validate_export', 'PublishError']
+
+_logger = logging.getLogger(__name__)
+
+# pickled checkpoints have no place in a kpid-zoo repo: loading them runs code
+_PICKLE_SUFFIXES = ('.bin', '.pt', '.pth', '.pkl', '.pickle', '.ckpt', '.pth.tar')
+
+
+class PublishError(RuntimeError):
+    """The folder cannot be published as it is, or the Hub refused it; the message says which and why."""
+
+
+def validate_export(folder: str | Path) -> dict:
+    """Check that `folder` is a complete, consistent kpid-zoo export; returns its config.json.
+
+    Checks: the three files are there, config.json names an architecture and a kpid_spec, the weights are
+    safetensors whose sha256 is the one config.json records, the card has YAML metadata, and no pickles.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PublishError(f'{folder}: not a folder (expected the output of kpid_zoo.export.export_model)')
+    missing = [f for f in EXPORT_FILES if not (folder / f).is_file()]
+    if missing:
+        raise PublishError(f'{folder}: missing {", ".join(missing)} (expected {", ".join(EXPORT_FILES)}; '
+                           f're-run the export)')
+    pickles = sorted(p.name for p in folder.iterdir() if p.name.lower().endswith(_PICKLE_SUFFIXES))
+    if pickles:
+        raise PublishError(f'{folder}: holds pickled checkpoint(s) {pickles}; publish safetensors only')
+    try:
+        config = read_export_config(folder)
+    except (ValueError, FileNotFoundError) as e:
+        raise PublishError(str(e)) from None
+    weights = folder / WEIGHTS_FILE
+    try:
+        with safetensors.safe_open(str(weights), framework='pt') as f:
+            if not list(f.keys()):
+                raise PublishError(f'{weights}: holds no tensors')
+    except PublishError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for a bad header
+        raise PublishError(f'{weights}: not a readable safetensors file ({e})') from None
+    recorded, actual = config['kpid']['weights_sha256'], file_sha256(weights)
+    if recorded != actual:
+        raise PublishError(f'{weights}: sha256 {actual} differs from the {recorded} recorded in '
+                           f'{folder / CONFIG_FILE} (weights changed after export? re-run the export)')
+    try:
+        meta = metadata_load(folder / CARD_FILE)
+    except Exception as e:
+        raise PublishError(f'{folder / CARD_FILE}: invalid YAML metadata ({e})') from None
+    if not meta or meta.get('library_name') != 'timm':
+        raise PublishError(f'{folder / CARD_FILE}: metadata must declare library_name: timm (got {meta!r})')
+    return config
+
+
+def publish(
+        folder: str | Path,
+        repo_id: str,
+        *,
+        private: bool = False,
+        token: str | None = None,
+        revision: str | None = None,
+        commit_message: str | None = None,
+        endpoint: str | None = None,
+) -> str:
+    """Upload an export folder to `repo_id` (created if needed); returns the repo's URL.
+
+    Args:
+        folder: an export folder (see `validate_export`).
+        repo_id: 'ORG/NAME' on the Hub.
+        private: create the repo private (an existing repo keeps its visibility).
+        token: a Hub token with write access; default: `HF_TOKEN` / the stored login.
+        revision: a branch to commit to (created from main if missing); default main.
+        commit_message: default 'Upload <name> (kpid-zoo <version>)'.
+        endpoint: the Hub URL; default `HF_ENDPOINT` / https://huggingface.co.
+    """
+    folder = Path(folder)
+    config = validate_export(folder)
+    token = token or get_token()
+    if not token:
+        raise PublishError('no Hugging Face token: set HF_TOKEN, run `hf auth login`, or pass token=')
+    name = config['kpid'].get('name', folder.name)
+    commit_message = commit_message or f'Upload {name} (kpid-zoo {__version__})'
+    api = HfApi(endpoint=endpoint, token=token, library_name='kpid-zoo', library_version=__version__)
+    try:
+        repo_url = api.create_repo(repo_id, repo_type='model', private=private, exist_ok=True)
+        if revision and revision != 'main':
+            api.create_branch(repo_url.repo_id, branch=revision, exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_url.repo_id, folder_path=folder, revision=revision, commit_message=commit_message,
+            # only what an export writes: no editor backups, no stray caches
+            allow_patterns=['*.safetensors', '*.json', '*.md', '*.png'],
+        )
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        hint = ' (check that the token has write access to the namespace)' if status in (401, 403) else ''
+        # the message of HfHubHTTPError carries the URL and the server's reason, never the request headers
+        raise PublishError(f'publishing {folder} to {repo_id} failed: {e}{hint}') from None
+    url = f'{api.endpoint}/{repo_url.repo_id}'
+    _logger.info('published %s to %s (commit %s)', folder, url, commit.oid)
+    return url
+
