@@ -43,8 +43,9 @@ class CostModel:
             if count == 0:
                 continue
             groups = tuple(member_of.get(module, ()))
-            if not groups and graph.module_out_group.get(module) in prunable and not _has_children(model, module):
-                groups = (graph.module_out_group[module],)  # channel-wise ops such as the global pool
+            if not groups and not _has_children(model, module):
+                out_group = _output_group(graph, module)  # channel-wise ops such as the global pool
+                groups = (out_group,) if out_group in prunable else ()
             if groups:
                 terms.append((float(count), groups))
             else:
@@ -138,6 +139,15 @@ def _lp_bound(cum: dict[str, np.ndarray], unit_cost: dict[str, float], budget: f
         value += take * dv
         left -= take * dc
     return float(value)
+
+
+def _output_group(graph: GroupGraph, module: str) -> str | None:
+    """The group of a module's output; a layer inside a module traced as one leaf shares that module's."""
+    while module:
+        if module in graph.module_out_group:
+            return graph.module_out_group[module]
+        module = module.rpartition(".")[0]
+    return None
 
 
 def _has_children(model: nn.Module, name: str) -> bool:
