@@ -48,9 +48,7 @@ class RecipeError(ValueError):
 
 
 def _join(outer: str, inner: str) -> str:
-    if not outer or not inner:
-        return outer or inner
-    return outer + inner if inner.startswith('[') else f'{outer}.{inner}'
+    return f'{outer}.{inner}' if outer and inner else outer or inner
 
 
 def _did_you_mean(word: str, candidates: typing.Iterable[str]) -> str:
@@ -74,8 +72,6 @@ def _rule(default: Any = MISSING, *, expected: str | None = None, ok: Callable[[
         expected = 'one of ' + ', '.join(repr(c) for c in choices)
         ok = choices.__contains__
     metadata = {'expected': expected, 'ok': ok, 'internal': internal}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=metadata)
     # an internal field (where the recipe came from) is not content: no part of equality
     return field(default=default, metadata=metadata, compare=not internal)
 
@@ -106,9 +102,8 @@ def _type_words(tp: Any) -> str:
         return 'a string'
     if typing.get_origin(tp) is tuple:
         args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f'a list of {_type_words(args[0]).split(" ", 1)[1]}s'
-        return f'a list of {len(args)} {_type_words(args[0]).split(" ", 1)[1]}s'
+        count = '' if args[1:] == (Ellipsis,) else f'{len(args)} '
+        return f'a list of {count}{_type_words(args[0]).split(" ", 1)[1]}s'  # 'a number' -> 'a list of numbers'
     if dataclasses.is_dataclass(tp):
         return 'a mapping'
     return str(tp)
@@ -418,6 +413,21 @@ def _plain(value: Any) -> Any:
     return value
 
 
+class _NoDuplicateKeysLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, except that a key given twice is an error: plain PyYAML silently keeps the last `lr:`."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == 'tag:yaml.org,2002:merge':  # `<<: *anchor` may be overridden by explicit keys
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f'duplicate key {key!r}', key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file; every error names the file (and the YAML line for syntax errors)."""
     source = str(path)
@@ -426,7 +436,7 @@ def load_recipe(path: str | Path) -> Recipe:
     except FileNotFoundError:
         raise FileNotFoundError(f'{source}: no such recipe file') from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_NoDuplicateKeysLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, 'problem_mark', None)
         where = f'line {mark.line + 1}, column {mark.column + 1}' if mark is not None else ''

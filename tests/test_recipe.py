@@ -113,6 +113,12 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path):
         load_recipe(path)
 
 
+def test_duplicate_key_is_an_error(tmp_path):
+    path = write(tmp_path, yaml.safe_dump(MINIMAL) + 'finetune:\n  lr: 0.1\n  lr: 0.2\n')
+    with pytest.raises(RecipeError, match=rf"{path}: line \d+, column 3: invalid YAML: duplicate key 'lr'"):
+        load_recipe(path)
+
+
 def test_sections_validate_when_built_in_code():
     with pytest.raises(RecipeError, match="lr: expected a positive number, got -1"):
         FinetuneSpec(lr=-1)
