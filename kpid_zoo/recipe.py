@@ -191,8 +191,8 @@ class _Section:
         for name, f in known.items():
             if name not in data:
                 if f.default is MISSING and f.default_factory is MISSING:
-                    raise RecipeError(f'missing required field ({f.metadata.get("expected") or _type_words(hints[name])})',
-                                      _join(where, name))
+                    expected = f.metadata.get('expected') or _type_words(hints[name])
+                    raise RecipeError(f'missing required field ({expected})', _join(where, name))
                 continue
             value, tp = data[name], hints[name]
             kwargs[name] = tp._from_mapping(value, _join(where, name)) if dataclasses.is_dataclass(tp) else value
@@ -292,7 +292,8 @@ class DataSpec(_Section):
     batch_size: int = _positive(128, 'integer')
     workers: int = _non_negative(4, 'integer')
     mean: tuple[float, ...] | None = None  # None: the parent's pretrained_cfg mean/std
-    std: tuple[float, ...] | None = _rule(None, expected='a list of positive numbers', ok=lambda v: len(v) > 0 and min(v) > 0)
+    std: tuple[float, ...] | None = _rule(
+        None, expected='a list of positive numbers', ok=lambda v: len(v) > 0 and min(v) > 0)
     crop_pct: float | None = _fraction(None, low_open=True, high_open=False)
     train_subset: int | None = _positive(None, 'integer')
     val_subset: int | None = _positive(None, 'integer')
@@ -371,7 +372,8 @@ class Recipe(_Section):
         for name in ('mean', 'std'):
             stats = getattr(self.data, name)
             if stats is not None and len(stats) != channels:
-                raise RecipeError(f'expected {channels} values (one per input channel), got {len(stats)}', f'data.{name}')
+                raise RecipeError(
+                    f'expected {channels} values (one per input channel), got {len(stats)}', f'data.{name}')
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = '<dict>') -> Recipe:
@@ -381,7 +383,7 @@ class Recipe(_Section):
             recipe = cls._from_mapping(data)
         except RecipeError as e:
             raise e.within(source=str(source)) from None
-        object.__setattr__(recipe, 'source', str(source))
+        recipe._set('source', str(source))
         return recipe
 
     def to_dict(self) -> dict[str, Any]:
