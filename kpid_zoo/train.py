@@ -170,8 +170,11 @@ def finetune(student: nn.Module, teacher: Optional[nn.Module], train_loader, val
     out_dir = Path(out_dir)
     checkpoint_dir = out_dir / 'checkpoints'
     seed, accum = int(_cfg(cfg, 'seed', 0)), int(_cfg(cfg, 'grad_accum_steps', 1))
+    # Accelerate only sets up a multi-process CPU (gloo) group when asked for cpu=True; without it every torchrun
+    # worker silently trains alone.
+    multi_process_cpu = int(os.environ.get('WORLD_SIZE', '1')) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(
-        mixed_precision=_cfg(cfg, 'mixed_precision', 'no'), gradient_accumulation_steps=accum,
+        cpu=multi_process_cpu, mixed_precision=_cfg(cfg, 'mixed_precision', 'no'), gradient_accumulation_steps=accum,
         log_with=_default_trackers(out_dir) if log_with == 'auto' else log_with, project_dir=str(out_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed))
 
