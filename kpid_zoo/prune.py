@@ -13,7 +13,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .flops import count_flops, count_params
-from .groups import ROLE_OUT, GroupGraph
+from .groups import ROLE_OUT, GroupGraph, discover_groups
 from .importance import Importance
 from .knapsack import CostModel, KnapsackSolution, solve_knapsack, width_choices
 from .surgery import ArchSpec, group_widths, prune_model
@@ -123,3 +123,31 @@ def layer_widths(parent: nn.Module, pruned: nn.Module, graph: GroupGraph) -> lis
 
 def _top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.argsort(scores, descending=True, stable=True)[:k].sort().values
+
+
+def prune_from_recipe(recipe, parent: nn.Module, train_loader=None, device: str | torch.device = "cpu",
+                      progress: bool = True) -> PruneResult:
+    """Groups -> importance -> knapsack -> surgery with the settings of a recipe (`recipe.Recipe`).
+
+    Taylor importance reads `importance.batches` batches of `importance.batch_size` images from the training
+    set behind `train_loader`; magnitude needs no data.
+    """
+    from .importance import magnitude_importance, taylor_importance
+
+    arch, input_size = recipe.parent.model, tuple(recipe.input_size)
+    graph = discover_groups(parent, input_size)
+    settings = recipe.importance
+    if settings.method == "taylor":
+        if train_loader is None:
+            raise ValueError(f"{recipe.source}: importance.method 'taylor' needs training data")
+        batches = torch.utils.data.DataLoader(train_loader.dataset, batch_size=settings.batch_size, shuffle=True,
+                                              num_workers=train_loader.num_workers,
+                                              generator=torch.Generator().manual_seed(recipe.finetune.seed))
+        importance = taylor_importance(parent, graph, batches, settings.batches, device=device, progress=progress)
+        parent.cpu()
+    else:
+        importance = magnitude_importance(parent, graph)
+    target = recipe.flops.resolve_target(count_flops(parent, input_size).gmacs)
+    return knapsack_prune(parent, graph, importance, target, arch=arch, input_size=input_size,
+                          min_channels=settings.min_channels, round_to=settings.round_to,
+                          tolerance=recipe.flops.tolerance, progress=progress)

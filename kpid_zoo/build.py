@@ -1,0 +1,174 @@
+"""`kpid-zoo build`: one recipe, end to end, resumable.
+
+parent (load, optionally adapt to the data) -> prune (importance + knapsack + surgery) -> fine-tune with inner
+distillation -> evaluate -> export a Hub-shaped folder. Every stage leaves its result on disk under the work
+folder; a rerun picks up from the last finished stage, and the fine-tune resumes from its last checkpoint.
+Under `accelerate launch` the pruning runs on the main process first and the other ranks read its result, so
+all ranks train the same architecture.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from accelerate import PartialState
+from safetensors.torch import load_file, save_file
+
+from .data import DataBundle, create_loaders
+from .distill import distill_points
+from .evaluate import EvalResult, evaluate
+from .export import export_model
+from .groups import discover_groups
+from .parent import create_parent
+from .prune import PruneReport, PruneResult, prune_from_recipe
+from .recipe import Recipe, load_recipe
+from .report import PRUNED_WEIGHTS, REPORT_FILE, SPEC_FILE, summary_table, write_prune_outputs
+from .surgery import ArchSpec, build_pruned
+from .train import finetune
+
+
+
+@dataclass
+class BuildPaths:
+    work: Path      # stage results: parent/, pruned/, finetune/, eval.json
+    export: Path    # the Hub-shaped output folder
+
+    @property
+    def parent(self) -> Path:
+        return self.work / "parent"
+
+    @property
+    def pruned(self) -> Path:
+        return self.work / "pruned"
+
+    @property
+    def finetune(self) -> Path:
+        return self.work / "finetune"
+
+    @property
+    def eval(self) -> Path:
+        return self.work / "eval.json"
+
+
+@dataclass
+class BuildResult:
+    recipe: Recipe
+    export_dir: Path
+    prune: PruneResult
+    metrics: dict
+
+
+def build(recipe_path: str | Path, out_dir: str | Path | None = None, work_dir: str | Path | None = None,
+          resume: bool = True, progress: bool = True) -> BuildResult:
+    """Build the zoo entry of `recipe_path` into `out_dir` (default outputs/<name>)."""
+    recipe = load_recipe(recipe_path)
+    paths = BuildPaths(Path(work_dir or Path("runs") / recipe.name), Path(out_dir or Path("outputs") / recipe.name))
+    state = PartialState()
+    if not resume and state.is_main_process:
+        shutil.rmtree(paths.work, ignore_errors=True)
+    state.wait_for_everyone()
+
+    parent = create_parent(recipe)
+    data = create_loaders(recipe.data, model=parent, input_size=recipe.input_size, seed=recipe.finetune.seed)
+    parent = adapt_parent(recipe, parent, data, paths.parent, progress)
+    with state.main_process_first():
+        pruned = load_or_prune(recipe, parent, data, paths.pruned, progress)
+    if state.is_main_process:
+        print(summary_table(pruned), flush=True)
+
+    kept = {p: pruned.kept_channels(p) for p in distill_points(parent)}
+    trained = finetune(pruned.model, parent, data.train_loader, data.val_loader, recipe.finetune, paths.finetune,
+                       kept=kept, input_size=recipe.input_size, resume=True, progress=progress)
+    metrics = measure(recipe, parent, trained.model, data, trained.val, paths)
+    if state.is_main_process:
+        export_model(trained.model, pruned.spec, paths.export, name=recipe.name,
+                     pretrained_cfg=pretrained_cfg(parent, data), metrics=metrics, report=pruned.report,
+                     recipe=recipe)
+    state.wait_for_everyone()
+    return BuildResult(recipe, paths.export, pruned, metrics)
+
+
+def adapt_parent(recipe: Recipe, parent: nn.Module, data: DataBundle | None, folder: Path,
+                 progress: bool = True) -> nn.Module:
+    """Train the parent on the recipe's data first when `parent.train_epochs` > 0 (CIFAR-scale recipes)."""
+    if recipe.parent.train_epochs <= 0:
+        return parent
+    weights = folder / PRUNED_WEIGHTS
+    if not weights.exists():
+        cfg = dataclasses.replace(recipe.finetune, epochs=recipe.parent.train_epochs, kd_gamma=0.0,
+                                  kd_logits_weight=0.0)
+        trained = finetune(parent, None, data.train_loader, data.val_loader, cfg, folder / "train",
+                           resume=True, progress=progress)
+        if PartialState().is_main_process:
+            _save_atomic(trained.model, weights)
+        PartialState().wait_for_everyone()
+    parent.load_state_dict(load_file(str(weights)))
+    return parent.eval()
+
+
+def load_or_prune(recipe: Recipe, parent: nn.Module, data: DataBundle | None, folder: Path,
+                  progress: bool = True) -> PruneResult:
+    """The pruning result in `folder` if there is one, else prune now and write it there."""
+    if (folder / SPEC_FILE).exists():
+        return load_prune_outputs(folder, parent, tuple(recipe.input_size))
+    result = prune_from_recipe(recipe, parent, data.train_loader if data else None, progress=progress)
+    write_prune_outputs(result, folder)
+    return result
+
+
+def load_prune_outputs(folder: Path, parent: nn.Module, input_size: tuple[int, int, int]) -> PruneResult:
+    """Rebuild a `PruneResult` from what `write_prune_outputs` wrote."""
+    spec = ArchSpec.load(folder / SPEC_FILE)
+    report = json.loads((folder / REPORT_FILE).read_text())
+    keep = {g: torch.tensor(idx, dtype=torch.long) for g, idx in report.pop("kept_channels").items()}
+    report.pop("flops_error", None)
+    report["input_size"] = tuple(report["input_size"])
+    report["layer_widths"] = [tuple(row) for row in report["layer_widths"]]
+    model = build_pruned(spec, num_classes=parent.num_classes)
+    model.load_state_dict(load_file(str(folder / PRUNED_WEIGHTS)))
+    model.pretrained_cfg = parent.pretrained_cfg
+    return PruneResult(model.eval(), spec, keep, discover_groups(parent, input_size), PruneReport(**report))
+
+
+def measure(recipe: Recipe, parent: nn.Module, student: nn.Module, data: DataBundle, student_val: EvalResult | None,
+            paths: BuildPaths) -> dict:
+    """Top-1/top-5 of the pruned net and of its parent on the recipe's validation split (cached in eval.json)."""
+    if paths.eval.exists():
+        return json.loads(paths.eval.read_text())
+    student_val = student_val or evaluate(student, data.val_loader)
+    parent_val = evaluate(parent, data.val_loader)
+    metrics = {"top1": student_val.top1, "top5": student_val.top5, "parent_top1": parent_val.top1,
+               "parent_top5": parent_val.top5, "n": student_val.n,
+               "dataset": recipe.data.dataset, "split": recipe.data.val_split}
+    if PartialState().is_main_process:
+        paths.eval.parent.mkdir(parents=True, exist_ok=True)
+        paths.eval.write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def pretrained_cfg(parent: nn.Module, data: DataBundle) -> dict:
+    """The parent's timm pretrained cfg with the preprocessing this build trained and evaluated with."""
+    cfg = dict(getattr(parent, "pretrained_cfg", {}) or {})
+    for key in ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode"):
+        if key in data.data_config:
+            cfg[key] = data.data_config[key]
+    cfg["num_classes"] = data.num_classes
+    return cfg
+
+
+def _save_atomic(model: nn.Module, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / path.name), metadata={"format": "pt"})
+        os.replace(tmp / path.name, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

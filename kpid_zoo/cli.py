@@ -1,0 +1,176 @@
+"""The `kpid-zoo` command line: count, inspect, prune, build and publish."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EPILOG = """examples:
+  kpid-zoo flops resnet50                          # GMACs and params, as timm reports them
+  kpid-zoo groups efficientnet_b0                  # the channel groups pruning works on
+  kpid-zoo prune recipes/kpid_resnet18_cifar10_tiny.yaml --out runs/r18/pruned
+  kpid-zoo build recipes/kpid_resnet18_cifar10_tiny.yaml      # prune -> fine-tune -> evaluate -> export
+  kpid-zoo publish outputs/kpid_resnet18_cifar10_tiny --repo-id ORG/NAME
+"""
+
+
+def _input_size(values: list[int]) -> tuple[int, int, int]:
+    if len(values) == 1:
+        return (3, values[0], values[0])
+    if len(values) == 3:
+        return tuple(values)
+    raise argparse.ArgumentTypeError("--input-size takes SIZE or C H W")
+
+
+def cmd_flops(args: argparse.Namespace) -> int:
+    import timm
+    from .flops import count_flops, count_params
+
+    model = _create(args.model)
+    size = _input_size(args.input_size) if args.input_size else tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+    report = count_flops(model, size)
+    print(f"{args.model} at {'x'.join(map(str, size))}: {report.gmacs:.4f} GMACs, {count_params(model) / 1e6:.3f}M params")
+    if args.per_layer:
+        leaves = {n for n, m in model.named_modules() if next(m.children(), None) is None}
+        rows = sorted(((c, n) for n, c in report.by_module.items() if n in leaves and c), reverse=True)
+        for count, name in rows[: args.per_layer]:
+            print(f"  {count / 1e6:10.2f} MMACs  {100 * count / report.total:5.1f}%  {name}")
+    return 0
+
+
+def cmd_groups(args: argparse.Namespace) -> int:
+    from .groups import discover_groups
+
+    model = _create(args.model)
+    size = _input_size(args.input_size) if args.input_size else tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+    graph = discover_groups(model, size)
+    print(f"{args.model}: {len(graph.groups)} channel groups, {len(graph.prunable)} prunable")
+    for g in graph.groups:
+        status = "" if g.prunable else f"  [fixed: {g.reason}]"
+        print(f"  {g.name:<40} {g.size:>5} ch  {len(g.members):>3} members{status}")
+        if args.members:
+            for m in g.members:
+                print(f"      {m.role:<4} {m.module}")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    import shutil
+    from .build import adapt_parent, load_or_prune
+    from .data import create_loaders
+    from .parent import create_parent
+    from .recipe import load_recipe
+    from .report import summary_table
+
+    recipe = load_recipe(args.recipe)
+    out = Path(args.out or Path("runs") / recipe.name / "pruned")
+    if args.force:
+        shutil.rmtree(out, ignore_errors=True)
+    elif out.exists():
+        print(f"{out} exists: showing it (pass --force to prune again)", file=sys.stderr)
+    parent = create_parent(recipe)
+    needs_data = recipe.importance.method == "taylor" or recipe.parent.train_epochs > 0
+    data = create_loaders(recipe.data, model=parent, input_size=recipe.input_size,
+                          seed=recipe.finetune.seed) if needs_data else None
+    parent = adapt_parent(recipe, parent, data, out.parent / "parent", progress=not args.quiet)
+    result = load_or_prune(recipe, parent, data, out, progress=not args.quiet)
+    print(summary_table(result))
+    print(f"wrote {out}/ (model.safetensors, spec.json, report.json, widths.png)")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from .build import build
+
+    result = build(args.recipe, out_dir=args.out, work_dir=args.work, resume=not args.restart,
+                   progress=not args.quiet)
+    m = result.metrics
+    print(f"top-1 {m['top1']:.2f}% (parent {m['parent_top1']:.2f}%), top-5 {m['top5']:.2f}% on "
+          f"{m['dataset']} {m['split']}")
+    print(f"wrote {result.export_dir}/ (model.safetensors, config.json, README.md): "
+          f"publish it with `kpid-zoo publish {result.export_dir} --repo-id {result.recipe.hub.repo_id}`")
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from .publish import publish
+
+    url = publish(args.folder, args.repo_id, private=args.private, revision=args.revision,
+                  commit_message=args.message)
+    print(f"published {args.folder} to {url}")
+    return 0
+
+
+def _create(name: str):
+    import timm
+    import kpid_zoo  # noqa: F401  (registers kpid_* names)
+
+    if not timm.is_model(name) and not name.startswith(("hf-hub:", "local-dir:")):
+        import difflib
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise SystemExit(f"kpid-zoo: {name!r} is not a timm model{hint}")
+    return timm.create_model(name).eval()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kpid-zoo", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Knapsack Pruning with Inner Distillation: smaller, faster timm CNNs from a recipe.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("flops", help="count GMACs (fvcore; 1 FLOP = 1 multiply-add) and params of a timm model")
+    p.add_argument("model", help="timm model name, e.g. resnet50, or a kpid_* zoo entry")
+    p.add_argument("--input-size", type=int, nargs="+", metavar="N", help="SIZE or C H W (default: the model's)")
+    p.add_argument("--per-layer", type=int, nargs="?", const=20, default=0, metavar="K",
+                   help="also list the K costliest layers (default 20)")
+    p.set_defaults(func=cmd_flops)
+
+    p = sub.add_parser("groups", help="list the channel groups found in a timm model's graph")
+    p.add_argument("model", help="timm model name")
+    p.add_argument("--input-size", type=int, nargs="+", metavar="N", help="SIZE or C H W (default: the model's)")
+    p.add_argument("--members", action="store_true", help="also list the layers in each group")
+    p.set_defaults(func=cmd_groups)
+
+    p = sub.add_parser("prune", help="prune a recipe's parent to its FLOPs target (no fine-tune)")
+    p.add_argument("recipe", help="recipe YAML, e.g. recipes/kpid_effnet_b0.yaml")
+    p.add_argument("--out", help="output folder (default runs/<name>/pruned)")
+    p.add_argument("--force", action="store_true", help="prune again even if the output folder exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("build", help="prune -> fine-tune with inner distillation -> evaluate -> export (resumable)")
+    p.add_argument("recipe", help="recipe YAML, e.g. recipes/kpid_resnet18_cifar10_tiny.yaml")
+    p.add_argument("--out", help="export folder, laid out as a Hub repo (default outputs/<name>)")
+    p.add_argument("--work", help="folder for stage results and checkpoints (default runs/<name>)")
+    p.add_argument("--restart", action="store_true", help="discard earlier stage results instead of resuming")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("publish", help="upload an export folder to the Hugging Face Hub")
+    p.add_argument("folder", help="an export folder written by `kpid-zoo build`")
+    p.add_argument("--repo-id", required=True, metavar="ORG/NAME", help="the Hub model repo (created if needed)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--revision", help="branch to push to (default main)")
+    p.add_argument("--message", help="commit message")
+    p.set_defaults(func=cmd_publish)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    import warnings
+    # fvcore traces with torch.jit, which torch now flags as deprecated on every count
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BrokenPipeError:  # `kpid-zoo groups resnet50 | head`
+        sys.stderr.close()
+        return 0
+    except (ValueError, OSError) as e:
+        print(f"kpid-zoo {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""What a person reads after pruning: a table of the numbers, a plot of the widths, and the files on disk."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from .prune import PruneResult
+
+PRUNED_WEIGHTS = "model.safetensors"
+SPEC_FILE = "spec.json"
+REPORT_FILE = "report.json"
+WIDTHS_PLOT = "widths.png"
+
+
+def plot_widths(layer_widths: list[tuple[str, int, int]], path: str | Path, title: str = "") -> Path:
+    """Per-layer output width of the parent (grey) and of the pruned net (blue), with the kept share on top."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n, _, _ in layer_widths]
+    parent = [p for _, p, _ in layer_widths]
+    pruned = [k for _, _, k in layer_widths]
+    fig, (ax, ax_ratio) = plt.subplots(2, 1, figsize=(max(8.0, 0.16 * len(names) + 2), 6.5), dpi=110,
+                                       sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    x = range(len(names))
+    ax.bar(x, parent, color="#c8c8c8", label="parent", width=0.9)
+    ax.bar(x, pruned, color="#1f77b4", label="pruned", width=0.9)
+    ax.set_yscale("log", base=2)
+    ax.set_ylabel("output channels")
+    ax.set_title(title or "per-layer width: parent vs pruned")
+    ax.legend(loc="upper left")
+    ax_ratio.plot(list(x), [k / p for p, k in zip(parent, pruned)], color="#1f77b4", marker=".", lw=0.8)
+    ax_ratio.set_ylim(0, 1.05)
+    ax_ratio.set_ylabel("kept")
+    ax_ratio.set_xticks(list(x))
+    ax_ratio.set_xticklabels(names, rotation=90, fontsize=5)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def summary_table(result: PruneResult) -> str:
+    r = result.report
+    rows = [
+        ("parent", r.parent),
+        ("input size", "x".join(map(str, r.input_size))),
+        ("GMACs parent / target / achieved", f"{r.parent_gmacs:.4f} / {r.target_gmacs:.4f} / {r.achieved_gmacs:.4f}"),
+        ("FLOPs error vs target", f"{100 * r.flops_error:+.2f}%"),
+        ("params parent / pruned", f"{r.parent_params / 1e6:.2f}M / {r.params / 1e6:.2f}M"),
+        ("groups pruned", f"{len(result.keep)} of {len(result.graph.prunable)}"),
+        ("knapsack gap vs LP bound", f"{100 * r.gap:.3f}%"),
+        ("knapsack rounds", str(len(r.rounds))),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def write_prune_outputs(result: PruneResult, out_dir: str | Path) -> Path:
+    """Write weights (safetensors), spec, report and width plot into `out_dir`, all or nothing."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
+        save_file(state, str(tmp / PRUNED_WEIGHTS), metadata={"format": "pt"})
+        result.spec.save(tmp / SPEC_FILE)
+        report = result.report.to_dict()
+        report["kept_channels"] = {g: idx.tolist() for g, idx in result.keep.items()}
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        plot_widths(result.report.layer_widths, tmp / WIDTHS_PLOT,
+                    f"{result.report.parent}: {result.report.parent_gmacs:.3f} -> "
+                    f"{result.report.achieved_gmacs:.3f} GMACs")
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def replace_dir(new: Path, dest: Path) -> None:
+    """Move the complete `new` into place; an existing `dest` is removed only after `new` is there.
+
+    POSIX has no portable atomic swap of two directories: the old one is renamed aside first, so for an instant
+    `dest` is absent, but it is never half-written, and a crash leaves the old copy recoverable beside it.
+    """
+    if not dest.exists():
+        os.replace(new, dest)
+        return
+    old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(dest, old)
+    try:
+        os.replace(new, dest)
+    except BaseException:
+        os.replace(old, dest)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
