@@ -179,25 +179,32 @@ def _check_shapes(state_dict: dict, model: nn.Module, *, variant: str, source: s
     adapting_head = getattr(model, 'num_classes', None) != cfg.get('num_classes')
     first_convs = cfg.get('first_conv') or ()
     first_convs = (first_convs,) if isinstance(first_convs, str) else tuple(first_convs)
-    for key, tensor in state_dict.items():
-        is_head = any(key.startswith(c + '.') for c in classifiers)
-        if is_head and adapting_head:
+
+    def skip(key: str) -> bool:
+        return adapting_head and any(key.startswith(c + '.') for c in classifiers)
+
+    # in the network's order, so "the first mismatching tensor" is the first one a reader meets going through it
+    for key, param in own.items():
+        if key not in state_dict:
+            if skip(key):
+                continue
+            missing = [k for k in own if k not in state_dict and not skip(k)]
+            raise KpidWeightsError(f'{variant}: {source} lacks tensor {key!r} of the architecture '
+                                   f'({len(missing)} missing; weights and spec come from different builds?)')
+        if skip(key):
             continue
-        if key not in own:
-            raise KpidWeightsError(f'{variant}: {source} holds tensor {key!r}, which the architecture built from '
-                                   f'the spec does not have (weights and spec come from different builds?)')
-        want, got = tuple(own[key].shape), tuple(tensor.shape)
+        want, got = tuple(param.shape), tuple(state_dict[key].shape)
         if key in {c + '.weight' for c in first_convs} and len(want) == 4 and len(got) == 4:
             want, got = (want[0], *want[2:]), (got[0], *got[2:])  # input channels are adapted by timm
         if want != got:
             raise KpidWeightsError(
-                f'{variant}: {source} does not fit the architecture: tensor {key!r} has shape {tuple(tensor.shape)} '
-                f'but the spec builds {tuple(own[key].shape)} (weights and spec come from different builds?)')
-    missing = [k for k in own if k not in state_dict
-               and not (adapting_head and any(k.startswith(c + '.') for c in classifiers))]
-    if missing:
-        raise KpidWeightsError(f'{variant}: {source} lacks tensor {missing[0]!r} of the architecture '
-                               f'({len(missing)} missing)')
+                f'{variant}: {source} does not fit the architecture: tensor {key!r} has shape '
+                f'{tuple(state_dict[key].shape)} but the spec builds {tuple(param.shape)} '
+                f'(weights and spec come from different builds?)')
+    extra = [k for k in state_dict if k not in own and not skip(k)]
+    if extra:
+        raise KpidWeightsError(f'{variant}: {source} holds tensor {extra[0]!r}, which the architecture built from '
+                               f'the spec does not have (weights and spec come from different builds?)')
     return state_dict
 
 
