@@ -209,6 +209,10 @@ def finetune(student: nn.Module, teacher: Optional[nn.Module], train_loader, val
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, state)
 
+    if accelerator.is_main_process and checkpoint_dir.is_dir():
+        for stale in checkpoint_dir.glob('.tmp-step_*'):  # a save that was killed half-way
+            shutil.rmtree(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
     resumed_from = None
     existing = list_checkpoints(checkpoint_dir) if resume else []
     if existing:

@@ -1,0 +1,177 @@
+"""Fine-tune loop: schedule, checkpoints, kill + resume (real SIGKILL), gradient accumulation, torchrun x2 (gloo)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from kpid_zoo.data import create_loaders
+from kpid_zoo.recipe import DataSpec, FinetuneSpec
+from kpid_zoo.train import JsonlTracker, list_checkpoints, warmup_cosine_schedule, finetune
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / 'tests' / 'scripts' / 'finetune_run.py'
+BIN = Path(sys.executable).parent
+
+
+def make_image_folder(root: Path, classes=('a', 'b', 'c'), n_train=24, n_val=10, seed=0) -> Path:
+    """A tiny ImageNet-layout tree of random 32x32 JPEGs (class-dependent tint so there is something to learn)."""
+    rng = np.random.default_rng(seed)
+    for split, n in (('train', n_train), ('val', n_val)):
+        for c_idx, c in enumerate(classes):
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(0, 160, (32, 32, 3), dtype=np.uint8)
+                img[..., c_idx % 3] += 90
+                Image.fromarray(img).save(d / f'{i:04d}.jpg')
+    return root
+
+
+@pytest.fixture(scope='module')
+def image_folder(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp('imgs'))
+
+
+def _run(args, out: Path, launcher=None, **popen):
+    cmd = (launcher or [sys.executable]) + [str(SCRIPT), '--out', str(out)] + [str(a) for a in args]
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(REPO)}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def _finish(proc, timeout=240) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def _max_diff(a: Path, b: Path) -> float:
+    wa, wb = load_file(str(a / 'final.safetensors')), load_file(str(b / 'final.safetensors'))
+    assert wa.keys() == wb.keys()
+    return max((wa[k].double() - wb[k].double()).abs().max().item() for k in wa)
+
+
+def test_warmup_cosine_schedule_shape():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = warmup_cosine_schedule(opt, warmup_steps=4, total_steps=20)
+    lrs = []
+    for _ in range(20):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == sorted(lrs[:4]) and lrs[0] < 0.5  # linear warmup from small
+    assert lrs[4] == pytest.approx(1.0)  # peak right after warmup
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))  # cosine decay
+    assert lrs[12] == pytest.approx(0.5 * (1 + math.cos(math.pi * 8 / 16)))
+    assert sched.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_finetune_plain_ce_checkpoints_and_metrics(image_folder, tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model('mobilenetv3_small_050', num_classes=3)
+    data = DataSpec(dataset='imagefolder', root=str(image_folder), num_classes=3, batch_size=8, workers=0)
+    bundle = create_loaders(data, model, input_size=(3, 32, 32))
+    cfg = FinetuneSpec(epochs=1.5, lr=0.02, checkpoint_every=2, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = finetune(model, None, bundle.train_loader, bundle.val_loader, cfg, tmp_path, progress=False)
+
+    assert result.total_steps == result.steps == round(1.5 * 9)  # 72 images / 8 = 9 steps per epoch
+    assert result.val is not None and result.val.n == 30
+    assert any(not torch.equal(before[k], v) for k, v in result.model.state_dict().items())
+    ckpts = [p.name for p in list_checkpoints(tmp_path / 'checkpoints')]
+    assert ckpts == ['step_12', 'step_14']  # every 2 steps + the final one, only the last two kept
+    assert not [p for p in (tmp_path / 'checkpoints').iterdir() if p.name.startswith('.tmp')]
+    lines = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+    steps = [line['step'] for line in lines if 'loss' in line]
+    assert steps == list(range(1, 15)) and all('lr' in line and 'ce' in line for line in lines if 'loss' in line)
+    assert any('val_top1' in line for line in lines)
+
+    # a finished run found on disk is not trained again
+    again = finetune(model, None, bundle.train_loader, None, cfg, tmp_path, progress=False)
+    assert again.resumed_from == 14 and again.steps == 14 and math.isnan(again.train_loss)
+
+
+def test_jsonl_tracker_appends(tmp_path):
+    t = JsonlTracker(tmp_path / 'm.jsonl')
+    t.log({'loss': 1.5}, step=3)
+    t.log({'loss': 1.0}, step=4)
+    rows = [json.loads(x) for x in (tmp_path / 'm.jsonl').read_text().splitlines()]
+    assert [(r['step'], r['loss']) for r in rows] == [(3, 1.5), (4, 1.0)]
+
+
+def test_kill_during_finetune_then_resume_matches_uninterrupted(image_folder, tmp_path):
+    """SIGKILL after step 5 (last checkpoint: step 4); the resumed run redoes step 5 and ends bit-identical.
+
+    Dropout and random augmentation are on: both are reseeded per step / per sample, so a resumed run that lost,
+    repeated or reordered a step would end with different weights.
+    """
+    common = ['--data', image_folder, '--drop-rate', 0.2, '--checkpoint-every', 2]
+    straight = _run(common, tmp_path / 'straight')
+    killed_dir = tmp_path / 'killed'
+    victim = _run(common + ['--hang-after-step', 5], killed_dir)
+    deadline = time.monotonic() + 240
+    while not (killed_dir / 'hanging').exists():
+        assert victim.poll() is None, victim.communicate()[0][-4000:]
+        assert time.monotonic() < deadline, 'run never reached step 5'
+        time.sleep(0.1)
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate(timeout=60)
+    assert victim.returncode == -signal.SIGKILL
+    assert [p.name for p in list_checkpoints(killed_dir / 'checkpoints')] == ['step_2', 'step_4']
+    assert not (killed_dir / 'final.safetensors').exists()
+
+    _finish(straight)
+    _finish(_run(common, killed_dir))
+    resumed = json.loads((killed_dir / 'result.json').read_text())
+    assert resumed['resumed_from'] == 4 and resumed['steps'] == resumed['total_steps'] == 18
+    assert _max_diff(tmp_path / 'straight', killed_dir) <= 1e-6
+
+
+def test_resume_ignores_interrupted_checkpoint_write(image_folder, tmp_path):
+    """A save killed mid-write leaves only a .tmp dir: it is neither resumed from nor kept."""
+    torch.manual_seed(0)
+    model = timm.create_model('mobilenetv3_small_050', num_classes=3)
+    data = DataSpec(dataset='imagefolder', root=str(image_folder), num_classes=3, batch_size=8, workers=0)
+    bundle = create_loaders(data, model, input_size=(3, 32, 32))
+    cfg = FinetuneSpec(epochs=0.5, lr=0.02, checkpoint_every=2, seed=0)
+    stale = tmp_path / 'checkpoints' / '.tmp-step_6'
+    stale.mkdir(parents=True)
+    (stale / 'model.safetensors').write_bytes(b'truncated')
+    result = finetune(model, None, bundle.train_loader, None, cfg, tmp_path, progress=False)
+    assert result.resumed_from is None and result.steps == 4
+    assert not stale.exists()
+
+
+def test_gradient_accumulation_matches_large_batch(image_folder, tmp_path):
+    """batch 4 x accumulate 2 == batch 8 (GroupNorm model: no batch-size dependence besides the mean)."""
+    big = _run(['--data', image_folder, '--batch-size', 8, '--epochs', 1], tmp_path / 'big')
+    _finish(big)
+    _finish(_run(['--data', image_folder, '--batch-size', 4, '--accum', 2, '--epochs', 1], tmp_path / 'acc'))
+    assert json.loads((tmp_path / 'acc' / 'result.json').read_text())['steps'] == 9
+    assert _max_diff(tmp_path / 'big', tmp_path / 'acc') <= 1e-5
+
+
+def test_torchrun_two_cpu_processes_match_one_process(image_folder, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo) with the per-process batch halved == 1 process at the same global batch."""
+    one = _run(['--data', image_folder, '--batch-size', 8], tmp_path / 'one')
+    _finish(one)
+    launcher = [str(BIN / 'torchrun'), '--standalone', '--nproc_per_node', '2']
+    _finish(_run(['--data', image_folder, '--batch-size', 4], tmp_path / 'two', launcher=launcher))
+    r1, r2 = (json.loads((tmp_path / d / 'result.json').read_text()) for d in ('one', 'two'))
+    assert r2['world_size'] == 2 and r1['steps'] == r2['steps'] == 18
+    # 30 val images over 2 processes x batch 4 is uneven: gather_for_metrics must count each exactly once
+    assert r1['val']['n'] == r2['val']['n'] == 30
+    assert r2['val']['top1'] == pytest.approx(r1['val']['top1'])
+    assert _max_diff(tmp_path / 'one', tmp_path / 'two') <= 1e-5
