@@ -28,7 +28,7 @@ X = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(0))
 @pytest.fixture(scope='module')
 def effnet(tmp_path_factory):
     """A real kpid_effnet_b0-shaped export: efficientnet_b1 cut to a quarter width, random weights."""
-    spec = pruned_spec('efficientnet_b1', 0.25)
+    spec = pruned_spec('efficientnet_b1', 0.25, input_size=(3, 96, 96))  # channels do not depend on H, W: trace small
     model, folder = export_pruned(tmp_path_factory.mktemp('zoo') / NAME, spec, zoo_recipe(NAME), name=NAME,
                                   num_classes=1000)
     return model, spec, folder
