@@ -52,15 +52,16 @@ def default_cache_dir() -> Path:
 
 
 def find_cifar10_tarball(root: Optional[str | os.PathLike] = None) -> Path:
-    """Locate `cifar10-jpg.tar.gz`: `root` (the tarball or a folder holding it), $KPID_CIFAR10_TAR, ../shared/data."""
-    candidates = []
+    """Locate `cifar10-jpg.tar.gz`: `root` (the tarball or a folder holding it) if given, else $KPID_CIFAR10_TAR if
+    set, else ../shared/data next to the repo (or the working directory). An explicit location never falls back."""
     if root:
         root = Path(root).expanduser()
-        candidates.append(root if root.suffix == '.gz' else root / CIFAR10_TARBALL)
-    if os.environ.get(CIFAR10_TAR_ENV):
-        candidates.append(Path(os.environ[CIFAR10_TAR_ENV]).expanduser())
-    candidates.append(_REPO_ROOT.parent / 'shared' / 'data' / CIFAR10_TARBALL)
-    candidates.append(Path.cwd().parent / 'shared' / 'data' / CIFAR10_TARBALL)
+        candidates = [root if root.name.endswith('.gz') else root / CIFAR10_TARBALL]
+    elif os.environ.get(CIFAR10_TAR_ENV):
+        candidates = [Path(os.environ[CIFAR10_TAR_ENV]).expanduser()]
+    else:
+        candidates = [_REPO_ROOT.parent / 'shared' / 'data' / CIFAR10_TARBALL,
+                      Path.cwd().parent / 'shared' / 'data' / CIFAR10_TARBALL]
     for path in candidates:
         if path.is_file():
             return path
