@@ -30,7 +30,7 @@ def write(tmp_path: Path, data, name: str = 'x.yaml') -> Path:
 
 
 def test_example_recipe_loads_typed(repo_root):
-    recipe = load_recipe(repo_root / 'recipes' / 'cifar10_resnet18_tiny.yaml')
+    recipe = load_recipe(repo_root / 'recipes' / 'kpid_resnet18_cifar10_tiny.yaml')
     assert recipe.parent.model == 'resnet18' and recipe.parent.num_classes == 10
     assert recipe.input_size == (3, 32, 32)
     assert isinstance(recipe.finetune.epochs, float)  # YAML `2` is normalised to the annotated float
@@ -47,7 +47,7 @@ def test_defaults_filled_from_minimal():
 
 
 def test_round_trip_and_hash(tmp_path, repo_root):
-    recipe = load_recipe(repo_root / 'recipes' / 'cifar10_resnet18_tiny.yaml')
+    recipe = load_recipe(repo_root / 'recipes' / 'kpid_resnet18_cifar10_tiny.yaml')
     again = Recipe.from_dict(recipe.to_dict())
     assert again == recipe and again.sha256() == recipe.sha256()
 
