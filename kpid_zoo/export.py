@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 import safetensors.torch
 import torch.nn as nn
-from timm.models import get_pretrained_cfg
+from timm.models import PretrainedCfg, get_pretrained_cfg
 from timm.models._hub import save_config_for_hf
 
 from . import __version__
@@ -46,8 +46,10 @@ ZOO_DIR = Path(__file__).parent / 'zoo'
 
 # Preprocessing keys a caller may set; everything else in the exported pretrained_cfg is derived.
 _DATA_KEYS = ('input_size', 'crop_pct', 'crop_mode', 'mean', 'std', 'interpolation')
-_META_KEYS = ('license', 'description', 'origin_url', 'paper_name', 'paper_ids', 'notes', 'label_names',
-              'label_descriptions', 'test_input_size', 'test_crop_pct')
+_META_KEYS = ('license', 'label_names', 'label_descriptions')
+# The rest of a timm pretrained cfg describes the parent's checkpoint (its source, paper, test-time size) or is
+# derived from the model by timm: a parent's full cfg is accepted, those keys are not carried over.
+_PRETRAINED_CFG_FIELDS = frozenset(f.name for f in dataclasses.fields(PretrainedCfg))
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -130,10 +132,13 @@ def export_model(
     if metrics.get('top1') is None:
         raise ValueError('export: metrics has no top1 (expected evaluate.EvalResult or {"top1": ..., "top5": ...})')
     cfg_in = dict(pretrained_cfg)
-    unknown = set(cfg_in) - set(_DATA_KEYS) - set(_META_KEYS) - {'num_classes', 'first_conv', 'classifier'}
+    unknown = set(cfg_in) - _PRETRAINED_CFG_FIELDS
     if unknown:
         raise ValueError(f'export: pretrained_cfg has unknown key(s) {sorted(unknown)}; '
-                         f'expected some of {list(_DATA_KEYS + _META_KEYS)}')
+                         f'expected timm PretrainedCfg fields, e.g. {list(_DATA_KEYS + _META_KEYS)}')
+    if cfg_in.get('num_classes') is not None and cfg_in['num_classes'] != getattr(model, 'num_classes', None):
+        raise ValueError(f"export: pretrained_cfg.num_classes {cfg_in['num_classes']} does not match the model's "
+                         f"{getattr(model, 'num_classes', None)}")
     if 'input_size' in cfg_in and tuple(cfg_in['input_size'])[0] != getattr(model, 'in_chans', 3):
         raise ValueError(f"export: pretrained_cfg.input_size {tuple(cfg_in['input_size'])} does not match the "
                          f"model's {getattr(model, 'in_chans', 3)} input channels")
@@ -156,8 +161,7 @@ def export_model(
         cfg_override = {k: cfg_in[k] for k in _META_KEYS if cfg_in.get(k) is not None}
         cfg_override.update(
             architecture=GENERIC_ARCH, tag=None, license=license, paper_ids=PAPER_ID, paper_name=PAPER_NAME,
-            origin_url=cfg_override.get('origin_url', PAPER_URL),
-            description=cfg_override.get('description', f'{spec.parent} pruned by KPID ({name})'),
+            origin_url=PAPER_URL, description=f'{spec.parent} pruned by KPID ({name})',
         )
         kpid_block = {
             'format_version': KPID_FORMAT_VERSION,
@@ -183,8 +187,9 @@ def export_model(
             data_config=data_config,
         )
         config = json.loads((tmp / CONFIG_FILE).read_text())
-        # the source tag of the parent's weights means nothing for the pruned model; timm tolerates its absence
-        config['pretrained_cfg'].pop('tag', None)
+        # the parent checkpoint's tag and notes mean nothing for the pruned model; timm tolerates their absence
+        for key in ('tag', 'notes'):
+            config['pretrained_cfg'].pop(key, None)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + '\n')
 
         plot_widths(list(report.layer_widths), tmp / WIDTHS_PLOT, title=f'{name}: per-layer width, parent vs pruned')

@@ -136,3 +136,20 @@ def test_bad_inputs_are_named(tiny, tmp_path):
     with pytest.raises(ValueError, match=r'input_size \(1, 224, 224\) does not match'):
         export_model(model, spec, tmp_path / 'a', **{**ok, 'pretrained_cfg': {'input_size': (1, 224, 224)}})
     assert not (tmp_path / 'a').exists()
+
+
+def test_accepts_the_parents_full_pretrained_cfg_without_leaking_its_source(tiny, tmp_path):
+    """build.py hands over the parent's timm cfg plus this build's preprocessing: keep the latter only."""
+    model, spec, recipe, _ = tiny
+    parent_cfg = timm.models.get_pretrained_cfg('resnet50.a1_in1k').to_dict()  # has test_input_size, hf_hub_id
+    cfg = {**parent_cfg, 'input_size': (3, 224, 224), 'crop_pct': 0.9, 'num_classes': 10}
+    folder = export_model(model, spec, tmp_path / 'x', name='x', pretrained_cfg=cfg,
+                          metrics=dict(top1=1.0, top5=2.0), report=make_report(spec, model, 10), recipe=recipe)
+    pcfg = read_export_config(folder)['pretrained_cfg']
+    for key in ('hf_hub_id', 'url', 'tag', 'test_input_size', 'test_crop_pct', 'source'):
+        assert key not in pcfg, key
+    assert pcfg['origin_url'] == 'https://arxiv.org/abs/2002.08258' and pcfg['crop_pct'] == 0.9
+    assert pcfg['first_conv'] == 'conv1.0'  # the pruned model's stem, not resnet50's 'conv1'
+    with pytest.raises(ValueError, match='num_classes 1000 does not match'):
+        export_model(model, spec, tmp_path / 'y', name='y', pretrained_cfg={**cfg, 'num_classes': 1000},
+                     metrics=dict(top1=1.0), report=make_report(spec, model, 10), recipe=recipe)
