@@ -175,3 +175,12 @@ def test_torchrun_two_cpu_processes_match_one_process(image_folder, tmp_path):
     assert r1['val']['n'] == r2['val']['n'] == 30
     assert r2['val']['top1'] == pytest.approx(r1['val']['top1'])
     assert _max_diff(tmp_path / 'one', tmp_path / 'two') <= 1e-5
+
+
+def test_bf16_mixed_precision_run(image_folder, tmp_path):
+    """bf16 autocast (CPU-capable) for student and teacher; the run completes with a finite loss and fp32 master weights."""
+    _finish(_run(['--data', image_folder, '--mixed-precision', 'bf16', '--epochs', 0.5], tmp_path / 'bf16'))
+    result = json.loads((tmp_path / 'bf16' / 'result.json').read_text())
+    assert result['steps'] == 4 and math.isfinite(result['train_loss']) and result['val']['n'] == 30
+    weights = load_file(str(tmp_path / 'bf16' / 'final.safetensors'))
+    assert all(v.dtype == torch.float32 for v in weights.values())  # master weights stay fp32

@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument('--checkpoint-every', type=int, default=2)
     ap.add_argument('--drop-rate', type=float, default=0.0)
     ap.add_argument('--hang-after-step', type=int, default=0)
+    ap.add_argument('--mixed-precision', default='no')
     args = ap.parse_args()
     torch.set_num_threads(1)  # same kernels and reduction order in every run
     out = Path(args.out)
@@ -55,7 +56,7 @@ def main() -> None:
                     batch_size=args.batch_size, workers=0)
     bundle = create_loaders(data, teacher, input_size=(3, 32, 32), seed=0)
     cfg = FinetuneSpec(epochs=args.epochs, lr=0.05, weight_decay=1e-4, warmup_epochs=0.5, optimizer='sgd',
-                       grad_accum_steps=args.accum, kd_gamma=1.0, kd_logits_weight=0.5, temperature=2.0,
+                       grad_accum_steps=args.accum, mixed_precision=args.mixed_precision, kd_gamma=1.0, kd_logits_weight=0.5, temperature=2.0,
                        label_smoothing=0.1, checkpoint_every=args.checkpoint_every, seed=0)
 
     def hang(step: int, metrics: dict) -> None:
@@ -69,7 +70,7 @@ def main() -> None:
         save_file({k: v.contiguous() for k, v in result.model.state_dict().items()}, str(out / 'final.safetensors'))
         (out / 'result.json').write_text(json.dumps({
             'steps': result.steps, 'total_steps': result.total_steps, 'resumed_from': result.resumed_from,
-            'val': result.val.as_dict() if result.val else None,
+            'val': result.val.as_dict() if result.val else None, 'train_loss': result.train_loss,
             'world_size': int(os.environ.get('WORLD_SIZE', '1'))}))
 
 
