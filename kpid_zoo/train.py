@@ -166,6 +166,7 @@ def finetune(student: nn.Module, teacher: Optional[nn.Module], train_loader, val
     out_dir: checkpoints go to out_dir/checkpoints/step_N, metrics to out_dir/metrics.jsonl. With `resume`, the
         latest complete checkpoint there is loaded and training continues from it.
     step_callback(step, metrics): called on every process after each optimizer step (and its checkpoint).
+    The teacher is used in place: set to eval mode, requires_grad_(False) and moved to the accelerator's device.
     """
     out_dir = Path(out_dir)
     checkpoint_dir = out_dir / 'checkpoints'
