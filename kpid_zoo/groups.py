@@ -19,7 +19,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
-from timm.layers import DropPath, SelectAdaptivePool2d
+from timm.layers import (DropPath, ScaledStdConv2d, ScaledStdConv2dSame, SelectAdaptivePool2d, StdConv2d,
+                         StdConv2dSame)
 from timm.layers import activations as timm_act, activations_me as timm_act_me
 from timm.layers._fx import get_notrace_functions
 
@@ -45,10 +46,14 @@ _CHANNELWISE_FUNCTIONS = {
 }
 _CHANNELWISE_METHODS = {
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "mean", "amax", "flatten", "contiguous", "clone", "to",
-    "float", "type_as", "hardsigmoid", "hardswish", "clamp", "clamp_", "div", "div_", "view_as",
+    "float", "type_as", "hardsigmoid", "hardswish", "clamp", "clamp_", "view_as",
 }
-_MERGING_FUNCTIONS = {operator.add, operator.iadd, operator.mul, operator.imul, torch.add, torch.mul}
-_MERGING_METHODS = {"add", "add_", "mul", "mul_"}
+# elementwise ops of two tensors: channel c of one operand meets channel c of the other
+_MERGING_FUNCTIONS = {operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
+                      operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div}
+_MERGING_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
+# convs that normalise each filter over its inputs: removing an input channel changes every output
+_WEIGHT_STANDARDIZED = (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame)
 
 
 @dataclass(frozen=True)
@@ -296,7 +301,11 @@ def _reduces_channels(node: fx.Node) -> bool:
 
 
 def _conv(spaces: _Spaces, node_space: dict, node: fx.Node, conv: nn.Conv2d, name: str, s_in: int) -> None:
-    if conv.groups == 1:
+    if isinstance(conv, _WEIGHT_STANDARDIZED):
+        spaces.block(s_in, f"{name}: {type(conv).__name__} standardises filters over their input channels")
+        node_space[node] = spaces.new(conv.out_channels)
+        spaces.add_member(node_space[node], Member(name, ROLE_OUT))
+    elif conv.groups == 1:
         spaces.add_member(s_in, Member(name, ROLE_IN))
         node_space[node] = spaces.new(conv.out_channels)
         spaces.add_member(node_space[node], Member(name, ROLE_OUT))

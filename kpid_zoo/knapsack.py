@@ -94,6 +94,12 @@ def solve_knapsack(importance: dict[str, torch.Tensor], unit_cost: dict[str, flo
         raise ValueError(f"knapsack: the budget left for prunable channels is {budget:.4g} FLOPs; "
                          f"the target is below what the unprunable layers alone cost")
     cum = {g: np.concatenate([[0.0], np.cumsum(np.sort(importance[g].double().numpy())[::-1])]) for g in names}
+    # Channels with equal (often zero) importance leave many optima; among them prefer keeping channels, so the
+    # budget is spent rather than left idle. The nudge is far below any real difference in importance.
+    total = sum(float(c[-1]) for c in cum.values())
+    channels = sum(len(c) - 1 for c in cum.values())
+    nudge = 1e-9 * (total / channels if total > 0 else 1.0)
+    ranked = {g: c + nudge * np.arange(len(c)) for g, c in cum.items()}
     unit = budget / resolution
     dp = np.zeros(resolution + 1)
     picks = np.zeros((len(names), resolution + 1), dtype=np.int32)
@@ -104,7 +110,7 @@ def solve_knapsack(importance: dict[str, torch.Tensor], unit_cost: dict[str, flo
             if c > resolution:
                 break
             cand = np.full(resolution + 1, -np.inf)
-            cand[c:] = dp[: resolution + 1 - c] + cum[g][k]
+            cand[c:] = dp[: resolution + 1 - c] + ranked[g][k]
             better = cand > best
             best[better], picks[gi][better] = cand[better], ci
         dp = best

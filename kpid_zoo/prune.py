@@ -81,7 +81,7 @@ def knapsack_prune(parent: nn.Module, graph: GroupGraph, importance: Importance,
 
     goal = target * (1 - tolerance / 2)
     aim, widths = goal, dict(cost.sizes)
-    best: tuple[KnapsackSolution, nn.Module, dict, int] | None = None
+    best: tuple[tuple, KnapsackSolution, nn.Module, dict, int] | None = None
     rounds = []
     bar = tqdm(range(max_rounds), desc="knapsack", disable=not progress, leave=False)
     for _ in bar:
@@ -94,16 +94,18 @@ def knapsack_prune(parent: nn.Module, graph: GroupGraph, importance: Importance,
         rounds.append({"aim_gmacs": aim / 1e9, "predicted_gmacs": cost.flops(sol.widths) / 1e9,
                        "achieved_gmacs": achieved / 1e9, "value": sol.value})
         bar.set_postfix(achieved=f"{achieved / 1e9:.4f}", target=f"{target_gmacs:.4f}")
-        if achieved <= target and (best is None or sol.value > best[0].value):
-            best = (sol, model, keep, achieved)
-        if target * (1 - tolerance) <= achieved <= target:
-            break
+        on_target = target * (1 - tolerance) <= achieved <= target
+        rank = (on_target, sol.value, achieved)
+        if achieved <= target and (best is None or rank > best[0]):
+            best = (rank, sol, model, keep, achieved)
+        if on_target or sol.widths == widths:
+            break  # on target, or the solution no longer moves
         aim += goal - achieved
         widths = sol.widths
     if best is None:
         raise ValueError(f"{arch}: no width assignment under {target_gmacs:.4g} GMACs was found in "
                          f"{max_rounds} rounds (last: {rounds[-1]['achieved_gmacs']:.4g}); try round_to: 1")
-    sol, model, keep, achieved = best
+    _, sol, model, keep, achieved = best
     spec = ArchSpec(arch, {g: len(idx) for g, idx in keep.items()}, tuple(input_size))
     report = PruneReport(
         parent=arch, input_size=tuple(input_size), parent_gmacs=parent_flops.gmacs, target_gmacs=target_gmacs,

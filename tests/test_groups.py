@@ -84,6 +84,29 @@ def test_grouped_and_unknown_layers_are_not_prunable():
     assert all(g.reason for g in blocked)
 
 
+def test_weight_standardized_convs_keep_their_inputs():
+    from timm.layers import StdConv2d
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), StdConv2d(8, 16, 3), nn.BatchNorm2d(16),
+                          nn.ReLU(), nn.Conv2d(16, 4, 1))
+    graph = discover_groups(model, INPUT)
+    assert not graph["0"].prunable and "StdConv2d standardises filters" in graph["0"].reason
+    assert graph["3"].prunable  # its output channels are still free to go
+
+
+def test_division_and_subtraction_tie_channels():
+    class Normalise(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.head((self.a(x) - self.b(x)) / (self.b(x).abs() + 1))
+
+    graph = discover_groups(Normalise(), INPUT)
+    assert set(graph["a"].modules(ROLE_OUT)) == {"a", "b"}
+
+
 def test_network_input_and_logits_are_never_prunable():
     graph = discover_groups(timm.create_model("resnet18"), INPUT)
     assert "fc" in graph and not graph["fc"].prunable

@@ -58,3 +58,15 @@ def test_a_model_without_prunable_groups_is_a_clear_error():
     graph = discover_groups(model, (3, 8, 8))
     with pytest.raises(ValueError, match="mlp: no prunable channel group"):
         knapsack_prune(model, graph, {}, 0.0000001, arch="mlp", input_size=(3, 8, 8), progress=False)
+
+
+def test_ties_in_importance_still_spend_the_budget():
+    # Fresh timm ResNets zero-init the last BN of each block: many Taylor scores are exactly 0, leaving many optima.
+    parent = timm.create_model("resnet50").eval()
+    graph = discover_groups(parent, (3, 64, 64))
+    importance = {g.name: torch.zeros(g.size) for g in graph.prunable}
+    importance["layer1.0.conv1"][:3] = 1.0
+    target = 0.5 * count_flops(parent, (3, 64, 64)).gmacs
+    result = knapsack_prune(parent, graph, importance, target, arch="resnet50", input_size=(3, 64, 64),
+                            progress=False)
+    assert target * 0.99 <= result.report.achieved_gmacs <= target
