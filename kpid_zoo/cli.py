@@ -98,6 +98,9 @@ def cmd_publish(args: argparse.Namespace) -> int:
     url = publish(args.folder, args.repo_id, private=args.private, revision=args.revision,
                   commit_message=args.message)
     print(f"published {args.folder} to {url}")
+    if args.record:
+        from .export import write_zoo_entry
+        print(f"recorded the zoo entry in {write_zoo_entry(args.folder, revision=args.revision)}")
     return 0
 
 
@@ -153,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true", help="create the repo private")
     p.add_argument("--revision", help="branch to push to (default main)")
     p.add_argument("--message", help="commit message")
+    p.add_argument("--record", action="store_true",
+                   help="zoo maintainers: also record the entry in kpid_zoo/zoo/ (spec + sha256), so "
+                        "timm.create_model(<name>) knows its architecture without asking the Hub")
     p.set_defaults(func=cmd_publish)
     return parser
 

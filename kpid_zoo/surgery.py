@@ -18,6 +18,7 @@ import torch.nn as nn
 from .groups import ROLE_DW, ROLE_IN, ROLE_NORM, ROLE_OUT, GroupGraph, discover_groups
 
 SPEC_VERSION = 1
+_TRACE_SIZE = 64
 
 
 @dataclass
@@ -86,8 +87,9 @@ def build_pruned(spec: ArchSpec, **timm_kwargs) -> nn.Module:
         raise ValueError(f"architecture spec: parent {spec.parent!r} is not a timm model")
     kwargs = {**spec.parent_kwargs, **timm_kwargs, "pretrained": False}
     model = timm.create_model(spec.parent, **kwargs)
-    in_chans = kwargs.get("in_chans", spec.input_size[0])
-    graph = discover_groups(model, (in_chans, *spec.input_size[1:]))
+    # channel groups do not depend on the resolution: a small trace makes every model load fast
+    h, w = (min(d, _TRACE_SIZE) for d in spec.input_size[1:])
+    graph = discover_groups(model, (kwargs.get("in_chans", spec.input_size[0]), h, w))
     unknown = set(spec.widths) - {g.name for g in graph.groups}
     if unknown:
         raise ValueError(f"architecture spec for {spec.parent}: no channel group named {sorted(unknown)[:3]} "
