@@ -10,21 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from accelerate import PartialState
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .data import DataBundle, create_loaders
 from .distill import distill_points
 from .evaluate import EvalResult, evaluate
 from .export import export_model
+from .files import save_weights
 from .groups import discover_groups
 from .parent import create_parent
 from .prune import PruneReport, PruneResult, prune_from_recipe
@@ -107,7 +106,7 @@ def adapt_parent(recipe: Recipe, parent: nn.Module, data: DataBundle | None, fol
         trained = finetune(parent, None, data.train_loader, data.val_loader, cfg, folder / "train",
                            resume=True, progress=progress)
         if PartialState().is_main_process:
-            _save_atomic(trained.model, weights)
+            save_weights(trained.model, weights)
         PartialState().wait_for_everyone()
     parent.load_state_dict(load_file(str(weights)))
     return parent.eval()
@@ -161,14 +160,3 @@ def pretrained_cfg(parent: nn.Module, data: DataBundle) -> dict:
             cfg[key] = data.data_config[key]
     cfg["num_classes"] = data.num_classes
     return cfg
-
-
-def _save_atomic(model: nn.Module, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
-    try:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / path.name), metadata={"format": "pt"})
-        os.replace(tmp / path.name, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

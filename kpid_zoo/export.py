@@ -15,19 +15,17 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
-import safetensors.torch
 import torch.nn as nn
 from timm.models import PretrainedCfg, get_pretrained_cfg
 from timm.models._hub import save_config_for_hf
 
 from . import __version__
-from .model_card import PAPER_ID, PAPER_NAME, PAPER_URL, WIDTHS_PLOT, build_card, plot_widths
+from .files import atomic_write_text, save_weights, staged_dir
+from .model_card import PAPER_ID, PAPER_NAME, PAPER_URL, WIDTHS_PLOT, build_card
+from .report import plot_widths
 
 __all__ = [
     'export_model', 'file_sha256', 'read_export_config', 'zoo_entry_from_export', 'write_zoo_entry',
@@ -87,11 +85,6 @@ def _parent_hub_id(parent: str, tag: str | None) -> str | None:
     return hub_id.split('@')[0] if hub_id else None
 
 
-def _state_dict_for_safetensors(model: nn.Module) -> dict:
-    # clone: safetensors refuses tensors that share storage, and timm's state dicts hold views now and then
-    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-
-
 def export_model(
         model: nn.Module,
         spec: Any,
@@ -148,13 +141,9 @@ def export_model(
     license = cfg_in.get('license') or recipe.hub.license
     spec_dict = spec.to_dict()
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f'.{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}'
-    tmp.mkdir()
-    try:
+    with staged_dir(out_dir) as tmp:
         weights = tmp / WEIGHTS_FILE
-        safetensors.torch.save_file(_state_dict_for_safetensors(model), str(weights), metadata={'format': 'pt'})
-        os.chmod(weights, 0o644)  # safetensors writes 0600; a Hub repo folder is meant to be read by others
+        save_weights(model, weights)
         weights_sha = file_sha256(weights)
 
         data_config = {k: cfg_in[k] for k in _DATA_KEYS if cfg_in.get(k) is not None}
@@ -201,43 +190,10 @@ def export_model(
             pretrained_cfg=config['pretrained_cfg'],
         )
         card.save(tmp / CARD_FILE)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if card_copy_dir is not None:
-        _atomic_write_text(Path(card_copy_dir) / f'{name}.md', (out_dir / CARD_FILE).read_text(encoding='utf-8'))
+        atomic_write_text(Path(card_copy_dir) / f'{name}.md', (out_dir / CARD_FILE).read_text(encoding='utf-8'))
     _logger.info('exported %s to %s (weights sha256 %s)', name, out_dir, weights_sha)
     return out_dir
-
-
-def _replace_dir(new: Path, dest: Path) -> None:
-    """Move the complete `new` into place; an existing `dest` is removed only after `new` is there.
-
-    POSIX has no portable atomic swap of two directories: the old one is renamed aside first, so for an instant
-    `dest` is absent, but it is never half-written, and a crash leaves the old copy recoverable beside it.
-    """
-    if not dest.exists():
-        os.replace(new, dest)
-        return
-    old = dest.parent / f'.{dest.name}.old-{uuid.uuid4().hex[:8]}'
-    os.replace(dest, old)
-    try:
-        os.replace(new, dest)
-    except BaseException:
-        os.replace(old, dest)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp-{uuid.uuid4().hex[:8]}')
-    try:
-        tmp.write_text(text, encoding='utf-8')
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def read_export_config(folder: str | Path) -> dict:
@@ -283,5 +239,5 @@ def write_zoo_entry(folder: str | Path, zoo_dir: str | Path | None = None, revis
     """Record a (published) export in the packaged zoo, so `timm.create_model(<name>)` knows its architecture."""
     entry = zoo_entry_from_export(folder, revision)
     path = Path(zoo_dir or ZOO_DIR) / f"{entry['name']}.json"
-    _atomic_write_text(path, json.dumps(entry, indent=2) + '\n')
+    atomic_write_text(path, json.dumps(entry, indent=2) + '\n')
     return path

@@ -24,42 +24,6 @@ _DATASETS = {
 }
 
 
-def plot_widths(layer_widths: list[tuple[str, int, int]], path: Path, title: str = '') -> Path:
-    """Per-layer widths, parent vs pruned, as a png.
-
-    Prefers the lead's `kpid_zoo.report.plot_widths` (one look across the project); falls back to a local bar
-    chart so export works on checkouts where report.py is not there yet.
-    """
-    try:
-        from .report import plot_widths as report_plot_widths
-    except ImportError:
-        report_plot_widths = None
-    if report_plot_widths is not None:
-        out = report_plot_widths(layer_widths, path)
-        return Path(out) if out is not None else Path(path)
-
-    import matplotlib
-    matplotlib.use('Agg', force=False)
-    import matplotlib.pyplot as plt
-
-    names = [n for n, _, _ in layer_widths]
-    parent = [p for _, p, _ in layer_widths]
-    pruned = [k for _, _, k in layer_widths]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.18 * len(names) + 2), 4), dpi=100)
-    x = range(len(names))
-    ax.bar(x, parent, color='#c8c8c8', label='parent')
-    ax.bar(x, pruned, color='#1f77b4', label='pruned')
-    ax.set_xticks(list(x))
-    ax.set_xticklabels(names, rotation=90, fontsize=5)
-    ax.set_ylabel('channels')
-    ax.set_title(title or 'per-layer width: parent vs pruned')
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
-
-
 def _pct(v: Any) -> str:
     return f'{float(v):.2f}' if isinstance(v, (int, float)) else str(v)
 

@@ -2,14 +2,9 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 
-from safetensors.torch import save_file
-
+from .files import save_weights, staged_dir
 from .prune import PruneResult
 
 PRUNED_WEIGHTS = "model.safetensors"
@@ -65,12 +60,8 @@ def summary_table(result: PruneResult) -> str:
 
 def write_prune_outputs(result: PruneResult, out_dir: str | Path) -> Path:
     """Write weights (safetensors), spec, report and width plot into `out_dir`, all or nothing."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        state = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
-        save_file(state, str(tmp / PRUNED_WEIGHTS), metadata={"format": "pt"})
+    with staged_dir(out_dir) as tmp:
+        save_weights(result.model, tmp / PRUNED_WEIGHTS)
         result.spec.save(tmp / SPEC_FILE)
         report = result.report.to_dict()
         report["kept_channels"] = {g: idx.tolist() for g, idx in result.keep.items()}
@@ -78,27 +69,4 @@ def write_prune_outputs(result: PruneResult, out_dir: str | Path) -> Path:
         plot_widths(result.report.layer_widths, tmp / WIDTHS_PLOT,
                     f"{result.report.parent}: {result.report.parent_gmacs:.3f} -> "
                     f"{result.report.achieved_gmacs:.3f} GMACs")
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
-
-
-def replace_dir(new: Path, dest: Path) -> None:
-    """Move the complete `new` into place; an existing `dest` is removed only after `new` is there.
-
-    POSIX has no portable atomic swap of two directories: the old one is renamed aside first, so for an instant
-    `dest` is absent, but it is never half-written, and a crash leaves the old copy recoverable beside it.
-    """
-    if not dest.exists():
-        os.replace(new, dest)
-        return
-    old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(dest, old)
-    try:
-        os.replace(new, dest)
-    except BaseException:
-        os.replace(old, dest)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    return Path(out_dir)
