@@ -23,7 +23,6 @@ def _input_size(values: list[int]) -> tuple[int, int, int]:
 
 
 def cmd_flops(args: argparse.Namespace) -> int:
-    import timm
     from .flops import count_flops, count_params
 
     model = _create(args.model)

@@ -6,7 +6,6 @@ params, parent, the recipe verbatim with its sha256, and the width plot).
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
