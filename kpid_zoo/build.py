@@ -82,12 +82,10 @@ def build(recipe_path: str | Path, out_dir: str | Path | None = None, work_dir: 
     if state.is_main_process:
         print(summary_table(pruned), flush=True)
 
-    kept = {p: pruned.kept_channels(p) for p in distill_points(parent)}
-    trained = finetune(pruned.model, parent, data.train_loader, data.val_loader, recipe.finetune, paths.finetune,
-                       kept=kept, input_size=recipe.input_size, resume=True, progress=progress)
-    metrics = measure(recipe, parent, trained.model, data, trained.val, paths)
+    student, student_val = distill(recipe, parent, pruned, data, paths, progress)
+    metrics = measure(recipe, parent, student, data, student_val, paths)
     if state.is_main_process:
-        export_model(trained.model, pruned.spec, paths.export, name=recipe.name,
+        export_model(student, pruned.spec, paths.export, name=recipe.name,
                      pretrained_cfg=pretrained_cfg(parent, data), metrics=metrics, report=pruned.report,
                      recipe=recipe)
     state.wait_for_everyone()
@@ -110,6 +108,22 @@ def adapt_parent(recipe: Recipe, parent: nn.Module, data: DataBundle | None, fol
         PartialState().wait_for_everyone()
     parent.load_state_dict(load_file(str(weights)))
     return parent.eval()
+
+
+def distill(recipe: Recipe, parent: nn.Module, pruned: PruneResult, data: DataBundle, paths: BuildPaths,
+            progress: bool = True) -> tuple[nn.Module, EvalResult | None]:
+    """Fine-tune the pruned net with inner distillation from its parent (resuming from the last checkpoint)."""
+    weights = paths.finetune / PRUNED_WEIGHTS
+    if weights.exists():
+        pruned.model.load_state_dict(load_file(str(weights)))
+        return pruned.model, None
+    kept = {p: pruned.kept_channels(p) for p in distill_points(parent)}
+    trained = finetune(pruned.model, parent, data.train_loader, data.val_loader, recipe.finetune, paths.finetune,
+                       kept=kept, input_size=recipe.input_size, resume=True, progress=progress)
+    if PartialState().is_main_process:
+        save_weights(trained.model, weights)
+    PartialState().wait_for_everyone()
+    return trained.model, trained.val
 
 
 def load_or_prune(recipe: Recipe, parent: nn.Module, data: DataBundle | None, folder: Path,
