@@ -48,7 +48,6 @@ from kpid_zoo.prune import knapsack_prune  # noqa: E402
 from kpid_zoo.recipe import DataSpec, FinetuneSpec  # noqa: E402
 from kpid_zoo.train import finetune  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass
