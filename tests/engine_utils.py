@@ -12,7 +12,7 @@ from kpid_zoo.groups import ROLE_IN, GroupGraph
 # One architecture per family the engine supports, small enough for CI at 64 px.
 FAMILIES = ["resnet18", "resnet50d", "efficientnet_b0", "tf_efficientnet_lite0",
             "mobilenetv3_large_100", "mobilenetv3_small_100"]
-INPUT = (3, 64, 64)
+INPUT = (3, 32, 32)
 
 
 def random_model(name: str, seed: int = 0, **kwargs) -> nn.Module:
