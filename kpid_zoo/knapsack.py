@@ -129,6 +129,33 @@ def solve_knapsack(importance: dict[str, torch.Tensor], unit_cost: dict[str, flo
     return KnapsackSolution(widths, value, cost, _lp_bound(cum, unit_cost, budget, choices))
 
 
+def solve_for_flops(importance: dict[str, torch.Tensor], cost: CostModel, widths: dict[str, int],
+                    choices: dict[str, list[int]], low: float, high: float, steps: int = 40) -> KnapsackSolution:
+    """The knapsack on the cost linearised at `widths`, with the budget bisected until the exact cost of the
+    solution lies in [low, high]; failing that, the feasible solution closest to `high`."""
+    marginal = cost.marginal(widths)
+    lo = sum(marginal[g] * ch[0] for g, ch in choices.items())
+    hi = sum(marginal[g] * ch[-1] for g, ch in choices.items())
+    best = None
+    for _ in range(steps):
+        budget = (lo + hi) / 2
+        try:
+            sol = solve_knapsack(importance, marginal, budget, choices)
+        except ValueError:  # rounding costs up made the narrowest widths not fit: a larger budget is needed
+            lo = budget
+            continue
+        flops = cost.flops(sol.widths)
+        if flops <= high and (best is None or flops > best[0]):
+            best = (flops, sol)
+        if low <= flops <= high:
+            break
+        lo, hi = (budget, hi) if flops < low else (lo, budget)
+    if best is None:
+        raise ValueError(f"knapsack: no width assignment costs at most {high / 1e9:.4g} GMACs; the target is "
+                         f"below the smallest reachable")
+    return best[1]
+
+
 def _lp_bound(cum: dict[str, np.ndarray], unit_cost: dict[str, float], budget: float,
               choices: dict[str, list[int]]) -> float:
     """Greedy fractional fill of the width increments; exact for the LP because values are concave in width."""

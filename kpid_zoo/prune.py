@@ -1,8 +1,8 @@
 """Stages 3-6 together: groups -> importance -> knapsack -> surgery, repeated until fvcore agrees with the target.
 
-Each round linearises the FLOPs at the current widths, solves the knapsack, cuts the network and recounts it with
-fvcore. The aim is corrected by what fvcore measured, so the loop ends with FLOPs inside
-[target * (1 - tolerance), target].
+Each round linearises the FLOPs at the current widths, finds the knapsack budget whose solution the exact cost
+model puts inside [target * (1 - tolerance), target], cuts the network and recounts it with fvcore. Re-linearising
+at the new widths prices the coupled cost better; rounds go on while they raise the kept importance.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .flops import count_flops, count_params
 from .groups import ROLE_OUT, GroupGraph, discover_groups
 from .importance import Importance
-from .knapsack import CostModel, KnapsackSolution, solve_knapsack, width_choices
+from .knapsack import CostModel, KnapsackSolution, solve_for_flops, width_choices
 from .surgery import ArchSpec, group_widths, prune_model
 
 
@@ -61,7 +61,7 @@ class PruneResult:
 
 def knapsack_prune(parent: nn.Module, graph: GroupGraph, importance: Importance, target_gmacs: float, *,
                    arch: str, input_size: tuple[int, int, int] = (3, 224, 224), min_channels: int = 8,
-                   round_to: int = 8, tolerance: float = 0.01, max_rounds: int = 12,
+                   round_to: int = 8, tolerance: float = 0.01, max_rounds: int = 6,
                    progress: bool = True) -> PruneResult:
     """Prune `parent` to at most `target_gmacs`, keeping the most important channels (KPID)."""
     if not graph.prunable:
@@ -79,28 +79,27 @@ def knapsack_prune(parent: nn.Module, graph: GroupGraph, importance: Importance,
         raise ValueError(f"{arch}: FLOPs target {target_gmacs:.4g} GMACs is below the smallest reachable "
                          f"{floor / 1e9:.4g} GMACs (every group at {min_channels} channels)")
 
-    goal = target * (1 - tolerance / 2)
-    aim, widths = goal, dict(cost.sizes)
+    low = target * (1 - tolerance)
+    residual = 0.0  # what fvcore counts beyond the cost model (nothing, for the supported families)
+    widths = dict(cost.sizes)
     best: tuple[tuple, KnapsackSolution, nn.Module, dict, int] | None = None
     rounds = []
     bar = tqdm(range(max_rounds), desc="knapsack", disable=not progress, leave=False)
     for _ in bar:
-        marginal = cost.marginal(widths)
-        offset = cost.flops(widths) - sum(marginal[g] * widths[g] for g in marginal)
-        sol = solve_knapsack(importance, marginal, aim - offset, choices)
+        sol = solve_for_flops(importance, cost, widths, choices, low - residual, target - residual)
         keep = {g: _top_k(importance[g], k) for g, k in sol.widths.items() if k < cost.sizes[g]}
         model = prune_model(parent, graph, keep)
         achieved = count_flops(model, input_size).total
-        rounds.append({"aim_gmacs": aim / 1e9, "predicted_gmacs": cost.flops(sol.widths) / 1e9,
-                       "achieved_gmacs": achieved / 1e9, "value": sol.value})
+        residual = achieved - cost.flops(sol.widths)
+        rounds.append({"predicted_gmacs": cost.flops(sol.widths) / 1e9, "achieved_gmacs": achieved / 1e9,
+                       "value": sol.value})
         bar.set_postfix(achieved=f"{achieved / 1e9:.4f}", target=f"{target_gmacs:.4f}")
-        on_target = target * (1 - tolerance) <= achieved <= target
-        rank = (on_target, sol.value, achieved)
-        if achieved <= target and (best is None or rank > best[0]):
+        rank = (low <= achieved <= target, sol.value, achieved)
+        improved = best is None or rank > best[0]
+        if achieved <= target and improved:
             best = (rank, sol, model, keep, achieved)
-        if on_target or sol.widths == widths:
-            break  # on target, or the solution no longer moves
-        aim += goal - achieved
+        if sol.widths == widths or (best is not None and best[0][0] and not improved):
+            break  # the linearisation has settled, or re-linearising stopped paying off
         widths = sol.widths
     if best is None:
         raise ValueError(f"{arch}: no width assignment under {target_gmacs:.4g} GMACs was found in "

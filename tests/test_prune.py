@@ -60,13 +60,15 @@ def test_a_model_without_prunable_groups_is_a_clear_error():
         knapsack_prune(model, graph, {}, 0.0000001, arch="mlp", input_size=(3, 8, 8), progress=False)
 
 
-def test_ties_in_importance_still_spend_the_budget():
-    # Fresh timm ResNets zero-init the last BN of each block: many Taylor scores are exactly 0, leaving many optima.
+@pytest.mark.parametrize("ratio", [0.5, 0.25])
+def test_ties_in_importance_still_spend_the_budget(ratio):
+    # Fresh timm ResNets zero-init the last BN of each block: many Taylor scores are exactly 0, leaving many optima
+    # (which once made the solution jump between rounds and the loop miss the target).
     parent = timm.create_model("resnet50").eval()
     graph = discover_groups(parent, (3, 64, 64))
     importance = {g.name: torch.zeros(g.size) for g in graph.prunable}
     importance["layer1.0.conv1"][:3] = 1.0
-    target = 0.5 * count_flops(parent, (3, 64, 64)).gmacs
+    target = ratio * count_flops(parent, (3, 64, 64)).gmacs
     result = knapsack_prune(parent, graph, importance, target, arch="resnet50", input_size=(3, 64, 64),
                             progress=False)
     assert target * 0.99 <= result.report.achieved_gmacs <= target
