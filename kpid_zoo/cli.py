@@ -25,8 +25,7 @@ def _input_size(values: list[int]) -> tuple[int, int, int]:
 def cmd_flops(args: argparse.Namespace) -> int:
     from .flops import count_flops, count_params
 
-    model = _create(args.model)
-    size = _input_size(args.input_size) if args.input_size else tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+    model, size = _model_and_size(args)
     report = count_flops(model, size)
     print(f"{args.model} at {'x'.join(map(str, size))}: {report.gmacs:.4f} GMACs, {count_params(model) / 1e6:.3f}M params")
     if args.per_layer:
@@ -40,8 +39,7 @@ def cmd_flops(args: argparse.Namespace) -> int:
 def cmd_groups(args: argparse.Namespace) -> int:
     from .groups import discover_groups
 
-    model = _create(args.model)
-    size = _input_size(args.input_size) if args.input_size else tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+    model, size = _model_and_size(args)
     graph = discover_groups(model, size)
     print(f"{args.model}: {len(graph.groups)} channel groups, {len(graph.prunable)} prunable")
     for g in graph.groups:
@@ -101,6 +99,14 @@ def cmd_publish(args: argparse.Namespace) -> int:
         from .export import write_zoo_entry
         print(f"recorded the zoo entry in {write_zoo_entry(args.folder, revision=args.revision)}")
     return 0
+
+
+def _model_and_size(args: argparse.Namespace):
+    """The timm model named on the command line, and --input-size or else the model's own."""
+    model = _create(args.model)
+    if args.input_size:
+        return model, _input_size(args.input_size)
+    return model, tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
 
 
 def _create(name: str):
