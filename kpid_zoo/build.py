@@ -28,10 +28,15 @@ from .groups import discover_groups
 from .parent import create_parent
 from .prune import PruneReport, PruneResult, prune_from_recipe
 from .recipe import Recipe, load_recipe
-from .report import PRUNED_WEIGHTS, REPORT_FILE, SPEC_FILE, summary_table, write_prune_outputs
+from .report import (
+    PRUNED_WEIGHTS,
+    REPORT_FILE,
+    SPEC_FILE,
+    summary_table,
+    write_prune_outputs,
+)
 from .surgery import ArchSpec, build_pruned
 from .train import finetune
-
 
 
 @dataclass
@@ -131,7 +136,8 @@ def load_or_prune(recipe: Recipe, parent: nn.Module, data: DataBundle | None, fo
     """The pruning result in `folder` if there is one, else prune now and write it there."""
     if (folder / SPEC_FILE).exists():
         return load_prune_outputs(folder, parent, tuple(recipe.input_size))
-    result = prune_from_recipe(recipe, parent, data.train_loader if data else None, progress=progress)
+    result = prune_from_recipe(recipe, parent, data.train_loader if data else None, device=PartialState().device,
+                               progress=progress)
     write_prune_outputs(result, folder)
     return result
 

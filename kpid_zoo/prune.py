@@ -14,8 +14,9 @@ from tqdm.auto import tqdm
 
 from .flops import count_flops, count_params
 from .groups import ROLE_OUT, GroupGraph, discover_groups
-from .importance import Importance
+from .importance import Importance, magnitude_importance, taylor_importance
 from .knapsack import CostModel, KnapsackSolution, solve_for_flops, width_choices
+from .recipe import Recipe
 from .surgery import ArchSpec, group_widths, prune_model
 
 
@@ -126,15 +127,13 @@ def _top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.argsort(scores, descending=True, stable=True)[:k].sort().values
 
 
-def prune_from_recipe(recipe, parent: nn.Module, train_loader=None, device: str | torch.device = "cpu",
+def prune_from_recipe(recipe: Recipe, parent: nn.Module, train_loader=None, device: str | torch.device = "cpu",
                       progress: bool = True) -> PruneResult:
     """Groups -> importance -> knapsack -> surgery with the settings of a recipe (`recipe.Recipe`).
 
     Taylor importance reads `importance.batches` batches of `importance.batch_size` images from the training
     set behind `train_loader`; magnitude needs no data.
     """
-    from .importance import magnitude_importance, taylor_importance
-
     arch, input_size = recipe.parent.model, tuple(recipe.input_size)
     graph = discover_groups(parent, input_size)
     settings = recipe.importance
