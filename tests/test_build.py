@@ -49,3 +49,15 @@ def test_build_exports_a_timm_loadable_pruned_model_and_resumes(micro_recipe, tm
     assert main(args) == 0
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert (out / "model.safetensors").read_bytes() == weights
+
+
+@pytest.mark.slow
+def test_readme_main_command_builds_the_tiny_cifar10_entry(tmp_path, repo_root, cifar10_tarball):
+    """The README's main job, end to end (about 10 minutes on 2 cores): KPID_TEST_SLOW=1."""
+    out, work = tmp_path / "export", tmp_path / "work"
+    recipe = repo_root / "recipes" / "kpid_resnet18_cifar10_tiny.yaml"
+    assert main(["build", str(recipe), "--out", str(out), "--work", str(work), "--quiet"]) == 0
+    metrics = json.loads((out / "config.json").read_text())["kpid"]["metrics"]
+    assert metrics["top1"] > 20.0  # well above chance (10%) after the short CPU schedule
+    report = json.loads((work / "pruned" / "report.json").read_text())
+    assert report["target_gmacs"] * 0.95 <= report["achieved_gmacs"] <= report["target_gmacs"]

