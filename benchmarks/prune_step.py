@@ -33,6 +33,14 @@ CASES = [("resnet50", 2.0), ("resnet50", 1.0), ("efficientnet_b1", 0.39)]
 INPUT = (3, 224, 224)
 
 
+def parent(name: str):
+    """The architecture with random weights (no Hub here). timm zero-inits each ResNet block's last BN, which
+    would make most Taylor scores exactly 0 for both methods; a trained network has no such ties."""
+    kwargs = {"zero_init_last": False} if name.startswith("resnet") else {}
+    torch.manual_seed(0)
+    return timm.create_model(name, **kwargs).eval()
+
+
 def real_batches(model, n: int, batch_size: int) -> list:
     data = DataSpec(dataset="cifar10", batch_size=batch_size, workers=0, num_classes=10, crop_pct=1.0,
                     train_subset=n * batch_size, val_subset=batch_size)
@@ -41,7 +49,7 @@ def real_batches(model, n: int, batch_size: int) -> list:
 
 
 def kpid(name: str, target: float, batches: list) -> dict:
-    model = timm.create_model(name).eval()
+    model = parent(name)
     start = time.perf_counter()
     graph = discover_groups(model, INPUT)
     importance = taylor_importance(model, graph, batches, len(batches), progress=False)
@@ -55,7 +63,7 @@ def kpid(name: str, target: float, batches: list) -> dict:
 def torch_pruning(name: str, target: float, batches: list, steps: int) -> dict:
     import torch_pruning as tp
 
-    model = timm.create_model(name).eval()
+    model = parent(name)
     start = time.perf_counter()
     pruner = tp.pruner.MetaPruner(
         model, torch.randn(1, *INPUT), importance=tp.importance.GroupTaylorImportance(), global_pruning=True,
@@ -82,7 +90,7 @@ def main() -> None:
     torch.manual_seed(0)
     rows = []
     for name, target in CASES:
-        batches = real_batches(timm.create_model(name), 8, 2 if args.quick else 16)
+        batches = real_batches(parent(name), 8, 2 if args.quick else 16)
         for run in (kpid(name, target, batches), torch_pruning(name, target, batches, args.steps)):
             run.update(parent=name, target=target, error=100 * (run["gmacs"] - target) / target)
             rows.append(run)
@@ -98,7 +106,8 @@ def write_table(rows: list, path: Path, args) -> None:
         f"`python benchmarks/prune_step.py{' --quick' if args.quick else ''}` on {torch.get_num_threads()} CPU "
         f"threads ({platform.processor() or platform.machine()}), torch {torch.__version__}, timm {timm.__version__}, "
         f"input 224 px, 8 batches of {2 if args.quick else 16} real images (CIFAR-10 JPEGs resized) for the "
-        "Taylor scores. Time covers groups + importance + knapsack rounds + surgery for KPID, and graph + "
+        "Taylor scores. Parents have random weights (no Hub here; ResNets without timm's zero-init of the last BN). "
+        "Time covers groups + importance + knapsack rounds + surgery for KPID, and graph + "
         "importance + iterative steps (one batch of gradients each) for Torch-Pruning; both measured side by side in one run. FLOPs by fvcore "
         "(1 FLOP = 1 multiply-add). Error = (achieved - target) / target.",
         "",
