@@ -22,6 +22,8 @@ import torch
 import torch.utils.data as tud
 from timm.data import create_dataset, create_transform, resolve_data_config
 
+from .recipe import setting
+
 CIFAR10_TARBALL = 'cifar10-jpg.tar.gz'
 CIFAR10_DIRNAME = 'cifar10-jpg'
 CACHE_ENV = 'KPID_CACHE'
@@ -168,11 +170,6 @@ def load_image_folder(root: str | os.PathLike, split: str):
     return create_dataset('', root=str(split_dir), split=split, search_split=False)
 
 
-def _field(section: Any, name: str, default: Any = None) -> Any:
-    value = getattr(section, name, default)
-    return default if value is None else value
-
-
 def resolve_data_settings(model: Optional[torch.nn.Module], data: Any, input_size: Optional[Sequence[int]] = None
                           ) -> dict:
     """timm data config from the model's pretrained_cfg, overridden by the recipe's data section and input size."""
@@ -181,12 +178,12 @@ def resolve_data_settings(model: Optional[torch.nn.Module], data: Any, input_siz
         args['input_size'] = tuple(input_size)
     config = resolve_data_config(args, model=model) if model is not None else resolve_data_config(
         args, pretrained_cfg={'input_size': tuple(input_size or (3, 224, 224))})
-    dataset = _field(data, 'dataset', 'imagefolder')
-    if _field(data, 'mean') is not None:
+    dataset = setting(data, 'dataset', 'imagefolder')
+    if setting(data, 'mean') is not None:
         config['mean'] = tuple(data.mean)
-    if _field(data, 'std') is not None:
+    if setting(data, 'std') is not None:
         config['std'] = tuple(data.std)
-    config['crop_pct'] = _field(data, 'crop_pct', _DEFAULT_CROP_PCT.get(dataset, config['crop_pct']))
+    config['crop_pct'] = setting(data, 'crop_pct', _DEFAULT_CROP_PCT.get(dataset, config['crop_pct']))
     return config
 
 
@@ -212,15 +209,15 @@ def create_loaders(data: Any, model: Optional[torch.nn.Module] = None, input_siz
 
     Mean/std/interpolation default to `model.pretrained_cfg` via `timm.data.resolve_data_config`.
     """
-    dataset = _field(data, 'dataset', 'imagefolder')
+    dataset = setting(data, 'dataset', 'imagefolder')
     if dataset == 'cifar10':
-        root = prepare_cifar10(_field(data, 'root'), cache_dir=cache_dir)
-        train_split, val_split = _field(data, 'train_split', 'train'), _field(data, 'val_split', 'test')
+        root = prepare_cifar10(setting(data, 'root'), cache_dir=cache_dir)
+        train_split, val_split = setting(data, 'train_split', 'train'), setting(data, 'val_split', 'test')
     elif dataset == 'imagefolder':
-        if not _field(data, 'root'):
+        if not setting(data, 'root'):
             raise ValueError("data.root is required for dataset 'imagefolder'")
         root = Path(data.root).expanduser()
-        train_split, val_split = _field(data, 'train_split', 'train'), _field(data, 'val_split', 'val')
+        train_split, val_split = setting(data, 'train_split', 'train'), setting(data, 'val_split', 'val')
     else:
         raise ValueError(f"data.dataset must be 'imagefolder' or 'cifar10', got {dataset!r}")
 
@@ -230,16 +227,16 @@ def create_loaders(data: Any, model: Optional[torch.nn.Module] = None, input_siz
     class_to_idx = dict(train_base.reader.class_to_idx)
     if dict(val_base.reader.class_to_idx) != class_to_idx:
         raise ValueError(f'class folders differ between {root / train_split} and {root / val_split}')
-    num_classes = _field(data, 'num_classes', len(class_to_idx))
+    num_classes = setting(data, 'num_classes', len(class_to_idx))
     if num_classes != len(class_to_idx):
         raise ValueError(f'data.num_classes={num_classes} but {root / train_split} has {len(class_to_idx)} '
                          f'class folders')
 
     train_ds = SeededTransformDataset(
-        train_base, train_tf, subset_indices(len(train_base), _field(data, 'train_subset'), seed, subset_mode), seed)
+        train_base, train_tf, subset_indices(len(train_base), setting(data, 'train_subset'), seed, subset_mode), seed)
     val_ds = SeededTransformDataset(
-        val_base, eval_tf, subset_indices(len(val_base), _field(data, 'val_subset'), seed + 1, subset_mode), seed)
-    batch_size, workers = int(_field(data, 'batch_size', 64)), int(_field(data, 'workers', 0))
+        val_base, eval_tf, subset_indices(len(val_base), setting(data, 'val_subset'), seed + 1, subset_mode), seed)
+    batch_size, workers = int(setting(data, 'batch_size', 64)), int(setting(data, 'workers', 0))
     # drop_last on train keeps every optimizer step at the same global batch (needed for multi-process equivalence)
     train_loader = tud.DataLoader(train_ds, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers)
     val_loader = tud.DataLoader(val_ds, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=workers)

@@ -430,6 +430,16 @@ class _NoDuplicateKeysLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+def setting(section: Any, name: str, default: Any = None) -> Any:
+    """`section.name`, or `default` where the section lacks the field or leaves it None.
+
+    The data and training stages read their sections through this, so they also take a plain object that carries
+    only the fields it needs.
+    """
+    value = getattr(section, name, default)
+    return default if value is None else value
+
+
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file; every error names the file (and the YAML line for syntax errors)."""
     source = str(path)

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from .distill import DistillationWrapper, InnerDistillLoss, build_distillation, capture_outputs
 from .evaluate import EvalResult, evaluate
+from .recipe import setting
 
 CHECKPOINT_RE = re.compile(r'^step_(\d+)$')
 
@@ -83,11 +84,6 @@ class JsonlTracker(GeneralTracker):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, 'a') as f:
             f.write(json.dumps({'step': step, 'time': time.time(), **values}, default=float) + '\n')
-
-
-def _cfg(section: Any, name: str, default: Any = None) -> Any:
-    value = getattr(section, name, default)
-    return default if value is None else value
 
 
 def _warmup_cosine(step: int, warmup: int, total: int) -> float:
@@ -170,16 +166,16 @@ def finetune(student: nn.Module, teacher: Optional[nn.Module], train_loader, val
     """
     out_dir = Path(out_dir)
     checkpoint_dir = out_dir / 'checkpoints'
-    seed, accum = int(_cfg(cfg, 'seed', 0)), int(_cfg(cfg, 'grad_accum_steps', 1))
+    seed, accum = int(setting(cfg, 'seed', 0)), int(setting(cfg, 'grad_accum_steps', 1))
     # Accelerate only sets up a multi-process CPU (gloo) group when asked for cpu=True; without it every torchrun
     # worker silently trains alone.
     multi_process_cpu = int(os.environ.get('WORLD_SIZE', '1')) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(
-        cpu=multi_process_cpu, mixed_precision=_cfg(cfg, 'mixed_precision', 'no'), gradient_accumulation_steps=accum,
+        cpu=multi_process_cpu, mixed_precision=setting(cfg, 'mixed_precision', 'no'), gradient_accumulation_steps=accum,
         log_with=_default_trackers(out_dir) if log_with == 'auto' else log_with, project_dir=str(out_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed))
 
-    gamma, kl_weight = float(_cfg(cfg, 'kd_gamma', 0.0)), float(_cfg(cfg, 'kd_logits_weight', 0.0))
+    gamma, kl_weight = float(setting(cfg, 'kd_gamma', 0.0)), float(setting(cfg, 'kd_logits_weight', 0.0))
     use_teacher = teacher is not None and (gamma > 0 or kl_weight > 0)
     if use_teacher:
         if input_size is None:
@@ -191,11 +187,11 @@ def finetune(student: nn.Module, teacher: Optional[nn.Module], train_loader, val
     else:
         module = DistillationWrapper(student, [], {})
     criterion = InnerDistillLoss(gamma if use_teacher else 0.0, kl_weight if use_teacher else 0.0,
-                                 float(_cfg(cfg, 'temperature', 1.0)), float(_cfg(cfg, 'label_smoothing', 0.0)))
+                                 float(setting(cfg, 'temperature', 1.0)), float(setting(cfg, 'label_smoothing', 0.0)))
 
     optimizer = create_optimizer_v2(
-        module, opt=_cfg(cfg, 'optimizer', 'sgd'), lr=float(cfg.lr), weight_decay=float(_cfg(cfg, 'weight_decay', 0.0)),
-        momentum=float(_cfg(cfg, 'momentum', 0.9)))
+        module, opt=setting(cfg, 'optimizer', 'sgd'), lr=float(cfg.lr), weight_decay=float(setting(cfg, 'weight_decay', 0.0)),
+        momentum=float(setting(cfg, 'momentum', 0.9)))
     module, optimizer, train_loader, val_loader = accelerator.prepare(module, optimizer, train_loader, val_loader)
 
     batches_per_epoch = len(train_loader)
@@ -203,7 +199,7 @@ def finetune(student: nn.Module, teacher: Optional[nn.Module], train_loader, val
         raise ValueError('train loader yields no full batch: dataset smaller than batch_size x processes')
     steps_per_epoch = math.ceil(batches_per_epoch / accum)
     total_steps = max(1, round(float(cfg.epochs) * steps_per_epoch))
-    warmup_steps = round(float(_cfg(cfg, 'warmup_epochs', 0.0)) * steps_per_epoch)
+    warmup_steps = round(float(setting(cfg, 'warmup_epochs', 0.0)) * steps_per_epoch)
     # Not prepared: Accelerate's scheduler wrapper steps num_processes times per step, which would make the
     # schedule depend on the world size. We step it once per optimizer step ourselves.
     scheduler = warmup_cosine_schedule(optimizer.optimizer, warmup_steps, total_steps)
@@ -223,8 +219,8 @@ def finetune(student: nn.Module, teacher: Optional[nn.Module], train_loader, val
         'total_steps': total_steps, 'steps_per_epoch': steps_per_epoch, 'world_size': accelerator.num_processes,
         'resumed_from': resumed_from, 'teacher': use_teacher})
 
-    every = int(_cfg(cfg, 'checkpoint_every', 0))
-    clip = _cfg(cfg, 'clip_grad', None)
+    every = int(setting(cfg, 'checkpoint_every', 0))
+    clip = setting(cfg, 'clip_grad', None)
     losses = []
     bar = tqdm(total=total_steps, initial=state.step, disable=not (progress and accelerator.is_local_main_process),
                desc='finetune', dynamic_ncols=True)
