@@ -53,6 +53,7 @@ def cmd_groups(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     import shutil
+    from .accelerator import process_accelerator
     from .build import adapt_parent, load_or_prune
     from .data import create_loaders
     from .parent import create_parent
@@ -66,11 +67,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     elif out.exists():
         print(f"{out} exists: showing it (pass --force to prune again)", file=sys.stderr)
     parent = create_parent(recipe)
-    needs_data = recipe.importance.method == "taylor" or recipe.parent.train_epochs > 0
+    needs_data = recipe.importance.method == "taylor" or recipe.parent.train.epochs > 0
     data = create_loaders(recipe.data, model=parent, input_size=recipe.input_size,
                           seed=recipe.finetune.seed) if needs_data else None
-    parent = adapt_parent(recipe, parent, data, out.parent / "parent", progress=not args.quiet)
-    result = load_or_prune(recipe, parent, data, out, progress=not args.quiet)
+    accelerator = process_accelerator()
+    parent = adapt_parent(accelerator, recipe, parent, data, out.parent / "parent", progress=not args.quiet)
+    result = load_or_prune(accelerator, recipe, parent, data, out, progress=not args.quiet)
     print(summary_table(result))
     print(f"wrote {out}/ (model.safetensors, spec.json, report.json, widths.png)")
     return 0

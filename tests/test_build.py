@@ -15,7 +15,7 @@ from kpid_zoo.flops import count_flops
 def micro_recipe(tmp_path, cifar10_tarball):
     recipe = {
         "name": "kpid_micro_cifar10",
-        "parent": {"model": "resnet18", "weights": "none", "num_classes": 10, "train_epochs": 1},
+        "parent": {"model": "resnet18", "weights": "none", "num_classes": 10, "train": {"epochs": 1, "lr": 0.01}},
         "input_size": [3, 32, 32],
         "flops": {"target_ratio": 0.5, "tolerance": 0.05},
         "importance": {"method": "taylor", "batches": 1, "batch_size": 16},

@@ -18,7 +18,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from kpid_zoo.data import create_loaders
-from kpid_zoo.recipe import DataSpec, FinetuneSpec
+from kpid_zoo.accelerator import process_accelerator
+from kpid_zoo.recipe import DataSpec, FinetuneSpec, ParentTrainSpec
 from kpid_zoo.train import JsonlTracker, list_checkpoints, warmup_cosine_schedule, finetune
 
 REPO = Path(__file__).resolve().parents[1]
@@ -198,6 +199,54 @@ def test_torchrun_two_cpu_processes_match_accumulation_bit_for_bit(image_folder,
     assert r1['val']['n'] == r2['val']['n'] == 30
     assert r2['val']['top1'] == r1['val']['top1']
     assert _max_diff(tmp_path / 'acc', tmp_path / 'two') == 0.0
+
+
+def test_measure_shards_parent_and_student_over_two_processes(image_folder, tmp_path):
+    """build.measure under torchrun x2 (gloo): each process scores about half of the 30 validation images (Accelerate
+    pads the uneven tail with repeats), gather_for_metrics counts each image once, and the figures equal 1 process."""
+    script = REPO / 'tests' / 'scripts' / 'measure_run.py'
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(REPO)}
+    for out, launcher in ((tmp_path / 'one', [sys.executable]),
+                          (tmp_path / 'two', [str(BIN / 'torchrun'), '--standalone', '--nproc_per_node', '2'])):
+        subprocess.run(launcher + [str(script), '--data', str(image_folder), '--out', str(out)], env=env, check=True,
+                       capture_output=True, timeout=240)
+    one = json.loads((tmp_path / 'one' / 'rank0.json').read_text())
+    two = [json.loads((tmp_path / 'two' / f'rank{r}.json').read_text()) for r in (0, 1)]
+    assert one['seen'] == {'parent': 30, 'student': 30}
+    assert [r['world_size'] for r in two] == [2, 2]
+    for model in ('parent', 'student'):
+        per_rank = [r['seen'][model] for r in two]
+        assert all(14 <= n <= 16 for n in per_rank) and sum(per_rank) >= 30, per_rank  # 8 batches of <= 4, dealt 4 + 4
+    for r in two:
+        m, ref = r['metrics'], one['metrics']
+        assert m['n'] == ref['n'] == 30
+        for key in ('top1', 'top5', 'parent_top1', 'parent_top5'):
+            assert m[key] == ref[key]  # hit counts are integers: the same images give the same fractions exactly
+
+
+def test_two_trainings_with_different_precision_share_one_accelerator(image_folder, tmp_path):
+    """Parent adaptation in fp32, then distillation in bf16, in one process on one Accelerator: the second call
+    neither raises "AcceleratorState has already been initialized" nor keeps the first call's precision."""
+    torch.manual_seed(0)
+    parent = timm.create_model('resnet18', num_classes=3, channels=(16, 32, 64, 128))
+    student = timm.create_model('resnet18', num_classes=3, channels=(8, 16, 32, 64))
+    data = DataSpec(dataset='imagefolder', root=str(image_folder), num_classes=3, batch_size=8, workers=0)
+    bundle = create_loaders(data, parent, input_size=(3, 32, 32))
+    dtypes = {'parent': set(), 'student': set()}
+    for name, model in (('parent', parent), ('student', student)):
+        model.fc.register_forward_hook(lambda _m, _i, out, _n=name: dtypes[_n].add(out.dtype) if _m.training else None)
+
+    accelerator = process_accelerator()
+    adapted = finetune(parent, None, bundle.train_loader, None, ParentTrainSpec(epochs=0.5, lr=0.02), tmp_path / 'p',
+                       accelerator=accelerator, progress=False)
+    kept = {f'layer{i + 1}': torch.arange(w) for i, w in enumerate((8, 16, 32, 64))}
+    distilled = finetune(student, adapted.model, bundle.train_loader, bundle.val_loader,
+                         FinetuneSpec(epochs=0.5, lr=0.02, mixed_precision='bf16', kd_logits_weight=0.5),
+                         tmp_path / 's', accelerator=accelerator, kept=kept, input_size=(3, 32, 32), progress=False)
+    assert process_accelerator() is accelerator
+    assert adapted.steps == distilled.steps == 4 and distilled.val.n == 30
+    assert dtypes == {'parent': {torch.float32}, 'student': {torch.bfloat16}}
+    assert all(p.dtype == torch.float32 for p in distilled.model.parameters())  # master weights stay fp32
 
 
 def test_bf16_mixed_precision_run(image_folder, tmp_path):
