@@ -6,7 +6,9 @@ mixed precision off, and each stage asks for its own precision with `stage_autoc
 fp16): parent adaptation in fp32 and distillation in bf16 run in one process, on one Accelerator.
 
 Under `torchrun` / `accelerate launch` on CPU, Accelerate only sets up the gloo process group when asked for
-`cpu=True`; without it every worker would silently train alone.
+`cpu=True`; without it every worker would silently train alone, each believing it is the main process. Accelerate's
+state is a singleton, so the first `PartialState()` of the process decides: code here asks `process_accelerator()`
+for `is_main_process` and `wait_for_everyone`, never a bare `PartialState()`.
 """
 from __future__ import annotations
 

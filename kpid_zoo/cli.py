@@ -79,6 +79,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        from .accelerator import process_accelerator
+        from .dry_run import dry_run
+
+        plan = dry_run(args.recipe, out_dir=args.out, work_dir=args.work, processes=args.plan_processes,
+                       progress=not args.quiet)
+        if process_accelerator().is_main_process:
+            print(f"dry run passed: every stage of {args.recipe} ran on stand-in data")
+            print(plan.table())
+        return 0
     from .build import build
 
     result = build(args.recipe, out_dir=args.out, work_dir=args.work, resume=not args.restart,
@@ -154,6 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="export folder, laid out as a Hub repo (default outputs/<name>)")
     p.add_argument("--work", help="folder for stage results and checkpoints (default runs/<name>)")
     p.add_argument("--restart", action="store_true", help="discard earlier stage results instead of resuming")
+    p.add_argument("--dry-run", action="store_true",
+                   help="run every stage a few steps on generated stand-in data (the recipe's classes and input "
+                        "size) with a randomly initialised parent, then print what the real run needs (steps, "
+                        "checkpoints, disk); outputs go to runs/<name>-dry-run and outputs/<name>-dry-run. "
+                        "Launch it like the real run, e.g. accelerate launch --cpu --num_processes 2 -m "
+                        "kpid_zoo.cli build RECIPE --dry-run")
+    p.add_argument("--plan-processes", type=int, metavar="N",
+                   help="with --dry-run: plan the real run for N processes (default: this launch's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_build)
 
