@@ -27,7 +27,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -73,7 +73,9 @@ class TrainState:
 
 
 class JsonlTracker(GeneralTracker):
-    """Minimal Accelerate tracker: one JSON line per `accelerator.log` call in `<out_dir>/metrics.jsonl`."""
+    """One JSON line per `log` call in `<out_dir>/metrics.jsonl`, written by the main process of each training
+    stage. An Accelerate `GeneralTracker`, so `Accelerator(log_with=[JsonlTracker(path)])` works too; the stages
+    do not go through `accelerator.log`, because trackers live as long as the Accelerator, not the stage."""
     name = 'jsonl'
     requires_logging_directory = False
     main_process_only = True
