@@ -6,7 +6,9 @@ narrows it to the widths recorded in an `ArchSpec`, which is what the zoo ships 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -87,9 +89,7 @@ def build_pruned(spec: ArchSpec, **timm_kwargs) -> nn.Module:
         raise ValueError(f"architecture spec: parent {spec.parent!r} is not a timm model")
     kwargs = {**spec.parent_kwargs, **timm_kwargs, "pretrained": False}
     model = timm.create_model(spec.parent, **kwargs)
-    # channel groups do not depend on the resolution: a small trace makes every model load fast
-    h, w = (min(d, _TRACE_SIZE) for d in spec.input_size[1:])
-    graph = discover_groups(model, (kwargs.get("in_chans", spec.input_size[0]), h, w))
+    graph = _spec_groups(model, spec, kwargs.get("in_chans", spec.input_size[0]))
     unknown = set(spec.widths) - {g.name for g in graph.groups}
     if unknown:
         raise ValueError(f"architecture spec for {spec.parent}: no channel group named {sorted(unknown)[:3]} "
@@ -103,6 +103,23 @@ def build_pruned(spec: ArchSpec, **timm_kwargs) -> nn.Module:
     pruned = prune_model(model, graph, keep)
     pruned.kpid_spec = spec
     return pruned
+
+
+def _spec_groups(model: nn.Module, spec: ArchSpec, in_chans: int) -> GroupGraph:
+    """The parent's channel groups, traced small when the model runs small, else at the spec's own size.
+
+    Channel groups do not depend on the resolution, so a small trace makes every model load fast; a model whose
+    kernels outgrow a small image (inception_v3 at 64 px) is traced at the size the spec was made for.
+    """
+    full = (in_chans, *spec.input_size[1:])
+    small = (in_chans, *(min(d, _TRACE_SIZE) for d in spec.input_size[1:]))
+    if small == full:
+        return discover_groups(model, full)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # torch's ShapeProp prints the traceback it raises
+            return discover_groups(model, small)
+    except ValueError:
+        return discover_groups(model, full)
 
 
 def group_widths(model: nn.Module, graph: GroupGraph) -> dict[str, int]:

@@ -1,4 +1,5 @@
 import pytest
+import timm
 import torch
 
 from kpid_zoo.groups import discover_groups
@@ -131,3 +132,15 @@ def test_a_module_called_twice_ties_its_inputs_and_prunes_exactly():
     keep = {tied.name: torch.tensor([0, 3, 4, 7]), out.name: torch.tensor([1, 2, 5, 6, 8, 11])}
     pruned = _assert_prunes_exactly(model, graph, keep)
     assert (pruned.shared.in_channels, pruned.shared.out_channels) == (4, 6)
+
+
+def test_spec_of_a_model_that_cannot_run_small_rebuilds_at_its_own_input_size():
+    """inception_v3's kernels outgrow a 64 px image: the small trace fails, the spec's 299 px one works."""
+    parent = timm.create_model("inception_v3", num_classes=10)
+    graph = discover_groups(parent, (3, 299, 299))
+    group = graph["Conv2d_2a_3x3.conv"]  # a plain conv -> BN -> conv chain in the stem
+    assert group.prunable and group.size == 32
+    rebuilt = build_pruned(ArchSpec("inception_v3", {group.name: 24}, (3, 299, 299)), num_classes=10)
+    assert rebuilt.Conv2d_2a_3x3.conv.out_channels == 24 and rebuilt.Conv2d_2b_3x3.conv.in_channels == 24
+    with torch.no_grad():
+        assert rebuilt.eval()(torch.randn(1, 3, 299, 299)).shape == (1, 10)
