@@ -43,7 +43,7 @@ def cmd_groups(args: argparse.Namespace) -> int:
     graph = discover_groups(model, size)
     print(f"{args.model}: {len(graph.groups)} channel groups, {len(graph.prunable)} prunable")
     for g in graph.groups:
-        status = "" if g.prunable else f"  [fixed: {g.reason}]"
+        status = f"  [fixed: {g.reason}]" if not g.prunable else f"  [inexact: {g.inexact}]" if g.inexact else ""
         print(f"  {g.name:<40} {g.size:>5} ch  {len(g.members):>3} members{status}")
         if args.members:
             for m in g.members:
