@@ -214,9 +214,16 @@ def trace(model: nn.Module, input_size: tuple[int, int, int]) -> fx.GraphModule:
     gm.eval()
     param = next(model.parameters(), None)
     dtype, device = (param.dtype, param.device) if param is not None else (torch.float32, "cpu")
-    with torch.no_grad():
-        ShapeProp(gm).propagate(torch.zeros(1, *input_size, dtype=dtype, device=device))
-    gm.train(was_training)
+    # one small image: its ops are too small to share out, and on a busy CPU every hand-off between threads waits
+    # for a core (6x slower on 2 shared cores), so the pass runs on one thread
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(torch.zeros(1, *input_size, dtype=dtype, device=device))
+    finally:
+        torch.set_num_threads(threads)
+        gm.train(was_training)
     return gm
 
 

@@ -51,15 +51,17 @@ RELEASES: tuple[TimmRelease, ...] = (
 _TRACE = (3, 64, 64)  # channel groups do not depend on the resolution
 
 
-def spec_from_timm_pruned(release: TimmRelease):
-    """The `ArchSpec` of timm's pruned model: its width in every channel group of the parent that it narrows."""
+def spec_from_timm_pruned(release: TimmRelease, timm_pruned=None):
+    """The `ArchSpec` of timm's pruned model (built here unless given): its width in every channel group of the
+    parent that it narrows."""
     import timm
 
     from .groups import ROLE_IN, ROLE_NORM, discover_groups
     from .surgery import ArchSpec
 
     parent = timm.create_model(release.parent, **release.parent_kwargs)
-    pruned = dict(timm.create_model(release.timm_model.split('.')[0]).named_modules())
+    timm_pruned = timm_pruned or timm.create_model(release.timm_model.split('.')[0])
+    pruned = dict(timm_pruned.named_modules())
     graph = discover_groups(parent, _TRACE)
     widths = {}
     for group in graph.groups:
