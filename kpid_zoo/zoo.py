@@ -16,9 +16,13 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ['ZOO_DIR', 'ZooRecord', 'load_record', 'load_records', 'pool_size_for', 'zoo_table']
+__all__ = ['ZOO_DIR', 'RECIPES_DIR', 'ZooRecord', 'load_record', 'load_records', 'pool_size_for', 'zoo_table',
+           'find_recipe']
 
 ZOO_DIR = Path(__file__).parent / 'zoo'
+# The packaged copies of the repository's recipes/ (a test keeps them identical), so an installed kpid-zoo builds an
+# entry by name: `kpid-zoo build kpid_effnet_b0`.
+RECIPES_DIR = Path(__file__).parent / 'recipes'
 RECORD_VERSION = 1
 
 # The pretrained-cfg keys a record carries (timm `PretrainedCfg` fields); the registry adds paper and hub ids.
@@ -123,3 +127,15 @@ def zoo_table(records: list[ZooRecord] | None = None) -> list[dict[str, Any]]:
             top1=r.top1, top5=r.top5, eval_size=r.eval_size,
         ))
     return rows
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    """A recipe file: the path itself when it exists, else the packaged recipe of that name (`kpid_effnet_b0`)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    packaged = RECIPES_DIR / f'{path.stem}.yaml'
+    if path.parent == Path('.') and packaged.is_file():
+        return packaged
+    names = ', '.join(sorted(p.stem for p in RECIPES_DIR.glob('*.yaml')))
+    raise FileNotFoundError(f'{name_or_path}: no such recipe file, nor a packaged recipe of that name ({names})')
