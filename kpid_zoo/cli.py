@@ -118,6 +118,12 @@ def cmd_zoo(args: argparse.Namespace) -> int:
         writer.writerows(rows)
         return 0
     cells = [columns] + [["" if r[c] is None else str(r[c]) for c in columns] for r in rows]
+    if args.markdown:  # the README's table
+        for i, row in enumerate(cells):
+            print("| " + " | ".join(row) + " |")
+            if i == 0:
+                print("|" + "---|" * len(columns))
+        return 0
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     for row in cells:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
@@ -161,7 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_flops)
 
     p = sub.add_parser("zoo", help="the registered kpid_* models: source, parent, input size, GMACs, params, top-1/5")
-    p.add_argument("--csv", action="store_true", help="CSV, in the layout of timm's results tables")
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("--csv", action="store_true", help="CSV, in the layout of timm's results tables")
+    form.add_argument("--markdown", action="store_true", help="a Markdown table (the README's)")
     p.set_defaults(func=cmd_zoo)
 
     p = sub.add_parser("groups", help="list the channel groups found in a timm model's graph")

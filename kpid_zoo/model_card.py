@@ -15,6 +15,17 @@ PAPER_ID = 'arXiv:2002.08258'
 PAPER_NAME = 'Knapsack Pruning with Inner Distillation'
 PAPER_URL = 'https://arxiv.org/abs/2002.08258'
 WIDTHS_PLOT = 'layer_widths.png'
+CITATION = '''## Citation
+
+```bibtex
+@article{aflalo2020knapsack,
+  title={Knapsack Pruning with Inner Distillation},
+  author={Aflalo, Yonathan and Noy, Asaf and Lin, Ming and Friedman, Itamar and Zelnik, Lihi},
+  journal={arXiv preprint arXiv:2002.08258},
+  year={2020}
+}
+```
+'''
 
 # Hub dataset ids (for `datasets:` and the model-index), keyed by recipe `data.dataset`.
 _DATASETS = {
@@ -119,17 +130,7 @@ sha256 `{recipe_sha256}` (of the canonical JSON of the recipe)
 {recipe_yaml}
 ```
 
-## Citation
-
-```bibtex
-@article{{aflalo2020knapsack,
-  title={{Knapsack Pruning with Inner Distillation}},
-  author={{Aflalo, Yonathan and Noy, Asaf and Lin, Ming and Friedman, Itamar and Zelnik, Lihi}},
-  journal={{arXiv preprint arXiv:2002.08258}},
-  year={{2020}}
-}}
-```
-"""
+{CITATION}"""
     return ModelCard(content)
 
 
@@ -198,15 +199,5 @@ transform = timm.data.create_transform(**data_config, is_training=False)
 |---|---|
 {table}
 
-## Citation
-
-```bibtex
-@article{{aflalo2020knapsack,
-  title={{Knapsack Pruning with Inner Distillation}},
-  author={{Aflalo, Yonathan and Noy, Asaf and Lin, Ming and Friedman, Itamar and Zelnik, Lihi}},
-  journal={{arXiv preprint arXiv:2002.08258}},
-  year={{2020}}
-}}
-```
-"""
+{CITATION}"""
     return ModelCard(content)

@@ -148,3 +148,20 @@ def test_released_model_is_timms_architecture_tensor_by_tensor(built, release):
     ours.load_state_dict(timms)  # strict: timm's released files load as they are, no key remapping
     with torch.no_grad():
         _exact(ours(X), theirs(X))
+
+
+def test_readme_and_model_cards_show_the_zoo(capsys):
+    from kpid_zoo.cli import main
+    from kpid_zoo.model_card import build_zoo_card
+
+    from export_utils import REPO_ROOT
+
+    assert main(['zoo', '--markdown']) == 0
+    assert capsys.readouterr().out in (REPO_ROOT / 'README.md').read_text(encoding='utf-8')
+    index = (REPO_ROOT / 'model_cards' / 'README.md').read_text(encoding='utf-8').splitlines()
+    for name, record in zoo_records.items():
+        card = (REPO_ROOT / 'model_cards' / name / 'README.md').read_text(encoding='utf-8')
+        assert card == str(build_zoo_card(record)), f'{name}: rerun python -m kpid_zoo.zoo_sources'
+        assert 'Aflalo et al., 2020' in card and record.source_model in card and f'{record.top1:.3f}' in card
+        row = next(line for line in index if line.startswith(f'| [{name}]('))
+        assert f'{record.gmacs:.3f} @ {record.input_size[-1]}' in row and f'{record.top1:.3f}' in row
