@@ -59,7 +59,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .parent import create_parent
     from .recipe import load_recipe
     from .report import summary_table
-
     from .zoo import find_recipe
 
     recipe = load_recipe(find_recipe(args.recipe))
