@@ -8,7 +8,6 @@ all ranks train the same architecture.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from dataclasses import dataclass
@@ -16,9 +15,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from accelerate import PartialState
+from accelerate import Accelerator
 from safetensors.torch import load_file
 
+from .accelerator import process_accelerator
 from .data import DataBundle, create_loaders
 from .distill import distill_points
 from .evaluate import EvalResult, evaluate
@@ -74,49 +74,48 @@ def build(recipe_path: str | Path, out_dir: str | Path | None = None, work_dir: 
     """Build the zoo entry of `recipe_path` into `out_dir` (default outputs/<name>)."""
     recipe = load_recipe(recipe_path)
     paths = BuildPaths(Path(work_dir or Path("runs") / recipe.name), Path(out_dir or Path("outputs") / recipe.name))
-    state = PartialState()
-    if not resume and state.is_main_process:
+    # one per process, shared by every stage: parent adaptation, Taylor importance, distillation, evaluation
+    accelerator = process_accelerator()
+    if not resume and accelerator.is_main_process:
         shutil.rmtree(paths.work, ignore_errors=True)
-    state.wait_for_everyone()
+    accelerator.wait_for_everyone()
 
     parent = create_parent(recipe)
     data = create_loaders(recipe.data, model=parent, input_size=recipe.input_size, seed=recipe.finetune.seed)
-    parent = adapt_parent(recipe, parent, data, paths.parent, progress)
-    with state.main_process_first():
-        pruned = load_or_prune(recipe, parent, data, paths.pruned, progress)
-    if state.is_main_process:
+    parent = adapt_parent(accelerator, recipe, parent, data, paths.parent, progress)
+    with accelerator.main_process_first():
+        pruned = load_or_prune(accelerator, recipe, parent, data, paths.pruned, progress)
+    if accelerator.is_main_process:
         print(summary_table(pruned), flush=True)
 
-    student, student_val = distill(recipe, parent, pruned, data, paths, progress)
-    metrics = measure(recipe, parent, student, data, student_val, paths)
-    if state.is_main_process:
+    student, student_val = distill(accelerator, recipe, parent, pruned, data, paths, progress)
+    metrics = measure(accelerator, recipe, parent, student, data, student_val, paths)
+    if accelerator.is_main_process:
         export_model(student, pruned.spec, paths.export, name=recipe.name,
                      pretrained_cfg=pretrained_cfg(parent, data), metrics=metrics, report=pruned.report,
                      recipe=recipe)
-    state.wait_for_everyone()
+    accelerator.wait_for_everyone()
     return BuildResult(recipe, paths.export, pruned, metrics)
 
 
-def adapt_parent(recipe: Recipe, parent: nn.Module, data: DataBundle | None, folder: Path,
-                 progress: bool = True) -> nn.Module:
-    """Train the parent on the recipe's data first when `parent.train_epochs` > 0 (CIFAR-scale recipes)."""
-    if recipe.parent.train_epochs <= 0:
+def adapt_parent(accelerator: Accelerator, recipe: Recipe, parent: nn.Module, data: DataBundle | None,
+                 folder: Path, progress: bool = True) -> nn.Module:
+    """Train the parent on the recipe's data first when `parent.train.epochs` > 0 (CIFAR-scale recipes)."""
+    if recipe.parent.train.epochs <= 0:
         return parent
     weights = folder / PRUNED_WEIGHTS
     if not weights.exists():
-        cfg = dataclasses.replace(recipe.finetune, epochs=recipe.parent.train_epochs, kd_gamma=0.0,
-                                  kd_logits_weight=0.0)
-        trained = finetune(parent, None, data.train_loader, data.val_loader, cfg, folder / "train",
-                           resume=True, progress=progress)
-        if PartialState().is_main_process:
+        trained = finetune(parent, None, data.train_loader, data.val_loader, recipe.parent.train, folder / "train",
+                           accelerator=accelerator, resume=True, progress=progress)
+        if accelerator.is_main_process:
             save_weights(trained.model, weights)
-        PartialState().wait_for_everyone()
+        accelerator.wait_for_everyone()
     parent.load_state_dict(load_file(str(weights)))
     return parent.eval()
 
 
-def distill(recipe: Recipe, parent: nn.Module, pruned: PruneResult, data: DataBundle, paths: BuildPaths,
-            progress: bool = True) -> tuple[nn.Module, EvalResult | None]:
+def distill(accelerator: Accelerator, recipe: Recipe, parent: nn.Module, pruned: PruneResult, data: DataBundle,
+            paths: BuildPaths, progress: bool = True) -> tuple[nn.Module, EvalResult | None]:
     """Fine-tune the pruned net with inner distillation from its parent (resuming from the last checkpoint)."""
     weights = paths.finetune / PRUNED_WEIGHTS
     if weights.exists():
@@ -124,19 +123,21 @@ def distill(recipe: Recipe, parent: nn.Module, pruned: PruneResult, data: DataBu
         return pruned.model, None
     kept = {p: pruned.kept_channels(p) for p in distill_points(parent)}
     trained = finetune(pruned.model, parent, data.train_loader, data.val_loader, recipe.finetune, paths.finetune,
-                       kept=kept, input_size=recipe.input_size, resume=True, progress=progress)
-    if PartialState().is_main_process:
+                       accelerator=accelerator, kept=kept, input_size=recipe.input_size, resume=True,
+                       progress=progress)
+    if accelerator.is_main_process:
         save_weights(trained.model, weights)
-    PartialState().wait_for_everyone()
+    accelerator.wait_for_everyone()
     return trained.model, trained.val
 
 
-def load_or_prune(recipe: Recipe, parent: nn.Module, data: DataBundle | None, folder: Path,
-                  progress: bool = True) -> PruneResult:
-    """The pruning result in `folder` if there is one, else prune now and write it there."""
+def load_or_prune(accelerator: Accelerator, recipe: Recipe, parent: nn.Module, data: DataBundle | None,
+                  folder: Path, progress: bool = True) -> PruneResult:
+    """The pruning result in `folder` if there is one, else prune now (Taylor scores on the accelerator's
+    device) and write it there."""
     if (folder / SPEC_FILE).exists():
         return load_prune_outputs(folder, parent, tuple(recipe.input_size))
-    result = prune_from_recipe(recipe, parent, data.train_loader if data else None, device=PartialState().device,
+    result = prune_from_recipe(recipe, parent, data.train_loader if data else None, device=accelerator.device,
                                progress=progress)
     write_prune_outputs(result, folder)
     return result
@@ -156,17 +157,22 @@ def load_prune_outputs(folder: Path, parent: nn.Module, input_size: tuple[int, i
     return PruneResult(model.eval(), spec, keep, discover_groups(parent, input_size), PruneReport(**report))
 
 
-def measure(recipe: Recipe, parent: nn.Module, student: nn.Module, data: DataBundle, student_val: EvalResult | None,
-            paths: BuildPaths) -> dict:
-    """Top-1/top-5 of the pruned net and of its parent on the recipe's validation split (cached in eval.json)."""
+def measure(accelerator: Accelerator, recipe: Recipe, parent: nn.Module, student: nn.Module, data: DataBundle,
+            student_val: EvalResult | None, paths: BuildPaths) -> dict:
+    """Top-1/top-5 of the pruned net and of its parent on the recipe's validation split (cached in eval.json),
+    on the accelerator: each process scores its shard and `gather_for_metrics` counts every image once."""
     if paths.eval.exists():
         return json.loads(paths.eval.read_text())
-    student_val = student_val or evaluate(student, data.val_loader)
-    parent_val = evaluate(parent, data.val_loader)
+    val_loader = accelerator.prepare_data_loader(data.val_loader)
+    try:
+        student_val = student_val or evaluate(student.to(accelerator.device), val_loader, accelerator)
+        parent_val = evaluate(parent.to(accelerator.device), val_loader, accelerator)
+    finally:
+        accelerator.free_memory()
     metrics = {"top1": student_val.top1, "top5": student_val.top5, "parent_top1": parent_val.top1,
                "parent_top5": parent_val.top5, "n": student_val.n,
                "dataset": recipe.data.dataset, "split": recipe.data.val_split}
-    if PartialState().is_main_process:
+    if accelerator.is_main_process:
         paths.eval.parent.mkdir(parents=True, exist_ok=True)
         paths.eval.write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
