@@ -78,12 +78,20 @@ def test_default_cfg_is_complete_and_true(built, name):
 
 
 @pytest.mark.parametrize('name', NAMES)
-def test_forward_intermediates_and_features_only(built, name):
+def test_forward_intermediates(built, name):
     model = built[0][name]
     with torch.no_grad():
         final, inter = model.forward_intermediates(X)
         _exact(final, model.forward_features(X))
     assert [t.shape[1] for t in inter] == [i['num_chs'] for i in model.feature_info]
+    assert [X.shape[-1] // t.shape[-1] for t in inter] == [i['reduction'] for i in model.feature_info]
+
+
+@pytest.mark.parametrize('name', BY_FAMILY)
+def test_features_only(built, name):
+    model = built[0][name]
+    with torch.no_grad():
+        inter = model.forward_intermediates(X, intermediates_only=True)
     feats = timm.create_model(name, features_only=True).eval()
     # same weights, to compare the maps themselves (the getter dropped the head, so those tensors are left over)
     assert feats.model.load_state_dict(model.state_dict(), strict=False).missing_keys == []
