@@ -15,8 +15,8 @@ Nothing here is specific to one architecture: the rules are per operation, appli
 """
 from __future__ import annotations
 
-import operator
 import dataclasses
+import operator
 from dataclasses import dataclass, field
 from typing import Iterable
 

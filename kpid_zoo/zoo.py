@@ -16,6 +16,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .files import atomic_write_text
+
 __all__ = ['ZOO_DIR', 'RECIPES_DIR', 'ZooRecord', 'load_record', 'load_records', 'pool_size_for', 'zoo_table',
            'find_recipe']
 
@@ -95,7 +97,6 @@ class ZooRecord:
         return cls.from_dict(d, str(path))
 
     def save(self, zoo_dir: str | Path = ZOO_DIR) -> Path:
-        from .files import atomic_write_text
         path = Path(zoo_dir) / f'{self.name}.json'
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + '\n')
         return path

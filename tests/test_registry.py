@@ -277,3 +277,17 @@ def test_local_dir_roundtrip_and_tamper(effnet, tmp_path):
     flip_one_byte(copy / 'model.safetensors')
     with pytest.raises(KpidWeightsError, match=r'kpid_pruned: pretrained weights .*copy/model\.safetensors fail'):
         timm.create_model(f'local-dir:{copy}', pretrained=True)
+
+
+def test_a_broken_zoo_record_names_its_file(tmp_path):
+    record = zoo_records[REL].to_dict()
+    path = tmp_path / f'{REL}.json'
+    path.write_text(json.dumps({k: v for k, v in record.items() if k != 'spec'}))
+    with pytest.raises(ValueError, match=rf"{path}: not a kpid-zoo record \(missing \['spec'\]"):
+        ZooRecord.load(path)
+    path.write_text(json.dumps({**record, 'pretrained_cfg': {**record['pretrained_cfg'], 'pool_size': None}}))
+    with pytest.raises(ValueError, match=rf"{path}: pretrained_cfg lacks \['pool_size'\]"):
+        ZooRecord.load(path)
+    path.write_text('{')
+    with pytest.raises(ValueError, match=rf'{path}: not valid JSON'):
+        ZooRecord.load(path)
