@@ -61,13 +61,22 @@ def _record_cfg(record: ZooRecord) -> dict[str, Any]:
                   **cfg)
 
 
+def _spec_cfg(spec: dict) -> dict[str, Any]:
+    """A pretrained cfg for a bare spec: the parent's stem / head / preprocessing at the spec's input size."""
+    parent = get_pretrained_cfg(spec['parent'])
+    input_size = tuple(spec.get('input_size', (3, 224, 224)))
+    pool = parent.pool_size and parent.input_size and tuple(
+        pool_size_for(input_size, parent.input_size[-1] // parent.pool_size[-1]))
+    cfg = dict(input_size=input_size, pool_size=pool, first_conv=parent.first_conv, classifier=parent.classifier,
+               crop_pct=parent.crop_pct, interpolation=parent.interpolation, mean=parent.mean, std=parent.std)
+    if 'num_classes' in spec.get('parent_kwargs', {}):
+        cfg['num_classes'] = spec['parent_kwargs']['num_classes']
+    return cfg
+
+
 def _generic_cfg() -> dict[str, Any]:
     # the default spec's: an export's config.json brings its own pretrained cfg and replaces this
-    parent = get_pretrained_cfg(DEFAULT_SPEC['parent'])
-    return _paper(license='apache-2.0', input_size=tuple(DEFAULT_SPEC['input_size']),
-                  pool_size=pool_size_for(DEFAULT_SPEC['input_size'], 32), crop_pct=parent.crop_pct,
-                  interpolation=parent.interpolation, mean=parent.mean, std=parent.std,
-                  first_conv=parent.first_conv, classifier=parent.classifier)
+    return _paper(license='apache-2.0', **_spec_cfg(DEFAULT_SPEC))
 
 
 # read once, at import: what timm registers is what create_kpid builds
@@ -209,19 +218,6 @@ def _build_net(kpid_spec: dict, feature_cfg: dict, **kwargs) -> nn.Module:
         feature_cfg.pop('all_levels')
         feature_cfg['out_indices'] = tuple(range(len(net.feature_info)))
     return net
-
-
-def _spec_cfg(spec: dict) -> dict[str, Any]:
-    """A pretrained cfg for a bare spec: the parent's stem / head / preprocessing at the spec's input size."""
-    parent = get_pretrained_cfg(spec['parent'])
-    input_size = tuple(spec.get('input_size', (3, 224, 224)))
-    pool = parent.pool_size and parent.input_size and tuple(
-        pool_size_for(input_size, parent.input_size[-1] // parent.pool_size[-1]))
-    cfg = dict(input_size=input_size, pool_size=pool, first_conv=parent.first_conv, classifier=parent.classifier,
-               crop_pct=parent.crop_pct, interpolation=parent.interpolation, mean=parent.mean, std=parent.std)
-    if 'num_classes' in spec.get('parent_kwargs', {}):
-        cfg['num_classes'] = spec['parent_kwargs']['num_classes']
-    return cfg
 
 
 def create_kpid(variant: str, pretrained: bool = False, kpid_spec: dict | str | None = None, **kwargs) -> nn.Module:

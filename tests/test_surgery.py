@@ -52,7 +52,8 @@ def test_eca_nets_prune_exactly_in_their_exact_groups_and_validly_in_the_inexact
     x = torch.randn(3, *INPUT, dtype=torch.float64)
     with torch.no_grad():
         got, zeroed = prune_model(model, graph, keep)(x), zero_pruned_inputs(model, graph, keep)(x)
-    assert got.shape == zeroed.shape and not torch.allclose(got, zeroed, atol=1e-3, rtol=1e-3)
+    # float64 rounding of this net is ~1e-13; a changed gate moves logits by a visible fraction of their scale
+    assert got.shape == zeroed.shape and (got - zeroed).abs().max() > 1e-6 * zeroed.abs().max()
 
 
 @pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "mobilenetv3_small_100"])
