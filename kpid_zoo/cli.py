@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 EPILOG = """examples:
+  kpid-zoo zoo                                     # the registered kpid_* models and their numbers
   kpid-zoo flops resnet50                          # GMACs and params, as timm reports them
   kpid-zoo groups efficientnet_b0                  # the channel groups pruning works on
   kpid-zoo prune recipes/kpid_resnet18_cifar10_tiny.yaml --out runs/r18/pruned
@@ -43,7 +44,7 @@ def cmd_groups(args: argparse.Namespace) -> int:
     graph = discover_groups(model, size)
     print(f"{args.model}: {len(graph.groups)} channel groups, {len(graph.prunable)} prunable")
     for g in graph.groups:
-        status = "" if g.prunable else f"  [fixed: {g.reason}]"
+        status = f"  [fixed: {g.reason}]" if not g.prunable else f"  [inexact: {g.inexact}]" if g.inexact else ""
         print(f"  {g.name:<40} {g.size:>5} ch  {len(g.members):>3} members{status}")
         if args.members:
             for m in g.members:
@@ -59,8 +60,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .parent import create_parent
     from .recipe import load_recipe
     from .report import summary_table
+    from .zoo import find_recipe
 
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(find_recipe(args.recipe))
     out = Path(args.out or Path("runs") / recipe.name / "pruned")
     if args.force:
         shutil.rmtree(out, ignore_errors=True)
@@ -79,6 +81,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    from .zoo import find_recipe
+
+    args.recipe = find_recipe(args.recipe)  # a file, or a packaged recipe's name
     if args.dry_run:
         from .accelerator import process_accelerator
         from .dry_run import dry_run
@@ -113,6 +118,31 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_zoo(args: argparse.Namespace) -> int:
+    import csv
+
+    from .zoo import zoo_table
+
+    rows = zoo_table()
+    columns = list(rows[0]) if rows else []
+    if args.csv:  # the layout of timm's results CSVs
+        writer = csv.DictWriter(sys.stdout, columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return 0
+    cells = [columns] + [["" if r[c] is None else str(r[c]) for c in columns] for r in rows]
+    if args.markdown:  # the README's table
+        for i, row in enumerate(cells):
+            print("| " + " | ".join(row) + " |")
+            if i == 0:
+                print("|" + "---|" * len(columns))
+        return 0
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    for row in cells:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return 0
+
+
 def _model_and_size(args: argparse.Namespace):
     """The timm model named on the command line, and --input-size or else the model's own."""
     model = _create(args.model)
@@ -130,7 +160,10 @@ def _create(name: str):
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise SystemExit(f"kpid-zoo: {name!r} is not a timm model{hint}")
-    return timm.create_model(name).eval()
+    try:
+        return timm.create_model(name).eval()
+    except RuntimeError as e:  # timm's own: an unknown pretrained tag, ...
+        raise SystemExit(f"kpid-zoo: {name}: {e}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also list the K costliest layers (default 20)")
     p.set_defaults(func=cmd_flops)
 
+    p = sub.add_parser("zoo", help="the registered kpid_* models: source, parent, input size, GMACs, params, top-1/5")
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("--csv", action="store_true", help="CSV, in the layout of timm's results tables")
+    form.add_argument("--markdown", action="store_true", help="a Markdown table (the README's)")
+    p.set_defaults(func=cmd_zoo)
+
     p = sub.add_parser("groups", help="list the channel groups found in a timm model's graph")
     p.add_argument("model", help="timm model name")
     p.add_argument("--input-size", type=int, nargs="+", metavar="N", help="SIZE or C H W (default: the model's)")
@@ -153,14 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_groups)
 
     p = sub.add_parser("prune", help="prune a recipe's parent to its FLOPs target (no fine-tune)")
-    p.add_argument("recipe", help="recipe YAML, e.g. recipes/kpid_effnet_b0.yaml")
+    p.add_argument("recipe", help="recipe YAML or the name of a packaged one, e.g. recipes/kpid_effnet_b0.yaml")
     p.add_argument("--out", help="output folder (default runs/<name>/pruned)")
     p.add_argument("--force", action="store_true", help="prune again even if the output folder exists")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("build", help="prune -> fine-tune with inner distillation -> evaluate -> export (resumable)")
-    p.add_argument("recipe", help="recipe YAML, e.g. recipes/kpid_resnet18_cifar10_tiny.yaml")
+    p.add_argument("recipe", help="recipe YAML or the name of a packaged one, e.g. kpid_resnet18_cifar10_tiny")
     p.add_argument("--out", help="export folder, laid out as a Hub repo (default outputs/<name>)")
     p.add_argument("--work", help="folder for stage results and checkpoints (default runs/<name>)")
     p.add_argument("--restart", action="store_true", help="discard earlier stage results instead of resuming")

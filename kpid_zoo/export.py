@@ -25,7 +25,7 @@ from timm.models._hub import save_config_for_hf
 from . import __version__
 from .files import atomic_write_text, save_weights, staged_dir
 from .model_card import PAPER_ID, PAPER_NAME, PAPER_URL, WIDTHS_PLOT, build_card
-from .report import plot_widths
+from .zoo import CFG_KEYS, ZOO_DIR, ZooRecord, pool_size_for
 
 __all__ = [
     'export_model', 'file_sha256', 'read_export_config', 'zoo_entry_from_export', 'write_zoo_entry',
@@ -40,7 +40,6 @@ CARD_FILE = 'README.md'
 EXPORT_FILES = (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE)
 GENERIC_ARCH = 'kpid_pruned'  # the registered timm architecture that rebuilds any export from model_args.kpid_spec
 KPID_FORMAT_VERSION = 1
-ZOO_DIR = Path(__file__).parent / 'zoo'
 
 # Preprocessing keys a caller may set; everything else in the exported pretrained_cfg is derived.
 _DATA_KEYS = ('input_size', 'crop_pct', 'crop_mode', 'mean', 'std', 'interpolation')
@@ -179,7 +178,12 @@ def export_model(
         # the parent checkpoint's tag and notes mean nothing for the pruned model; timm tolerates their absence
         for key in ('tag', 'notes'):
             config['pretrained_cfg'].pop(key, None)
+        # timm drops pool_size when the input size is not the parent's: the pruned net's own, for its input size
+        config['pretrained_cfg']['pool_size'] = list(pool_size_for(
+            config['pretrained_cfg']['input_size'], model.feature_info[-1]['reduction']))
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + '\n')
+
+        from .report import plot_widths  # matplotlib and the pruning engine load only for an export
 
         plot_widths(list(report.layer_widths), tmp / WIDTHS_PLOT, title=f'{name}: per-layer width, parent vs pruned')
         card = build_card(
@@ -214,30 +218,23 @@ def read_export_config(folder: str | Path) -> dict:
     return config
 
 
-def zoo_entry_from_export(folder: str | Path, revision: str | None = None) -> dict:
-    """The packaged registry record of an export: what `kpid_zoo/zoo/<name>.json` holds."""
+def zoo_entry_from_export(folder: str | Path, revision: str | None = None) -> ZooRecord:
+    """The zoo record of a (published) export: what `kpid_zoo/zoo/<name>.json` holds once it is registered."""
     config = read_export_config(folder)
-    kpid = config['kpid']
-    entry = {
-        'name': kpid['name'],
-        'hf_hub_id': kpid['repo_id'],
-        'spec': config['model_args']['kpid_spec'],
-        'weights_file': kpid.get('weights_file', WEIGHTS_FILE),
-        'weights_sha256': kpid['weights_sha256'],
-        'num_classes': config['num_classes'],
-        'gmacs': kpid.get('gmacs'),
-        'params': kpid.get('params'),
-        'metrics': kpid.get('metrics', {}),
-        'recipe_sha256': kpid.get('recipe_sha256'),
-    }
-    if revision:
-        entry['revision'] = revision
-    return entry
+    kpid, pcfg = config['kpid'], config['pretrained_cfg']
+    metrics = kpid.get('metrics') or {}
+    hub_id = kpid['repo_id'] + (f'@{revision}' if revision else '')
+    return ZooRecord(
+        name=kpid['name'], tag='kpid', description=pcfg.get('description') or f"{kpid['parent']} pruned by KPID",
+        spec=config['model_args']['kpid_spec'], source='kpid-zoo', source_model=kpid['name'], hf_hub_id=hub_id,
+        weights_file=kpid.get('weights_file', WEIGHTS_FILE), weights_sha256=kpid['weights_sha256'],
+        pretrained_cfg={k: pcfg[k] for k in CFG_KEYS if pcfg.get(k) is not None},
+        gmacs=kpid.get('gmacs'), params=kpid.get('params'), top1=metrics.get('top1'), top5=metrics.get('top5'),
+        eval_size=pcfg['input_size'][-1], metrics_source=f"kpid-zoo build, {kpid.get('dataset')}",
+        extra={'recipe_sha256': kpid.get('recipe_sha256')},
+    )
 
 
 def write_zoo_entry(folder: str | Path, zoo_dir: str | Path | None = None, revision: str | None = None) -> Path:
     """Record a (published) export in the packaged zoo, so `timm.create_model(<name>)` knows its architecture."""
-    entry = zoo_entry_from_export(folder, revision)
-    path = Path(zoo_dir or ZOO_DIR) / f"{entry['name']}.json"
-    atomic_write_text(path, json.dumps(entry, indent=2) + '\n')
-    return path
+    return zoo_entry_from_export(folder, revision).save(zoo_dir or ZOO_DIR)

@@ -6,10 +6,16 @@ and output; a dense conv or linear layer starts a new space. Each merged space i
 from it removes `c` from every member (the producing convs' filters, the BNs, the depthwise filters and the
 consumers' input slices) at once, so the pruned network keeps its structure.
 
+Some ops mix neighbouring channels with parameters that do not depend on the channel count (ECA's Conv1d gate
+runs over the channel axis). Removing a channel from such a space leaves a valid network, but one that no longer
+equals its parent with that channel zeroed: the group stays prunable, marked *inexact* with the reason. Specs can
+always express its widths; the knapsack prunes it only when asked to (`GroupGraph.exact_only`).
+
 Nothing here is specific to one architecture: the rules are per operation, applied to a torch.fx trace.
 """
 from __future__ import annotations
 
+import dataclasses
 import operator
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -19,8 +25,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
-from timm.layers import (DropPath, ScaledStdConv2d, ScaledStdConv2dSame, SelectAdaptivePool2d, StdConv2d,
-                         StdConv2dSame)
+from timm.layers import (CecaModule, DropPath, EcaModule, ScaledStdConv2d, ScaledStdConv2dSame,
+                         SelectAdaptivePool2d, StdConv2d, StdConv2dSame)
 from timm.layers import activations as timm_act, activations_me as timm_act_me
 from timm.layers._fx import get_notrace_functions
 
@@ -52,6 +58,9 @@ _CHANNELWISE_METHODS = {
 _MERGING_FUNCTIONS = {operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
                       operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div}
 _MERGING_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
+# Modules that keep the channel count but mix neighbouring channels, with parameters independent of that count
+# (a Conv1d over the channel axis): pruning through them is valid but inexact.
+_CHANNEL_MIXING_MODULES = (EcaModule, CecaModule)
 # convs that normalise each filter over its inputs: removing an input channel changes every output
 _WEIGHT_STANDARDIZED = (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame)
 
@@ -71,6 +80,11 @@ class ChannelGroup:
     members: tuple[Member, ...]
     prunable: bool
     reason: str = ""
+    inexact: str = ""  # why pruning it changes the kept channels' values too ("" for an exact group)
+
+    @property
+    def exact(self) -> bool:
+        return not self.inexact
 
     def modules(self, role: str | None = None) -> list[str]:
         return [m.module for m in self.members if role is None or m.role == role]
@@ -100,6 +114,17 @@ class GroupGraph:
     def prunable(self) -> list[ChannelGroup]:
         return [g for g in self.groups if g.prunable]
 
+    @property
+    def inexact(self) -> list[ChannelGroup]:
+        return [g for g in self.groups if g.prunable and not g.exact]
+
+    def exact_only(self) -> GroupGraph:
+        """The same graph with its inexact groups fixed at full width (what the knapsack sees by default)."""
+        groups = [g if g.exact or not g.prunable else dataclasses.replace(
+            g, prunable=False, reason=f"inexact ({g.inexact}); a recipe prunes it with importance.allow_inexact: true")
+            for g in self.groups]
+        return GroupGraph(groups, dict(self.module_out_group), self.global_pool_group)
+
 
 class _Tracer(fx.Tracer):
     """Keeps the layers whose channel semantics we know as leaves, and timm's untraceable helpers opaque."""
@@ -108,7 +133,8 @@ class _Tracer(fx.Tracer):
         super().__init__(autowrap_functions=tuple(get_notrace_functions()))
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm) + _CHANNELWISE_MODULES):
+        if isinstance(m, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm) + _CHANNELWISE_MODULES
+                      + _CHANNEL_MIXING_MODULES):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -142,6 +168,7 @@ class _Spaces:
         self.size: dict[int, int] = {}
         self.members: dict[int, list[Member]] = {}
         self.blocked: dict[int, str] = {}
+        self.inexact: dict[int, str] = {}
 
     def new(self, size: int) -> int:
         s = self.uf.make()
@@ -157,8 +184,9 @@ class _Spaces:
         root = self.uf.union(ra, rb)
         other = rb if root == ra else ra
         self.members[root] += self.members.pop(other)
-        if other in self.blocked:
-            self.blocked.setdefault(root, self.blocked.pop(other))
+        for marks in (self.blocked, self.inexact):
+            if other in marks:
+                marks.setdefault(root, marks.pop(other))
         return root
 
     def add_member(self, s: int, member: Member) -> None:
@@ -166,6 +194,9 @@ class _Spaces:
 
     def block(self, s: int, reason: str) -> None:
         self.blocked.setdefault(self.uf.find(s), reason)
+
+    def mark_inexact(self, s: int, reason: str) -> None:
+        self.inexact.setdefault(self.uf.find(s), reason)
 
 
 def _channels(node_or_value) -> int | None:
@@ -183,9 +214,16 @@ def trace(model: nn.Module, input_size: tuple[int, int, int]) -> fx.GraphModule:
     gm.eval()
     param = next(model.parameters(), None)
     dtype, device = (param.dtype, param.device) if param is not None else (torch.float32, "cpu")
-    with torch.no_grad():
-        ShapeProp(gm).propagate(torch.zeros(1, *input_size, dtype=dtype, device=device))
-    gm.train(was_training)
+    # one small image: its ops are too small to share out, and on a busy CPU every hand-off between threads waits
+    # for a core (6x slower on 2 shared cores), so the pass runs on one thread
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(torch.zeros(1, *input_size, dtype=dtype, device=device))
+    finally:
+        torch.set_num_threads(threads)
+        gm.train(was_training)
     return gm
 
 
@@ -265,6 +303,10 @@ def discover_groups(model: nn.Module, input_size: tuple[int, int, int] = (3, 224
             elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
                 spaces.add_member(ins[0], Member(name, ROLE_NORM))
                 node_space[node] = ins[0]
+            elif isinstance(mod, _CHANNEL_MIXING_MODULES):
+                passthrough(node, name)
+                if node in node_space:
+                    spaces.mark_inexact(node_space[node], f"{name}: {type(mod).__name__} mixes neighbouring channels")
             elif isinstance(mod, _CHANNELWISE_MODULES):
                 passthrough(node, name)
                 if name.endswith("global_pool") and ins:
@@ -343,7 +385,8 @@ def _collect_groups(spaces: _Spaces) -> dict[int, ChannelGroup]:
         if not producers:
             continue  # input/logit spaces and spaces fed only by opaque ops have nothing to prune
         reason = spaces.blocked.get(root, "")
-        groups[root] = ChannelGroup(producers[0].module, spaces.size[root], members, not reason, reason)
+        groups[root] = ChannelGroup(producers[0].module, spaces.size[root], members, not reason, reason,
+                                    spaces.inexact.get(root, ""))
     return groups
 
 

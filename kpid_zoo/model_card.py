@@ -15,6 +15,17 @@ PAPER_ID = 'arXiv:2002.08258'
 PAPER_NAME = 'Knapsack Pruning with Inner Distillation'
 PAPER_URL = 'https://arxiv.org/abs/2002.08258'
 WIDTHS_PLOT = 'layer_widths.png'
+CITATION = '''## Citation
+
+```bibtex
+@article{aflalo2020knapsack,
+  title={Knapsack Pruning with Inner Distillation},
+  author={Aflalo, Yonathan and Noy, Asaf and Lin, Ming and Friedman, Itamar and Zelnik, Lihi},
+  journal={arXiv preprint arXiv:2002.08258},
+  year={2020}
+}
+```
+'''
 
 # Hub dataset ids (for `datasets:` and the model-index), keyed by recipe `data.dataset`.
 _DATASETS = {
@@ -119,15 +130,74 @@ sha256 `{recipe_sha256}` (of the canonical JSON of the recipe)
 {recipe_yaml}
 ```
 
-## Citation
+{CITATION}"""
+    return ModelCard(content)
 
-```bibtex
-@article{{aflalo2020knapsack,
-  title={{Knapsack Pruning with Inner Distillation}},
-  author={{Aflalo, Yonathan and Noy, Asaf and Lin, Ming and Friedman, Itamar and Zelnik, Lihi}},
-  journal={{arXiv preprint arXiv:2002.08258}},
-  year={{2020}}
-}}
+
+def build_zoo_card(record: Any) -> ModelCard:
+    """The card of a registered zoo entry (`zoo.ZooRecord`): where its weights come from, and the zoo's numbers."""
+    cfg = record.pretrained_cfg
+    size = 'x'.join(str(s) for s in cfg['input_size'])
+    eval_results = [
+        EvalResult(task_type='image-classification', task_name='Image Classification', dataset_type='imagenet-1k',
+                   dataset_name='ImageNet-1k', dataset_split='validation', metric_type='accuracy',
+                   metric_name=f'Top-{k} Accuracy', metric_value=getattr(record, f'top{k}'))
+        for k in (1, 5) if getattr(record, f'top{k}') is not None
+    ]
+    data = ModelCardData(
+        library_name='timm', pipeline_tag='image-classification', license=cfg.get('license', 'apache-2.0'),
+        tags=['image-classification', 'timm', 'pruning', 'kpid', 'knapsack-pruning'], datasets=['imagenet-1k'],
+        model_name=record.name, eval_results=eval_results or None, metrics=['accuracy'],
+    )
+    if record.source == 'timm':
+        origin = (f"The weights are the KPID authors' own (Aflalo et al., 2020, [{PAPER_ID}]({PAPER_URL})), released "
+                  f"through timm as `{record.source_model}`: `pretrained=True` downloads `{record.weights_file}` from "
+                  f"[{record.hf_hub_id}](https://huggingface.co/{record.hf_hub_id}) and checks it against the sha256 "
+                  f"the Hub reports for it. kpid-zoo ships only the architecture: the width of every channel group "
+                  f"of `{record.parent}`, read off timm's model by `python -m kpid_zoo.zoo_sources`.")
+    else:
+        origin = (f'Built by kpid-zoo from the recipe `{record.source_model}`; weights `{record.weights_file}` in '
+                  f'[{record.hf_hub_id}](https://huggingface.co/{record.hf_hub_id}), sha256 '
+                  f'`{record.weights_sha256}` (checked on load).')
+    rows = [
+        ('Parent', f'`{record.parent}`'),
+        ('Weights', f'`{record.source_model}`' if record.source == 'timm' else record.hf_hub_id),
+        (f'GMACs at {size} (fvcore)', f'{record.gmacs:.3f}'),
+        ('Params', f'{record.params / 1e6:.2f} M'),
+        ('Input size / test input size', f"{size} / {'x'.join(str(s) for s in cfg.get('test_input_size') or cfg['input_size'])}"),
+        ('Crop pct / interpolation', f"{cfg.get('crop_pct')} / {cfg.get('interpolation')}"),
+        ('Mean / std', f"{tuple(cfg['mean'])} / {tuple(cfg['std'])}"),
+    ]
+    if record.top1 is not None:
+        rows.append((f'ImageNet-1k top-1 / top-5 at {record.eval_size} px (%)', f'{record.top1:.3f} / {record.top5:.3f}'))
+        rows.append(('Accuracy source', record.metrics_source))
+    table = '\n'.join(f'| {k} | {v} |' for k, v in rows)
+    content = f"""---
+{data.to_yaml()}
+---
+
+# {record.name}
+
+{record.description}. {origin}
+
+## Usage
+
+```python
+import timm
+import kpid_zoo  # registers the kpid_* models in timm
+
+model = timm.create_model('{record.name}', pretrained=True).eval()
+data_config = timm.data.resolve_model_data_config(model)
+transform = timm.data.create_transform(**data_config, is_training=False)
 ```
-"""
+
+`timm.create_model('{record.name}')` builds the architecture offline, with no network call.
+
+## Model details
+
+| | |
+|---|---|
+{table}
+
+{CITATION}"""
     return ModelCard(content)

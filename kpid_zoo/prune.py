@@ -135,8 +135,10 @@ def prune_from_recipe(recipe: Recipe, parent: nn.Module, train_loader=None, devi
     set behind `train_loader`; magnitude needs no data.
     """
     arch, input_size = recipe.parent.model, tuple(recipe.input_size)
-    graph = discover_groups(parent, input_size)
     settings = recipe.importance
+    graph = discover_groups(parent, input_size)
+    if not settings.allow_inexact:
+        graph = graph.exact_only()
     if settings.method == "taylor":
         if train_loader is None:
             raise ValueError(f"{recipe.source}: importance.method 'taylor' needs training data")

@@ -301,6 +301,8 @@ class ImportanceSpec(_Section):
     batch_size: int = _positive(32, 'integer')
     min_channels: int = _positive(8, 'integer')
     round_to: int = _positive(8, 'integer')
+    # prune groups that only an inexact op (ECA's channel Conv1d) ties: valid nets, but not the zeroed parent
+    allow_inexact: bool = False
 
 
 # Per-dataset defaults for fields left out (None): (val_split, num_classes).

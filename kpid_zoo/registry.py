@@ -2,107 +2,94 @@
 
 `import kpid_zoo` registers, timm style (register_model + generate_default_cfgs):
 
-* one architecture per zoo entry (`kpid_effnet_b0`, ...), whose pretrained cfg points at `kpid-zoo/<name>` on the
-  Hub, so `timm.create_model('kpid_effnet_b0', pretrained=True)` works like any timm model;
+* one architecture per zoo record `kpid_zoo/zoo/<name>.json` (see `zoo.py`): `timm.create_model(name)` builds it
+  from the spec in the record, offline, with no network call; `pretrained=True` downloads the record's weights
+  file from its Hub repo (for the KPID authors' released models: timm's own repo) and loads it after checks;
 * `kpid_pruned`, the generic architecture every export's config.json names: it rebuilds the pruned net from
   `kpid_spec` (an `ArchSpec` dict in config.json `model_args`), so `timm.create_model('hf-hub:ORG/NAME')` and
-  `'local-dir:/path'` load anything kpid-zoo exported.
+  `'local-dir:/path'` load anything kpid-zoo exported. Given no spec it builds `DEFAULT_SPEC`, a small ResNet-18.
 
-A zoo entry's architecture comes from the packaged `kpid_zoo/zoo/<name>.json` a build writes (spec + sha256 of
-the published weights), else from the entry's Hub config.json (cached / offline like any Hub file), else it is a
-clear error. Pretrained weights are checked against the recorded sha256 before timm loads them, and against the
-architecture tensor by tensor, so corruption or a mismatched spec fails with the entry, file and tensor named.
+A recipe whose build was not recorded yet has no name here: build it (`kpid-zoo build NAME`) and load the export.
+
+Every weights file is checked before timm loads it: against the sha256 the zoo or the export recorded, else
+against the hash the Hub reported for it at download (the cache names each blob by it: sha256 for LFS files, the
+git blob sha1 otherwise). Then tensor by tensor against the architecture, so corruption or a mismatched spec fails
+with the entry, the file and the tensor named.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-from dataclasses import dataclass
+import re
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._hub import hf_split
 
 from .export import CONFIG_FILE, GENERIC_ARCH, WEIGHTS_FILE, file_sha256
 from .model_card import PAPER_ID, PAPER_NAME, PAPER_URL
+from .zoo import ZOO_DIR, ZooRecord, load_records, pool_size_for
 
-__all__ = ['ZOO_ENTRIES', 'ZooEntry', 'ZOO_DIR', 'HUB_ORG', 'KpidWeightsError', 'load_zoo_record', 'create_kpid']
+__all__ = ['DEFAULT_SPEC', 'KpidWeightsError', 'create_kpid', 'zoo_records']
 
 _logger = logging.getLogger(__name__)
 
-HUB_ORG = 'kpid-zoo'
-ZOO_DIR = Path(__file__).parent / 'zoo'  # tests point this elsewhere; looked up at create time, not import time
+# What `timm.create_model('kpid_pruned')` builds with no kpid_spec: resnet18 with every block's inner width halved
+# (a small, fast net to try the generic architecture on; real models name their spec).
+DEFAULT_SPEC: dict[str, Any] = dict(
+    parent='resnet18', input_size=[3, 224, 224],
+    widths={f'layer{s}.{b}.conv1': 32 * 2 ** s // 2 for s in range(1, 5) for b in range(2)},
+)
 
 
 class KpidWeightsError(RuntimeError):
-    """Pretrained weights that do not match what the zoo recorded (hash) or the architecture (shapes)."""
+    """Pretrained weights that do not match what was recorded or reported (hash) or the architecture (shapes)."""
 
 
-@dataclass(frozen=True)
-class ZooEntry:
-    """A zoo model: its recipe is `recipes/<name>.yaml` (a test keeps the two in agreement)."""
-    parent: str
-    target_gmacs: float
-    crop_pct: float
-    input_size: tuple[int, int, int] = (3, 224, 224)
-    num_classes: int = 1000
-
-    def hub_id(self, name: str) -> str:
-        return f'{HUB_ORG}/{name}'
+def _paper(**cfg) -> dict:
+    return dict(paper_ids=PAPER_ID, paper_name=PAPER_NAME, origin_url=PAPER_URL, **cfg)
 
 
-ZOO_ENTRIES: dict[str, ZooEntry] = {
-    'kpid_effnet_b0': ZooEntry(parent='efficientnet_b1', target_gmacs=0.39, crop_pct=0.875),
-    'kpid_mobilenetv3': ZooEntry(parent='efficientnet_b0', target_gmacs=0.22, crop_pct=0.875),
-    'kpid_mobilenetv3_large': ZooEntry(parent='mobilenetv3_large_100', target_gmacs=0.16, crop_pct=0.875),
-    'kpid_resnet50_2g': ZooEntry(parent='resnet50', target_gmacs=2.0, crop_pct=0.95),
-    'kpid_resnet50_1g': ZooEntry(parent='resnet50', target_gmacs=1.0, crop_pct=0.95),
-}
+def _record_cfg(record: ZooRecord) -> dict[str, Any]:
+    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in record.pretrained_cfg.items()}
+    return _paper(hf_hub_id=record.hf_hub_id, hf_hub_filename=record.weights_file, description=record.description,
+                  **cfg)
 
 
-def _cfg(name: str, entry: ZooEntry) -> dict[str, Any]:
-    # head / stem names and interpolation are the parent's: surgery keeps module names, so timm's in_chans and
-    # num_classes adaptation find the same tensors
-    parent = get_pretrained_cfg(entry.parent)
-    return dict(
-        hf_hub_id=entry.hub_id(name),
-        input_size=entry.input_size, crop_pct=entry.crop_pct, interpolation=parent.interpolation,
-        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-        num_classes=entry.num_classes, first_conv=parent.first_conv, classifier=parent.classifier,
-        license='apache-2.0', paper_ids=PAPER_ID, paper_name=PAPER_NAME, origin_url=PAPER_URL,
-        description=f'{entry.parent} pruned to {entry.target_gmacs} GMACs by KPID',
-    )
+def _spec_cfg(spec: dict) -> dict[str, Any]:
+    """A pretrained cfg for a bare spec: the parent's stem / head / preprocessing at the spec's input size."""
+    parent = get_pretrained_cfg(spec['parent'])
+    input_size = tuple(spec.get('input_size', (3, 224, 224)))
+    pool = parent.pool_size and parent.input_size and tuple(
+        pool_size_for(input_size, parent.input_size[-1] // parent.pool_size[-1]))
+    cfg = dict(input_size=input_size, pool_size=pool, first_conv=parent.first_conv, classifier=parent.classifier,
+               crop_pct=parent.crop_pct, interpolation=parent.interpolation, mean=parent.mean, std=parent.std)
+    if 'num_classes' in spec.get('parent_kwargs', {}):
+        cfg['num_classes'] = spec['parent_kwargs']['num_classes']
+    return cfg
 
+
+def _generic_cfg() -> dict[str, Any]:
+    # the default spec's: an export's config.json brings its own pretrained cfg and replaces this
+    return _paper(license='apache-2.0', **_spec_cfg(DEFAULT_SPEC))
+
+
+# read once, at import: what timm registers is what create_kpid builds
+zoo_records: dict[str, ZooRecord] = {r.name: r for r in load_records(ZOO_DIR)}
 
 default_cfgs = generate_default_cfgs({
-    **{name: _cfg(name, entry) for name, entry in ZOO_ENTRIES.items()},
-    # no weights of its own: exports name it in config.json and bring their pretrained cfg along
-    GENERIC_ARCH: dict(license='apache-2.0', paper_ids=PAPER_ID, paper_name=PAPER_NAME, origin_url=PAPER_URL),
+    **{f'{name}.{r.tag}': _record_cfg(r) for name, r in zoo_records.items()},
+    GENERIC_ARCH: _generic_cfg(),
 })
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Where an entry's architecture and weight hash come from
-
-def load_zoo_record(name: str) -> dict | None:
-    """The packaged record of a built entry (`<ZOO_DIR>/<name>.json`), None when the entry was not built yet."""
-    path = Path(ZOO_DIR) / f'{name}.json'
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text(encoding='utf-8'))
-    except json.JSONDecodeError as e:
-        raise ValueError(f'{path}: not valid JSON ({e})') from None
-    for key in ('spec', 'weights_sha256'):
-        if key not in record:
-            raise ValueError(f'{path}: missing field {key!r} (expected a record written by export.write_zoo_entry)')
-    return record
-
+# Weight checks
 
 def _hub_config(hf_hub_id: str, cache_dir: str | Path | None) -> tuple[dict, str]:
     """config.json of a Hub repo (honours HF_HUB_OFFLINE and the cache, like every hf_hub_download)."""
@@ -110,11 +97,6 @@ def _hub_config(hf_hub_id: str, cache_dir: str | Path | None) -> tuple[dict, str
     repo_id, revision = hf_split(hf_hub_id)
     path = hf_hub_download(repo_id, CONFIG_FILE, revision=revision, cache_dir=cache_dir)
     return json.loads(Path(path).read_text(encoding='utf-8')), path
-
-
-def _local_config(folder: str | Path) -> tuple[dict, str]:
-    path = Path(folder) / CONFIG_FILE
-    return json.loads(path.read_text(encoding='utf-8')), str(path)
 
 
 def _recorded_sha(config: dict, where: str) -> str:
@@ -125,46 +107,62 @@ def _recorded_sha(config: dict, where: str) -> str:
     return sha
 
 
-def _spec_from_hub(variant: str, hf_hub_id: str, cache_dir) -> tuple[dict, str]:
-    try:
-        config, path = _hub_config(hf_hub_id, cache_dir)
-    except Exception as e:  # offline and not cached, repo not published yet, no network...
-        raise RuntimeError(
-            f"{variant} has no architecture spec yet: no {Path(ZOO_DIR) / (variant + '.json')} and "
-            f"config.json of {hf_hub_id} could not be read ({type(e).__name__}: {e}). Build it with "
-            f"`kpid-zoo build recipes/{variant}.yaml` (then publish it, or load the build folder with "
-            f"timm.create_model('local-dir:<folder>'))") from e
-    spec = (config.get('model_args') or {}).get('kpid_spec')
-    if spec is None:
-        raise RuntimeError(f'{variant}: {path} has no model_args.kpid_spec (not a kpid-zoo export)')
-    return spec, _recorded_sha(config, path)
+def _verify_hub_reported(variant: str, path: str) -> None:
+    """Check a Hub download against the hash the Hub reported for it, which the cache named its blob after."""
+    blob = Path(path).resolve()
+    if re.fullmatch(r'[0-9a-f]{64}', blob.name):  # an LFS file: its sha256
+        return _verify_sha256(variant, path, blob.name)
+    if re.fullmatch(r'[0-9a-f]{40}', blob.name):  # a regular file: its git blob sha1
+        data = blob.read_bytes()
+        actual = hashlib.sha1(b'blob %d\0' % len(data) + data).hexdigest()
+        if actual != blob.name:
+            raise KpidWeightsError(f'{variant}: pretrained weights {path} fail the check against the git sha1 the '
+                                   f'Hub reported: expected {blob.name}, got {actual}. {_REDOWNLOAD}')
+        return None
+    raise KpidWeightsError(f'{variant}: pretrained weights {path} carry no hash from the Hub (blob {blob.name}) and '
+                           f'none is recorded, so they cannot be checked')
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Weight checks
-
-def _weights_location(cfg: dict, cache_dir) -> tuple[str, str] | None:
-    """(local weights file, where its expected hash is recorded) for the source timm will load, else None."""
-    source = cfg.get('source') or ''
-    if source == 'local-dir' and cfg.get('file'):
-        return str(Path(cfg['file']) / WEIGHTS_FILE), 'local-dir'
-    if cfg.get('state_dict') is not None or (source != 'hf-hub' and (cfg.get('file') or cfg.get('url'))):
-        return None  # caller-supplied weights: nothing recorded to check them against
-    if cfg.get('hf_hub_id'):
-        from huggingface_hub import hf_hub_download
-        repo_id, revision = hf_split(cfg['hf_hub_id'])
-        filename = cfg.get('hf_hub_filename') or WEIGHTS_FILE
-        return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir), source or 'registry'
-    return None
+_REDOWNLOAD = ('The file is corrupt or not the published one: delete it (for a Hub download, the cached blob) and '
+               'download again.')
 
 
 def _verify_sha256(variant: str, path: str, expected: str) -> None:
     actual = file_sha256(path)
     if actual != expected:
-        raise KpidWeightsError(
-            f'{variant}: pretrained weights {path} fail the sha256 check: expected {expected}, got {actual}. '
-            f'The file is corrupt or not the published one: delete it (for a Hub download, the cached blob) and '
-            f'download again.')
+        raise KpidWeightsError(f'{variant}: pretrained weights {path} fail the sha256 check: expected {expected}, '
+                               f'got {actual}. {_REDOWNLOAD}')
+
+
+def _verified_weights(variant: str, cfg: dict, record: ZooRecord | None, cache_dir) -> str | None:
+    """The local weights file timm is about to load, checked; None for caller-supplied weights (nothing to check)."""
+    source = cfg.get('source') or ''
+    if source == 'local-dir' and cfg.get('file'):
+        path = str(Path(cfg['file']) / WEIGHTS_FILE)
+        config_path = Path(cfg['file']) / CONFIG_FILE
+        _verify_sha256(variant, path, _recorded_sha(json.loads(config_path.read_text(encoding='utf-8')),
+                                                    str(config_path)))
+        return path
+    if cfg.get('state_dict') is not None or (source != 'hf-hub' and (cfg.get('file') or cfg.get('url'))):
+        return None
+    if not cfg.get('hf_hub_id'):
+        return None
+    from huggingface_hub import hf_hub_download
+    repo_id, revision = hf_split(cfg['hf_hub_id'])
+    filename = cfg.get('hf_hub_filename') or WEIGHTS_FILE
+    try:
+        path = hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir)
+    except Exception as e:  # offline and not cached, no network, repo or file missing...
+        raise RuntimeError(f'{variant}: cannot get pretrained weights {filename} from {cfg["hf_hub_id"]} '
+                           f'({type(e).__name__}: {e})') from e
+    if record is not None and record.weights_sha256:
+        _verify_sha256(variant, path, record.weights_sha256)
+    elif source == 'hf-hub':  # an export: its config.json records the hash
+        config, config_path = _hub_config(cfg['hf_hub_id'], cache_dir)
+        _verify_sha256(variant, path, _recorded_sha(config, config_path))
+    else:
+        _verify_hub_reported(variant, path)
+    return path
 
 
 def _check_shapes(state_dict: dict, model: nn.Module, *, variant: str, source: str, cfg: dict) -> dict:
@@ -211,51 +209,55 @@ def _check_shapes(state_dict: dict, model: nn.Module, *, variant: str, source: s
 # ---------------------------------------------------------------------------------------------------------------
 # Model creation
 
-def _build_net(kpid_spec: dict, **kwargs) -> nn.Module:
+def _build_net(kpid_spec: dict, feature_cfg: dict, **kwargs) -> nn.Module:
     from .surgery import ArchSpec, build_pruned  # surgery pulls in the fx tracer: only when a model is built
-    return build_pruned(ArchSpec.from_dict(kpid_spec, source='kpid_spec'), **kwargs)
+    net = build_pruned(ArchSpec.from_dict(kpid_spec, source='kpid_spec'), **kwargs)
+    if feature_cfg.get('all_levels'):
+        # features_only: the parent's levels, however many (timm's builder assumes five); read once it is built,
+        # before the builder wraps it
+        feature_cfg.pop('all_levels')
+        feature_cfg['out_indices'] = tuple(range(len(net.feature_info)))
+    return net
 
 
-def create_kpid(variant: str, pretrained: bool = False, kpid_spec: dict | None = None, **kwargs) -> nn.Module:
+def create_kpid(variant: str, pretrained: bool = False, kpid_spec: dict | str | None = None, **kwargs) -> nn.Module:
     """Build `variant` (a zoo entry, or the generic 'kpid_pruned' given `kpid_spec`) with timm's builder."""
     cache_dir = kwargs.get('cache_dir')
-    cfg = resolve_pretrained_cfg(
-        variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay')).to_dict()
-    record_sha = None
-    if kpid_spec is None:
-        if variant not in ZOO_ENTRIES:
-            raise ValueError(f"{variant} needs kpid_spec=<ArchSpec.to_dict()>; to load an export use "
-                             f"timm.create_model('hf-hub:ORG/NAME') or 'local-dir:/path' (after `import kpid_zoo`)")
-        record = load_zoo_record(variant)
-        if record is not None:
-            kpid_spec, record_sha = record['spec'], record['weights_sha256']
-        else:
-            kpid_spec, record_sha = _spec_from_hub(variant, cfg.get('hf_hub_id') or ZOO_ENTRIES[variant].hub_id(variant), cache_dir)
+    record = None
+    if variant != GENERIC_ARCH:
+        record = zoo_records[variant]
+        kpid_spec = record.spec
+    elif kpid_spec is None:
+        kpid_spec = DEFAULT_SPEC
     if isinstance(kpid_spec, str):  # a path to a saved ArchSpec json
         kpid_spec = json.loads(Path(kpid_spec).read_text(encoding='utf-8'))
 
+    if variant == GENERIC_ARCH and kwargs.get('pretrained_cfg') is None:
+        # a bare spec (no export config): the spec's own classes and input, the parent's stem and head names
+        kwargs['pretrained_cfg_overlay'] = {**_spec_cfg(kpid_spec), **(kwargs.get('pretrained_cfg_overlay') or {})}
+    parent_kwargs = kpid_spec.get('parent_kwargs') or {}
+    for key in ('num_classes', 'in_chans'):
+        if key in parent_kwargs:  # timm's builder would otherwise impose the pretrained cfg's
+            kwargs.setdefault(key, parent_kwargs[key])
+    cfg = resolve_pretrained_cfg(
+        variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay')).to_dict()
+
     filter_fn = None
     if pretrained:
-        loc = _weights_location(cfg, cache_dir)
-        source = 'pretrained weights'
-        if loc is not None:
-            path, where = loc
-            source = path
-            if where in ('local-dir', 'hf-hub') or record_sha is None:
-                # an export carries its own hash beside the weights; a zoo entry's comes from the packaged record
-                config, cfg_path = _local_config(cfg['file']) if where == 'local-dir' \
-                    else _hub_config(cfg['hf_hub_id'], cache_dir)
-                expected = _recorded_sha(config, cfg_path)
-            else:
-                expected = record_sha
-            _verify_sha256(variant, path, expected)
-        filter_fn = partial(_check_shapes, variant=variant, source=source, cfg=cfg)
+        path = _verified_weights(variant, cfg, record, cache_dir)
+        if record is not None and path is not None:
+            # timm loads the very file that was checked (its own Hub lookup could pick another revision)
+            kwargs['pretrained_cfg_overlay'] = {**(kwargs.get('pretrained_cfg_overlay') or {}), 'file': path}
+        filter_fn = partial(_check_shapes, variant=variant, source=path or 'pretrained weights', cfg=cfg)
 
+    feature_cfg = dict(feature_cls='getter')
+    if kwargs.get('features_only') and 'out_indices' not in kwargs:
+        feature_cfg['all_levels'] = True
     return build_model_with_cfg(
-        _build_net, variant, pretrained,
+        partial(_build_net, feature_cfg=feature_cfg), variant, pretrained,
         kpid_spec=kpid_spec,
         pretrained_filter_fn=filter_fn,
-        feature_cfg=dict(feature_cls='getter'),
+        feature_cfg=feature_cfg,
         **kwargs,
     )
 
@@ -266,31 +268,15 @@ def kpid_pruned(pretrained: bool = False, **kwargs) -> nn.Module:
     return create_kpid(GENERIC_ARCH, pretrained, **kwargs)
 
 
-@register_model
-def kpid_effnet_b0(pretrained: bool = False, **kwargs) -> nn.Module:
-    """EfficientNet-B1 pruned to B0's 0.39 GMACs by KPID."""
-    return create_kpid('kpid_effnet_b0', pretrained, **kwargs)
+def _entrypoint(name: str, doc: str):
+    def fn(pretrained: bool = False, **kwargs) -> nn.Module:
+        return create_kpid(name, pretrained, **kwargs)
+    fn.__name__ = fn.__qualname__ = name
+    fn.__module__ = __name__
+    fn.__doc__ = doc
+    return fn
 
 
-@register_model
-def kpid_mobilenetv3(pretrained: bool = False, **kwargs) -> nn.Module:
-    """EfficientNet-B0 pruned to MobileNetV3-Large's 0.22 GMACs by KPID."""
-    return create_kpid('kpid_mobilenetv3', pretrained, **kwargs)
-
-
-@register_model
-def kpid_mobilenetv3_large(pretrained: bool = False, **kwargs) -> nn.Module:
-    """MobileNetV3-Large-1.0 pruned to 0.16 GMACs by KPID."""
-    return create_kpid('kpid_mobilenetv3_large', pretrained, **kwargs)
-
-
-@register_model
-def kpid_resnet50_2g(pretrained: bool = False, **kwargs) -> nn.Module:
-    """ResNet-50 pruned to 2.0 GMACs by KPID."""
-    return create_kpid('kpid_resnet50_2g', pretrained, **kwargs)
-
-
-@register_model
-def kpid_resnet50_1g(pretrained: bool = False, **kwargs) -> nn.Module:
-    """ResNet-50 pruned to 1.0 GMACs by KPID."""
-    return create_kpid('kpid_resnet50_1g', pretrained, **kwargs)
+# one entrypoint per record, as if written out `def kpid_efficientnet_b1(pretrained=False, **kwargs)` above
+for _name, _record in zoo_records.items():
+    globals()[_name] = register_model(_entrypoint(_name, f'{_record.description} ({_record.source_model}).'))

@@ -62,12 +62,14 @@ class ArchSpec:
         return cls.from_dict(json.loads(Path(path).read_text()), source=str(path))
 
 
-def prune_model(model: nn.Module, graph: GroupGraph, keep: dict[str, torch.Tensor]) -> nn.Module:
-    """A copy of `model` that keeps, for each group named in `keep`, only the channels at those indices.
+def prune_model(model: nn.Module, graph: GroupGraph, keep: dict[str, torch.Tensor], *,
+                inplace: bool = False) -> nn.Module:
+    """A copy of `model` (or `model` itself, when `inplace`) that keeps, for each group named in `keep`, only the
+    channels at those indices.
 
-    Groups not named in `keep` stay whole. The parent is not modified.
+    Groups not named in `keep` stay whole. Unless `inplace`, the parent is not modified.
     """
-    pruned = copy.deepcopy(model)
+    pruned = model if inplace else copy.deepcopy(model)
     for name, idx in keep.items():
         group = graph[name]
         idx = torch.as_tensor(idx, dtype=torch.long).sort().values
@@ -100,7 +102,7 @@ def build_pruned(spec: ArchSpec, **timm_kwargs) -> nn.Module:
             raise ValueError(f"architecture spec for {spec.parent}: group {name!r} keeps {width} channels "
                              f"but the parent has only {graph[name].size}")
         keep[name] = torch.arange(width)
-    pruned = prune_model(model, graph, keep)
+    pruned = prune_model(model, graph, keep, inplace=True)  # a fresh parent: no copy to keep
     pruned.kpid_spec = spec
     return pruned
 
@@ -162,7 +164,7 @@ def _slice_param(module: nn.Module, attr: str, dim: int, idx: torch.Tensor) -> N
     t = getattr(module, attr, None)
     if t is None:
         return
-    sliced = t.detach().index_select(dim, idx.to(t.device)).clone()
+    sliced = t.detach().index_select(dim, idx.to(t.device))  # a new tensor: shares nothing with `t`
     if isinstance(t, nn.Parameter):
         setattr(module, attr, nn.Parameter(sliced, requires_grad=t.requires_grad))
     else:

@@ -70,3 +70,41 @@ def test_bad_recipe_is_a_clear_error_naming_file_and_field(tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(path) in err and "flops.target_ratio" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_zoo_prints_the_zoo_table(capsys):
+    from kpid_zoo.registry import zoo_records
+
+    assert main(["zoo"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["model", "source", "parent", "img_size", "gmacs", "param_count", "top1", "top5",
+                                "eval_size"]
+    assert len(lines) == 1 + len(zoo_records)
+    assert lines[1:] and all(line.startswith("kpid_") for line in lines[1:])
+    row = next(line.split() for line in lines if line.startswith("kpid_efficientnet_b1."))
+    assert row == ["kpid_efficientnet_b1.in1k", "efficientnet_b1_pruned.in1k", "efficientnet_b1", "240", "0.404",
+                   "6.33", "78.242", "93.836", "240"]
+    assert main(["zoo", "--csv"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "model,source,parent,img_size,gmacs,param_count,top1,top5,eval_size"
+
+
+def test_flops_of_a_zoo_entry_and_a_bad_tag(capsys):
+    assert main(["flops", "kpid_efficientnet_b1", "--input-size", "64"]) == 0
+    assert "kpid_efficientnet_b1 at 3x64x64:" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"kpid_efficientnet_b1\.nope: Invalid pretrained tag \(nope\)"):
+        main(["flops", "kpid_efficientnet_b1.nope"])
+
+
+def test_build_and_prune_find_a_packaged_recipe_by_name(monkeypatch, tmp_path, capsys):
+    import kpid_zoo.build
+    from kpid_zoo.zoo import RECIPES_DIR
+
+    seen = []
+    monkeypatch.setattr(kpid_zoo.build, "build", lambda recipe, **kw: seen.append(recipe) or (_ for _ in ()).throw(
+        OSError("stop here")))
+    monkeypatch.chdir(tmp_path)  # no recipes/ folder around: only the packaged copy can answer
+    assert main(["build", "kpid_effnet_b0"]) == 2
+    assert seen == [RECIPES_DIR / "kpid_effnet_b0.yaml"]
+    assert main(["build", "kpid_nope"]) == 2
+    err = capsys.readouterr().err
+    assert "kpid_nope: no such recipe file, nor a packaged recipe of that name (kpid_effnet_b0," in err

@@ -54,6 +54,8 @@ def test_config_is_timm_format_with_rebuild_args(tiny):
     assert pcfg['paper_ids'] == 'arXiv:2002.08258'
     assert pcfg['input_size'] == [3, 224, 224] and pcfg['crop_pct'] == 0.875 and pcfg['interpolation'] == 'bicubic'
     assert pcfg['first_conv'] == 'conv1.0' and pcfg['classifier'] == 'fc' and pcfg['license'] == 'apache-2.0'
+    # timm's convention: the final feature map of the input size (224 / 32), which timm's own export leaves null
+    assert pcfg['pool_size'] == [7, 7]
     assert 'hf_hub_id' not in pcfg and 'tag' not in pcfg  # the parent's source must not leak into the export
     kpid = config['kpid']
     assert kpid['weights_sha256'] == file_sha256(folder / 'model.safetensors')
@@ -95,7 +97,7 @@ def test_card_copy_and_zoo_entry(tiny, tmp_path):
     assert path.name == 'kpid_tiny_test.json'
     assert entry['spec'] == json.loads(json.dumps(spec.to_dict()))
     assert entry['weights_sha256'] == file_sha256(folder / 'model.safetensors')
-    assert entry['hf_hub_id'] == 'kpid-test/kpid_tiny_test'
+    assert entry['hf_hub_id'] == 'kpid-test/kpid_tiny_test' and entry['source'] == 'kpid-zoo'
 
 
 def test_replaces_existing_folder_only_when_complete(tiny, tmp_path, monkeypatch):

@@ -121,3 +121,20 @@ def test_untraceable_model_gives_a_clear_error():
 
     with pytest.raises(ValueError, match="cannot trace Branchy"):
         discover_groups(Branchy(), INPUT)
+
+
+def test_eca_gates_leave_their_channels_prunable_but_inexact():
+    # ECA's gate is a Conv1d over the channel axis: channel c's gate reads channels c-k//2 .. c+k//2
+    graph = discover_groups(timm.create_model("ecaresnet26t"), INPUT)
+    stage = graph["layer1.0.conv3"]  # a residual stream: every block's conv3 output passes an ECA gate
+    assert stage.prunable and not stage.exact
+    assert "layer1.0.se: EcaModule mixes neighbouring channels" in stage.inexact
+    assert {g.name for g in graph.inexact} == {"layer1.0.conv3", "layer2.0.conv3", "layer3.0.conv3",
+                                               "layer4.0.conv3"}
+    assert all(g.exact for g in graph.prunable if g.name.endswith(("conv1", "conv2")))
+
+    # what the knapsack sees unless a recipe opts in: the inexact groups fixed, everything else unchanged
+    exact = graph.exact_only()
+    assert {g.name for g in exact.prunable} == {g.name for g in graph.prunable} - {g.name for g in graph.inexact}
+    assert "importance.allow_inexact: true" in exact["layer2.0.conv3"].reason
+    assert not exact.inexact and exact.module_out_group == graph.module_out_group

@@ -72,3 +72,19 @@ def test_ties_in_importance_still_spend_the_budget(ratio):
     result = knapsack_prune(parent, graph, importance, target, arch="resnet50", input_size=(3, 64, 64),
                             progress=False)
     assert target * 0.99 <= result.report.achieved_gmacs <= target
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_recipe_prunes_inexact_groups_only_when_it_opts_in(allow):
+    from kpid_zoo.prune import prune_from_recipe
+    from kpid_zoo.recipe import Recipe
+
+    recipe = Recipe.from_dict(dict(
+        name="kpid_eca_test", parent=dict(model="ecaresnet26t", weights="none"), input_size=[3, 32, 32],
+        flops=dict(target_ratio=0.4), importance=dict(method="magnitude", allow_inexact=allow)))
+    parent = timm.create_model("ecaresnet26t").eval()
+    result = prune_from_recipe(recipe, parent, progress=False)
+    inexact = {g.name for g in discover_groups(parent, (3, 32, 32)).inexact}
+    assert len(inexact) == 4
+    # 40% of the FLOPs cannot be reached without cutting the residual streams once they are allowed
+    assert bool(inexact & set(result.spec.widths)) == allow

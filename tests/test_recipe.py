@@ -142,3 +142,10 @@ def test_relative_paths_resolve_against_recipe_folder(tmp_path):
     assert recipe.resolve_path('parents/p.safetensors') == tmp_path / 'parents' / 'p.safetensors'
     assert recipe.resolve_path('/abs/p.pth') == Path('/abs/p.pth')
     assert Recipe.from_dict(MINIMAL).base_dir is None
+
+
+def test_allow_inexact_is_an_opt_in_boolean():
+    assert Recipe.from_dict(MINIMAL).importance.allow_inexact is False
+    assert Recipe.from_dict(with_change('importance.allow_inexact', True)).importance.allow_inexact is True
+    with pytest.raises(RecipeError, match=r"importance\.allow_inexact: expected true or false, got 'sometimes'"):
+        Recipe.from_dict(with_change('importance.allow_inexact', 'sometimes'))

@@ -1,6 +1,7 @@
 """`import kpid_zoo` registers the zoo in timm; pretrained loads come from the HF cache / a loopback Hub, checked."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -10,18 +11,24 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from huggingface_hub import HfApi
+from safetensors.torch import save_file
 
 import kpid_zoo  # noqa: F401
 from kpid_zoo import registry
 from kpid_zoo.export import file_sha256, write_zoo_entry
 from kpid_zoo.publish import publish
-from kpid_zoo.registry import ZOO_ENTRIES, KpidWeightsError
+from kpid_zoo.recipe import load_recipe
+from kpid_zoo.registry import DEFAULT_SPEC, KpidWeightsError, zoo_records
+from kpid_zoo.zoo import CFG_KEYS, ZooRecord
 
-from export_utils import REPO_ROOT, export_pruned, hf_env, pruned_spec, zoo_recipe  # noqa: F401  (fixture)
+from export_utils import REPO_ROOT, TOKEN, export_pruned, hf_env, pruned_spec, zoo_recipe  # noqa: F401  (fixture)
 from hub_server import HubServer, git_blob_sha1
 
-NAME = 'kpid_effnet_b0'
+NAME = 'kpid_effnet_b0'  # a recipe-built export (not a registered name): loaded with hf-hub: / local-dir:
 HUB_ID = f'kpid-zoo/{NAME}'
+REL = 'kpid_efficientnet_b1'  # a registered entry: the KPID authors' efficientnet_b1_pruned, weights on timm's Hub
+REL_HUB = 'timm/efficientnet_b1_pruned.in1k'
 X = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(0))
 
 
@@ -34,12 +41,17 @@ def effnet(tmp_path_factory):
     return model, spec, folder
 
 
-@pytest.fixture
-def zoo_dir(tmp_path, monkeypatch):
-    path = tmp_path / 'zoo'
-    path.mkdir()
-    monkeypatch.setattr(registry, 'ZOO_DIR', path)
-    return path
+@pytest.fixture(scope='module')
+def released(tmp_path_factory):
+    """timm's efficientnet_b1_pruned (random init, BN statistics randomised) and its weights as the Hub serves them."""
+    torch.manual_seed(0)
+    model = timm.create_model('efficientnet_b1_pruned').eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):  # timm's fresh BNs are identities: make a misplaced one visible
+            m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 1.5)
+    folder = tmp_path_factory.mktemp('released')
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / 'model.safetensors'))
+    return model, folder
 
 
 def populate_hf_cache(cache_dir: Path, repo_id: str, folder: Path, files=('config.json', 'model.safetensors')) -> Path:
@@ -71,114 +83,152 @@ def flip_one_byte(path: Path, offset: int = -100) -> None:
     path.write_bytes(bytes(data))
 
 
-def outputs_equal(a, b) -> None:
+def outputs_equal(a, b, x=X) -> None:
+    # same architecture, same weights, same kernels on the same machine: bit-identical, so no tolerance
     a.eval(), b.eval()
     with torch.no_grad():
-        torch.testing.assert_close(a(X), b(X), rtol=0, atol=0)
+        torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The registered names
 
 def test_zoo_is_registered_timm_style():
-    names = set(timm.list_models('kpid_*'))
-    assert names == set(ZOO_ENTRIES) | {'kpid_pruned'}
-    assert set(timm.list_models('kpid_*', pretrained=True)) == set(ZOO_ENTRIES)
-    for name, entry in ZOO_ENTRIES.items():
+    assert set(timm.list_models('kpid_*')) == set(zoo_records) | {'kpid_pruned'}
+    assert set(timm.list_models('kpid_*', pretrained=True)) == {f'{n}.{r.tag}' for n, r in zoo_records.items()}
+    assert {'kpid_efficientnet_b1', 'kpid_efficientnet_b2', 'kpid_efficientnet_b3', 'kpid_ecaresnet50d',
+            'kpid_ecaresnet101d'} <= set(zoo_records)
+    for name, record in zoo_records.items():
         cfg = timm.models.get_pretrained_cfg(name)
-        parent = timm.models.get_pretrained_cfg(entry.parent)
-        assert cfg.hf_hub_id == f'kpid-zoo/{name}' and cfg.paper_ids == 'arXiv:2002.08258'
-        assert cfg.license == 'apache-2.0' and cfg.input_size == (3, 224, 224) and cfg.num_classes == 1000
-        assert (cfg.first_conv, cfg.classifier, cfg.interpolation) == (
-            parent.first_conv, parent.classifier, parent.interpolation)
+        source = timm.models.get_pretrained_cfg(record.source_model).to_dict()
+        assert cfg.hf_hub_id == source['hf_hub_id'] == record.hf_hub_id and cfg.paper_ids == 'arXiv:2002.08258'
+        for key in CFG_KEYS:  # preprocessing, pool size, stem and head: the released weights' own
+            assert getattr(cfg, key) == source.get(key), (name, key)
 
 
-@pytest.mark.parametrize('name', sorted(ZOO_ENTRIES))
-def test_every_entry_has_its_recipe(name):
-    recipe, entry = zoo_recipe(name), ZOO_ENTRIES[name]
-    cfg = timm.models.get_pretrained_cfg(name)
-    assert recipe.name == name
-    assert recipe.parent.model == entry.parent
-    assert recipe.hub.repo_id == cfg.hf_hub_id
-    assert recipe.flops.target_gmacs == entry.target_gmacs
-    assert tuple(recipe.input_size) == cfg.input_size
-    assert recipe.data.crop_pct == cfg.crop_pct
-    assert tuple(recipe.data.mean) == cfg.mean and tuple(recipe.data.std) == cfg.std
-    assert recipe.data.dataset == 'imagefolder' and recipe.data.num_classes == cfg.num_classes
-
-
-def test_every_imagenet_recipe_is_an_entry():
-    from kpid_zoo.recipe import load_recipe
+def test_recipes_with_no_architecture_yet_are_not_registered():
     for path in sorted((REPO_ROOT / 'recipes').glob('*.yaml')):
-        recipe = load_recipe(path)
-        if recipe.data.dataset == 'imagefolder':
-            assert recipe.name in ZOO_ENTRIES, f'{path.name}: an ImageNet zoo recipe with no registry entry'
+        recipe = load_recipe(path)  # still a valid recipe to build
+        assert not timm.is_model(recipe.name), f'{path.name}: registered with no recorded architecture'
 
 
-def test_no_spec_yet_is_a_clear_error(hf_env, zoo_dir):
+def test_kpid_pruned_default_spec_and_the_specs_own_classes_and_channels():
+    model = timm.create_model('kpid_pruned').eval()
+    assert model.layer1[0].conv1.out_channels == DEFAULT_SPEC['widths']['layer1.0.conv1'] == 32
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+    spec = dict(parent='resnet18', widths={'layer1.0.conv1': 16}, input_size=[1, 32, 32],
+                parent_kwargs=dict(num_classes=10, in_chans=1))
+    model = timm.create_model('kpid_pruned', kpid_spec=spec).eval()
+    assert model.num_classes == 10 and model.conv1.in_channels == 1
+    assert model.pretrained_cfg['num_classes'] == 10 and model.pretrained_cfg['input_size'] == (1, 32, 32)
+    assert model.pretrained_cfg['pool_size'] == (1, 1) and model.pretrained_cfg['first_conv'] == 'conv1'
+    assert timm.create_model('kpid_pruned', kpid_spec=spec, num_classes=3).num_classes == 3  # the caller still wins
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Released weights (timm's Hub repos), on the loopback Hub and from the cache
+
+def test_pretrained_downloads_the_released_weights_from_timms_hub_repo(released, hf_env):
+    model, folder = released
+    with HubServer(token=TOKEN) as hub:
+        hf_env.set_endpoint(hub.url)
+        api = HfApi(endpoint=hub.url, token=TOKEN)
+        api.create_repo(REL_HUB)
+        api.upload_file(path_or_fileobj=folder / 'model.safetensors', path_in_repo='model.safetensors',
+                        repo_id=REL_HUB)
+        ours = timm.create_model(REL, pretrained=True)
+        resolved = [p for m, p, _ in hub.requests if m in ('HEAD', 'GET') and '/resolve/' in p]
+        assert resolved and set(resolved) == {f'/{REL_HUB}/resolve/main/model.safetensors'}  # no config: packaged
+        assert not hub.unhandled
+    outputs_equal(ours, model)
+    assert ours.pretrained_cfg['hf_hub_id'] == REL_HUB and ours.pretrained_cfg['crop_pct'] == 0.882
+
     hf_env.set_offline()
-    with pytest.raises(RuntimeError, match=rf'{NAME} has no architecture spec yet.*kpid-zoo build recipes/{NAME}\.yaml'):
-        timm.create_model(NAME)
-    with pytest.raises(ValueError, match='kpid_pruned needs kpid_spec'):
-        timm.create_model('kpid_pruned')
+    outputs_equal(timm.create_model(REL, pretrained=True), model)
+    blob = cached_blob(hf_env.cache_dir, REL_HUB, 'model.safetensors')
+    assert blob.name == file_sha256(folder / 'model.safetensors')  # the Hub's LFS sha256 names the blob
+    flip_one_byte(blob)
+    with pytest.raises(KpidWeightsError) as err:
+        timm.create_model(REL, pretrained=True)
+    msg = str(err.value)
+    assert msg.startswith(f'{REL}: pretrained weights ') and 'model.safetensors fail the sha256 check' in msg
+    assert f'expected {blob.name}, got {file_sha256(blob)}' in msg
 
 
-def test_pretrained_from_offline_cache_with_zoo_record(effnet, hf_env, zoo_dir):
-    model, spec, folder = effnet
-    write_zoo_entry(folder, zoo_dir)
-    populate_hf_cache(hf_env.cache_dir, HUB_ID, folder, files=('model.safetensors',))
+def test_a_recorded_sha256_is_what_the_weights_are_checked_against(released, hf_env, monkeypatch):
+    _, folder = released
+    populate_hf_cache(hf_env.cache_dir, REL_HUB, folder, files=('model.safetensors',))
     hf_env.set_offline()
-    loaded = timm.create_model(NAME, pretrained=True)
-    outputs_equal(loaded, model)
-    assert loaded.pretrained_cfg['hf_hub_id'] == HUB_ID and loaded.pretrained_cfg['crop_pct'] == 0.875
+    record = zoo_records[REL]
+    monkeypatch.setitem(zoo_records, REL, dataclasses.replace(record, weights_sha256='0' * 64))
+    with pytest.raises(KpidWeightsError, match=rf'{REL}: .*model\.safetensors fail the sha256 check: expected 0{{64}}'):
+        timm.create_model(REL, pretrained=True)
+    monkeypatch.setitem(zoo_records, REL, dataclasses.replace(record, weights_sha256=file_sha256(folder / 'model.safetensors')))
+    timm.create_model(REL, pretrained=True)
 
-    # random init without pretrained needs no weights, only the spec
-    assert timm.create_model(NAME).num_features == model.num_features
+
+def test_a_regular_hub_file_is_checked_against_its_git_sha1(tmp_path):
+    data = b'{"not": "an LFS file"}'
+    blob = tmp_path / git_blob_sha1(data)
+    blob.write_bytes(data)
+    registry._verify_hub_reported(REL, str(blob))
+    flip_one_byte(blob, 3)
+    with pytest.raises(KpidWeightsError, match=rf'{REL}: pretrained weights .* fail the check against the git sha1'):
+        registry._verify_hub_reported(REL, str(blob))
 
 
-def test_pretrained_from_offline_cache_spec_from_hub_config(effnet, hf_env, zoo_dir):
+def test_offline_and_not_cached_is_one_clear_error(hf_env):
+    hf_env.set_offline()
+    with pytest.raises(RuntimeError, match=rf'{REL}: cannot get pretrained weights model\.safetensors from {REL_HUB}'):
+        timm.create_model(REL, pretrained=True)
+
+
+def test_spec_that_does_not_fit_the_weights_names_the_tensor(released, hf_env, monkeypatch):
+    _, folder = released
+    populate_hf_cache(hf_env.cache_dir, REL_HUB, folder, files=('model.safetensors',))
+    hf_env.set_offline()
+    record = zoo_records[REL]
+    group = next(iter(record.spec['widths']))
+    spec = {**record.spec, 'widths': {**record.spec['widths'], group: record.spec['widths'][group] + 4}}
+    monkeypatch.setitem(zoo_records, REL, dataclasses.replace(record, spec=spec))
+    with pytest.raises(KpidWeightsError, match=rf"{REL}: .*model\.safetensors does not fit the architecture: "
+                                               rf"tensor '{group}\.weight' has shape"):
+        timm.create_model(REL, pretrained=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Exports (recipe builds): kpid_pruned through hf-hub: and local-dir:
+
+def test_export_from_offline_cache(effnet, hf_env):
     model, _, folder = effnet
     populate_hf_cache(hf_env.cache_dir, HUB_ID, folder)
     hf_env.set_offline()
-    outputs_equal(timm.create_model(NAME, pretrained=True), model)
-    outputs_equal(timm.create_model(f'hf-hub:{HUB_ID}', pretrained=True), model)
+    loaded = timm.create_model(f'hf-hub:{HUB_ID}', pretrained=True)
+    outputs_equal(loaded, model)
+    assert loaded.pretrained_cfg['crop_pct'] == 0.875 and tuple(loaded.pretrained_cfg['pool_size']) == (7, 7)
 
 
-def test_tampered_cache_fails_the_sha256_check(effnet, hf_env, zoo_dir):
+def test_tampered_export_cache_fails_the_sha256_check(effnet, hf_env):
     _, _, folder = effnet
-    write_zoo_entry(folder, zoo_dir)
     populate_hf_cache(hf_env.cache_dir, HUB_ID, folder)
     hf_env.set_offline()
     blob = cached_blob(hf_env.cache_dir, HUB_ID, 'model.safetensors')
     expected = file_sha256(blob)
     flip_one_byte(blob)
-    for name in (NAME, f'hf-hub:{HUB_ID}'):
-        with pytest.raises(KpidWeightsError) as err:
-            timm.create_model(name, pretrained=True)
-        msg = str(err.value)
-        assert msg.startswith(('kpid_effnet_b0:', 'kpid_pruned:')) and 'model.safetensors' in msg
-        assert f'expected {expected}, got {file_sha256(blob)}' in msg
+    with pytest.raises(KpidWeightsError) as err:
+        timm.create_model(f'hf-hub:{HUB_ID}', pretrained=True)
+    msg = str(err.value)
+    assert msg.startswith('kpid_pruned:') and 'model.safetensors' in msg
+    assert f'expected {expected}, got {file_sha256(blob)}' in msg
 
 
-def test_spec_that_does_not_fit_the_weights_names_the_tensor(effnet, hf_env, zoo_dir):
-    _, spec, folder = effnet
-    record = json.loads(write_zoo_entry(folder, zoo_dir).read_text())
-    group = next(iter(record['spec']['widths']))
-    record['spec']['widths'][group] += 4
-    (zoo_dir / f'{NAME}.json').write_text(json.dumps(record))
-    populate_hf_cache(hf_env.cache_dir, HUB_ID, folder, files=('model.safetensors',))
-    hf_env.set_offline()
-    with pytest.raises(KpidWeightsError, match=rf"{NAME}: .*model\.safetensors does not fit the architecture: "
-                                               rf"tensor '{group}\.weight' has shape"):
-        timm.create_model(NAME, pretrained=True)
-
-
-def test_adaptations_features_classes_channels(effnet, hf_env, zoo_dir):
+def test_adaptations_features_classes_channels(effnet, hf_env):
     model, _, folder = effnet
-    write_zoo_entry(folder, zoo_dir)
-    populate_hf_cache(hf_env.cache_dir, HUB_ID, folder, files=('model.safetensors',))
+    populate_hf_cache(hf_env.cache_dir, HUB_ID, folder)
     hf_env.set_offline()
+    name = f'hf-hub:{HUB_ID}'
 
-    feats = timm.create_model(NAME, pretrained=True, features_only=True).eval()
+    feats = timm.create_model(name, pretrained=True, features_only=True).eval()
     with torch.no_grad():
         outs = feats(X)
         ref = model.forward_intermediates(X, intermediates_only=True)
@@ -186,44 +236,58 @@ def test_adaptations_features_classes_channels(effnet, hf_env, zoo_dir):
     for o, r in zip(outs, ref):
         torch.testing.assert_close(o, r, rtol=0, atol=0)
 
-    seven = timm.create_model(NAME, pretrained=True, num_classes=7).eval()
+    seven = timm.create_model(name, pretrained=True, num_classes=7).eval()
     with torch.no_grad():
         assert seven(X).shape == (1, 7)
         torch.testing.assert_close(seven.forward_features(X), model.forward_features(X), rtol=0, atol=0)
 
-    gray = timm.create_model(NAME, pretrained=True, in_chans=1).eval()
+    gray = timm.create_model(name, pretrained=True, in_chans=1).eval()
     with torch.no_grad():
         assert gray(X[:, :1]).shape == (1, 1000)
     torch.testing.assert_close(gray.conv_stem.weight, model.conv_stem.weight.sum(1, keepdim=True))
 
 
-def test_pretrained_from_loopback_hub(effnet, hf_env, zoo_dir):
-    """publish -> timm.create_model(name, pretrained=True) downloads via hf_hub_id -> then works offline."""
+def test_export_from_loopback_hub(effnet, hf_env):
+    """publish -> timm.create_model('hf-hub:...', pretrained=True) downloads -> then works offline."""
     model, _, folder = effnet
-    from export_utils import TOKEN
     with HubServer(token=TOKEN) as hub:
         hf_env.set_endpoint(hub.url)
         publish(folder, HUB_ID)
-        outputs_equal(timm.create_model(NAME, pretrained=True), model)  # spec from the Hub's config.json
         outputs_equal(timm.create_model(f'hf-hub:{HUB_ID}', pretrained=True), model)
         resolved = [p for m, p, _ in hub.requests if m in ('HEAD', 'GET') and '/resolve/' in p]
         assert f'/{HUB_ID}/resolve/main/model.safetensors' in resolved
         assert not hub.unhandled
     hf_env.set_offline()
-    outputs_equal(timm.create_model(NAME, pretrained=True), model)
-
-    flip_one_byte(cached_blob(hf_env.cache_dir, HUB_ID, 'model.safetensors'))
-    with pytest.raises(KpidWeightsError, match=rf'{NAME}: pretrained weights .*model\.safetensors fail the sha256'):
-        timm.create_model(NAME, pretrained=True)
+    outputs_equal(timm.create_model(f'hf-hub:{HUB_ID}', pretrained=True), model)
 
 
-def test_local_dir_and_reexport_roundtrip(effnet, tmp_path):
+def test_recorded_export_becomes_a_zoo_record(effnet, tmp_path):
     model, spec, folder = effnet
-    local = timm.create_model(f'local-dir:{folder}', pretrained=True)
-    outputs_equal(local, model)
-    # a model loaded from an export exports again with the same spec (model_args carry kpid_spec through)
+    record = ZooRecord.load(write_zoo_entry(folder, tmp_path))
+    assert record.name == NAME and record.spec == json.loads(json.dumps(spec.to_dict()))
+    assert record.weights_sha256 == file_sha256(folder / 'model.safetensors') and record.hf_hub_id == HUB_ID
+    assert record.pretrained_cfg['pool_size'] == [7, 7] and record.top1 == 71.25
+
+
+def test_local_dir_roundtrip_and_tamper(effnet, tmp_path):
+    model, spec, folder = effnet
+    outputs_equal(timm.create_model(f'local-dir:{folder}', pretrained=True), model)
     copy = tmp_path / 'copy'
     shutil.copytree(folder, copy)
     flip_one_byte(copy / 'model.safetensors')
     with pytest.raises(KpidWeightsError, match=r'kpid_pruned: pretrained weights .*copy/model\.safetensors fail'):
         timm.create_model(f'local-dir:{copy}', pretrained=True)
+
+
+def test_a_broken_zoo_record_names_its_file(tmp_path):
+    record = zoo_records[REL].to_dict()
+    path = tmp_path / f'{REL}.json'
+    path.write_text(json.dumps({k: v for k, v in record.items() if k != 'spec'}))
+    with pytest.raises(ValueError, match=rf"{path}: not a kpid-zoo record \(missing \['spec'\]"):
+        ZooRecord.load(path)
+    path.write_text(json.dumps({**record, 'pretrained_cfg': {**record['pretrained_cfg'], 'pool_size': None}}))
+    with pytest.raises(ValueError, match=rf"{path}: pretrained_cfg lacks \['pool_size'\]"):
+        ZooRecord.load(path)
+    path.write_text('{')
+    with pytest.raises(ValueError, match=rf'{path}: not valid JSON'):
+        ZooRecord.load(path)

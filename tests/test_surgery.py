@@ -11,9 +11,9 @@ from kpid_zoo.surgery import ArchSpec, build_pruned, prune_model
 from engine_utils import FAMILIES, INPUT, random_model, zero_pruned_inputs
 
 
-def _random_keep(graph, generator):
+def _random_keep(graph, generator, groups=None):
     keep = {}
-    for group in graph.prunable:
+    for group in graph.prunable if groups is None else groups:
         k = int(torch.randint(1, group.size + 1, (1,), generator=generator))
         keep[group.name] = torch.randperm(group.size, generator=generator)[:k]
     return keep
@@ -39,6 +39,22 @@ def test_pruned_net_equals_parent_with_pruned_channels_zeroed_random_masks(name,
     x = torch.randn(2, *INPUT, dtype=torch.float64)
     for info, feat in zip(pruned.feature_info, pruned.forward_intermediates(x, intermediates_only=True)):
         assert feat.shape[1] == info["num_chs"], info["module"]
+
+
+def test_eca_nets_prune_exactly_in_their_exact_groups_and_validly_in_the_inexact_ones():
+    model = random_model("ecaresnet26t")
+    graph = discover_groups(model, INPUT)
+    exact = [g for g in graph.prunable if g.exact]
+    assert len(exact) == len(graph.prunable) - 4  # the four residual streams carry ECA gates
+    _assert_prunes_exactly(model, graph, _random_keep(graph, torch.Generator().manual_seed(5), exact))
+
+    # an inexact group: the pruned net runs, but the neighbours' gates changed, so it is not the zeroed parent
+    keep = {"layer2.0.conv3": torch.arange(0, graph["layer2.0.conv3"].size, 2)}
+    x = torch.randn(3, *INPUT, dtype=torch.float64)
+    with torch.no_grad():
+        got, zeroed = prune_model(model, graph, keep)(x), zero_pruned_inputs(model, graph, keep)(x)
+    # float64 rounding of this net is ~1e-13; a changed gate moves logits by a visible fraction of their scale
+    assert got.shape == zeroed.shape and (got - zeroed).abs().max() > 1e-6 * zeroed.abs().max()
 
 
 @pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "mobilenetv3_small_100"])
