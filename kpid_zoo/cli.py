@@ -52,25 +52,29 @@ def cmd_groups(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    import shutil
-    from .build import adapt_parent, load_or_prune
+    from .build import BuildPaths, adapt_parent, load_or_prune, preflight
     from .data import create_loaders
+    from .lock import build_lock
     from .parent import create_parent
+    from .provenance import MANIFEST_DIR
     from .recipe import load_recipe
     from .report import summary_table
 
     recipe = load_recipe(args.recipe)
     out = Path(args.out or Path("runs") / recipe.name / "pruned")
-    if args.force:
-        shutil.rmtree(out, ignore_errors=True)
-    elif out.exists():
-        print(f"{out} exists: showing it (pass --force to prune again)", file=sys.stderr)
-    parent = create_parent(recipe)
-    needs_data = recipe.importance.method == "taylor" or recipe.parent.train_epochs > 0
-    data = create_loaders(recipe.data, model=parent, input_size=recipe.input_size,
-                          seed=recipe.finetune.seed) if needs_data else None
-    parent = adapt_parent(recipe, parent, data, out.parent / "parent", progress=not args.quiet)
-    result = load_or_prune(recipe, parent, data, out, progress=not args.quiet)
+    paths = BuildPaths(work=out.parent, export=out, pruned_dir=out)
+    preflight(recipe)
+    with build_lock(paths.work):
+        if args.force:
+            (paths.work / MANIFEST_DIR / "pruned.json").unlink(missing_ok=True)
+        elif out.exists():
+            print(f"{out} exists: showing it if it is up to date (pass --force to prune again)", file=sys.stderr)
+        parent = create_parent(recipe)
+        needs_data = recipe.importance.method == "taylor" or recipe.parent.train_epochs > 0
+        data = create_loaders(recipe.data, model=parent, input_size=recipe.input_size,
+                              seed=recipe.finetune.seed) if needs_data else None
+        parent, parent_ref = adapt_parent(recipe, parent, data, paths.work, progress=not args.quiet)
+        result, _ = load_or_prune(recipe, parent, data, paths, parent_ref, progress=not args.quiet)
     print(summary_table(result))
     print(f"wrote {out}/ (model.safetensors, spec.json, report.json, widths.png)")
     return 0

@@ -32,9 +32,11 @@ from tqdm.auto import tqdm
 
 from .distill import DistillationWrapper, InnerDistillLoss, build_distillation, capture_outputs
 from .evaluate import EvalResult, evaluate
+from .files import first_mismatch, hash_files, read_json, write_json
 from .recipe import setting
 
 CHECKPOINT_RE = re.compile(r'^step_(\d+)$')
+CHECKSUMS = 'checksums.json'  # in each checkpoint: {file: sha256} of the files accelerate wrote
 
 
 @dataclass
@@ -129,12 +131,30 @@ def _save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, step: int, 
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        # every file's sha256, inside the checkpoint before it is renamed in: a resume verifies before it loads
+        write_json(tmp / CHECKSUMS, hash_files(tmp))
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
         for old in list_checkpoints(checkpoint_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def latest_intact_checkpoint(checkpoint_dir: str | os.PathLike, log: Callable[[str], None] = print
+                             ) -> Optional[Path]:
+    """The newest checkpoint whose files all have the sha256 recorded when it was saved; the others are named."""
+    for checkpoint in reversed(list_checkpoints(checkpoint_dir)):
+        try:
+            recorded = read_json(checkpoint / CHECKSUMS)
+        except (OSError, ValueError):
+            problem = f'no readable {CHECKSUMS}'
+        else:
+            problem = first_mismatch(checkpoint, recorded) if isinstance(recorded, dict) else f'bad {CHECKSUMS}'
+        if problem is None:
+            return checkpoint
+        log(f'not resuming from {checkpoint} ({problem}): trying an earlier one')
+    return None
 
 
 def _default_trackers(out_dir: Path) -> list:
@@ -156,7 +176,7 @@ def finetune(student: nn.Module, teacher: Optional[nn.Module], train_loader, val
 
     cfg: the recipe's `finetune` section (epochs, lr, weight_decay, warmup_epochs, optimizer [timm name],
         momentum, grad_accum_steps, mixed_precision, kd_gamma, kd_logits_weight, temperature, label_smoothing,
-        checkpoint_every [optimizer steps; 0 = only at the end], seed).
+        checkpoint_every [optimizer steps, at most a tenth of the run], seed).
     train_loader / val_loader: plain (unprepared) DataLoaders with the per-process batch size.
     kept: {distillation point: parent channel indices kept}, e.g. from the pruning result.
     out_dir: checkpoints go to out_dir/checkpoints/step_N, metrics to out_dir/metrics.jsonl. With `resume`, the
@@ -211,15 +231,16 @@ def finetune(student: nn.Module, teacher: Optional[nn.Module], train_loader, val
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     resumed_from = None
-    existing = list_checkpoints(checkpoint_dir) if resume else []
-    if existing:
-        accelerator.load_state(str(existing[-1]))
+    intact = latest_intact_checkpoint(checkpoint_dir, accelerator.print) if resume else None
+    if intact is not None:
+        accelerator.load_state(str(intact))
         resumed_from = state.step
     accelerator.init_trackers('kpid_zoo', config={
         'total_steps': total_steps, 'steps_per_epoch': steps_per_epoch, 'world_size': accelerator.num_processes,
         'resumed_from': resumed_from, 'teacher': use_teacher})
 
-    every = int(setting(cfg, 'checkpoint_every', 0))
+    # however long the run, a kill loses at most a tenth of it
+    every = min(int(setting(cfg, 'checkpoint_every', 0)) or total_steps, math.ceil(total_steps / 10))
     clip = setting(cfg, 'clip_grad', None)
     losses = []
     bar = tqdm(total=total_steps, initial=state.step, disable=not (progress and accelerator.is_local_main_process),
