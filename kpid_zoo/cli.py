@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -129,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kpid-zoo", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Knapsack Pruning with Inner Distillation: smaller, faster timm CNNs from a recipe.")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, show the full traceback instead of one line")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("flops", help="count GMACs (fvcore; 1 FLOP = 1 multiply-add) and params of a timm model")
@@ -172,6 +175,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Failures a user can act on: each prints as one line naming what is wrong (a file, a field, a repo)."""
+    from huggingface_hub.errors import HfHubHTTPError
+    from safetensors import SafetensorError
+
+    from .lock import LockedError
+    from .publish import PublishError
+
+    return (ValueError, OSError, PublishError, LockedError, HfHubHTTPError, SafetensorError, ImportError)
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """What the HTTP clients under huggingface_hub raise when the network is down (not all are OSErrors)."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module, names in (("httpx2", ("TransportError",)), ("httpx", ("TransportError",)),
+                          ("requests", ("ConnectionError", "Timeout"))):
+        try:
+            mod = __import__(module)
+        except ImportError:
+            continue
+        errors += [getattr(mod, n) for n in names if isinstance(getattr(mod, n, None), type)]
+    return tuple(errors)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 1000 else text[:997] + "..."
+
+
 def main(argv: list[str] | None = None) -> int:
     import warnings
     # fvcore traces with torch.jit, which torch now flags as deprecated on every count
@@ -182,9 +214,25 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `kpid-zoo groups resnet50 | head`
         sys.stderr.close()
         return 0
-    except (ValueError, OSError) as e:
-        print(f"kpid-zoo {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"kpid-zoo {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        if isinstance(e, _network_errors()):
+            offline = "" if os.environ.get("HF_HUB_OFFLINE") else "; offline, set HF_HUB_OFFLINE=1"
+            print(f"kpid-zoo {args.command}: error: network: {_one_line(e)}{offline}", file=sys.stderr)
+            return 2
+        if isinstance(e, _user_errors()):
+            print(f"kpid-zoo {args.command}: error: {_one_line(e)}", file=sys.stderr)
+            return 2
+        # a bug, not a usage problem: still one line, and the way to the traceback
+        print(f"kpid-zoo {args.command}: internal error: {type(e).__name__}: {_one_line(e)} "
+              f"(rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
