@@ -153,7 +153,7 @@ def _build(recipe: Recipe, paths: BuildPaths, progress: bool) -> BuildResult:
     metrics, eval_ref = measured(recipe, parent, student, data, student_val, paths, {**parent_ref, **finetune_ref})
     inputs = {**_recipe_inputs(recipe),  # the card embeds the whole recipe
                **pruned_ref, **finetune_ref, **eval_ref,
-              "export.folder": str(paths.export.resolve()), "kpid_zoo.version": __version__}
+              "kpid_zoo.version": __version__}
     stage = Stage("export", paths.work, paths.export, EXPORT_FILES + (WIDTHS_PLOT,), inputs, log=_log)
 
     def export() -> None:

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ import yaml
 
 import kpid_zoo  # noqa: F401  (registers kpid_pruned for local-dir: loading)
 from kpid_zoo.cli import main
+from kpid_zoo.files import file_sha256
 from kpid_zoo.flops import count_flops
 
 
@@ -188,3 +190,102 @@ def test_killed_anywhere_the_build_resumes_to_the_same_bytes(reference, tmp_path
 @pytest.mark.slow
 def test_every_kill_point_resumes_to_the_same_bytes(reference, tmp_path, capsys):
     _killed_build_matches(reference, tmp_path, KILLS, capsys)
+
+
+def _flip_byte(path: Path, offset: int = -100) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_altered_stage_weights_are_redone_never_exported(reference, tmp_path):
+    """One flipped byte in the fine-tune result, then also in its last checkpoint: each rebuild says which file
+    it does not trust, redoes from what it can verify, and exports the reference bytes again."""
+    recipe, out, work = _copy_build(reference, tmp_path)
+    weights = work / "finetune" / "model.safetensors"
+    _flip_byte(weights)
+    log = _finish(_start(recipe, out, work))
+    assert f"finetune: {weights} does not match the sha256 recorded when it was written" in log
+    assert "parent: up to date" in log and "pruned: up to date" in log
+    _assert_same_build(reference[1], reference[2], out, work)
+
+    last = sorted((work / "finetune" / "checkpoints").glob("step_*"), key=lambda p: int(p.name[5:]))[-1]
+    _flip_byte(last / "model.safetensors")
+    _flip_byte(weights)
+    log = _finish(_start(recipe, out, work))
+    assert f"not resuming from {last}" in log
+    _assert_same_build(reference[1], reference[2], out, work)
+
+
+def test_altered_or_garbage_json_results_are_redone(reference, tmp_path):
+    recipe, out, work = _copy_build(reference, tmp_path)
+    (work / "pruned" / "spec.json").write_text('{"parent": "resnet18", "widths": ')
+    (work / "eval.json").write_text("garbage")
+    (out / "config.json").write_text("{}")
+    log = _finish(_start(recipe, out, work))
+    for path in (work / "pruned" / "spec.json", work / "eval.json", out / "config.json"):
+        assert f"{path} does not match the sha256 recorded" in log
+    assert "finetune: up to date" in log  # the redone pruning gave the same bytes: nothing downstream is stale
+    reference_config = json.loads((reference[1] / "config.json").read_text())
+    assert json.loads((out / "config.json").read_text())["kpid"] == reference_config["kpid"]
+
+
+def test_a_changed_recipe_redoes_exactly_the_stale_stages(reference, tmp_path):
+    recipe, out, work = _copy_build(reference, tmp_path)
+    changed = yaml.safe_load(recipe.read_text())
+    changed["flops"]["target_ratio"] = 0.25
+    recipe = tmp_path / "changed.yaml"
+    recipe.write_text(yaml.safe_dump(changed))
+    log = _finish(_start(recipe, out, work))
+    assert "parent: up to date" in log
+    assert "pruned: stale: recipe.flops.target_ratio 0.5 -> 0.25" in log
+    assert "finetune: stale: the pruned result changed" in log
+    config = json.loads((out / "config.json").read_text())["kpid"]
+    report = json.loads((work / "pruned" / "report.json").read_text())
+    assert config["target_gmacs"] == pytest.approx(report["target_gmacs"]) == pytest.approx(
+        0.25 * report["parent_gmacs"])
+    assert config["gmacs"] == pytest.approx(report["achieved_gmacs"])
+    # the export describes the weights beside it, and those are the new fine-tune's
+    assert (out / "model.safetensors").read_bytes() == (work / "finetune" / "model.safetensors").read_bytes()
+    assert config["weights_sha256"] == file_sha256(out / "model.safetensors")
+
+
+@pytest.mark.parametrize("flops, expected", [
+    ({"target_gmacs": 5.0}, "is not below the parent's"),
+    ({"target_gmacs": 1e-6}, "is below the smallest reachable"),
+])
+def test_unreachable_targets_fail_before_any_work_even_over_a_finished_run(reference, tmp_path, capsys, flops,
+                                                                           expected):
+    recipe, out, work = _copy_build(reference, tmp_path)
+    bad = yaml.safe_load(recipe.read_text())
+    bad["flops"] = flops
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(yaml.safe_dump(bad))
+    before = {p: p.stat().st_mtime_ns for p in work.rglob("*")}
+    assert main(["build", str(recipe), "--out", str(out), "--work", str(work), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(recipe) in err and expected in err, err
+    assert {p: p.stat().st_mtime_ns for p in work.rglob("*")} == before
+
+
+def test_a_dead_builds_lock_and_staging_are_cleaned_a_live_one_refuses(reference, tmp_path, capsys):
+    recipe, out, work = _copy_build(reference, tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (work / "build.lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(),
+                                                 "started": "2026-01-01T00:00:00+00:00"}))
+    leftovers = [work / "finetune" / "checkpoints" / ".tmp-step_3", work / ".pruned.tmp-0123abcd",
+                 out.parent / f".{out.name}.tmp-89abcdef"]
+    for path in leftovers:
+        path.mkdir(parents=True)
+        (path / "model.safetensors").write_bytes(b"half")
+    args = ["build", str(recipe), "--out", str(out), "--work", str(work), "--quiet"]
+    assert main(args) == 0
+    assert not any(p.exists() for p in leftovers) and not (work / "build.lock").exists()
+
+    (work / "build.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                                 "started": "2026-01-01T00:00:00+00:00"}))
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{work} is being built by process {os.getpid()}" in err
