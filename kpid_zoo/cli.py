@@ -186,19 +186,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (ValueError, OSError, PublishError, LockedError, HfHubHTTPError, SafetensorError, ImportError)
 
 
-def _network_errors() -> tuple[type[BaseException], ...]:
-    """What the HTTP clients under huggingface_hub raise when the network is down (not all are OSErrors)."""
-    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    for module, names in (("httpx2", ("TransportError",)), ("httpx", ("TransportError",)),
-                          ("requests", ("ConnectionError", "Timeout"))):
-        try:
-            mod = __import__(module)
-        except ImportError:
-            continue
-        errors += [getattr(mod, n) for n in names if isinstance(getattr(mod, n, None), type)]
-    return tuple(errors)
-
-
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
     return text if len(text) <= 1000 else text[:997] + "..."
@@ -222,9 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if args.debug:
             raise
-        if isinstance(e, _network_errors()):
-            offline = "" if os.environ.get("HF_HUB_OFFLINE") else "; offline, set HF_HUB_OFFLINE=1"
-            print(f"kpid-zoo {args.command}: error: network: {_one_line(e)}{offline}", file=sys.stderr)
+        from .publish import network_errors
+        if isinstance(e, network_errors()):
+            offline = "" if os.environ.get("HF_HUB_OFFLINE") else " (set HF_HUB_OFFLINE=1 to use only the local cache)"
+            print(f"kpid-zoo {args.command}: error: cannot reach the network: {_one_line(e)}{offline}",
+                  file=sys.stderr)
             return 2
         if isinstance(e, _user_errors()):
             print(f"kpid-zoo {args.command}: error: {_one_line(e)}", file=sys.stderr)
