@@ -111,7 +111,8 @@ def build_lock(folder: str | Path) -> Iterator[None]:
 
     state = PartialState()
     path, refusal = None, None
-    if state.is_main_process:
+    # RANK too: a CPU launch whose process group is not set up yet sees every rank as a main process of one
+    if state.is_main_process and os.environ.get('RANK', '0') == '0':
         try:
             path = acquire(folder)
         except LockedError as e:
