@@ -209,6 +209,12 @@ def zoo_entry_from_export(folder: str | Path, revision: str | None = None) -> di
     """The packaged registry record of an export: what `kpid_zoo/zoo/<name>.json` holds."""
     config = read_export_config(folder)
     kpid = config['kpid']
+    weights = Path(folder) / kpid.get('weights_file', WEIGHTS_FILE)
+    # the record is trusted by every later load: it must describe the weights that are there, not a stale config
+    if not weights.is_file() or file_sha256(weights) != kpid['weights_sha256']:
+        state = 'is missing' if not weights.is_file() else 'does not match'
+        raise ValueError(f"{weights} {state} the sha256 {kpid['weights_sha256']} recorded in "
+                         f"{Path(folder) / CONFIG_FILE}; re-run the export")
     entry = {
         'name': kpid['name'],
         'hf_hub_id': kpid['repo_id'],

@@ -160,3 +160,16 @@ def test_the_cli_says_so_in_one_line_as_a_subprocess(tmp_path, repo_root):
     assert proc.stderr.strip().splitlines() == [
         f"kpid-zoo build: error: {recipe}: parent.model: 'vit_small_patch16_224' is not a supported CNN family "
         f"(expected a timm ResNet, EfficientNet, MobileNetV3 model, e.g. resnet50)"], proc.stderr
+
+
+def test_zoo_record_refuses_weights_its_config_does_not_describe(tmp_path):
+    from kpid_zoo.export import write_zoo_entry
+    _, folder = export_pruned(tmp_path / "exp", pruned_spec("resnet10t", 0.5), tiny_recipe(), name="kpid_tiny_test",
+                              num_classes=10)
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"{weights} does not match the sha256"):
+        write_zoo_entry(folder, zoo_dir=tmp_path / "zoo")
+    assert not (tmp_path / "zoo").exists()
