@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
-import json
 import math
 import re
 import reprlib
@@ -25,6 +23,8 @@ from typing import Any
 import timm
 import yaml
 from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+from .files import json_sha256
 
 __all__ = [
     'RecipeError', 'Recipe', 'ParentSpec', 'FlopsSpec', 'ImportanceSpec', 'DataSpec', 'FinetuneSpec', 'HubSpec',
@@ -416,8 +416,7 @@ class Recipe(_Section):
 
     def sha256(self) -> str:
         """Hash of the canonical JSON of `to_dict()`: identifies the recipe in the model card, whatever its layout."""
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(',', ':'))
-        return hashlib.sha256(canonical.encode()).hexdigest()
+        return json_sha256(self.to_dict())
 
     @property
     def base_dir(self) -> Path | None:

@@ -22,46 +22,6 @@ from kpid_zoo.files import file_sha256
 from kpid_zoo.flops import count_flops
 
 
-@pytest.fixture
-def micro_recipe(tmp_path, cifar10_tarball):
-    recipe = {
-        "name": "kpid_micro_cifar10",
-        "parent": {"model": "resnet18", "weights": "none", "num_classes": 10, "train_epochs": 1},
-        "input_size": [3, 32, 32],
-        "flops": {"target_ratio": 0.5, "tolerance": 0.05},
-        "importance": {"method": "taylor", "batches": 1, "batch_size": 16},
-        "data": {"dataset": "cifar10", "root": str(cifar10_tarball), "batch_size": 32, "workers": 0,
-                 "crop_pct": 1.0, "train_subset": 96, "val_subset": 48},
-        "finetune": {"epochs": 1, "lr": 0.01, "checkpoint_every": 2, "kd_logits_weight": 0.5},
-    }
-    path = tmp_path / "micro.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
-
-def test_build_exports_a_timm_loadable_pruned_model_and_resumes(micro_recipe, tmp_path, capsys):
-    out, work = tmp_path / "export", tmp_path / "work"
-    args = ["build", str(micro_recipe), "--out", str(out), "--work", str(work), "--quiet"]
-    assert main(args) == 0
-    assert "top-1" in capsys.readouterr().out
-
-    assert {"model.safetensors", "config.json", "README.md"} <= {p.name for p in out.iterdir()}
-    config = json.loads((out / "config.json").read_text())
-    report = json.loads((work / "pruned" / "report.json").read_text())
-    assert config["kpid"]["metrics"]["n"] == 48
-    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
-    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
-    assert count_flops(model, (3, 32, 32)).gmacs == pytest.approx(report["achieved_gmacs"])
-    assert report["target_gmacs"] * 0.95 <= report["achieved_gmacs"] <= report["target_gmacs"]
-
-    # a second run finds every stage done and changes nothing
-    stamps = {p: p.stat().st_mtime_ns for p in work.rglob("*") if p.is_file()}
-    weights = (out / "model.safetensors").read_bytes()
-    assert main(args) == 0
-    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
-    assert (out / "model.safetensors").read_bytes() == weights
-
-
 @pytest.mark.slow
 def test_readme_main_command_builds_the_tiny_cifar10_entry(tmp_path, repo_root, cifar10_tarball):
     """The README's main job, end to end (about 10 minutes on 2 cores): KPID_TEST_SLOW=1."""
@@ -154,6 +114,26 @@ def _copy_build(reference, tmp_path) -> tuple[Path, Path, Path]:
     shutil.copytree(out, tmp_path / "out")
     shutil.copytree(work, tmp_path / "work")
     return recipe, tmp_path / "out", tmp_path / "work"
+
+
+def test_build_exports_a_timm_loadable_pruned_model_and_a_rerun_changes_nothing(reference, tmp_path, capsys):
+    recipe, out, work = _copy_build(reference, tmp_path)
+    assert "top-1" in reference[3]
+    assert {"model.safetensors", "config.json", "README.md"} <= {p.name for p in out.iterdir()}
+    config = json.loads((out / "config.json").read_text())
+    report = json.loads((work / "pruned" / "report.json").read_text())
+    assert config["kpid"]["metrics"]["n"] == 32
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert count_flops(model, (3, 32, 32)).gmacs == pytest.approx(report["achieved_gmacs"])
+    assert report["target_gmacs"] * 0.95 <= report["achieved_gmacs"] <= report["target_gmacs"]
+
+    # a second run finds every stage done and changes nothing
+    stamps = {p: p.stat().st_mtime_ns for p in [*work.rglob("*"), *out.rglob("*")] if p.is_file()}
+    assert main(["build", str(recipe), "--out", str(out), "--work", str(work), "--quiet"]) == 0
+    log = capsys.readouterr().out
+    assert all(f"{stage}: up to date" in log for stage in ("parent", "pruned", "finetune", "eval", "export"))
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 
 KILLS = ["parent:5", "parent:written", "parent:done", "pruned:written", "pruned:done", "finetune:7",

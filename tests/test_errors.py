@@ -2,7 +2,6 @@
 (unless --debug), and it comes before any expensive work."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
