@@ -196,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     # fvcore traces with torch.jit, which torch now flags as deprecated on every count
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
     args = build_parser().parse_args(argv)
+    if not args.debug:
+        # huggingface_hub logs each retry of an unreachable Hub as a warning: the error that follows says it all
+        from huggingface_hub.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
     try:
         return args.func(args)
     except BrokenPipeError:  # `kpid-zoo groups resnet50 | head`

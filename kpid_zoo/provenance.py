@@ -134,7 +134,8 @@ class Stage:
             bad = first_mismatch(self.folder, old.files)
             if bad is None:
                 self.digest = old.digest
-                self.log(f'{self.name}: up to date, reusing {self.folder}')
+                where = self.folder / self.files[0] if len(self.files) == 1 else self.folder
+                self.log(f'{self.name}: up to date, reusing {where}')
                 return True
             reason = bad
         self.log(f'{self.name}: {reason}: running it')
