@@ -150,10 +150,9 @@ def _build(recipe: Recipe, paths: BuildPaths, progress: bool) -> BuildResult:
 
     student, student_val, finetune_ref = distill(recipe, parent, pruned, data, paths, parent_ref, pruned_ref,
                                                  progress)
-    metrics, eval_ref = measured(recipe, parent, student, data, student_val, paths, {**parent_ref, **finetune_ref})
-    inputs = {**_recipe_inputs(recipe),  # the card embeds the whole recipe
-               **pruned_ref, **finetune_ref, **eval_ref,
-              "kpid_zoo.version": __version__}
+    metrics, eval_ref = eval_stage(recipe, parent, student, data, student_val, paths, {**parent_ref, **finetune_ref})
+    # the card embeds the whole recipe and the kpid-zoo version: any change to either is a new export
+    inputs = {**_recipe_inputs(recipe), **pruned_ref, **finetune_ref, **eval_ref, "kpid_zoo.version": __version__}
     stage = Stage("export", paths.work, paths.export, EXPORT_FILES + (WIDTHS_PLOT,), inputs, log=_log)
 
     def export() -> None:
@@ -334,7 +333,7 @@ def load_prune_outputs(folder: Path, parent: nn.Module, input_size: tuple[int, i
     return PruneResult(model.eval(), spec, keep, discover_groups(parent, input_size), prune_report)
 
 
-def measured(recipe: Recipe, parent: nn.Module, student: nn.Module, data: DataBundle,
+def eval_stage(recipe: Recipe, parent: nn.Module, student: nn.Module, data: DataBundle,
              student_val: EvalResult | None, paths: BuildPaths, upstream: dict) -> tuple[dict, dict[str, Any]]:
     """The evaluation stage: `measure`, or the metrics in eval.json while they are fresh."""
     stage = Stage("eval", paths.work, paths.work, (paths.eval.name,),
