@@ -13,7 +13,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch.nn as nn
 from safetensors.torch import save_file
@@ -130,7 +130,7 @@ def write_json(path: str | Path, value: Any) -> None:
     atomic_write_text(path, json.dumps(value, indent=2) + '\n')
 
 
-def hash_files(folder: str | Path, names: Iterator[str] | None = None) -> dict[str, str]:
+def hash_files(folder: str | Path, names: Iterable[str] | None = None) -> dict[str, str]:
     """{name: sha256} of `names` in `folder` (default: every file below it, as relative POSIX paths)."""
     folder = Path(folder)
     if names is None:
