@@ -13,7 +13,6 @@ all ranks train the same architecture.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
 import shutil
@@ -26,10 +25,11 @@ import numpy as np
 import timm
 import torch
 import torch.nn as nn
-from accelerate import PartialState
+from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from . import __version__
+from .accelerator import process_accelerator
 from .data import DataBundle, create_loaders
 from .distill import distill_points
 from .evaluate import EvalResult, evaluate
@@ -57,17 +57,15 @@ from .train import finetune
 T = TypeVar("T")
 
 # What each stage reads from the recipe: dotted prefixes in, and the fields among them that cannot change its result
-# out (loader workers; the checkpoint interval, since a resumed fine-tune equals an uninterrupted one). The parent
-# adaptation trains with the fine-tune settings but its own epochs and no distillation.
-PARENT_FIELDS = (("parent", "input_size", "data", "finetune"),
-                 ("data.workers", "data.val_split", "data.val_subset", "finetune.epochs", "finetune.checkpoint_every",
-                  "finetune.kd_gamma", "finetune.kd_logits_weight", "finetune.temperature"))
+# out (loader workers; the checkpoint interval, since a resumed training equals an uninterrupted one).
+# `finetune.seed` seeds the parent's init and the loaders' subsets and augmentation, so every stage reads it.
+_NEVER = ("data.workers", "parent.train.checkpoint_every", "finetune.checkpoint_every")
+PARENT_FIELDS = (("parent", "input_size", "data", "finetune.seed"), _NEVER + ("data.val_split", "data.val_subset"))
 PRUNE_FIELDS = (("parent", "input_size", "flops", "importance", "data", "finetune.seed"),
-                ("data.workers", "data.batch_size", "data.val_split", "data.val_subset"))
-PRUNE_FIELDS_NO_DATA = (("parent", "input_size", "flops", "importance"), ())  # magnitude importance reads no data
-FINETUNE_FIELDS = (("input_size", "data", "finetune"), ("data.workers", "finetune.checkpoint_every"))
-EVAL_FIELDS = (("input_size", "data", "finetune.seed", "finetune.mixed_precision"),
-               ("data.workers", "data.train_split", "data.train_subset"))
+                _NEVER + ("data.batch_size", "data.val_split", "data.val_subset"))
+PRUNE_FIELDS_NO_DATA = (("parent", "input_size", "flops", "importance", "finetune.seed"), _NEVER)  # magnitude
+FINETUNE_FIELDS = (("input_size", "data", "finetune"), _NEVER)
+EVAL_FIELDS = (("input_size", "data", "finetune.seed"), _NEVER + ("data.train_split", "data.train_subset"))
 
 HANG_ENV = "KPID_TEST_HANG_AT"        # tests: `<stage>:<step>`, `<stage>:written` or `<stage>:done`
 HANG_MARKER_ENV = "KPID_TEST_HANG_MARKER"
@@ -125,9 +123,10 @@ def build(recipe_path: str | Path, out_dir: str | Path | None = None, work_dir: 
     recipe = load_recipe(recipe_path)
     paths = BuildPaths(Path(work_dir or Path("runs") / recipe.name), Path(out_dir or Path("outputs") / recipe.name))
     preflight(recipe)
-    state = PartialState()
-    with build_lock(paths.work):
-        if state.is_main_process:
+    # one per process, shared by every stage: parent adaptation, Taylor importance, distillation, evaluation
+    accelerator = process_accelerator()
+    with build_lock(accelerator, paths.work):
+        if accelerator.is_main_process:
             if not resume:
                 for entry in paths.work.iterdir():
                     if entry.name != LOCK_FILE:
@@ -135,32 +134,31 @@ def build(recipe_path: str | Path, out_dir: str | Path | None = None, work_dir: 
             # we hold the lock: staging folders and files here are what killed builds left
             remove_staging(paths.work)
             remove_staging(paths.export.parent, paths.export.name)
-        state.wait_for_everyone()
-        return _build(recipe, paths, progress)
+        accelerator.wait_for_everyone()
+        return _build(accelerator, recipe, paths, progress)
 
 
-def _build(recipe: Recipe, paths: BuildPaths, progress: bool) -> BuildResult:
-    state = PartialState()
+def _build(accelerator: Accelerator, recipe: Recipe, paths: BuildPaths, progress: bool) -> BuildResult:
     parent = create_parent(recipe)
     data = create_loaders(recipe.data, model=parent, input_size=recipe.input_size, seed=recipe.finetune.seed)
-    parent, parent_ref = adapt_parent(recipe, parent, data, paths.work, progress)
-    pruned, pruned_ref = load_or_prune(recipe, parent, data, paths, parent_ref, progress)
-    if state.is_main_process:
+    parent, parent_ref = adapt_parent(accelerator, recipe, parent, data, paths.work, progress)
+    pruned, pruned_ref = load_or_prune(accelerator, recipe, parent, data, paths, parent_ref, progress)
+    if accelerator.is_main_process:
         print(summary_table(pruned), flush=True)
 
-    student, student_val, finetune_ref = distill(recipe, parent, pruned, data, paths, parent_ref, pruned_ref,
-                                                 progress)
-    metrics, eval_ref = eval_stage(recipe, parent, student, data, student_val, paths, {**parent_ref, **finetune_ref})
+    student, student_val, finetune_ref = distill(accelerator, recipe, parent, pruned, data, paths, parent_ref,
+                                                 pruned_ref, progress)
+    metrics, eval_ref = eval_stage(accelerator, recipe, parent, student, data, student_val, paths,
+                                   {**parent_ref, **finetune_ref})
     # the card embeds the whole recipe and the kpid-zoo version: any change to either is a new export
     inputs = {**_recipe_inputs(recipe), **pruned_ref, **finetune_ref, **eval_ref, "kpid_zoo.version": __version__}
-    stage = Stage("export", paths.work, paths.export, EXPORT_FILES + (WIDTHS_PLOT,), inputs, log=_log)
+    stage = Stage("export", paths.work, paths.export, EXPORT_FILES + (WIDTHS_PLOT,), inputs,
+                  log=_logger(accelerator))
 
     def export() -> None:
-        if state.is_main_process:
-            export_model(student, pruned.spec, paths.export, name=recipe.name,
-                         pretrained_cfg=pretrained_cfg(parent, data), metrics=metrics, report=pruned.report,
-                         recipe=recipe)
-    run_stage(stage, export, lambda: None, everywhere=False)
+        export_model(student, pruned.spec, paths.export, name=recipe.name, pretrained_cfg=pretrained_cfg(parent, data),
+                     metrics=metrics, report=pruned.report, recipe=recipe)
+    run_stage(accelerator, stage, export, lambda: None, everywhere=False)
     return BuildResult(recipe, paths.export, pruned, metrics)
 
 
@@ -179,9 +177,12 @@ def preflight(recipe: Recipe) -> None:
         raise ValueError(f"{recipe.source}: {e}") from None
 
 
-def _log(message: str) -> None:
-    if PartialState().is_main_process:
-        print(f"build: {message}", flush=True)
+def _logger(accelerator: Accelerator) -> Callable[[str], None]:
+    """Stage messages, from the main process only."""
+    def log(message: str) -> None:
+        if accelerator.is_main_process:
+            print(f"build: {message}", flush=True)
+    return log
 
 
 def _reseed(recipe: Recipe, stage: str) -> None:
@@ -211,27 +212,27 @@ def parent_inputs(recipe: Recipe) -> dict[str, Any]:
     return inputs
 
 
-def run_stage(stage: Stage, make: Callable[[], T], load: Callable[[], T], everywhere: bool = True) -> T:
+def run_stage(accelerator: Accelerator, stage: Stage, make: Callable[[], T], load: Callable[[], T],
+              everywhere: bool = True) -> T:
     """Reuse `stage`'s result (`load`) when it is fresh, else `make` it and commit its manifest.
 
     `make` runs on every process when `everywhere` (training, which is distributed), else on the main one only and
     the others `load` what it wrote; only the main process writes files. Every rank checks the same files before
     any rank writes, so all take the same branch.
     """
-    state = PartialState()
     fresh = stage.check()
-    state.wait_for_everyone()
+    accelerator.wait_for_everyone()
     if fresh:
         return load()
-    if state.is_main_process:
+    if accelerator.is_main_process:
         stage.begin()
-    state.wait_for_everyone()
-    result = make() if everywhere or state.is_main_process else None
-    if state.is_main_process:
+    accelerator.wait_for_everyone()
+    result = make() if everywhere or accelerator.is_main_process else None
+    if accelerator.is_main_process:
         _hang(f"{stage.name}:written")
         stage.commit()
-    state.wait_for_everyone()
-    if not state.is_main_process:
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
         stage.check()  # reads the digest the main process committed
         if not everywhere:
             result = load()
@@ -239,51 +240,50 @@ def run_stage(stage: Stage, make: Callable[[], T], load: Callable[[], T], everyw
     return result
 
 
-def adapt_parent(recipe: Recipe, parent: nn.Module, data: DataBundle | None, work: Path,
+def adapt_parent(accelerator: Accelerator, recipe: Recipe, parent: nn.Module, data: DataBundle | None, work: Path,
                  progress: bool = True) -> tuple[nn.Module, dict[str, Any]]:
-    """Train the parent on the recipe's data first when `parent.train_epochs` > 0 (CIFAR-scale recipes).
+    """Train the parent on the recipe's data first when `parent.train.epochs` > 0 (CIFAR-scale recipes).
 
     Returns the parent and what identifies it for the stages downstream.
     """
     identity = parent_inputs(recipe)
-    if recipe.parent.train_epochs <= 0:
+    if recipe.parent.train.epochs <= 0:
         return parent, identity
     folder = work / "parent"
     weights = folder / PRUNED_WEIGHTS
     stage = Stage("parent", work, folder, (PRUNED_WEIGHTS,), {**identity, **_recipe_inputs(recipe, PARENT_FIELDS)},
-                  scratch=(folder,), log=_log)
+                  scratch=(folder,), log=_logger(accelerator))
 
     def train() -> None:
         _reseed(recipe, "parent-train")
-        cfg = dataclasses.replace(recipe.finetune, epochs=recipe.parent.train_epochs, kd_gamma=0.0,
-                                  kd_logits_weight=0.0)
-        trained = finetune(parent, None, data.train_loader, data.val_loader, cfg, folder / "train",
-                           resume=True, progress=progress, step_callback=_hang_at_steps("parent"))
-        if PartialState().is_main_process:
+        trained = finetune(parent, None, data.train_loader, data.val_loader, recipe.parent.train, folder / "train",
+                           accelerator=accelerator, resume=True, progress=progress,
+                           step_callback=_hang_at_steps("parent"))
+        if accelerator.is_main_process:
             save_weights(trained.model, weights)
 
-    run_stage(stage, train, lambda: None)
+    run_stage(accelerator, stage, train, lambda: None)
     # the pruning reads the parent from its recorded file whether it was trained in this process or not
     parent.load_state_dict(load_file(str(weights)))
     return parent.eval(), {f"{UPSTREAM}parent": stage.digest}
 
 
-def distill(recipe: Recipe, parent: nn.Module, pruned: PruneResult, data: DataBundle, paths: BuildPaths,
-            parent_ref: dict, pruned_ref: dict, progress: bool = True
+def distill(accelerator: Accelerator, recipe: Recipe, parent: nn.Module, pruned: PruneResult, data: DataBundle,
+            paths: BuildPaths, parent_ref: dict, pruned_ref: dict, progress: bool = True
             ) -> tuple[nn.Module, EvalResult | None, dict[str, Any]]:
     """Fine-tune the pruned net with inner distillation from its parent (resuming from the last checkpoint)."""
     weights = paths.finetune / PRUNED_WEIGHTS
     stage = Stage("finetune", paths.work, paths.finetune, (PRUNED_WEIGHTS,),
                   {**parent_ref, **pruned_ref, **_recipe_inputs(recipe, FINETUNE_FIELDS)},
-                  scratch=(paths.finetune,), log=_log)
+                  scratch=(paths.finetune,), log=_logger(accelerator))
 
     def train() -> tuple[nn.Module, EvalResult | None]:
         _reseed(recipe, "finetune")
         kept = {p: pruned.kept_channels(p) for p in distill_points(parent)}
         trained = finetune(pruned.model, parent, data.train_loader, data.val_loader, recipe.finetune,
-                           paths.finetune, kept=kept, input_size=recipe.input_size, resume=True, progress=progress,
-                           step_callback=_hang_at_steps("finetune"))
-        if PartialState().is_main_process:
+                           paths.finetune, accelerator=accelerator, kept=kept, input_size=recipe.input_size,
+                           resume=True, progress=progress, step_callback=_hang_at_steps("finetune"))
+        if accelerator.is_main_process:
             save_weights(trained.model, weights)
         return trained.model, trained.val
 
@@ -291,27 +291,28 @@ def distill(recipe: Recipe, parent: nn.Module, pruned: PruneResult, data: DataBu
         pruned.model.load_state_dict(load_file(str(weights)))
         return pruned.model, None
 
-    student, val = run_stage(stage, train, load)
+    student, val = run_stage(accelerator, stage, train, load)
     return student, val, {f"{UPSTREAM}finetune": stage.digest}
 
 
-def load_or_prune(recipe: Recipe, parent: nn.Module, data: DataBundle | None, paths: BuildPaths,
-                  parent_ref: dict, progress: bool = True) -> tuple[PruneResult, dict[str, Any]]:
-    """The pruning result in `paths.pruned` if it is fresh, else prune now (on the main process) and write it."""
+def load_or_prune(accelerator: Accelerator, recipe: Recipe, parent: nn.Module, data: DataBundle | None,
+                  paths: BuildPaths, parent_ref: dict, progress: bool = True) -> tuple[PruneResult, dict[str, Any]]:
+    """The pruning result in `paths.pruned` if it is fresh, else prune now (on the main process; Taylor scores on
+    the accelerator's device) and write it."""
     folder = paths.pruned
     fields = PRUNE_FIELDS if recipe.importance.method == "taylor" else PRUNE_FIELDS_NO_DATA
     stage = Stage("pruned", paths.work, folder, (PRUNED_WEIGHTS, SPEC_FILE, REPORT_FILE, PRUNED_PLOT),
-                  {**parent_ref, **_recipe_inputs(recipe, fields)}, scratch=(folder,), log=_log)
+                  {**parent_ref, **_recipe_inputs(recipe, fields)}, scratch=(folder,), log=_logger(accelerator))
 
     def prune() -> PruneResult:
         _reseed(recipe, "pruned")
         result = prune_from_recipe(recipe, parent, data.train_loader if data else None,
-                                   device=PartialState().device, progress=progress)
+                                   device=accelerator.device, progress=progress)
         write_prune_outputs(result, folder)
         return result
 
-    result = run_stage(stage, prune, lambda: load_prune_outputs(folder, parent, tuple(recipe.input_size)),
-                       everywhere=False)
+    result = run_stage(accelerator, stage, prune,
+                       lambda: load_prune_outputs(folder, parent, tuple(recipe.input_size)), everywhere=False)
     return result, {f"{UPSTREAM}pruned": stage.digest}
 
 
@@ -333,25 +334,31 @@ def load_prune_outputs(folder: Path, parent: nn.Module, input_size: tuple[int, i
     return PruneResult(model.eval(), spec, keep, discover_groups(parent, input_size), prune_report)
 
 
-def eval_stage(recipe: Recipe, parent: nn.Module, student: nn.Module, data: DataBundle,
-             student_val: EvalResult | None, paths: BuildPaths, upstream: dict) -> tuple[dict, dict[str, Any]]:
+def eval_stage(accelerator: Accelerator, recipe: Recipe, parent: nn.Module, student: nn.Module, data: DataBundle,
+               student_val: EvalResult | None, paths: BuildPaths, upstream: dict) -> tuple[dict, dict[str, Any]]:
     """The evaluation stage: `measure`, or the metrics in eval.json while they are fresh."""
     stage = Stage("eval", paths.work, paths.work, (paths.eval.name,),
-                  {**upstream, **_recipe_inputs(recipe, EVAL_FIELDS)}, scratch=(paths.eval,), log=_log)
-    metrics = run_stage(stage, lambda: measure(recipe, parent, student, data, student_val, paths),
+                  {**upstream, **_recipe_inputs(recipe, EVAL_FIELDS)}, scratch=(paths.eval,), log=_logger(accelerator))
+    metrics = run_stage(accelerator, stage,
+                        lambda: measure(accelerator, recipe, parent, student, data, student_val, paths),
                         lambda: read_json(paths.eval))
     return metrics, {f"{UPSTREAM}eval": stage.digest}
 
 
-def measure(recipe: Recipe, parent: nn.Module, student: nn.Module, data: DataBundle, student_val: EvalResult | None,
-            paths: BuildPaths) -> dict:
-    """Top-1/top-5 of the pruned net and of its parent on the recipe's validation split (written to eval.json)."""
-    student_val = student_val or evaluate(student, data.val_loader)
-    parent_val = evaluate(parent, data.val_loader)
+def measure(accelerator: Accelerator, recipe: Recipe, parent: nn.Module, student: nn.Module, data: DataBundle,
+            student_val: EvalResult | None, paths: BuildPaths) -> dict:
+    """Top-1/top-5 of the pruned net and of its parent on the recipe's validation split (written to eval.json),
+    on the accelerator: each process scores its shard and `gather_for_metrics` counts every image once."""
+    val_loader = accelerator.prepare_data_loader(data.val_loader)
+    try:
+        student_val = student_val or evaluate(student.to(accelerator.device), val_loader, accelerator)
+        parent_val = evaluate(parent.to(accelerator.device), val_loader, accelerator)
+    finally:
+        accelerator.free_memory()
     metrics = {"top1": student_val.top1, "top5": student_val.top5, "parent_top1": parent_val.top1,
                "parent_top5": parent_val.top5, "n": student_val.n,
                "dataset": recipe.data.dataset, "split": recipe.data.val_split}
-    if PartialState().is_main_process:
+    if accelerator.is_main_process:
         write_json(paths.eval, metrics)
     return metrics
 

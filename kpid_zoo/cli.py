@@ -53,6 +53,7 @@ def cmd_groups(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    from .accelerator import process_accelerator
     from .build import BuildPaths, adapt_parent, load_or_prune, preflight
     from .data import create_loaders
     from .lock import build_lock
@@ -65,23 +66,34 @@ def cmd_prune(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("runs") / recipe.name / "pruned")
     paths = BuildPaths(work=out.parent, export=out, pruned_dir=out)
     preflight(recipe)
-    with build_lock(paths.work):
+    accelerator = process_accelerator()
+    with build_lock(accelerator, paths.work):
         if args.force:
             (paths.work / MANIFEST_DIR / "pruned.json").unlink(missing_ok=True)
         elif out.exists():
             print(f"{out} exists: showing it if it is up to date (pass --force to prune again)", file=sys.stderr)
         parent = create_parent(recipe)
-        needs_data = recipe.importance.method == "taylor" or recipe.parent.train_epochs > 0
+        needs_data = recipe.importance.method == "taylor" or recipe.parent.train.epochs > 0
         data = create_loaders(recipe.data, model=parent, input_size=recipe.input_size,
                               seed=recipe.finetune.seed) if needs_data else None
-        parent, parent_ref = adapt_parent(recipe, parent, data, paths.work, progress=not args.quiet)
-        result, _ = load_or_prune(recipe, parent, data, paths, parent_ref, progress=not args.quiet)
+        parent, parent_ref = adapt_parent(accelerator, recipe, parent, data, paths.work, progress=not args.quiet)
+        result, _ = load_or_prune(accelerator, recipe, parent, data, paths, parent_ref, progress=not args.quiet)
     print(summary_table(result))
     print(f"wrote {out}/ (model.safetensors, spec.json, report.json, widths.png)")
     return 0
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        from .accelerator import process_accelerator
+        from .dry_run import dry_run
+
+        plan = dry_run(args.recipe, out_dir=args.out, work_dir=args.work, processes=args.plan_processes,
+                       progress=not args.quiet)
+        if process_accelerator().is_main_process:
+            print(f"dry run passed: every stage of {args.recipe} ran on stand-in data")
+            print(plan.table())
+        return 0
     from .build import build
 
     result = build(args.recipe, out_dir=args.out, work_dir=args.work, resume=not args.restart,
@@ -159,6 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="export folder, laid out as a Hub repo (default outputs/<name>)")
     p.add_argument("--work", help="folder for stage results and checkpoints (default runs/<name>)")
     p.add_argument("--restart", action="store_true", help="discard earlier stage results instead of resuming")
+    p.add_argument("--dry-run", action="store_true",
+                   help="run every stage a few steps on generated stand-in data (the recipe's classes and input "
+                        "size) with a randomly initialised parent, then print what the real run needs (steps, "
+                        "checkpoints, disk); outputs go to runs/<name>-dry-run and outputs/<name>-dry-run. "
+                        "Launch it like the real run, e.g. accelerate launch --cpu --num_processes 2 -m "
+                        "kpid_zoo.cli build RECIPE --dry-run")
+    p.add_argument("--plan-processes", type=int, metavar="N",
+                   help="with --dry-run: plan the real run for N processes (default: this launch's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_build)
 

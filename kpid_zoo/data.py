@@ -1,7 +1,9 @@
-"""Data stage: timm datasets, transforms and loaders for ImageFolder trees and the CIFAR-10 JPEG set.
+"""Data stage: timm datasets, transforms and loaders for ImageFolder trees, the CIFAR-10 JPEG set, and the
+map-style sources timm's `create_dataset` reads (`hfds/<name>` Hugging Face datasets, `torch/<name>`).
 
 Everything goes through `timm.data` (`create_dataset`, `resolve_data_config`, `create_transform`); loaders are
-plain `torch.utils.data.DataLoader`s so that Accelerate can shard and seed them (`accelerator.prepare`).
+plain `torch.utils.data.DataLoader`s so that Accelerate can shard and seed them (`accelerator.prepare`), with
+the settings a GPU run needs from the recipe (pinned memory, persistent workers, prefetch).
 
 Augmentation is a pure function of (seed, epoch, sample index): each sample is transformed under a private RNG
 seeded from those three numbers. That is what makes a resumed run and a 2-process run see exactly the same pixels
@@ -16,13 +18,13 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.utils.data as tud
 from timm.data import create_dataset, create_transform, resolve_data_config
 
-from .recipe import setting
+from .recipe import DataSpec
 
 CIFAR10_TARBALL = 'cifar10-jpg.tar.gz'
 CIFAR10_DIRNAME = 'cifar10-jpg'
@@ -178,20 +180,20 @@ def load_image_folder(root: str | os.PathLike, split: str):
                          f'with a .jpg, .jpeg or .png image; timm says: {e})') from None
 
 
-def resolve_data_settings(model: Optional[torch.nn.Module], data: Any, input_size: Optional[Sequence[int]] = None
-                          ) -> dict:
+def resolve_data_settings(model: Optional[torch.nn.Module], data: DataSpec,
+                          input_size: Optional[Sequence[int]] = None) -> dict:
     """timm data config from the model's pretrained_cfg, overridden by the recipe's data section and input size."""
     args = {}
     if input_size is not None:
         args['input_size'] = tuple(input_size)
     config = resolve_data_config(args, model=model) if model is not None else resolve_data_config(
         args, pretrained_cfg={'input_size': tuple(input_size or (3, 224, 224))})
-    dataset = setting(data, 'dataset', 'imagefolder')
-    if setting(data, 'mean') is not None:
+    if data.mean is not None:
         config['mean'] = tuple(data.mean)
-    if setting(data, 'std') is not None:
+    if data.std is not None:
         config['std'] = tuple(data.std)
-    config['crop_pct'] = setting(data, 'crop_pct', _DEFAULT_CROP_PCT.get(dataset, config['crop_pct']))
+    config['crop_pct'] = data.crop_pct if data.crop_pct is not None else \
+        _DEFAULT_CROP_PCT.get(data.dataset, config['crop_pct'])
     return config
 
 
@@ -209,43 +211,52 @@ def build_transforms(config: dict, dataset: str = 'imagefolder', train_aug: bool
     return train_tf, eval_tf
 
 
-def create_loaders(data: Any, model: Optional[torch.nn.Module] = None, input_size: Optional[Sequence[int]] = None,
-                   seed: int = 0, train_aug: bool = True, subset_mode: str = 'random',
-                   cache_dir: Optional[str | os.PathLike] = None) -> DataBundle:
-    """Train/val loaders from the recipe's `data` section (dataset, root, train_split, val_split, num_classes,
-    batch_size [per process], workers, mean, std, crop_pct, train_subset, val_subset).
+def _class_to_idx(dataset) -> dict:
+    reader = getattr(dataset, 'reader', None)
+    return dict(getattr(reader, 'class_to_idx', None) or getattr(dataset, 'class_to_idx', None) or {})
+
+
+def load_split(data: DataSpec, split: str, cache_dir: Optional[str | os.PathLike] = None):
+    """The untransformed dataset of one split of the recipe's data source."""
+    if data.dataset == 'cifar10':
+        return load_image_folder(prepare_cifar10(data.root, cache_dir=cache_dir), split)
+    if data.dataset == 'imagefolder':
+        if not data.root:
+            raise ValueError("data.root is required for dataset 'imagefolder'")
+        return load_image_folder(data.root, split)
+    # hfds/<name>, torch/<name>: timm's create_dataset (map-style, so Accelerate can shard and seed them)
+    return create_dataset(data.dataset, root=data.root, split=split, is_training=False,
+                          download=data.download, trust_remote_code=False)
+
+
+def create_loaders(data: DataSpec, model: Optional[torch.nn.Module] = None,
+                   input_size: Optional[Sequence[int]] = None, seed: int = 0, train_aug: bool = True,
+                   subset_mode: str = 'random', cache_dir: Optional[str | os.PathLike] = None) -> DataBundle:
+    """Train/val loaders from the recipe's `data` section (`batch_size` is per process).
 
     Mean/std/interpolation default to `model.pretrained_cfg` via `timm.data.resolve_data_config`.
     """
-    dataset = setting(data, 'dataset', 'imagefolder')
-    if dataset == 'cifar10':
-        root = prepare_cifar10(setting(data, 'root'), cache_dir=cache_dir)
-        train_split, val_split = setting(data, 'train_split', 'train'), setting(data, 'val_split', 'test')
-    elif dataset == 'imagefolder':
-        if not setting(data, 'root'):
-            raise ValueError("data.root is required for dataset 'imagefolder'")
-        root = Path(data.root).expanduser()
-        train_split, val_split = setting(data, 'train_split', 'train'), setting(data, 'val_split', 'val')
-    else:
-        raise ValueError(f"data.dataset must be 'imagefolder' or 'cifar10', got {dataset!r}")
-
     config = resolve_data_settings(model, data, input_size)
-    train_tf, eval_tf = build_transforms(config, dataset, train_aug)
-    train_base, val_base = load_image_folder(root, train_split), load_image_folder(root, val_split)
-    class_to_idx = dict(train_base.reader.class_to_idx)
-    if dict(val_base.reader.class_to_idx) != class_to_idx:
-        raise ValueError(f'class folders differ between {root / train_split} and {root / val_split}')
-    num_classes = setting(data, 'num_classes', len(class_to_idx))
-    if num_classes != len(class_to_idx):
-        raise ValueError(f'data.num_classes={num_classes} but {root / train_split} has {len(class_to_idx)} '
-                         f'class folders')
+    train_tf, eval_tf = build_transforms(config, data.dataset, train_aug)
+    train_base, val_base = load_split(data, data.train_split, cache_dir), load_split(data, data.val_split, cache_dir)
+    class_to_idx = _class_to_idx(train_base)
+    if class_to_idx:
+        if _class_to_idx(val_base) and _class_to_idx(val_base) != class_to_idx:
+            raise ValueError(f'classes differ between the {data.train_split!r} and {data.val_split!r} splits of '
+                             f'{data.root or data.dataset}')
+        if data.num_classes != len(class_to_idx):
+            raise ValueError(f'data.num_classes={data.num_classes} but the {data.train_split!r} split of '
+                             f'{data.root or data.dataset} has {len(class_to_idx)} classes')
 
     train_ds = SeededTransformDataset(
-        train_base, train_tf, subset_indices(len(train_base), setting(data, 'train_subset'), seed, subset_mode), seed)
+        train_base, train_tf, subset_indices(len(train_base), data.train_subset, seed, subset_mode), seed)
     val_ds = SeededTransformDataset(
-        val_base, eval_tf, subset_indices(len(val_base), setting(data, 'val_subset'), seed + 1, subset_mode), seed)
-    batch_size, workers = int(setting(data, 'batch_size', 64)), int(setting(data, 'workers', 0))
+        val_base, eval_tf, subset_indices(len(val_base), data.val_subset, seed + 1, subset_mode), seed)
+    loader_args = dict(batch_size=data.batch_size, num_workers=data.workers,
+                       pin_memory=data.pin_memory and torch.cuda.is_available())
+    if data.workers > 0:  # DataLoader rejects these without worker processes
+        loader_args.update(persistent_workers=data.persistent_workers, prefetch_factor=data.prefetch_factor)
     # drop_last on train keeps every optimizer step at the same global batch (needed for multi-process equivalence)
-    train_loader = tud.DataLoader(train_ds, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers)
-    val_loader = tud.DataLoader(val_ds, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=workers)
-    return DataBundle(train_loader, val_loader, config, class_to_idx, num_classes)
+    train_loader = tud.DataLoader(train_ds, shuffle=True, drop_last=True, **loader_args)
+    val_loader = tud.DataLoader(val_ds, shuffle=False, drop_last=False, **loader_args)
+    return DataBundle(train_loader, val_loader, config, class_to_idx, data.num_classes)

@@ -1,7 +1,6 @@
 """Evaluation stage: top-1 / top-5 / loss over a loader (multi-process aware) and CPU throughput."""
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
@@ -9,6 +8,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .accelerator import stage_autocast
 
 
 @dataclass
@@ -36,11 +37,13 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader, accelerator=None) -> EvalResult:
+def evaluate(model: nn.Module, loader, accelerator=None, precision: str = 'no') -> EvalResult:
     """Top-1/top-5/CE of `model` over `loader`.
 
-    With an `accelerator` the loader is expected to be prepared (sharded); per-sample statistics are gathered with
-    `gather_for_metrics`, which drops the duplicates Accelerate pads the last uneven batch with.
+    With an `accelerator` the loader is expected to be prepared (sharded) and the model on `accelerator.device`;
+    per-sample statistics are gathered with `gather_for_metrics`, which drops the duplicates Accelerate pads the
+    last uneven batch with. `precision` ('no', 'bf16', 'fp16') autocasts the forward pass (fp32 by default: the
+    figures a model card reports).
     """
     was_training = model.training
     model.eval()
@@ -50,7 +53,7 @@ def evaluate(model: nn.Module, loader, accelerator=None) -> EvalResult:
     try:
         for images, target in loader:
             images, target = images.to(device), target.to(device)
-            with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
+            with stage_autocast(device, precision):
                 logits = model(images)
             logits = logits.float()
             hits = topk_correct(logits, target)

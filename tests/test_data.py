@@ -114,7 +114,7 @@ def test_image_folder_errors_name_the_path(tmp_path):
 def test_num_classes_mismatch_is_an_error(tmp_path):
     root = _write_folder(tmp_path / 'imgs')
     spec = DataSpec(dataset='imagefolder', root=str(root), batch_size=4, workers=0)  # num_classes defaults to 1000
-    with pytest.raises(ValueError, match='num_classes=1000 .* 2 class folders'):
+    with pytest.raises(ValueError, match="num_classes=1000 but the 'train' split of .* has 2 classes"):
         create_loaders(spec, input_size=(3, 32, 32))
 
 
@@ -153,3 +153,27 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path):
     assert torch.equal(ds[3][0], first)
     ds.set_epoch(1)  # ... the epoch does
     assert not torch.equal(ds[3][0], first)
+
+
+def test_timm_create_dataset_source_and_gpu_loader_settings(tmp_path):
+    """`torch/image_folder` goes through timm's create_dataset (torchvision's ImageFolder); the recipe's loader
+    settings reach the DataLoader when there are workers, and the same images come out as from `imagefolder`."""
+    root = _write_folder(tmp_path / 'imgs')
+    model = timm.create_model('resnet18', num_classes=2)
+    common = dict(root=str(root), num_classes=2, batch_size=4, workers=1, prefetch_factor=3,
+                  persistent_workers=False, val_split='val')
+    via_timm = create_loaders(DataSpec(dataset='torch/image_folder', **common), model, input_size=(3, 32, 32))
+    native = create_loaders(DataSpec(dataset='imagefolder', **common), model, input_size=(3, 32, 32))
+    assert via_timm.class_to_idx == native.class_to_idx == {'cat': 0, 'dog': 1}
+    loader = via_timm.train_loader
+    assert (loader.num_workers, loader.prefetch_factor, loader.persistent_workers) == (1, 3, False)
+    assert loader.pin_memory is torch.cuda.is_available()  # pinned only where there is a GPU to copy to
+    (a, ya), (b, yb) = next(iter(via_timm.val_loader)), next(iter(native.val_loader))
+    assert torch.equal(a, b) and torch.equal(ya, yb)
+
+
+def test_dataset_without_a_known_class_count_needs_num_classes():
+    from kpid_zoo.recipe import RecipeError
+    with pytest.raises(RecipeError, match="num_classes: expected the class count of hfds/food101"):
+        DataSpec(dataset='hfds/food101')
+    assert DataSpec(dataset='hfds/food101', num_classes=101).val_split == 'validation'

@@ -99,8 +99,8 @@ def test_missing_explicit_cifar10_root_is_an_error_even_with_a_cache(tmp_path, c
 
 
 @pytest.mark.parametrize("sections, expected", [
-    ({"finetune": {"epochs": float("inf")}}, "finetune.epochs: expected a finite number, got inf"),
-    ({"parent": {"train_epochs": float("inf")}}, "parent.train_epochs: expected a finite number, got inf"),
+    ({"finetune": {"epochs": float("inf")}}, "finetune.epochs: expected a finite non-negative number, got inf"),
+    ({"finetune": {"warmup_epochs": float("inf")}}, "finetune.warmup_epochs: expected a finite number, got inf"),
     ({"parent": {"model": "vit_small_patch16_224"}},
      "parent.model: 'vit_small_patch16_224' is not a supported CNN family"),
     ({"input_size": [3, 50000, 50000]}, "input_size: expected [3, H, W] (RGB) with H and W from 16 to 2048"),

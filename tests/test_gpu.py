@@ -32,9 +32,42 @@ def test_prune_and_distill_on_cuda_in_bf16(tmp_path):
     result = knapsack_prune(parent, graph, importance, target, arch="resnet18", input_size=(3, 64, 64),
                             tolerance=0.02, progress=False)
     kept = {p: result.kept_channels(p) for p in distill_points(parent)}
-    cfg = FinetuneSpec(epochs=1, lr=0.01, mixed_precision="bf16", checkpoint_every=0, seed=0)
+    cfg = FinetuneSpec(epochs=1, lr=0.01, mixed_precision="bf16", seed=0)
     trained = finetune(result.model, parent, _loader(), _loader(32), cfg, tmp_path, kept=kept,
                        input_size=(3, 64, 64), progress=False)
     assert trained.steps == trained.total_steps > 0
     assert math.isfinite(trained.train_loss)
     assert next(parent.parameters()).device.type == "cuda" and not any(p.requires_grad for p in parent.parameters())
+
+
+def test_whole_build_of_a_small_recipe_on_cuda_in_bf16(tmp_path, cifar10_tarball):
+    """`kpid-zoo build` end to end on the GPU: Taylor scores, bf16 distillation (teacher frozen, eval mode, no
+    grads), sharded evaluation and export; the export then loads with timm and runs on CUDA."""
+    import json
+
+    import yaml
+
+    import kpid_zoo  # noqa: F401  (local-dir: loading)
+    from kpid_zoo.cli import main
+
+    recipe = {
+        "name": "kpid_gpu_probe",
+        "parent": {"model": "resnet18", "weights": "none", "num_classes": 10,
+                   "train": {"epochs": 1, "lr": 0.05, "mixed_precision": "bf16"}},
+        "input_size": [3, 32, 32],
+        "flops": {"target_ratio": 0.5, "tolerance": 0.05},
+        "importance": {"method": "taylor", "batches": 2, "batch_size": 64},
+        "data": {"dataset": "cifar10", "root": str(cifar10_tarball), "batch_size": 256, "workers": 2,
+                 "crop_pct": 1.0, "train_subset": 2048, "val_subset": 512},
+        "finetune": {"epochs": 1, "lr": 0.02, "mixed_precision": "bf16", "kd_logits_weight": 0.5,
+                     "checkpoint_every": 4},
+    }
+    path = tmp_path / "gpu.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out, work = tmp_path / "export", tmp_path / "work"
+    assert main(["build", str(path), "--out", str(out), "--work", str(work), "--quiet"]) == 0
+    metrics = json.loads((out / "config.json").read_text())["kpid"]["metrics"]
+    assert metrics["n"] == 512 and 0.0 <= metrics["top1"] <= 100.0
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).cuda().eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        assert model(torch.randn(4, 3, 32, 32, device="cuda")).shape == (4, 10)

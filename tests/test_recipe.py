@@ -79,7 +79,11 @@ def test_exponent_without_dot_is_a_number():
     ('importance.round_to', 0, 'importance.round_to: expected a positive integer, got 0'),
     ('finetune.lrr', 0.1, "finetune.lrr: unknown key (did you mean 'lr'?)"),
     ('finetune.mixed_precision', False, "expected one of 'no', 'fp16', 'bf16', got False (YAML reads unquoted"),
-    ('data.dataset', 'imagenet', "data.dataset: expected one of 'imagefolder', 'cifar10', got 'imagenet'"),
+    ('data.dataset', 'imagenet', "data.dataset: expected 'imagefolder', 'cifar10', or a map-style timm dataset "
+                                 "'hfds/<name>' or 'torch/<name>', got 'imagenet'"),
+    ('data.dataset', 'wds/imagenet', "data.dataset: expected 'imagefolder', 'cifar10', or a map-style"),
+    ('finetune.epochs', float('inf'), 'finetune.epochs: expected a finite non-negative number, got inf'),
+    ('parent.train.lr', 0, 'parent.train.lr: expected a positive number, got 0'),
     ('data.mean', [0.5, 0.5, 0.5], 'data.std: expected mean and std together'),
     ('input_size', [3, 224], 'input_size: expected a list of 3 positive integers [C, H, W], got [3, 224]'),
     ('hub.repo_id', 'no_org', "hub.repo_id: expected 'ORG/NAME'"),

@@ -29,7 +29,7 @@ def _assert_prunes_exactly(model, graph, keep):
     return pruned
 
 
-@pytest.mark.parametrize("seed,name", enumerate(FAMILIES))
+@pytest.mark.parametrize("seed,name", list(enumerate(FAMILIES)))
 def test_pruned_net_equals_parent_with_pruned_channels_zeroed_random_masks(name, seed):
     model = random_model(name, seed)
     graph = discover_groups(model, INPUT)
@@ -98,3 +98,36 @@ def test_bad_keep_and_spec_are_clear_errors():
         build_pruned(ArchSpec("resnet18", {"conv1": 999}))
     with pytest.raises(ValueError, match="spec.json: missing field"):
         ArchSpec.from_dict({"parent": "resnet18"}, source="spec.json")
+
+
+class _SharedConv(torch.nn.Module):
+    """`shared(a(x)) + shared(b(x))`: one conv applied to two different tensors (issue 12's case)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.b = torch.nn.Conv2d(3, 8, 1)
+        self.shared = torch.nn.Conv2d(8, 12, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(12)
+        self.head = torch.nn.Conv2d(12, 5, 1)
+
+    def forward(self, x):
+        y = self.bn(self.shared(torch.relu(self.a(x))) + self.shared(self.b(x)))
+        return self.head(torch.relu(y)).mean((2, 3))
+
+
+def test_a_module_called_twice_ties_its_inputs_and_prunes_exactly():
+    torch.manual_seed(0)
+    model = _SharedConv().double().eval()
+    model.bn.running_mean.normal_(0, 0.1)
+    model.bn.running_var.uniform_(0.5, 1.5)
+    graph = discover_groups(model, INPUT)
+    # both calls read `shared`'s input slice: a's and b's outputs are one group with it, pruned together
+    (tied,) = [g for g in graph.groups if "shared" in g.modules("in")]
+    assert set(tied.modules("out")) == {"a", "b"} and tied.prunable
+    # both calls produce the same 12 channels: one group, the conv listed once
+    (out,) = [g for g in graph.groups if "shared" in g.modules("out")]
+    assert out.modules("out") == ["shared"] and out.modules("norm") == ["bn"]
+    keep = {tied.name: torch.tensor([0, 3, 4, 7]), out.name: torch.tensor([1, 2, 5, 6, 8, 11])}
+    pruned = _assert_prunes_exactly(model, graph, keep)
+    assert (pruned.shared.in_channels, pruned.shared.out_channels) == (4, 6)

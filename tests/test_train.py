@@ -18,7 +18,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from kpid_zoo.data import create_loaders
-from kpid_zoo.recipe import DataSpec, FinetuneSpec
+from kpid_zoo.accelerator import process_accelerator
+from kpid_zoo.recipe import DataSpec, FinetuneSpec, ParentTrainSpec
 from kpid_zoo.train import JsonlTracker, list_checkpoints, warmup_cosine_schedule, finetune
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,27 +155,98 @@ def test_resume_ignores_interrupted_checkpoint_write(image_folder, tmp_path):
     assert not stale.exists()
 
 
+# Rounding bound for the accumulation test (float64). Batch 8 in one step and 4 + 4 accumulated compute the same
+# gradient with the additions of the batch reduction in another order: each step differs by O(u) relative (u the
+# unit roundoff), and the 18 SGD steps amplify that. The amplification is the same in any precision, so the final
+# difference scales with u: on an AVX2 EPYC, float32 runs differ by 2.3e-7 and float64 runs by 1.7e-15
+# (ratio 2**27, u32/u64 = 2**29). The largest float32 difference seen on any x86-64 CPU is 3.5e-4 (an AVX-512
+# EPYC, where one-step-of-8 vs two-processes-of-4 was once asserted), i.e. 3.5e-4 * 2**-29 = 7e-13 in float64.
+# 1e-9 leaves three orders of magnitude above that, and is still 10**5 below a real bug's footprint (a lost or
+# repeated step, or a wrongly scaled gradient, moves weights by > 1e-4 here).
+FLOAT64_REDUCTION_ORDER_BOUND = 1e-9
+
+
 def test_gradient_accumulation_matches_large_batch(image_folder, tmp_path):
-    """batch 4 x accumulate 2 == batch 8 (GroupNorm model: no batch-size dependence besides the mean)."""
-    big = _run(['--data', image_folder, '--batch-size', 8, '--epochs', 1], tmp_path / 'big')
+    """batch 4 x accumulate 2 == batch 8, to float64 rounding (GroupNorm model: no batch-size dependence besides
+    the mean). The accumulated loss is divided by 2 before backward: exact in binary floating point."""
+    big = _run(['--data', image_folder, '--batch-size', 8, '--epochs', 1, '--float64'], tmp_path / 'big')
     _finish(big)
-    _finish(_run(['--data', image_folder, '--batch-size', 4, '--accum', 2, '--epochs', 1], tmp_path / 'acc'))
+    _finish(_run(['--data', image_folder, '--batch-size', 4, '--accum', 2, '--epochs', 1, '--float64'],
+                 tmp_path / 'acc'))
     assert json.loads((tmp_path / 'acc' / 'result.json').read_text())['steps'] == 9
-    assert _max_diff(tmp_path / 'big', tmp_path / 'acc') <= 1e-5
+    weights = load_file(str(tmp_path / 'acc' / 'final.safetensors'))
+    assert all(v.dtype == torch.float64 for v in weights.values() if v.is_floating_point())
+    assert _max_diff(tmp_path / 'big', tmp_path / 'acc') <= FLOAT64_REDUCTION_ORDER_BOUND
 
 
-def test_torchrun_two_cpu_processes_match_one_process(image_folder, tmp_path):
-    """torchrun --nproc_per_node 2 (gloo) with the per-process batch halved == 1 process at the same global batch."""
-    one = _run(['--data', image_folder, '--batch-size', 8], tmp_path / 'one')
-    _finish(one)
+def test_torchrun_two_cpu_processes_match_accumulation_bit_for_bit(image_folder, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo), batch 4 per process == 1 process, batch 4, accumulate 2: bit-identical.
+
+    Exact by construction, on any CPU: both runs compute the same two per-batch gradients g1, g2 with the same
+    kernels (batch 4, one thread), and combine them as g1/2 + g2/2 -- DDP halves each process's gradient and the
+    gloo all-reduce adds two numbers (commutative); accumulation backpropagates loss/2 twice into .grad. Halving
+    is exact in binary floating point, so no rounding differs. Accelerate deals whole batches round-robin to the
+    processes, so process 0 gets batches 0, 2, 4, ... and process 1 gets 1, 3, 5, ...: the same pairs that one
+    process accumulates. (That a batch of 8 equals 4 + 4 is the float64 test above.)
+    """
+    acc = _run(['--data', image_folder, '--batch-size', 4, '--accum', 2], tmp_path / 'acc')
+    _finish(acc)
     launcher = [str(BIN / 'torchrun'), '--standalone', '--nproc_per_node', '2']
     _finish(_run(['--data', image_folder, '--batch-size', 4], tmp_path / 'two', launcher=launcher))
-    r1, r2 = (json.loads((tmp_path / d / 'result.json').read_text()) for d in ('one', 'two'))
+    r1, r2 = (json.loads((tmp_path / d / 'result.json').read_text()) for d in ('acc', 'two'))
     assert r2['world_size'] == 2 and r1['steps'] == r2['steps'] == 18
     # 30 val images over 2 processes x batch 4 is uneven: gather_for_metrics must count each exactly once
     assert r1['val']['n'] == r2['val']['n'] == 30
-    assert r2['val']['top1'] == pytest.approx(r1['val']['top1'])
-    assert _max_diff(tmp_path / 'one', tmp_path / 'two') <= 1e-5
+    assert r2['val']['top1'] == r1['val']['top1']
+    assert _max_diff(tmp_path / 'acc', tmp_path / 'two') == 0.0
+
+
+def test_measure_shards_parent_and_student_over_two_processes(image_folder, tmp_path):
+    """build.measure under torchrun x2 (gloo): each process scores about half of the 30 validation images (Accelerate
+    pads the uneven tail with repeats), gather_for_metrics counts each image once, and the figures equal 1 process."""
+    script = REPO / 'tests' / 'scripts' / 'measure_run.py'
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(REPO)}
+    for out, launcher in ((tmp_path / 'one', [sys.executable]),
+                          (tmp_path / 'two', [str(BIN / 'torchrun'), '--standalone', '--nproc_per_node', '2'])):
+        subprocess.run(launcher + [str(script), '--data', str(image_folder), '--out', str(out)], env=env, check=True,
+                       capture_output=True, timeout=240)
+    one = json.loads((tmp_path / 'one' / 'rank0.json').read_text())
+    two = [json.loads((tmp_path / 'two' / f'rank{r}.json').read_text()) for r in (0, 1)]
+    assert one['seen'] == {'parent': 30, 'student': 30}
+    assert [r['world_size'] for r in two] == [2, 2]
+    for model in ('parent', 'student'):
+        per_rank = [r['seen'][model] for r in two]
+        assert all(14 <= n <= 16 for n in per_rank) and sum(per_rank) >= 30, per_rank  # 8 batches of <= 4, dealt 4 + 4
+    for r in two:
+        m, ref = r['metrics'], one['metrics']
+        assert m['n'] == ref['n'] == 30
+        for key in ('top1', 'top5', 'parent_top1', 'parent_top5'):
+            assert m[key] == ref[key]  # hit counts are integers: the same images give the same fractions exactly
+
+
+def test_two_trainings_with_different_precision_share_one_accelerator(image_folder, tmp_path):
+    """Parent adaptation in fp32, then distillation in bf16, in one process on one Accelerator: the second call
+    neither raises "AcceleratorState has already been initialized" nor keeps the first call's precision."""
+    torch.manual_seed(0)
+    parent = timm.create_model('resnet18', num_classes=3, channels=(16, 32, 64, 128))
+    student = timm.create_model('resnet18', num_classes=3, channels=(8, 16, 32, 64))
+    data = DataSpec(dataset='imagefolder', root=str(image_folder), num_classes=3, batch_size=8, workers=0)
+    bundle = create_loaders(data, parent, input_size=(3, 32, 32))
+    dtypes = {'parent': set(), 'student': set()}
+    for name, model in (('parent', parent), ('student', student)):
+        model.fc.register_forward_hook(lambda _m, _i, out, _n=name: dtypes[_n].add(out.dtype) if _m.training else None)
+
+    accelerator = process_accelerator()
+    adapted = finetune(parent, None, bundle.train_loader, None, ParentTrainSpec(epochs=0.5, lr=0.02), tmp_path / 'p',
+                       accelerator=accelerator, progress=False)
+    kept = {f'layer{i + 1}': torch.arange(w) for i, w in enumerate((8, 16, 32, 64))}
+    distilled = finetune(student, adapted.model, bundle.train_loader, bundle.val_loader,
+                         FinetuneSpec(epochs=0.5, lr=0.02, mixed_precision='bf16', kd_logits_weight=0.5),
+                         tmp_path / 's', accelerator=accelerator, kept=kept, input_size=(3, 32, 32), progress=False)
+    assert process_accelerator() is accelerator
+    assert adapted.steps == distilled.steps == 4 and distilled.val.n == 30
+    assert dtypes == {'parent': {torch.float32}, 'student': {torch.bfloat16}}
+    assert all(p.dtype == torch.float32 for p in distilled.model.parameters())  # master weights stay fp32
 
 
 def test_bf16_mixed_precision_run(image_folder, tmp_path):

@@ -42,14 +42,22 @@ def main() -> None:
     ap.add_argument('--drop-rate', type=float, default=0.0)
     ap.add_argument('--hang-after-step', type=int, default=0)
     ap.add_argument('--mixed-precision', default='no')
+    ap.add_argument('--float64', action='store_true',
+                    help='models, projections and images in float64 (rounding 2**29 times smaller than float32)')
     args = ap.parse_args()
     torch.set_num_threads(1)  # same kernels and reduction order in every run
+    if args.float64:
+        # before any model, projection or image tensor is made (torchvision's to_tensor follows the default too)
+        torch.set_default_dtype(torch.float64)
     out = Path(args.out)
 
     torch.manual_seed(0)
     teacher = timm.create_model('resnet18', num_classes=args.num_classes, norm_layer=GroupNorm1)
     student = timm.create_model('resnet18', num_classes=args.num_classes, norm_layer=GroupNorm1,
                                 channels=STUDENT_CHANNELS, drop_rate=args.drop_rate)
+    if args.float64:
+        for model in (teacher, student):  # belt and braces: any float32 input is promoted
+            model.register_forward_pre_hook(lambda _, inputs: tuple(x.double() for x in inputs))
     kept = {f'layer{i + 1}': torch.arange(w) for i, w in enumerate(STUDENT_CHANNELS)}
 
     data = DataSpec(dataset='imagefolder', root=args.data, num_classes=args.num_classes,

@@ -10,15 +10,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from accelerate import PartialState  # noqa: E402
-
+from kpid_zoo.accelerator import process_accelerator  # noqa: E402
 from kpid_zoo.lock import LOCK_FILE, LockedError, build_lock  # noqa: E402
 
 folder = Path(sys.argv[1])
-state = PartialState(cpu=True)  # CPU: the gloo group is set up only when asked for
+state = process_accelerator()  # on CPU, the one that sets up the gloo group
 for attempt in range(2):
     try:
-        with build_lock(folder):
+        with build_lock(state, folder):
             state.wait_for_everyone()
             print(f"rank {state.process_index} inside", flush=True)
     except LockedError as e:

@@ -1,0 +1,184 @@
+"""`kpid-zoo build RECIPE --dry-run`: every stage of a recipe, a few steps each, on stand-in data, then the plan
+of what the real run needs.
+
+The cluster recipes cannot run here (no ImageNet, no GPUs, no Hub), but their code path must not fail there.
+A dry run keeps everything of the recipe that decides which code runs -- parent architecture, input size, class
+count, FLOPs target, importance method, precision, accumulation, distillation weights -- and swaps what only
+decides how long it runs:
+
+* data: a generated ImageFolder with the recipe's class count and input size (one random JPEG per class);
+* parent weights: random init (`weights: none`), so no download;
+* schedule: a few optimizer steps per training stage, a checkpoint after each; one batch of Taylor scores.
+
+Run it under the launcher a cluster uses, e.g. `accelerate launch --cpu --num_processes 2 -m kpid_zoo.cli build
+RECIPE --dry-run`: pruning on the main process, sharded evaluation and DDP training on all. It ends with a
+`RunPlan`: steps per epoch and in all, checkpoints written, and the disk they, the stage results and the export
+take -- sizes measured on the dry run's own files, which have the real architecture's shapes.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from .accelerator import process_accelerator
+from .recipe import Recipe, load_recipe
+
+STEPS_PER_STAGE = 3  # optimizer steps of each training stage in a dry run: enough to checkpoint and resume
+STANDIN_BATCH = 2  # per process
+KNOWN_TRAIN_SIZES = {('imagefolder', 1000): ('ImageNet-1k', 1_281_167), ('cifar10', 10): ('CIFAR-10', 50_000)}
+
+
+def standin_images(root: Path, num_classes: int, input_size: tuple[int, int, int], per_class: int = 1,
+                   seed: int = 0) -> Path:
+    """`root/{train,val}/cNNNN/I.jpg`: `per_class` random images per class and split, at the recipe's input size."""
+    if (root / 'done').exists():
+        return root
+    rng = np.random.default_rng(seed)
+    channels, height, width = input_size
+    mode = {1: 'L', 3: 'RGB'}.get(channels)
+    if mode is None:
+        raise ValueError(f'input_size: a dry run makes 1- or 3-channel JPEGs, got {channels} channels')
+    for split in ('train', 'val'):
+        for c in range(num_classes):
+            folder = root / split / f'c{c:04d}'
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
+                Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode).save(
+                    folder / f'{i}.jpg', quality=90)
+    (root / 'done').write_text('')
+    return root
+
+
+def standin_sizes(recipe: Recipe, processes: int) -> tuple[int, int]:
+    """(train, val) images a dry run uses: STEPS_PER_STAGE optimizer steps of the stage that accumulates most;
+    two batches per process and one more image for validation, so the last batch is uneven."""
+    accum = max(recipe.parent.train.grad_accum_steps, recipe.finetune.grad_accum_steps)
+    return STEPS_PER_STAGE * STANDIN_BATCH * processes * accum, 2 * STANDIN_BATCH * processes + 1
+
+
+def standin_recipe(recipe: Recipe, data_root: Path, processes: int) -> dict:
+    """The recipe as data, with stand-in data, random parent weights and a few steps per stage."""
+    plan = recipe.to_dict()
+    per_step = STANDIN_BATCH * processes
+    parent_steps = per_step * recipe.parent.train.grad_accum_steps
+    finetune_steps = per_step * recipe.finetune.grad_accum_steps
+    train_images, val_images = standin_sizes(recipe, processes)
+    plan['parent'].update(weights='none', tag=None)
+    plan['data'] = {
+        **plan['data'], 'dataset': 'imagefolder', 'root': str(data_root), 'train_split': 'train',
+        'val_split': 'val', 'batch_size': STANDIN_BATCH, 'workers': 0, 'download': False,
+        'train_subset': train_images, 'val_subset': val_images}
+    plan['importance'].update(batches=1, batch_size=min(recipe.importance.batch_size, 4))
+    for section, steps in ((plan['parent']['train'], parent_steps), (plan['finetune'], finetune_steps)):
+        if section['epochs'] > 0:
+            # STEPS_PER_STAGE optimizer steps, one warmup step, a checkpoint after each step
+            section.update(epochs=STEPS_PER_STAGE * steps / train_images, warmup_epochs=steps / train_images,
+                           checkpoint_every=1)
+    return plan
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    name: str
+    epochs: float
+    steps: int
+    checkpoints: int  # written over the run (the last two are kept)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What the real run of a recipe needs, for `processes` processes."""
+    recipe: str
+    processes: int
+    train_images: int | None
+    train_images_source: str
+    steps_per_epoch: int | None  # of the fine-tune (optimizer steps)
+    stages: tuple[StagePlan, ...]
+    checkpoint_bytes: int  # one fine-tune checkpoint (model + projections + optimizer + loop state)
+    disk_bytes: int  # two kept checkpoints per training stage + stage results + export
+
+    def table(self) -> str:
+        gb = 1024 ** 3
+        lines = [f'{self.recipe}: what the real run needs on {self.processes} processes',
+                 f'  train images        {self.train_images or "unknown"} ({self.train_images_source})']
+        for s in self.stages:
+            lines.append(f'  {s.name:<18}  {s.epochs:g} epochs = {s.steps if s.steps else "?"} optimizer steps, '
+                         f'{s.checkpoints if s.steps else "?"} checkpoints')
+        lines.append(f'  one checkpoint      {self.checkpoint_bytes / 1024 ** 2:.1f} MiB')
+        lines.append(f'  disk (peak)         {self.disk_bytes / gb:.2f} GiB in runs/ and outputs/')
+        return '\n'.join(lines)
+
+
+def train_images_of(recipe: Recipe) -> tuple[int | None, str]:
+    """Training-set size of the real data: counted where it is on this machine, else a known dataset's size."""
+    data = recipe.data
+    split = Path(data.root).expanduser() / data.train_split if data.root else None
+    known = KNOWN_TRAIN_SIZES.get((data.dataset, data.num_classes))
+    if data.dataset == 'imagefolder' and split is not None and split.is_dir():
+        n, source = sum(len(files) for _, _, files in os.walk(split)), f'counted in {split}'
+    elif data.dataset == 'cifar10':
+        n, source = known[1], 'the CIFAR-10 train split'
+    elif known is not None:
+        n, source = known[1], f'{known[0]} assumed: {split or data.dataset} is not on this machine'
+    else:
+        return None, f'{split or data.dataset} is not on this machine'
+    if data.train_subset and data.train_subset < n:
+        n, source = data.train_subset, f'train_subset of {source}'
+    return n, source
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob('*') if p.is_file()) if path.exists() else 0
+
+
+def plan_real_run(recipe: Recipe, processes: int, dry_work: Path, dry_export: Path) -> RunPlan:
+    from .train import checkpoint_interval  # pulls in torch: only once a plan is made
+
+    n, source = train_images_of(recipe)
+    stages, steps_per_epoch = [], None
+    for name, spec in (('parent training', recipe.parent.train), ('fine-tune', recipe.finetune)):
+        if spec.epochs <= 0:
+            continue
+        per_epoch = None if n is None else math.ceil(
+            (n // (recipe.data.batch_size * processes)) / spec.grad_accum_steps)
+        steps = 0 if per_epoch is None else max(1, round(spec.epochs * per_epoch))
+        every = checkpoint_interval(spec.checkpoint_every, steps)
+        stages.append(StagePlan(name, spec.epochs, steps, math.ceil(steps / every)))
+        if name == 'fine-tune':
+            steps_per_epoch = per_epoch
+    checkpoints = sorted((dry_work / 'finetune' / 'checkpoints').glob('step_*'))
+    checkpoint_bytes = _folder_bytes(checkpoints[-1]) if checkpoints else 0
+    parent_checkpoints = sorted((dry_work / 'parent' / 'train' / 'checkpoints').glob('step_*'))
+    parent_bytes = _folder_bytes(parent_checkpoints[-1]) if parent_checkpoints else 0
+    results = sum(_folder_bytes(dry_work / part) for part in ('pruned', 'eval.json'))
+    results += sum(p.stat().st_size for p in dry_work.glob('*/model.safetensors'))
+    disk = 2 * checkpoint_bytes + 2 * parent_bytes + results + _folder_bytes(dry_export)
+    return RunPlan(recipe.name, processes, n, source, steps_per_epoch, tuple(stages), checkpoint_bytes, disk)
+
+
+def dry_run(recipe_path: str | Path, out_dir: str | Path | None = None, work_dir: str | Path | None = None,
+            processes: int | None = None, progress: bool = True) -> RunPlan:
+    """Build the stand-in version of `recipe_path` end to end, then plan the real run (for `processes`
+    processes; default: as many as this launch has)."""
+    from .build import build  # the build pulls in torch and timm: only when a dry run happens
+
+    recipe = load_recipe(recipe_path)
+    state = process_accelerator()  # never a bare PartialState() first: on CPU it would not join the processes
+    work = Path(work_dir or Path('runs') / f'{recipe.name}-dry-run')
+    out = Path(out_dir or Path('outputs') / f'{recipe.name}-dry-run')
+    standin = work / 'standin'
+    with state.main_process_first():
+        if state.is_main_process:
+            per_class = math.ceil(max(standin_sizes(recipe, state.num_processes)) / recipe.data.num_classes)
+            data_root = standin_images(standin / 'data', recipe.data.num_classes, recipe.input_size, per_class)
+            (standin / 'recipe.yaml').write_text(yaml.safe_dump(
+                standin_recipe(recipe, data_root, state.num_processes), sort_keys=False))
+    build(standin / 'recipe.yaml', out_dir=out, work_dir=work, progress=progress)
+    return plan_real_run(recipe, processes or state.num_processes, work, out)

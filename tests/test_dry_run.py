@@ -1,0 +1,66 @@
+"""`kpid-zoo build RECIPE --dry-run` on every shipped recipe, under `accelerate launch` with 2 CPU processes.
+
+A recipe that would fail on the cluster -- a stage that breaks for its architecture, input size, class count,
+precision or accumulation, a rank that does not join, a race between ranks on a checkpoint -- fails here first.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kpid_zoo.dry_run import plan_real_run, standin_recipe, standin_sizes
+from kpid_zoo.recipe import Recipe, load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted((REPO / 'recipes').glob('*.yaml'))
+ACCELERATE = Path(sys.executable).parent / 'accelerate'
+
+
+@pytest.mark.parametrize('recipe_path', RECIPES, ids=[p.stem for p in RECIPES])
+def test_dry_run_of_every_shipped_recipe_under_accelerate_launch(recipe_path, tmp_path):
+    work, out = tmp_path / 'work', tmp_path / 'out'
+    cmd = [str(ACCELERATE), 'launch', '--num_processes', '2', '--num_machines', '1', '--mixed_precision', 'no',
+           '--dynamo_backend', 'no', '-m', 'kpid_zoo.cli', 'build', str(recipe_path), '--dry-run',
+           '--plan-processes', '8', '--work', str(work), '--out', str(out), '--quiet']
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(REPO)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    recipe = load_recipe(recipe_path)
+    assert f'dry run passed: every stage of {recipe_path}' in proc.stdout
+    assert f'{recipe.name}: what the real run needs on 8 processes' in proc.stdout
+    assert proc.stdout.count('dry run passed') == 1  # printed by the main process only
+    assert {'model.safetensors', 'config.json', 'README.md'} <= {p.name for p in out.iterdir()}
+    # every training stage ran its steps and checkpointed them
+    assert sorted(p.name for p in (work / 'finetune' / 'checkpoints').iterdir()) == ['step_2', 'step_3']
+    if recipe.parent.train.epochs > 0:
+        assert sorted(p.name for p in (work / 'parent' / 'train' / 'checkpoints').iterdir()) == ['step_2', 'step_3']
+
+
+def test_standin_recipe_keeps_what_decides_the_code_path(tmp_path):
+    recipe = load_recipe(REPO / 'recipes' / 'kpid_effnet_b0.yaml')
+    standin = Recipe.from_dict(standin_recipe(recipe, tmp_path, processes=2))
+    for field in ('input_size', 'flops'):
+        assert getattr(standin, field) == getattr(recipe, field)
+    assert standin.parent.model == recipe.parent.model and standin.parent.weights == 'none'
+    assert standin.data.num_classes == recipe.data.num_classes == 1000
+    assert (standin.data.mean, standin.data.std, standin.data.crop_pct) == \
+        (recipe.data.mean, recipe.data.std, recipe.data.crop_pct)
+    for field in ('mixed_precision', 'grad_accum_steps', 'kd_gamma', 'kd_logits_weight', 'temperature', 'optimizer'):
+        assert getattr(standin.finetune, field) == getattr(recipe.finetune, field)
+    train, val = standin_sizes(recipe, processes=2)
+    assert (standin.data.train_subset, standin.data.val_subset) == (train, val) == (12, 9)
+    # 12 images / (batch 2 x 2 processes) = 3 batches a process = 3 optimizer steps
+    assert standin.finetune.epochs * train / (2 * 2) == pytest.approx(3)
+
+
+def test_plan_of_the_imagenet_recipe_on_8_processes(tmp_path):
+    plan = plan_real_run(load_recipe(REPO / 'recipes' / 'kpid_effnet_b0.yaml'), 8, tmp_path, tmp_path)
+    assert plan.train_images == 1_281_167 and 'ImageNet-1k assumed' in plan.train_images_source
+    # 1,281,167 // (128 x 8) = 1251 full global batches per epoch; 100 epochs; a checkpoint every 2000 steps
+    assert plan.steps_per_epoch == 1251
+    (finetune,) = plan.stages
+    assert (finetune.steps, finetune.checkpoints) == (125_100, 63)
