@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -53,28 +54,32 @@ def cmd_groups(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    import shutil
     from .accelerator import process_accelerator
-    from .build import adapt_parent, load_or_prune
+    from .build import BuildPaths, adapt_parent, load_or_prune, preflight
     from .data import create_loaders
+    from .lock import build_lock
     from .parent import create_parent
+    from .provenance import MANIFEST_DIR
     from .recipe import load_recipe
     from .report import summary_table
     from .zoo import find_recipe
 
     recipe = load_recipe(find_recipe(args.recipe))
     out = Path(args.out or Path("runs") / recipe.name / "pruned")
-    if args.force:
-        shutil.rmtree(out, ignore_errors=True)
-    elif out.exists():
-        print(f"{out} exists: showing it (pass --force to prune again)", file=sys.stderr)
-    parent = create_parent(recipe)
-    needs_data = recipe.importance.method == "taylor" or recipe.parent.train.epochs > 0
-    data = create_loaders(recipe.data, model=parent, input_size=recipe.input_size,
-                          seed=recipe.finetune.seed) if needs_data else None
+    paths = BuildPaths(work=out.parent, export=out, pruned_dir=out)
+    preflight(recipe)
     accelerator = process_accelerator()
-    parent = adapt_parent(accelerator, recipe, parent, data, out.parent / "parent", progress=not args.quiet)
-    result = load_or_prune(accelerator, recipe, parent, data, out, progress=not args.quiet)
+    with build_lock(accelerator, paths.work):
+        if args.force:
+            (paths.work / MANIFEST_DIR / "pruned.json").unlink(missing_ok=True)
+        elif out.exists():
+            print(f"{out} exists: showing it if it is up to date (pass --force to prune again)", file=sys.stderr)
+        parent = create_parent(recipe)
+        needs_data = recipe.importance.method == "taylor" or recipe.parent.train.epochs > 0
+        data = create_loaders(recipe.data, model=parent, input_size=recipe.input_size,
+                              seed=recipe.finetune.seed) if needs_data else None
+        parent, parent_ref = adapt_parent(accelerator, recipe, parent, data, paths.work, progress=not args.quiet)
+        result, _ = load_or_prune(accelerator, recipe, parent, data, paths, parent_ref, progress=not args.quiet)
     print(summary_table(result))
     print(f"wrote {out}/ (model.safetensors, spec.json, report.json, widths.png)")
     return 0
@@ -170,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kpid-zoo", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Knapsack Pruning with Inner Distillation: smaller, faster timm CNNs from a recipe.")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, show the full traceback instead of one line")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("flops", help="count GMACs (fvcore; 1 FLOP = 1 multiply-add) and params of a timm model")
@@ -227,19 +234,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Failures a user can act on: each prints as one line naming what is wrong (a file, a field, a repo)."""
+    from huggingface_hub.errors import HfHubHTTPError
+    from safetensors import SafetensorError
+
+    from .lock import LockedError
+    from .publish import PublishError
+
+    return (ValueError, OSError, PublishError, LockedError, HfHubHTTPError, SafetensorError, ImportError)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 1000 else text[:997] + "..."
+
+
 def main(argv: list[str] | None = None) -> int:
     import warnings
     # fvcore traces with torch.jit, which torch now flags as deprecated on every count
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
     args = build_parser().parse_args(argv)
+    if not args.debug:
+        # huggingface_hub logs each retry of an unreachable Hub as a warning: the error that follows says it all
+        from huggingface_hub.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
     try:
         return args.func(args)
     except BrokenPipeError:  # `kpid-zoo groups resnet50 | head`
         sys.stderr.close()
         return 0
-    except (ValueError, OSError) as e:
-        print(f"kpid-zoo {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"kpid-zoo {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        from .publish import network_errors
+        if isinstance(e, network_errors()):
+            offline = "" if os.environ.get("HF_HUB_OFFLINE") else " (set HF_HUB_OFFLINE=1 to use only the local cache)"
+            print(f"kpid-zoo {args.command}: error: cannot reach the network: {_one_line(e)}{offline}",
+                  file=sys.stderr)
+            return 2
+        if isinstance(e, _user_errors()):
+            print(f"kpid-zoo {args.command}: error: {_one_line(e)}", file=sys.stderr)
+            return 2
+        # a bug, not a usage problem: still one line, and the way to the traceback
+        print(f"kpid-zoo {args.command}: internal error: {type(e).__name__}: {_one_line(e)} "
+              f"(rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -85,6 +85,10 @@ def prepare_cifar10(root: Optional[str | os.PathLike] = None, cache_dir: Optiona
     The tarball is unpacked into a temp dir inside the cache and renamed into place, so a killed unpack leaves no
     half-written tree behind (only a stale temp dir, which the next call ignores).
     """
+    if root and not Path(root).expanduser().exists():
+        # checked first: once the cache holds an unpacked copy, a wrong root would otherwise go unnoticed
+        raise FileNotFoundError(f'data.root: {root} does not exist (expected {CIFAR10_TARBALL}, a folder holding it, '
+                                f'or an unpacked tree with train/ and test/)')
     if root and _is_split_tree(Path(root).expanduser()):
         return Path(root).expanduser()  # already an unpacked tree
     cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
@@ -169,7 +173,11 @@ def load_image_folder(root: str | os.PathLike, split: str):
     if not any(p.is_dir() for p in split_dir.iterdir()):
         raise ValueError(f'no class folders in {split_dir} (expected ImageNet layout {split_dir}/<class>/<image>)')
     # timm's search_split would silently fall back to `root` for a missing split; we checked it exists above.
-    return create_dataset('', root=str(split_dir), split=split, search_split=False)
+    try:
+        return create_dataset('', root=str(split_dir), split=split, search_split=False)
+    except RuntimeError as e:  # timm's "Found 0 images in subfolders of ..."
+        raise ValueError(f'no images in the class folders of {split_dir} (expected {split_dir}/<class>/<image> '
+                         f'with a .jpg, .jpeg or .png image; timm says: {e})') from None
 
 
 def resolve_data_settings(model: Optional[torch.nn.Module], data: DataSpec,

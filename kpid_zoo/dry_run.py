@@ -139,6 +139,8 @@ def _folder_bytes(path: Path) -> int:
 
 
 def plan_real_run(recipe: Recipe, processes: int, dry_work: Path, dry_export: Path) -> RunPlan:
+    from .train import checkpoint_interval  # pulls in torch: only once a plan is made
+
     n, source = train_images_of(recipe)
     stages, steps_per_epoch = [], None
     for name, spec in (('parent training', recipe.parent.train), ('fine-tune', recipe.finetune)):
@@ -147,7 +149,8 @@ def plan_real_run(recipe: Recipe, processes: int, dry_work: Path, dry_export: Pa
         per_epoch = None if n is None else math.ceil(
             (n // (recipe.data.batch_size * processes)) / spec.grad_accum_steps)
         steps = 0 if per_epoch is None else max(1, round(spec.epochs * per_epoch))
-        stages.append(StagePlan(name, spec.epochs, steps, math.ceil(steps / spec.checkpoint_every)))
+        every = checkpoint_interval(spec.checkpoint_every, steps)
+        stages.append(StagePlan(name, spec.epochs, steps, math.ceil(steps / every)))
         if name == 'fine-tune':
             steps_per_epoch = per_epoch
     checkpoints = sorted((dry_work / 'finetune' / 'checkpoints').glob('step_*'))

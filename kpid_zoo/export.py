@@ -12,7 +12,6 @@ records the weights' sha256, the spec, the metrics and the recipe hash. Registry
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -23,7 +22,7 @@ from timm.models import PretrainedCfg, get_pretrained_cfg
 from timm.models._hub import save_config_for_hf
 
 from . import __version__
-from .files import atomic_write_text, save_weights, staged_dir
+from .files import atomic_write_text, file_sha256, save_weights, staged_dir
 from .model_card import PAPER_ID, PAPER_NAME, PAPER_URL, WIDTHS_PLOT, build_card
 from .zoo import CFG_KEYS, ZOO_DIR, ZooRecord, pool_size_for
 
@@ -47,14 +46,6 @@ _META_KEYS = ('license', 'label_names', 'label_descriptions')
 # The rest of a timm pretrained cfg describes the parent's checkpoint (its source, paper, test-time size) or is
 # derived from the model by timm: a parent's full cfg is accepted, those keys are not carried over.
 _PRETRAINED_CFG_FIELDS = frozenset(f.name for f in dataclasses.fields(PretrainedCfg))
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _as_dict(obj: Any, what: str) -> dict:
@@ -222,6 +213,12 @@ def zoo_entry_from_export(folder: str | Path, revision: str | None = None) -> Zo
     """The zoo record of a (published) export: what `kpid_zoo/zoo/<name>.json` holds once it is registered."""
     config = read_export_config(folder)
     kpid, pcfg = config['kpid'], config['pretrained_cfg']
+    weights = Path(folder) / kpid.get('weights_file', WEIGHTS_FILE)
+    # the record is trusted by every later load: it must describe the weights that are there, not a stale config
+    if not weights.is_file() or file_sha256(weights) != kpid['weights_sha256']:
+        state = 'is missing' if not weights.is_file() else 'does not match'
+        raise ValueError(f"{weights} {state} the sha256 {kpid['weights_sha256']} recorded in "
+                         f"{Path(folder) / CONFIG_FILE}; re-run the export")
     metrics = kpid.get('metrics') or {}
     hub_id = kpid['repo_id'] + (f'@{revision}' if revision else '')
     return ZooRecord(

@@ -1,12 +1,19 @@
-"""Artifacts appear complete or not at all: every folder and file is written beside its place, then moved in."""
+"""Artifacts appear complete or not at all: every folder and file is written beside its place, then moved in.
+
+Everything written beside its place carries a `.tmp-XXXXXXXX` / `.old-XXXXXXXX` suffix (`STAGING_RE`), so the
+leftovers of a killed writer can be recognised and removed (`remove_staging`) by the next holder of the folder.
+"""
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterable, Iterator
 
 import torch.nn as nn
 from safetensors.torch import save_file
@@ -70,3 +77,74 @@ def save_weights(model: nn.Module, path: str | Path) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# `.<name>.tmp-1a2b3c4d` (staged_dir, atomic writes), `.<name>.old-1a2b3c4d` (replace_dir), `.tmp-step_N` (train)
+STAGING_RE = re.compile(r'^\.(.+\.(tmp|old)-[0-9a-f]{8}|tmp-step_\d+)$')
+
+
+def remove_staging(folder: str | Path, name: str | None = None) -> list[Path]:
+    """Remove what killed writers left below `folder` (only beside `name` and not below, when given).
+
+    Only safe while no other writer can be at work there: the caller holds the folder's build lock.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    if name is not None:
+        found = [p for p in folder.iterdir()
+                 if STAGING_RE.match(p.name) and p.name.startswith(f'.{name}.')]
+    else:
+        found = [p for p in folder.rglob('.*') if STAGING_RE.match(p.name)]
+    for path in found:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return found
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def json_sha256(value: Any) -> str:
+    """sha256 of the canonical JSON of `value` (sorted keys, no spaces): the same data gives the same hash."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(',', ':')).encode()).hexdigest()
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file's content; an unreadable one is a ValueError that names the file (json's own does not)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding='utf-8'))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f'{path}: not valid JSON ({e})') from None
+
+
+def write_json(path: str | Path, value: Any) -> None:
+    atomic_write_text(path, json.dumps(value, indent=2) + '\n')
+
+
+def hash_files(folder: str | Path, names: Iterable[str] | None = None) -> dict[str, str]:
+    """{name: sha256} of `names` in `folder` (default: every file below it, as relative POSIX paths)."""
+    folder = Path(folder)
+    if names is None:
+        names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob('*') if p.is_file())
+    return {name: file_sha256(folder / name) for name in names}
+
+
+def first_mismatch(folder: str | Path, recorded: dict[str, str]) -> str | None:
+    """None when every recorded file in `folder` still has its sha256, else a phrase naming the first that does not."""
+    folder = Path(folder)
+    for name, sha in recorded.items():
+        path = folder / name
+        if not path.is_file():
+            return f'{path} is missing'
+        if file_sha256(path) != sha:
+            return f'{path} does not match the sha256 recorded when it was written'
+    return None

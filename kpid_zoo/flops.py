@@ -6,8 +6,13 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from fvcore.nn import FlopCountAnalysis
 from torch import nn
+
+with warnings.catch_warnings():
+    # fvcore scripts its focal loss with torch.jit at import, which torch flags as deprecated: a FutureWarning on
+    # stderr at every `kpid-zoo` start, around the one line an error is meant to be
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
 
 __all__ = ['FlopsReport', 'count_flops', 'count_params']
 

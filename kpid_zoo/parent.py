@@ -18,6 +18,14 @@ def create_parent(recipe: Recipe, recipe_dir: Path | None = None) -> nn.Module:
 
     A relative checkpoint path resolves against `recipe_dir`, else the recipe file's folder, else the cwd.
     """
+    # A fresh init (`weights: none`) and a reset head draw from the RNG: seeded, the same recipe gives the same
+    # parent in every build; forked, the caller's RNG state is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.finetune.seed)
+        return _create_parent(recipe, recipe_dir)
+
+
+def _create_parent(recipe: Recipe, recipe_dir: Path | None) -> nn.Module:
     spec = recipe.parent
     name = f'{spec.model}.{spec.tag}' if spec.tag else spec.model
     if spec.weights == 'none':
@@ -50,7 +58,11 @@ def load_parent_checkpoint(model: nn.Module, path: Path) -> nn.Module:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'parent checkpoint not found: {path}')
-    state_dict = timm.models.load_state_dict(str(path))
+    try:
+        state_dict = timm.models.load_state_dict(str(path))
+    except Exception as e:  # safetensors / pickle readers name neither the file nor what is wrong with it
+        raise ValueError(f'{path}: not a readable checkpoint ({type(e).__name__}: {e}); expected a complete '
+                         f'.safetensors or .pth state dict') from None
     head_weight = state_dict.get(f'{model.pretrained_cfg.get("classifier")}.weight')
     if head_weight is not None and head_weight.ndim == 2 and head_weight.shape[0] != model.num_classes:
         model.reset_classifier(head_weight.shape[0])

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .flops import count_flops, count_params
+from .flops import FlopsReport, count_flops, count_params
 from .groups import ROLE_OUT, GroupGraph, discover_groups
 from .importance import Importance, magnitude_importance, taylor_importance
 from .knapsack import CostModel, KnapsackSolution, solve_for_flops, width_choices
@@ -65,21 +65,9 @@ def knapsack_prune(parent: nn.Module, graph: GroupGraph, importance: Importance,
                    round_to: int = 8, tolerance: float = 0.01, max_rounds: int = 6,
                    progress: bool = True) -> PruneResult:
     """Prune `parent` to at most `target_gmacs`, keeping the most important channels (KPID)."""
-    if not graph.prunable:
-        raise ValueError(f"{arch}: no prunable channel group was found "
-                         f"({', '.join(sorted({g.reason for g in graph.groups if g.reason})) or 'no conv layers'})")
-    parent_flops = count_flops(parent, input_size)
+    parent_flops, cost, choices = check_target(parent, graph, target_gmacs, arch=arch, input_size=input_size,
+                                               min_channels=min_channels, round_to=round_to)
     target = target_gmacs * 1e9
-    if target >= parent_flops.total:
-        raise ValueError(f"{arch}: FLOPs target {target_gmacs:.4g} GMACs is not below the parent's "
-                         f"{parent_flops.gmacs:.4g} GMACs at {input_size}")
-    cost = CostModel.from_flops(parent, graph, parent_flops)
-    choices = {g.name: width_choices(g.size, min_channels, round_to) for g in graph.prunable}
-    floor = cost.flops({g: ch[0] for g, ch in choices.items()})
-    if target < floor:
-        raise ValueError(f"{arch}: FLOPs target {target_gmacs:.4g} GMACs is below the smallest reachable "
-                         f"{floor / 1e9:.4g} GMACs (every group at {min_channels} channels)")
-
     low = target * (1 - tolerance)
     residual = 0.0  # what fvcore counts beyond the cost model (nothing, for the supported families)
     widths = dict(cost.sizes)
@@ -115,6 +103,30 @@ def knapsack_prune(parent: nn.Module, graph: GroupGraph, importance: Importance,
     return PruneResult(model, spec, keep, graph, report)
 
 
+def check_target(parent: nn.Module, graph: GroupGraph, target_gmacs: float, *, arch: str,
+                 input_size: tuple[int, int, int], min_channels: int = 8, round_to: int = 8
+                 ) -> tuple[FlopsReport, CostModel, dict[str, list[int]]]:
+    """Fail unless `target_gmacs` lies between the smallest reachable FLOPs and the parent's (no training needed).
+
+    Returns the parent's FLOPs, the cost model and the width choices per group, which the knapsack goes on with.
+    """
+    if not graph.prunable:
+        raise ValueError(f"{arch}: no prunable channel group was found "
+                         f"({', '.join(sorted({g.reason for g in graph.groups if g.reason})) or 'no conv layers'})")
+    parent_flops = count_flops(parent, input_size)
+    target = target_gmacs * 1e9
+    if target >= parent_flops.total:
+        raise ValueError(f"{arch}: FLOPs target {target_gmacs:.4g} GMACs is not below the parent's "
+                         f"{parent_flops.gmacs:.4g} GMACs at {input_size}")
+    cost = CostModel.from_flops(parent, graph, parent_flops)
+    choices = {g.name: width_choices(g.size, min_channels, round_to) for g in graph.prunable}
+    floor = cost.flops({g: ch[0] for g, ch in choices.items()})
+    if target < floor:
+        raise ValueError(f"{arch}: FLOPs target {target_gmacs:.4g} GMACs is below the smallest reachable "
+                         f"{floor / 1e9:.4g} GMACs (every group at {min_channels} channels)")
+    return parent_flops, cost, choices
+
+
 def layer_widths(parent: nn.Module, pruned: nn.Module, graph: GroupGraph) -> list[tuple[str, int, int]]:
     """(module, parent width, pruned width) for every conv / linear output, in the model's module order."""
     before, after = group_widths(parent, graph), group_widths(pruned, graph)
@@ -142,6 +154,10 @@ def prune_from_recipe(recipe: Recipe, parent: nn.Module, train_loader=None, devi
     if settings.method == "taylor":
         if train_loader is None:
             raise ValueError(f"{recipe.source}: importance.method 'taylor' needs training data")
+        if hasattr(train_loader.dataset, "set_epoch"):
+            # the training stages before this one leave the shared dataset at their last epoch: a build resumed
+            # after them would see other augmentations, hence other scores and other kept channels
+            train_loader.dataset.set_epoch(0)
         batches = torch.utils.data.DataLoader(train_loader.dataset, batch_size=settings.batch_size, shuffle=True,
                                               num_workers=train_loader.num_workers,
                                               generator=torch.Generator().manual_seed(recipe.finetune.seed))

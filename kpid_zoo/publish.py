@@ -5,6 +5,7 @@ The token comes from the caller, else the usual places (`HF_TOKEN`, `hf auth log
 """
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
 
@@ -26,6 +27,19 @@ _PICKLE_SUFFIXES = ('.bin', '.pt', '.pth', '.pkl', '.pickle', '.ckpt', '.pth.tar
 
 class PublishError(RuntimeError):
     """The folder cannot be published as it is, or the Hub refused it; the message says which and why."""
+
+
+def network_errors() -> tuple[type[BaseException], ...]:
+    """What the HTTP clients under huggingface_hub raise when the Hub cannot be reached (not all are OSErrors)."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module, names in (("httpx2", ("TransportError",)), ("httpx", ("TransportError",)),
+                          ("requests", ("ConnectionError", "Timeout"))):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        errors += [getattr(mod, n) for n in names if isinstance(getattr(mod, n, None), type)]
+    return tuple(errors)
 
 
 def validate_export(folder: str | Path) -> dict:
@@ -113,6 +127,8 @@ def publish(
         hint = ' (check that the token has write access to the namespace)' if status in (401, 403) else ''
         # the message of HfHubHTTPError carries the URL and the server's reason, never the request headers
         raise PublishError(f'publishing {folder} to {repo_id} failed: {e}{hint}') from None
+    except network_errors() as e:
+        raise PublishError(f'publishing {folder} to {repo_id}: cannot reach {api.endpoint} ({e})') from None
     url = f'{api.endpoint}/{repo_url.repo_id}'
     _logger.info('published %s to %s (commit %s)', folder, url, commit.oid)
     return url

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
-import json
+import math
 import re
+import reprlib
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -23,6 +23,8 @@ from typing import Any
 import timm
 import yaml
 from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+from .files import json_sha256
 
 __all__ = [
     'RecipeError', 'Recipe', 'ParentSpec', 'ParentTrainSpec', 'FlopsSpec', 'ImportanceSpec', 'DataSpec', 'TrainSpec',
@@ -57,11 +59,16 @@ def _did_you_mean(word: str, candidates: typing.Iterable[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ''
 
 
-def _got(value: Any) -> str:
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxstring, _SHORT_REPR.maxother = 3, 200, 200
+
+
+def _got(value: Any, limit: int = 200) -> str:
     if isinstance(value, bool):
         # YAML 1.1 turns unquoted yes/no/on/off into booleans: `mixed_precision: no` arrives here as False.
         return f'{value!r} (YAML reads unquoted yes/no/on/off as booleans: quote the value)'
-    return repr(value)
+    text = _SHORT_REPR.repr(value)  # an error message stays one short line, whatever a recipe holds
+    return text if len(text) <= limit else text[:limit - 3] + '...'
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -168,6 +175,9 @@ class _Section:
                     raise _BadValue
             except _BadValue:
                 raise RecipeError(f'expected {expected or _type_words(hints[f.name])}, got {_got(value)}', f.name)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple)
+                                                                             else (value,))):
+                raise RecipeError(f'expected a finite number, got {_got(value)}', f.name)
             object.__setattr__(self, f.name, value)
         self._check()
 
@@ -211,12 +221,20 @@ def _timm_models() -> tuple[str, ...]:
     return tuple(timm.list_models())
 
 
+# The timm modules whose CNNs kpid-zoo prunes and distils (channel groups, surgery and distillation points are
+# tested on them); anything else (a ViT, a ConvNeXt) would fail deep inside the first stage that touches it.
+SUPPORTED_FAMILIES = {'resnet': 'ResNet', 'efficientnet': 'EfficientNet', 'mobilenetv3': 'MobileNetV3'}
+
+
 def _check_timm_model(name: str) -> None:
     if '.' in name:
         arch, tag = name.split('.', 1)
         raise RecipeError(f"'{name}' includes a pretrained tag: write model: {arch} and tag: {tag}", 'model')
     if not timm.is_model(name):
         raise RecipeError(f"'{name}' is not a timm model{_did_you_mean(name, _timm_models())}", 'model')
+    if not timm.models.is_model_in_modules(name, list(SUPPORTED_FAMILIES)):
+        raise RecipeError(f"'{name}' is not a supported CNN family (expected a timm "
+                          f"{', '.join(SUPPORTED_FAMILIES.values())} model, e.g. resnet50)", 'model')
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -376,6 +394,7 @@ class HubSpec(_Section):
 
 
 _NAME_RE = re.compile(r'^[a-z0-9_]+$')
+MIN_SIDE, MAX_SIDE = 16, 2048  # input_size H, W: every supported family runs at 16 px; 2048 is far past ImageNet's
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -400,7 +419,10 @@ class Recipe(_Section):
             raise RecipeError(
                 f'the parent head is reset to {self.parent.num_classes} classes but data.num_classes is '
                 f'{self.data.num_classes}', 'parent.num_classes')
-        channels = self.input_size[0]
+        channels, height, width = self.input_size
+        if channels != 3 or not (MIN_SIDE <= height <= MAX_SIDE and MIN_SIDE <= width <= MAX_SIDE):
+            raise RecipeError(f'expected [3, H, W] (RGB) with H and W from {MIN_SIDE} to {MAX_SIDE}, got '
+                              f'{list(self.input_size)}', 'input_size')
         for name in ('mean', 'std'):
             stats = getattr(self.data, name)
             if stats is not None and len(stats) != channels:
@@ -426,8 +448,7 @@ class Recipe(_Section):
 
     def sha256(self) -> str:
         """Hash of the canonical JSON of `to_dict()`: identifies the recipe in the model card, whatever its layout."""
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(',', ':'))
-        return hashlib.sha256(canonical.encode()).hexdigest()
+        return json_sha256(self.to_dict())
 
     @property
     def base_dir(self) -> Path | None:
@@ -447,8 +468,38 @@ def _plain(value: Any) -> Any:
     return value
 
 
+MAX_ALIASES = 50        # a recipe uses a few `<<: *defaults`; more is an alias bomb
+MAX_EXPANDED_NODES = 100_000  # nodes once every alias is expanded (a recipe has about a hundred)
+
+
 class _NoDuplicateKeysLoader(yaml.SafeLoader):
-    """PyYAML's SafeLoader, except that a key given twice is an error: plain PyYAML silently keeps the last `lr:`."""
+    """PyYAML's SafeLoader, except that a key given twice is an error (plain PyYAML silently keeps the last `lr:`),
+    and that aliases are bounded: a few hundred bytes of nested `*alias`es expand to gigabytes downstream."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self._aliases = getattr(self, '_aliases', 0) + 1
+            if self._aliases > MAX_ALIASES:
+                raise yaml.composer.ComposerError(None, None, f'more than {MAX_ALIASES} aliases (*name)',
+                                                  self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+    def get_single_node(self) -> Any:
+        node = super().get_single_node()
+        if node is not None:
+            sizes: dict[int, int] = {}
+
+            def expanded(n: Any) -> int:  # memoised by node: shared (aliased) nodes are counted once per use
+                if id(n) not in sizes:
+                    sizes[id(n)] = 0  # a recursive alias counts as nothing more while it is being sized
+                    children = [c for pair in n.value for c in pair] if isinstance(n, yaml.MappingNode) else \
+                        n.value if isinstance(n, yaml.SequenceNode) else []
+                    sizes[id(n)] = min(1 + sum(expanded(c) for c in children), MAX_EXPANDED_NODES + 1)
+                return sizes[id(n)]
+            if expanded(node) > MAX_EXPANDED_NODES:
+                raise yaml.composer.ComposerError(None, None, f'aliases expand to more than {MAX_EXPANDED_NODES} '
+                                                  f'values', node.start_mark)
+        return node
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen = set()
@@ -465,10 +516,18 @@ class _NoDuplicateKeysLoader(yaml.SafeLoader):
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file; every error names the file (and the YAML line for syntax errors)."""
     source = str(path)
+    if Path(path).is_dir():
+        raise RecipeError('is a folder, expected a recipe YAML file (e.g. recipes/kpid_resnet18_cifar10_tiny.yaml)',
+                          source=source)
     try:
         text = Path(path).read_text(encoding='utf-8')
     except FileNotFoundError:
         raise FileNotFoundError(f'{source}: no such recipe file') from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(f'not a text file (byte {e.start} is not UTF-8): expected a recipe YAML file',
+                          source=source) from None
+    if '\x00' in text:
+        raise RecipeError('not a text file (it holds NUL bytes): expected a recipe YAML file', source=source)
     try:
         data = yaml.load(text, Loader=_NoDuplicateKeysLoader)
     except yaml.YAMLError as e:

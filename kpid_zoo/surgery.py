@@ -17,6 +17,7 @@ import timm
 import torch
 import torch.nn as nn
 
+from .files import read_json
 from .groups import ROLE_DW, ROLE_IN, ROLE_NORM, ROLE_OUT, GroupGraph, discover_groups
 
 SPEC_VERSION = 1
@@ -59,7 +60,10 @@ class ArchSpec:
 
     @classmethod
     def load(cls, path: str | Path) -> "ArchSpec":
-        return cls.from_dict(json.loads(Path(path).read_text()), source=str(path))
+        data = read_json(path)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object with parent, widths, input_size")
+        return cls.from_dict(data, source=str(path))
 
 
 def prune_model(model: nn.Module, graph: GroupGraph, keep: dict[str, torch.Tensor], *,

@@ -40,10 +40,12 @@ from tqdm.auto import tqdm
 from .accelerator import process_accelerator, stage_autocast, stage_grad_scaler
 from .distill import DistillationWrapper, InnerDistillLoss, build_distillation, capture_outputs
 from .evaluate import EvalResult, evaluate
+from .files import first_mismatch, hash_files, read_json, write_json
 from .recipe import FinetuneSpec, TrainSpec
 
 CHECKPOINT_RE = re.compile(r'^step_(\d+)$')
 LOOP_STATE_FILE = 'kpid_loop_state.pt'  # TrainState + LR schedule, beside what accelerator.save_state writes
+CHECKSUMS = 'checksums.json'  # in each checkpoint: {file: sha256} of every file in it
 
 
 @dataclass
@@ -147,12 +149,36 @@ def _save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, state: Trai
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         torch.save({'train_state': state.state_dict(), 'scheduler': scheduler.state_dict()}, tmp / LOOP_STATE_FILE)
+        # every file's sha256, inside the checkpoint before it is renamed in: a resume verifies before it loads
+        write_json(tmp / CHECKSUMS, hash_files(tmp))
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
         for old in list_checkpoints(checkpoint_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def checkpoint_interval(checkpoint_every: int, total_steps: int) -> int:
+    """Optimizer steps between checkpoints: the recipe's, but at most a tenth of the run, so that a kill loses at
+    most a tenth of a stage whatever its length (a 78-step stage with `checkpoint_every: 200` would lose all)."""
+    return max(1, min(checkpoint_every, math.ceil(total_steps / 10)))
+
+
+def latest_intact_checkpoint(checkpoint_dir: str | os.PathLike, log: Callable[[str], None] = print
+                             ) -> Optional[Path]:
+    """The newest checkpoint whose files all have the sha256 recorded when it was saved; the others are named."""
+    for checkpoint in reversed(list_checkpoints(checkpoint_dir)):
+        try:
+            recorded = read_json(checkpoint / CHECKSUMS)
+        except (OSError, ValueError):
+            problem = f'no readable {CHECKSUMS}'
+        else:
+            problem = first_mismatch(checkpoint, recorded) if isinstance(recorded, dict) else f'bad {CHECKSUMS}'
+        if problem is None:
+            return checkpoint
+        log(f'not resuming from {checkpoint} ({problem}): trying an earlier one')
+    return None
 
 
 def _load_checkpoint(accelerator: Accelerator, checkpoint: Path, state: TrainState, scheduler: LambdaLR) -> None:
@@ -234,9 +260,9 @@ def _train_loop(accelerator: Accelerator, module: nn.Module, teacher: Optional[n
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     resumed_from = None
-    existing = list_checkpoints(checkpoint_dir) if resume else []
-    if existing:
-        _load_checkpoint(accelerator, existing[-1], state, scheduler)
+    intact = latest_intact_checkpoint(checkpoint_dir, accelerator.print) if resume else None
+    if intact is not None:
+        _load_checkpoint(accelerator, intact, state, scheduler)
         resumed_from = state.step
     tracker = JsonlTracker(out_dir / 'metrics.jsonl') if accelerator.is_main_process else None
     if tracker is not None:
@@ -244,6 +270,7 @@ def _train_loop(accelerator: Accelerator, module: nn.Module, teacher: Optional[n
             'total_steps': total_steps, 'steps_per_epoch': steps_per_epoch, 'world_size': accelerator.num_processes,
             'resumed_from': resumed_from, 'teacher': teacher is not None, 'mixed_precision': cfg.mixed_precision})
 
+    every = checkpoint_interval(cfg.checkpoint_every, total_steps)
     losses = []
     bar = tqdm(total=total_steps, initial=state.step, disable=not (progress and accelerator.is_local_main_process),
                desc='finetune' if teacher is not None else 'train', dynamic_ncols=True)
@@ -278,7 +305,7 @@ def _train_loop(accelerator: Accelerator, module: nn.Module, teacher: Optional[n
                 tracker.log(metrics, step=state.step)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}")
-            if state.step % cfg.checkpoint_every == 0 or state.step == total_steps:
+            if state.step % every == 0 or state.step == total_steps:
                 _save_checkpoint(accelerator, checkpoint_dir, state, scheduler, keep_checkpoints)
             if step_callback is not None:
                 step_callback(state.step, metrics)

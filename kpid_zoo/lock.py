@@ -1,0 +1,128 @@
+"""One build per work folder: a lock file naming its holder (pid, host, start time).
+
+A second build of the same folder stops at once with a message naming the holder. A lock whose holder is a dead
+process on this host (a killed build) is taken over; one held on another host cannot be checked from here, so the
+message says which file to remove once that build is known to be gone. Under `accelerate launch` only the main
+process takes the lock: the other ranks belong to the same build.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import json
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+
+LOCK_FILE = 'build.lock'
+
+
+class LockedError(RuntimeError):
+    """The folder is being built by another live process."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    return True
+
+
+def _holder(path: Path) -> dict | None:
+    """The lock's content; None when it is gone or unreadable (a writer killed between create and write)."""
+    try:
+        data = json.loads(path.read_text(encoding='utf-8'))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _take_over(path: Path) -> None:
+    """Move a dead holder's lock aside; of two processes taking over at once, only one rename succeeds."""
+    aside = path.with_name(f'.{path.name}.old-{uuid.uuid4().hex[:8]}')
+    with contextlib.suppress(FileNotFoundError):
+        os.rename(path, aside)
+        aside.unlink(missing_ok=True)
+
+
+def acquire(folder: str | Path) -> Path:
+    """Create `<folder>/build.lock` for this process, or raise `LockedError` naming the live holder."""
+    path = Path(folder) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = {'pid': os.getpid(), 'host': socket.gethostname(),
+          'started': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as e:
+            if e.errno != errno.EEXIST:
+                raise
+            holder = _holder(path)
+            if holder is None:
+                # empty or half-written: its writer died between create and write, or is writing right now
+                if path.exists() and _age(path) < 5.0:
+                    raise LockedError(f'{path}: another build is starting in {folder}; try again in a moment')
+                _take_over(path)
+                continue
+            same_host = holder.get('host') == me['host']
+            pid = holder.get('pid')
+            if same_host and isinstance(pid, int) and not _alive(pid):
+                _take_over(path)
+                continue
+            where = '' if same_host else f' on host {holder.get("host")} (remove {path} if that build is gone)'
+            raise LockedError(f'{folder} is being built by process {pid}{where}, started {holder.get("started")}; '
+                              f'wait for it to finish or stop it')
+        with os.fdopen(fd, 'w', encoding='utf-8') as f:
+            json.dump(me, f)
+        return path
+    raise LockedError(f'{path}: could not take the build lock (other builds keep taking it)')
+
+
+def _age(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return float('inf')
+
+
+def release(path: Path) -> None:
+    """Remove the lock if this process still holds it."""
+    holder = _holder(path)
+    if holder is not None and holder.get('pid') == os.getpid() and holder.get('host') == socket.gethostname():
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def build_lock(accelerator: Accelerator, folder: str | Path) -> Iterator[None]:
+    """Hold the lock of `folder` for the block; under a multi-process launch the main process takes it for all.
+
+    The main process's outcome is broadcast, so when it is refused every rank raises the same error instead of
+    the others waiting at a barrier for ever.
+    """
+    path, refusal = None, None
+    if accelerator.is_main_process:
+        try:
+            path = acquire(folder)
+        except LockedError as e:
+            refusal = str(e)
+    if accelerator.num_processes > 1:
+        box = [refusal]
+        broadcast_object_list(box)
+        refusal = box[0]
+    if refusal:
+        raise LockedError(refusal)
+    try:
+        yield
+    finally:
+        if path is not None:
+            release(path)
