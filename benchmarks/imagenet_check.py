@@ -12,8 +12,9 @@ No ImageNet training image is available, so everything data-driven uses CIFAR-10
 the model's eval transform, never the 1000 evaluation images:
   - importance / Torch-Pruning gradients: `--importance-images` images; their labels are the unpruned parent's
     own top-1 ImageNet predictions (pseudo-labels), the same batches and labels for KPID and Torch-Pruning;
-  - BN statistics of every pruned net (and, as a control, of the parent) re-estimated on `--bn-images` other
-    CIFAR-10 train images (cumulative average, BN layers in train mode, nothing else changes).
+  - BN re-estimation on `--bn-images` other CIFAR-10 train images (cumulative average, BN layers in train mode) is
+    measured on the parent only: it takes lite0 from 87.3% to 1.4% top-1 (the upscaled 32 px images are far from
+    ImageNet's statistics), so the pruned nets keep the parent's BN statistics for the channels they keep.
 FLOPs matching: uniform L1 (bisection on the ratio) and Torch-Pruning (0.45% of channels per step) are pruned
 first to <= ratio x parent; KPID is then given the *smallest* FLOPs either baseline reached as its target
 (tolerance 0.5%), so KPID never gets more FLOPs than a baseline; the spread is reported per (model, ratio).
@@ -117,17 +118,17 @@ class Setup:
         self.gmacs = count_flops(self.parent, self.input_size).gmacs
 
 
-def measure(model: nn.Module, setup: Setup, raw: bool) -> dict:
-    """top-1/top-5 after BN re-estimation (and, with `raw`, before it), with fvcore GMACs and params.
-
-    `raw` is only asked for the parent: on 2 shared CPU cores a 1000-image pass is minutes, and the pruned nets'
-    raw figures (the parent's BN statistics on pruned inputs) are not what the issue asks for."""
-    row = {'gmacs': count_flops(model, setup.input_size).gmacs, 'params_m': count_params(model) / 1e6}
-    if raw:
-        before = evaluate(model, setup.eval_loader)
-        row.update(top1_no_recal=before.top1, top5_no_recal=before.top5)
-    after = evaluate(bn_recalibrate(model, setup.bn_loader), setup.eval_loader)
-    return {**row, 'top1': after.top1, 'top5': after.top5, 'n_eval': after.n}
+def measure(model: nn.Module, setup: Setup, parent: bool) -> dict:
+    """top-1/top-5 with the BN statistics the net has (pruned nets: the parent's, for the channels kept), fvcore
+    GMACs and params. The parent is also measured after BN re-estimation on upscaled CIFAR-10 (`top1_bn`): that
+    control collapses to ~1% top-1 (measured), so the pruned nets are compared without re-estimation."""
+    raw = evaluate(model, setup.eval_loader)
+    row = {'gmacs': count_flops(model, setup.input_size).gmacs, 'params_m': count_params(model) / 1e6,
+           'top1': raw.top1, 'top5': raw.top5, 'n_eval': raw.n, 'bn_reestimated': False}
+    if parent:
+        bn = evaluate(bn_recalibrate(model, setup.bn_loader), setup.eval_loader)
+        row.update(top1_bn=bn.top1, top5_bn=bn.top5)
+    return row
 
 
 def cell_path(args, model: str, key: str) -> Path:
@@ -162,7 +163,7 @@ def run_cell(args, setup: Setup, key: str, ratio: float | None, method: str | No
             extra = {'knapsack_gap': pruned.report.gap, 'rounds': len(pruned.report.rounds)}
     row = {'model': setup.name, 'ratio': ratio, 'method': method or 'parent', 'target_gmacs': target,
            'parent_gmacs': setup.gmacs, 'input_size': list(setup.input_size), 'crop_pct': setup.config['crop_pct'],
-           'interpolation': setup.config['interpolation'], **measure(model, setup, raw=method is None), **extra,
+           'interpolation': setup.config['interpolation'], **measure(model, setup, parent=method is None), **extra,
            'importance_images': args.importance_images, 'bn_images': args.bn_images,
            'seconds': time.perf_counter() - start, 'torch': torch.__version__, 'timm': timm.__version__,
            'cpu': platform.processor() or platform.machine(),
@@ -192,14 +193,19 @@ def report(args) -> None:
         'are not significant.', '',
         f'No ImageNet training image is used. Importance (KPID) and the Torch-Pruning gradients use the same '
         f'{args.importance_images} CIFAR-10 train images upscaled through the eval transform, labelled with the '
-        f'parent\'s own ImageNet top-1 prediction (pseudo-labels). BN statistics are re-estimated on {args.bn_images} '
-        'other CIFAR-10 train images (disjoint from the importance set and from the evaluation images); the '
-        'parent is shown both as published and with the same BN re-estimation (the cost of re-estimating on '
-        'upscaled CIFAR-10 alone). No fine-tune.', '',
+        f'parent\'s own ImageNet top-1 prediction (pseudo-labels). No fine-tune.', '',
+        f'**BN re-estimation on upscaled CIFAR-10 (what the issue asked for) was measured on the parent and it '
+        f'destroys it**: re-estimating every BN layer\'s statistics on {args.bn_images} other CIFAR-10 train images '
+        '(disjoint from the importance set and the evaluation images; 32 px upscaled to the model\'s size, so '
+        'blurry, without ImageNet\'s high-frequency content) takes the unpruned parent to the "parent, BN '
+        're-estimated" row below. A pruned net re-estimated that way would measure the domain shift, not the '
+        'pruning, so **the pruned nets keep the parent\'s ImageNet BN statistics** for the channels they keep (no '
+        're-estimation, identical treatment for all three methods). This favours methods whose cuts shift the '
+        'downstream activation statistics least; no method gets any ImageNet data.', '',
         'FLOPs (fvcore, multiply-adds): uniform L1 and Torch-Pruning are pruned first to at most ratio x parent; '
         'KPID then targets the smaller of the two (so it never has more FLOPs than a baseline). "spread" is '
         '(max - min) / min of the three arms\' GMACs at that ratio.', '',
-        '| model | target | method | GMACs | % parent | params (M) | top-1 (BN re-est.) ± SE | top-5 (BN re-est.) |',
+        '| model | target | method | GMACs | % parent | params (M) | top-1 ± SE | top-5 |',
         '|---|---|---|---|---|---|---|---|']
     missing = []
     for model in MODELS:
@@ -208,10 +214,10 @@ def report(args) -> None:
             missing.append(f'{model} parent')
             continue
         lines.append(f"| {model} ({p['input_size'][-1]} px) | 100% | parent as published | {p['gmacs']:.4f} | 100.0 | "
-                     f"{p['params_m']:.2f} | {p['top1_no_recal']:.1f} ± "
-                     f"{se(p['top1_no_recal'], p['n_eval']):.1f} | {p['top5_no_recal']:.1f} |")
+                     f"{p['params_m']:.2f} | {p['top1']:.1f} ± "
+                     f"{se(p['top1'], p['n_eval']):.1f} | {p['top5']:.1f} |")
         lines.append(f"| | 100% | parent, BN re-estimated | {p['gmacs']:.4f} | 100.0 | {p['params_m']:.2f} | "
-                     f"{p['top1']:.1f} ± {se(p['top1'], p['n_eval']):.1f} | {p['top5']:.1f} |")
+                     f"{p['top1_bn']:.1f} ± {se(p['top1_bn'], p['n_eval']):.1f} | {p['top5_bn']:.1f} |")
         for ratio in RATIOS:
             cells = [by.get((model, ratio, m)) for m in METHODS]
             done = [c for c in cells if c]
@@ -262,19 +268,16 @@ def plot(by: dict, path: Path) -> None:
     labelled = set()
     for (model, ratio, method), r in sorted(by.items(), key=lambda kv: kv[1]['gmacs']):
         marker, color = style[method]
-        label = 'parent (BN re-estimated)' if method == 'parent' else METHODS[method]
+        label = 'parent' if method == 'parent' else METHODS[method]
         ax.scatter(r['gmacs'], r['top1'], marker=marker, color=color, s=150 if method == 'kpid' else 60,
                    label=None if label in labelled else label)
         labelled.add(label)
         if method == 'parent':
-            ax.scatter(r['gmacs'], r['top1_no_recal'], marker='o', facecolors='none', edgecolors='k', s=60,
-                       label=None if 'pub' in labelled else 'parent as published')
-            labelled.add('pub')
-            ax.annotate(model.replace('tf_efficientnet_', ''), (r['gmacs'], r['top1_no_recal']), fontsize=8,
+            ax.annotate(model.replace('tf_efficientnet_', ''), (r['gmacs'], r['top1']), fontsize=8,
                         xytext=(4, 4), textcoords='offset points')
     ax.set_xlabel('GMACs per image (fvcore)')
     ax.set_ylabel('ImageNet top-1 on the 1000 samples (%)')
-    ax.set_title('EfficientNet-Lite pruned to 75% / 50% FLOPs, no fine-tune')
+    ax.set_title('EfficientNet-Lite pruned to 75% / 50% FLOPs, no fine-tune, parent BN stats')
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -298,8 +301,8 @@ def main() -> None:
         for name in args.models:
             setup = Setup(name, args)
             parent = run_cell(args, setup, 'parent', None, None)
-            if name == 'tf_efficientnet_lite0' and abs(parent['top1_no_recal'] - LITE0_REFERENCE_TOP1) > 0.05:
-                raise SystemExit(f'eval pipeline check failed: lite0 scores {parent["top1_no_recal"]:.2f}% top-1, '
+            if name == 'tf_efficientnet_lite0' and abs(parent['top1'] - LITE0_REFERENCE_TOP1) > 0.05:
+                raise SystemExit(f'eval pipeline check failed: lite0 scores {parent["top1"]:.2f}% top-1, '
                                  f'expected {LITE0_REFERENCE_TOP1}% (../shared/README.md)')
             for ratio in RATIOS:
                 for method in METHODS:
