@@ -269,7 +269,11 @@ def report(grid: Grid, out_md: Path) -> None:
             summary[(ratio, arm)] = (g, t1, t1s, len(rs))
             lines.append(f'| {ratio:.0%} | {label} | {len(rs)} | {g:.4f} | {pct} | {b} | {t1:.2f} ± {t1s:.2f} | '
                          f'{t5:.2f} |')
-    lines += ['', '![top-1 vs GMACs](cifar10_grid.png)' if not grid.args.quick else '', '',
+    total = len(RATIOS) * len(ARMS) * len(s['seeds'])
+    lines += ['', f'Cells finished: {len(cells)} of {total} (+ parent: {"yes" if parent else "no"}). Budget per part: '
+              'part 0 trains the parent, part k runs seed k-1; a part stops after the checkpoint that passes '
+              '`--budget-minutes` and the same command resumes it (keep `--work`, default `runs/cifar10_grid/`).', '',
+              '![top-1 vs GMACs](cifar10_grid.png)' if summary and not grid.args.quick else '', '',
               '## Where KPID wins and where it does not (computed from the table)', '']
     for ratio in RATIOS:
         k = summary.get((ratio, 'kpid'))
@@ -283,7 +287,8 @@ def report(grid: Grid, out_md: Path) -> None:
                 'loses' if d < -2 * noise else 'ties (within 2 std)'
             lines.append(f'- {ratio:.0%}: KPID {k[1]:.2f} vs {ARMS[arm]} {o[1]:.2f} ({d:+.2f}): KPID {word}.')
     _atomic_write(out_md, '\n'.join(lines) + '\n')
-    plot(summary, parent, out_md.with_suffix('.png'))
+    if summary:
+        plot(summary, parent, out_md.with_suffix('.png'))
     print('\n'.join(lines))
 
 
