@@ -39,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _figures import save_figure  # noqa: E402
 from cifar10 import _atomic_write, torch_pruning_taylor, uniform_l1  # noqa: E402  (the project's baselines)
 from kpid_zoo.data import create_loaders  # noqa: E402
 from kpid_zoo.distill import distill_points  # noqa: E402
@@ -307,14 +308,7 @@ def plot(summary: dict, parent, path: Path) -> None:
                         else 7, capsize=3, label=ARMS[arm])
     if parent:
         ax.scatter([parent['gmacs'] * 1e3], [parent['top1']], color='k', label='parent')
-    ax.set_xlabel('MMACs per image (fvcore)')
-    ax.set_ylabel('CIFAR-10 top-1 (%), mean ± std over seeds')
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_name(f'.{path.name}.tmp.png')
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    save_figure(fig, path, 'CIFAR-10 top-1 (%), mean ± std over seeds', 'MMACs per image (fvcore)', 7)
 
 
 def main() -> None:

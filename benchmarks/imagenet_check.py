@@ -45,6 +45,7 @@ import torch.utils.data as tud
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _figures import save_figure  # noqa: E402
 from cifar10 import _atomic_write, torch_pruning_taylor, uniform_l1  # noqa: E402  (the project's baselines)
 from kpid_zoo.data import SeededTransformDataset, build_transforms, default_cache_dir, load_image_folder, \
     prepare_cifar10  # noqa: E402
@@ -277,15 +278,8 @@ def plot(by: dict, path: Path) -> None:
         if method == 'parent':
             ax.annotate(model.replace('tf_efficientnet_', ''), (r['gmacs'], r['top1']), fontsize=8,
                         xytext=(4, 4), textcoords='offset points')
-    ax.set_xlabel('GMACs per image (fvcore)')
-    ax.set_ylabel('ImageNet top-1 on the 1000 samples (%)')
     ax.set_title('EfficientNet-Lite pruned to 75% / 50% FLOPs, no fine-tune, parent BN stats')
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(f'.{path.name}.tmp.png')
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    save_figure(fig, path, 'ImageNet top-1 on the 1000 samples (%)', 'GMACs per image (fvcore)')
 
 
 def main() -> None:
