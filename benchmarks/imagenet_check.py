@@ -248,16 +248,26 @@ def verdict(by: dict) -> list:
     for model in MODELS:
         for ratio in RATIOS:
             c = {m: by.get((model, ratio, m)) for m in METHODS}
-            if not all(c.values()):
+            if not c['kpid']:
                 continue
             k = c['kpid']
-            for m in ('tp_taylor', 'uniform_l1'):
+            for m in [m for m in ('tp_taylor', 'uniform_l1') if c[m]]:
                 d = k['top1'] - c[m]['top1']
                 # a difference of two independent 1000-image accuracies: SE of the difference ~ sqrt(2) x SE
                 noise = math.hypot(se(k['top1'], k['n_eval']), se(c[m]['top1'], c[m]['n_eval']))
                 word = 'wins' if d > 2 * noise else 'loses' if d < -2 * noise else 'ties (within 2 SE)'
                 out.append(f'- {model} at {ratio:.0%}: KPID {k["top1"]:.1f} vs {METHODS[m]} {c[m]["top1"]:.1f} '
                            f'top-1 ({d:+.1f}, 2 SE of the difference = {2 * noise:.1f}): KPID {word}.')
+    pruned = [r for r in by.values() if r['method'] != 'parent']
+    parents = {r['model']: r for r in by.values() if r['method'] == 'parent'}
+    if pruned:
+        worst = max(parents[r['model']]['top1'] - r['top1'] for r in pruned if r['model'] in parents)
+        out += ['', f'- No pruned net of any method is usable without fine-tuning here: every one is at least '
+                    f'{min(parents[r["model"]]["top1"] - r["top1"] for r in pruned if r["model"] in parents):.1f} '
+                    f'and up to {worst:.1f} top-1 points under its parent. A tie near 0% (every method collapsed) '
+                    'is no evidence for KPID. This check says which method keeps more of the network without any '
+                    'retraining or valid BN data, not which one gives a usable pruned model: that is the CIFAR-10 '
+                    'grid\'s job (fine-tuned).']
     return out + ['']
 
 
