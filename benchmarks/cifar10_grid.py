@@ -1,0 +1,344 @@
+"""CIFAR-10 grid (issue 10): KPID and its ablations vs Torch-Pruning, uniform L1 and a stock timm net, at equal FLOPs
+and equal fine-tune budget, several seeds, the full 10,000-image test set. Resumable, in parts.
+
+One parent (default timm resnet18 at 32 px, trained from scratch once on the 50k training images and cached) is
+pruned to 50% and 25% of its fvcore GMACs. Arms, every one with the same fine-tune (epochs, SGD schedule, lr,
+augmentation, batch); seeds change the importance batches, the data order and the augmentation draws:
+  kpid         Taylor importance + knapsack + inner (feature) distillation from the frozen parent
+  kpid_ce      the same pruned net, plain CE fine-tune                 } the ablation of what inner
+  kpid_logit   the same pruned net, logit KD only (KL, T=4) + CE       } distillation brings
+  tp_taylor    Torch-Pruning global group-Taylor (iterative), plain CE fine-tune
+  uniform_l1   one Torch-Pruning L1 ratio for every layer, plain CE fine-tune
+  stock        the stock timm net nearest in FLOPs, from scratch for parent + fine-tune epochs (the parent's schedule)
+FLOPs matching: uniform L1 is pruned first to <= ratio x parent (its single ratio moves in coarse steps),
+Torch-Pruning then to <= what L1 reached, KPID to <= the smaller of the two (tolerance 0.5%): KPID never has more
+FLOPs than a baseline, and the spread is Torch-Pruning's step (0.45% of channels). The KD arms run one extra parent forward per
+step (same epochs, more compute): the docs say so.
+
+Each (ratio, arm, seed) is a JSON file under benchmarks/results/cifar10_grid/<config>/ (the parent too); a rerun
+skips finished cells, and an interrupted fine-tune resumes from its checkpoint under --work.
+
+    PYTHONPATH=. nice -n 19 python benchmarks/cifar10_grid.py --part 1 --budget-minutes 85   # seed 0 (part 0: parent)
+    python benchmarks/cifar10_grid.py --report-only      # docs/cifar10_grid.md + .png from the cached cells
+    python benchmarks/cifar10_grid.py --quick            # smoke run: tiny subsets, writes under runs/ only
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import timm
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _figures import save_figure  # noqa: E402
+from cifar10 import _atomic_write, torch_pruning_taylor, uniform_l1  # noqa: E402  (the project's baselines)
+from kpid_zoo.data import create_loaders  # noqa: E402
+from kpid_zoo.distill import distill_points  # noqa: E402
+from kpid_zoo.evaluate import evaluate  # noqa: E402
+from kpid_zoo.flops import count_flops, count_params  # noqa: E402
+from kpid_zoo.groups import discover_groups  # noqa: E402
+from kpid_zoo.importance import taylor_importance  # noqa: E402
+from kpid_zoo.parent import load_parent_checkpoint  # noqa: E402
+from kpid_zoo.prune import knapsack_prune  # noqa: E402
+from kpid_zoo.recipe import DataSpec, FinetuneSpec, TrainSpec  # noqa: E402
+from kpid_zoo.train import finetune  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ARMS = {'kpid': 'KPID (Taylor + knapsack + inner KD)', 'kpid_ce': 'KPID pruning, CE only',
+        'kpid_logit': 'KPID pruning, logit KD only', 'tp_taylor': 'Torch-Pruning global Taylor + FT',
+        'uniform_l1': 'uniform L1 + FT', 'stock': 'stock timm net from scratch (parent + FT epochs)'}
+PRUNED_ARMS = ['uniform_l1', 'tp_taylor', 'kpid', 'kpid_ce', 'kpid_logit']  # baselines first: they set KPID's target
+RATIOS = [0.5, 0.25]
+CHECKPOINT_EVERY = 100  # optimizer steps: how much of a training a part killed by its budget can lose at most
+
+
+class BudgetExceeded(Exception):
+    """Raised from finetune's step callback right after a checkpoint once the part's budget is spent."""
+# stock timm nets considered for the "same FLOPs, trained from scratch" arm; the nearest in fvcore GMACs is used
+STOCK_CANDIDATES = ['resnet10t', 'resnet14t', 'resnet18', 'resnet18d', 'resnet26', 'resnet34', 'mobilenetv3_large_100',
+                    'mobilenetv3_large_075', 'mobilenetv3_small_100', 'mobilenetv3_small_075', 'mobilenetv2_100',
+                    'mobilenetv2_050', 'efficientnet_b0', 'efficientnet_lite0', 'regnetx_002', 'regnetx_004',
+                    'regnety_002', 'ghostnet_100', 'lcnet_100', 'lcnet_075', 'lcnet_050']
+
+
+def settings(args) -> dict:
+    """The whole training budget in one place (the docs print it)."""
+    if args.quick:
+        return dict(train_subset=512, val_subset=256, batch_size=64, parent_epochs=0.5, ft_epochs=0.25, lr=0.1,
+                    ft_lr=0.02, importance_batches=2, seeds=[0])
+    return dict(train_subset=None, val_subset=None, batch_size=128, parent_epochs=args.parent_epochs,
+                ft_epochs=args.ft_epochs, lr=0.1, ft_lr=0.02, importance_batches=16, seeds=list(range(args.seeds)))
+
+
+class Grid:
+    def __init__(self, args):
+        self.args, self.s = args, settings(args)
+        self.input_size = (3, args.px, args.px)
+        self.tag = f'{args.parent}_{args.px}px_p{self.s["parent_epochs"]:g}_ft{self.s["ft_epochs"]:g}' + \
+            ('_quick' if args.quick else '')
+        self.results = Path(args.results) / self.tag
+        self.work = Path(args.work) / self.tag
+        self.clock = time.perf_counter()
+
+    def stop_at_budget(self, step: int, metrics: dict) -> None:
+        """finetune step callback: a long training (the parent: hours on 2 cores) stops after the checkpoint that
+        passes the part's budget, and the next part resumes it from there (keep --work between parts)."""
+        if step % CHECKPOINT_EVERY == 0 and (time.perf_counter() - self.clock) / 60 > self.args.budget_minutes:
+            raise BudgetExceeded(f'budget of {self.args.budget_minutes:g} min spent at step {step} (checkpointed)')
+
+    def log(self, msg: str) -> None:
+        print(f'[{(time.perf_counter() - self.clock) / 60:6.1f} min] {msg}', flush=True)
+
+    def loaders(self, model, seed: int):
+        data = DataSpec(dataset='cifar10', root=self.args.cifar10, num_classes=10, batch_size=self.s['batch_size'],
+                        workers=self.args.workers, crop_pct=1.0, train_subset=self.s['train_subset'],
+                        val_subset=self.s['val_subset'])
+        return create_loaders(data, model, input_size=self.input_size, seed=seed)
+
+    def spec(self, kind: str, seed: int, epochs: float | None = None):
+        """Plain-CE TrainSpec for parent/stock, FinetuneSpec (kd weights per arm) for the pruned nets."""
+        s = self.s
+        if kind in ('parent', 'stock'):
+            return TrainSpec(epochs=epochs, lr=s['lr'], weight_decay=5e-4, warmup_epochs=min(1.0, 0.1 * epochs),
+                             optimizer='sgd', label_smoothing=0.1, checkpoint_every=CHECKPOINT_EVERY, seed=seed)
+        gamma, kl = {'kpid': (1.0, 0.0), 'kpid_logit': (0.0, 1.0)}.get(kind, (0.0, 0.0))
+        return FinetuneSpec(epochs=s['ft_epochs'], lr=s['ft_lr'], weight_decay=5e-4,
+                            warmup_epochs=0.1 * s['ft_epochs'], optimizer='sgd', label_smoothing=0.1,
+                            checkpoint_every=CHECKPOINT_EVERY, seed=seed, kd_gamma=gamma, kd_logits_weight=kl,
+                            temperature=4.0)
+
+    # ---- cells ------------------------------------------------------------------------------------------------
+    def cell_path(self, key: str) -> Path:
+        return self.results / f'{key}.json'
+
+    def save(self, key: str, row: dict) -> dict:
+        row.update(config=self.tag, settings=self.s, torch=torch.__version__, timm=timm.__version__,
+                   machine=f'{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()})',
+                   command='python benchmarks/cifar10_grid.py ' + ' '.join(sys.argv[1:]))
+        _atomic_write(self.cell_path(key), json.dumps(row, indent=2))
+        return row
+
+    def parent(self):
+        """The parent, trained once (cached checkpoint + JSON) and shared by every arm and seed."""
+        ckpt = self.work / 'parent.pth'
+        model = timm.create_model(self.args.parent, num_classes=10)
+        if self.cell_path('parent').is_file() and ckpt.is_file():
+            return load_parent_checkpoint(model, ckpt).eval(), json.loads(self.cell_path('parent').read_text())
+        start = time.perf_counter()
+        torch.manual_seed(0)
+        bundle = self.loaders(model, 0)
+        res = finetune(model, None, bundle.train_loader, bundle.val_loader, self.spec('parent', 0,
+                       self.s['parent_epochs']), self.work / 'parent', input_size=self.input_size,
+                       progress=self.args.progress, step_callback=self.stop_at_budget)
+        model = res.model.eval()
+        torch.save(model.state_dict(), ckpt)
+        row = self.save('parent', {'arm': 'parent', 'top1': res.val.top1, 'top5': res.val.top5, 'n_eval': res.val.n,
+                                   'gmacs': count_flops(model, self.input_size).gmacs,
+                                   'params_m': count_params(model) / 1e6, 'seconds': time.perf_counter() - start})
+        self.log(f'parent {self.args.parent}: top-1 {row["top1"]:.2f} ({row["gmacs"]:.4f} GMACs)')
+        return model, row
+
+    def stock_model(self, target: float) -> str:
+        def gmacs(name):
+            return count_flops(timm.create_model(name, num_classes=10), self.input_size).gmacs
+        return min(STOCK_CANDIDATES, key=lambda n: abs(math.log(gmacs(n) / target)))
+
+    def prune(self, arm: str, parent, ratio: float, seed: int, bundle):
+        target = ratio * self.parent_row['gmacs']
+        g = torch.Generator().manual_seed(seed)  # the seed picks the importance / Torch-Pruning batches
+        batches = [b for _, b in zip(range(self.s['importance_batches']),
+                                     torch.utils.data.DataLoader(bundle.train_loader.dataset, batch_size=64,
+                                                                 shuffle=True, generator=g))]
+        if arm == 'uniform_l1':
+            return uniform_l1(parent, target, self.input_size, iters=12), target, None
+        if arm == 'tp_taylor':
+            # uniform L1 moves in coarse steps (one ratio, widths rounded to 8: 3% under target for resnet18 at
+            # 32 px), so Torch-Pruning aims at what L1 reached and KPID at the lower of the two
+            target = min(target, self.cell(ratio, 'uniform_l1', seed)['gmacs'])
+            return torch_pruning_taylor(parent, target, self.input_size, batches, steps=200), target, None
+        target = min([target] + [self.cell(r, b, seed)['gmacs'] for r, b in [(ratio, 'uniform_l1'),
+                                                                             (ratio, 'tp_taylor')]])
+        graph = discover_groups(parent, self.input_size)
+        importance = taylor_importance(parent, graph, batches, len(batches), progress=False)
+        pruned = knapsack_prune(parent, graph, importance, target, arch=self.args.parent,
+                                input_size=self.input_size, tolerance=0.005, progress=False)
+        kept = {p: pruned.kept_channels(p) for p in distill_points(parent)}
+        return pruned.model, target, kept
+
+    def cell(self, ratio: float, arm: str, seed: int) -> dict:
+        key = f'r{ratio:g}__{arm}__s{seed}'
+        if self.cell_path(key).is_file():
+            return json.loads(self.cell_path(key).read_text())
+        start = time.perf_counter()
+        parent = self.parent_model
+        out = self.work / key
+        if arm == 'stock':
+            name = self.stock_model(ratio * self.parent_row['gmacs'])
+            torch.manual_seed(seed)
+            model = timm.create_model(name, num_classes=10)
+            bundle = self.loaders(model, seed)
+            epochs = self.s['parent_epochs'] + self.s['ft_epochs']
+            res = finetune(model, None, bundle.train_loader, bundle.val_loader, self.spec('stock', seed, epochs), out,
+                           input_size=self.input_size, progress=self.args.progress,
+                           step_callback=self.stop_at_budget)
+            before, target, extra = None, ratio * self.parent_row['gmacs'], {'stock_model': name}
+        else:
+            bundle = self.loaders(parent, seed)
+            torch.manual_seed(seed)
+            model, target, kept = self.prune(arm, parent, ratio, seed, bundle)
+            before = evaluate(model, bundle.val_loader)
+            teacher = copy.deepcopy(parent) if arm in ('kpid', 'kpid_logit') else None
+            res = finetune(model, teacher, bundle.train_loader, bundle.val_loader, self.spec(arm, seed), out,
+                           kept=kept if arm == 'kpid' else None, input_size=self.input_size,
+                           progress=self.args.progress, step_callback=self.stop_at_budget)
+            extra = {'top1_before_ft': before.top1, 'top5_before_ft': before.top5}
+        model = res.model.eval()
+        row = self.save(key, {'arm': arm, 'ratio': ratio, 'seed': seed, 'target_gmacs': target,
+                              'gmacs': count_flops(model, self.input_size).gmacs,
+                              'params_m': count_params(model) / 1e6, 'top1': res.val.top1, 'top5': res.val.top5,
+                              'n_eval': res.val.n, 'seconds': time.perf_counter() - start, **extra})
+        self.log(f'{key}: top-1 {row.get("top1_before_ft", float("nan")):.2f} -> {row["top1"]:.2f} '
+                 f'({row["gmacs"]:.4f} GMACs, {row["seconds"] / 60:.1f} min)')
+        return row
+
+    def run(self, parts: list[int] | None, budget_minutes: float) -> None:
+        self.parent_model, self.parent_row = self.parent()
+        # part 0 = the parent alone; part k = seed k-1: every ratio and arm
+        seeds = self.s['seeds'] if not parts else [p - 1 for p in parts if p >= 1]
+        todo = [(r, a, s) for s in seeds for r in RATIOS for a in PRUNED_ARMS + ['stock']]
+        for ratio, arm, seed in todo:
+            if self.cell_path(f'r{ratio:g}__{arm}__s{seed}').is_file():
+                continue
+            elapsed = (time.perf_counter() - self.clock) / 60
+            done = [json.loads(p.read_text()) for p in self.results.glob(f'r*__{arm}__s*.json')]
+            guess = max((d['seconds'] / 60 for d in done), default=0.0)  # the slowest finished cell of this arm
+            if elapsed + guess > budget_minutes:
+                self.log(f'budget: {elapsed:.0f} + ~{guess:.0f} min for {arm} would pass {budget_minutes:g}; stop')
+                break
+            self.cell(ratio, arm, seed)
+
+
+def _mean_std(values: list) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else float('nan'))
+
+
+def report(grid: Grid, out_md: Path) -> None:
+    cells = [json.loads(p.read_text()) for p in sorted(grid.results.glob('r*.json'))]
+    parent = json.loads(grid.cell_path('parent').read_text()) if grid.cell_path('parent').is_file() else None
+    s = grid.s
+    lines = [f'# CIFAR-10 grid: KPID vs baselines at 50% / 25% of the parent\'s FLOPs ({grid.tag})', '',
+             f'`PYTHONPATH=. nice -n 19 python benchmarks/cifar10_grid.py --part N` (cells cached in '
+             f'`benchmarks/results/cifar10_grid/{grid.tag}/`; see each JSON for the machine and time it took). '
+             f'Parent: timm `{grid.args.parent}` at {grid.args.px} px, from scratch, {s["parent_epochs"]:g} epochs '
+             f'(SGD lr {s["lr"]}, warmup + cosine, label smoothing 0.1, random-resized-crop 0.6-1 + flip, batch '
+             f'{s["batch_size"]}). Every pruned arm: the same {s["ft_epochs"]:g}-epoch fine-tune (SGD lr '
+             f'{s["ft_lr"]}, same schedule and augmentation); the KD arms add one frozen-parent forward per step. '
+             f'The stock net trains from scratch for {s["parent_epochs"] + s["ft_epochs"]:g} epochs with the parent\'s '
+             f'schedule. Test set: {"a subset (quick mode)" if grid.args.quick else "all 10,000 CIFAR-10 test images"}'
+             f'. Mean ± sample std over seeds; n = seeds finished.', '']
+    if parent is None:
+        lines += ['Parent not trained yet: no cell has run.', '']
+    else:
+        lines += [f'Parent: top-1 **{parent["top1"]:.2f}%**, {parent["gmacs"]:.4f} GMACs, '
+                  f'{parent["params_m"]:.2f} M params.', '']
+    lines += ['| target | arm | n | GMACs (mean) | % parent | top-1 before FT | top-1 after FT | top-5 |',
+              '|---|---|---|---|---|---|---|---|']
+    summary = {}
+    for ratio in RATIOS:
+        for arm in PRUNED_ARMS[2:3] + PRUNED_ARMS[3:] + PRUNED_ARMS[1::-1] + ['stock']:
+            rs = [c for c in cells if c['ratio'] == ratio and c['arm'] == arm]
+            label = ARMS[arm] + (f' (`{rs[0]["stock_model"]}`)' if rs and arm == 'stock' else '')
+            if not rs:
+                lines.append(f'| {ratio:.0%} | {label} | 0 | (missing) | | | | |')
+                continue
+            g = _mean_std([c['gmacs'] for c in rs])[0]
+            t1, t1s = _mean_std([c['top1'] for c in rs])
+            t5 = _mean_std([c['top5'] for c in rs])[0]
+            before = [c['top1_before_ft'] for c in rs if c.get('top1_before_ft') is not None]
+            b = '-' if not before else '{:.2f} ± {:.2f}'.format(*_mean_std(before))
+            pct = f'{100 * g / parent["gmacs"]:.1f}' if parent else '?'
+            summary[(ratio, arm)] = (g, t1, t1s, len(rs))
+            lines.append(f'| {ratio:.0%} | {label} | {len(rs)} | {g:.4f} | {pct} | {b} | {t1:.2f} ± {t1s:.2f} | '
+                         f'{t5:.2f} |')
+    total = len(RATIOS) * len(ARMS) * len(s['seeds'])
+    lines += ['', f'Cells finished: {len(cells)} of {total} (+ parent: {"yes" if parent else "no"}). Budget per part: '
+              'part 0 trains the parent, part k runs seed k-1; a part stops after the checkpoint that passes '
+              '`--budget-minutes` and the same command resumes it (keep `--work`, default `runs/cifar10_grid/`).', '',
+              '![top-1 vs GMACs](cifar10_grid.png)' if summary and not grid.args.quick else '', '',
+              '## Where KPID wins and where it does not (computed from the table)', '']
+    for ratio in RATIOS:
+        k = summary.get((ratio, 'kpid'))
+        for arm in ['kpid_ce', 'kpid_logit', 'tp_taylor', 'uniform_l1', 'stock']:
+            o = summary.get((ratio, arm))
+            if not k or not o:
+                continue
+            d = k[1] - o[1]
+            noise = math.hypot(k[2], o[2]) if k[3] > 1 and o[3] > 1 else float('nan')
+            word = 'undecided (fewer than 2 seeds)' if math.isnan(noise) else 'wins' if d > 2 * noise else \
+                'loses' if d < -2 * noise else 'ties (within 2 std)'
+            lines.append(f'- {ratio:.0%}: KPID {k[1]:.2f} vs {ARMS[arm]} {o[1]:.2f} ({d:+.2f}): KPID {word}.')
+    _atomic_write(out_md, '\n'.join(lines) + '\n')
+    if summary:
+        plot(summary, parent, out_md.with_suffix('.png'))
+    print('\n'.join(lines))
+
+
+def plot(summary: dict, parent, path: Path) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    markers = {'kpid': '*', 'kpid_ce': 'P', 'kpid_logit': 'X', 'tp_taylor': 's', 'uniform_l1': '^', 'stock': 'D'}
+    for arm in markers:
+        pts = [(g, t, e) for (r, a), (g, t, e, n) in summary.items() if a == arm]
+        if pts:
+            ax.errorbar([p[0] * 1e3 for p in pts], [p[1] for p in pts],
+                        yerr=[0 if math.isnan(p[2]) else p[2] for p in pts], fmt=markers[arm], ms=12 if arm == 'kpid'
+                        else 7, capsize=3, label=ARMS[arm])
+    if parent:
+        ax.scatter([parent['gmacs'] * 1e3], [parent['top1']], color='k', label='parent')
+    save_figure(fig, path, 'CIFAR-10 top-1 (%), mean ± std over seeds', 'MMACs per image (fvcore)', 7)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    ap.add_argument('--parent', default='resnet18')
+    ap.add_argument('--px', type=int, default=32)
+    ap.add_argument('--parent-epochs', type=float, default=30)
+    ap.add_argument('--ft-epochs', type=float, default=5)
+    ap.add_argument('--seeds', type=int, default=3)
+    ap.add_argument('--part', type=int, nargs='*', default=None, help='0: parent only; k >= 1: seed k-1 (all cells)')
+    ap.add_argument('--budget-minutes', type=float, default=85, help='start no cell that would end past this')
+    ap.add_argument('--quick', action='store_true', help='smoke run: tiny subsets, results under --work only')
+    ap.add_argument('--report-only', action='store_true')
+    ap.add_argument('--workers', type=int, default=1)
+    ap.add_argument('--cifar10', default=None)
+    ap.add_argument('--results', default=str(ROOT / 'benchmarks/results/cifar10_grid'))
+    ap.add_argument('--work', default=str(ROOT / 'runs/cifar10_grid'))
+    ap.add_argument('--out', default=str(ROOT / 'docs/cifar10_grid.md'))
+    ap.add_argument('--progress', action='store_true')
+    args = ap.parse_args()
+    if args.quick:  # a smoke run never writes the committed results or docs
+        args.results, args.out = str(Path(args.work) / 'quick_results'), str(Path(args.work) / 'quick.md')
+    grid = Grid(args)
+    if not args.report_only:
+        try:
+            grid.run(args.part, args.budget_minutes)
+        except BudgetExceeded as e:
+            grid.log(f'{e}; rerun the same command to continue')
+    report(grid, Path(args.out))
+
+
+if __name__ == '__main__':
+    main()
