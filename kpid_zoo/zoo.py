@@ -133,7 +133,7 @@ def zoo_table(records: list[ZooRecord] | None = None) -> list[dict[str, Any]]:
 def find_recipe(name_or_path: str | Path) -> Path:
     """A recipe file: the path itself when it exists, else the packaged recipe of that name (`kpid_effnet_b0`)."""
     path = Path(name_or_path)
-    if path.is_file():
+    if path.exists():  # a folder or a binary is for load_recipe to refuse by name
         return path
     packaged = RECIPES_DIR / f'{path.stem}.yaml'
     if path.parent == Path('.') and packaged.is_file():
