@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -54,6 +55,12 @@ class CostModel:
 
     def flops(self, widths: dict[str, int]) -> float:
         return self.fixed + sum(c * math.prod(widths[g] / self.sizes[g] for g in gs) for c, gs in self.terms)
+
+    at = flops  # what `solve_for_budget` asks of any cost model (`latency.LatencyCostModel` answers it in ms)
+
+    @staticmethod
+    def describe(value: float) -> str:
+        return f"{value / 1e9:.4g} GMACs"
 
     def marginal(self, widths: dict[str, float]) -> dict[str, float]:
         """dFLOPs / d(width of g) at `widths`: the cost of one more channel of g with the others held."""
@@ -129,8 +136,19 @@ def solve_knapsack(importance: dict[str, torch.Tensor], unit_cost: dict[str, flo
     return KnapsackSolution(widths, value, cost, _lp_bound(cum, unit_cost, budget, choices))
 
 
-def solve_for_flops(importance: dict[str, torch.Tensor], cost: CostModel, widths: dict[str, int],
-                    choices: dict[str, list[int]], low: float, high: float, steps: int = 40) -> KnapsackSolution:
+class Cost(Protocol):
+    """A cost model the knapsack can solve against: FLOPs (`CostModel`) or latency (`latency.LatencyCostModel`)."""
+    sizes: dict[str, int]
+
+    def at(self, widths: dict[str, float]) -> float: ...
+
+    def marginal(self, widths: dict[str, float]) -> dict[str, float]: ...
+
+    def describe(self, value: float) -> str: ...
+
+
+def solve_for_budget(importance: dict[str, torch.Tensor], cost: Cost, widths: dict[str, int],
+                     choices: dict[str, list[int]], low: float, high: float, steps: int = 40) -> KnapsackSolution:
     """The knapsack on the cost linearised at `widths`, with the budget bisected until the exact cost of the
     solution lies in [low, high]; failing that, the feasible solution closest to `high`."""
     marginal = cost.marginal(widths)
@@ -144,16 +162,19 @@ def solve_for_flops(importance: dict[str, torch.Tensor], cost: CostModel, widths
         except ValueError:  # rounding costs up made the narrowest widths not fit: a larger budget is needed
             lo = budget
             continue
-        flops = cost.flops(sol.widths)
-        if flops <= high and (best is None or flops > best[0]):
-            best = (flops, sol)
-        if low <= flops <= high:
+        value = cost.at(sol.widths)
+        if value <= high and (best is None or value > best[0]):
+            best = (value, sol)
+        if low <= value <= high:
             break
-        lo, hi = (budget, hi) if flops < low else (lo, budget)
+        lo, hi = (budget, hi) if value < low else (lo, budget)
     if best is None:
-        raise ValueError(f"knapsack: no width assignment costs at most {high / 1e9:.4g} GMACs; the target is "
+        raise ValueError(f"knapsack: no width assignment costs at most {cost.describe(high)}; the target is "
                          f"below the smallest reachable")
     return best[1]
+
+
+solve_for_flops = solve_for_budget  # the name callers knew when FLOPs were the only cost
 
 
 def _lp_bound(cum: dict[str, np.ndarray], unit_cost: dict[str, float], budget: float,

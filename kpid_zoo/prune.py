@@ -7,6 +7,7 @@ at the new widths prices the coupled cost better; rounds go on while they raise 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -15,9 +16,30 @@ from tqdm.auto import tqdm
 from .flops import FlopsReport, count_flops, count_params
 from .groups import ROLE_OUT, GroupGraph, discover_groups
 from .importance import Importance, magnitude_importance, taylor_importance
-from .knapsack import CostModel, KnapsackSolution, solve_for_flops, width_choices
+from .knapsack import Cost, CostModel, KnapsackSolution, solve_for_budget, width_choices
 from .recipe import Recipe
 from .surgery import ArchSpec, group_widths, prune_model
+
+
+@dataclass
+class LatencyOutcome:
+    """What a latency budget led to. Times are medians (ms) with quartiles, on `device` (batch, threads)."""
+    device: str
+    device_name: str
+    batch_size: int
+    threads: int
+    budget_ms: float
+    parent_ms: float
+    smallest_ms: float       # every group at its narrowest width: the fastest the knapsack can reach
+    predicted_ms: float      # the lookup table's prediction for the chosen widths
+    measured_ms: float
+    measured_q1_ms: float
+    measured_q3_ms: float
+    noise: float             # relative spread of repeated measurements of the parent
+    tolerance: float         # as applied: the recipe's, or twice the noise where that is larger
+    within_budget: bool      # measured_ms <= budget_ms
+    table: str = ""          # the lookup table's cache file
+    note: str = ""
 
 
 @dataclass
@@ -34,6 +56,7 @@ class PruneReport:
     gap: float                   # (lp_bound - value) / lp_bound
     rounds: list[dict] = field(default_factory=list)               # aim / predicted / achieved per round
     layer_widths: list[tuple[str, int, int]] = field(default_factory=list)  # (module, parent out, pruned out)
+    latency: LatencyOutcome | None = None  # a latency budget's outcome (None: the budget was FLOPs)
 
     @property
     def flops_error(self) -> float:
@@ -68,38 +91,73 @@ def knapsack_prune(parent: nn.Module, graph: GroupGraph, importance: Importance,
     parent_flops, cost, choices = check_target(parent, graph, target_gmacs, arch=arch, input_size=input_size,
                                                min_channels=min_channels, round_to=round_to)
     target = target_gmacs * 1e9
-    low = target * (1 - tolerance)
-    residual = 0.0  # what fvcore counts beyond the cost model (nothing, for the supported families)
-    widths = dict(cost.sizes)
-    best: tuple[tuple, KnapsackSolution, nn.Module, dict, int] | None = None
-    rounds = []
-    bar = tqdm(range(max_rounds), desc="knapsack", disable=not progress, leave=False)
-    for _ in bar:
-        sol = solve_for_flops(importance, cost, widths, choices, low - residual, target - residual)
-        keep = {g: _top_k(importance[g], k) for g, k in sol.widths.items() if k < cost.sizes[g]}
-        model = prune_model(parent, graph, keep)
+
+    def recount(model: nn.Module, sol: KnapsackSolution) -> tuple[float, dict]:
         achieved = count_flops(model, input_size).total
-        residual = achieved - cost.flops(sol.widths)
-        rounds.append({"predicted_gmacs": cost.flops(sol.widths) / 1e9, "achieved_gmacs": achieved / 1e9,
-                       "value": sol.value})
-        bar.set_postfix(achieved=f"{achieved / 1e9:.4f}", target=f"{target_gmacs:.4f}")
-        rank = (low <= achieved <= target, sol.value, achieved)
-        improved = best is None or rank > best[0]
-        if achieved <= target and improved:
-            best = (rank, sol, model, keep, achieved)
-        if sol.widths == widths or (best is not None and best[0][0] and not improved):
-            break  # the linearisation has settled, or re-linearising stopped paying off
-        widths = sol.widths
+        return achieved, {"predicted_gmacs": cost.flops(sol.widths) / 1e9, "achieved_gmacs": achieved / 1e9}
+
+    best, _, rounds = knapsack_rounds(parent, graph, importance, cost, choices, target * (1 - tolerance), target,
+                                      recount, max_rounds=max_rounds, progress=progress,
+                                      shown=lambda v: f"{v / 1e9:.4f}")
     if best is None:
         raise ValueError(f"{arch}: no width assignment under {target_gmacs:.4g} GMACs was found in "
                          f"{max_rounds} rounds (last: {rounds[-1]['achieved_gmacs']:.4g}); try round_to: 1")
-    _, sol, model, keep, achieved = best
+    sol, model, keep, achieved = best
+    return _result(parent, graph, arch, input_size, parent_flops, target_gmacs, achieved / 1e9, sol, model, keep,
+                   rounds)
+
+
+_Best = tuple[KnapsackSolution, nn.Module, dict, float]  # solution, pruned model, kept channels, measured cost
+
+
+def knapsack_rounds(parent: nn.Module, graph: GroupGraph, importance: Importance, cost: Cost,
+                    choices: dict[str, list[int]], low: float, high: float,
+                    measure: Callable[[nn.Module, KnapsackSolution], tuple[float, dict]], *, max_rounds: int = 6,
+                    noise: float = 0.0, progress: bool = True, shown: Callable[[float], str] = str
+                    ) -> tuple[_Best | None, _Best, list[dict]]:
+    """Solve -> cut -> measure, re-linearising at the new widths and correcting the aim by what the measurement
+    found beyond the cost model, until the measured cost lies in [low, high] and rounds stop raising the kept
+    importance. A correction within `noise` (relative) of the last one is not trusted: it keeps the last.
+
+    Returns the best round under `high` (None if none was), the cheapest round measured, and every round's record.
+    """
+    residual = 0.0  # what the measurement finds beyond the cost model
+    widths = dict(cost.sizes)
+    best: tuple[tuple, _Best] | None = None
+    cheapest: _Best | None = None
+    rounds = []
+    bar = tqdm(range(max_rounds), desc="knapsack", disable=not progress, leave=False)
+    for _ in bar:
+        sol = solve_for_budget(importance, cost, widths, choices, low - residual, high - residual)
+        keep = {g: _top_k(importance[g], k) for g, k in sol.widths.items() if k < cost.sizes[g]}
+        model = prune_model(parent, graph, keep)
+        achieved, record = measure(model, sol)
+        correction = achieved - cost.at(sol.widths)
+        if abs(correction - residual) > noise * achieved:
+            residual = correction
+        rounds.append({**record, "value": sol.value})
+        bar.set_postfix(measured=shown(achieved), target=shown(high))
+        if cheapest is None or achieved < cheapest[3]:
+            cheapest = (sol, model, keep, achieved)
+        rank = (low <= achieved <= high, sol.value, achieved)
+        improved = best is None or rank > best[0]
+        if achieved <= high and improved:
+            best = (rank, (sol, model, keep, achieved))
+        if sol.widths == widths or (best is not None and best[0][0] and not improved):
+            break  # the linearisation has settled, or re-linearising stopped paying off
+        widths = sol.widths
+    return (best[1] if best else None), cheapest, rounds
+
+
+def _result(parent: nn.Module, graph: GroupGraph, arch: str, input_size: tuple[int, int, int],
+            parent_flops: FlopsReport, target_gmacs: float, achieved_gmacs: float, sol: KnapsackSolution,
+            model: nn.Module, keep: dict, rounds: list[dict], latency: LatencyOutcome | None = None) -> PruneResult:
     spec = ArchSpec(arch, {g: len(idx) for g, idx in keep.items()}, tuple(input_size))
     report = PruneReport(
         parent=arch, input_size=tuple(input_size), parent_gmacs=parent_flops.gmacs, target_gmacs=target_gmacs,
-        achieved_gmacs=achieved / 1e9, parent_params=count_params(parent), params=count_params(model),
+        achieved_gmacs=achieved_gmacs, parent_params=count_params(parent), params=count_params(model),
         value=sol.value, lp_bound=sol.lp_bound, gap=sol.gap, rounds=rounds,
-        layer_widths=layer_widths(parent, model, graph))
+        layer_widths=layer_widths(parent, model, graph), latency=latency)
     return PruneResult(model, spec, keep, graph, report)
 
 

@@ -27,7 +27,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from .files import json_sha256
 
 __all__ = [
-    'RecipeError', 'Recipe', 'ParentSpec', 'ParentTrainSpec', 'FlopsSpec', 'ImportanceSpec', 'DataSpec', 'TrainSpec',
+    'RecipeError', 'Recipe', 'ParentSpec', 'ParentTrainSpec', 'FlopsSpec', 'BudgetSpec', 'ImportanceSpec', 'DataSpec', 'TrainSpec',
     'FinetuneSpec', 'HubSpec',
     'load_recipe', 'PYPI_LITE_WEIGHTS',
 ]
@@ -157,6 +157,15 @@ def _coerce(value: Any, tp: Any) -> Any:
     raise _BadValue
 
 
+def _optional_inner(tp: Any) -> Any:
+    """`X | None` -> X (an optional section is read like a required one when present); anything else as it is."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
 @lru_cache(maxsize=None)
 def _type_hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
@@ -205,7 +214,7 @@ class _Section:
                     expected = f.metadata.get('expected') or _type_words(hints[name])
                     raise RecipeError(f'missing required field ({expected})', _join(where, name))
                 continue
-            value, tp = data[name], hints[name]
+            value, tp = data[name], _optional_inner(hints[name])
             kwargs[name] = tp._from_mapping(value, _join(where, name)) if dataclasses.is_dataclass(tp) else value
         try:
             return cls(**kwargs)
@@ -313,6 +322,32 @@ class FlopsSpec(_Section):
 
 
 @dataclass(frozen=True, kw_only=True)
+class BudgetSpec(_Section):
+    """A latency budget instead of a FLOPs target, measured on the machine the build runs on (`kpid_zoo.latency`):
+    the knapsack solves against a lookup table of per-layer latencies, and the pruned net is timed until its
+    median latency lies in [budget * (1 - tolerance), budget]."""
+    latency_ms: float | None = _positive(None)
+    latency_ratio: float | None = _fraction(None, low_open=True)  # of the parent's latency, measured
+    device: str = _rule('cpu', choices=('cpu', 'cuda'))
+    batch_size: int = _positive(1, 'integer')
+    threads: int = _non_negative(1, 'integer')  # CPU threads while timing; 0: one per core
+    tolerance: float = _fraction(0.05)
+
+    def _check(self) -> None:
+        if (self.latency_ms is None) == (self.latency_ratio is None):
+            both = 'both' if self.latency_ms is not None else 'neither'
+            raise RecipeError(f'expected exactly one of latency_ms / latency_ratio, got {both}')
+
+    def resolve_target(self, parent_ms: float) -> float:
+        """The budget in ms for a parent measured at `parent_ms`; it must be a real reduction."""
+        target = self.latency_ms if self.latency_ms is not None else self.latency_ratio * parent_ms
+        if not target < parent_ms:
+            raise ValueError(f'budget.latency_ms: {target:.4g} ms is not below the parent\'s measured '
+                             f'{parent_ms:.4g} ms')
+        return target
+
+
+@dataclass(frozen=True, kw_only=True)
 class ImportanceSpec(_Section):
     method: str = _rule('taylor', choices=('taylor', 'magnitude'))
     batches: int = _positive(8, 'integer')
@@ -404,7 +439,8 @@ class Recipe(_Section):
     parent: ParentSpec
     input_size: tuple[int, int, int] = _rule(
         (3, 224, 224), expected='a list of 3 positive integers [C, H, W]', ok=lambda v: min(v) > 0)
-    flops: FlopsSpec
+    flops: FlopsSpec | None = None     # exactly one of flops / budget
+    budget: BudgetSpec | None = None
     importance: ImportanceSpec = field(default_factory=ImportanceSpec)
     data: DataSpec = field(default_factory=DataSpec)
     finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
@@ -413,6 +449,10 @@ class Recipe(_Section):
     source: str = _rule('<dict>', internal=True)
 
     def _check(self) -> None:
+        if (self.flops is None) == (self.budget is None):
+            both = 'both' if self.flops is not None else 'neither'
+            raise RecipeError(f'expected exactly one of flops (target_gmacs / target_ratio) or budget (latency_ms / '
+                              f'latency_ratio), got {both}', 'budget' if both == 'both' else 'flops')
         if self.hub.repo_id is None:
             self._set('hub', dataclasses.replace(self.hub, repo_id=f'{DEFAULT_HUB_ORG}/{self.name}'))
         if self.parent.num_classes is not None and self.parent.num_classes != self.data.num_classes:
@@ -433,7 +473,8 @@ class Recipe(_Section):
     def from_dict(cls, data: Mapping[str, Any], source: str = '<dict>') -> Recipe:
         try:
             if not isinstance(data, Mapping):
-                raise RecipeError(f'expected a mapping with at least name, parent and flops, got {_got(data)}')
+                raise RecipeError(f'expected a mapping with at least name, parent and flops (or budget), '
+                                  f'got {_got(data)}')
             recipe = cls._from_mapping(data)
         except RecipeError as e:
             raise e.within(source=str(source)) from None
@@ -444,6 +485,9 @@ class Recipe(_Section):
         """Plain YAML/JSON-able data (tuples as lists); `Recipe.from_dict(r.to_dict()) == r`."""
         out = _plain(dataclasses.asdict(self))
         del out['source']
+        for section in ('flops', 'budget'):  # the budget kind not chosen is left out (hashes stay as they were)
+            if out[section] is None:
+                del out[section]
         return out
 
     def sha256(self) -> str:

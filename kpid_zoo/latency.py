@@ -1,0 +1,455 @@
+"""Latency as the pruning budget: measured on the device the build runs on, as a lookup table the knapsack reads.
+
+HALP's idea (Shen et al., 2022): a layer's latency is a function of the widths it depends on, sampled once on a
+grid and interpolated, so the knapsack can price a channel in milliseconds instead of FLOPs. Here the function of
+each timed layer has the same terms as the FLOPs cost model (`knapsack.CostModel`): a dense conv depends on its
+input group and its output group (the producer/consumer coupling), a BN, activation or depthwise conv on its own
+group. Each is timed alone, on the input shape it sees in the network, at every combination of a few widths of
+its groups; `LatencyCostModel` interpolates multilinearly between them (bilinear for a conv), and the part of the
+network no layer accounts for (Python dispatch, residual adds, gates) is the whole network's time minus the
+layers' sum. The table is cached on disk per (device, processor, torch, parent, input size, batch, threads).
+
+Measurement (`time_callable`): warm-up calls first, then many timed calls under `torch.inference_mode` with the
+thread count fixed, reported as median and quartiles. `measure_noise` times the same network several times: the
+spread of those medians is what a difference must exceed before the pruning loop trusts it.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .files import atomic_write_text, json_sha256
+from .groups import ROLE_DW, ROLE_IN, ROLE_NORM, ROLE_OUT, GroupGraph
+from .surgery import _slice_member
+
+TABLE_VERSION = 1
+CACHE_ENV = 'KPID_ZOO_CACHE'
+# Width fractions each group is sampled at; the interpolation is linear between them (and beyond the ends).
+GRID_FRACTIONS = (0.125, 0.25, 0.5, 0.75, 1.0)
+DEVICES = ('cpu', 'cuda')
+
+
+@dataclass(frozen=True)
+class LatencySetting:
+    """Where and how a network is timed: the device, the batch, the CPU threads (fixed while timing)."""
+    device: str = 'cpu'
+    batch_size: int = 1
+    threads: int = 1
+
+    def describe(self) -> str:
+        threads = f', {self.threads} thread{"s" if self.threads != 1 else ""}' if self.device == 'cpu' else ''
+        return f'{self.device} (batch {self.batch_size}{threads})'
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Milliseconds per call: median, quartiles and extremes over `repeats` timed calls."""
+    median_ms: float
+    q1_ms: float
+    q3_ms: float
+    min_ms: float
+    max_ms: float
+    repeats: int
+
+    @classmethod
+    def of(cls, samples_ms: list[float]) -> Timing:
+        q1, _, q3 = statistics.quantiles(samples_ms, n=4, method='inclusive') if len(samples_ms) > 1 else \
+            (samples_ms[0],) * 3
+        return cls(statistics.median(samples_ms), q1, q3, min(samples_ms), max(samples_ms), len(samples_ms))
+
+    @property
+    def relative_iqr(self) -> float:
+        return (self.q3_ms - self.q1_ms) / self.median_ms if self.median_ms > 0 else 0.0
+
+
+def check_device(device: str) -> None:
+    """Fail unless `device` is present here (a latency budget is measured where the build runs)."""
+    if device not in DEVICES:
+        raise ValueError(f"latency device {device!r}: expected one of {', '.join(map(repr, DEVICES))}")
+    if device == 'cuda' and not torch.cuda.is_available():
+        raise ValueError("latency device 'cuda' is not present on this machine (torch.cuda.is_available() is False): "
+                         "measure on the device the network is for, or set budget.device: cpu")
+
+
+def device_name(device: str) -> str:
+    """What the timings depend on beyond the settings: the processor (or GPU) and the torch build."""
+    if device == 'cuda':
+        return f'{torch.cuda.get_device_name()} / torch {torch.__version__} / cuda {torch.version.cuda}'
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'):
+                cpu = line.split(':', 1)[1].strip()
+                break
+    return f'{cpu} ({os.cpu_count()} cpus) / torch {torch.__version__}'
+
+
+@contextlib.contextmanager
+def fixed_threads(setting: LatencySetting) -> Iterator[None]:
+    """Run the block with torch's intra-op thread count at `setting.threads` (CPU), restored after."""
+    before = torch.get_num_threads()
+    if setting.device == 'cpu':
+        torch.set_num_threads(setting.threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def time_callable(fn: Callable[[], object], setting: LatencySetting, *, warmup: int = 3,
+                  repeats: int = 15) -> Timing:
+    """Time `fn()` `repeats` times after `warmup` untimed calls, in inference mode with the threads fixed."""
+    with fixed_threads(setting), torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        if setting.device == 'cuda':  # untested here (no GPU was lent): CUDA events around each call
+            samples = []
+            for _ in range(repeats):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                samples.append(start.elapsed_time(end))
+            return Timing.of(samples)
+        samples = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+    return Timing.of(samples)
+
+
+def example_input(input_size: tuple[int, ...], setting: LatencySetting) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(setting.batch_size, *input_size, generator=gen).to(setting.device)
+
+
+def measure_model(model: nn.Module, input_size: tuple[int, int, int], setting: LatencySetting, *,
+                  warmup: int = 3, repeats: int = 15) -> Timing:
+    """Latency of one forward pass of `model` (eval mode, float32) on a batch of `setting.batch_size` images."""
+    model = model.to(setting.device).eval()
+    x = example_input(input_size, setting)
+    return time_callable(lambda: model(x), setting, warmup=warmup, repeats=repeats)
+
+
+@dataclass(frozen=True)
+class Noise:
+    """How far apart repeated measurements of one network land: `relative` = (max - min) / median of medians."""
+    medians_ms: tuple[float, ...]
+
+    @property
+    def relative(self) -> float:
+        return (max(self.medians_ms) - min(self.medians_ms)) / statistics.median(self.medians_ms)
+
+
+def measure_noise(model: nn.Module, input_size: tuple[int, int, int], setting: LatencySetting, *, series: int = 3,
+                  warmup: int = 3, repeats: int = 15,
+                  measure: Callable[..., Timing] = measure_model) -> tuple[Timing, Noise]:
+    """`series` back-to-back measurements of the same network: the middle one, and how far their medians spread."""
+    timings = sorted((measure(model, input_size, setting, warmup=warmup, repeats=repeats) for _ in range(series)),
+                     key=lambda t: t.median_ms)
+    return timings[len(timings) // 2], Noise(tuple(t.median_ms for t in timings))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The lookup table and its cost model
+
+@dataclass
+class LatencyTerm:
+    """One timed layer: its latency (ms) at every combination of the sampled widths of the groups it depends on."""
+    module: str
+    groups: tuple[str, ...]
+    points: tuple[tuple[int, ...], ...]   # per group, the sampled widths (ascending)
+    values: np.ndarray                    # shape (len(points[0]), len(points[1]), ...)
+
+    def _cells(self, widths: dict[str, float]) -> list[tuple[int, float, float]]:
+        """Per group: the grid cell holding its width (the upper one on an interior grid point; the first or last
+        beyond the ends, where the interpolation extrapolates linearly), the position in it, the cell's width."""
+        cells = []
+        for g, pts in zip(self.groups, self.points):
+            if len(pts) == 1:
+                cells.append((0, 0.0, 0.0))
+                continue
+            i = min(max(int(np.searchsorted(pts, widths[g], side='right')) - 1, 0), len(pts) - 2)
+            span = pts[i + 1] - pts[i]
+            cells.append((i, (widths[g] - pts[i]) / span, span))
+        return cells
+
+    def at(self, widths: dict[str, float]) -> float:
+        cells = self._cells(widths)
+        total = 0.0
+        for corner in itertools.product((0, 1), repeat=len(cells)):
+            weight, index = 1.0, []
+            for (i, t, span), c in zip(cells, corner):
+                if span == 0.0:
+                    if c:
+                        weight = 0.0
+                    index.append(0)
+                    continue
+                weight *= t if c else 1.0 - t
+                index.append(i + c)
+            if weight:
+                total += weight * float(self.values[tuple(index)])
+        return total
+
+    def gradient(self, widths: dict[str, float]) -> list[float]:
+        """d ms / d width of each of the term's groups, at `widths` (exact for the interpolant within a cell)."""
+        cells = self._cells(widths)
+        grads = []
+        for d in range(len(cells)):
+            if cells[d][2] == 0.0:
+                grads.append(0.0)
+                continue
+            total = 0.0
+            for corner in itertools.product((0, 1), repeat=len(cells)):
+                weight, index = 1.0, []
+                for k, ((i, t, span), c) in enumerate(zip(cells, corner)):
+                    if span == 0.0:
+                        if c:
+                            weight = 0.0
+                        index.append(0)
+                        continue
+                    weight *= ((1.0 if c else -1.0) / span) if k == d else (t if c else 1.0 - t)
+                    index.append(i + c)
+                if weight:
+                    total += weight * float(self.values[tuple(index)])
+            grads.append(total)
+        return grads
+
+    def to_dict(self) -> dict:
+        return {'module': self.module, 'groups': list(self.groups), 'points': [list(p) for p in self.points],
+                'values': self.values.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LatencyTerm:
+        return cls(d['module'], tuple(d['groups']), tuple(tuple(p) for p in d['points']),
+                   np.asarray(d['values'], dtype=np.float64))
+
+
+@dataclass
+class LatencyCostModel:
+    """Latency (ms) as a function of group widths: fixed + the interpolated latency of every timed layer.
+
+    It answers what the knapsack asks of a cost model (`at`, `marginal`, `sizes`, `describe`), like
+    `knapsack.CostModel` does for FLOPs.
+    """
+    terms: list[LatencyTerm]
+    fixed: float
+    sizes: dict[str, int]
+    key: dict = field(default_factory=dict)   # what the table was measured for (the cache key)
+    full_ms: float = 0.0                      # the whole parent, measured when the table was made
+
+    unit = 'ms'
+
+    def at(self, widths: dict[str, float]) -> float:
+        return self.fixed + sum(t.at(widths) for t in self.terms)
+
+    def marginal(self, widths: dict[str, float]) -> dict[str, float]:
+        """d ms / d(width of g) at `widths`: what one more channel of g costs with the others held."""
+        grad = dict.fromkeys(self.sizes, 0.0)
+        for t in self.terms:
+            for g, d in zip(t.groups, t.gradient(widths)):
+                grad[g] += d
+        return grad
+
+    @staticmethod
+    def describe(value: float) -> str:
+        return f'{value:.4g} ms'
+
+    def to_dict(self) -> dict:
+        return {'version': TABLE_VERSION, 'key': self.key, 'fixed': self.fixed, 'full_ms': self.full_ms,
+                'sizes': self.sizes, 'terms': [t.to_dict() for t in self.terms]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LatencyCostModel:
+        return cls([LatencyTerm.from_dict(t) for t in d['terms']], float(d['fixed']), dict(d['sizes']),
+                   dict(d['key']), float(d['full_ms']))
+
+
+def sample_widths(size: int, fractions: tuple[float, ...] = GRID_FRACTIONS) -> tuple[int, ...]:
+    return tuple(sorted({max(1, round(size * f)) for f in fractions} | {size}))
+
+
+@dataclass
+class _Timed:
+    """A layer the table times: its groups, which of them its input's channels are, and its input shape."""
+    module: str
+    roles: list[tuple[str, str]]      # (group, role) memberships among the prunable groups
+    groups: tuple[str, ...]
+    input_group: str | None
+    shape: tuple[int, ...] = ()
+
+
+def _timed_layers(model: nn.Module, graph: GroupGraph) -> list[_Timed]:
+    """The layers whose cost depends on a prunable width: every group member (a conv, a BN, a BN+act) and every
+    channel-wise leaf on a prunable group (activations, pools), outermost first, none inside another."""
+    prunable = {g.name for g in graph.prunable}
+    roles: dict[str, list[tuple[str, str]]] = {}
+    for g in graph.prunable:
+        for m in g.members:
+            roles.setdefault(m.module, []).append((g.name, m.role))
+    timed, taken = [], []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(t + '.') for t in taken):
+            continue
+        leaf = next(module.children(), None) is None
+        if name in roles:
+            member = roles[name]
+            input_group = next((g for g, r in member if r in (ROLE_IN, ROLE_DW, ROLE_NORM)), None)
+        elif leaf and graph.module_out_group.get(name) in prunable:
+            member, input_group = [], graph.module_out_group[name]  # channel-wise: its input is its output group
+        else:
+            continue
+        groups = tuple(dict.fromkeys([g for g, _ in member] + ([input_group] if input_group else [])))
+        timed.append(_Timed(name, member, groups, input_group))
+        taken.append(name)
+    return timed
+
+
+def _record_shapes(model: nn.Module, layers: list[_Timed], x: torch.Tensor) -> list[_Timed]:
+    """Each layer's input shape in a forward pass; layers called with anything but one tensor are left out."""
+    shapes: dict[str, tuple[int, ...] | None] = {}
+    hooks = []
+    for layer in layers:
+        def hook(_m, args, _out, name=layer.module):
+            ok = len(args) == 1 and isinstance(args[0], torch.Tensor) and name not in shapes
+            shapes[name] = tuple(args[0].shape) if ok else None
+        hooks.append(model.get_submodule(layer.module).register_forward_hook(hook))
+    try:
+        with torch.inference_mode():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    kept = []
+    for layer in layers:
+        shape = shapes.get(layer.module)
+        if shape is None or len(shape) < 2:
+            continue
+        layer.shape = shape
+        kept.append(layer)
+    return kept
+
+
+def _narrowed(module: nn.Module, layer: _Timed, widths: dict[str, int]) -> nn.Module:
+    narrow = copy.deepcopy(module)
+    for group, role in layer.roles:
+        _slice_member(narrow, role, torch.arange(widths[group]))
+    return narrow
+
+
+def table_key(arch: str, sizes: dict[str, int], input_size: tuple[int, int, int], setting: LatencySetting,
+              fractions: tuple[float, ...] = GRID_FRACTIONS) -> dict:
+    """What a table's timings depend on: a table is reused only for the same key."""
+    return {'version': TABLE_VERSION, 'device': setting.device, 'device_name': device_name(setting.device),
+            'parent': arch, 'groups_sha256': json_sha256(sizes), 'input_size': list(input_size),
+            'batch_size': setting.batch_size, 'threads': setting.threads, 'fractions': list(fractions)}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or '~/.cache/kpid_zoo').expanduser() / 'latency'
+
+
+def cache_path(key: dict, cache_dir: Path | None = None) -> Path:
+    return (cache_dir or default_cache_dir()) / f"{key['parent']}-{json_sha256(key)[:16]}.json"
+
+
+def load_cached(key: dict, cache_dir: Path | None = None) -> LatencyCostModel | None:
+    """The cached table for `key`, or None (absent, unreadable, or made for another key)."""
+    path = cache_path(key, cache_dir)
+    try:
+        table = LatencyCostModel.from_dict(json.loads(path.read_text(encoding='utf-8')))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return table if table.key == key else None
+
+
+def save_cached(table: LatencyCostModel, cache_dir: Path | None = None) -> Path:
+    path = cache_path(table.key, cache_dir)
+    atomic_write_text(path, json.dumps(table.to_dict()) + '\n')  # staged beside it, then renamed into place
+    return path
+
+
+def build_table(model: nn.Module, graph: GroupGraph, arch: str, input_size: tuple[int, int, int],
+                setting: LatencySetting, *, fractions: tuple[float, ...] = GRID_FRACTIONS, warmup: int = 2,
+                repeats: int = 7, timer: Callable[..., Timing] = time_callable, progress: bool = True
+                ) -> LatencyCostModel:
+    """Time every layer of `model` that a prunable width changes, alone, at each combination of the sampled widths
+    of its groups, on the input shape it sees in the network; then the whole network, for the fixed part."""
+    check_device(setting.device)
+    sizes = {g.name: g.size for g in graph.prunable}
+    model = copy.deepcopy(model).float().to(setting.device).eval()
+    x = example_input(input_size, setting)
+    layers = _record_shapes(model, _timed_layers(model, graph), x)
+    points = {g: sample_widths(n, fractions) for g, n in sizes.items()}
+    gen = torch.Generator().manual_seed(0)
+    terms = []
+    with fixed_threads(setting):
+        for layer in tqdm(layers, desc=f'latency table {arch}', disable=not progress, leave=False):
+            module = model.get_submodule(layer.module)
+            grid = [points[g] for g in layer.groups]
+            values = np.zeros([len(p) for p in grid])
+            for index in itertools.product(*(range(len(p)) for p in grid)):
+                widths = {g: p[i] for g, p, i in zip(layer.groups, grid, index)}
+                shape = list(layer.shape)
+                if layer.input_group is not None:
+                    shape[1] = widths[layer.input_group]
+                inp = torch.randn(shape, generator=gen).to(setting.device)
+                narrow = _narrowed(module, layer, widths)
+                values[index] = timer(lambda: narrow(inp), setting, warmup=warmup, repeats=repeats).median_ms
+            terms.append(LatencyTerm(layer.module, layer.groups, tuple(grid), values))
+        full = timer(lambda: model(x), setting, warmup=warmup, repeats=repeats).median_ms
+    table = LatencyCostModel(terms, 0.0, sizes, table_key(arch, sizes, input_size, setting, fractions), full)
+    table.fixed = full - table.at(sizes)
+    return table
+
+
+def latency_table(model: nn.Module, graph: GroupGraph, arch: str, input_size: tuple[int, int, int],
+                  setting: LatencySetting, *, cache_dir: Path | None = None, progress: bool = True,
+                  log: Callable[[str], None] = print, **build_kwargs) -> LatencyCostModel:
+    """The table for this (device, processor, torch, parent, input size, batch, threads): from the cache when it
+    holds one for exactly that, else measured now and cached."""
+    sizes = {g.name: g.size for g in graph.prunable}
+    key = table_key(arch, sizes, input_size, setting, build_kwargs.get('fractions', GRID_FRACTIONS))
+    cached = load_cached(key, cache_dir)
+    if cached is not None:
+        log(f'latency: reusing the table in {cache_path(key, cache_dir)}')
+        return cached
+    log(f'latency: measuring the table of {arch} on {setting.describe()} (cached for later builds)')
+    table = build_table(model, graph, arch, input_size, setting, progress=progress, **build_kwargs)
+    save_cached(table, cache_dir)
+    return table
+
+
+def smallest_widths(choices: dict[str, list[int]]) -> dict[str, int]:
+    return {g: ch[0] for g, ch in choices.items()}
+
+
+def round_summary(predicted_ms: float, timing: Timing) -> dict:
+    return {'predicted_ms': predicted_ms, 'measured_ms': timing.median_ms, 'measured_q1_ms': timing.q1_ms,
+            'measured_q3_ms': timing.q3_ms}
+
+
+def relative_error(measured: float, predicted: float) -> float:
+    return (measured - predicted) / predicted if predicted else math.inf
+
+
+__all__ = ['LatencySetting', 'Timing', 'Noise', 'LatencyTerm', 'LatencyCostModel', 'check_device', 'device_name',
+           'time_callable', 'measure_model', 'measure_noise', 'build_table', 'latency_table', 'table_key',
+           'cache_path', 'load_cached', 'save_cached', 'sample_widths', 'asdict']
