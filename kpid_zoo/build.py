@@ -41,7 +41,8 @@ from .lock import LOCK_FILE, build_lock
 from .model_card import WIDTHS_PLOT
 from .parent import create_parent
 from .provenance import UPSTREAM, Stage, flatten, select
-from .prune import PruneReport, PruneResult, check_target, prune_from_recipe
+from .latency import check_device
+from .prune import LatencyOutcome, PruneReport, PruneResult, check_latency_budget, check_target, prune_from_recipe
 from .recipe import Recipe, load_recipe
 from .report import (
     PRUNED_WEIGHTS,
@@ -61,9 +62,9 @@ T = TypeVar("T")
 # `finetune.seed` seeds the parent's init and the loaders' subsets and augmentation, so every stage reads it.
 _NEVER = ("data.workers", "parent.train.checkpoint_every", "finetune.checkpoint_every")
 PARENT_FIELDS = (("parent", "input_size", "data", "finetune.seed"), _NEVER + ("data.val_split", "data.val_subset"))
-PRUNE_FIELDS = (("parent", "input_size", "flops", "importance", "data", "finetune.seed"),
+PRUNE_FIELDS = (("parent", "input_size", "flops", "budget", "importance", "data", "finetune.seed"),
                 _NEVER + ("data.batch_size", "data.val_split", "data.val_subset"))
-PRUNE_FIELDS_NO_DATA = (("parent", "input_size", "flops", "importance", "finetune.seed"), _NEVER)  # magnitude
+PRUNE_FIELDS_NO_DATA = (("parent", "input_size", "flops", "budget", "importance", "finetune.seed"), _NEVER)
 FINETUNE_FIELDS = (("input_size", "data", "finetune"), _NEVER)
 EVAL_FIELDS = (("input_size", "data", "finetune.seed"), _NEVER + ("data.train_split", "data.train_subset"))
 
@@ -164,15 +165,29 @@ def _build(accelerator: Accelerator, recipe: Recipe, paths: BuildPaths, progress
 
 def preflight(recipe: Recipe) -> None:
     """What can fail without weights, data or training fails here, before any of them, in a second or so:
-    the FLOPs target against the parent's FLOPs and against the smallest network the knapsack can reach."""
+    the FLOPs target against the parent's FLOPs and against the smallest network the knapsack can reach; for a
+    latency budget, the device, and the budget against what the parent and the smallest network measure here
+    (latency does not depend on the weights: a randomly initialised parent is timed)."""
     spec = recipe.parent
+    if recipe.budget is not None:
+        try:
+            check_device(recipe.budget.device)
+        except ValueError as e:
+            raise ValueError(f"{recipe.source}: budget.device: {e}") from None
     with torch.random.fork_rng(devices=[]):  # the model is thrown away: leave the RNG as it was
         model = timm.create_model(spec.model, num_classes=spec.num_classes or recipe.data.num_classes).eval()
     size = tuple(recipe.input_size)
+    settings = recipe.importance
     try:
+        graph = discover_groups(model, size)
+        if recipe.budget is not None:
+            check_latency_budget(model, graph if settings.allow_inexact else graph.exact_only(), recipe.budget,
+                                 arch=spec.model, input_size=size, min_channels=settings.min_channels,
+                                 round_to=settings.round_to)
+            return
         target = recipe.flops.resolve_target(count_flops(model, size).gmacs)
-        check_target(model, discover_groups(model, size), target, arch=spec.model, input_size=size,
-                     min_channels=recipe.importance.min_channels, round_to=recipe.importance.round_to)
+        check_target(model, graph, target, arch=spec.model, input_size=size,
+                     min_channels=settings.min_channels, round_to=settings.round_to)
     except ValueError as e:
         raise ValueError(f"{recipe.source}: {e}") from None
 
@@ -325,6 +340,8 @@ def load_prune_outputs(folder: Path, parent: nn.Module, input_size: tuple[int, i
         report.pop("flops_error", None)
         report["input_size"] = tuple(report["input_size"])
         report["layer_widths"] = [tuple(row) for row in report["layer_widths"]]
+        if report.get("latency") is not None:
+            report["latency"] = LatencyOutcome(**report["latency"])
         prune_report = PruneReport(**report)
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{folder / REPORT_FILE}: not a pruning report ({type(e).__name__}: {e})") from None

@@ -19,12 +19,11 @@ import contextlib
 import copy
 import itertools
 import json
-import math
 import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -35,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .files import atomic_write_text, json_sha256
 from .groups import ROLE_DW, ROLE_IN, ROLE_NORM, ROLE_OUT, GroupGraph
-from .surgery import _slice_member
+from .surgery import _slice_member, prune_model
 
 TABLE_VERSION = 1
 CACHE_ENV = 'KPID_ZOO_CACHE'
@@ -80,10 +79,10 @@ class Timing:
 def check_device(device: str) -> None:
     """Fail unless `device` is present here (a latency budget is measured where the build runs)."""
     if device not in DEVICES:
-        raise ValueError(f"latency device {device!r}: expected one of {', '.join(map(repr, DEVICES))}")
+        raise ValueError(f"expected one of {', '.join(map(repr, DEVICES))}, got {device!r}")
     if device == 'cuda' and not torch.cuda.is_available():
-        raise ValueError("latency device 'cuda' is not present on this machine (torch.cuda.is_available() is False): "
-                         "measure on the device the network is for, or set budget.device: cpu")
+        raise ValueError("'cuda' is not present on this machine (torch.cuda.is_available() is False): time the "
+                         "network on the device it is for, or set budget.device: cpu")
 
 
 def device_name(device: str) -> str:
@@ -252,34 +251,41 @@ class LatencyCostModel:
     terms: list[LatencyTerm]
     fixed: float
     sizes: dict[str, int]
+    layer_scale: float = 1.0                  # whole network / sum of its layers timed alone (see `build_table`)
     key: dict = field(default_factory=dict)   # what the table was measured for (the cache key)
     full_ms: float = 0.0                      # the whole parent, measured when the table was made
+    narrow_ms: float = 0.0                    # the parent with every group at its narrowest sampled width
 
-    unit = 'ms'
+    def layers(self, widths: dict[str, float]) -> float:
+        """The sum of the timed layers' interpolated latencies, unscaled."""
+        return sum(t.at(widths) for t in self.terms)
 
     def at(self, widths: dict[str, float]) -> float:
-        return self.fixed + sum(t.at(widths) for t in self.terms)
+        return self.fixed + self.layer_scale * self.layers(widths)
 
     def marginal(self, widths: dict[str, float]) -> dict[str, float]:
-        """d ms / d(width of g) at `widths`: what one more channel of g costs with the others held."""
+        """d ms / d(width of g) at `widths`: what one more channel of g costs with the others held. Timings that
+        fall as a width grows (noise, or a width the kernels favour) would give a negative price, which the
+        knapsack cannot take: such a channel is priced at nothing instead."""
         grad = dict.fromkeys(self.sizes, 0.0)
         for t in self.terms:
             for g, d in zip(t.groups, t.gradient(widths)):
-                grad[g] += d
-        return grad
+                grad[g] += self.layer_scale * d
+        return {g: max(d, 0.0) for g, d in grad.items()}
 
     @staticmethod
     def describe(value: float) -> str:
         return f'{value:.4g} ms'
 
     def to_dict(self) -> dict:
-        return {'version': TABLE_VERSION, 'key': self.key, 'fixed': self.fixed, 'full_ms': self.full_ms,
-                'sizes': self.sizes, 'terms': [t.to_dict() for t in self.terms]}
+        return {'version': TABLE_VERSION, 'key': self.key, 'fixed': self.fixed, 'layer_scale': self.layer_scale,
+                'full_ms': self.full_ms, 'narrow_ms': self.narrow_ms, 'sizes': self.sizes,
+                'terms': [t.to_dict() for t in self.terms]}
 
     @classmethod
     def from_dict(cls, d: dict) -> LatencyCostModel:
         return cls([LatencyTerm.from_dict(t) for t in d['terms']], float(d['fixed']), dict(d['sizes']),
-                   dict(d['key']), float(d['full_ms']))
+                   float(d['layer_scale']), dict(d['key']), float(d['full_ms']), float(d['narrow_ms']))
 
 
 def sample_widths(size: int, fractions: tuple[float, ...] = GRID_FRACTIONS) -> tuple[int, ...]:
@@ -414,10 +420,28 @@ def build_table(model: nn.Module, graph: GroupGraph, arch: str, input_size: tupl
                 narrow = _narrowed(module, layer, widths)
                 values[index] = timer(lambda: narrow(inp), setting, warmup=warmup, repeats=repeats).median_ms
             terms.append(LatencyTerm(layer.module, layer.groups, tuple(grid), values))
+        narrowest = {g: p[0] for g, p in points.items()}
+        narrow_net = prune_model(model, graph, {g: torch.arange(w) for g, w in narrowest.items()})
         full = timer(lambda: model(x), setting, warmup=warmup, repeats=repeats).median_ms
-    table = LatencyCostModel(terms, 0.0, sizes, table_key(arch, sizes, input_size, setting, fractions), full)
-    table.fixed = full - table.at(sizes)
+        narrow = timer(lambda: narrow_net(x), setting, warmup=warmup, repeats=repeats).median_ms
+    table = LatencyCostModel(terms, 0.0, sizes, 1.0, table_key(arch, sizes, input_size, setting, fractions), full,
+                             narrow)
+    calibrate(table, narrowest)
     return table
+
+
+def calibrate(table: LatencyCostModel, narrowest: dict[str, int]) -> None:
+    """Fit fixed + layer_scale * layers(widths) through the whole network measured at full and at narrowest width.
+
+    Layers timed alone need not add up to the network: Python dispatch, residual adds and gates are in no layer
+    (a fixed part), and a busy machine preempts a long forward pass more often than a short layer call (a scale).
+    Fitting both to the two ends of the reachable range keeps the table's predictions on the network's own timings
+    there; without a usable slope (noise), the scale stays 1 and the fixed part is the network minus its layers.
+    """
+    full, narrow = table.layers(table.sizes), table.layers(narrowest)
+    slope = (table.full_ms - table.narrow_ms) / (full - narrow) if full > narrow else 0.0
+    table.layer_scale = slope if slope > 0 else 1.0
+    table.fixed = table.full_ms - table.layer_scale * full
 
 
 def latency_table(model: nn.Module, graph: GroupGraph, arch: str, input_size: tuple[int, int, int],
@@ -437,19 +461,6 @@ def latency_table(model: nn.Module, graph: GroupGraph, arch: str, input_size: tu
     return table
 
 
-def smallest_widths(choices: dict[str, list[int]]) -> dict[str, int]:
-    return {g: ch[0] for g, ch in choices.items()}
-
-
-def round_summary(predicted_ms: float, timing: Timing) -> dict:
-    return {'predicted_ms': predicted_ms, 'measured_ms': timing.median_ms, 'measured_q1_ms': timing.q1_ms,
-            'measured_q3_ms': timing.q3_ms}
-
-
-def relative_error(measured: float, predicted: float) -> float:
-    return (measured - predicted) / predicted if predicted else math.inf
-
-
 __all__ = ['LatencySetting', 'Timing', 'Noise', 'LatencyTerm', 'LatencyCostModel', 'check_device', 'device_name',
-           'time_callable', 'measure_model', 'measure_noise', 'build_table', 'latency_table', 'table_key',
-           'cache_path', 'load_cached', 'save_cached', 'sample_widths', 'asdict']
+           'time_callable', 'measure_model', 'measure_noise', 'build_table', 'calibrate', 'latency_table',
+           'table_key', 'cache_path', 'load_cached', 'save_cached', 'sample_widths']

@@ -34,6 +34,16 @@ _DATASETS = {
 }
 
 
+def _latency_rows(latency) -> list[tuple[str, str]]:
+    """The latency budget's outcome, as measured where the build ran (a dict once read back from report.json)."""
+    if latency is None:
+        return []
+    get = latency.get if isinstance(latency, dict) else lambda k: getattr(latency, k)
+    return [('Latency (measured / budget / parent)',
+             f"{get('measured_ms'):.3f} / {get('budget_ms'):.3f} / {get('parent_ms'):.3f} ms on {get('device')}, "
+             f"batch {get('batch_size')}, {get('threads')} threads ({get('device_name')})")]
+
+
 def _pct(v: Any) -> str:
     return f'{float(v):.2f}' if isinstance(v, (int, float)) else str(v)
 
@@ -79,6 +89,7 @@ def build_card(
         ('Parent', f'`{spec_parent}`' + (f' ([{base_model}](https://huggingface.co/{base_model}))' if base_model else '')),
         ('GMACs (pruned / parent)', f'{gmacs:.3f} / {report.parent_gmacs:.3f} (target {report.target_gmacs:.3f})'),
         ('Params (pruned / parent)', f'{report.params / 1e6:.2f} M / {report.parent_params / 1e6:.2f} M'),
+        *_latency_rows(getattr(report, 'latency', None)),
         ('Input size', 'x'.join(str(s) for s in pretrained_cfg['input_size'])),
         ('Crop pct / interpolation', f"{pretrained_cfg.get('crop_pct')} / {pretrained_cfg.get('interpolation')}"),
         ('Mean / std', f"{tuple(pretrained_cfg.get('mean', ()))} / {tuple(pretrained_cfg.get('std', ()))}"),

@@ -1,12 +1,16 @@
-"""Stages 3-6 together: groups -> importance -> knapsack -> surgery, repeated until fvcore agrees with the target.
+"""Stages 3-6 together: groups -> importance -> knapsack -> surgery, repeated until the measured cost meets the target.
 
-Each round linearises the FLOPs at the current widths, finds the knapsack budget whose solution the exact cost
-model puts inside [target * (1 - tolerance), target], cuts the network and recounts it with fvcore. Re-linearising
-at the new widths prices the coupled cost better; rounds go on while they raise the kept importance.
+Each round linearises the cost at the current widths, finds the knapsack budget whose solution the cost model puts
+inside [target * (1 - tolerance), target], cuts the network and measures it: FLOPs are recounted with fvcore, a
+latency budget (`recipe.BudgetSpec`) is timed on this machine against a lookup table (`kpid_zoo.latency`).
+What the measurement finds beyond the cost model corrects the next round's aim; re-linearising at the new widths
+prices the coupled cost better; rounds go on while they raise the kept importance.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -17,7 +21,9 @@ from .flops import FlopsReport, count_flops, count_params
 from .groups import ROLE_OUT, GroupGraph, discover_groups
 from .importance import Importance, magnitude_importance, taylor_importance
 from .knapsack import Cost, CostModel, KnapsackSolution, solve_for_budget, width_choices
-from .recipe import Recipe
+from .latency import (LatencyCostModel, LatencySetting, Timing, cache_path, check_device, device_name, latency_table,
+                      measure_model, measure_noise)
+from .recipe import BudgetSpec, Recipe
 from .surgery import ArchSpec, group_widths, prune_model
 
 
@@ -102,47 +108,60 @@ def knapsack_prune(parent: nn.Module, graph: GroupGraph, importance: Importance,
     if best is None:
         raise ValueError(f"{arch}: no width assignment under {target_gmacs:.4g} GMACs was found in "
                          f"{max_rounds} rounds (last: {rounds[-1]['achieved_gmacs']:.4g}); try round_to: 1")
-    sol, model, keep, achieved = best
+    sol, model, keep, achieved, _ = best
     return _result(parent, graph, arch, input_size, parent_flops, target_gmacs, achieved / 1e9, sol, model, keep,
                    rounds)
 
 
-_Best = tuple[KnapsackSolution, nn.Module, dict, float]  # solution, pruned model, kept channels, measured cost
+_Best = tuple[KnapsackSolution, nn.Module, dict, float, dict]  # solution, pruned net, kept, measured cost, record
 
 
 def knapsack_rounds(parent: nn.Module, graph: GroupGraph, importance: Importance, cost: Cost,
                     choices: dict[str, list[int]], low: float, high: float,
                     measure: Callable[[nn.Module, KnapsackSolution], tuple[float, dict]], *, max_rounds: int = 6,
-                    noise: float = 0.0, progress: bool = True, shown: Callable[[float], str] = str
-                    ) -> tuple[_Best | None, _Best, list[dict]]:
+                    relative: bool = False, noise: float = 0.0, scale: float = 1.0, progress: bool = True,
+                    shown: Callable[[float], str] = str) -> tuple[_Best | None, _Best, list[dict]]:
     """Solve -> cut -> measure, re-linearising at the new widths and correcting the aim by what the measurement
     found beyond the cost model, until the measured cost lies in [low, high] and rounds stop raising the kept
-    importance. A correction within `noise` (relative) of the last one is not trusted: it keeps the last.
+    importance. The correction is what the measurement adds to the model (FLOPs: ops the model does not count), or
+    with `relative` the factor by which it differs from the model (latency: a machine a little faster or slower than
+    when the table was timed), starting at `scale`; a correction within `noise` (relative) of the last one is not
+    trusted, the last is kept.
 
     Returns the best round under `high` (None if none was), the cheapest round measured, and every round's record.
     """
-    residual = 0.0  # what the measurement finds beyond the cost model
+    offset = 0.0
     widths = dict(cost.sizes)
     best: tuple[tuple, _Best] | None = None
     cheapest: _Best | None = None
     rounds = []
     bar = tqdm(range(max_rounds), desc="knapsack", disable=not progress, leave=False)
     for _ in bar:
-        sol = solve_for_budget(importance, cost, widths, choices, low - residual, high - residual)
+        try:
+            sol = solve_for_budget(importance, cost, widths, choices, low / scale - offset, high / scale - offset)
+        except ValueError:
+            if not rounds:
+                raise
+            break  # the correction asks for less than the cost model can reach: keep what was measured
         keep = {g: _top_k(importance[g], k) for g, k in sol.widths.items() if k < cost.sizes[g]}
         model = prune_model(parent, graph, keep)
         achieved, record = measure(model, sol)
-        correction = achieved - cost.at(sol.widths)
-        if abs(correction - residual) > noise * achieved:
-            residual = correction
+        predicted = cost.at(sol.widths)
+        if relative:
+            record = {**record, "scale": scale}  # the correction this round aimed with
+            if abs(achieved / predicted - scale) > noise * scale:
+                scale = achieved / predicted
+        elif abs(achieved - predicted - offset) > noise * achieved:
+            offset = achieved - predicted
         rounds.append({**record, "value": sol.value})
         bar.set_postfix(measured=shown(achieved), target=shown(high))
+        entry = (sol, model, keep, achieved, rounds[-1])
         if cheapest is None or achieved < cheapest[3]:
-            cheapest = (sol, model, keep, achieved)
+            cheapest = entry
         rank = (low <= achieved <= high, sol.value, achieved)
         improved = best is None or rank > best[0]
         if achieved <= high and improved:
-            best = (rank, (sol, model, keep, achieved))
+            best = (rank, entry)
         if sol.widths == widths or (best is not None and best[0][0] and not improved):
             break  # the linearisation has settled, or re-linearising stopped paying off
         widths = sol.widths
@@ -185,6 +204,98 @@ def check_target(parent: nn.Module, graph: GroupGraph, target_gmacs: float, *, a
     return parent_flops, cost, choices
 
 
+MAX_NOISY_TOLERANCE = 0.5  # however noisy the machine, the loop aims at no less than half the budget
+
+
+def latency_setting(budget: BudgetSpec) -> LatencySetting:
+    return LatencySetting(budget.device, budget.batch_size, budget.threads or os.cpu_count() or 1)
+
+
+def check_latency_budget(parent: nn.Module, graph: GroupGraph, budget: BudgetSpec, *, arch: str,
+                         input_size: tuple[int, int, int], min_channels: int = 8, round_to: int = 8,
+                         measure: Callable[..., Timing] = measure_model, parent_timing: Timing | None = None
+                         ) -> tuple[float, Timing, Timing, dict[str, list[int]]]:
+    """Fail unless the device is present and the budget lies between what the smallest reachable network and the
+    parent measure here. Returns the budget (ms), both timings and the width choices per group."""
+    setting = latency_setting(budget)
+    check_device(setting.device)
+    if not graph.prunable:
+        raise ValueError(f"{arch}: no prunable channel group was found")
+    where = f"on {setting.describe()} at {'x'.join(map(str, input_size))}"
+    parent_timing = parent_timing or measure(parent, input_size, setting)
+    try:
+        target = budget.resolve_target(parent_timing.median_ms)
+    except ValueError as e:
+        raise ValueError(f"{arch}: {e} {where}") from None
+    choices = {g.name: width_choices(g.size, min_channels, round_to) for g in graph.prunable}
+    smallest = prune_model(parent, graph, {g: torch.arange(ch[0]) for g, ch in choices.items()})
+    smallest_timing = measure(smallest, input_size, setting)
+    if target < smallest_timing.median_ms:
+        raise ValueError(f"{arch}: budget.latency_ms: {target:.4g} ms is below the {smallest_timing.median_ms:.4g} ms "
+                         f"that the smallest reachable network (every group at {min_channels} channels) measures "
+                         f"{where}")
+    return target, parent_timing, smallest_timing, choices
+
+
+def latency_knapsack_prune(parent: nn.Module, graph: GroupGraph, importance: Importance, budget: BudgetSpec, *,
+                           arch: str, input_size: tuple[int, int, int] = (3, 224, 224), min_channels: int = 8,
+                           round_to: int = 8, max_rounds: int = 6, table: LatencyCostModel | None = None,
+                           measure: Callable[..., Timing] = measure_model, cache_dir: Path | None = None,
+                           progress: bool = True, log: Callable[[str], None] = print) -> PruneResult:
+    """Prune `parent` to a latency budget measured on this machine (`recipe.BudgetSpec`).
+
+    The knapsack solves against the latency lookup table (measured, or read from the cache); each round's net is
+    then timed, and the aim is corrected by what the timing found beyond the table, until the measured median
+    lies within the tolerance under the budget. `measure(model, input_size, setting)` times a network.
+    """
+    setting = latency_setting(budget)
+    check_device(setting.device)
+    parent_timing, noise = measure_noise(parent, input_size, setting, measure=measure)
+    target, parent_timing, smallest_timing, choices = check_latency_budget(
+        parent, graph, budget, arch=arch, input_size=input_size, min_channels=min_channels, round_to=round_to,
+        measure=measure, parent_timing=parent_timing)
+    if table is None:
+        table = latency_table(parent, graph, arch, input_size, setting, cache_dir=cache_dir, progress=progress,
+                              log=log)
+    parent_flops = count_flops(parent, input_size)
+    flops = CostModel.from_flops(parent, graph, parent_flops)
+    tolerance = max(budget.tolerance, min(2 * noise.relative, MAX_NOISY_TOLERANCE))
+    note = "" if tolerance == budget.tolerance else (
+        f"tolerance {budget.tolerance:.3g} is below twice the measured noise ({noise.relative:.3g}): "
+        f"the loop aimed at [budget * (1 - {tolerance:.3g}), budget]")
+
+    def time_it(model: nn.Module, sol: KnapsackSolution) -> tuple[float, dict]:
+        t = measure(model, input_size, setting)
+        return t.median_ms, {"table_ms": table.at(sol.widths), "measured_ms": t.median_ms,
+                             "measured_q1_ms": t.q1_ms, "measured_q3_ms": t.q3_ms,
+                             "gmacs": flops.flops(sol.widths) / 1e9}
+
+    best, cheapest, rounds = knapsack_rounds(parent, graph, importance, table, choices, target * (1 - tolerance),
+                                             target, time_it, max_rounds=max_rounds, relative=True,
+                                             noise=noise.relative,
+                                             # a table (perhaps cached) times the parent a little off from now
+                                             scale=parent_timing.median_ms / table.at(table.sizes),
+                                             progress=progress, shown=lambda v: f"{v:.3g} ms")
+    for r in rounds:  # what the loop expected of each round: the table, corrected by the measurements before it
+        r["predicted_ms"] = r["table_ms"] * r["scale"]
+    within = best is not None
+    sol, model, keep, _, chosen = best if within else cheapest
+    if not within:
+        note = (f"stopped after {len(rounds)} rounds with no net measured under the budget; kept the fastest "
+                f"measured. " + note).strip()
+    achieved = count_flops(model, input_size).gmacs
+    outcome = LatencyOutcome(
+        device=setting.device, device_name=device_name(setting.device), batch_size=setting.batch_size,
+        threads=setting.threads, budget_ms=target, parent_ms=parent_timing.median_ms,
+        smallest_ms=smallest_timing.median_ms, predicted_ms=chosen["predicted_ms"],
+        measured_ms=chosen["measured_ms"], measured_q1_ms=chosen["measured_q1_ms"],
+        measured_q3_ms=chosen["measured_q3_ms"], noise=noise.relative, tolerance=tolerance, within_budget=within,
+        table=str(cache_path(table.key, cache_dir)) if table.key else "", note=note)
+    # a latency budget sets no FLOPs target: the report's target is the FLOPs it reached
+    return _result(parent, graph, arch, input_size, parent_flops, achieved, achieved, sol, model, keep, rounds,
+                   latency=outcome)
+
+
 def layer_widths(parent: nn.Module, pruned: nn.Module, graph: GroupGraph) -> list[tuple[str, int, int]]:
     """(module, parent width, pruned width) for every conv / linear output, in the model's module order."""
     before, after = group_widths(parent, graph), group_widths(pruned, graph)
@@ -223,6 +334,10 @@ def prune_from_recipe(recipe: Recipe, parent: nn.Module, train_loader=None, devi
         parent.cpu()
     else:
         importance = magnitude_importance(parent, graph)
+    if recipe.budget is not None:
+        return latency_knapsack_prune(parent, graph, importance, recipe.budget, arch=arch, input_size=input_size,
+                                      min_channels=settings.min_channels, round_to=settings.round_to,
+                                      progress=progress)
     target = recipe.flops.resolve_target(count_flops(parent, input_size).gmacs)
     return knapsack_prune(parent, graph, importance, target, arch=arch, input_size=input_size,
                           min_channels=settings.min_channels, round_to=settings.round_to,

@@ -44,16 +44,32 @@ def plot_widths(layer_widths: list[tuple[str, int, int]], path: str | Path, titl
 
 def summary_table(result: PruneResult) -> str:
     r = result.report
-    rows = [
-        ("parent", r.parent),
-        ("input size", "x".join(map(str, r.input_size))),
-        ("GMACs parent / target / achieved", f"{r.parent_gmacs:.4f} / {r.target_gmacs:.4f} / {r.achieved_gmacs:.4f}"),
-        ("FLOPs error vs target", f"{100 * r.flops_error:+.2f}%"),
+    rows = [("parent", r.parent), ("input size", "x".join(map(str, r.input_size)))]
+    lat = r.latency
+    if lat is None:
+        rows += [("GMACs parent / target / achieved",
+                  f"{r.parent_gmacs:.4f} / {r.target_gmacs:.4f} / {r.achieved_gmacs:.4f}"),
+                 ("FLOPs error vs target", f"{100 * r.flops_error:+.2f}%")]
+    else:
+        rows += [("latency measured on", f"{lat.device} (batch {lat.batch_size}, {lat.threads} threads): "
+                                         f"{lat.device_name}"),
+                 ("ms parent / budget / measured", f"{lat.parent_ms:.3f} / {lat.budget_ms:.3f} / "
+                                                   f"{lat.measured_ms:.3f} (IQR {lat.measured_q1_ms:.3f}-"
+                                                   f"{lat.measured_q3_ms:.3f})"),
+                 ("within budget", f"{'yes' if lat.within_budget else 'NO'} (tolerance {100 * lat.tolerance:.1f}%, "
+                                   f"noise {100 * lat.noise:.1f}%)"),
+                 ("GMACs parent / achieved", f"{r.parent_gmacs:.4f} / {r.achieved_gmacs:.4f}")]
+    rows += [
         ("params parent / pruned", f"{r.parent_params / 1e6:.2f}M / {r.params / 1e6:.2f}M"),
         ("groups pruned", f"{len(result.keep)} of {len(result.graph.prunable)}"),
         ("knapsack gap vs LP bound", f"{100 * r.gap:.3f}%"),
         ("knapsack rounds", str(len(r.rounds))),
     ]
+    if lat is not None:
+        rows += [(f"  round {i + 1}: predicted / measured ms", f"{row['predicted_ms']:.3f} / {row['measured_ms']:.3f}")
+                 for i, row in enumerate(r.rounds)]
+        if lat.note:
+            rows.append(("note", lat.note))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
