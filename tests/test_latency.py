@@ -1,0 +1,268 @@
+"""Latency budgets: the lookup table's interpolation, its structure against the FLOPs cost model, its cache, the
+recipe's budget section, and the correction loop. No test asserts a speed: timings come from injected functions,
+except the one end-to-end run, which checks only what it records."""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+import timm
+import torch
+import yaml
+
+from kpid_zoo import latency as lat
+from kpid_zoo.cli import main
+from kpid_zoo.flops import count_flops
+from kpid_zoo.groups import discover_groups
+from kpid_zoo.importance import magnitude_importance
+from kpid_zoo.knapsack import CostModel, solve_for_budget, width_choices
+from kpid_zoo.latency import LatencyCostModel, LatencySetting, LatencyTerm, Timing, sample_widths
+from kpid_zoo.prune import latency_knapsack_prune
+from kpid_zoo.recipe import BudgetSpec, Recipe, RecipeError
+from kpid_zoo.surgery import group_widths
+
+from engine_utils import INPUT
+
+SETTING = LatencySetting('cpu', 1, 1)
+FAST_GRID = (0.5, 1.0)  # tables whose values are not measured need not be sampled finely
+
+
+def _term() -> LatencyTerm:
+    values = np.random.default_rng(0).uniform(0.1, 2.0, size=(3, 4))
+    return LatencyTerm('conv', ('a', 'b'), ((8, 16, 32), (4, 8, 12, 24)), values)
+
+
+def test_interpolation_is_exact_on_the_grid_and_linear_between():
+    term = _term()
+    for (i, wa), (j, wb) in itertools.product(enumerate(term.points[0]), enumerate(term.points[1])):
+        assert term.at({'a': wa, 'b': wb}) == pytest.approx(term.values[i, j], rel=1e-12)
+    v = term.values
+    # halfway along one axis: the mean of the two grid values; the cell's centre: the mean of its four corners
+    assert term.at({'a': 12, 'b': 8}) == pytest.approx((v[0, 1] + v[1, 1]) / 2, rel=1e-12)
+    assert term.at({'a': 24, 'b': 10}) == pytest.approx(v[1:3, 1:3].mean(), rel=1e-12)
+    # linear in each width within a cell: equal steps give equal differences, and the gradient is that step
+    steps = [term.at({'a': 17 + k, 'b': 9.5}) for k in range(4)]
+    assert np.diff(steps) == pytest.approx([np.diff(steps)[0]] * 3, rel=1e-9)
+    assert term.gradient({'a': 17, 'b': 9.5})[0] == pytest.approx(steps[1] - steps[0], rel=1e-9)
+    # beyond the sampled range it extends the first / last cell's line
+    below = term.at({'a': 4, 'b': 4})
+    assert below == pytest.approx(v[0, 0] - (v[1, 0] - v[0, 0]) * 4 / 8, rel=1e-12)
+
+
+def _flops_table(cost: CostModel) -> LatencyCostModel:
+    """A 'latency' table whose every layer costs its FLOPs: sampled on the latency grid like a measured one."""
+    terms = []
+    for i, (coef, groups) in enumerate(cost.terms):
+        points = tuple(sample_widths(cost.sizes[g]) for g in groups)
+        values = np.zeros([len(p) for p in points])
+        for index in itertools.product(*(range(len(p)) for p in points)):
+            values[index] = coef * math.prod(p[k] / cost.sizes[g] for g, p, k in zip(groups, points, index))
+        terms.append(LatencyTerm(f'layer{i}', groups, points, values))
+    return LatencyCostModel(terms, cost.fixed, dict(cost.sizes))
+
+
+@pytest.mark.parametrize('name', ['resnet18', 'efficientnet_b0', 'mobilenetv3_large_100'])
+def test_a_table_of_flops_reproduces_the_flops_knapsack(name):
+    model = timm.create_model(name).eval()
+    graph = discover_groups(model, INPUT)
+    flops = CostModel.from_flops(model, graph, count_flops(model, INPUT))
+    table = _flops_table(flops)
+    gen = torch.Generator().manual_seed(0)
+    widths = {g: int(torch.randint(1, n + 1, (1,), generator=gen)) for g, n in flops.sizes.items()}
+    # every layer's FLOPs are (multi)linear in its widths, which the interpolation reproduces exactly; the sums
+    # differ by float rounding only (relative 1e-12 of each term, far below 1e-9)
+    assert table.at(widths) == pytest.approx(flops.flops(widths), rel=1e-9)
+    grad_t, grad_f = table.marginal(widths), flops.marginal(widths)
+    assert all(grad_t[g] == pytest.approx(grad_f[g], rel=1e-9, abs=1e-6) for g in flops.sizes)
+    importance = magnitude_importance(model, graph)
+    choices = {g.name: width_choices(g.size, 8, 8) for g in graph.prunable}
+    target = 0.4 * flops.flops(flops.sizes)
+    by_flops = solve_for_budget(importance, flops, dict(flops.sizes), choices, 0.99 * target, target)
+    by_table = solve_for_budget(importance, table, dict(table.sizes), choices, 0.99 * target, target)
+    assert by_table.widths == by_flops.widths and by_flops.widths != flops.sizes
+    # and re-linearised where the first solution landed, as the pruning loop does next
+    again_flops = solve_for_budget(importance, flops, by_flops.widths, choices, 0.99 * target, target)
+    again_table = solve_for_budget(importance, table, by_table.widths, choices, 0.99 * target, target)
+    assert again_table.widths == again_flops.widths
+
+
+class _CountingTimer:
+    """A deterministic stand-in for `time_callable`: counts calls, never runs the layer."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, fn, setting, *, warmup, repeats):
+        self.calls += 1
+        return Timing.of([1.0 + (self.calls % 7) * 0.1])
+
+
+@pytest.fixture(scope='module')
+def tiny():
+    model = timm.create_model('resnet10t').eval()
+    return model, discover_groups(model, INPUT)
+
+
+def test_table_cache_hits_misses_and_invalidation(tmp_path, tiny):
+    model, graph = tiny
+    timer = _CountingTimer()
+
+    def table(setting=SETTING):
+        return lat.latency_table(model, graph, 'resnet10t', INPUT, setting, cache_dir=tmp_path, progress=False,
+                                 log=lambda _: None, timer=timer, fractions=FAST_GRID)
+
+    first = table()
+    built = timer.calls
+    assert built > len(first.terms)  # every grid point of every layer, then the whole net twice
+    path = lat.cache_path(first.key, tmp_path)
+    assert path.is_file() and [p.name for p in tmp_path.iterdir()] == [path.name]  # nothing staged left behind
+    again = table()
+    assert timer.calls == built  # a hit measures nothing
+    assert again.to_dict() == first.to_dict()
+
+    other = table(LatencySetting('cpu', 1, 2))  # another thread count is another key, another file
+    assert timer.calls > built and lat.cache_path(other.key, tmp_path) != path
+    assert other.key['threads'] == 2 and first.key['threads'] == 1
+
+    # a file whose key is not the one asked for, or no table at all, is a miss and is measured again
+    data = json.loads(path.read_text())
+    data['key']['batch_size'] = 64
+    path.write_text(json.dumps(data))
+    calls = timer.calls
+    table()
+    assert timer.calls > calls
+    path.write_text('{"truncated": ')
+    calls = timer.calls
+    table()
+    assert timer.calls > calls and lat.load_cached(first.key, tmp_path) is not None
+
+
+def test_cache_write_is_atomic(tmp_path, tiny, monkeypatch):
+    model, graph = tiny
+    good = lat.build_table(model, graph, 'resnet10t', INPUT, SETTING, timer=_CountingTimer(), progress=False,
+                           fractions=FAST_GRID)
+    path = lat.save_cached(good, tmp_path)
+    before = path.read_bytes()
+    changed = LatencyCostModel(good.terms, good.fixed + 1.0, good.sizes, good.layer_scale, good.key, good.full_ms,
+                               good.narrow_ms)
+
+    def fail(*_):
+        raise OSError('disk full')
+    import kpid_zoo.files as files
+    monkeypatch.setattr(files.os, 'replace', fail)
+    with pytest.raises(OSError, match='disk full'):
+        lat.save_cached(changed, tmp_path)
+    assert path.read_bytes() == before  # the old table, whole
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # the staged copy is gone
+
+
+def test_table_calibration_goes_through_both_measured_ends(tiny):
+    model, graph = tiny
+    table = lat.build_table(model, graph, 'resnet10t', INPUT, SETTING, timer=_CountingTimer(), progress=False,
+                            fractions=FAST_GRID)
+    narrowest = {g: sample_widths(n, FAST_GRID)[0] for g, n in table.sizes.items()}
+    # the network takes twice its layers' sum plus 1 ms: the fit recovers both (float rounding only)
+    table.full_ms, table.narrow_ms = 2 * table.layers(table.sizes) + 1, 2 * table.layers(narrowest) + 1
+    lat.calibrate(table, narrowest)
+    assert table.layer_scale == pytest.approx(2, rel=1e-9) and table.fixed == pytest.approx(1, rel=1e-9)
+    assert table.at(narrowest) == pytest.approx(table.narrow_ms, rel=1e-9)
+    # a narrow net measured slower than the full one (noise) gives no usable slope: scale 1, network minus layers
+    table.narrow_ms = table.full_ms + 1
+    lat.calibrate(table, narrowest)
+    assert table.layer_scale == 1 and table.at(table.sizes) == pytest.approx(table.full_ms, rel=1e-9)
+
+
+@pytest.mark.parametrize('section, message', [
+    ({'latency_ms': 4.0, 'latency_ratio': 0.5}, 'budget: expected exactly one of latency_ms / latency_ratio, got both'),
+    ({'device': 'tpu', 'latency_ms': 4.0}, "budget.device: expected one of 'cpu', 'cuda', got 'tpu'"),
+    ({'latency_ms': -1}, 'budget.latency_ms: expected a positive number, got -1.0'),
+    ({'latency_ms': 4.0, 'batch_size': 0}, 'budget.batch_size: expected a positive integer, got 0'),
+    ({'latency_ms': 4.0, 'tolerance': 1.5}, 'budget.tolerance: expected a number in [0, 1), got 1.5'),
+])
+def test_budget_section_errors_name_the_field(section, message):
+    with pytest.raises(RecipeError) as e:
+        Recipe.from_dict({'name': 'x', 'parent': {'model': 'resnet18'}, 'budget': section}, source='r.yaml')
+    assert str(e.value) == f'r.yaml: {message}'
+
+
+def test_exactly_one_budget_kind():
+    base = {'name': 'x', 'parent': {'model': 'resnet18'}}
+    with pytest.raises(RecipeError, match='expected exactly one of flops .* or budget .*, got both'):
+        Recipe.from_dict({**base, 'flops': {'target_ratio': 0.5}, 'budget': {'latency_ms': 4}})
+    with pytest.raises(RecipeError, match='flops: expected exactly one of flops .* got neither'):
+        Recipe.from_dict(base)
+    recipe = Recipe.from_dict({**base, 'budget': {'latency_ms': 4}})
+    assert recipe.flops is None and recipe.budget == BudgetSpec(latency_ms=4.0)
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+    # a FLOPs recipe's dict (and so its hash) has no budget entry: recipes written before it keep their sha256
+    assert 'budget' not in Recipe.from_dict({**base, 'flops': {'target_ratio': 0.5}}).to_dict()
+
+
+BASE = {'name': 'lat_resnet10t', 'parent': {'model': 'resnet10t', 'weights': 'none', 'num_classes': 10},
+        'input_size': [3, 32, 32], 'importance': {'method': 'magnitude'},
+        'data': {'dataset': 'imagefolder', 'root': 'unused', 'num_classes': 10}}
+
+
+def _prune(tmp_path, budget: dict) -> list[str]:
+    path = tmp_path / 'r.yaml'
+    path.write_text(yaml.safe_dump({**BASE, 'budget': budget}))
+    return ['prune', str(path), '--out', str(tmp_path / 'out'), '--quiet']
+
+
+@pytest.mark.parametrize('budget, expected', [
+    ({'latency_ms': 1e6}, "resnet10t: budget.latency_ms: 1e+06 ms is not below the parent's measured"),
+    ({'latency_ms': 1e-6}, 'ms that the smallest reachable network (every group at 8 channels) measures on cpu'),
+    pytest.param({'latency_ms': 4.0, 'device': 'cuda'}, "budget.device: 'cuda' is not present on this machine",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason='CUDA is present here')),
+])
+def test_unreachable_budgets_and_absent_devices_fail_in_one_line(tmp_path, capsys, monkeypatch, budget, expected):
+    monkeypatch.setenv(lat.CACHE_ENV, str(tmp_path / 'cache'))
+    assert main(_prune(tmp_path, budget)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err and 'r.yaml' in err, err
+    assert not (tmp_path / 'out').exists() and not (tmp_path / 'cache').exists()  # before any table is measured
+
+
+def test_the_loop_converges_on_a_synthetic_measurement(tiny):
+    """The table says FLOPs; the 'device' says 3e-7 ms per MAC + 0.4 ms: the loop must correct the difference."""
+    model, graph = tiny
+    flops = CostModel.from_flops(model, graph, count_flops(model, INPUT))
+    table = _flops_table(flops)
+    calls = []
+
+    def measure(net, input_size, setting, **_):
+        ms = 3e-7 * flops.flops(group_widths(net, graph)) + 0.4
+        calls.append(ms)
+        return Timing.of([ms])
+
+    parent_ms = measure(model, INPUT, SETTING).median_ms
+    budget = BudgetSpec(latency_ms=0.6 * parent_ms, tolerance=0.02)
+    result = latency_knapsack_prune(model, graph, magnitude_importance(model, graph), budget, arch='resnet10t',
+                                    input_size=INPUT, table=table, measure=measure, progress=False)
+    out = result.report.latency
+    assert out.within_budget and out.noise == 0 and out.tolerance == 0.02
+    assert 0.98 * budget.latency_ms <= out.measured_ms <= budget.latency_ms
+    assert out.measured_ms == pytest.approx(measure(result.model, INPUT, SETTING).median_ms)
+    rounds = result.report.rounds
+    assert all({'predicted_ms', 'measured_ms', 'gmacs'} <= set(r) for r in rounds)
+    # the first round trusts the table scaled to the parent; the fixed 0.4 ms makes it miss, later rounds correct
+    assert len(rounds) >= 2 and not 0.98 * budget.latency_ms <= rounds[0]['measured_ms'] <= budget.latency_ms
+
+
+def test_prune_with_a_latency_budget_end_to_end(tmp_path, monkeypatch, capsys):
+    """Real timings on this machine: only what is recorded is checked, never how fast anything ran."""
+    monkeypatch.setenv(lat.CACHE_ENV, str(tmp_path / 'cache'))
+    assert main(_prune(tmp_path, {'latency_ratio': 0.7, 'tolerance': 0.3})) == 0
+    out = capsys.readouterr().out
+    assert 'round 1: predicted / measured ms' in out
+    report = json.loads((tmp_path / 'out' / 'report.json').read_text())
+    latency = report['latency']
+    assert report['rounds'] and all(r['predicted_ms'] > 0 and r['measured_ms'] > 0 for r in report['rounds'])
+    assert latency['budget_ms'] < latency['parent_ms'] and latency['table'].startswith(str(tmp_path / 'cache'))
+    if latency['within_budget']:
+        assert latency['measured_ms'] <= latency['budget_ms']
+    else:
+        assert latency['note'].startswith('stopped after')
