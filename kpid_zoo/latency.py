@@ -158,11 +158,9 @@ class Noise:
 
 
 def measure_noise(model: nn.Module, input_size: tuple[int, int, int], setting: LatencySetting, *, series: int = 3,
-                  warmup: int = 3, repeats: int = 15,
                   measure: Callable[..., Timing] = measure_model) -> tuple[Timing, Noise]:
     """`series` back-to-back measurements of the same network: the middle one, and how far their medians spread."""
-    timings = sorted((measure(model, input_size, setting, warmup=warmup, repeats=repeats) for _ in range(series)),
-                     key=lambda t: t.median_ms)
+    timings = sorted((measure(model, input_size, setting) for _ in range(series)), key=lambda t: t.median_ms)
     return timings[len(timings) // 2], Noise(tuple(t.median_ms for t in timings))
 
 

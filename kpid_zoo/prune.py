@@ -241,12 +241,14 @@ def latency_knapsack_prune(parent: nn.Module, graph: GroupGraph, importance: Imp
                            arch: str, input_size: tuple[int, int, int] = (3, 224, 224), min_channels: int = 8,
                            round_to: int = 8, max_rounds: int = 6, table: LatencyCostModel | None = None,
                            measure: Callable[..., Timing] = measure_model, cache_dir: Path | None = None,
-                           progress: bool = True, log: Callable[[str], None] = print) -> PruneResult:
+                           table_kwargs: dict | None = None, progress: bool = True,
+                           log: Callable[[str], None] = print) -> PruneResult:
     """Prune `parent` to a latency budget measured on this machine (`recipe.BudgetSpec`).
 
     The knapsack solves against the latency lookup table (measured, or read from the cache); each round's net is
     then timed, and the aim is corrected by what the timing found beyond the table, until the measured median
-    lies within the tolerance under the budget. `measure(model, input_size, setting)` times a network.
+    lies within the tolerance under the budget. `measure(model, input_size, setting)` times a network;
+    `table_kwargs` go to `latency.build_table` (grid fractions, warm-up, repeats).
     """
     setting = latency_setting(budget)
     check_device(setting.device)
@@ -256,7 +258,7 @@ def latency_knapsack_prune(parent: nn.Module, graph: GroupGraph, importance: Imp
         measure=measure, parent_timing=parent_timing)
     if table is None:
         table = latency_table(parent, graph, arch, input_size, setting, cache_dir=cache_dir, progress=progress,
-                              log=log)
+                              log=log, **(table_kwargs or {}))
     parent_flops = count_flops(parent, input_size)
     flops = CostModel.from_flops(parent, graph, parent_flops)
     tolerance = max(budget.tolerance, min(2 * noise.relative, MAX_NOISY_TOLERANCE))
