@@ -37,7 +37,7 @@ class LatencyOutcome:
     budget_ms: float
     parent_ms: float
     smallest_ms: float       # every group at its narrowest width: the fastest the knapsack can reach
-    predicted_ms: float      # the lookup table's prediction for the chosen widths
+    predicted_ms: float      # the table's prediction for the chosen widths, scaled by the measurements before
     measured_ms: float
     measured_q1_ms: float
     measured_q3_ms: float

@@ -300,6 +300,13 @@ class ParentSpec(_Section):
                 f"{', '.join(CHECKPOINT_SUFFIXES)}, got {w!r}", 'weights')
 
 
+def _exactly_one(section: _Section, first: str, second: str) -> None:
+    """Two ways to state one target: exactly one of them must be given."""
+    given = (getattr(section, first) is not None, getattr(section, second) is not None)
+    if given.count(True) != 1:
+        raise RecipeError(f"expected exactly one of {first} / {second}, got {'both' if all(given) else 'neither'}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class FlopsSpec(_Section):
     """The pruning budget, in GMACs (one FLOP = one multiply-add, as timm reports)."""
@@ -308,9 +315,7 @@ class FlopsSpec(_Section):
     tolerance: float = _fraction(0.01)
 
     def _check(self) -> None:
-        if (self.target_gmacs is None) == (self.target_ratio is None):
-            both = 'both' if self.target_gmacs is not None else 'neither'
-            raise RecipeError(f'expected exactly one of target_gmacs / target_ratio, got {both}')
+        _exactly_one(self, 'target_gmacs', 'target_ratio')
 
     def resolve_target(self, parent_gmacs: float) -> float:
         """The target in GMACs for a parent of `parent_gmacs`; it must be a real reduction."""
@@ -334,9 +339,7 @@ class BudgetSpec(_Section):
     tolerance: float = _fraction(0.05)
 
     def _check(self) -> None:
-        if (self.latency_ms is None) == (self.latency_ratio is None):
-            both = 'both' if self.latency_ms is not None else 'neither'
-            raise RecipeError(f'expected exactly one of latency_ms / latency_ratio, got {both}')
+        _exactly_one(self, 'latency_ms', 'latency_ratio')
 
     def resolve_target(self, parent_ms: float) -> float:
         """The budget in ms for a parent measured at `parent_ms`; it must be a real reduction."""
