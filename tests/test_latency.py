@@ -266,3 +266,23 @@ def test_prune_with_a_latency_budget_end_to_end(tmp_path, monkeypatch, capsys):
         assert latency['measured_ms'] <= latency['budget_ms']
     else:
         assert latency['note'].startswith('stopped after')
+
+
+def test_a_noisy_measurement_widens_the_tolerance_and_says_so(tiny):
+    """Three timings of the parent 10% apart: a 2% band is narrower than the noise, so the loop aims at 2 x 10%."""
+    model, graph = tiny
+    flops = CostModel.from_flops(model, graph, count_flops(model, INPUT))
+    parent_ms = 3e-7 * flops.flops(flops.sizes)
+    series = iter([1.0, 1.1, 1.05])  # the noise check's three series of the parent; then exact timings
+
+    def measure(net, input_size, setting, **_):
+        ms = 3e-7 * flops.flops(group_widths(net, graph))
+        return Timing.of([ms * next(series, 1.0)])
+
+    budget = BudgetSpec(latency_ms=0.6 * parent_ms, tolerance=0.02)
+    result = latency_knapsack_prune(model, graph, magnitude_importance(model, graph), budget, arch='resnet10t',
+                                    input_size=INPUT, table=_flops_table(flops), measure=measure, progress=False)
+    out = result.report.latency
+    assert out.noise == pytest.approx(0.1 / 1.05) and out.tolerance == pytest.approx(2 * 0.1 / 1.05)
+    assert 'below twice the measured noise' in out.note
+    assert out.within_budget and (1 - out.tolerance) * budget.latency_ms <= out.measured_ms <= budget.latency_ms
