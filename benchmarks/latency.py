@@ -40,6 +40,7 @@ from kpid_zoo.recipe import BudgetSpec
 from _figures import save_figure  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "latency.json"
 CASES = [("resnet50", "resnet18"), ("efficientnet_b1", "efficientnet_b0"),
          ("mobilenetv3_large_100", "mobilenetv3_large_075")]
 EXTRA = [("efficientnet_b1_pruned", "efficientnet_b0")]  # timm's KPID release beside the stock net of its FLOPs
@@ -137,7 +138,13 @@ def ratio_stats(arm: list[float], stock: list[float]) -> tuple[float, float, flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small inputs and few repeats; writes no docs")
+    parser.add_argument("--docs-only", action="store_true",
+                        help="rewrite docs/latency_benchmark.{md,png} from benchmarks/results/latency.json")
     args = parser.parse_args()
+    if args.docs_only:
+        saved = json.loads(RESULTS.read_text())
+        write_doc(saved["meta"], saved["results"])
+        return
     cores = os.cpu_count() or 1
     if args.quick:
         settings = [Setting("batch 1, 1 thread, 96 px", LatencySetting("cpu", 1, 1), 96, 5, 5, 3)]
@@ -190,10 +197,20 @@ def main() -> None:
             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                      cwd=ROOT).stdout.strip(), "flops_gmacs": {p: arms[p]["flops_gmacs"]
                                                                                 for p, _ in CASES}}
-    out = ROOT / "benchmarks" / "results" / "latency.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     write_doc(meta, results)
+
+
+def verdict(row: dict) -> str:
+    """Faster / slower only where the interquartile range of the per-round ratios lies wholly on one side of 1."""
+    if row["net"] == row["stock"]:
+        return ""
+    if row["ratio_q3"] < 1:
+        return "faster"
+    if row["ratio_q1"] > 1:
+        return "**slower**"
+    return "not resolved (IQR spans 1)"
 
 
 def write_doc(meta: dict, results: dict) -> None:
@@ -215,12 +232,13 @@ def write_doc(meta: dict, results: dict) -> None:
              "(item 5 of the issue) is not measured.", ""]
     fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.8), dpi=110, squeeze=False)
     for ax, (label, res) in zip(axes[0], results.items()):
-        lines += [f"## {label}", "", "| net | GMACs | params (M) | median ms [IQR] | x stock [IQR] | stock |",
-                  "|---|---|---|---|---|---|"]
+        lines += [f"## {label}", "",
+                  "| net | GMACs | params (M) | median ms [IQR] | x stock [IQR] | stock | vs stock |",
+                  "|---|---|---|---|---|---|---|"]
         for r in res["rows"]:
             lines.append(f"| {r['net']} | {r['gmacs']:.3f} | {r['params_m']:.2f} | {r['median_ms']:.2f} "
                          f"[{r['q1_ms']:.2f}-{r['q3_ms']:.2f}] | {r['ratio']:.3f} [{r['ratio_q1']:.3f}-"
-                         f"{r['ratio_q3']:.3f}] | {r['stock']} |")
+                         f"{r['ratio_q3']:.3f}] | {r['stock']} | {verdict(r)} |")
         lines += ["", "Latency-knapsack loop, predicted (table, corrected) vs measured ms per round:", ""]
         for parent, loop in res["loops"].items():
             if "unreachable" in loop:

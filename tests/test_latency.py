@@ -286,3 +286,15 @@ def test_a_noisy_measurement_widens_the_tolerance_and_says_so(tiny):
     assert out.noise == pytest.approx(0.1 / 1.05) and out.tolerance == pytest.approx(2 * 0.1 / 1.05)
     assert 'below twice the measured noise' in out.note
     assert out.within_budget and (1 - out.tolerance) * budget.latency_ms <= out.measured_ms <= budget.latency_ms
+
+
+def test_a_changed_budget_reruns_the_prune_stage_only_where_it_reads_it():
+    from kpid_zoo.build import FINETUNE_FIELDS, PRUNE_FIELDS, PRUNE_FIELDS_NO_DATA, _recipe_inputs
+
+    base = {'name': 'x', 'parent': {'model': 'resnet18'}}
+    a = Recipe.from_dict({**base, 'budget': {'latency_ms': 4.0}})
+    b = Recipe.from_dict({**base, 'budget': {'latency_ms': 5.0}})
+    for fields in (PRUNE_FIELDS, PRUNE_FIELDS_NO_DATA):
+        assert _recipe_inputs(a, fields) != _recipe_inputs(b, fields)
+        assert _recipe_inputs(a, fields)['recipe.budget.latency_ms'] == 4.0
+    assert _recipe_inputs(a, FINETUNE_FIELDS) == _recipe_inputs(b, FINETUNE_FIELDS)
