@@ -180,8 +180,9 @@ def main() -> None:
             t = Timing.of(ms)
             r, r1, r3 = ratio_stats(ms, samples[stock_of[name]])
             rows.append({"net": name, "stock": stock_of[name], "gmacs": gmacs[name], "params_m": params[name],
-                         "median_ms": t.median_ms, "q1_ms": t.q1_ms, "q3_ms": t.q3_ms, "ratio": r,
-                         "ratio_q1": r1, "ratio_q3": r3})
+                         "median_ms": t.median_ms, "q1_ms": t.q1_ms, "q3_ms": t.q3_ms, "min_ms": t.min_ms,
+                         "ratio": r, "ratio_q1": r1, "ratio_q3": r3,
+                         "min_ratio": t.min_ms / min(samples[stock_of[name]]), "samples_ms": ms})
             log(f"  {name:<42} {gmacs[name]:6.3f} GMACs {t.median_ms:9.2f} ms [{t.q1_ms:.2f}-{t.q3_ms:.2f}]  "
                 f"x{r:.3f} [{r1:.3f}-{r3:.3f}] of {stock_of[name]}")
         results[s.label] = {"rows": rows, "px": s.px, "batch_size": s.latency.batch_size,
@@ -224,7 +225,9 @@ def write_doc(meta: dict, results: dict) -> None:
              f"{meta['load_after']} (a quiet 2-core machine reads below 1).", "",
              "Random-init weights (latency does not depend on them), magnitude importance, `round_to: 8`, "
              "`min_channels: 8`. Per setting, every net is timed once per round, round-robin, after two warm-up "
-             "calls; the ratio to the stock net is taken round by round and reported as median [IQR]. "
+             "calls; the ratio to the stock net is taken round by round and reported as median [IQR]; on a busy "
+             "machine the fastest call of each net (min ms) is the one least disturbed, so the ratio of minimums "
+             "is given too. "
              "FLOPs-knapsack: the parent pruned to the stock net's GMACs at 224 px (one architecture for both "
              "settings). Latency-knapsack: the parent pruned to the stock net's latency as measured just before, "
              "in that setting (its own lookup table, 5% tolerance, widened to twice the measured noise where that is larger). "
@@ -233,12 +236,13 @@ def write_doc(meta: dict, results: dict) -> None:
     fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.8), dpi=110, squeeze=False)
     for ax, (label, res) in zip(axes[0], results.items()):
         lines += [f"## {label}", "",
-                  "| net | GMACs | params (M) | median ms [IQR] | x stock [IQR] | stock | vs stock |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| net | GMACs | params (M) | median ms [IQR] | x stock [IQR] | stock | vs stock | min ms | "
+                  "x stock (mins) |", "|---|---|---|---|---|---|---|---|---|"]
         for r in res["rows"]:
+            mins = (f" {r['min_ms']:.2f} | {r['min_ratio']:.3f} |" if "min_ms" in r else " - | - |")
             lines.append(f"| {r['net']} | {r['gmacs']:.3f} | {r['params_m']:.2f} | {r['median_ms']:.2f} "
                          f"[{r['q1_ms']:.2f}-{r['q3_ms']:.2f}] | {r['ratio']:.3f} [{r['ratio_q1']:.3f}-"
-                         f"{r['ratio_q3']:.3f}] | {r['stock']} | {verdict(r)} |")
+                         f"{r['ratio_q3']:.3f}] | {r['stock']} | {verdict(r)} |{mins}")
         lines += ["", "Latency-knapsack loop, predicted (table, corrected) vs measured ms per round:", ""]
         for parent, loop in res["loops"].items():
             if "unreachable" in loop:
