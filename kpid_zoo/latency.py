@@ -32,12 +32,12 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .data import default_cache_dir as data_cache_dir
 from .files import atomic_write_text, json_sha256
 from .groups import ROLE_DW, ROLE_IN, ROLE_NORM, ROLE_OUT, GroupGraph
 from .surgery import _slice_member, prune_model
 
 TABLE_VERSION = 1
-CACHE_ENV = 'KPID_ZOO_CACHE'
 # Width fractions each group is sampled at; the interpolation is linear between them (and beyond the ends).
 GRID_FRACTIONS = (0.125, 0.25, 0.5, 0.75, 1.0)
 DEVICES = ('cpu', 'cuda')
@@ -358,16 +358,23 @@ def _narrowed(module: nn.Module, layer: _Timed, widths: dict[str, int]) -> nn.Mo
     return narrow
 
 
-def table_key(arch: str, sizes: dict[str, int], input_size: tuple[int, int, int], setting: LatencySetting,
+def architecture_sha256(model: nn.Module) -> str:
+    """The parent's layers and their shapes (not its weights, on which latency does not depend): another head
+    size or another timm version's layout is another table."""
+    return json_sha256([(name, type(m).__name__, [list(p.shape) for p in m.parameters(recurse=False)])
+                        for name, m in model.named_modules()])
+
+
+def table_key(model: nn.Module, arch: str, input_size: tuple[int, int, int], setting: LatencySetting,
               fractions: tuple[float, ...] = GRID_FRACTIONS) -> dict:
     """What a table's timings depend on: a table is reused only for the same key."""
     return {'version': TABLE_VERSION, 'device': setting.device, 'device_name': device_name(setting.device),
-            'parent': arch, 'groups_sha256': json_sha256(sizes), 'input_size': list(input_size),
+            'parent': arch, 'architecture_sha256': architecture_sha256(model), 'input_size': list(input_size),
             'batch_size': setting.batch_size, 'threads': setting.threads, 'fractions': list(fractions)}
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or '~/.cache/kpid_zoo').expanduser() / 'latency'
+    return data_cache_dir() / 'latency'  # beside the unpacked datasets: ~/.cache/kpid_zoo, or $KPID_CACHE
 
 
 def cache_path(key: dict, cache_dir: Path | None = None) -> Path:
@@ -422,7 +429,7 @@ def build_table(model: nn.Module, graph: GroupGraph, arch: str, input_size: tupl
         narrow_net = prune_model(model, graph, {g: torch.arange(w) for g, w in narrowest.items()})
         full = timer(lambda: model(x), setting, warmup=warmup, repeats=repeats).median_ms
         narrow = timer(lambda: narrow_net(x), setting, warmup=warmup, repeats=repeats).median_ms
-    table = LatencyCostModel(terms, 0.0, sizes, 1.0, table_key(arch, sizes, input_size, setting, fractions), full,
+    table = LatencyCostModel(terms, 0.0, sizes, 1.0, table_key(model, arch, input_size, setting, fractions), full,
                              narrow)
     calibrate(table, narrowest)
     return table
@@ -447,8 +454,7 @@ def latency_table(model: nn.Module, graph: GroupGraph, arch: str, input_size: tu
                   log: Callable[[str], None] = print, **build_kwargs) -> LatencyCostModel:
     """The table for this (device, processor, torch, parent, input size, batch, threads): from the cache when it
     holds one for exactly that, else measured now and cached."""
-    sizes = {g.name: g.size for g in graph.prunable}
-    key = table_key(arch, sizes, input_size, setting, build_kwargs.get('fractions', GRID_FRACTIONS))
+    key = table_key(model, arch, input_size, setting, build_kwargs.get('fractions', GRID_FRACTIONS))
     cached = load_cached(key, cache_dir)
     if cached is not None:
         log(f'latency: reusing the table in {cache_path(key, cache_dir)}')

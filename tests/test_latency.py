@@ -15,6 +15,7 @@ import yaml
 
 from kpid_zoo import latency as lat
 from kpid_zoo.cli import main
+from kpid_zoo.data import CACHE_ENV
 from kpid_zoo.flops import count_flops
 from kpid_zoo.groups import discover_groups
 from kpid_zoo.importance import magnitude_importance
@@ -126,6 +127,11 @@ def test_table_cache_hits_misses_and_invalidation(tmp_path, tiny):
     other = table(LatencySetting('cpu', 1, 2))  # another thread count is another key, another file
     assert timer.calls > built and lat.cache_path(other.key, tmp_path) != path
     assert other.key['threads'] == 2 and first.key['threads'] == 1
+    # so are another input size, batch, parent layout (a 10-class head) and processor or torch build
+    assert lat.table_key(model, 'resnet10t', (3, 64, 64), SETTING) != first.key
+    assert lat.table_key(model, 'resnet10t', INPUT, LatencySetting('cpu', 8, 1)) != first.key
+    assert lat.table_key(timm.create_model('resnet10t', num_classes=10), 'resnet10t', INPUT, SETTING) != first.key
+    assert first.key['device_name'] == lat.device_name('cpu') and torch.__version__ in first.key['device_name']
 
     # a file whose key is not the one asked for, or no table at all, is a miss and is measured again
     data = json.loads(path.read_text())
@@ -219,7 +225,7 @@ def _prune(tmp_path, budget: dict) -> list[str]:
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason='CUDA is present here')),
 ])
 def test_unreachable_budgets_and_absent_devices_fail_in_one_line(tmp_path, capsys, monkeypatch, budget, expected):
-    monkeypatch.setenv(lat.CACHE_ENV, str(tmp_path / 'cache'))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / 'cache'))
     assert main(_prune(tmp_path, budget)) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expected in err and 'r.yaml' in err, err
@@ -254,7 +260,7 @@ def test_the_loop_converges_on_a_synthetic_measurement(tiny):
 
 def test_prune_with_a_latency_budget_end_to_end(tmp_path, monkeypatch, capsys):
     """Real timings on this machine: only what is recorded is checked, never how fast anything ran."""
-    monkeypatch.setenv(lat.CACHE_ENV, str(tmp_path / 'cache'))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / 'cache'))
     assert main(_prune(tmp_path, {'latency_ratio': 0.7, 'tolerance': 0.3})) == 0
     out = capsys.readouterr().out
     assert 'round 1: predicted / measured ms' in out
