@@ -5,9 +5,10 @@ grid and interpolated, so the knapsack can price a channel in milliseconds inste
 each timed layer has the same terms as the FLOPs cost model (`knapsack.CostModel`): a dense conv depends on its
 input group and its output group (the producer/consumer coupling), a BN, activation or depthwise conv on its own
 group. Each is timed alone, on the input shape it sees in the network, at every combination of a few widths of
-its groups; `LatencyCostModel` interpolates multilinearly between them (bilinear for a conv), and the part of the
-network no layer accounts for (Python dispatch, residual adds, gates) is the whole network's time minus the
-layers' sum. The table is cached on disk per (device, processor, torch, parent, input size, batch, threads).
+its groups; `LatencyCostModel` interpolates multilinearly between them (bilinear for a conv). The whole network,
+timed at full and at narrowest widths, fixes the rest (`calibrate`): a fixed part no layer accounts for (Python
+dispatch, residual adds, gates) and a scale from layers timed alone to layers in the network. The table is cached
+on disk per (device, processor, torch, parent, input size, batch, threads).
 
 Measurement (`time_callable`): warm-up calls first, then many timed calls under `torch.inference_mode` with the
 thread count fixed, reported as median and quartiles. `measure_noise` times the same network several times: the
@@ -34,7 +35,7 @@ from tqdm.auto import tqdm
 
 from .data import default_cache_dir as data_cache_dir
 from .files import atomic_write_text, json_sha256
-from .groups import ROLE_DW, ROLE_IN, ROLE_NORM, ROLE_OUT, GroupGraph
+from .groups import ROLE_DW, ROLE_IN, ROLE_NORM, GroupGraph
 from .surgery import _slice_member, prune_model
 
 TABLE_VERSION = 1
