@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--members", action="store_true", help="also list the layers in each group")
     p.set_defaults(func=cmd_groups)
 
-    p = sub.add_parser("prune", help="prune a recipe's parent to its FLOPs target (no fine-tune)")
+    p = sub.add_parser("prune", help="prune a recipe's parent to its FLOPs target or latency budget (no fine-tune)")
     p.add_argument("recipe", help="recipe YAML or the name of a packaged one, e.g. recipes/kpid_effnet_b0.yaml")
     p.add_argument("--out", help="output folder (default runs/<name>/pruned)")
     p.add_argument("--force", action="store_true", help="prune again even if the output folder exists")
