@@ -6,8 +6,8 @@ stock net's GMACs, the parent pruned by the latency knapsack (`kpid_zoo.latency`
 latency, and the parent itself; plus timm's efficientnet_b1_pruned (the KPID authors' widths) beside
 efficientnet_b0. Weights are random (latency does not depend on them; no Hub here); importance is magnitude (no
 data needed). Two settings: batch 1 on 1 thread at 224 px, and batch 32 on all threads at 64 px (224 px would
-take about an hour of lookup tables on 2 cores; its table samples 3 widths per group instead of 5). The final timings interleave the arms (round-robin over every net within each repeat, so machine
-noise hits all arms alike); each arm's ratio to its stock net is taken repeat by repeat, reported as median and
+take about an hour of lookup tables on 2 cores; its table samples 3 widths per group instead of 5). The final
+timings interleave the arms (round-robin over every net within each repeat, so machine noise hits all arms alike); each arm's ratio to its stock net is taken repeat by repeat, reported as median and
 interquartile range.
 
     python benchmarks/latency.py            # ~10 minutes on 2 quiet cores; writes docs/latency_benchmark.{md,png}
@@ -229,9 +229,9 @@ def write_doc(meta: dict, results: dict) -> None:
              "is given too. "
              "FLOPs-knapsack: the parent pruned to the stock net's GMACs at 224 px (one architecture for both "
              "settings). Latency-knapsack: the parent pruned to the stock net's latency as measured just before, "
-             "in that setting (its own lookup table, 5% tolerance, widened to twice the measured noise where that is larger). "
-             "Lookup tables are reused from the cache when one was measured for the same key. No GPU was lent to this task: the GPU column "
-             "(item 5 of the issue) is not measured.", ""]
+             "in that setting (its own lookup table, 5% tolerance, widened to twice the measured noise where "
+             "that is larger). Lookup tables are reused from the cache when one was measured for the same key. "
+             "No GPU was lent to this task: the GPU column (item 5 of the issue) is not measured.", ""]
     fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.8), dpi=110, squeeze=False)
     for ax, (label, res) in zip(axes[0], results.items()):
         lines += [f"## {label}", "",

@@ -27,8 +27,8 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from .files import json_sha256
 
 __all__ = [
-    'RecipeError', 'Recipe', 'ParentSpec', 'ParentTrainSpec', 'FlopsSpec', 'BudgetSpec', 'ImportanceSpec', 'DataSpec', 'TrainSpec',
-    'FinetuneSpec', 'HubSpec',
+    'RecipeError', 'Recipe', 'ParentSpec', 'ParentTrainSpec', 'FlopsSpec', 'BudgetSpec', 'ImportanceSpec', 'DataSpec',
+    'TrainSpec', 'FinetuneSpec', 'HubSpec',
     'load_recipe', 'PYPI_LITE_WEIGHTS',
 ]
 
