@@ -7,8 +7,8 @@ latency, and the parent itself; plus timm's efficientnet_b1_pruned (the KPID aut
 efficientnet_b0. Weights are random (latency does not depend on them; no Hub here); importance is magnitude (no
 data needed). Two settings: batch 1 on 1 thread at 224 px, and batch 32 on all threads at 64 px (224 px would
 take about an hour of lookup tables on 2 cores; its table samples 3 widths per group instead of 5). The final
-timings interleave the arms (round-robin over every net within each repeat, so machine noise hits all arms alike); each arm's ratio to its stock net is taken repeat by repeat, reported as median and
-interquartile range.
+timings interleave the arms (round-robin over every net within each repeat, so machine noise hits all arms
+alike); each arm's ratio to its stock net is taken repeat by repeat, reported as median and interquartile range.
 
     python benchmarks/latency.py            # ~10 minutes on 2 quiet cores; writes docs/latency_benchmark.{md,png}
     python benchmarks/latency.py --quick    # smaller inputs and fewer repeats, for a smoke run (no docs written)
