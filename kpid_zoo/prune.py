@@ -8,6 +8,7 @@ prices the coupled cost better; rounds go on while they raise the kept importanc
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,8 +22,8 @@ from .flops import FlopsReport, count_flops, count_params
 from .groups import ROLE_OUT, GroupGraph, discover_groups
 from .importance import Importance, magnitude_importance, taylor_importance
 from .knapsack import Cost, CostModel, KnapsackSolution, solve_for_budget, width_choices
-from .latency import (LatencyCostModel, LatencySetting, Timing, cache_path, check_device, device_name, latency_table,
-                      measure_model, measure_noise)
+from .latency import (LatencyCostModel, LatencySetting, Timing, cache_path, calibrate, check_device, device_name,
+                      latency_table, measure_model, measure_noise)
 from .recipe import BudgetSpec, Recipe
 from .surgery import ArchSpec, group_widths, prune_model
 
@@ -259,6 +260,10 @@ def latency_knapsack_prune(parent: nn.Module, graph: GroupGraph, importance: Imp
     if table is None:
         table = latency_table(parent, graph, arch, input_size, setting, cache_dir=cache_dir, progress=progress,
                               log=log, **(table_kwargs or {}))
+    # the table (perhaps cached, perhaps timed under another load) is re-fitted to both ends of the reachable range
+    # as they measure now: the parent and the smallest network, which the budget was just checked against
+    fitted = dataclasses.replace(table, full_ms=parent_timing.median_ms, narrow_ms=smallest_timing.median_ms)
+    calibrate(fitted, {g: ch[0] for g, ch in choices.items()})
     parent_flops = count_flops(parent, input_size)
     flops = CostModel.from_flops(parent, graph, parent_flops)
     tolerance = max(budget.tolerance, min(2 * noise.relative, MAX_NOISY_TOLERANCE))
@@ -268,16 +273,14 @@ def latency_knapsack_prune(parent: nn.Module, graph: GroupGraph, importance: Imp
 
     def time_it(model: nn.Module, sol: KnapsackSolution) -> tuple[float, dict]:
         t = measure(model, input_size, setting)
-        return t.median_ms, {"table_ms": table.at(sol.widths), "measured_ms": t.median_ms,
+        return t.median_ms, {"table_ms": fitted.at(sol.widths), "measured_ms": t.median_ms,
                              "measured_q1_ms": t.q1_ms, "measured_q3_ms": t.q3_ms,
                              "gmacs": flops.flops(sol.widths) / 1e9}
 
-    best, cheapest, rounds = knapsack_rounds(parent, graph, importance, table, choices, target * (1 - tolerance),
+    best, cheapest, rounds = knapsack_rounds(parent, graph, importance, fitted, choices, target * (1 - tolerance),
                                              target, time_it, max_rounds=max_rounds, relative=True,
-                                             noise=noise.relative,
-                                             # a table (perhaps cached) times the parent a little off from now
-                                             scale=parent_timing.median_ms / table.at(table.sizes),
-                                             progress=progress, shown=lambda v: f"{v:.3g} ms")
+                                             noise=noise.relative, progress=progress,
+                                             shown=lambda v: f"{v:.3g} ms")
     for r in rounds:  # what the loop expected of each round: the table, corrected by the measurements before it
         r["predicted_ms"] = r["table_ms"] * r["scale"]
     within = best is not None
