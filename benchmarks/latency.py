@@ -221,7 +221,14 @@ def write_doc(meta: dict, results: dict) -> None:
     lines = ["# Latency: pruned nets vs stock nets of equal FLOPs (CPU)", "",
              f"`python benchmarks/latency.py` on {meta['device']}, timm {meta['timm']}, commit {meta['commit']}, "
              f"{meta['minutes']:.1f} minutes. Load average (1, 5, 15 min) before: {meta['load_before']}, after: "
-             f"{meta['load_after']} (a quiet 2-core machine reads below 1).", "",
+             f"{meta['load_after']} (a quiet 2-core machine reads below 1)."
+             + (" **The machine was not quiet**: other jobs shared its 2 cores throughout, so every figure here "
+                "carries their noise, the 2-thread setting most (a 2-thread forward pass waits at each barrier for "
+                "whichever thread was preempted)." if float(meta["load_before"].split()[0]) > 1.5 else ""), "",
+             "The pruning loop times each candidate alone, back to back (its weights stay warm in the caches); "
+             "the comparison below runs every net in turn, so each call starts with the others' data in the "
+             "caches. A latency-knapsack net measured at its budget in the loop can therefore land above it here.",
+             "",
              "Random-init weights (latency does not depend on them), magnitude importance, `round_to: 8`, "
              "`min_channels: 8`. Per setting, every net is timed once per round, round-robin, after two warm-up "
              "calls; the ratio to the stock net is taken round by round and reported as median [IQR]; on a busy "
