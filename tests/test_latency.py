@@ -23,11 +23,17 @@ from kpid_zoo.knapsack import CostModel, solve_for_budget, width_choices
 from kpid_zoo.latency import LatencyCostModel, LatencySetting, LatencyTerm, Timing, sample_widths
 from kpid_zoo.prune import latency_knapsack_prune
 from kpid_zoo.recipe import BudgetSpec, Recipe, RecipeError
-from kpid_zoo.surgery import group_widths
 
 from engine_utils import INPUT
 
 SETTING = LatencySetting('cpu', 1, 1)
+
+
+def group_widths(net, graph) -> dict[str, int]:
+    """Each prunable group's width in `net`: its first producer's output channels (no concatenations here)."""
+    def out(m):
+        return m.out_channels if isinstance(m, torch.nn.Conv2d) else m.out_features
+    return {g.name: out(net.get_submodule(g.modules('out')[0])) for g in graph.prunable}
 FAST_GRID = (0.5, 1.0)  # tables whose values are not measured need not be sampled finely
 
 
