@@ -160,7 +160,11 @@ class Noise:
 
 def measure_noise(model: nn.Module, input_size: tuple[int, int, int], setting: LatencySetting, *, series: int = 3,
                   measure: Callable[..., Timing] = measure_model) -> tuple[Timing, Noise]:
-    """`series` back-to-back measurements of the same network: the middle one, and how far their medians spread."""
+    """`series` back-to-back measurements of the same network: the middle one, and how far their medians spread.
+
+    One more series runs first, untimed: the first calls of a network new to the process run cold (the allocator,
+    oneDNN's primitive cache), beyond what a few warm-up calls absorb."""
+    measure(model, input_size, setting)
     timings = sorted((measure(model, input_size, setting) for _ in range(series)), key=lambda t: t.median_ms)
     return timings[len(timings) // 2], Noise(tuple(t.median_ms for t in timings))
 
