@@ -37,7 +37,7 @@ from .export import EXPORT_FILES, export_model
 from .files import file_sha256, json_sha256, read_json, remove_staging, save_weights, write_json
 from .flops import count_flops
 from .groups import discover_groups
-from .lock import LOCK_FILE, build_lock
+from .lock import LOCK_FILE, build_lock, export_lock_name
 from .model_card import WIDTHS_PLOT
 from .parent import create_parent
 from .provenance import UPSTREAM, Stage, flatten, select
@@ -125,7 +125,9 @@ def build(recipe_path: str | Path, out_dir: str | Path | None = None, work_dir: 
     preflight(recipe)
     # one per process, shared by every stage: parent adaptation, Taylor importance, distillation, evaluation
     accelerator = process_accelerator()
-    with build_lock(accelerator, paths.work):
+    # the export folder is locked too: two work folders building into one export would replace each other's files
+    with build_lock(accelerator, paths.work), \
+            build_lock(accelerator, paths.export.parent, export_lock_name(paths.export)):
         if accelerator.is_main_process:
             if not resume:
                 for entry in paths.work.iterdir():

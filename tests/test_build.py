@@ -261,6 +261,7 @@ def test_a_dead_builds_lock_and_staging_are_cleaned_a_live_one_refuses(reference
     args = ["build", str(recipe), "--out", str(out), "--work", str(work), "--quiet"]
     assert main(args) == 0
     assert not any(p.exists() for p in leftovers) and not (work / "build.lock").exists()
+    assert not (out.parent / f".{out.name}.build.lock").exists()  # the export's lock goes with the build
 
     (work / "build.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                                  "started": "2026-01-01T00:00:00+00:00"}))
@@ -268,3 +269,19 @@ def test_a_dead_builds_lock_and_staging_are_cleaned_a_live_one_refuses(reference
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{work} is being built by process {os.getpid()}" in err
+
+
+def test_a_second_work_folder_building_into_the_same_export_is_refused(reference, tmp_path, capsys):
+    """Two builds with their own work folders but one --out would replace each other's export (and remove each
+    other's staging): the export folder has a lock of its own."""
+    recipe, out, work = _copy_build(reference, tmp_path)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    lock = out.parent / f".{out.name}.build.lock"
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                "started": "2026-01-01T00:00:00+00:00"}))
+    capsys.readouterr()
+    assert main(["build", str(recipe), "--out", str(out), "--work", str(tmp_path / "other-work"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{out} is being built by process {os.getpid()}" in err, err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    assert not (tmp_path / "other-work" / "build.lock").exists()  # the work lock taken first was released
