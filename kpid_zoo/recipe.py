@@ -380,17 +380,6 @@ class DataSpec(_Section):
         return _source_prefix(self.dataset) in STREAM_PREFIXES
 
     def _check(self) -> None:
-        val_split, num_classes = _DATASET_DEFAULTS.get(self.dataset, ('validation', None))
-        if num_classes is None and self.num_classes is None:
-            raise RecipeError(f'expected the class count of {self.dataset} (no default for it)', 'num_classes')
-        if self.val_split is None:
-            self._set('val_split', val_split)
-        if self.num_classes is None:
-            self._set('num_classes', num_classes)
-        if self.dataset == 'cifar10' and self.num_classes != 10:
-            raise RecipeError(f'expected 10 for dataset cifar10, got {self.num_classes}', 'num_classes')
-        if (self.mean is None) != (self.std is None):
-            raise RecipeError('expected mean and std together (or neither)', 'mean' if self.mean is None else 'std')
         refused = REFUSED_PREFIXES.get(_source_prefix(self.dataset))
         if refused:
             raise RecipeError(f'{self.dataset}: not supported: {refused}', 'dataset')
@@ -404,6 +393,17 @@ class DataSpec(_Section):
         elif self.train_samples is not None:
             raise RecipeError(f'only for stream datasets (wds/<name>); {self.dataset} counts its own samples',
                               'train_samples')
+        val_split, num_classes = _DATASET_DEFAULTS.get(self.dataset, ('validation', None))
+        if num_classes is None and self.num_classes is None:
+            raise RecipeError(f'expected the class count of {self.dataset} (no default for it)', 'num_classes')
+        if self.val_split is None:
+            self._set('val_split', val_split)
+        if self.num_classes is None:
+            self._set('num_classes', num_classes)
+        if self.dataset == 'cifar10' and self.num_classes != 10:
+            raise RecipeError(f'expected 10 for dataset cifar10, got {self.num_classes}', 'num_classes')
+        if (self.mean is None) != (self.std is None):
+            raise RecipeError('expected mean and std together (or neither)', 'mean' if self.mean is None else 'std')
 
 
 @dataclass(frozen=True, kw_only=True)
