@@ -194,7 +194,17 @@ def cifar4_shards(real_jpeg_folder, tmp_path_factory) -> Path:
     return out
 
 
-def test_finetune_on_a_stream_resumes_to_the_same_weights(cifar4_shards, tmp_path):
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: beside loader workers on a small shared machine, more threads spin against them
+    (ten times slower here), and one thread keeps the kernels' reduction order fixed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_finetune_on_a_stream_resumes_to_the_same_weights(cifar4_shards, tmp_path, one_thread):
     """Two persistent loader workers, dropout on, a checkpoint every step; the run stops after step 3 (the
     resume skips 3 batches: mid round robin) and resumes; 18 steps over two epochs end bit-identical to an
     uninterrupted run, and validation counts each of the 36 images once."""
