@@ -280,10 +280,15 @@ def _train_loop(accelerator: Accelerator, module: nn.Module, teacher: Optional[n
         _load_checkpoint(accelerator, intact, state, scheduler, layout)
         resumed_from = state.step
     tracker = JsonlTracker(out_dir / 'metrics.jsonl') if accelerator.is_main_process else None
+    # a stream says what an epoch reads, and how many samples it repeats or drops (kpid_zoo.streams)
+    stream = train_loader.dataset.describe(train_loader.num_workers) if layout is not None else None
+    if stream is not None and progress:
+        accelerator.print(stream)
     if tracker is not None:
         tracker.store_init_configuration({
             'total_steps': total_steps, 'steps_per_epoch': steps_per_epoch, 'world_size': accelerator.num_processes,
-            'resumed_from': resumed_from, 'teacher': teacher is not None, 'mixed_precision': cfg.mixed_precision})
+            'resumed_from': resumed_from, 'teacher': teacher is not None, 'mixed_precision': cfg.mixed_precision,
+            **({'stream': stream} if stream else {})})
 
     every = checkpoint_interval(cfg.checkpoint_every, total_steps)
     losses = []
