@@ -44,8 +44,8 @@ def evaluate(model: nn.Module, loader, accelerator=None, precision: str = 'no') 
     With an `accelerator` the loader is expected to be prepared (sharded) and the model on `accelerator.device`;
     per-sample statistics are gathered with `gather_for_metrics`, which drops the duplicates Accelerate pads the
     last uneven batch with. A stream (`kpid_zoo.streams`) pads nothing, but its processes see different numbers
-    of batches: each sums its own and they are added up once, after every process has finished. `precision` ('no', 'bf16', 'fp16') autocasts the forward pass (fp32 by default: the
-    figures a model card reports).
+    of batches: each sums its own and they are added up once, after every process has finished. `precision`
+    ('no', 'bf16', 'fp16') autocasts the forward pass (fp32 by default: the figures a model card reports).
     """
     was_training = model.training
     model.eval()
@@ -68,7 +68,8 @@ def evaluate(model: nn.Module, loader, accelerator=None, precision: str = 'no') 
     finally:
         model.train(was_training)
     if accelerator is not None and not gather_per_batch:
-        totals = accelerator.reduce(torch.cat([sums, torch.tensor([float(n)], dtype=torch.float64)]).to(device), 'sum')
+        local = torch.cat([sums, torch.tensor([float(n)], dtype=torch.float64)]).to(device)
+        totals = accelerator.reduce(local, 'sum')
         sums, n = totals[:3].cpu(), int(totals[3].item())
     if n == 0:
         raise ValueError('evaluate(): the loader yielded no samples')

@@ -24,9 +24,9 @@ ACCELERATE = Path(sys.executable).parent / 'accelerate'
 def _launch_dry_run(recipe_path: Path, tmp_path: Path, launch_args: tuple = ()) -> tuple[str, Path, Path]:
     """`accelerate launch` of the dry run, checked as every dry run is; returns (stdout, work, out)."""
     work, out = tmp_path / 'work', tmp_path / 'out'
-    cmd = [str(ACCELERATE), 'launch', *launch_args, '--num_processes', '2', '--num_machines', '1', '--mixed_precision', 'no',
-           '--dynamo_backend', 'no', '-m', 'kpid_zoo.cli', 'build', str(recipe_path), '--dry-run',
-           '--plan-processes', '8', '--work', str(work), '--out', str(out), '--quiet']
+    cmd = [str(ACCELERATE), 'launch', *launch_args, '--num_processes', '2', '--num_machines', '1',
+           '--mixed_precision', 'no', '--dynamo_backend', 'no', '-m', 'kpid_zoo.cli', 'build', str(recipe_path),
+           '--dry-run', '--plan-processes', '8', '--work', str(work), '--out', str(out), '--quiet']
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(REPO)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
