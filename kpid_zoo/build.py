@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 
 from . import __version__
 from .accelerator import process_accelerator
-from .data import DataBundle, create_loaders
+from .data import DataBundle, create_loaders, prepare_loader
 from .distill import distill_points
 from .evaluate import EvalResult, evaluate
 from .export import EXPORT_FILES, export_model
@@ -199,6 +199,9 @@ def _reseed(recipe: Recipe, stage: str) -> None:
 def _recipe_inputs(recipe: Recipe, fields: tuple[tuple[str, ...], tuple[str, ...]] | None = None) -> dict[str, Any]:
     """The recipe's fields (all, or those `fields` = (include, exclude) selects) as stage inputs."""
     flat = flatten(recipe.to_dict())
+    if fields is not None and recipe.data.is_stream:
+        # a stream's sample order depends on its loader workers (kpid_zoo.streams): they decide the result
+        fields = (fields[0], tuple(f for f in fields[1] if f != "data.workers"))
     chosen = flat if fields is None else select(flat, *fields)
     return {f"recipe.{k}": v for k, v in chosen.items()}
 
@@ -351,7 +354,7 @@ def measure(accelerator: Accelerator, recipe: Recipe, parent: nn.Module, student
             student_val: EvalResult | None, paths: BuildPaths) -> dict:
     """Top-1/top-5 of the pruned net and of its parent on the recipe's validation split (written to eval.json),
     on the accelerator: each process scores its shard and `gather_for_metrics` counts every image once."""
-    val_loader = accelerator.prepare_data_loader(data.val_loader)
+    val_loader = prepare_loader(accelerator, data.val_loader)
     try:
         student_val = student_val or evaluate(student.to(accelerator.device), val_loader, accelerator)
         parent_val = evaluate(parent.to(accelerator.device), val_loader, accelerator)

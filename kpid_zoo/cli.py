@@ -53,6 +53,18 @@ def cmd_groups(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shards(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .streams import folder_samples, write_shards
+    for split in args.splits:
+        samples, classes = folder_samples(Path(args.folder) / split)
+        written = write_shards(samples, args.out, split, args.shard_size, class_names=classes, seed=args.seed,
+                               progress=lambda chunks, s=split: tqdm(chunks, desc=f"shards ({s})", leave=False))
+        print(f"{split}: {len(samples)} images in {len(written)} shards -> {args.out}")
+    return 0
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from .accelerator import process_accelerator
     from .build import BuildPaths, adapt_parent, load_or_prune, preflight
@@ -220,6 +232,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --dry-run: plan the real run for N processes (default: this launch's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("shards", help="write an ImageFolder's splits as WebDataset shards for a wds/<name> recipe")
+    p.add_argument("folder", help="an ImageFolder tree: FOLDER/<split>/<class>/<image>")
+    p.add_argument("out", help="output folder: <split>-NNNNNN.tar shards and _info.json (the recipe's data.root)")
+    p.add_argument("--splits", nargs="+", default=["train", "val"], metavar="SPLIT",
+                   help="the splits to write (default: train val)")
+    p.add_argument("--shard-size", type=int, default=1000, metavar="N",
+                   help="images per shard (default 1000; training needs at least processes x workers shards)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the order images are written in (default 0)")
+    p.set_defaults(func=cmd_shards)
 
     p = sub.add_parser("publish", help="upload an export folder to the Hugging Face Hub")
     p.add_argument("folder", help="an export folder written by `kpid-zoo build`")

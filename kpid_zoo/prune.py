@@ -158,9 +158,13 @@ def prune_from_recipe(recipe: Recipe, parent: nn.Module, train_loader=None, devi
             # the training stages before this one leave the shared dataset at their last epoch: a build resumed
             # after them would see other augmentations, hence other scores and other kept channels
             train_loader.dataset.set_epoch(0)
-        batches = torch.utils.data.DataLoader(train_loader.dataset, batch_size=settings.batch_size, shuffle=True,
-                                              num_workers=train_loader.num_workers,
-                                              generator=torch.Generator().manual_seed(recipe.finetune.seed))
+        if isinstance(train_loader.dataset, torch.utils.data.IterableDataset):  # a stream orders itself
+            batches = torch.utils.data.DataLoader(train_loader.dataset, batch_size=settings.batch_size,
+                                                  num_workers=train_loader.num_workers)
+        else:
+            batches = torch.utils.data.DataLoader(train_loader.dataset, batch_size=settings.batch_size, shuffle=True,
+                                                  num_workers=train_loader.num_workers,
+                                                  generator=torch.Generator().manual_seed(recipe.finetune.seed))
         importance = taylor_importance(parent, graph, batches, settings.batches, device=device, progress=progress)
         parent.cpu()
     else:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from kpid_zoo.dry_run import plan_real_run, standin_recipe, standin_sizes
 from kpid_zoo.recipe import Recipe, load_recipe
@@ -20,12 +21,12 @@ RECIPES = sorted((REPO / 'recipes').glob('*.yaml'))
 ACCELERATE = Path(sys.executable).parent / 'accelerate'
 
 
-@pytest.mark.parametrize('recipe_path', RECIPES, ids=[p.stem for p in RECIPES])
-def test_dry_run_of_every_shipped_recipe_under_accelerate_launch(recipe_path, tmp_path):
+def _launch_dry_run(recipe_path: Path, tmp_path: Path, launch_args: tuple = ()) -> tuple[str, Path, Path]:
+    """`accelerate launch` of the dry run, checked as every dry run is; returns (stdout, work, out)."""
     work, out = tmp_path / 'work', tmp_path / 'out'
-    cmd = [str(ACCELERATE), 'launch', '--num_processes', '2', '--num_machines', '1', '--mixed_precision', 'no',
-           '--dynamo_backend', 'no', '-m', 'kpid_zoo.cli', 'build', str(recipe_path), '--dry-run',
-           '--plan-processes', '8', '--work', str(work), '--out', str(out), '--quiet']
+    cmd = [str(ACCELERATE), 'launch', *launch_args, '--num_processes', '2', '--num_machines', '1',
+           '--mixed_precision', 'no', '--dynamo_backend', 'no', '-m', 'kpid_zoo.cli', 'build', str(recipe_path),
+           '--dry-run', '--plan-processes', '8', '--work', str(work), '--out', str(out), '--quiet']
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(REPO)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
@@ -38,6 +39,31 @@ def test_dry_run_of_every_shipped_recipe_under_accelerate_launch(recipe_path, tm
     assert sorted(p.name for p in (work / 'finetune' / 'checkpoints').iterdir()) == ['step_2', 'step_3']
     if recipe.parent.train.epochs > 0:
         assert sorted(p.name for p in (work / 'parent' / 'train' / 'checkpoints').iterdir()) == ['step_2', 'step_3']
+    return proc.stdout, work, out
+
+
+@pytest.mark.parametrize('recipe_path', RECIPES, ids=[p.stem for p in RECIPES])
+def test_dry_run_of_every_shipped_recipe_under_accelerate_launch(recipe_path, tmp_path):
+    _launch_dry_run(recipe_path, tmp_path)
+
+
+def test_dry_run_of_a_wds_recipe_streams_stand_in_shards(tmp_path):
+    """The tiny CIFAR recipe on WebDataset shards (`wds/cifar10`, a shard folder that is not on this machine):
+    the dry run writes its stand-in images as shards (two per process), and every stage reads them as a stream.
+    `--multi_gpu` is what makes `accelerate launch` start 2 processes on a machine without GPUs (without it, it
+    starts one); `kpid_zoo.accelerator` then joins them over gloo."""
+    recipe = yaml.safe_load((REPO / 'recipes' / 'kpid_resnet18_cifar10_tiny.yaml').read_text())
+    recipe['name'] = 'kpid_resnet18_cifar10_wds'
+    for key in ('train_subset', 'val_subset'):
+        del recipe['data'][key]
+    recipe['data'].update(dataset='wds/cifar10', root=str(tmp_path / 'cifar10-wds'), num_classes=10,
+                          val_split='test')
+    path = tmp_path / 'wds.yaml'
+    path.write_text(yaml.safe_dump(recipe))
+    stdout, work, _ = _launch_dry_run(path, tmp_path, ('--multi_gpu',))
+    shards = sorted(p.name for p in (work / 'standin' / 'shards').glob('*.tar'))
+    assert shards == [f'train-{i:06d}.tar' for i in range(4)] + ['val-000000.tar', 'val-000001.tar']
+    assert "train images        unknown (no 'train' count in" in stdout
 
 
 def test_standin_recipe_keeps_what_decides_the_code_path(tmp_path):

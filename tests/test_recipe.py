@@ -79,9 +79,12 @@ def test_exponent_without_dot_is_a_number():
     ('importance.round_to', 0, 'importance.round_to: expected a positive integer, got 0'),
     ('finetune.lrr', 0.1, "finetune.lrr: unknown key (did you mean 'lr'?)"),
     ('finetune.mixed_precision', False, "expected one of 'no', 'fp16', 'bf16', got False (YAML reads unquoted"),
-    ('data.dataset', 'imagenet', "data.dataset: expected 'imagefolder', 'cifar10', or a map-style timm dataset "
-                                 "'hfds/<name>' or 'torch/<name>', got 'imagenet'"),
-    ('data.dataset', 'wds/imagenet', "data.dataset: expected 'imagefolder', 'cifar10', or a map-style"),
+    ('data.dataset', 'imagenet', "data.dataset: expected 'imagefolder', 'cifar10', a map-style timm dataset "
+                                 "'hfds/<name>' or 'torch/<name>', or WebDataset shards 'wds/<name>', got 'imagenet'"),
+    ('data.dataset', 'wds/imagenet', "data.root: required for wds/imagenet: the folder holding the shards"),
+    ('data.dataset', 'tfds/imagenet2012', "data.dataset: tfds/imagenet2012: not supported: needs TensorFlow"),
+    ('data.dataset', 'hfids/imagenet-1k', "data.dataset: hfids/imagenet-1k: not supported: streams from the Hub"),
+    ('data.train_samples', 100, "data.train_samples: only for stream datasets (wds/<name>); imagefolder counts"),
     ('finetune.epochs', float('inf'), 'finetune.epochs: expected a finite non-negative number, got inf'),
     ('parent.train.lr', 0, 'parent.train.lr: expected a positive number, got 0'),
     ('data.mean', [0.5, 0.5, 0.5], 'data.std: expected mean and std together'),
