@@ -107,8 +107,12 @@ def cmd_build(args: argparse.Namespace) -> int:
 
         plan = dry_run(args.recipe, out_dir=args.out, work_dir=args.work, processes=args.plan_processes,
                        progress=not args.quiet)
-        if process_accelerator().is_main_process:
-            print(f"dry run passed: every stage of {args.recipe} ran on stand-in data")
+        state = process_accelerator()
+        if state.is_main_process:
+            # the process count says whether the launch really was distributed (`accelerate launch
+            # --num_processes 2` without --multi_gpu starts one process on a machine without GPUs)
+            print(f"dry run passed: every stage of {args.recipe} ran on stand-in data in "
+                  f"{state.num_processes} process{'es' if state.num_processes > 1 else ''}")
             print(plan.table())
         return 0
     from .build import build
@@ -226,8 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run every stage a few steps on generated stand-in data (the recipe's classes and input "
                         "size) with a randomly initialised parent, then print what the real run needs (steps, "
                         "checkpoints, disk); outputs go to runs/<name>-dry-run and outputs/<name>-dry-run. "
-                        "Launch it like the real run, e.g. accelerate launch --cpu --num_processes 2 -m "
-                        "kpid_zoo.cli build RECIPE --dry-run")
+                        "Launch it like the real run, e.g. accelerate launch --multi_gpu --num_processes 2 -m "
+                        "kpid_zoo.cli build RECIPE --dry-run (on a CPU machine too: without --multi_gpu, "
+                        "accelerate starts one process)")
     p.add_argument("--plan-processes", type=int, metavar="N",
                    help="with --dry-run: plan the real run for N processes (default: this launch's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

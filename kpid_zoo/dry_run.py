@@ -11,8 +11,9 @@ decides how long it runs:
 * parent weights: random init (`weights: none`), so no download;
 * schedule: a few optimizer steps per training stage, a checkpoint after each; one batch of Taylor scores.
 
-Run it under the launcher a cluster uses, e.g. `accelerate launch --cpu --num_processes 2 -m kpid_zoo.cli build
-RECIPE --dry-run`: pruning on the main process, sharded evaluation and DDP training on all. It ends with a
+Run it under the launcher a cluster uses, e.g. `accelerate launch --multi_gpu --num_processes 2 -m kpid_zoo.cli
+build RECIPE --dry-run` (on a CPU-only machine too: the processes join over gloo; without `--multi_gpu` accelerate
+starts a single process there): pruning on the main process, sharded evaluation and DDP training on all. It ends with a
 `RunPlan`: steps per epoch and in all, checkpoints written, and the disk they, the stage results and the export
 take -- sizes measured on the dry run's own files, which have the real architecture's shapes.
 """

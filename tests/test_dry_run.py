@@ -21,17 +21,18 @@ RECIPES = sorted((REPO / 'recipes').glob('*.yaml'))
 ACCELERATE = Path(sys.executable).parent / 'accelerate'
 
 
-def _launch_dry_run(recipe_path: Path, tmp_path: Path, launch_args: tuple = ()) -> tuple[str, Path, Path]:
+def _launch_dry_run(recipe_path: Path, tmp_path: Path) -> tuple[str, Path, Path]:
     """`accelerate launch` of the dry run, checked as every dry run is; returns (stdout, work, out)."""
     work, out = tmp_path / 'work', tmp_path / 'out'
-    cmd = [str(ACCELERATE), 'launch', *launch_args, '--num_processes', '2', '--num_machines', '1',
+    # --multi_gpu: without it, accelerate starts ONE process on a machine without GPUs (they join over gloo)
+    cmd = [str(ACCELERATE), 'launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1',
            '--mixed_precision', 'no', '--dynamo_backend', 'no', '-m', 'kpid_zoo.cli', 'build', str(recipe_path),
            '--dry-run', '--plan-processes', '8', '--work', str(work), '--out', str(out), '--quiet']
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(REPO)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     recipe = load_recipe(recipe_path)
-    assert f'dry run passed: every stage of {recipe_path}' in proc.stdout
+    assert f'dry run passed: every stage of {recipe_path} ran on stand-in data in 2 processes' in proc.stdout
     assert f'{recipe.name}: what the real run needs on 8 processes' in proc.stdout
     assert proc.stdout.count('dry run passed') == 1  # printed by the main process only
     assert {'model.safetensors', 'config.json', 'README.md'} <= {p.name for p in out.iterdir()}
@@ -49,9 +50,7 @@ def test_dry_run_of_every_shipped_recipe_under_accelerate_launch(recipe_path, tm
 
 def test_dry_run_of_a_wds_recipe_streams_stand_in_shards(tmp_path):
     """The tiny CIFAR recipe on WebDataset shards (`wds/cifar10`, a shard folder that is not on this machine):
-    the dry run writes its stand-in images as shards (two per process), and every stage reads them as a stream.
-    `--multi_gpu` is what makes `accelerate launch` start 2 processes on a machine without GPUs (without it, it
-    starts one); `kpid_zoo.accelerator` then joins them over gloo."""
+    the dry run writes its stand-in images as shards (two per process), and every stage reads them as a stream."""
     recipe = yaml.safe_load((REPO / 'recipes' / 'kpid_resnet18_cifar10_tiny.yaml').read_text())
     recipe['name'] = 'kpid_resnet18_cifar10_wds'
     for key in ('train_subset', 'val_subset'):
@@ -60,7 +59,7 @@ def test_dry_run_of_a_wds_recipe_streams_stand_in_shards(tmp_path):
                           val_split='test')
     path = tmp_path / 'wds.yaml'
     path.write_text(yaml.safe_dump(recipe))
-    stdout, work, _ = _launch_dry_run(path, tmp_path, ('--multi_gpu',))
+    stdout, work, _ = _launch_dry_run(path, tmp_path)
     shards = sorted(p.name for p in (work / 'standin' / 'shards').glob('*.tar'))
     assert shards == [f'train-{i:06d}.tar' for i in range(4)] + ['val-000000.tar', 'val-000001.tar']
     assert "train images        unknown (no 'train' count in" in stdout
