@@ -18,11 +18,10 @@ on the handler); the most specific registered class of a module wins, so subclas
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F  # noqa: F401  (re-exported for handlers written against this module)
 from timm.layers import (BatchNormAct2d, CecaModule, DropPath, EcaModule, MixedConv2d, ScaledStdConv2d,
                          ScaledStdConv2dSame, SelectAdaptivePool2d, SelectiveKernel, StdConv2d, StdConv2dSame)
 from timm.layers import activations as timm_act, activations_me as timm_act_me
@@ -362,6 +361,3 @@ def _register_builtins() -> None:
 
 
 _register_builtins()
-
-__all__: Sequence[str] = ("LayerHandler", "register_layer_handler", "handler_for", "per_channel", "slice_tensor",
-                          "ROLE_OUT", "ROLE_IN", "ROLE_DW", "ROLE_NORM", "ROLE_CHANNEL", "ROLE_PARAM")

@@ -8,7 +8,9 @@ from kpid_zoo.surgery import ArchSpec, build_pruned
 
 from engine_utils import FAMILIES, INPUT
 
-GOLDEN = FAMILIES + ["efficientnet_b3", "resnet50"]
+GOLDEN = FAMILIES + ["efficientnet_b3", "resnet50", "regnety_002"]
+# grouped convs, concatenations and splits: the same groups as Torch-Pruning's, but slow to build there
+REACH = ["resnext50_32x4d", "densenet121", "ghostnet_100", "skresnet18"]
 
 
 def _torch_pruning_groups(model: nn.Module) -> set[frozenset]:
@@ -38,6 +40,12 @@ def test_groups_match_torch_pruning_dependency_graph(name):
     model = timm.create_model(name).eval()
     ours = {frozenset((m.module, m.role) for m in g.members) for g in discover_groups(model, INPUT).prunable}
     assert ours == _torch_pruning_groups(model)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", REACH)
+def test_groups_match_torch_pruning_through_grouped_convs_concats_and_splits(name):
+    test_groups_match_torch_pruning_dependency_graph(name)
 
 
 def test_residual_depthwise_and_se_channels_are_grouped():
