@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from .files import read_json
-from .groups import ROLE_OUT, GroupGraph, discover_groups
+from .groups import GroupGraph, discover_groups
 from .handlers import handler_for
 
 SPEC_VERSION = 1
@@ -147,16 +147,6 @@ def _spec_groups(model: nn.Module, spec: ArchSpec, in_chans: int) -> GroupGraph:
             return discover_groups(model, small)
     except ValueError:
         return discover_groups(model, full)
-
-
-def group_widths(model: nn.Module, graph: GroupGraph) -> dict[str, int]:
-    """The current width of every group of `graph` as found in `model` (from its first producer's output)."""
-    widths = {}
-    for gi, g in enumerate(graph.groups):
-        member = next(m for m in g.members if m.role == ROLE_OUT)
-        handler, module = graph.resolve(model, member)
-        widths[g.name] = handler.width(module, ROLE_OUT) // graph.layouts[member].multiplicity(gi)
-    return widths
 
 
 def _update_model_widths(model: nn.Module, graph: GroupGraph, widths: dict[str, int]) -> None:
