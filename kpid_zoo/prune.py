@@ -17,7 +17,7 @@ from .groups import ROLE_OUT, GroupGraph, discover_groups
 from .importance import Importance, magnitude_importance, taylor_importance
 from .knapsack import CostModel, KnapsackSolution, solve_for_flops, width_choices
 from .recipe import Recipe
-from .surgery import ArchSpec, group_widths, prune_model
+from .surgery import ArchSpec, prune_model
 
 
 @dataclass
@@ -69,14 +69,15 @@ def knapsack_prune(parent: nn.Module, graph: GroupGraph, importance: Importance,
                                                min_channels=min_channels, round_to=round_to)
     target = target_gmacs * 1e9
     low = target * (1 - tolerance)
+    blocks = {g.name: g.block_index() for g in graph.prunable if g.parts > 1}
     residual = 0.0  # what fvcore counts beyond the cost model (nothing, for the supported families)
     widths = dict(cost.sizes)
     best: tuple[tuple, KnapsackSolution, nn.Module, dict, int] | None = None
     rounds = []
     bar = tqdm(range(max_rounds), desc="knapsack", disable=not progress, leave=False)
     for _ in bar:
-        sol = solve_for_flops(importance, cost, widths, choices, low - residual, target - residual)
-        keep = {g: _top_k(importance[g], k) for g, k in sol.widths.items() if k < cost.sizes[g]}
+        sol = solve_for_flops(importance, cost, widths, choices, low - residual, target - residual, blocks=blocks)
+        keep = {g: _top_k(importance[g], k, blocks.get(g)) for g, k in sol.widths.items() if k < cost.sizes[g]}
         model = prune_model(parent, graph, keep)
         achieved = count_flops(model, input_size).total
         residual = achieved - cost.flops(sol.widths)
@@ -119,7 +120,7 @@ def check_target(parent: nn.Module, graph: GroupGraph, target_gmacs: float, *, a
         raise ValueError(f"{arch}: FLOPs target {target_gmacs:.4g} GMACs is not below the parent's "
                          f"{parent_flops.gmacs:.4g} GMACs at {input_size}")
     cost = CostModel.from_flops(parent, graph, parent_flops)
-    choices = {g.name: width_choices(g.size, min_channels, round_to) for g in graph.prunable}
+    choices = {g.name: width_choices(g.size, min_channels, round_to, g.parts) for g in graph.prunable}
     floor = cost.flops({g: ch[0] for g, ch in choices.items()})
     if target < floor:
         raise ValueError(f"{arch}: FLOPs target {target_gmacs:.4g} GMACs is below the smallest reachable "
@@ -129,13 +130,18 @@ def check_target(parent: nn.Module, graph: GroupGraph, target_gmacs: float, *, a
 
 def layer_widths(parent: nn.Module, pruned: nn.Module, graph: GroupGraph) -> list[tuple[str, int, int]]:
     """(module, parent width, pruned width) for every conv / linear output, in the model's module order."""
-    before, after = group_widths(parent, graph), group_widths(pruned, graph)
-    rows = {m.module: (m.module, before[g.name], after[g.name])
-            for g in graph.groups for m in g.members if m.role == ROLE_OUT}
+    rows = {}
+    for member in graph.layouts:
+        if member.role == ROLE_OUT:
+            (handler, before), (_, after) = graph.resolve(parent, member), graph.resolve(pruned, member)
+            rows[member.module] = (member.module, handler.width(before, ROLE_OUT), handler.width(after, ROLE_OUT))
     return [rows[name] for name, _ in parent.named_modules() if name in rows]
 
 
-def _top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+def _top_k(scores: torch.Tensor, k: int, blocks: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """The k best channels; with blocks, the k / len(blocks) best of each block."""
+    if blocks:
+        return torch.cat([b[_top_k(scores[b], k // len(blocks))] for b in blocks]).sort().values
     return torch.argsort(scores, descending=True, stable=True)[:k].sort().values
 
 
