@@ -39,6 +39,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 import tarfile
 import tempfile
@@ -81,9 +82,16 @@ def imagenet_samples(tarball: Path) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix='.imagenet-samples-', dir=target.parent))
-    with tarfile.open(tarball) as tf:
-        tf.extractall(tmp, filter='data')
-    os.rename(tmp / 'imagenet-samples', target)
+    try:
+        with tarfile.open(tarball) as tf:
+            tf.extractall(tmp, filter='data')
+        try:
+            os.rename(tmp / 'imagenet-samples', target)
+        except OSError:
+            if not (target / 'val').is_dir():  # lost a race with another process only if it finished the job
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
