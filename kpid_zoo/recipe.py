@@ -520,7 +520,7 @@ def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file; every error names the file (and the YAML line for syntax errors)."""
     source = str(path)
     if Path(path).is_dir():
-        raise RecipeError('is a folder, expected a recipe YAML file (e.g. recipes/kpid_resnet18_cifar10_tiny.yaml)',
+        raise RecipeError('is a folder, expected a recipe YAML file (e.g. recipes/kpid_effnet_lite0_cifar10.yaml)',
                           source=source)
     try:
         text = Path(path).read_text(encoding='utf-8')
