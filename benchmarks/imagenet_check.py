@@ -262,8 +262,9 @@ def se(p: float, n: int) -> float:
 
 
 def combine(folds: list[dict]) -> dict:
-    """Both folds of one cell -> accuracies over all 1000 images (each scored by the fold that did not see it)."""
-    out = {'gmacs': sum(f['gmacs'] for f in folds) / len(folds), 'gmacs_min': min(f['gmacs'] for f in folds),
+    """Both folds of one cell -> accuracies over all 1000 images (each scored by the fold that did not see it);
+    a cell with one fold done so far covers that fold's 500 held-out images."""
+    out = {'folds': sorted(f['fold'] for f in folds), 'gmacs': sum(f['gmacs'] for f in folds) / len(folds), 'gmacs_min': min(f['gmacs'] for f in folds),
            'gmacs_max': max(f['gmacs'] for f in folds), 'params_m': sum(f['params_m'] for f in folds) / len(folds),
            'parent_gmacs': folds[0]['parent_gmacs'], 'input_size': folds[0]['input_size']}
     for column in ('bn_reestimated', 'parent_bn_stats'):
@@ -274,12 +275,20 @@ def combine(folds: list[dict]) -> dict:
 
 
 def load_cells(results: Path) -> dict:
-    """{(model, ratio, method): combined cell} for the cells whose two folds have both run."""
+    """{(model, ratio, method): combined cell}, for every cell with at least one fold done."""
     folds: dict = {}
     for p in sorted(results.glob('*__fold*.json')):
         r = json.loads(p.read_text())
         folds.setdefault((r['model'], r['ratio'], r['method']), []).append(r)
-    return {key: combine(fs) for key, fs in folds.items() if sorted(f['fold'] for f in fs) == list(FOLDS)}
+    return {key: combine(fs) for key, fs in folds.items()}
+
+
+def complete(cell: dict | None) -> bool:
+    return cell is not None and cell['folds'] == list(FOLDS)
+
+
+def _partial(cell: dict) -> str:
+    return '' if complete(cell) else f" (fold {cell['folds'][0]} only: {cell['bn_reestimated']['n']} images)"
 
 
 def _acc(c: dict, column: str) -> str:
@@ -339,21 +348,23 @@ def report(args) -> None:
     missing = []
     for model in MODELS:
         p = by.get((model, None, 'parent'))
+        if not complete(p):
+            missing.append(f'{model} parent' + (' fold 1' if p else ''))
         if p is None:
-            missing.append(f'{model} parent')
             continue
-        lines.append(f"| {model} ({p['input_size'][-1]} px) | 100% | parent | {p['gmacs']:.4f} | 100.0 | "
+        lines.append(f"| {model} ({p['input_size'][-1]} px) | 100% | parent{_partial(p)} | {p['gmacs']:.4f} | 100.0 | "
                      f"{p['params_m']:.2f} | {_acc(p, 'bn_reestimated')} | {_acc(p, 'parent_bn_stats')} |")
         for ratio in RATIOS:
             cells = {m: by.get((model, ratio, m)) for m in METHODS}
             done = [c for c in cells.values() if c]
             spread = (max(c['gmacs_max'] for c in done) / min(c['gmacs_min'] for c in done) - 1) * 100 if done else 0
             for m, c in cells.items():
+                if not complete(c):
+                    missing.append(f'{model} {ratio:.0%} {m}' + (f' fold {1 - c["folds"][0]}' if c else ''))
                 if c is None:
-                    missing.append(f'{model} {ratio:.0%} {m}')
                     lines.append(f'| | {ratio:.0%} | {METHODS[m]} | (not run yet) | | | | | | |')
                     continue
-                lines.append(f"| | {ratio:.0%} (spread {spread:.2f}%) | {METHODS[m]} | {c['gmacs']:.4f} | "
+                lines.append(f"| | {ratio:.0%} (spread {spread:.2f}%) | {METHODS[m]}{_partial(c)} | {c['gmacs']:.4f} | "
                              f"{100 * c['gmacs'] / c['parent_gmacs']:.1f} | {c['params_m']:.2f} | "
                              f"{_acc(c, 'bn_reestimated')} | {_acc(c, 'parent_bn_stats')} |")
     lines += ['', f'Missing cells: {", ".join(missing) if missing else "none"}.', '',
@@ -372,10 +383,10 @@ def verdict(by: dict) -> list:
         for model in MODELS:
             for ratio in RATIOS:
                 c = {m: by.get((model, ratio, m)) for m in METHODS}
-                if not c['kpid']:
+                if not complete(c['kpid']):
                     continue
                 k = c['kpid'][column]
-                for m in [m for m in ('tp_taylor', 'uniform_l1') if c[m]]:
+                for m in [m for m in ('tp_taylor', 'uniform_l1') if complete(c[m])]:
                     b = c[m][column]
                     d = k['top1'] - b['top1']
                     # a difference of two 1000-image accuracies, taken as independent (conservative: same images)
@@ -384,9 +395,9 @@ def verdict(by: dict) -> list:
                     out.append(f'- {words}, {model} at {ratio:.0%}: KPID {k["top1"]:.1f} vs {METHODS[m]} '
                                f'{b["top1"]:.1f} top-1 ({d:+.1f}, 2 SE of the difference = {2 * noise:.1f}): '
                                f'KPID {word}.')
-    parents = {key[0]: c for key, c in by.items() if key[2] == 'parent'}
+    parents = {key[0]: c for key, c in by.items() if key[2] == 'parent' and complete(c)}
     gaps = [parents[key[0]]['bn_reestimated']['top1'] - c['bn_reestimated']['top1']
-            for key, c in by.items() if key[2] != 'parent' and key[0] in parents]
+            for key, c in by.items() if key[2] != 'parent' and key[0] in parents and complete(c)]
     if gaps:
         out += ['', f'- Without fine-tuning every pruned net, of every method, is {min(gaps):.1f} to {max(gaps):.1f} '
                     'top-1 points under its parent (BN re-estimated). A tie near 0% (every method collapsed) is no '
@@ -406,13 +417,17 @@ def plot(by: dict, path: Path) -> None:
     for (model, ratio, method), r in sorted(by.items(), key=lambda kv: kv[1]['gmacs']):
         marker, color = style[method]
         label = 'parent' if method == 'parent' else METHODS[method]
-        ax.scatter(r['gmacs'], r['bn_reestimated']['top1'], marker=marker, color=color,
-                   s=150 if method == 'kpid' else 60, label=None if label in labelled else label)
+        size = 150 if method == 'kpid' else 60
+        ax.scatter(r['gmacs'], r['bn_reestimated']['top1'], marker=marker, color=color, s=size,
+                   label=None if label in labelled else label)
+        ax.scatter(r['gmacs'], r['parent_bn_stats']['top1'], marker=marker, facecolors='none', edgecolors=color,
+                   s=size)  # hollow: the same net with the parent's BN statistics
         labelled.add(label)
         if method == 'parent':
             ax.annotate(model.replace('tf_efficientnet_', ''), (r['gmacs'], r['bn_reestimated']['top1']),
                         fontsize=8, xytext=(4, 4), textcoords='offset points')
-    ax.set_title('EfficientNet-Lite pruned to 75% / 50% FLOPs, no fine-tune, BN re-estimated (cross-fit)')
+    ax.set_title('EfficientNet-Lite at 75% / 50% FLOPs, no fine-tune\n'
+                 'filled: BN re-estimated on the other half (cross-fit); hollow: parent BN stats', fontsize=9)
     save_figure(fig, path, 'ImageNet top-1 on the 1000 samples (%)', 'GMACs per image (fvcore)')
 
 
