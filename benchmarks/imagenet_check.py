@@ -55,7 +55,7 @@ import torch.utils.data as tud
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _figures import save_figure  # noqa: E402
-from cifar10 import _atomic_write, uniform_l1  # noqa: E402  (the project's baseline)
+from cifar10 import _atomic_write, smallest_ratio_meeting, uniform_l1  # noqa: E402  (the project's baseline)
 from kpid_zoo.data import SeededTransformDataset, build_transforms, default_cache_dir, load_image_folder  # noqa: E402
 from kpid_zoo.evaluate import evaluate  # noqa: E402
 from kpid_zoo.flops import count_flops, count_params  # noqa: E402
@@ -190,15 +190,7 @@ def torch_pruning_taylor_oneshot(parent: nn.Module, target: float, input_size, b
         model.zero_grad(set_to_none=True)
         return model
 
-    lo, hi, best = 0.0, 0.9, None
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        model = prune(mid)
-        if count_flops(model, input_size).gmacs <= target:
-            best, hi = model, mid
-        else:
-            lo = mid
-    return best if best is not None else prune(hi)
+    return smallest_ratio_meeting(prune, target, input_size, iters)
 
 
 def cell_path(args, model: str, key: str, fold: int) -> Path:
