@@ -248,8 +248,8 @@ class TrainSpec(_Section):
     momentum: float = _fraction(0.9)
     grad_accum_steps: int = _positive(1, 'integer')
     mixed_precision: str = _rule('no', choices=('no', 'fp16', 'bf16'))
-    # NHWC weights and activations while training: on CPU, oneDNN's depthwise convolutions run 2-3x faster so
-    # (EfficientNet, MobileNetV3); plain ResNets at CIFAR size run slower. Weights are saved contiguous either way.
+    # NHWC weights and activations while training: on CPU, oneDNN runs the depthwise convolutions of EfficientNet /
+    # MobileNetV3 2-3x faster in it (plain ResNets at CIFAR size run slower). Weights are saved contiguous either way.
     channels_last: bool = False
     label_smoothing: float = _fraction(0.0)
     clip_grad: float | None = _positive(None)  # max global gradient norm; None: no clipping
