@@ -261,7 +261,8 @@ def adapt_parent(accelerator: Accelerator, recipe: Recipe, parent: nn.Module, da
 
     def train() -> None:
         _reseed(recipe, "parent-train")
-        trained = finetune(parent, None, data.train_loader, data.val_loader, recipe.parent.train, folder / "train",
+        # no evaluation here: the eval stage scores the parent on the validation split (once, it is not cheap)
+        trained = finetune(parent, None, data.train_loader, None, recipe.parent.train, folder / "train",
                            accelerator=accelerator, resume=True, progress=progress,
                            step_callback=_hang_at_steps("parent"))
         if accelerator.is_main_process:

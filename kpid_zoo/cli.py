@@ -10,9 +10,9 @@ EPILOG = """examples:
   kpid-zoo zoo                                     # the registered kpid_* models and their numbers
   kpid-zoo flops resnet50                          # GMACs and params, as timm reports them
   kpid-zoo groups efficientnet_b0                  # the channel groups pruning works on
-  kpid-zoo prune recipes/kpid_resnet18_cifar10_tiny.yaml --out runs/r18/pruned
-  kpid-zoo build recipes/kpid_resnet18_cifar10_tiny.yaml      # prune -> fine-tune -> evaluate -> export
-  kpid-zoo publish outputs/kpid_resnet18_cifar10_tiny --repo-id ORG/NAME
+  kpid-zoo prune recipes/kpid_effnet_lite0_cifar10.yaml --out runs/lite0/pruned
+  kpid-zoo build recipes/kpid_effnet_lite0_cifar10.yaml      # prune -> fine-tune -> evaluate -> export
+  kpid-zoo publish outputs/kpid_effnet_lite0_cifar10 --repo-id ORG/NAME
 """
 
 
@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("build", help="prune -> fine-tune with inner distillation -> evaluate -> export (resumable)")
-    p.add_argument("recipe", help="recipe YAML or the name of a packaged one, e.g. kpid_resnet18_cifar10_tiny")
+    p.add_argument("recipe", help="recipe YAML or the name of a packaged one, e.g. kpid_effnet_lite0_cifar10")
     p.add_argument("--out", help="export folder, laid out as a Hub repo (default outputs/<name>)")
     p.add_argument("--work", help="folder for stage results and checkpoints (default runs/<name>)")
     p.add_argument("--restart", action="store_true", help="discard earlier stage results instead of resuming")

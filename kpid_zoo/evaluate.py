@@ -38,7 +38,8 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader, accelerator=None, precision: str = 'no') -> EvalResult:
+def evaluate(model: nn.Module, loader, accelerator=None, precision: str = 'no',
+             channels_last: bool = False) -> EvalResult:
     """Top-1/top-5/CE of `model` over `loader`.
 
     With an `accelerator` the loader is expected to be prepared (sharded) and the model on `accelerator.device`;
@@ -46,6 +47,7 @@ def evaluate(model: nn.Module, loader, accelerator=None, precision: str = 'no') 
     last uneven batch with. A stream (`kpid_zoo.streams`) pads nothing, but its processes see different numbers
     of batches: each sums its own and they are added up once, after every process has finished. `precision`
     ('no', 'bf16', 'fp16') autocasts the forward pass (fp32 by default: the figures a model card reports).
+    `channels_last` feeds the images in NHWC (for a model already converted).
     """
     was_training = model.training
     model.eval()
@@ -56,6 +58,8 @@ def evaluate(model: nn.Module, loader, accelerator=None, precision: str = 'no') 
     try:
         for images, target in loader:
             images, target = images.to(device), target.to(device)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
             with stage_autocast(device, precision):
                 logits = model(images)
             logits = logits.float()

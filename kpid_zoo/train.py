@@ -239,6 +239,10 @@ def finetune(student: nn.Module, teacher: Optional[nn.Module], train_loader, val
     criterion = InnerDistillLoss(gamma if use_teacher else 0.0, kl_weight if use_teacher else 0.0,
                                  cfg.temperature if use_teacher else 1.0, cfg.label_smoothing)
 
+    if cfg.channels_last:  # before the optimizer is made: it holds (and checkpoints) tensors of this layout
+        module.to(memory_format=torch.channels_last)
+        if use_teacher:
+            teacher.to(memory_format=torch.channels_last)
     optimizer = create_optimizer_v2(module, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                     momentum=cfg.momentum)
     module, optimizer = accelerator.prepare(module, optimizer)
@@ -251,6 +255,10 @@ def finetune(student: nn.Module, teacher: Optional[nn.Module], train_loader, val
                            step_callback, progress)
     finally:
         accelerator.free_memory()  # the next stage prepares its own model, optimizer and loaders
+        if cfg.channels_last:  # the student and the teacher leave as they came: contiguous (safetensors needs it)
+            student.to(memory_format=torch.contiguous_format)
+            if use_teacher:
+                teacher.to(memory_format=torch.contiguous_format)
 
 
 def _train_loop(accelerator: Accelerator, module: nn.Module, teacher: Optional[nn.Module], optimizer, criterion,
@@ -300,6 +308,8 @@ def _train_loop(accelerator: Accelerator, module: nn.Module, teacher: Optional[n
         loader = skip_first_batches(accelerator, train_loader, state.batch_in_epoch) if state.batch_in_epoch \
             else train_loader
         for images, target in loader:
+            if cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
             torch.manual_seed(_step_seed(cfg.seed, state.epoch, state.batch_in_epoch, accelerator.process_index))
             with accelerator.accumulate(module):
                 with stage_autocast(accelerator.device, cfg.mixed_precision):
@@ -334,7 +344,8 @@ def _train_loop(accelerator: Accelerator, module: nn.Module, teacher: Optional[n
     bar.close()
 
     trained = accelerator.unwrap_model(module).student
-    val = evaluate(trained, val_loader, accelerator) if val_loader is not None else None
+    val = evaluate(trained, val_loader, accelerator, channels_last=cfg.channels_last) \
+        if val_loader is not None else None
     if val is not None and tracker is not None:
         tracker.log({f'val_{k}': v for k, v in val.as_dict().items()}, step=state.step)
     train_loss = sum(losses) / len(losses) if losses else float('nan')

@@ -22,15 +22,30 @@ from kpid_zoo.files import file_sha256
 from kpid_zoo.flops import count_flops
 
 
-def test_readme_main_command_builds_the_tiny_cifar10_entry(tmp_path, repo_root, cifar10_tarball):
-    """The README's main job, end to end (about 5 CPU-minutes): it runs in CI, so the contract command stays green."""
+# Floors for the README's main job (docs/main_job.md, full test set): seed 0 gave parent 79.34% / pruned 79.90%,
+# seed 1 80.42% / 80.10%, so 1.1 points between seeds for the parent and -0.3 to +0.6 for pruned minus parent.
+# Another CPU (AVX2 vs AVX-512 kernels round differently) or another torch/timm takes another training path, as
+# another seed does. The floors sit about ten points (8x the seed spread, 25 binomial SE of a 10,000-image top-1)
+# under the measured parents, and five points under the parent for the pruned net. They still catch what matters:
+# an untrained or broken parent (chance is 10%, and so is the ImageNet net with its fresh 10-class head) and a
+# pruned net left unrecovered (straight out of pruning, before the fine-tune, seed 0's scored 17% on 2000 images).
+MAIN_JOB_PARENT_TOP1_FLOOR = 70.0
+MAIN_JOB_PRUNED_MAX_DROP = 5.0
+
+
+def test_readme_main_command_builds_the_cifar10_entry(tmp_path, repo_root, cifar10_tarball):
+    """The README's main job, end to end (about 13 CPU-minutes, 6-8 minutes on 2 idle cores): it runs in CI, so the
+    contract command stays green and keeps giving what the README says it gives."""
     out, work = tmp_path / "export", tmp_path / "work"
-    recipe = repo_root / "recipes" / "kpid_resnet18_cifar10_tiny.yaml"
+    recipe = repo_root / "recipes" / "kpid_effnet_lite0_cifar10.yaml"
     assert main(["build", str(recipe), "--out", str(out), "--work", str(work), "--quiet"]) == 0
     metrics = json.loads((out / "config.json").read_text())["kpid"]["metrics"]
-    assert metrics["top1"] > 20.0  # well above chance (10%) after the short CPU schedule
+    assert metrics["n"] == 10_000 and metrics["split"] == "test"  # the full CIFAR-10 test set
+    assert metrics["parent_top1"] >= MAIN_JOB_PARENT_TOP1_FLOOR
+    assert metrics["top1"] >= metrics["parent_top1"] - MAIN_JOB_PRUNED_MAX_DROP
     report = json.loads((work / "pruned" / "report.json").read_text())
-    assert report["target_gmacs"] * 0.95 <= report["achieved_gmacs"] <= report["target_gmacs"]
+    assert report["target_gmacs"] == pytest.approx(0.5 * report["parent_gmacs"])
+    assert report["target_gmacs"] * 0.98 <= report["achieved_gmacs"] <= report["target_gmacs"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -49,12 +49,12 @@ def test_dry_run_of_every_shipped_recipe_under_accelerate_launch(recipe_path, tm
 
 
 def test_dry_run_of_a_wds_recipe_streams_stand_in_shards(tmp_path):
-    """The tiny CIFAR recipe on WebDataset shards (`wds/cifar10`, a shard folder that is not on this machine):
+    """The README's CIFAR recipe on WebDataset shards (`wds/cifar10`, a shard folder that is not on this machine):
     the dry run writes its stand-in images as shards (two per process), and every stage reads them as a stream."""
-    recipe = yaml.safe_load((REPO / 'recipes' / 'kpid_resnet18_cifar10_tiny.yaml').read_text())
-    recipe['name'] = 'kpid_resnet18_cifar10_wds'
+    recipe = yaml.safe_load((REPO / 'recipes' / 'kpid_effnet_lite0_cifar10.yaml').read_text())
+    recipe['name'] = 'kpid_effnet_lite0_cifar10_wds'
     for key in ('train_subset', 'val_subset'):
-        del recipe['data'][key]
+        recipe['data'].pop(key, None)
     recipe['data'].update(dataset='wds/cifar10', root=str(tmp_path / 'cifar10-wds'), num_classes=10,
                           val_split='test')
     path = tmp_path / 'wds.yaml'
