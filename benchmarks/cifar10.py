@@ -111,6 +111,12 @@ def uniform_l1(parent: nn.Module, target: float, input_size, iters: int = 8) -> 
                              round_to=8).step()
         return model
 
+    return smallest_ratio_meeting(prune, target, input_size, iters)
+
+
+def smallest_ratio_meeting(prune, target: float, input_size, iters: int) -> nn.Module:
+    """Bisection on a pruning ratio in [0, 0.9]: the net `prune(ratio)` of the smallest ratio found whose fvcore
+    GMACs are <= target (the ratio moves FLOPs in coarse, rounded steps, so it lands under the target)."""
     lo, hi, best = 0.0, 0.9, None
     for _ in range(iters):
         mid = (lo + hi) / 2

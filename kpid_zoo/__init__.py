@@ -6,3 +6,4 @@ recipe -> parent -> groups -> importance -> knapsack -> surgery -> distill/train
 __version__ = "0.1.0"
 
 from . import registry  # noqa: F401,E402  (registers kpid_* models in timm)
+from .handlers import LayerHandler, register_layer_handler  # noqa: F401,E402  (teach the engine a layer type)

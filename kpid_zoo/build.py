@@ -30,14 +30,14 @@ from safetensors.torch import load_file
 
 from . import __version__
 from .accelerator import process_accelerator
-from .data import DataBundle, create_loaders
+from .data import DataBundle, create_loaders, prepare_loader
 from .distill import distill_points
 from .evaluate import EvalResult, evaluate
 from .export import EXPORT_FILES, export_model
 from .files import file_sha256, json_sha256, read_json, remove_staging, save_weights, write_json
 from .flops import count_flops
 from .groups import discover_groups
-from .lock import LOCK_FILE, build_lock
+from .lock import LOCK_FILE, build_lock, export_lock_name
 from .model_card import WIDTHS_PLOT
 from .parent import create_parent
 from .provenance import UPSTREAM, Stage, flatten, select
@@ -126,7 +126,9 @@ def build(recipe_path: str | Path, out_dir: str | Path | None = None, work_dir: 
     preflight(recipe)
     # one per process, shared by every stage: parent adaptation, Taylor importance, distillation, evaluation
     accelerator = process_accelerator()
-    with build_lock(accelerator, paths.work):
+    # the export folder is locked too: two work folders building into one export would replace each other's files
+    with build_lock(accelerator, paths.work), \
+            build_lock(accelerator, paths.export.parent, export_lock_name(paths.export)):
         if accelerator.is_main_process:
             if not resume:
                 for entry in paths.work.iterdir():
@@ -212,6 +214,9 @@ def _reseed(recipe: Recipe, stage: str) -> None:
 def _recipe_inputs(recipe: Recipe, fields: tuple[tuple[str, ...], tuple[str, ...]] | None = None) -> dict[str, Any]:
     """The recipe's fields (all, or those `fields` = (include, exclude) selects) as stage inputs."""
     flat = flatten(recipe.to_dict())
+    if fields is not None and recipe.data.is_stream:
+        # a stream's sample order depends on its loader workers (kpid_zoo.streams): they decide the result
+        fields = (fields[0], tuple(f for f in fields[1] if f != "data.workers"))
     chosen = flat if fields is None else select(flat, *fields)
     return {f"recipe.{k}": v for k, v in chosen.items()}
 
@@ -271,7 +276,8 @@ def adapt_parent(accelerator: Accelerator, recipe: Recipe, parent: nn.Module, da
 
     def train() -> None:
         _reseed(recipe, "parent-train")
-        trained = finetune(parent, None, data.train_loader, data.val_loader, recipe.parent.train, folder / "train",
+        # no evaluation here: the eval stage scores the parent on the validation split (once, it is not cheap)
+        trained = finetune(parent, None, data.train_loader, None, recipe.parent.train, folder / "train",
                            accelerator=accelerator, resume=True, progress=progress,
                            step_callback=_hang_at_steps("parent"))
         if accelerator.is_main_process:
@@ -366,7 +372,7 @@ def measure(accelerator: Accelerator, recipe: Recipe, parent: nn.Module, student
             student_val: EvalResult | None, paths: BuildPaths) -> dict:
     """Top-1/top-5 of the pruned net and of its parent on the recipe's validation split (written to eval.json),
     on the accelerator: each process scores its shard and `gather_for_metrics` counts every image once."""
-    val_loader = accelerator.prepare_data_loader(data.val_loader)
+    val_loader = prepare_loader(accelerator, data.val_loader)
     try:
         student_val = student_val or evaluate(student.to(accelerator.device), val_loader, accelerator)
         parent_val = evaluate(parent.to(accelerator.device), val_loader, accelerator)

@@ -10,9 +10,9 @@ EPILOG = """examples:
   kpid-zoo zoo                                     # the registered kpid_* models and their numbers
   kpid-zoo flops resnet50                          # GMACs and params, as timm reports them
   kpid-zoo groups efficientnet_b0                  # the channel groups pruning works on
-  kpid-zoo prune recipes/kpid_resnet18_cifar10_tiny.yaml --out runs/r18/pruned
-  kpid-zoo build recipes/kpid_resnet18_cifar10_tiny.yaml      # prune -> fine-tune -> evaluate -> export
-  kpid-zoo publish outputs/kpid_resnet18_cifar10_tiny --repo-id ORG/NAME
+  kpid-zoo prune recipes/kpid_effnet_lite0_cifar10.yaml --out runs/lite0/pruned
+  kpid-zoo build recipes/kpid_effnet_lite0_cifar10.yaml      # prune -> fine-tune -> evaluate -> export
+  kpid-zoo publish outputs/kpid_effnet_lite0_cifar10 --repo-id ORG/NAME
 """
 
 
@@ -50,6 +50,18 @@ def cmd_groups(args: argparse.Namespace) -> int:
         if args.members:
             for m in g.members:
                 print(f"      {m.role:<4} {m.module}")
+    return 0
+
+
+def cmd_shards(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .streams import folder_samples, write_shards
+    for split in args.splits:
+        samples, classes = folder_samples(Path(args.folder) / split)
+        written = write_shards(samples, args.out, split, args.shard_size, class_names=classes, seed=args.seed,
+                               progress=lambda chunks, s=split: tqdm(chunks, desc=f"shards ({s})", leave=False))
+        print(f"{split}: {len(samples)} images in {len(written)} shards -> {args.out}")
     return 0
 
 
@@ -95,8 +107,12 @@ def cmd_build(args: argparse.Namespace) -> int:
 
         plan = dry_run(args.recipe, out_dir=args.out, work_dir=args.work, processes=args.plan_processes,
                        progress=not args.quiet)
-        if process_accelerator().is_main_process:
-            print(f"dry run passed: every stage of {args.recipe} ran on stand-in data")
+        state = process_accelerator()
+        if state.is_main_process:
+            # the process count says whether the launch really was distributed (`accelerate launch
+            # --num_processes 2` without --multi_gpu starts one process on a machine without GPUs)
+            print(f"dry run passed: every stage of {args.recipe} ran on stand-in data in "
+                  f"{state.num_processes} process{'es' if state.num_processes > 1 else ''}")
             print(plan.table())
         return 0
     from .build import build
@@ -206,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("build", help="prune -> fine-tune with inner distillation -> evaluate -> export (resumable)")
-    p.add_argument("recipe", help="recipe YAML or the name of a packaged one, e.g. kpid_resnet18_cifar10_tiny")
+    p.add_argument("recipe", help="recipe YAML or the name of a packaged one, e.g. kpid_effnet_lite0_cifar10")
     p.add_argument("--out", help="export folder, laid out as a Hub repo (default outputs/<name>)")
     p.add_argument("--work", help="folder for stage results and checkpoints (default runs/<name>)")
     p.add_argument("--restart", action="store_true", help="discard earlier stage results instead of resuming")
@@ -214,12 +230,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run every stage a few steps on generated stand-in data (the recipe's classes and input "
                         "size) with a randomly initialised parent, then print what the real run needs (steps, "
                         "checkpoints, disk); outputs go to runs/<name>-dry-run and outputs/<name>-dry-run. "
-                        "Launch it like the real run, e.g. accelerate launch --cpu --num_processes 2 -m "
-                        "kpid_zoo.cli build RECIPE --dry-run")
+                        "Launch it like the real run, e.g. accelerate launch --multi_gpu --num_processes 2 -m "
+                        "kpid_zoo.cli build RECIPE --dry-run (on a CPU machine too: without --multi_gpu, "
+                        "accelerate starts one process)")
     p.add_argument("--plan-processes", type=int, metavar="N",
                    help="with --dry-run: plan the real run for N processes (default: this launch's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("shards", help="write an ImageFolder's splits as WebDataset shards for a wds/<name> recipe")
+    p.add_argument("folder", help="an ImageFolder tree: FOLDER/<split>/<class>/<image>")
+    p.add_argument("out", help="output folder: <split>-NNNNNN.tar shards and _info.json (the recipe's data.root)")
+    p.add_argument("--splits", nargs="+", default=["train", "val"], metavar="SPLIT",
+                   help="the splits to write (default: train val)")
+    p.add_argument("--shard-size", type=int, default=1000, metavar="N",
+                   help="images per shard (default 1000; training needs at least processes x workers shards)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the order images are written in (default 0)")
+    p.set_defaults(func=cmd_shards)
 
     p = sub.add_parser("publish", help="upload an export folder to the Hugging Face Hub")
     p.add_argument("folder", help="an export folder written by `kpid-zoo build`")

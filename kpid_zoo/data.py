@@ -1,5 +1,6 @@
-"""Data stage: timm datasets, transforms and loaders for ImageFolder trees, the CIFAR-10 JPEG set, and the
-map-style sources timm's `create_dataset` reads (`hfds/<name>` Hugging Face datasets, `torch/<name>`).
+"""Data stage: timm datasets, transforms and loaders for ImageFolder trees, the CIFAR-10 JPEG set, the
+map-style sources timm's `create_dataset` reads (`hfds/<name>` Hugging Face datasets, `torch/<name>`), and
+WebDataset shards (`wds/<name>`, streamed: `kpid_zoo.streams`).
 
 Everything goes through `timm.data` (`create_dataset`, `resolve_data_config`, `create_transform`); loaders are
 plain `torch.utils.data.DataLoader`s so that Accelerate can shard and seed them (`accelerator.prepare`), with
@@ -8,11 +9,12 @@ the settings a GPU run needs from the recipe (pinned memory, persistent workers,
 Augmentation is a pure function of (seed, epoch, sample index): each sample is transformed under a private RNG
 seeded from those three numbers. That is what makes a resumed run and a 2-process run see exactly the same pixels
 as an uninterrupted single-process run, independent of worker count and of how many batches were pre-fetched.
+A stream source cannot be indexed: it shards itself and seeds augmentation by (seed, epoch, sample key) instead,
+and its sample order depends on the process and worker counts (the contract is in `kpid_zoo.streams`).
 """
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import tarfile
 import tempfile
@@ -23,8 +25,10 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.utils.data as tud
 from timm.data import create_dataset, create_transform, resolve_data_config
+from timm.data.readers.shared_count import SharedCount
 
 from .recipe import DataSpec
+from .streams import ShardStream, is_stream, seeded_call, split_shards
 
 CIFAR10_TARBALL = 'cifar10-jpg.tar.gz'
 CIFAR10_DIRNAME = 'cifar10-jpg'
@@ -121,7 +125,9 @@ def prepare_cifar10(root: Optional[str | os.PathLike] = None, cache_dir: Optiona
 class SeededTransformDataset(tud.Dataset):
     """Wraps a timm dataset: optional index subset + a transform run under an RNG seeded by (seed, epoch, index).
 
-    `set_epoch` is called by Accelerate's prepared loaders (`DataLoaderShard.set_epoch`) every epoch.
+    `set_epoch` is called by Accelerate's prepared loaders (`DataLoaderShard.set_epoch`) every epoch. The epoch
+    lives in shared memory: persistent loader workers keep the dataset they were started with, and would
+    otherwise augment every epoch as the one they started in.
     """
 
     def __init__(self, base: tud.Dataset, transform: Optional[Callable], indices: Optional[Sequence[int]] = None,
@@ -130,10 +136,14 @@ class SeededTransformDataset(tud.Dataset):
         self.transform = transform
         self.indices = list(indices) if indices is not None else None
         self.seed = seed
-        self.epoch = 0
+        self._epoch = SharedCount(0)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch.value
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch.value = epoch
 
     def __len__(self) -> int:
         return len(self.indices) if self.indices is not None else len(self.base)
@@ -143,13 +153,7 @@ class SeededTransformDataset(tud.Dataset):
         img, target = self.base[base_index]
         if self.transform is not None:
             # timm/torchvision transforms draw from both python `random` and torch's global RNG.
-            sample_seed = hash((self.seed, self.epoch, base_index)) & 0x7FFF_FFFF
-            py_state = random.getstate()
-            with torch.random.fork_rng(devices=[]):
-                random.seed(sample_seed)
-                torch.manual_seed(sample_seed)
-                img = self.transform(img)
-            random.setstate(py_state)
+            img = seeded_call(self.transform, img, hash((self.seed, self.epoch, base_index)) & 0x7FFF_FFFF)
         return img, target
 
 
@@ -238,6 +242,16 @@ def create_loaders(data: DataSpec, model: Optional[torch.nn.Module] = None,
     """
     config = resolve_data_settings(model, data, input_size)
     train_tf, eval_tf = build_transforms(config, data.dataset, train_aug)
+    loader_args = dict(batch_size=data.batch_size, num_workers=data.workers,
+                       pin_memory=data.pin_memory and torch.cuda.is_available())
+    if data.workers > 0:  # DataLoader rejects these without worker processes
+        loader_args.update(persistent_workers=data.persistent_workers, prefetch_factor=data.prefetch_factor)
+    if data.is_stream:
+        train_ds, val_ds = stream_datasets(data, train_tf, eval_tf, seed)
+        # no shuffle: the stream orders itself; drop_last: its quotas are whole batches anyway
+        return DataBundle(tud.DataLoader(train_ds, drop_last=True, **loader_args),
+                          tud.DataLoader(val_ds, drop_last=False, **loader_args), config, {}, data.num_classes)
+
     train_base, val_base = load_split(data, data.train_split, cache_dir), load_split(data, data.val_split, cache_dir)
     class_to_idx = _class_to_idx(train_base)
     if class_to_idx:
@@ -252,11 +266,62 @@ def create_loaders(data: DataSpec, model: Optional[torch.nn.Module] = None,
         train_base, train_tf, subset_indices(len(train_base), data.train_subset, seed, subset_mode), seed)
     val_ds = SeededTransformDataset(
         val_base, eval_tf, subset_indices(len(val_base), data.val_subset, seed + 1, subset_mode), seed)
-    loader_args = dict(batch_size=data.batch_size, num_workers=data.workers,
-                       pin_memory=data.pin_memory and torch.cuda.is_available())
-    if data.workers > 0:  # DataLoader rejects these without worker processes
-        loader_args.update(persistent_workers=data.persistent_workers, prefetch_factor=data.prefetch_factor)
     # drop_last on train keeps every optimizer step at the same global batch (needed for multi-process equivalence)
     train_loader = tud.DataLoader(train_ds, shuffle=True, drop_last=True, **loader_args)
     val_loader = tud.DataLoader(val_ds, shuffle=False, drop_last=False, **loader_args)
     return DataBundle(train_loader, val_loader, config, class_to_idx, data.num_classes)
+
+
+def stream_datasets(data: DataSpec, train_tf: Callable, eval_tf: Callable, seed: int
+                    ) -> tuple[ShardStream, ShardStream]:
+    """(train, val) `ShardStream`s of a stream source; unbound (1 process) until `prepare_loader` binds them."""
+    train_shards, train_total = split_shards(data.dataset, data.root, data.train_split, data.train_samples,
+                                             'data.train_samples')
+    val_shards, val_total = split_shards(data.dataset, data.root, data.val_split)  # read to the end: no count needed
+    return (ShardStream(train_shards, train_total, data.batch_size, train_tf, True, seed, data.shuffle_buffer,
+                        f'{data.dataset} ({data.train_split})'),
+            ShardStream(val_shards, val_total, data.batch_size, eval_tf, False, seed, data.shuffle_buffer,
+                        f'{data.dataset} ({data.val_split})'))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loaders on an Accelerator
+
+def prepare_loader(accelerator, loader: tud.DataLoader) -> tud.DataLoader:
+    """`accelerator.prepare_data_loader(loader)` for a map-style loader (Accelerate shards it). A stream shards
+    itself: it is bound to this process and prepared as a 1-process loader, which places batches on the device
+    and tracks the end of the epoch for gradient accumulation, but neither re-shards nor dispatches."""
+    if not is_stream(loader):
+        return accelerator.prepare_data_loader(loader)
+    from accelerate.data_loader import prepare_data_loader
+    bound = loader.dataset.for_process(accelerator.num_processes, accelerator.process_index)
+    args = dict(batch_size=loader.batch_size, drop_last=loader.drop_last, num_workers=loader.num_workers,
+                pin_memory=loader.pin_memory, collate_fn=loader.collate_fn, timeout=loader.timeout,
+                worker_init_fn=loader.worker_init_fn, multiprocessing_context=loader.multiprocessing_context)
+    if loader.num_workers > 0:
+        args.update(persistent_workers=loader.persistent_workers, prefetch_factor=loader.prefetch_factor)
+    return prepare_data_loader(tud.DataLoader(bound, **args), accelerator.device, num_processes=1, process_index=0,
+                               put_on_device=accelerator.device_placement, dispatch_batches=False,
+                               non_blocking=accelerator.non_blocking)
+
+
+def skip_first_batches(accelerator, loader: tud.DataLoader, batches: int) -> tud.DataLoader:
+    """The prepared `loader` without the first `batches` batches of its current epoch (a resumed run)."""
+    if not is_stream(loader):
+        return accelerator.skip_first_batches(loader, batches)
+    loader.dataset.skip_batches(batches)  # skipped in the stream, before decoding
+    return loader
+
+
+def loader_layout(loader) -> Optional[dict]:
+    """What a stream's sample order depends on besides the seed (None for a map-style loader, whose order does
+    not depend on the worker count)."""
+    if not is_stream(loader):
+        return None
+    return {'processes': loader.dataset.num_processes, 'workers': loader.num_workers}
+
+
+def first_image_shape(dataset) -> tuple:
+    """Shape of the first (transformed) image of a dataset, map-style or stream."""
+    sample = next(iter(dataset)) if isinstance(dataset, tud.IterableDataset) else dataset[0]
+    return tuple(sample[0].shape)

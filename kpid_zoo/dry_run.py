@@ -6,17 +6,20 @@ A dry run keeps everything of the recipe that decides which code runs -- parent 
 count, FLOPs target, importance method, precision, accumulation, distillation weights -- and swaps what only
 decides how long it runs:
 
-* data: a generated ImageFolder with the recipe's class count and input size (one random JPEG per class);
+* data: a generated ImageFolder with the recipe's class count and input size (one random JPEG per class),
+  written as WebDataset shards for a stream recipe (`wds/<name>`), so that the stream path runs too;
 * parent weights: random init (`weights: none`), so no download;
 * schedule: a few optimizer steps per training stage, a checkpoint after each; one batch of Taylor scores.
 
-Run it under the launcher a cluster uses, e.g. `accelerate launch --cpu --num_processes 2 -m kpid_zoo.cli build
-RECIPE --dry-run`: pruning on the main process, sharded evaluation and DDP training on all. It ends with a
+Run it under the launcher a cluster uses, e.g. `accelerate launch --multi_gpu --num_processes 2 -m kpid_zoo.cli
+build RECIPE --dry-run` (on a CPU-only machine too: the processes join over gloo; without `--multi_gpu` accelerate
+starts a single process there): pruning on the main process, sharded evaluation and DDP training on all. It ends with a
 `RunPlan`: steps per epoch and in all, checkpoints written, and the disk they, the stage results and the export
 take -- sizes measured on the dry run's own files, which have the real architecture's shapes.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -63,8 +66,26 @@ def standin_sizes(recipe: Recipe, processes: int) -> tuple[int, int]:
     return STEPS_PER_STAGE * STANDIN_BATCH * processes * accum, 2 * STANDIN_BATCH * processes + 1
 
 
+def standin_shards(image_root: Path, out: Path, recipe: Recipe, processes: int) -> Path:
+    """The stand-in ImageFolder as WebDataset shards: the train images a dry run uses (as `standin_sizes` counts
+    them) in two shards per process, every validation image in one shard per process."""
+    from .data import subset_indices
+    from .streams import INFO_FILE, folder_samples, write_shards
+
+    if (out / INFO_FILE).exists():
+        return out
+    train_images, val_images = standin_sizes(recipe, processes)
+    for split, count, shards in (('train', train_images, 2 * processes), ('val', val_images, processes)):
+        samples, _ = folder_samples(image_root / split)
+        keep = subset_indices(len(samples), count, seed=0) or range(len(samples))
+        chosen = [samples[i] for i in keep]
+        write_shards(chosen, out, split, shard_size=math.ceil(len(chosen) / shards))
+    return out
+
+
 def standin_recipe(recipe: Recipe, data_root: Path, processes: int) -> dict:
-    """The recipe as data, with stand-in data, random parent weights and a few steps per stage."""
+    """The recipe as data, with stand-in data, random parent weights and a few steps per stage. `data_root` is
+    the stand-in ImageFolder, or for a stream recipe its shards (`standin_shards`)."""
     plan = recipe.to_dict()
     per_step = STANDIN_BATCH * processes
     parent_steps = per_step * recipe.parent.train.grad_accum_steps
@@ -75,6 +96,8 @@ def standin_recipe(recipe: Recipe, data_root: Path, processes: int) -> dict:
         **plan['data'], 'dataset': 'imagefolder', 'root': str(data_root), 'train_split': 'train',
         'val_split': 'val', 'batch_size': STANDIN_BATCH, 'workers': 0, 'download': False,
         'train_subset': train_images, 'val_subset': val_images}
+    if recipe.data.is_stream:  # the shards hold exactly the images to use
+        plan['data'].update(dataset=recipe.data.dataset, train_subset=None, val_subset=None, train_samples=None)
     plan['importance'].update(batches=1, batch_size=min(recipe.importance.batch_size, 4))
     for section, steps in ((plan['parent']['train'], parent_steps), (plan['finetune'], finetune_steps)):
         if section['epochs'] > 0:
@@ -120,7 +143,9 @@ def train_images_of(recipe: Recipe) -> tuple[int | None, str]:
     """Training-set size of the real data: counted where it is on this machine, else a known dataset's size."""
     data = recipe.data
     split = Path(data.root).expanduser() / data.train_split if data.root else None
-    known = KNOWN_TRAIN_SIZES.get((data.dataset, data.num_classes))
+    known = KNOWN_TRAIN_SIZES.get(('imagefolder' if data.is_stream else data.dataset, data.num_classes))
+    if data.is_stream:
+        return _stream_train_images(data, known)
     if data.dataset == 'imagefolder' and split is not None and split.is_dir():
         n, source = sum(len(files) for _, _, files in os.walk(split)), f'counted in {split}'
     elif data.dataset == 'cifar10':
@@ -132,6 +157,20 @@ def train_images_of(recipe: Recipe) -> tuple[int | None, str]:
     if data.train_subset and data.train_subset < n:
         n, source = data.train_subset, f'train_subset of {source}'
     return n, source
+
+
+def _stream_train_images(data, known) -> tuple[int | None, str]:
+    from .streams import INFO_FILE
+    if data.train_samples:
+        return data.train_samples, 'data.train_samples'
+    info = Path(data.root).expanduser() / INFO_FILE
+    try:
+        return int(json.loads(info.read_text())['splits'][data.train_split]['num_samples']), f'counted in {info}'
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    if known is not None:
+        return known[1], f'{known[0]} assumed: no {data.train_split!r} count in {info}'
+    return None, f'no {data.train_split!r} count in {info}'
 
 
 def _folder_bytes(path: Path) -> int:
@@ -178,6 +217,8 @@ def dry_run(recipe_path: str | Path, out_dir: str | Path | None = None, work_dir
         if state.is_main_process:
             per_class = math.ceil(max(standin_sizes(recipe, state.num_processes)) / recipe.data.num_classes)
             data_root = standin_images(standin / 'data', recipe.data.num_classes, recipe.input_size, per_class)
+            if recipe.data.is_stream:
+                data_root = standin_shards(data_root, standin / 'shards', recipe, state.num_processes)
             (standin / 'recipe.yaml').write_text(yaml.safe_dump(
                 standin_recipe(recipe, data_root, state.num_processes), sort_keys=False))
     build(standin / 'recipe.yaml', out_dir=out, work_dir=work, progress=progress)

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .accelerator import stage_autocast
+from .streams import is_stream
 
 
 @dataclass
@@ -37,33 +38,43 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader, accelerator=None, precision: str = 'no') -> EvalResult:
+def evaluate(model: nn.Module, loader, accelerator=None, precision: str = 'no',
+             channels_last: bool = False) -> EvalResult:
     """Top-1/top-5/CE of `model` over `loader`.
 
     With an `accelerator` the loader is expected to be prepared (sharded) and the model on `accelerator.device`;
     per-sample statistics are gathered with `gather_for_metrics`, which drops the duplicates Accelerate pads the
-    last uneven batch with. `precision` ('no', 'bf16', 'fp16') autocasts the forward pass (fp32 by default: the
-    figures a model card reports).
+    last uneven batch with. A stream (`kpid_zoo.streams`) pads nothing, but its processes see different numbers
+    of batches: each sums its own and they are added up once, after every process has finished. `precision`
+    ('no', 'bf16', 'fp16') autocasts the forward pass (fp32 by default: the figures a model card reports).
+    `channels_last` feeds the images in NHWC (for a model already converted).
     """
     was_training = model.training
     model.eval()
     device = accelerator.device if accelerator is not None else _device_of(model)
+    gather_per_batch = accelerator is not None and not is_stream(loader)
     sums = torch.zeros(3, dtype=torch.float64)  # top1 hits, top5 hits, loss sum
     n = 0
     try:
         for images, target in loader:
             images, target = images.to(device), target.to(device)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
             with stage_autocast(device, precision):
                 logits = model(images)
             logits = logits.float()
             hits = topk_correct(logits, target)
             per_sample = torch.stack([hits[1], hits[5], F.cross_entropy(logits, target, reduction='none')], dim=1)
-            if accelerator is not None:
+            if gather_per_batch:
                 per_sample = accelerator.gather_for_metrics(per_sample)
             sums += per_sample.sum(dim=0).double().cpu()
             n += per_sample.shape[0]
     finally:
         model.train(was_training)
+    if accelerator is not None and not gather_per_batch:
+        local = torch.cat([sums, torch.tensor([float(n)], dtype=torch.float64)]).to(device)
+        totals = accelerator.reduce(local, 'sum')
+        sums, n = totals[:3].cpu(), int(totals[3].item())
     if n == 0:
         raise ValueError('evaluate(): the loader yielded no samples')
     return EvalResult(top1=100.0 * sums[0].item() / n, top5=100.0 * sums[1].item() / n, loss=sums[2].item() / n, n=n)

@@ -1,17 +1,24 @@
 """Stage 3: discover the channel groups of a network from its traced graph.
 
-A *channel space* is the channel dimension of one tensor in the graph. Operations that keep channels aligned
-(BN, activations, pooling, residual adds, depthwise convs, squeeze-excite gating) merge the spaces of their inputs
-and output; a dense conv or linear layer starts a new space. Each merged space is a group: removing channel `c`
-from it removes `c` from every member (the producing convs' filters, the BNs, the depthwise filters and the
-consumers' input slices) at once, so the pruned network keeps its structure.
+Every channel a layer produces is an *element*; the channel dimension of each tensor in the graph is a *layout*,
+the element at each of its positions. Operations that keep channels aligned (BN, activations, pooling, residual
+adds, depthwise convs, squeeze-excite gating) tie the elements at equal positions of their inputs and output; a
+dense conv or linear layer creates new ones; `torch.cat` on the channel dimension puts layouts end to end and a
+split or chunk cuts them, so a consumer of a concatenation holds several groups' channels side by side. Tied
+elements are one channel; the channels that some producer's output ties together are a group: removing channel
+`c` of a group removes it wherever it sits (the producing convs' filters, the BNs, the depthwise filters, the
+consumers' input slices) at once, so the pruned network keeps its structure. Grouped convs (and chunks) keep
+the channel count equal in each of their conv-groups: a group they touch has *blocks*, and keeps as many
+channels in each.
+
+What each layer does is its handler's business (`kpid_zoo.handlers`, one per layer type, extensible with
+`register_layer_handler`); this module applies the handlers and the rules for torch functions to a torch.fx
+trace.
 
 Some ops mix neighbouring channels with parameters that do not depend on the channel count (ECA's Conv1d gate
 runs over the channel axis). Removing a channel from such a space leaves a valid network, but one that no longer
 equals its parent with that channel zeroed: the group stays prunable, marked *inexact* with the reason. Specs can
 always express its widths; the knapsack prunes it only when asked to (`GroupGraph.exact_only`).
-
-Nothing here is specific to one architecture: the rules are per operation, applied to a torch.fx trace.
 """
 from __future__ import annotations
 
@@ -20,31 +27,19 @@ import operator
 from dataclasses import dataclass, field
 from typing import Iterable
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
-from timm.layers import (CecaModule, DropPath, EcaModule, ScaledStdConv2d, ScaledStdConv2dSame,
-                         SelectAdaptivePool2d, StdConv2d, StdConv2dSame)
-from timm.layers import activations as timm_act, activations_me as timm_act_me
 from timm.layers._fx import get_notrace_functions
 
-ROLE_OUT = "out"    # output channels of a dense conv / linear (dim 0 of its weight)
-ROLE_IN = "in"      # input channels of a dense conv / linear (dim 1 of its weight)
-ROLE_DW = "dw"      # a depthwise conv: its input and output channels are the same channels
-ROLE_NORM = "norm"  # a batch norm's features
+from .handlers import (ROLE_CHANNEL, ROLE_DW, ROLE_IN, ROLE_NORM, ROLE_OUT, ROLE_PARAM,  # noqa: F401 (re-exported)
+                       LayerHandler, ParameterHandler, handler_for)
 
-# Modules that act channel by channel: channel c of the output depends only on channel c of the input.
-_CHANNELWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Hardsigmoid, nn.Hardswish, nn.Tanh, nn.LeakyReLU,
-    nn.PReLU, nn.ELU, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout2d,
-    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten,
-    SelectAdaptivePool2d, DropPath,
-) + tuple(
-    cls for mod in (timm_act, timm_act_me) for cls in vars(mod).values()
-    if isinstance(cls, type) and issubclass(cls, nn.Module)
-)
+Layout = np.ndarray  # int64: the element at each position of a channel dimension
+
 _CHANNELWISE_FUNCTIONS = {
     F.relu, F.relu6, F.silu, F.gelu, F.hardsigmoid, F.hardswish, F.sigmoid, F.mish, F.dropout, F.leaky_relu,
     torch.relu, torch.sigmoid, torch.tanh, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d,
@@ -58,18 +53,48 @@ _CHANNELWISE_METHODS = {
 _MERGING_FUNCTIONS = {operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
                       operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div}
 _MERGING_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
-# Modules that keep the channel count but mix neighbouring channels, with parameters independent of that count
-# (a Conv1d over the channel axis): pruning through them is valid but inexact.
-_CHANNEL_MIXING_MODULES = (EcaModule, CecaModule)
-# convs that normalise each filter over its inputs: removing an input channel changes every output
-_WEIGHT_STANDARDIZED = (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame)
+_CONCAT_FUNCTIONS = {torch.cat, torch.concat}
+_SPLIT_FUNCTIONS = {torch.split, torch.chunk, torch.tensor_split}
+_SPLIT_METHODS = {"split", "chunk", "tensor_split"}
 
 
 @dataclass(frozen=True)
 class Member:
-    """One place where a group's channels live: a module and which of its dimensions."""
+    """One place where a group's channels live: a module (or a bare parameter, for role "param") and which of its
+    dimensions."""
     module: str
     role: str
+
+
+@dataclass(frozen=True, eq=False)
+class ChannelMap:
+    """Where the positions of one channel dimension come from: the group (index into `GroupGraph.groups`, -1 for
+    channels of no group, such as the network input) and the channel within that group, position by position."""
+    group: np.ndarray
+    channel: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.group)
+
+    def kept(self, masks: dict[int, np.ndarray]) -> np.ndarray:
+        """Positions that stay when group i keeps the channels where masks[i] is True (other groups stay whole)."""
+        keep = np.ones(len(self), dtype=bool)
+        for gi, mask in masks.items():
+            at = self.group == gi
+            keep[at] = mask[self.channel[at]]
+        return np.flatnonzero(keep)
+
+    def multiplicity(self, gi: int) -> int:
+        """How many positions each channel of group gi takes here (the engine makes it the same for all)."""
+        at = self.group == gi
+        return int(at.sum()) // (int(self.channel[at].max()) + 1) if at.any() else 0
+
+    def identity_of(self) -> int | None:
+        """The group whose channels this dimension is, each once and in order; None if it is not exactly one."""
+        if len(self) and (self.group == self.group[0]).all() and self.group[0] >= 0 \
+                and (self.channel == np.arange(len(self))).all():
+            return int(self.group[0])
+        return None
 
 
 @dataclass
@@ -81,10 +106,28 @@ class ChannelGroup:
     prunable: bool
     reason: str = ""
     inexact: str = ""  # why pruning it changes the kept channels' values too ("" for an exact group)
+    blocks: tuple[int, ...] = ()  # block of each channel (grouped convs keep as many in each); () for one block
 
     @property
     def exact(self) -> bool:
         return not self.inexact
+
+    @property
+    def parts(self) -> int:
+        """Number of blocks: a width must be a multiple of it, with width / parts channels kept in each block."""
+        return max(self.blocks) + 1 if self.blocks else 1
+
+    def block_index(self) -> list[torch.Tensor]:
+        """The channels of each block, in order."""
+        if not self.blocks:
+            return [torch.arange(self.size)]
+        b = torch.tensor(self.blocks)
+        return [torch.nonzero(b == i).flatten() for i in range(self.parts)]
+
+    def leading(self, width: int) -> torch.Tensor:
+        """The first width / parts channels of each block: a keep of that width that any grouped conv accepts
+        (fresh weights, or timing, where which channels stay does not matter)."""
+        return torch.cat([b[: width // self.parts] for b in self.block_index()]).sort().values
 
     def modules(self, role: str | None = None) -> list[str]:
         return [m.module for m in self.members if role is None or m.role == role]
@@ -96,9 +139,14 @@ class GroupGraph:
     groups: list[ChannelGroup]
     module_out_group: dict[str, str] = field(default_factory=dict)
     global_pool_group: str | None = None
+    layouts: dict[Member, ChannelMap] = field(default_factory=dict)  # each member's dimension, position by position
+    outputs: dict[str, ChannelMap] = field(default_factory=dict)     # each module's output channels
+    global_pool: ChannelMap | None = None                             # the channels entering the global pool
+    param_dims: dict[str, int] = field(default_factory=dict)          # bare parameters: their channel dimension
 
     def __post_init__(self) -> None:
         self._by_name = {g.name: g for g in self.groups}
+        self._index = {g.name: i for i, g in enumerate(self.groups)}
 
     def __getitem__(self, name: str) -> ChannelGroup:
         try:
@@ -109,6 +157,9 @@ class GroupGraph:
 
     def __contains__(self, name: str) -> bool:
         return name in self._by_name
+
+    def index(self, name: str) -> int:
+        return self._index[name]
 
     @property
     def prunable(self) -> list[ChannelGroup]:
@@ -123,80 +174,153 @@ class GroupGraph:
         groups = [g if g.exact or not g.prunable else dataclasses.replace(
             g, prunable=False, reason=f"inexact ({g.inexact}); a recipe prunes it with importance.allow_inexact: true")
             for g in self.groups]
-        return GroupGraph(groups, dict(self.module_out_group), self.global_pool_group)
+        return dataclasses.replace(self, groups=groups, module_out_group=dict(self.module_out_group))
+
+    def resolve(self, model: nn.Module, member: Member) -> tuple[LayerHandler, nn.Module]:
+        """The handler of a member and the module it is called with (a bare parameter's owner)."""
+        if member.role == ROLE_PARAM:
+            owner, _, attr = member.module.rpartition(".")
+            return ParameterHandler(attr, self.param_dims[member.module]), model.get_submodule(owner)
+        module = model.get_submodule(member.module)
+        return handler_for(module), module
+
+    def masks(self, keep: dict[str, torch.Tensor]) -> dict[int, np.ndarray]:
+        """Group index -> which of its channels stay, for the groups named in `keep`."""
+        out = {}
+        for name, idx in keep.items():
+            mask = np.zeros(self[name].size, dtype=bool)
+            mask[np.asarray(idx, dtype=np.int64)] = True
+            out[self.index(name)] = mask
+        return out
+
+    def width(self, channels: ChannelMap, widths: dict[str, int]) -> int:
+        """How many positions `channels` keeps when each group named in `widths` keeps that many channels."""
+        total = 0
+        for gi in np.unique(channels.group):
+            at = int((channels.group == gi).sum())
+            if gi < 0 or self.groups[gi].name not in widths:
+                total += at
+            else:
+                total += channels.multiplicity(int(gi)) * widths[self.groups[gi].name]
+        return total
 
 
 class _Tracer(fx.Tracer):
-    """Keeps the layers whose channel semantics we know as leaves, and timm's untraceable helpers opaque."""
+    """Keeps the layers that have a handler as leaves, and timm's untraceable helpers opaque."""
 
     def __init__(self) -> None:
         super().__init__(autowrap_functions=tuple(get_notrace_functions()))
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm) + _CHANNELWISE_MODULES
-                      + _CHANNEL_MIXING_MODULES):
-            return True
-        return super().is_leaf_module(m, qualname)
+        return handler_for(m) is not None or super().is_leaf_module(m, qualname)
 
 
-class _UnionFind:
+class _Elements:
+    """Union-find over channel elements, on numpy arrays so that a merge of two layouts is a few vector ops."""
+
     def __init__(self) -> None:
-        self.parent: list[int] = []
+        self.parent = np.zeros(0, dtype=np.int64)
 
-    def make(self) -> int:
-        self.parent.append(len(self.parent))
-        return len(self.parent) - 1
+    def new(self, n: int) -> np.ndarray:
+        start = len(self.parent)
+        self.parent = np.concatenate([self.parent, np.arange(start, start + n)])
+        return np.arange(start, start + n)
 
-    def find(self, a: int) -> int:
-        while self.parent[a] != a:
-            self.parent[a] = self.parent[self.parent[a]]
-            a = self.parent[a]
+    def find(self, ids: np.ndarray) -> np.ndarray:
+        roots = self.parent[ids]
+        while True:
+            up = self.parent[roots]
+            if np.array_equal(up, roots):
+                break
+            roots = up
+        self.parent[ids] = roots
+        return roots
+
+    def union(self, a: np.ndarray, b: np.ndarray) -> None:
+        while True:
+            ra, rb = self.find(a), self.find(b)
+            differ = ra != rb
+            if not differ.any():
+                return
+            # the earlier element stays the root: channel order follows graph order
+            self.parent[np.maximum(ra[differ], rb[differ])] = np.minimum(ra[differ], rb[differ])
+
+
+class _Opaque(Exception):
+    """A part of a layer the engine cannot follow: the whole layer is opaque."""
+
+
+class TraceContext:
+    """What a handler's `propagate` may do to the channel layouts of the graph being traced."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self._modules = modules
+        self._elements = _Elements()
+        self.spaces: list[tuple[Layout, str | None]] = []  # what each `new` created, and its producer
+        self.members: dict[Member, Layout] = {}
+        self.blocked: list[tuple[Layout, str]] = []
+        self.inexact: list[tuple[Layout, str]] = []
+        self.balanced: list[tuple[Layout, int, str]] = []
+        self.param_dims: dict[str, int] = {}
+        self.ndim = 4  # of the tensor the current layer reads
+
+    # -- what handlers call ------------------------------------------------------------------------------------
+    def new(self, size: int, producer: str | None = None) -> Layout:
+        """`size` new channels; `producer` (a module name) makes them a group's, as that module's "out" member."""
+        layout = self._elements.new(size)
+        self.spaces.append((layout, producer))
+        if producer is not None:
+            self.member(layout, producer, ROLE_OUT)
+        return layout
+
+    def member(self, layout: Layout, module: str, role: str) -> None:
+        """`module`'s dimension of `role` holds the channels of `layout`, position by position."""
+        member = Member(module, role)
+        if member in self.members:
+            self.merge(self.members[member], layout, f"{module} ({role}, met twice)")
+        else:
+            self.members[member] = layout
+
+    def merge(self, a: Layout, b: Layout, where: str) -> Layout:
+        """Tie the channels at equal positions of `a` and `b`; returns `a`."""
+        if len(a) != len(b):
+            raise ValueError(f"{where}: ties channel spaces of different sizes ({len(a)} vs {len(b)})")
+        self._elements.union(a, b)
         return a
 
-    def union(self, a: int, b: int) -> int:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)  # the earlier space stays the root: names follow graph order
-        return min(ra, rb)
+    def concat(self, layouts: list[Layout]) -> Layout:
+        return np.concatenate(layouts) if layouts else np.zeros(0, dtype=np.int64)
 
+    def passthrough(self, x: Layout, name: str) -> Layout:
+        return x
 
-class _Spaces:
-    """Channel spaces with their sizes, members and the reasons some cannot be pruned."""
+    def block(self, layout: Layout, reason: str) -> None:
+        """The groups of these channels stay whole, for `reason`."""
+        self.blocked.append((layout, reason))
 
-    def __init__(self) -> None:
-        self.uf = _UnionFind()
-        self.size: dict[int, int] = {}
-        self.members: dict[int, list[Member]] = {}
-        self.blocked: dict[int, str] = {}
-        self.inexact: dict[int, str] = {}
+    def mark_inexact(self, layout: Layout, reason: str) -> None:
+        self.inexact.append((layout, reason))
 
-    def new(self, size: int) -> int:
-        s = self.uf.make()
-        self.size[s], self.members[s] = size, []
-        return s
+    def balance(self, layout: Layout, parts: int, where: str) -> None:
+        """The positions of `layout`, cut in `parts` equal consecutive blocks, must keep as many in each block."""
+        self.balanced.append((layout, parts, where))
 
-    def merge(self, a: int, b: int, where: str) -> int:
-        ra, rb = self.uf.find(a), self.uf.find(b)
-        if ra == rb:
-            return ra
-        if self.size[ra] != self.size[rb]:
-            raise ValueError(f"{where}: ties channel spaces of different sizes ({self.size[ra]} vs {self.size[rb]})")
-        root = self.uf.union(ra, rb)
-        other = rb if root == ra else ra
-        self.members[root] += self.members.pop(other)
-        for marks in (self.blocked, self.inexact):
-            if other in marks:
-                marks.setdefault(root, marks.pop(other))
-        return root
+    def opaque(self, x: Layout | None, name: str, why: str, size: int | None = None) -> Layout:
+        """Fix the channels read (`x`) and the `size` (default: as many as read) channels written by `name`."""
+        reason = f"{name}: {why}"
+        if x is not None:
+            self.block(x, reason)
+        out = self.new(len(x) if size is None else size)
+        self.block(out, reason)
+        return out
 
-    def add_member(self, s: int, member: Member) -> None:
-        self.members[self.uf.find(s)].append(member)
-
-    def block(self, s: int, reason: str) -> None:
-        self.blocked.setdefault(self.uf.find(s), reason)
-
-    def mark_inexact(self, s: int, reason: str) -> None:
-        self.inexact.setdefault(self.uf.find(s), reason)
+    def call(self, name: str, x: Layout) -> Layout:
+        """Apply the handler of submodule `name` (for handlers of layers made of other layers)."""
+        module = self._modules[name]
+        handler = handler_for(module)
+        if handler is None:
+            raise _Opaque(f"{name}: {type(module).__name__} is not understood channel by channel")
+        return handler.propagate(self, name, module, x)
 
 
 def _channels(node_or_value) -> int | None:
@@ -204,6 +328,11 @@ def _channels(node_or_value) -> int | None:
     if meta is None or not hasattr(meta, "shape") or len(meta.shape) < 2:
         return None
     return int(meta.shape[1])
+
+
+def _ndim(node) -> int | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
 def trace(model: nn.Module, input_size: tuple[int, int, int]) -> fx.GraphModule:
@@ -234,98 +363,118 @@ def discover_groups(model: nn.Module, input_size: tuple[int, int, int] = (3, 224
     except Exception as e:  # fx raises many kinds; the user needs to know which model and why
         raise ValueError(f"cannot trace {type(model).__name__} with torch.fx to find its channel groups: {e}") from e
     modules = dict(gm.named_modules())
-    spaces = _Spaces()
-    node_space: dict[fx.Node, int] = {}
-    module_out_space: dict[str, int] = {}
-    global_pool_space: int | None = None
-    # (input space, output space) of each layer with per-channel parameters, from its first call
-    first_call: dict[str, tuple[int, int]] = {}
+    ctx = TraceContext(modules)
+    layout: dict[fx.Node, Layout] = {}
+    parts: dict[fx.Node, list[Layout]] = {}  # the pieces of a split, for the getitems that take them
+    params: dict[fx.Node, str] = {}          # get_attr nodes of parameters and buffers
+    module_out: dict[str, Layout] = {}
+    global_pool: Layout | None = None
+    # (input layout, output layout) of each layer with parameters, from its first call
+    first_call: dict[str, tuple[Layout, Layout]] = {}
 
-    def space_of(arg) -> int | None:
-        return node_space.get(arg) if isinstance(arg, fx.Node) else None
+    def layout_of(arg) -> Layout | None:
+        return layout.get(arg) if isinstance(arg, fx.Node) else None
 
-    def tensor_args(node: fx.Node) -> list[int]:
+    def tensor_args(node: fx.Node) -> list[Layout]:
         args = list(node.args) + list(node.kwargs.values())
-        return [s for s in (space_of(a) for a in _flatten(args)) if s is not None]
+        return [s for s in (layout_of(a) for a in _flatten(args)) if s is not None]
 
     def opaque(node: fx.Node, why: str) -> None:
         for s in tensor_args(node):
-            spaces.block(s, why)
+            ctx.block(s, why)
         c = _channels(node)
         if c is not None:
-            node_space[node] = spaces.new(c)
-            spaces.block(node_space[node], why)
+            layout[node] = ctx.new(c)
+            ctx.block(layout[node], why)
 
     def passthrough(node: fx.Node, where: str) -> None:
         ins = tensor_args(node)
         if not ins:
             return opaque(node, f"{where}: no channelled input")
         c = _channels(node)
-        if c is None or c != spaces.size[spaces.uf.find(ins[0])]:
+        if c is None or c != len(ins[0]):
             return opaque(node, f"{where}: changes the channel dimension")
-        node_space[node] = ins[0]
+        layout[node] = ins[0]
+
+    def channel_dim(node: fx.Node, dim, default: int = 0) -> bool:
+        ndim = _ndim(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else _ndim(node)
+        dim = default if dim is None else dim
+        return isinstance(dim, int) and ndim is not None and dim % ndim == 1
 
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             c = _channels(node)
             if c is not None:
-                node_space[node] = spaces.new(c)
-                spaces.block(node_space[node], "network input")
+                layout[node] = ctx.new(c)
+                ctx.block(layout[node], "network input")
         elif node.op == "output":
             for s in tensor_args(node):
-                spaces.block(s, "network output")
+                ctx.block(s, "network output")
         elif node.op == "get_attr":
-            continue
+            params[node] = str(node.target)
         elif node.op == "call_module" and str(node.target) in first_call and tensor_args(node):
             # A module called again holds the same filters: slicing its input once must fit every call, and its
-            # outputs are the same channels. So its input spaces become one, and so do its output spaces.
-            name, (s_in, s_out) = str(node.target), first_call[str(node.target)]
-            s_again = tensor_args(node)[0]
-            if spaces.size[spaces.uf.find(s_again)] == spaces.size[spaces.uf.find(s_in)]:
-                spaces.merge(s_in, s_again, f"{name} (called more than once)")
+            # outputs are the same channels. So its input layouts become one, and so do its output layouts.
+            name, (x_first, y_first) = str(node.target), first_call[str(node.target)]
+            x_again = tensor_args(node)[0]
+            if len(x_again) == len(x_first):
+                ctx.merge(x_first, x_again, f"{name} (called more than once)")
             else:  # a layer that takes any width (some custom module): nothing can tie the two calls
-                for s in (s_in, s_again, s_out):
-                    spaces.block(s, f"{name}: called more than once on inputs of different widths")
-            node_space[node] = s_out
+                for s in (x_first, x_again, y_first):
+                    ctx.block(s, f"{name}: called more than once on inputs of different widths")
+            layout[node] = y_first
         elif node.op == "call_module":
             mod, name = modules[node.target], str(node.target)
             ins = tensor_args(node)
-            if isinstance(mod, nn.Conv2d):
-                _conv(spaces, node_space, node, mod, name, ins[0])
-            elif isinstance(mod, nn.Linear):
-                c = _channels(node.args[0])
-                if c != mod.in_features or len(node.args[0].meta["tensor_meta"].shape) != 2:
-                    opaque(node, f"{name}: linear layer on a tensor that is not (batch, channels)")
-                else:
-                    spaces.add_member(ins[0], Member(name, ROLE_IN))
-                    node_space[node] = spaces.new(mod.out_features)
-                    spaces.add_member(node_space[node], Member(name, ROLE_OUT))
-            elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
-                spaces.add_member(ins[0], Member(name, ROLE_NORM))
-                node_space[node] = ins[0]
-            elif isinstance(mod, _CHANNEL_MIXING_MODULES):
-                passthrough(node, name)
-                if node in node_space:
-                    spaces.mark_inexact(node_space[node], f"{name}: {type(mod).__name__} mixes neighbouring channels")
-            elif isinstance(mod, _CHANNELWISE_MODULES):
-                passthrough(node, name)
-                if name.endswith("global_pool") and ins:
-                    global_pool_space = ins[0]
-            else:
+            handler = handler_for(mod)
+            if handler is None or not ins:
                 opaque(node, f"{name}: {type(mod).__name__} is not understood channel by channel")
-            if ins and node in node_space and any(True for _ in mod.parameters(recurse=False)):
-                first_call[name] = (ins[0], node_space[node])
+            else:
+                ctx.ndim = _ndim(node.args[0]) or 4
+                try:
+                    y = handler.propagate(ctx, name, mod, ins[0])
+                except _Opaque as e:
+                    y = None
+                    opaque(node, str(e))
+                if y is not None:
+                    if _channels(node) is not None and len(y) != _channels(node):
+                        opaque(node, f"{name}: changes the channel dimension")
+                    else:
+                        layout[node] = y
+                if name.endswith("global_pool"):
+                    global_pool = ins[0]
+            if ins and node in layout and any(True for _ in mod.parameters()):
+                first_call[name] = (ins[0], layout[node])
         elif node.op == "call_function" and node.target in _MERGING_FUNCTIONS or \
                 node.op == "call_method" and node.target in _MERGING_METHODS:
-            # an operand with one channel is broadcast (e.g. a spatial attention map): it ties nothing
-            c_out = _channels(node)
-            ins = [s for s in tensor_args(node) if spaces.size[spaces.uf.find(s)] == c_out]
-            if ins:
-                node_space[node] = ins[0]
+            _merge_node(ctx, node, layout, params, modules, tensor_args, opaque)
+        elif node.op == "call_function" and node.target in _CONCAT_FUNCTIONS:
+            tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            ins = [layout_of(t) for t in tensors]
+            if any(s is None for s in ins) or not ins:
+                opaque(node, f"{node.name}: concatenates tensors without channels")
+            elif channel_dim(node, dim):
+                layout[node] = ctx.concat(ins)
+            else:  # along another dimension: channel c of every input is channel c of the output
                 for s in ins[1:]:
-                    node_space[node] = spaces.merge(node_space[node], s, f"{node.name} ({node.target})")
-            elif tensor_args(node):
-                opaque(node, f"{node.name}: {node.target} of tensors whose channels do not line up")
+                    ctx.merge(ins[0], s, f"{node.name} (cat on dim {dim})")
+                layout[node] = ins[0]
+        elif node.op == "call_function" and node.target in _SPLIT_FUNCTIONS or \
+                node.op == "call_method" and node.target in _SPLIT_METHODS:
+            _split_node(ctx, node, layout_of(node.args[0]), parts, opaque, channel_dim)
+        elif node.op == "call_function" and node.target is operator.getitem and node.args[0] in parts:
+            pieces = parts[node.args[0]]
+            if isinstance(node.args[1], int) and -len(pieces) <= node.args[1] < len(pieces):
+                layout[node] = pieces[node.args[1]]
+            else:
+                opaque(node, f"{node.name}: takes {node.args[1]!r} of a split")
+        elif node.op == "call_function" and node.target is operator.getitem and layout_of(node.args[0]) is not None:
+            why = _slices_channels(node)
+            if why:
+                opaque(node, f"{node.name}: {why}")
+            else:
+                passthrough(node, node.name)
         elif node.op == "call_function" and node.target in _CHANNELWISE_FUNCTIONS or \
                 node.op == "call_method" and node.target in _CHANNELWISE_METHODS:
             if _reduces_channels(node):
@@ -336,16 +485,223 @@ def discover_groups(model: nn.Module, input_size: tuple[int, int, int] = (3, 224
             continue
         else:
             opaque(node, f"{node.name}: {node.op} {getattr(node.target, '__name__', node.target)} is not understood")
-        if node in node_space:
+        if node in layout:
             # a module's output is the last value computed inside it (containers such as stages included)
             for module_name in node.meta.get("nn_module_stack", {}):
-                module_out_space[module_name] = node_space[node]
+                module_out[module_name] = layout[node]
+    return _collect(ctx, module_out, global_pool)
 
-    by_root = _collect_groups(spaces)
-    module_out_group = {m: by_root[spaces.uf.find(s)].name for m, s in module_out_space.items()
-                        if spaces.uf.find(s) in by_root}
-    pool_group = by_root.get(spaces.uf.find(global_pool_space)) if global_pool_space is not None else None
-    return GroupGraph(list(by_root.values()), module_out_group, pool_group.name if pool_group else None)
+
+def _merge_node(ctx: TraceContext, node: fx.Node, layout: dict, params: dict, modules: dict, tensor_args,
+                opaque) -> None:
+    """An elementwise op of tensors (and perhaps a bare per-channel parameter)."""
+    c_out = _channels(node)
+    ndim = len(node.meta["tensor_meta"].shape) if hasattr(node.meta.get("tensor_meta"), "shape") else None
+    for arg in node.args:
+        if arg in params and c_out is not None and ndim is not None:
+            p_layout = _parameter_layout(ctx, params[arg], modules, node, c_out, ndim)
+            if p_layout is not None:
+                layout[arg] = p_layout
+    # an operand with one channel is broadcast (e.g. a spatial attention map): it ties nothing
+    ins = [s for s in tensor_args(node) if len(s) == c_out]
+    if ins:
+        layout[node] = ins[0]
+        for s in ins[1:]:
+            ctx.merge(ins[0], s, f"{node.name} ({node.target})")
+    elif tensor_args(node):
+        opaque(node, f"{node.name}: {node.target} of tensors whose channels do not line up")
+
+
+def _parameter_layout(ctx: TraceContext, qualname: str, modules: dict, node: fx.Node, channels: int,
+                      ndim: int) -> Layout | None:
+    """A bare parameter broadcast against an activation: per channel if it varies along the channel axis only."""
+    owner, _, attr = qualname.rpartition(".")
+    t = getattr(modules[owner] if owner else modules[""], attr)
+    shape = tuple(t.shape)
+    if all(s == 1 for s in shape):
+        return None  # a scalar: it ties nothing
+    dim = 1 - (ndim - len(shape))  # broadcasting aligns the trailing dimensions
+    if 0 <= dim < len(shape) and shape[dim] == channels and all(s == 1 for i, s in enumerate(shape) if i != dim):
+        if not isinstance(t, nn.Parameter):
+            return ctx.opaque(None, node.name, f"buffer {qualname} of shape {shape} is per channel, and no handler "
+                                               f"slices buffers outside layers", channels)
+        ctx.param_dims[qualname] = dim
+        out = ctx.new(channels)
+        ctx.member(out, qualname, ROLE_PARAM)
+        return out
+    return ctx.opaque(None, node.name, f"{qualname} of shape {shape} meets {channels} channels, and is not one value "
+                                       f"per channel", channels)
+
+
+def _split_node(ctx: TraceContext, node: fx.Node, x: Layout | None, parts: dict, opaque, channel_dim) -> None:
+    if x is None:
+        return opaque(node, f"{node.name}: splits a tensor without channels")
+    how = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections",
+                                                                   node.kwargs.get("chunks"))
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    n_out = len(node.meta["tensor_meta"]) if isinstance(node.meta.get("tensor_meta"), (list, tuple)) else None
+    if not channel_dim(node, dim):
+        parts[node] = [x] * (n_out or 1)  # every piece has all the channels
+        return
+    if node.target in (torch.chunk, "chunk") and isinstance(how, int) and len(x) % how == 0:
+        # chunk cuts whatever the width is in equal parts: the pruned net cuts the same channels if each part
+        # keeps as many
+        ctx.balance(x, how, f"{node.name}: chunks the channels in {how}")
+        step = len(x) // how
+        parts[node] = [x[i * step:(i + 1) * step] for i in range(how)]
+        return
+    # split sizes written into the code stay the parent's in the pruned net
+    why = (f"{node.name}: {getattr(node.target, '__name__', node.target)} cuts the channels at sizes fixed in the "
+           f"code; register a handler for the module that owns them (kpid_zoo.register_layer_handler)")
+    ctx.block(x, why)
+    sizes = [int(m.shape[1]) for m in node.meta["tensor_meta"]] if n_out else []
+    parts[node] = [ctx.opaque(None, node.name, why.split(": ", 1)[1], s) for s in sizes]
+
+
+def _slices_channels(node: fx.Node) -> str:
+    """Why a getitem on a tensor is not a plain pass-through of its channels ("" when it is)."""
+    index = node.args[1]
+    index = index if isinstance(index, tuple) else (index,)
+    if len(index) < 2 or Ellipsis in index[:2] or index[0] != slice(None):
+        return "indexes a tensor in a way that may move its channel dimension"
+    s, c = index[1], _channels(node.args[0])
+    if not isinstance(s, slice) or not all(v is None or isinstance(v, int) for v in (s.start, s.stop, s.step)):
+        return "indexes the channel dimension"
+    if (s.start or 0) == 0 and (s.step or 1) == 1 and (s.stop is None or (c is not None and s.stop >= c)):
+        return ""  # keeps every channel, and still will when there are fewer
+    return f"slices channels [{s.start}:{s.stop}:{s.step}] with constants of the code"
+
+
+def _collect(ctx: TraceContext, module_out: dict[str, Layout], pool: Layout | None) -> GroupGraph:
+    """Channels -> groups.
+
+    The channels that some producer's output ties together are one group, unless some members hold only part of
+    them (a split, a concatenation that a residual add ties to one conv): then the channels every member holds
+    alike form a group of their own, so that the widths of the groups say how wide every member is. The blocks
+    of a grouped conv or chunk stay in one group, with as many channels kept in each."""
+    n = len(ctx._elements.parent)
+    roots = ctx._elements.find(np.arange(n))
+    linked = _Elements()
+    linked.new(n)
+    linked.union(np.arange(n), roots)
+    for elements, _ in ctx.spaces:
+        if len(elements):
+            linked.union(elements, np.full(len(elements), elements[0]))
+    component = linked.find(np.arange(n))
+
+    # what each member holds of each channel, hashed: channels with the same signature are held alike
+    signature = np.zeros(n, dtype=np.uint64)
+    hashes = np.random.default_rng(0).integers(1, 2 ** 63, size=len(ctx.members), dtype=np.uint64)
+    for h, layout in zip(hashes, ctx.members.values()):
+        np.add.at(signature, roots[layout], h)
+
+    producer_of: dict[int, str] = {}
+    for elements, producer in ctx.spaces:
+        if producer is not None and len(elements):
+            producer_of.setdefault(int(component[elements[0]]), producer)
+    # channels in graph order of the spaces that hold them, split by signature
+    part_of = np.full(n, -1, dtype=np.int64)  # by channel root
+    part_key: dict[tuple[int, int], int] = {}
+    part_component: list[int] = []
+    order: list[int] = []
+    for elements, _ in ctx.spaces:
+        for r in dict.fromkeys(roots[elements].tolist()):
+            c = int(component[r])
+            if c in producer_of and part_of[r] < 0:
+                key = (c, int(signature[r]))
+                if key not in part_key:
+                    part_key[key] = len(part_component)
+                    part_component.append(c)
+                part_of[r] = part_key[key]
+                order.append(r)
+    parts = _Elements()
+    parts.new(len(part_component))
+
+    def part_positions(layout: Layout) -> np.ndarray:
+        return part_of[roots[layout]]
+
+    for layout, _, where in ctx.balanced:  # a grouped conv's blocks are one group
+        p = part_positions(layout)
+        if len(p) and (p >= 0).all() and len({part_component[i] for i in np.unique(p)}) == 1:
+            parts.union(p, np.full(len(p), p[0]))
+    final = parts.find(np.arange(len(part_component))) if part_component else np.zeros(0, dtype=np.int64)
+
+    # number the groups by component, then by first channel, and their channels in order
+    group_index: dict[int, int] = {}
+    names: list[str] = []
+    named_in: dict[int, int] = {}
+    group_of = np.full(n, -1, dtype=np.int64)
+    channel_of = np.full(n, -1, dtype=np.int64)
+    sizes: list[int] = []
+    by_component: dict[int, list[int]] = {}
+    for r in order:
+        by_component.setdefault(part_component[part_of[r]], []).append(r)
+    for c in sorted(by_component, key=lambda c: by_component[c][0]):
+        for r in by_component[c]:
+            f = int(final[part_of[r]])
+            if f not in group_index:
+                group_index[f] = len(names)
+                k = named_in.get(c, 0)
+                names.append(producer_of[c] if k == 0 else f"{producer_of[c]}#{k}")
+                named_in[c] = k + 1
+                sizes.append(0)
+            gi = group_index[f]
+            group_of[r], channel_of[r] = gi, sizes[gi]
+            sizes[gi] += 1
+    if len(names) != len(set(names)):
+        raise AssertionError("channel group names collide")  # producers are unique per component
+
+    def cmap(layout: Layout) -> ChannelMap:
+        r = roots[layout]
+        return ChannelMap(group_of[r], channel_of[r])
+
+    reasons: dict[int, str] = {}
+    inexact: dict[int, str] = {}
+    for marks, records in ((reasons, ctx.blocked), (inexact, ctx.inexact)):
+        for layout, reason in records:
+            for gi in np.unique(group_of[roots[layout]]):
+                if gi >= 0:
+                    marks.setdefault(int(gi), reason)
+
+    blocks: dict[int, np.ndarray] = {}
+    for layout, count, where in ctx.balanced:
+        cm = cmap(layout)
+        touched = {int(g) for g in cm.group if g >= 0}
+        gi = int(cm.group[0]) if len(cm) else -1
+        if len(cm) % count or len(touched) != 1 or (cm.group != gi).any() or \
+                sorted(cm.channel.tolist()) != list(range(sizes[gi])):
+            for g in touched:
+                reasons.setdefault(g, f"{where}: its blocks do not hold whole channels of one group")
+            continue
+        block = np.empty(sizes[gi], dtype=np.int64)
+        block[cm.channel] = np.arange(len(cm)) // (len(cm) // count)
+        combined = blocks.get(gi, np.zeros_like(block)) * count + block
+        blocks[gi] = np.unique(combined, return_inverse=True)[1].reshape(-1)
+    for gi, block in blocks.items():
+        counts = np.bincount(block)
+        if (counts != counts[0]).any():
+            reasons.setdefault(gi, "grouped convs with conv-groups that do not nest")
+
+    layouts = {m: cmap(lay) for m, lay in ctx.members.items()}
+    members: list[list[Member]] = [[] for _ in names]
+    for m, cm in layouts.items():
+        for gi in dict.fromkeys(int(g) for g in cm.group if g >= 0):
+            members[gi].append(m)
+            counts = np.bincount(cm.channel[cm.group == gi], minlength=sizes[gi])
+            block = blocks.get(gi, np.zeros(sizes[gi], dtype=np.int64))
+            for b in np.unique(block):  # every block held alike, so the group's width says this member's
+                if (counts[block == b] != counts[block == b][0]).any():
+                    reasons.setdefault(gi, f"{m.module}: holds the channels of this group unevenly")
+
+    groups = [ChannelGroup(names[gi], sizes[gi], tuple(members[gi]), gi not in reasons, reasons.get(gi, ""),
+                           inexact.get(gi, ""), tuple(int(b) for b in blocks[gi]) if gi in blocks else ())
+              for gi in range(len(names))]
+    outputs = {m: cmap(lay) for m, lay in module_out.items()}
+    module_out_group = {m: names[gi] for m, cm in outputs.items() if (gi := cm.identity_of()) is not None}
+    pool_map = cmap(pool) if pool is not None else None
+    pool_gi = pool_map.identity_of() if pool_map is not None else None
+    return GroupGraph(groups, module_out_group, names[pool_gi] if pool_gi is not None else None, layouts, outputs,
+                      pool_map, dict(ctx.param_dims))
 
 
 def _reduces_channels(node: fx.Node) -> bool:
@@ -355,39 +711,6 @@ def _reduces_channels(node: fx.Node) -> bool:
     dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
     ndim = len(node.args[0].meta["tensor_meta"].shape)
     return not dims or any(d % ndim == 1 for d in dims)
-
-
-def _conv(spaces: _Spaces, node_space: dict, node: fx.Node, conv: nn.Conv2d, name: str, s_in: int) -> None:
-    if isinstance(conv, _WEIGHT_STANDARDIZED):
-        spaces.block(s_in, f"{name}: {type(conv).__name__} standardises filters over their input channels")
-        node_space[node] = spaces.new(conv.out_channels)
-        spaces.add_member(node_space[node], Member(name, ROLE_OUT))
-    elif conv.groups == 1:
-        spaces.add_member(s_in, Member(name, ROLE_IN))
-        node_space[node] = spaces.new(conv.out_channels)
-        spaces.add_member(node_space[node], Member(name, ROLE_OUT))
-    elif conv.groups == conv.in_channels == conv.out_channels:
-        spaces.add_member(s_in, Member(name, ROLE_DW))
-        node_space[node] = s_in
-    else:
-        why = f"{name}: grouped conv (groups={conv.groups}) is pruned only as a whole"
-        spaces.block(s_in, why)
-        node_space[node] = spaces.new(conv.out_channels)
-        spaces.block(node_space[node], why)
-
-
-def _collect_groups(spaces: _Spaces) -> dict[int, ChannelGroup]:
-    """One group per root space that some conv or linear layer produces, keyed by root, in graph order."""
-    groups = {}
-    for root in sorted({spaces.uf.find(s) for s in spaces.size}):
-        members = tuple(spaces.members[root])
-        producers = [m for m in members if m.role == ROLE_OUT]
-        if not producers:
-            continue  # input/logit spaces and spaces fed only by opaque ops have nothing to prune
-        reason = spaces.blocked.get(root, "")
-        groups[root] = ChannelGroup(producers[0].module, spaces.size[root], members, not reason, reason,
-                                    spaces.inexact.get(root, ""))
-    return groups
 
 
 def _flatten(args: Iterable) -> Iterable:

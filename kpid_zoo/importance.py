@@ -8,27 +8,38 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .groups import ROLE_DW, ROLE_IN, ROLE_NORM, ROLE_OUT, GroupGraph
+from .groups import ChannelMap, GroupGraph
 
 Importance = dict[str, torch.Tensor]  # group name -> one score per channel of the parent
 
 
-def _member_tensors(module: nn.Module, role: str) -> list[tuple[torch.Tensor, int]]:
-    """(tensor, channel dim) pairs that a member's channels own."""
-    if role == ROLE_IN:
-        return [(module.weight, 1)]
-    if role == ROLE_NORM:
-        return [(t, 0) for t in (module.weight, module.bias) if t is not None]
-    return [(t, 0) for t in (module.weight, getattr(module, "bias", None)) if t is not None]
+def _owned(model: nn.Module, graph: GroupGraph, read) -> list[tuple[ChannelMap, torch.Tensor, Callable]]:
+    """(where the positions go, tensor, tensor -> one value per position) for what `read(handler)` lists of every
+    member of a prunable group."""
+    prunable = {graph.index(g.name) for g in graph.prunable}
+    out = []
+    for member, channels in graph.layouts.items():
+        if prunable.isdisjoint(int(g) for g in np.unique(channels.group)):
+            continue
+        handler, module = graph.resolve(model, member)
+        out += [(channels, t, fn) for t, fn in read(handler)(module, member.role)]
+    return out
 
 
-def _per_channel(t: torch.Tensor, dim: int) -> torch.Tensor:
-    return t.transpose(0, dim).reshape(t.shape[dim], -1).sum(1)
+def _scatter(scores: dict[str, torch.Tensor], graph: GroupGraph, channels: ChannelMap, values: torch.Tensor) -> None:
+    """Add one value per position to the channel each position holds."""
+    values = values.detach().double().cpu()
+    for gi in np.unique(channels.group):
+        name = graph.groups[gi].name if gi >= 0 else None
+        if name in scores:
+            at = torch.from_numpy(channels.group == gi)
+            scores[name].index_add_(0, torch.from_numpy(channels.channel)[at], values[at])
 
 
 def taylor_importance(model: nn.Module, graph: GroupGraph, batches: Iterable, num_batches: int,
@@ -44,8 +55,7 @@ def taylor_importance(model: nn.Module, graph: GroupGraph, batches: Iterable, nu
     loss_fn = loss_fn or F.cross_entropy
     was_training = model.training
     model.eval().to(device)
-    owned = [(g.name, model.get_submodule(m.module), m.role) for g in graph.prunable for m in g.members]
-    tensors = [(name, t, dim) for name, mod, role in owned for t, dim in _member_tensors(mod, role)]
+    tensors = _owned(model, graph, lambda h: h.importance_tensors)
     unique = list({id(t): t for _, t, _ in tensors}.values())
     scores = {g.name: torch.zeros(g.size, dtype=torch.float64) for g in graph.prunable}
     seen = 0
@@ -58,10 +68,10 @@ def taylor_importance(model: nn.Module, graph: GroupGraph, batches: Iterable, nu
         with torch.enable_grad():
             loss = loss_fn(model(x.to(device)), y.to(device))
             grads = dict(zip(map(id, unique), torch.autograd.grad(loss, unique, allow_unused=True)))
-        for name, t, dim in tensors:
+        for channels, t, per_position in tensors:
             g = grads[id(t)]
             if g is not None:
-                scores[name] += _per_channel((t.detach() * g).abs(), dim).double().cpu()
+                _scatter(scores, graph, channels, per_position((t.detach() * g).abs()))
         seen += 1
     model.train(was_training)
     if seen == 0:
@@ -71,12 +81,7 @@ def taylor_importance(model: nn.Module, graph: GroupGraph, batches: Iterable, nu
 
 def magnitude_importance(model: nn.Module, graph: GroupGraph) -> Importance:
     """L1 norm of the filters that produce each channel (conv/linear outputs and depthwise filters)."""
-    scores = {}
-    for g in graph.prunable:
-        s = torch.zeros(g.size, dtype=torch.float64)
-        for m in g.members:
-            if m.role in (ROLE_OUT, ROLE_DW):
-                w = model.get_submodule(m.module).weight.detach()
-                s += _per_channel(w.abs(), 0).double().cpu()
-        scores[g.name] = s
+    scores = {g.name: torch.zeros(g.size, dtype=torch.float64) for g in graph.prunable}
+    for channels, t, per_position in _owned(model, graph, lambda h: h.filters):
+        _scatter(scores, graph, channels, per_position(t.detach().abs()))
     return scores

@@ -24,10 +24,16 @@ from .flops import FlopsReport
 from .groups import GroupGraph
 
 
+# One dimension of a layer as a function of the group widths: const + sum of weight * width over its groups,
+# scaled so that the parent's widths give 1 (a concatenation holds several groups side by side).
+Factor = tuple[float, tuple[tuple[str, float], ...]]
+
+
 @dataclass
 class CostModel:
-    """FLOPs as a function of group widths: fixed + sum of coef * prod(width/full) over each term's groups."""
-    terms: list[tuple[float, tuple[str, ...]]]
+    """FLOPs as a function of group widths: fixed + sum of coef * prod(factor) over each term's factors, one factor
+    per dimension of a layer that holds prunable channels (a dense conv's input and output, a BN's features)."""
+    terms: list[tuple[float, tuple[Factor, ...]]]
     fixed: float
     sizes: dict[str, int]
 
@@ -35,26 +41,26 @@ class CostModel:
     def from_flops(cls, model: nn.Module, graph: GroupGraph, flops: FlopsReport) -> "CostModel":
         own = _own_flops(model, flops.by_module)
         prunable = {g.name for g in graph.prunable}
-        member_of: dict[str, list[str]] = {}
-        for g in graph.prunable:
-            for m in g.members:
-                member_of.setdefault(m.module, []).append(g.name)
+        factors_of: dict[str, list[Factor]] = {}
+        for member, channels in graph.layouts.items():
+            factors_of.setdefault(member.module, []).append(_factor(graph, channels, prunable))
         terms, fixed = [], 0.0
         for module, count in own.items():
             if count == 0:
                 continue
-            groups = tuple(member_of.get(module, ()))
-            if not groups and not _has_children(model, module):
-                out_group = _output_group(graph, module)  # channel-wise ops such as the global pool
-                groups = (out_group,) if out_group in prunable else ()
-            if groups:
-                terms.append((float(count), groups))
+            factors = factors_of.get(module, [])
+            if not factors and not _has_children(model, module):
+                out = _output_channels(graph, module)  # channel-wise ops such as the global pool
+                factors = [_factor(graph, out, prunable)] if out is not None else []
+            factors = [f for f in factors if f[1]]
+            if factors:
+                terms.append((float(count), tuple(factors)))
             else:
                 fixed += count
         return cls(terms, fixed, {g.name: g.size for g in graph.prunable})
 
     def flops(self, widths: dict[str, int]) -> float:
-        return self.fixed + sum(c * math.prod(widths[g] / self.sizes[g] for g in gs) for c, gs in self.terms)
+        return self.fixed + sum(c * math.prod(_value(f, widths) for f in fs) for c, fs in self.terms)
 
     at = flops  # what `solve_for_budget` asks of any cost model (`latency.LatencyCostModel` answers it in ms)
 
@@ -65,11 +71,32 @@ class CostModel:
     def marginal(self, widths: dict[str, float]) -> dict[str, float]:
         """dFLOPs / d(width of g) at `widths`: the cost of one more channel of g with the others held."""
         grad = dict.fromkeys(self.sizes, 0.0)
-        for c, gs in self.terms:
-            for i, g in enumerate(gs):
-                others = math.prod(widths[h] / self.sizes[h] for j, h in enumerate(gs) if j != i)
-                grad[g] += c * others / self.sizes[g]
+        for c, fs in self.terms:
+            values = [_value(f, widths) for f in fs]
+            for i, (_, weights) in enumerate(fs):
+                others = math.prod(v for j, v in enumerate(values) if j != i)
+                for g, w in weights:
+                    grad[g] += c * others * w
         return grad
+
+
+def _value(factor: Factor, widths: dict[str, float]) -> float:
+    const, weights = factor
+    return const + sum(w * widths[g] for g, w in weights)
+
+
+def _factor(graph: GroupGraph, channels, prunable: set[str]) -> Factor:
+    """A dimension's share of its parent size, as const + sum of weight * width over the prunable groups in it."""
+    n = len(channels)
+    const, weights = 0.0, []
+    for gi in np.unique(channels.group):
+        at = int((channels.group == gi).sum())
+        name = graph.groups[gi].name if gi >= 0 else None
+        if name in prunable:
+            weights.append((name, channels.multiplicity(int(gi)) / n))
+        else:
+            const += at / n
+    return const, tuple(weights)
 
 
 @dataclass
@@ -85,22 +112,40 @@ class KnapsackSolution:
         return (self.lp_bound - self.value) / self.lp_bound if self.lp_bound > 0 else 0.0
 
 
-def width_choices(size: int, min_channels: int, round_to: int) -> list[int]:
-    """Widths a group may take: multiples of `round_to` from `min_channels` up, plus the full width."""
+def width_choices(size: int, min_channels: int, round_to: int, parts: int = 1) -> list[int]:
+    """Widths a group may take: multiples of `round_to` from `min_channels` up, plus the full width.
+
+    A group split in `parts` conv-groups takes multiples of `parts` instead (as many channels in each conv-group;
+    the conv-group count already sets the granularity), from `min_channels` up, or one per conv-group."""
+    if parts > 1:
+        return [k for k in range(parts, size + 1, parts) if k >= min_channels] or [size]
     if size <= min_channels:
         return [size]
     start = min(size, round_to * math.ceil(min_channels / round_to))
     return sorted(set(range(start, size + 1, round_to)) | {size})
 
 
+def value_curve(scores: torch.Tensor, blocks: list[torch.Tensor] | None = None) -> np.ndarray:
+    """Importance kept at each width (index k: the best k channels); with blocks, the best k / len(blocks) of each
+    block (defined at multiples of the block count, the widths such a group may take)."""
+    if not blocks or len(blocks) == 1:
+        return np.concatenate([[0.0], np.cumsum(np.sort(scores.double().numpy())[::-1])])
+    per_block = sum(np.concatenate([[0.0], np.cumsum(np.sort(scores[b].double().numpy())[::-1])]) for b in blocks)
+    return np.repeat(per_block, len(blocks))[: len(scores) + 1]
+
+
 def solve_knapsack(importance: dict[str, torch.Tensor], unit_cost: dict[str, float], budget: float,
-                   choices: dict[str, list[int]], resolution: int = 20000) -> KnapsackSolution:
-    """Pick one width per group maximising sum(top-k importance) s.t. sum(unit_cost * width) <= budget."""
+                   choices: dict[str, list[int]], resolution: int = 20000,
+                   blocks: dict[str, list[torch.Tensor]] | None = None) -> KnapsackSolution:
+    """Pick one width per group maximising sum(top-k importance) s.t. sum(unit_cost * width) <= budget.
+
+    A group in `blocks` keeps the top width / len(blocks) channels of each of its blocks (grouped convs)."""
     names = list(choices)
     if budget <= 0:
         raise ValueError(f"knapsack: the budget left for prunable channels is {budget:.4g} FLOPs; "
                          f"the target is below what the unprunable layers alone cost")
-    cum = {g: np.concatenate([[0.0], np.cumsum(np.sort(importance[g].double().numpy())[::-1])]) for g in names}
+    blocks = blocks or {}
+    cum = {g: value_curve(importance[g], blocks.get(g)) for g in names}
     # Channels with equal (often zero) importance leave many optima; among them prefer keeping channels, so the
     # budget is spent rather than left idle. The nudge is far below any real difference in importance.
     total = sum(float(c[-1]) for c in cum.values())
@@ -148,7 +193,8 @@ class Cost(Protocol):
 
 
 def solve_for_budget(importance: dict[str, torch.Tensor], cost: Cost, widths: dict[str, int],
-                     choices: dict[str, list[int]], low: float, high: float, steps: int = 40) -> KnapsackSolution:
+                     choices: dict[str, list[int]], low: float, high: float, steps: int = 40,
+                     blocks: dict[str, list[torch.Tensor]] | None = None) -> KnapsackSolution:
     """The knapsack on the cost linearised at `widths`, with the budget bisected until the exact cost of the
     solution lies in [low, high]; failing that, the feasible solution closest to `high`."""
     marginal = cost.marginal(widths)
@@ -158,7 +204,7 @@ def solve_for_budget(importance: dict[str, torch.Tensor], cost: Cost, widths: di
     for _ in range(steps):
         budget = (lo + hi) / 2
         try:
-            sol = solve_knapsack(importance, marginal, budget, choices)
+            sol = solve_knapsack(importance, marginal, budget, choices, blocks=blocks)
         except ValueError:  # rounding costs up made the narrowest widths not fit: a larger budget is needed
             lo = budget
             continue
@@ -195,11 +241,11 @@ def _lp_bound(cum: dict[str, np.ndarray], unit_cost: dict[str, float], budget: f
     return float(value)
 
 
-def _output_group(graph: GroupGraph, module: str) -> str | None:
-    """The group of a module's output; a layer inside a module traced as one leaf shares that module's."""
+def _output_channels(graph: GroupGraph, module: str):
+    """The channels of a module's output; a layer inside a module traced as one leaf shares that module's."""
     while module:
-        if module in graph.module_out_group:
-            return graph.module_out_group[module]
+        if module in graph.outputs:
+            return graph.outputs[module]
         module = module.rpartition(".")[0]
     return None
 

@@ -35,8 +35,9 @@ from tqdm.auto import tqdm
 
 from .data import default_cache_dir as data_cache_dir
 from .files import atomic_write_text, json_sha256
-from .groups import ROLE_DW, ROLE_IN, ROLE_NORM, GroupGraph
-from .surgery import _slice_member, prune_model
+from .groups import ROLE_DW, ROLE_IN, ROLE_NORM, ROLE_PARAM, ChannelMap, GroupGraph, Member
+from .handlers import handler_for
+from .surgery import prune_model
 
 TABLE_VERSION = 1
 # Width fractions each group is sampled at; the interpolation is linear between them (and beyond the ends).
@@ -291,28 +292,41 @@ class LatencyCostModel:
                    float(d['layer_scale']), dict(d['key']), float(d['full_ms']), float(d['narrow_ms']))
 
 
-def sample_widths(size: int, fractions: tuple[float, ...] = GRID_FRACTIONS) -> tuple[int, ...]:
-    return tuple(sorted({max(1, round(size * f)) for f in fractions} | {size}))
+MAX_TERM_GROUPS = 3  # a layer is timed at every combination of its groups' sampled widths: 5 ** 3 calls at most
+
+
+def sample_widths(size: int, fractions: tuple[float, ...] = GRID_FRACTIONS, parts: int = 1) -> tuple[int, ...]:
+    """Widths a group is timed at; a group with `parts` blocks (grouped convs) takes multiples of `parts` only."""
+    return tuple(sorted({max(parts, parts * round(size * f / parts)) for f in fractions} | {size}))
 
 
 @dataclass
 class _Timed:
-    """A layer the table times: its groups, which of them its input's channels are, and its input shape."""
+    """A layer the table times: its members' channel layouts, the layout of its input, and its input shape."""
     module: str
-    roles: list[tuple[str, str]]      # (group, role) memberships among the prunable groups
-    groups: tuple[str, ...]
-    input_group: str | None
+    roles: list[tuple[Member, ChannelMap]]   # its dimensions that hold prunable channels
+    groups: tuple[str, ...]                  # the prunable groups in them, the term's variables
+    input_channels: ChannelMap | None        # its input's channel dimension (None: no prunable channel in it)
     shape: tuple[int, ...] = ()
+
+
+def _prunable_in(graph: GroupGraph, channels: ChannelMap, prunable: set[str]) -> list[str]:
+    return [graph.groups[gi].name for gi in np.unique(channels.group)
+            if gi >= 0 and graph.groups[gi].name in prunable]
 
 
 def _timed_layers(model: nn.Module, graph: GroupGraph) -> list[_Timed]:
     """The layers whose cost depends on a prunable width: every group member (a conv, a BN, a BN+act) and every
-    channel-wise leaf on a prunable group (activations, pools), outermost first, none inside another."""
+    channel-wise leaf on prunable channels (activations, pools), outermost first, none inside another.
+
+    Each dimension is read from the graph's layouts, so a layer whose input concatenates several groups depends
+    on all of them; past `MAX_TERM_GROUPS` groups in one layer the grid is too large to time, which is an error
+    (a latency budget does not reach such networks; a FLOPs budget does)."""
     prunable = {g.name for g in graph.prunable}
-    roles: dict[str, list[tuple[str, str]]] = {}
-    for g in graph.prunable:
-        for m in g.members:
-            roles.setdefault(m.module, []).append((g.name, m.role))
+    roles: dict[str, list[tuple[Member, ChannelMap]]] = {}
+    for member, channels in graph.layouts.items():
+        if member.role != ROLE_PARAM and _prunable_in(graph, channels, prunable):
+            roles.setdefault(member.module, []).append((member, channels))
     timed, taken = [], []
     for name, module in model.named_modules():
         if not name or any(name.startswith(t + '.') for t in taken):
@@ -320,15 +334,25 @@ def _timed_layers(model: nn.Module, graph: GroupGraph) -> list[_Timed]:
         leaf = next(module.children(), None) is None
         if name in roles:
             member = roles[name]
-            input_group = next((g for g, r in member if r in (ROLE_IN, ROLE_DW, ROLE_NORM)), None)
-        elif leaf and graph.module_out_group.get(name) in prunable:
-            member, input_group = [], graph.module_out_group[name]  # channel-wise: its input is its output group
+            input_channels = next((c for m, c in member if m.role in (ROLE_IN, ROLE_DW, ROLE_NORM)), None)
+        elif leaf and name in graph.outputs and _prunable_in(graph, graph.outputs[name], prunable):
+            member, input_channels = [], graph.outputs[name]  # channel-wise: its input has its output's channels
         else:
             continue
-        groups = tuple(dict.fromkeys([g for g, _ in member] + ([input_group] if input_group else [])))
-        timed.append(_Timed(name, member, groups, input_group))
+        maps = [c for _, c in member] + ([input_channels] if input_channels is not None else [])
+        groups = tuple(dict.fromkeys(g for c in maps for g in _prunable_in(graph, c, prunable)))
+        if len(groups) > MAX_TERM_GROUPS:
+            raise ValueError(f"latency table: layer {name!r} holds channels of {len(groups)} prunable groups "
+                             f"(a concatenation); a latency budget times at most {MAX_TERM_GROUPS} per layer; "
+                             f"use a FLOPs budget (flops.target_gmacs) for this network")
+        timed.append(_Timed(name, member, groups, input_channels))
         taken.append(name)
     return timed
+
+
+def check_timeable(model: nn.Module, graph: GroupGraph) -> None:
+    """Fail (one line) unless every layer of `model` can be timed for a table: what a preflight checks."""
+    _timed_layers(model, graph)
 
 
 def _record_shapes(model: nn.Module, layers: list[_Timed], x: torch.Tensor) -> list[_Timed]:
@@ -356,10 +380,16 @@ def _record_shapes(model: nn.Module, layers: list[_Timed], x: torch.Tensor) -> l
     return kept
 
 
-def _narrowed(module: nn.Module, layer: _Timed, widths: dict[str, int]) -> nn.Module:
+def _narrowed(module: nn.Module, layer: _Timed, graph: GroupGraph, widths: dict[str, int]) -> nn.Module:
+    """A copy of the layer with each of its groups at `widths`, sliced as `surgery.prune_model` slices it."""
     narrow = copy.deepcopy(module)
-    for group, role in layer.roles:
-        _slice_member(narrow, role, torch.arange(widths[group]))
+    masks = graph.masks({g: graph[g].leading(w) for g, w in widths.items()})
+    for member, channels in layer.roles:
+        handler_for(narrow).slice(narrow, member.role, torch.from_numpy(channels.kept(masks)))
+    for m in narrow.modules():
+        handler = handler_for(m)
+        if handler is not None:
+            handler.refresh(m)
     return narrow
 
 
@@ -413,7 +443,7 @@ def build_table(model: nn.Module, graph: GroupGraph, arch: str, input_size: tupl
     model = copy.deepcopy(model).float().to(setting.device).eval()
     x = example_input(input_size, setting)
     layers = _record_shapes(model, _timed_layers(model, graph), x)
-    points = {g: sample_widths(n, fractions) for g, n in sizes.items()}
+    points = {g.name: sample_widths(g.size, fractions, g.parts) for g in graph.prunable}
     gen = torch.Generator().manual_seed(0)
     terms = []
     with fixed_threads(setting):
@@ -424,14 +454,14 @@ def build_table(model: nn.Module, graph: GroupGraph, arch: str, input_size: tupl
             for index in itertools.product(*(range(len(p)) for p in grid)):
                 widths = {g: p[i] for g, p, i in zip(layer.groups, grid, index)}
                 shape = list(layer.shape)
-                if layer.input_group is not None:
-                    shape[1] = widths[layer.input_group]
+                if layer.input_channels is not None:
+                    shape[1] = graph.width(layer.input_channels, widths)
                 inp = torch.randn(shape, generator=gen).to(setting.device)
-                narrow = _narrowed(module, layer, widths)
+                narrow = _narrowed(module, layer, graph, widths)
                 values[index] = timer(lambda: narrow(inp), setting, warmup=warmup, repeats=repeats).median_ms
             terms.append(LatencyTerm(layer.module, layer.groups, tuple(grid), values))
         narrowest = {g: p[0] for g, p in points.items()}
-        narrow_net = prune_model(model, graph, {g: torch.arange(w) for g, w in narrowest.items()})
+        narrow_net = prune_model(model, graph, {g: graph[g].leading(w) for g, w in narrowest.items()})
         full = timer(lambda: model(x), setting, warmup=warmup, repeats=repeats).median_ms
         narrow = timer(lambda: narrow_net(x), setting, warmup=warmup, repeats=repeats).median_ms
     table = LatencyCostModel(terms, 0.0, sizes, 1.0, table_key(model, arch, input_size, setting, fractions), full,
@@ -470,6 +500,6 @@ def latency_table(model: nn.Module, graph: GroupGraph, arch: str, input_size: tu
     return table
 
 
-__all__ = ['LatencySetting', 'Timing', 'Noise', 'LatencyTerm', 'LatencyCostModel', 'check_device', 'device_name',
+__all__ = ['LatencySetting', 'check_timeable', 'Timing', 'Noise', 'LatencyTerm', 'LatencyCostModel', 'check_device', 'device_name',
            'time_callable', 'measure_model', 'measure_noise', 'build_table', 'calibrate', 'latency_table',
            'table_key', 'cache_path', 'load_cached', 'save_cached', 'sample_widths']

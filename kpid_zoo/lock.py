@@ -1,6 +1,7 @@
-"""One build per work folder: a lock file naming its holder (pid, host, start time).
+"""One build per work folder and per export folder: a lock file naming its holder (pid, host, start time).
 
-A second build of the same folder stops at once with a message naming the holder. A lock whose holder is a dead
+A second build of the same work folder, or of another work folder into the same export folder, stops at once with
+a message naming the holder. A lock whose holder is a dead
 process on this host (a killed build) is taken over; one held on another host cannot be checked from here, so the
 message says which file to remove once that build is known to be gone. Under `accelerate launch` only the main
 process takes the lock: the other ranks belong to the same build.
@@ -55,9 +56,14 @@ def _take_over(path: Path) -> None:
         aside.unlink(missing_ok=True)
 
 
-def acquire(folder: str | Path) -> Path:
-    """Create `<folder>/build.lock` for this process, or raise `LockedError` naming the live holder."""
-    path = Path(folder) / LOCK_FILE
+def export_lock_name(export: Path) -> str:
+    """The lock beside an export folder: the folder itself is replaced whole when the export is moved into place."""
+    return f'.{export.name}.{LOCK_FILE}'
+
+
+def acquire(folder: str | Path, name: str = LOCK_FILE) -> Path:
+    """Create `<folder>/<name>` for this process, or raise `LockedError` naming the live holder."""
+    path = Path(folder) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     me = {'pid': os.getpid(), 'host': socket.gethostname(),
           'started': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}
@@ -80,7 +86,8 @@ def acquire(folder: str | Path) -> Path:
                 _take_over(path)
                 continue
             where = '' if same_host else f' on host {holder.get("host")} (remove {path} if that build is gone)'
-            raise LockedError(f'{folder} is being built by process {pid}{where}, started {holder.get("started")}; '
+            what = folder if name == LOCK_FILE else f'{folder}/{name.removeprefix(".").removesuffix("." + LOCK_FILE)}'
+            raise LockedError(f'{what} is being built by process {pid}{where}, started {holder.get("started")}; '
                               f'wait for it to finish or stop it')
         with os.fdopen(fd, 'w', encoding='utf-8') as f:
             json.dump(me, f)
@@ -103,8 +110,8 @@ def release(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def build_lock(accelerator: Accelerator, folder: str | Path) -> Iterator[None]:
-    """Hold the lock of `folder` for the block; under a multi-process launch the main process takes it for all.
+def build_lock(accelerator: Accelerator, folder: str | Path, name: str = LOCK_FILE) -> Iterator[None]:
+    """Hold the lock `<folder>/<name>` for the block; under a multi-process launch the main process takes it for all.
 
     The main process's outcome is broadcast, so when it is refused every rank raises the same error instead of
     the others waiting at a barrier for ever.
@@ -112,7 +119,7 @@ def build_lock(accelerator: Accelerator, folder: str | Path) -> Iterator[None]:
     path, refusal = None, None
     if accelerator.is_main_process:
         try:
-            path = acquire(folder)
+            path = acquire(folder, name)
         except LockedError as e:
             refusal = str(e)
     if accelerator.num_processes > 1:

@@ -22,10 +22,10 @@ from .flops import FlopsReport, count_flops, count_params
 from .groups import ROLE_OUT, GroupGraph, discover_groups
 from .importance import Importance, magnitude_importance, taylor_importance
 from .knapsack import Cost, CostModel, KnapsackSolution, solve_for_budget, width_choices
-from .latency import (LatencyCostModel, LatencySetting, Timing, cache_path, calibrate, check_device, device_name,
-                      latency_table, measure_model, measure_noise)
+from .latency import (LatencyCostModel, LatencySetting, Timing, cache_path, calibrate, check_device, check_timeable,
+                      device_name, latency_table, measure_model, measure_noise)
 from .recipe import BudgetSpec, Recipe
-from .surgery import ArchSpec, group_widths, prune_model
+from .surgery import ArchSpec, prune_model
 
 
 @dataclass
@@ -132,6 +132,7 @@ def knapsack_rounds(parent: nn.Module, graph: GroupGraph, importance: Importance
     Returns the best round under `high` (None if none was), the cheapest round measured, and every round's record.
     """
     offset = 0.0
+    blocks = {g.name: g.block_index() for g in graph.prunable if g.parts > 1}  # grouped convs: per-block top-k
     widths = dict(cost.sizes)
     best: tuple[tuple, _Best] | None = None
     cheapest: _Best | None = None
@@ -139,12 +140,13 @@ def knapsack_rounds(parent: nn.Module, graph: GroupGraph, importance: Importance
     bar = tqdm(range(max_rounds), desc="knapsack", disable=not progress, leave=False)
     for _ in bar:
         try:
-            sol = solve_for_budget(importance, cost, widths, choices, low / scale - offset, high / scale - offset)
+            sol = solve_for_budget(importance, cost, widths, choices, low / scale - offset, high / scale - offset,
+                                   blocks=blocks)
         except ValueError:
             if not rounds:
                 raise
             break  # the correction asks for less than the cost model can reach: keep what was measured
-        keep = {g: _top_k(importance[g], k) for g, k in sol.widths.items() if k < cost.sizes[g]}
+        keep = {g: _top_k(importance[g], k, blocks.get(g)) for g, k in sol.widths.items() if k < cost.sizes[g]}
         model = prune_model(parent, graph, keep)
         achieved, record = measure(model, sol)
         predicted = cost.at(sol.widths)
@@ -197,7 +199,7 @@ def check_target(parent: nn.Module, graph: GroupGraph, target_gmacs: float, *, a
         raise ValueError(f"{arch}: FLOPs target {target_gmacs:.4g} GMACs is not below the parent's "
                          f"{parent_flops.gmacs:.4g} GMACs at {input_size}")
     cost = CostModel.from_flops(parent, graph, parent_flops)
-    choices = {g.name: width_choices(g.size, min_channels, round_to) for g in graph.prunable}
+    choices = {g.name: width_choices(g.size, min_channels, round_to, g.parts) for g in graph.prunable}
     floor = cost.flops({g: ch[0] for g, ch in choices.items()})
     if target < floor:
         raise ValueError(f"{arch}: FLOPs target {target_gmacs:.4g} GMACs is below the smallest reachable "
@@ -222,14 +224,18 @@ def check_latency_budget(parent: nn.Module, graph: GroupGraph, budget: BudgetSpe
     check_device(setting.device)
     if not graph.prunable:
         raise ValueError(f"{arch}: no prunable channel group was found")
+    try:
+        check_timeable(parent, graph)
+    except ValueError as e:
+        raise ValueError(f"{arch}: {e}") from None
     where = f"on {setting.describe()} at {'x'.join(map(str, input_size))}"
     parent_timing = parent_timing or measure(parent, input_size, setting)
     try:
         target = budget.resolve_target(parent_timing.median_ms)
     except ValueError as e:
         raise ValueError(f"{arch}: {e} {where}") from None
-    choices = {g.name: width_choices(g.size, min_channels, round_to) for g in graph.prunable}
-    smallest = prune_model(parent, graph, {g: torch.arange(ch[0]) for g, ch in choices.items()})
+    choices = {g.name: width_choices(g.size, min_channels, round_to, g.parts) for g in graph.prunable}
+    smallest = prune_model(parent, graph, {g.name: g.leading(choices[g.name][0]) for g in graph.prunable})
     smallest_timing = measure(smallest, input_size, setting)
     if target < smallest_timing.median_ms:
         raise ValueError(f"{arch}: budget.latency_ms: {target:.4g} ms is below the {smallest_timing.median_ms:.4g} ms "
@@ -303,13 +309,18 @@ def latency_knapsack_prune(parent: nn.Module, graph: GroupGraph, importance: Imp
 
 def layer_widths(parent: nn.Module, pruned: nn.Module, graph: GroupGraph) -> list[tuple[str, int, int]]:
     """(module, parent width, pruned width) for every conv / linear output, in the model's module order."""
-    before, after = group_widths(parent, graph), group_widths(pruned, graph)
-    rows = {m.module: (m.module, before[g.name], after[g.name])
-            for g in graph.groups for m in g.members if m.role == ROLE_OUT}
+    rows = {}
+    for member in graph.layouts:
+        if member.role == ROLE_OUT:
+            (handler, before), (_, after) = graph.resolve(parent, member), graph.resolve(pruned, member)
+            rows[member.module] = (member.module, handler.width(before, ROLE_OUT), handler.width(after, ROLE_OUT))
     return [rows[name] for name, _ in parent.named_modules() if name in rows]
 
 
-def _top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+def _top_k(scores: torch.Tensor, k: int, blocks: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """The k best channels; with blocks, the k / len(blocks) best of each block."""
+    if blocks:
+        return torch.cat([b[_top_k(scores[b], k // len(blocks))] for b in blocks]).sort().values
     return torch.argsort(scores, descending=True, stable=True)[:k].sort().values
 
 
@@ -332,9 +343,13 @@ def prune_from_recipe(recipe: Recipe, parent: nn.Module, train_loader=None, devi
             # the training stages before this one leave the shared dataset at their last epoch: a build resumed
             # after them would see other augmentations, hence other scores and other kept channels
             train_loader.dataset.set_epoch(0)
-        batches = torch.utils.data.DataLoader(train_loader.dataset, batch_size=settings.batch_size, shuffle=True,
-                                              num_workers=train_loader.num_workers,
-                                              generator=torch.Generator().manual_seed(recipe.finetune.seed))
+        if isinstance(train_loader.dataset, torch.utils.data.IterableDataset):  # a stream orders itself
+            batches = torch.utils.data.DataLoader(train_loader.dataset, batch_size=settings.batch_size,
+                                                  num_workers=train_loader.num_workers)
+        else:
+            batches = torch.utils.data.DataLoader(train_loader.dataset, batch_size=settings.batch_size, shuffle=True,
+                                                  num_workers=train_loader.num_workers,
+                                                  generator=torch.Generator().manual_seed(recipe.finetune.seed))
         importance = taylor_importance(parent, graph, batches, settings.batches, device=device, progress=progress)
         parent.cpu()
     else:

@@ -13,12 +13,14 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import timm
 import torch
 import torch.nn as nn
 
 from .files import read_json
-from .groups import ROLE_DW, ROLE_IN, ROLE_NORM, ROLE_OUT, GroupGraph, discover_groups
+from .groups import GroupGraph, discover_groups
+from .handlers import handler_for
 
 SPEC_VERSION = 1
 _TRACE_SIZE = 64
@@ -73,7 +75,7 @@ def prune_model(model: nn.Module, graph: GroupGraph, keep: dict[str, torch.Tenso
 
     Groups not named in `keep` stay whole. Unless `inplace`, the parent is not modified.
     """
-    pruned = model if inplace else copy.deepcopy(model)
+    checked = {}
     for name, idx in keep.items():
         group = graph[name]
         idx = torch.as_tensor(idx, dtype=torch.long).sort().values
@@ -83,9 +85,24 @@ def prune_model(model: nn.Module, graph: GroupGraph, keep: dict[str, torch.Tenso
             raise ValueError(f"group {name!r} cannot be pruned: {group.reason}")
         if len(idx) == 0 or idx[0] < 0 or idx[-1] >= group.size or len(idx.unique()) != len(idx):
             raise ValueError(f"group {name!r}: kept indices must be distinct, in [0, {group.size}), and not empty")
-        for member in group.members:
-            _slice_member(pruned.get_submodule(member.module), member.role, idx)
-    _update_model_widths(pruned, graph)
+        if group.parts > 1:
+            per_block = torch.bincount(torch.tensor(group.blocks)[idx], minlength=group.parts)
+            if (per_block != per_block[0]).any():
+                raise ValueError(f"group {name!r}: a grouped conv needs as many channels kept in each of its "
+                                 f"{group.parts} conv-groups, got {per_block.tolist()}")
+        checked[name] = idx
+    pruned = model if inplace else copy.deepcopy(model)
+    masks = graph.masks(checked)
+    for member, channels in graph.layouts.items():
+        if not any(gi in masks for gi in np.unique(channels.group)):
+            continue
+        handler, module = graph.resolve(pruned, member)
+        handler.slice(module, member.role, torch.from_numpy(channels.kept(masks)))
+    for module in pruned.modules():
+        handler = handler_for(module)
+        if handler is not None:
+            handler.refresh(module)
+    _update_model_widths(pruned, graph, {n: len(i) for n, i in checked.items()})
     return pruned
 
 
@@ -105,7 +122,11 @@ def build_pruned(spec: ArchSpec, **timm_kwargs) -> nn.Module:
         if width > graph[name].size:
             raise ValueError(f"architecture spec for {spec.parent}: group {name!r} keeps {width} channels "
                              f"but the parent has only {graph[name].size}")
-        keep[name] = torch.arange(width)
+        group = graph[name]
+        if width % group.parts:
+            raise ValueError(f"architecture spec for {spec.parent}: group {name!r} keeps {width} channels, not a "
+                             f"multiple of the {group.parts} conv-groups of its grouped convs")
+        keep[name] = group.leading(width)
     pruned = prune_model(model, graph, keep, inplace=True)  # a fresh parent: no copy to keep
     pruned.kpid_spec = spec
     return pruned
@@ -128,69 +149,21 @@ def _spec_groups(model: nn.Module, spec: ArchSpec, in_chans: int) -> GroupGraph:
         return discover_groups(model, full)
 
 
-def group_widths(model: nn.Module, graph: GroupGraph) -> dict[str, int]:
-    """The current width of every group of `graph` as found in `model` (its first producer's output channels)."""
-    widths = {}
-    for g in graph.groups:
-        producer = model.get_submodule(g.modules(ROLE_OUT)[0])
-        widths[g.name] = producer.out_channels if isinstance(producer, nn.Conv2d) else producer.out_features
-    return widths
-
-
-def _slice_member(module: nn.Module, role: str, idx: torch.Tensor) -> None:
-    n = len(idx)
-    if role == ROLE_OUT:
-        _slice_param(module, "weight", 0, idx)
-        _slice_param(module, "bias", 0, idx)
-        if isinstance(module, nn.Conv2d):
-            module.out_channels = n
-        else:
-            module.out_features = n
-    elif role == ROLE_IN:
-        _slice_param(module, "weight", 1, idx)
-        if isinstance(module, nn.Conv2d):
-            module.in_channels = n
-        else:
-            module.in_features = n
-    elif role == ROLE_DW:
-        _slice_param(module, "weight", 0, idx)
-        _slice_param(module, "bias", 0, idx)
-        module.in_channels = module.out_channels = module.groups = n
-    elif role == ROLE_NORM:
-        for attr in ("weight", "bias", "running_mean", "running_var"):
-            _slice_param(module, attr, 0, idx)
-        module.num_features = n
-    else:
-        raise ValueError(f"unknown member role {role!r}")
-
-
-def _slice_param(module: nn.Module, attr: str, dim: int, idx: torch.Tensor) -> None:
-    t = getattr(module, attr, None)
-    if t is None:
-        return
-    sliced = t.detach().index_select(dim, idx.to(t.device))  # a new tensor: shares nothing with `t`
-    if isinstance(t, nn.Parameter):
-        setattr(module, attr, nn.Parameter(sliced, requires_grad=t.requires_grad))
-    else:
-        setattr(module, attr, sliced)
-
-
-def _update_model_widths(model: nn.Module, graph: GroupGraph) -> None:
+def _update_model_widths(model: nn.Module, graph: GroupGraph, widths: dict[str, int]) -> None:
     """Keep timm's width attributes true, so reset_classifier, forward_head and features_only keep working."""
-    widths = group_widths(model, graph)
-    if graph.global_pool_group is not None and hasattr(model, "num_features"):
-        model.num_features = widths[graph.global_pool_group]
+    if graph.global_pool is not None and hasattr(model, "num_features"):
+        model.num_features = graph.width(graph.global_pool, widths)
     classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
     if hasattr(model, "head_hidden_size"):
         if isinstance(classifier, nn.Linear):
             model.head_hidden_size = classifier.in_features
-        elif "conv_head" in graph.module_out_group:
-            model.head_hidden_size = widths[graph.module_out_group["conv_head"]]
+        elif "conv_head" in graph.outputs:
+            model.head_hidden_size = graph.width(graph.outputs["conv_head"], widths)
         else:
             model.head_hidden_size = model.num_features
     feature_info = getattr(model, "feature_info", None)
     if feature_info:
         for info in feature_info:
-            group = graph.module_out_group.get(info["module"])
-            if group is not None:
-                info["num_chs"] = widths[group]
+            channels = graph.outputs.get(info["module"])
+            if channels is not None:
+                info["num_chs"] = graph.width(channels, widths)

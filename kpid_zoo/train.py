@@ -13,6 +13,9 @@ Reproducibility contract (what the resume and multi-process tests check):
     exactly the consumed batches (`accelerator.skip_first_batches`) and neither loses nor repeats a step;
   * N processes at batch b equal one process at batch b accumulating N batches, bit for bit: Accelerate deals
     whole batches round-robin, DDP averages what accumulation sums (tests/test_train.py says why it is exact).
+  * a stream source (`kpid_zoo.streams`) shards itself: the same number of batches on every process, a resume
+    that skips inside the stream, and an order that depends on the process and worker counts, which the
+    checkpoint records (a resume under another layout is refused).
 BatchNorm note: on CPU, SyncBatchNorm is unavailable, so with N processes BN normalises over the per-process
 batch, as it does over each accumulated batch in one process.
 """
@@ -38,6 +41,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from .accelerator import process_accelerator, stage_autocast, stage_grad_scaler
+from .data import first_image_shape, loader_layout, prepare_loader, skip_first_batches
 from .distill import DistillationWrapper, InnerDistillLoss, build_distillation, capture_outputs
 from .evaluate import EvalResult, evaluate
 from .files import first_mismatch, hash_files, read_json, write_json
@@ -133,7 +137,7 @@ def list_checkpoints(checkpoint_dir: str | os.PathLike) -> list:
 
 
 def _save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, state: TrainState, scheduler: LambdaLR,
-                     keep: int) -> None:
+                     keep: int, layout: Optional[dict] = None) -> None:
     """save_state into a temp dir, rename to step_N once every process has written its part, keep the last `keep`.
 
     The loop state is saved by hand rather than with `register_for_checkpointing`: registrations live as long as
@@ -148,7 +152,8 @@ def _save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, state: Trai
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        torch.save({'train_state': state.state_dict(), 'scheduler': scheduler.state_dict()}, tmp / LOOP_STATE_FILE)
+        torch.save({'train_state': state.state_dict(), 'scheduler': scheduler.state_dict(), 'loader_layout': layout},
+                   tmp / LOOP_STATE_FILE)
         # every file's sha256, inside the checkpoint before it is renamed in: a resume verifies before it loads
         write_json(tmp / CHECKSUMS, hash_files(tmp))
         if final.exists():
@@ -181,9 +186,17 @@ def latest_intact_checkpoint(checkpoint_dir: str | os.PathLike, log: Callable[[s
     return None
 
 
-def _load_checkpoint(accelerator: Accelerator, checkpoint: Path, state: TrainState, scheduler: LambdaLR) -> None:
-    accelerator.load_state(str(checkpoint))
+def _load_checkpoint(accelerator: Accelerator, checkpoint: Path, state: TrainState, scheduler: LambdaLR,
+                     layout: Optional[dict] = None) -> None:
     loop = torch.load(checkpoint / LOOP_STATE_FILE, map_location='cpu', weights_only=True)
+    saved = loop.get('loader_layout')
+    if layout is not None and saved is not None and saved != layout:
+        raise ValueError(
+            f"{checkpoint}: written with {saved['processes']} process(es) x {saved['workers']} loader worker(s), "
+            f"this run has {layout['processes']} x {layout['workers']}: a stream's sample order depends on both, "
+            f"so it resumes only under the same layout (set data.workers: {saved['workers']} and launch "
+            f"{saved['processes']} process(es), or start over without resuming)")
+    accelerator.load_state(str(checkpoint))
     state.load_state_dict(loop['train_state'])
     scheduler.load_state_dict(loop['scheduler'])
 
@@ -216,7 +229,7 @@ def finetune(student: nn.Module, teacher: Optional[nn.Module], train_loader, val
     use_teacher = teacher is not None and (gamma > 0 or kl_weight > 0)
     if use_teacher:
         if input_size is None:
-            input_size = tuple(train_loader.dataset[0][0].shape)
+            input_size = first_image_shape(train_loader.dataset)
         module = build_distillation(student, teacher, kept, points, input_size) if gamma > 0 else \
             DistillationWrapper(student, [], {})
         # The teacher is never prepared: no DDP wrapper, no grads, no optimizer state, just forward passes.
@@ -226,17 +239,26 @@ def finetune(student: nn.Module, teacher: Optional[nn.Module], train_loader, val
     criterion = InnerDistillLoss(gamma if use_teacher else 0.0, kl_weight if use_teacher else 0.0,
                                  cfg.temperature if use_teacher else 1.0, cfg.label_smoothing)
 
+    if cfg.channels_last:  # before the optimizer is made: it holds (and checkpoints) tensors of this layout
+        module.to(memory_format=torch.channels_last)
+        if use_teacher:
+            teacher.to(memory_format=torch.channels_last)
     optimizer = create_optimizer_v2(module, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                     momentum=cfg.momentum)
-    module, optimizer, train_loader = accelerator.prepare(module, optimizer, train_loader)
+    module, optimizer = accelerator.prepare(module, optimizer)
+    train_loader = prepare_loader(accelerator, train_loader)
     if val_loader is not None:
-        val_loader = accelerator.prepare_data_loader(val_loader)
+        val_loader = prepare_loader(accelerator, val_loader)
     try:
         return _train_loop(accelerator, module, teacher if use_teacher else None, optimizer, criterion,
                            train_loader, val_loader, cfg, out_dir, checkpoint_dir, resume, keep_checkpoints,
                            step_callback, progress)
     finally:
         accelerator.free_memory()  # the next stage prepares its own model, optimizer and loaders
+        if cfg.channels_last:  # the student and the teacher leave as they came: contiguous (safetensors needs it)
+            student.to(memory_format=torch.contiguous_format)
+            if use_teacher:
+                teacher.to(memory_format=torch.contiguous_format)
 
 
 def _train_loop(accelerator: Accelerator, module: nn.Module, teacher: Optional[nn.Module], optimizer, criterion,
@@ -261,14 +283,20 @@ def _train_loop(accelerator: Accelerator, module: nn.Module, teacher: Optional[n
     accelerator.wait_for_everyone()
     resumed_from = None
     intact = latest_intact_checkpoint(checkpoint_dir, accelerator.print) if resume else None
+    layout = loader_layout(train_loader)
     if intact is not None:
-        _load_checkpoint(accelerator, intact, state, scheduler)
+        _load_checkpoint(accelerator, intact, state, scheduler, layout)
         resumed_from = state.step
     tracker = JsonlTracker(out_dir / 'metrics.jsonl') if accelerator.is_main_process else None
+    # a stream says what an epoch reads, and how many samples it repeats or drops (kpid_zoo.streams)
+    stream = train_loader.dataset.describe(train_loader.num_workers) if layout is not None else None
+    if stream is not None and progress:
+        accelerator.print(stream)
     if tracker is not None:
         tracker.store_init_configuration({
             'total_steps': total_steps, 'steps_per_epoch': steps_per_epoch, 'world_size': accelerator.num_processes,
-            'resumed_from': resumed_from, 'teacher': teacher is not None, 'mixed_precision': cfg.mixed_precision})
+            'resumed_from': resumed_from, 'teacher': teacher is not None, 'mixed_precision': cfg.mixed_precision,
+            **({'stream': stream} if stream else {})})
 
     every = checkpoint_interval(cfg.checkpoint_every, total_steps)
     losses = []
@@ -277,9 +305,11 @@ def _train_loop(accelerator: Accelerator, module: nn.Module, teacher: Optional[n
     module.train()
     while state.step < total_steps:
         _set_epoch(train_loader, state.epoch)
-        loader = accelerator.skip_first_batches(train_loader, state.batch_in_epoch) if state.batch_in_epoch \
+        loader = skip_first_batches(accelerator, train_loader, state.batch_in_epoch) if state.batch_in_epoch \
             else train_loader
         for images, target in loader:
+            if cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
             torch.manual_seed(_step_seed(cfg.seed, state.epoch, state.batch_in_epoch, accelerator.process_index))
             with accelerator.accumulate(module):
                 with stage_autocast(accelerator.device, cfg.mixed_precision):
@@ -306,7 +336,7 @@ def _train_loop(accelerator: Accelerator, module: nn.Module, teacher: Optional[n
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}")
             if state.step % every == 0 or state.step == total_steps:
-                _save_checkpoint(accelerator, checkpoint_dir, state, scheduler, keep_checkpoints)
+                _save_checkpoint(accelerator, checkpoint_dir, state, scheduler, keep_checkpoints, layout)
             if step_callback is not None:
                 step_callback(state.step, metrics)
             if state.step >= total_steps or state.batch_in_epoch == 0:
@@ -314,7 +344,8 @@ def _train_loop(accelerator: Accelerator, module: nn.Module, teacher: Optional[n
     bar.close()
 
     trained = accelerator.unwrap_model(module).student
-    val = evaluate(trained, val_loader, accelerator) if val_loader is not None else None
+    val = evaluate(trained, val_loader, accelerator, channels_last=cfg.channels_last) \
+        if val_loader is not None else None
     if val is not None and tracker is not None:
         tracker.log({f'val_{k}': v for k, v in val.as_dict().items()}, step=state.step)
     train_loss = sum(losses) / len(losses) if losses else float('nan')

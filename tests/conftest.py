@@ -34,3 +34,29 @@ def cifar10_tarball() -> Path:
         return find_cifar10_tarball()
     except FileNotFoundError as e:
         pytest.skip(str(e))
+
+
+@pytest.fixture(scope='session')
+def real_jpeg_folder(cifar10_tarball, tmp_path_factory) -> Path:
+    """An ImageFolder of real CIFAR-10 JPEGs (4 classes; 24 train and 9 val images each), taken from the start of
+    the shared tarball (its test split), so reading it is quick."""
+    import tarfile
+    classes, wanted = ('airplane', 'bird', 'cat', 'ship'), {'train': 24, 'val': 9}
+    root = tmp_path_factory.mktemp('real-jpegs')
+    counts = {c: 0 for c in classes}
+    with tarfile.open(cifar10_tarball) as tf:
+        for member in tf:
+            parts = member.name.split('/')
+            if len(parts) != 4 or parts[1] != 'test' or parts[2] not in counts or not member.isfile():
+                continue
+            index = counts[parts[2]]
+            if index >= sum(wanted.values()):
+                if all(n >= sum(wanted.values()) for n in counts.values()):
+                    break
+                continue
+            split = 'train' if index < wanted['train'] else 'val'
+            folder = root / split / parts[2]
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / parts[3]).write_bytes(tf.extractfile(member).read())
+            counts[parts[2]] += 1
+    return root

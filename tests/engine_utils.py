@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
+
 import timm
 import torch
 import torch.nn as nn
@@ -32,15 +34,31 @@ def random_model(name: str, seed: int = 0, **kwargs) -> nn.Module:
     return model
 
 
+def random_keep(graph: GroupGraph, generator: torch.Generator, groups=None) -> dict[str, torch.Tensor]:
+    """Random kept channels for each group (every prunable one unless `groups`), as many in each of its blocks."""
+    keep = {}
+    for group in graph.prunable if groups is None else groups:
+        blocks = group.block_index()
+        k = int(torch.randint(1, group.size // len(blocks) + 1, (1,), generator=generator))
+        keep[group.name] = torch.cat([b[torch.randperm(len(b), generator=generator)[:k]] for b in blocks])
+    return keep
+
+
 def zero_pruned_inputs(model: nn.Module, graph: GroupGraph, keep: dict[str, torch.Tensor]) -> nn.Module:
-    """The parent with the pruned channels removed from every consumer: its input slices for them set to 0."""
+    """The parent with the pruned channels removed from every consumer: what each "in" member reads of them is 0.
+
+    A forward pre-hook masks the consumer's input, position by position, so this holds however the consumer's
+    weight is laid out (grouped convs, inputs concatenated from several groups)."""
     ref = copy.deepcopy(model)
-    for name, idx in keep.items():
-        group = graph[name]
-        dropped = torch.ones(group.size, dtype=torch.bool)
-        dropped[idx] = False
-        for member in group.members:
-            if member.role == ROLE_IN:
-                with torch.no_grad():
-                    ref.get_submodule(member.module).weight[:, dropped] = 0
+    masks = graph.masks(keep)
+    for member, channels in graph.layouts.items():
+        if member.role != ROLE_IN or not any(gi in masks for gi in np.unique(channels.group)):
+            continue
+        mask = torch.zeros(len(channels), dtype=torch.float64)
+        mask[torch.from_numpy(channels.kept(masks))] = 1
+
+        def hook(module, args, mask=mask):
+            x = args[0]
+            return (x * mask.to(x.dtype).view(1, -1, *([1] * (x.dim() - 2))),) + tuple(args[1:])
+        ref.get_submodule(member.module).register_forward_pre_hook(hook)
     return ref

@@ -22,15 +22,30 @@ from kpid_zoo.files import file_sha256
 from kpid_zoo.flops import count_flops
 
 
-def test_readme_main_command_builds_the_tiny_cifar10_entry(tmp_path, repo_root, cifar10_tarball):
-    """The README's main job, end to end (about 5 CPU-minutes): it runs in CI, so the contract command stays green."""
+# Floors for the README's main job (docs/main_job.md, full test set): seed 0 gave parent 79.34% / pruned 79.90%,
+# seed 1 80.42% / 80.10%, so 1.1 points between seeds for the parent and -0.3 to +0.6 for pruned minus parent.
+# Another CPU (AVX2 vs AVX-512 kernels round differently) or another torch/timm takes another training path, as
+# another seed does. The floors sit about ten points (8x the seed spread, 25 binomial SE of a 10,000-image top-1)
+# under the measured parents, and five points under the parent for the pruned net. They still catch what matters:
+# an untrained or broken parent (chance is 10%, and so is the ImageNet net with its fresh 10-class head) and a
+# pruned net left unrecovered (straight out of pruning, before the fine-tune, seed 0's scored 17% on 2000 images).
+MAIN_JOB_PARENT_TOP1_FLOOR = 70.0
+MAIN_JOB_PRUNED_MAX_DROP = 5.0
+
+
+def test_readme_main_command_builds_the_cifar10_entry(tmp_path, repo_root, cifar10_tarball):
+    """The README's main job, end to end (about 13 CPU-minutes, 6-8 minutes on 2 idle cores): it runs in CI, so the
+    contract command stays green and keeps giving what the README says it gives."""
     out, work = tmp_path / "export", tmp_path / "work"
-    recipe = repo_root / "recipes" / "kpid_resnet18_cifar10_tiny.yaml"
+    recipe = repo_root / "recipes" / "kpid_effnet_lite0_cifar10.yaml"
     assert main(["build", str(recipe), "--out", str(out), "--work", str(work), "--quiet"]) == 0
     metrics = json.loads((out / "config.json").read_text())["kpid"]["metrics"]
-    assert metrics["top1"] > 20.0  # well above chance (10%) after the short CPU schedule
+    assert metrics["n"] == 10_000 and metrics["split"] == "test"  # the full CIFAR-10 test set
+    assert metrics["parent_top1"] >= MAIN_JOB_PARENT_TOP1_FLOOR
+    assert metrics["top1"] >= metrics["parent_top1"] - MAIN_JOB_PRUNED_MAX_DROP
     report = json.loads((work / "pruned" / "report.json").read_text())
-    assert report["target_gmacs"] * 0.95 <= report["achieved_gmacs"] <= report["target_gmacs"]
+    assert report["target_gmacs"] == pytest.approx(0.5 * report["parent_gmacs"])
+    assert report["target_gmacs"] * 0.98 <= report["achieved_gmacs"] <= report["target_gmacs"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -261,6 +276,7 @@ def test_a_dead_builds_lock_and_staging_are_cleaned_a_live_one_refuses(reference
     args = ["build", str(recipe), "--out", str(out), "--work", str(work), "--quiet"]
     assert main(args) == 0
     assert not any(p.exists() for p in leftovers) and not (work / "build.lock").exists()
+    assert not (out.parent / f".{out.name}.build.lock").exists()  # the export's lock goes with the build
 
     (work / "build.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                                  "started": "2026-01-01T00:00:00+00:00"}))
@@ -268,3 +284,19 @@ def test_a_dead_builds_lock_and_staging_are_cleaned_a_live_one_refuses(reference
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{work} is being built by process {os.getpid()}" in err
+
+
+def test_a_second_work_folder_building_into_the_same_export_is_refused(reference, tmp_path, capsys):
+    """Two builds with their own work folders but one --out would replace each other's export (and remove each
+    other's staging): the export folder has a lock of its own."""
+    recipe, out, work = _copy_build(reference, tmp_path)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    lock = out.parent / f".{out.name}.build.lock"
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                "started": "2026-01-01T00:00:00+00:00"}))
+    capsys.readouterr()
+    assert main(["build", str(recipe), "--out", str(out), "--work", str(tmp_path / "other-work"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{out} is being built by process {os.getpid()}" in err, err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    assert not (tmp_path / "other-work" / "build.lock").exists()  # the work lock taken first was released

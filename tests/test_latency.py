@@ -62,7 +62,12 @@ def test_interpolation_is_exact_on_the_grid_and_linear_between():
 def _flops_table(cost: CostModel) -> LatencyCostModel:
     """A 'latency' table whose every layer costs its FLOPs: sampled on the latency grid like a measured one."""
     terms = []
-    for i, (coef, groups) in enumerate(cost.terms):
+    for i, (coef, factors) in enumerate(cost.terms):
+        # one axis per factor (a dimension of the layer: width / full of one group, no concatenations in these
+        # nets); a conv whose input and output are one group (a residual around it) has that group on two axes,
+        # which multilinear interpolation evaluates exactly on the diagonal
+        assert all(c == 0 and len(weights) == 1 for c, weights in factors)
+        groups = tuple(weights[0][0] for _, weights in factors)
         points = tuple(sample_widths(cost.sizes[g]) for g in groups)
         values = np.zeros([len(p) for p in points])
         for index in itertools.product(*(range(len(p)) for p in points)):

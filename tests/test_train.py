@@ -256,3 +256,38 @@ def test_bf16_mixed_precision_run(image_folder, tmp_path):
     assert result['steps'] == 4 and math.isfinite(result['train_loss']) and result['val']['n'] == 30
     weights = load_file(str(tmp_path / 'bf16' / 'final.safetensors'))
     assert all(v.dtype == torch.float32 for v in weights.values())  # master weights stay fp32
+
+
+def test_channels_last_distillation_resumes_bit_for_bit_and_leaves_models_contiguous(image_folder, tmp_path):
+    """`channels_last: true` (NHWC while training, a CPU speed-up for depthwise convs) with inner KD: a run stopped
+    after its step-4 checkpoint and resumed ends bit-identical to an uninterrupted one (the optimizer state saved
+    and loaded in that layout), and the student and the teacher are handed back contiguous, as safetensors needs."""
+    torch.manual_seed(0)
+    teacher = timm.create_model('mobilenetv3_small_050', num_classes=3).eval()
+    data = DataSpec(dataset='imagefolder', root=str(image_folder), num_classes=3, batch_size=8, workers=0)
+    bundle = create_loaders(data, teacher, input_size=(3, 32, 32))
+    cfg = FinetuneSpec(epochs=1, lr=0.02, checkpoint_every=2, seed=0, channels_last=True, kd_logits_weight=0.5)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_4(step, _metrics):
+        if step == 4:
+            raise Stop
+
+    def run(out, callback=None):
+        torch.manual_seed(1)
+        student = timm.create_model('mobilenetv3_small_050', num_classes=3)  # same widths: every point projects
+        return finetune(student, teacher, bundle.train_loader, bundle.val_loader, cfg, out, progress=False,
+                        step_callback=callback)
+
+    straight = run(tmp_path / 'straight')
+    with pytest.raises(Stop):
+        run(tmp_path / 'stopped', stop_after_4)
+    resumed = run(tmp_path / 'stopped')
+    assert resumed.resumed_from == 4 and resumed.steps == straight.steps == 9
+    assert resumed.val.top1 == straight.val.top1
+    for model in (straight.model, resumed.model, teacher):
+        assert all(t.is_contiguous() for t in model.state_dict().values())
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
