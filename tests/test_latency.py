@@ -192,6 +192,49 @@ def test_table_calibration_goes_through_both_measured_ends(tiny):
     assert table.layer_scale == 1 and table.at(table.sizes) == pytest.approx(table.full_ms, rel=1e-9)
 
 
+class _TwoBranches(torch.nn.Module):
+    """Two convs concatenated, then a BN and a conv that read both groups side by side; the second branch is a
+    grouped conv (4 conv-groups), whose group takes widths in multiples of 4."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.b1 = torch.nn.Conv2d(3, 16, 1)
+        self.b2 = torch.nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.bn = torch.nn.BatchNorm2d(24)
+        self.head = torch.nn.Conv2d(24, 8, 1)
+
+    def forward(self, x):
+        return self.head(self.bn(torch.cat([self.a(x), self.b2(self.b1(x))], 1)))
+
+
+def test_a_table_times_concatenated_inputs_and_grouped_convs_at_their_narrowed_widths():
+    net = _TwoBranches().eval()
+    graph = discover_groups(net, (3, 16, 16))
+    shapes = []
+
+    def run_once(fn, setting, *, warmup, repeats):  # runs the narrowed layer on the input it was given, once
+        shapes.append(tuple(fn().shape))
+        return Timing.of([1.0])
+
+    table = lat.build_table(net, graph, 'two_branches', (3, 16, 16), SETTING, fractions=(0.5, 1.0), warmup=0,
+                            repeats=1, timer=run_once, progress=False)
+    terms = {t.module: t for t in table.terms}
+    # the BN and the head read the concatenation: their terms depend on both branches' groups
+    assert set(terms['bn'].groups) == set(terms['head'].groups) == {'a', 'b2'}
+    parts = {g.name: g.parts for g in graph.prunable}
+    assert parts == {'a': 1, 'b1': 4, 'b2': 4}
+    assert all(w % parts[g] == 0 for t in table.terms for g, p in zip(t.groups, t.points) for w in p)
+    assert len(shapes) == sum(t.values.size for t in table.terms) + 2  # every grid point ran, and both whole nets
+
+
+def test_a_layer_reading_too_many_groups_is_one_line_naming_it():
+    net = timm.create_model('densenet121').eval()
+    with pytest.raises(ValueError, match=r"layer 'features\.denseblock1\.denselayer\d\.\w+' holds channels of \d "
+                                         r"prunable groups \(a concatenation\).*FLOPs budget"):
+        lat.check_timeable(net, discover_groups(net, (3, 32, 32)))
+
+
 @pytest.mark.parametrize('section, message', [
     ({'latency_ms': 4.0, 'latency_ratio': 0.5}, 'budget: expected exactly one of latency_ms / latency_ratio, got both'),
     ({'device': 'tpu', 'latency_ms': 4.0}, "budget.device: expected one of 'cpu', 'cuda', got 'tpu'"),
