@@ -500,6 +500,6 @@ def latency_table(model: nn.Module, graph: GroupGraph, arch: str, input_size: tu
     return table
 
 
-__all__ = ['LatencySetting', 'check_timeable', 'Timing', 'Noise', 'LatencyTerm', 'LatencyCostModel', 'check_device', 'device_name',
-           'time_callable', 'measure_model', 'measure_noise', 'build_table', 'calibrate', 'latency_table',
-           'table_key', 'cache_path', 'load_cached', 'save_cached', 'sample_widths']
+__all__ = ['LatencySetting', 'Timing', 'Noise', 'LatencyTerm', 'LatencyCostModel', 'check_device', 'device_name',
+           'check_timeable', 'time_callable', 'measure_model', 'measure_noise', 'build_table', 'calibrate',
+           'latency_table', 'table_key', 'cache_path', 'load_cached', 'save_cached', 'sample_widths']
