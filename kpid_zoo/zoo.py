@@ -22,8 +22,8 @@ __all__ = ['ZOO_DIR', 'RECIPES_DIR', 'ZooRecord', 'load_record', 'load_records',
            'find_recipe']
 
 ZOO_DIR = Path(__file__).parent / 'zoo'
-# The packaged copies of the repository's recipes/ (a test keeps them identical), so an installed kpid-zoo builds an
-# entry by name: `kpid-zoo build kpid_effnet_b0`.
+# The zoo's recipes, packaged (the repository's recipes/ is a link here), so an installed kpid-zoo builds an entry
+# by name: `kpid-zoo build kpid_effnet_b0`.
 RECIPES_DIR = Path(__file__).parent / 'recipes'
 RECORD_VERSION = 1
 

@@ -33,9 +33,10 @@ MAIN_JOB_PARENT_TOP1_FLOOR = 70.0
 MAIN_JOB_PRUNED_MAX_DROP = 5.0
 
 
+@pytest.mark.slow
 def test_readme_main_command_builds_the_cifar10_entry(tmp_path, repo_root, cifar10_tarball):
-    """The README's main job, end to end (about 13 CPU-minutes, 6-8 minutes on 2 idle cores): it runs in CI, so the
-    contract command stays green and keeps giving what the README says it gives."""
+    """The README's main job, end to end, with the accuracy it promises (about 13 CPU-minutes, 6-8 minutes on 2 idle
+    cores: more than the CI budget leaves, so CI runs the same recipe on a subset, below)."""
     out, work = tmp_path / "export", tmp_path / "work"
     recipe = repo_root / "recipes" / "kpid_effnet_lite0_cifar10.yaml"
     assert main(["build", str(recipe), "--out", str(out), "--work", str(work), "--quiet"]) == 0
@@ -46,6 +47,30 @@ def test_readme_main_command_builds_the_cifar10_entry(tmp_path, repo_root, cifar
     report = json.loads((work / "pruned" / "report.json").read_text())
     assert report["target_gmacs"] == pytest.approx(0.5 * report["parent_gmacs"])
     assert report["target_gmacs"] * 0.98 <= report["achieved_gmacs"] <= report["target_gmacs"]
+
+
+def test_readme_main_recipe_runs_every_stage_on_a_cifar10_subset(tmp_path, repo_root, cifar10_tarball):
+    """The README's recipe through the README's command, every field as shipped but the data: 640 training images
+    (10 steps of parent adaptation, 5 of distillation) and 500 test images, one thread (about a minute).
+
+    What the subset can vouch for is that every stage runs for this recipe and the export loads; accuracy after 10
+    steps can only be checked against chance: the adapted parent measured 27% top-1 here, and the floor of 16% sits
+    4.5 binomial standard errors (sqrt(0.1 * 0.9 / 500) = 1.3 points) above chance, 11 points under that figure."""
+    recipe = yaml.safe_load((repo_root / "recipes" / "kpid_effnet_lite0_cifar10.yaml").read_text())
+    recipe["data"].update(train_subset=640, val_subset=500, root=str(cifar10_tarball))
+    path = tmp_path / "main_job_subset.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    out, work = tmp_path / "export", tmp_path / "work"
+    # one thread, as the determinism tests below: two threads on two busy cores wait on each other (10x slower)
+    _finish(_start(path, out, work))
+    metrics = json.loads((out / "config.json").read_text())["kpid"]["metrics"]
+    assert metrics["n"] == 500 and metrics["split"] == "test"
+    assert metrics["parent_top1"] >= 16.0
+    report = json.loads((work / "pruned" / "report.json").read_text())
+    assert report["target_gmacs"] == pytest.approx(0.5 * report["parent_gmacs"])
+    assert report["target_gmacs"] * 0.98 <= report["achieved_gmacs"] <= report["target_gmacs"]
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 10)
 
 
 # ---------------------------------------------------------------------------------------------------------------
