@@ -400,6 +400,17 @@ def verdict(by: dict) -> list:
                     out.append(f'- {words}, {model} at {ratio:.0%}: KPID {k["top1"]:.1f} vs {METHODS[m]} '
                                f'{b["top1"]:.1f} top-1 ({d:+.1f}, 2 SE of the difference = {2 * noise:.1f}): '
                                f'KPID {word}.')
+    for model in MODELS:
+        for ratio in RATIOS:
+            done = {m: c for m in METHODS if complete(c := by.get((model, ratio, m)))}
+            if len(done) == len(METHODS):
+                most = max(done, key=lambda m: done[m]['gmacs'])
+                spread = max(c['gmacs_max'] for c in done.values()) / min(c['gmacs_min'] for c in done.values()) - 1
+                if spread > 0.01:
+                    out.append(f'- {model} at {ratio:.0%}: the FLOPs of the arms differ by {100 * spread:.1f}% '
+                               f'(more than the 1% asked for: Torch-Pruning\'s global ratio moves in steps); '
+                               f'{METHODS[most]} has the most ({100 * done[most]["gmacs"] / done[most]["parent_gmacs"]:.1f}% '
+                               'of the parent on average), which favours it.')
     parents = {key[0]: c for key, c in by.items() if key[2] == 'parent' and complete(c)}
     gaps = [parents[key[0]]['bn_reestimated']['top1'] - c['bn_reestimated']['top1']
             for key, c in by.items() if key[2] != 'parent' and key[0] in parents and complete(c)]
