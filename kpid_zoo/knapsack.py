@@ -220,9 +220,6 @@ def solve_for_budget(importance: dict[str, torch.Tensor], cost: Cost, widths: di
     return best[1]
 
 
-solve_for_flops = solve_for_budget  # the name callers knew when FLOPs were the only cost
-
-
 def _lp_bound(cum: dict[str, np.ndarray], unit_cost: dict[str, float], budget: float,
               choices: dict[str, list[int]]) -> float:
     """Greedy fractional fill of the width increments; exact for the LP because values are concave in width."""

@@ -183,6 +183,11 @@ def _result(parent: nn.Module, graph: GroupGraph, arch: str, input_size: tuple[i
     return PruneResult(model, spec, keep, graph, report)
 
 
+def group_width_choices(graph: GroupGraph, min_channels: int, round_to: int) -> dict[str, list[int]]:
+    """The widths each prunable group may take (a grouped conv's group: multiples of its conv-group count)."""
+    return {g.name: width_choices(g.size, min_channels, round_to, g.parts) for g in graph.prunable}
+
+
 def check_target(parent: nn.Module, graph: GroupGraph, target_gmacs: float, *, arch: str,
                  input_size: tuple[int, int, int], min_channels: int = 8, round_to: int = 8
                  ) -> tuple[FlopsReport, CostModel, dict[str, list[int]]]:
@@ -199,7 +204,7 @@ def check_target(parent: nn.Module, graph: GroupGraph, target_gmacs: float, *, a
         raise ValueError(f"{arch}: FLOPs target {target_gmacs:.4g} GMACs is not below the parent's "
                          f"{parent_flops.gmacs:.4g} GMACs at {input_size}")
     cost = CostModel.from_flops(parent, graph, parent_flops)
-    choices = {g.name: width_choices(g.size, min_channels, round_to, g.parts) for g in graph.prunable}
+    choices = group_width_choices(graph, min_channels, round_to)
     floor = cost.flops({g: ch[0] for g, ch in choices.items()})
     if target < floor:
         raise ValueError(f"{arch}: FLOPs target {target_gmacs:.4g} GMACs is below the smallest reachable "
@@ -234,7 +239,7 @@ def check_latency_budget(parent: nn.Module, graph: GroupGraph, budget: BudgetSpe
         target = budget.resolve_target(parent_timing.median_ms)
     except ValueError as e:
         raise ValueError(f"{arch}: {e} {where}") from None
-    choices = {g.name: width_choices(g.size, min_channels, round_to, g.parts) for g in graph.prunable}
+    choices = group_width_choices(graph, min_channels, round_to)
     smallest = prune_model(parent, graph, {g.name: g.leading(choices[g.name][0]) for g in graph.prunable})
     smallest_timing = measure(smallest, input_size, setting)
     if target < smallest_timing.median_ms:
