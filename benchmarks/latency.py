@@ -6,9 +6,11 @@ stock net's GMACs, the parent pruned by the latency knapsack (`kpid_zoo.latency`
 latency, and the parent itself; plus timm's efficientnet_b1_pruned (the KPID authors' widths) beside
 efficientnet_b0. Weights are random (latency does not depend on them; no Hub here); importance is magnitude (no
 data needed). Two settings: batch 1 on 1 thread at 224 px, and batch 32 on all threads at 64 px (224 px would
-take about an hour of lookup tables on 2 cores; its table samples 3 widths per group instead of 5). The final
-timings interleave the arms (round-robin over every net within each repeat, so machine noise hits all arms
-alike); each arm's ratio to its stock net is taken repeat by repeat, reported as median and interquartile range.
+take about an hour of lookup tables on 2 cores; its table samples 3 widths per group instead of 5). Every
+comparison is a pair timed in alternation (`kpid_zoo.latency.measure_paired`, ABBA): the latency budget is
+`latency_of: <stock net>`, so the loop times each candidate beside the stock net, and so does the final table;
+the ratio is taken call pair by call pair and reported as median and interquartile range, so what the machine
+does meanwhile hits both nets of a pair alike.
 
     python benchmarks/latency.py            # ~10 minutes on 2 quiet cores; writes docs/latency_benchmark.{md,png}
     python benchmarks/latency.py --quick    # smaller inputs and fewer repeats, for a smoke run (no docs written)
@@ -31,8 +33,7 @@ import torch
 from kpid_zoo.flops import count_flops, count_params
 from kpid_zoo.groups import discover_groups
 from kpid_zoo.importance import magnitude_importance
-from kpid_zoo.latency import (GRID_FRACTIONS, LatencySetting, Timing, device_name, example_input, fixed_threads,
-                              measure_model)
+from kpid_zoo.latency import GRID_FRACTIONS, LatencySetting, device_name, measure_paired
 from kpid_zoo.prune import knapsack_prune, latency_knapsack_prune
 from kpid_zoo.recipe import BudgetSpec
 
@@ -50,8 +51,8 @@ class Setting:
     label: str
     latency: LatencySetting
     px: int
-    repeats: int          # interleaved rounds of the final comparison
-    measure_repeats: int  # timed calls per measurement inside the pruning loop
+    repeats: int          # call pairs of each final comparison with the stock net
+    measure_repeats: int  # call pairs per measurement inside the pruning loop
     table_repeats: int    # timed calls per grid point of the lookup table
     fractions: tuple[float, ...] = GRID_FRACTIONS  # the table's width grid
 
@@ -79,60 +80,38 @@ def prune_arms(parent_name: str, stock_name: str, settings: list[Setting], log) 
     log(f"  {parent_name}: FLOPs knapsack -> {flops_net.report.achieved_gmacs:.3f} GMACs "
         f"(stock {stock_name} {stock_gmacs:.3f}) in {time.time() - t0:.0f}s")
     arms = {"flops": flops_net.model, "latency": {}, "latency_reports": {}}
-    stock = create(stock_name)
     for s in settings:
         input_size = (3, s.px, s.px)
 
-        def measure(model, input_size, setting, _s=s):
-            return measure_model(model, input_size, setting, warmup=2, repeats=_s.measure_repeats)
-        measure(stock, input_size, s.latency)  # untimed: a network's first calls at a new batch run cold
-        stock_ms = measure(stock, input_size, s.latency).median_ms
-        budget = BudgetSpec(latency_ms=stock_ms, device="cpu", batch_size=s.latency.batch_size,
-                            threads=s.latency.threads, tolerance=0.05)
+        def compare(model, reference, input_size, setting, _s=s):
+            return measure_paired(model, reference, input_size, setting, warmup=2, repeats=_s.measure_repeats)
         t0 = time.time()
         graph_s = discover_groups(parent, input_size)
+        budget = BudgetSpec(latency_of=stock_name, device="cpu", batch_size=s.latency.batch_size,
+                            threads=s.latency.threads, tolerance=0.05)
         try:
             result = latency_knapsack_prune(parent, graph_s, importance, budget, arch=parent_name,
-                                            input_size=input_size, measure=measure, progress=False, log=log,
+                                            input_size=input_size, compare=compare, progress=False, log=log,
                                             table_kwargs={"warmup": 1, "repeats": s.table_repeats,
                                                           "fractions": s.fractions})
         except ValueError as e:  # the stock net is faster than anything the parent can be pruned to
             log(f"  {parent_name} [{s.label}]: no latency-knapsack net: {e}")
             arms["latency"][s.label] = None
-            arms["latency_reports"][s.label] = {"budget_ms": stock_ms, "unreachable": str(e)}
+            arms["latency_reports"][s.label] = {"unreachable": str(e)}
             continue
         out = result.report.latency
-        log(f"  {parent_name} [{s.label}]: latency knapsack to {stock_name}'s {stock_ms:.2f} ms -> measured "
-            f"{out.measured_ms:.2f} ms, {result.report.achieved_gmacs:.3f} GMACs, {len(result.report.rounds)} "
+        log(f"  {parent_name} [{s.label}]: latency knapsack to {stock_name}'s {out.budget_ms:.2f} ms -> measured "
+            f"{out.measured_ms:.2f} ms beside it, {result.report.achieved_gmacs:.3f} GMACs, {len(result.report.rounds)} "
             f"rounds in {time.time() - t0:.0f}s{' (' + out.note + ')' if out.note else ''}")
         arms["latency"][s.label] = result.model
-        arms["latency_reports"][s.label] = {"budget_ms": stock_ms, "rounds": result.report.rounds,
+        arms["latency_reports"][s.label] = {"budget_ms": out.budget_ms, "parent_ms": out.parent_ms,
+                                            "rounds": result.report.rounds,
                                             "measured_ms": out.measured_ms, "within_budget": out.within_budget,
                                             "noise": out.noise, "note": out.note,
                                             "gmacs": result.report.achieved_gmacs}
     arms["flops_gmacs"] = flops_net.report.achieved_gmacs
     return arms
 
-
-def interleaved(nets: dict[str, torch.nn.Module], setting: Setting) -> dict[str, list[float]]:
-    """Round-robin timing: in every repeat each net runs once (after one warm-up call), in the same order."""
-    x = example_input((3, setting.px, setting.px), setting.latency)
-    samples = {name: [] for name in nets}
-    with fixed_threads(setting.latency), torch.inference_mode():
-        for net in nets.values():
-            net(x), net(x)  # warm-up: allocator, oneDNN primitives
-        for _ in range(setting.repeats):
-            for name, net in nets.items():
-                t0 = time.perf_counter()
-                net(x)
-                samples[name].append((time.perf_counter() - t0) * 1e3)
-    return samples
-
-
-def ratio_stats(arm: list[float], stock: list[float]) -> tuple[float, float, float]:
-    ratios = [a / s for a, s in zip(arm, stock)]
-    t = Timing.of(ratios)
-    return t.median_ms, t.q1_ms, t.q3_ms
 
 
 def main() -> None:
@@ -149,9 +128,9 @@ def main() -> None:
     if args.quick:
         settings = [Setting("batch 1, 1 thread, 96 px", LatencySetting("cpu", 1, 1), 96, 5, 5, 3)]
     else:
-        settings = [Setting("batch 1, 1 thread, 224 px", LatencySetting("cpu", 1, 1), 224, 30, 9, 5),
+        settings = [Setting("batch 1, 1 thread, 224 px", LatencySetting("cpu", 1, 1), 224, 40, 12, 5),
                     # batch 32 at 224 px would take an hour of tables on 2 cores: 64 px, a coarser grid
-                    Setting(f"batch 32, {cores} threads, 64 px", LatencySetting("cpu", 32, cores), 64, 8, 3, 2,
+                    Setting(f"batch 32, {cores} threads, 64 px", LatencySetting("cpu", 32, cores), 64, 24, 10, 2,
                             (0.25, 0.5, 1.0))]
     started, load_before = time.time(), load_avg()
     log = lambda m: print(m, flush=True)  # noqa: E731
@@ -159,32 +138,27 @@ def main() -> None:
     arms = {parent: prune_arms(parent, stock, settings, log) for parent, stock in CASES}
     results = {}
     for s in settings:
-        nets = {}
+        pairs = []  # (name, net, stock name): each timed in alternation with its stock net
         for parent, stock in CASES:
-            nets[stock] = create(stock)
-            nets[f"{parent} FLOPs-knapsack"] = arms[parent]["flops"]
+            pairs.append((f"{parent} FLOPs-knapsack", arms[parent]["flops"], stock))
             if arms[parent]["latency"][s.label] is not None:
-                nets[f"{parent} latency-knapsack"] = arms[parent]["latency"][s.label]
-            nets[parent] = create(parent)
-        for extra, _ in EXTRA:
-            nets[extra] = create(extra)
+                pairs.append((f"{parent} latency-knapsack", arms[parent]["latency"][s.label], stock))
+            pairs.append((parent, create(parent), stock))
+        pairs += [(extra, create(extra), stock) for extra, stock in EXTRA]
+        stocks = {stock: create(stock) for _, stock in CASES + EXTRA}
         size = (3, s.px, s.px)
-        gmacs = {name: count_flops(net, size).gmacs for name, net in nets.items()}
-        params = {name: count_params(net) / 1e6 for name, net in nets.items()}
-        log(f"timing {len(nets)} nets interleaved, {s.repeats} rounds [{s.label}]")
-        samples = interleaved(nets, s)
+        log(f"timing {len(pairs)} nets, each beside its stock net, {s.repeats} call pairs [{s.label}]")
         rows = []
-        stock_of = {**{f"{p} FLOPs-knapsack": q for p, q in CASES}, **{f"{p} latency-knapsack": q for p, q in CASES},
-                    **{p: q for p, q in CASES}, **{q: q for _, q in CASES}, **dict(EXTRA)}
-        for name, ms in samples.items():
-            t = Timing.of(ms)
-            r, r1, r3 = ratio_stats(ms, samples[stock_of[name]])
-            rows.append({"net": name, "stock": stock_of[name], "gmacs": gmacs[name], "params_m": params[name],
-                         "median_ms": t.median_ms, "q1_ms": t.q1_ms, "q3_ms": t.q3_ms, "min_ms": t.min_ms,
-                         "ratio": r, "ratio_q1": r1, "ratio_q3": r3,
-                         "min_ratio": t.min_ms / min(samples[stock_of[name]]), "samples_ms": ms})
-            log(f"  {name:<42} {gmacs[name]:6.3f} GMACs {t.median_ms:9.2f} ms [{t.q1_ms:.2f}-{t.q3_ms:.2f}]  "
-                f"x{r:.3f} [{r1:.3f}-{r3:.3f}] of {stock_of[name]}")
+        for name, net, stock in pairs:
+            measure_paired(net, stocks[stock], size, s.latency, warmup=2, repeats=2)  # cold calls, discarded
+            p = measure_paired(net, stocks[stock], size, s.latency, warmup=2, repeats=s.repeats)
+            rows.append({"net": name, "stock": stock, "gmacs": count_flops(net, size).gmacs,
+                         "stock_gmacs": count_flops(stocks[stock], size).gmacs, "params_m": count_params(net) / 1e6,
+                         "median_ms": p.model.median_ms, "q1_ms": p.model.q1_ms, "q3_ms": p.model.q3_ms,
+                         "stock_ms": p.reference.median_ms, "ratio": p.ratio.median_ms, "ratio_q1": p.ratio.q1_ms,
+                         "ratio_q3": p.ratio.q3_ms, "min_ratio": p.model.min_ms / p.reference.min_ms})
+            log(f"  {name:<42} {rows[-1]['gmacs']:6.3f} GMACs {p.model.median_ms:9.2f} ms  x{p.ratio.median_ms:.3f} "
+                f"[{p.ratio.q1_ms:.3f}-{p.ratio.q3_ms:.3f}] of {stock} ({p.reference.median_ms:.2f} ms)")
         results[s.label] = {"rows": rows, "px": s.px, "batch_size": s.latency.batch_size,
                             "threads": s.latency.threads, "repeats": s.repeats,
                             "loops": {p: arms[p]["latency_reports"][s.label] for p, _ in CASES}}
@@ -226,38 +200,37 @@ def write_doc(meta: dict, results: dict) -> None:
              + (" **The machine was not quiet**: other jobs shared its 2 cores throughout, so every figure here "
                 "carries their noise, the 2-thread setting most (a 2-thread forward pass waits at each barrier for "
                 "whichever thread was preempted)." if float(meta["load_before"].split()[0]) > 1.5 else ""), "",
-             "The pruning loop times each candidate alone, back to back (its weights stay warm in the caches); "
-             "the comparison below runs every net in turn, so each call starts with the others' data in the "
-             "caches. A latency-knapsack net measured at its budget in the loop can therefore land above it here.",
-             "",
+             "Every figure is a pair timed in alternation (ABBA, `kpid_zoo.latency.measure_paired`), the way the "
+             "pruning loop times its candidates: each net below beside its stock net, after discarded cold calls; "
+             "the ratio is taken call pair by call pair and reported as median [IQR]; the ratio of the two "
+             "fastest calls (least disturbed on a busy machine) is given too.", "",
              "Random-init weights (latency does not depend on them), magnitude importance, `round_to: 8`, "
-             "`min_channels: 8`. Per setting, every net is timed once per round, round-robin, after two warm-up "
-             "calls; the ratio to the stock net is taken round by round and reported as median [IQR]; on a busy "
-             "machine the fastest call of each net (min ms) is the one least disturbed, so the ratio of minimums "
-             "is given too. "
-             "FLOPs-knapsack: the parent pruned to the stock net's GMACs at 224 px (one architecture for both "
-             "settings). Latency-knapsack: the parent pruned to the stock net's latency as measured just before, "
-             "in that setting (its own lookup table, 5% tolerance, widened to twice the measured noise where "
-             "that is larger). Lookup tables are reused from the cache when one was measured for the same key. "
-             "No GPU was lent to this task: the GPU column (item 5 of the issue) is not measured.", ""]
+             "`min_channels: 8`. FLOPs-knapsack: the parent pruned to the stock net's GMACs at 224 px (one "
+             "architecture for both settings). Latency-knapsack: the parent pruned to the stock net's latency in "
+             "that setting (`budget: {latency_of: <stock net>}`: its own lookup table; 5% tolerance, widened to "
+             "twice the A/A noise where that is larger; every candidate timed beside the stock net, the budget "
+             "being the stock net's time in its A/A test). Lookup tables are reused from the cache "
+             "when one was measured for the same key. No GPU was lent to this task: the GPU column (item 5 of the "
+             "issue) is not measured.", ""]
     fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.8), dpi=110, squeeze=False)
     for ax, (label, res) in zip(axes[0], results.items()):
         lines += [f"## {label}", "",
-                  "| net | GMACs | params (M) | median ms [IQR] | x stock [IQR] | stock | vs stock | min ms | "
-                  "x stock (mins) |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| net | GMACs | params (M) | median ms [IQR] | stock net (GMACs, ms beside it) | x stock [IQR] | "
+                  "vs stock | x stock (fastest calls) |", "|---|---|---|---|---|---|---|---|"]
         for r in res["rows"]:
-            mins = (f" {r['min_ms']:.2f} | {r['min_ratio']:.3f} |" if "min_ms" in r else " - | - |")
             lines.append(f"| {r['net']} | {r['gmacs']:.3f} | {r['params_m']:.2f} | {r['median_ms']:.2f} "
-                         f"[{r['q1_ms']:.2f}-{r['q3_ms']:.2f}] | {r['ratio']:.3f} [{r['ratio_q1']:.3f}-"
-                         f"{r['ratio_q3']:.3f}] | {r['stock']} | {verdict(r)} |{mins}")
+                         f"[{r['q1_ms']:.2f}-{r['q3_ms']:.2f}] | {r['stock']} ({r['stock_gmacs']:.3f}, "
+                         f"{r['stock_ms']:.2f}) | {r['ratio']:.3f} [{r['ratio_q1']:.3f}-{r['ratio_q3']:.3f}] | "
+                         f"{verdict(r)} | {r['min_ratio']:.3f} |")
         lines += ["", "Latency-knapsack loop, predicted (table, corrected) vs measured ms per round:", ""]
         for parent, loop in res["loops"].items():
             if "unreachable" in loop:
-                lines.append(f"- {parent}: budget {loop['budget_ms']:.2f} ms: no net: {loop['unreachable']}")
+                lines.append(f"- {parent}: no net: {loop['unreachable']}")
                 continue
             rounds = ", ".join(f"{r['predicted_ms']:.2f}/{r['measured_ms']:.2f}" for r in loop["rounds"])
             status = "within budget" if loop["within_budget"] else "NOT within budget"
-            lines.append(f"- {parent}: budget {loop['budget_ms']:.2f} ms -> {rounds} ({status}, noise "
+            lines.append(f"- {parent}: budget {loop['budget_ms']:.2f} ms (parent {loop['parent_ms']:.2f} ms) "
+                         f"-> {rounds} ({status}, A/A noise "
                          f"{100 * loop['noise']:.1f}%){'; ' + loop['note'] if loop['note'] else ''}")
         lines.append("")
         pruned = [r for r in res["rows"] if "knapsack" in r["net"] or r["net"].endswith("_pruned")]

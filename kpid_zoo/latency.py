@@ -11,8 +11,11 @@ dispatch, residual adds, gates) and a scale from layers timed alone to layers in
 on disk per (device, processor, torch, parent, input size, batch, threads).
 
 Measurement (`time_callable`): warm-up calls first, then many timed calls under `torch.inference_mode` with the
-thread count fixed, reported as median and quartiles. `measure_noise` times the same network several times: the
-spread of those medians is what a difference must exceed before the pruning loop trusts it.
+thread count fixed, reported as median and quartiles. The pruning loop never compares timings taken apart:
+`measure_paired` times a candidate in alternation with the parent and keeps the per-call ratio, so both see the
+same machine (other jobs, clock, caches); a candidate's milliseconds are that ratio times the parent's time at the
+start. `measure_noise` is the A/A test: the parent paired with itself several times, the spread of those ratios
+is what a difference must exceed before the loop trusts it.
 """
 from __future__ import annotations
 
@@ -77,6 +80,19 @@ class Timing:
     def relative_iqr(self) -> float:
         return (self.q3_ms - self.q1_ms) / self.median_ms if self.median_ms > 0 else 0.0
 
+    def scaled(self, factor: float) -> Timing:
+        """Every figure times `factor`: a ratio to the parent, scaled by the parent's milliseconds."""
+        return Timing(self.median_ms * factor, self.q1_ms * factor, self.q3_ms * factor, self.min_ms * factor,
+                      self.max_ms * factor, self.repeats)
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Two networks timed in alternation: each one's timing and the per-round ratio model / reference."""
+    model: Timing
+    reference: Timing
+    ratio: Timing
+
 
 def check_device(device: str) -> None:
     """Fail unless `device` is present here (a latency budget is measured where the build runs)."""
@@ -112,28 +128,27 @@ def fixed_threads(setting: LatencySetting) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _time_once(fn: Callable[[], object], setting: LatencySetting) -> float:
+    """Milliseconds of one call (inside `time_callable` / `measure_paired`: threads fixed, inference mode)."""
+    if setting.device == 'cuda':  # untested here (no GPU was lent): CUDA events around the call
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
 def time_callable(fn: Callable[[], object], setting: LatencySetting, *, warmup: int = 3,
                   repeats: int = 15) -> Timing:
     """Time `fn()` `repeats` times after `warmup` untimed calls, in inference mode with the threads fixed."""
     with fixed_threads(setting), torch.inference_mode():
         for _ in range(warmup):
             fn()
-        if setting.device == 'cuda':  # untested here (no GPU was lent): CUDA events around each call
-            samples = []
-            for _ in range(repeats):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                samples.append(start.elapsed_time(end))
-            return Timing.of(samples)
-        samples = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
-    return Timing.of(samples)
+        return Timing.of([_time_once(fn, setting) for _ in range(repeats)])
 
 
 def example_input(input_size: tuple[int, ...], setting: LatencySetting) -> torch.Tensor:
@@ -149,25 +164,50 @@ def measure_model(model: nn.Module, input_size: tuple[int, int, int], setting: L
     return time_callable(lambda: model(x), setting, warmup=warmup, repeats=repeats)
 
 
+def measure_paired(model: nn.Module, reference: nn.Module, input_size: tuple[int, int, int],
+                   setting: LatencySetting, *, warmup: int = 3, repeats: int = 15) -> Paired:
+    """`model` and `reference` timed in alternation, `repeats` calls each, in ABBA order (neither always runs right
+    after the other), and their ratio taken call pair by call pair.
+
+    Why pairs: timings taken minutes apart differ by what the machine did in between (other jobs, clocks), and a
+    network timed back to back keeps its weights in the caches while one deployed beside others does not; two
+    networks timed in turn share both, so their ratio holds where separate medians do not. Measured: a net the
+    old loop timed alone at its budget ran 5-39% above it beside the stock net (docs/latency_benchmark.md)."""
+    model, reference = model.to(setting.device).eval(), reference.to(setting.device).eval()
+    x = example_input(input_size, setting)
+    ours: list[float] = []
+    theirs: list[float] = []
+    with fixed_threads(setting), torch.inference_mode():
+        for _ in range(warmup):
+            model(x), reference(x)
+        for i in range(repeats):
+            pair = ((model, ours), (reference, theirs))
+            for net, samples in (pair if i % 2 == 0 else pair[::-1]):
+                samples.append(_time_once(lambda: net(x), setting))
+    return Paired(Timing.of(ours), Timing.of(theirs), Timing.of([a / b for a, b in zip(ours, theirs)]))
+
+
 @dataclass(frozen=True)
 class Noise:
-    """How far apart repeated measurements of one network land: `relative` = (max - min) / median of medians."""
-    medians_ms: tuple[float, ...]
+    """How far apart repeated A/A ratios of one network land: `relative` = max - min of the ratio medians."""
+    ratios: tuple[float, ...]
 
     @property
     def relative(self) -> float:
-        return (max(self.medians_ms) - min(self.medians_ms)) / statistics.median(self.medians_ms)
+        return max(self.ratios) - min(self.ratios)
 
 
 def measure_noise(model: nn.Module, input_size: tuple[int, int, int], setting: LatencySetting, *, series: int = 3,
-                  measure: Callable[..., Timing] = measure_model) -> tuple[Timing, Noise]:
-    """`series` back-to-back measurements of the same network: the middle one, and how far their medians spread.
+                  compare: Callable[..., Paired] = measure_paired) -> tuple[Timing, Noise]:
+    """The A/A test: `series` paired measurements of the network against itself. Returns the middle of its
+    timings and the spread of the ratios, which for a paired comparison is what a difference must exceed.
 
     One more series runs first, untimed: the first calls of a network new to the process run cold (the allocator,
     oneDNN's primitive cache), beyond what a few warm-up calls absorb."""
-    measure(model, input_size, setting)
-    timings = sorted((measure(model, input_size, setting) for _ in range(series)), key=lambda t: t.median_ms)
-    return timings[len(timings) // 2], Noise(tuple(t.median_ms for t in timings))
+    compare(model, model, input_size, setting)
+    runs = [compare(model, model, input_size, setting) for _ in range(series)]
+    timings = sorted((r.reference for r in runs), key=lambda t: t.median_ms)
+    return timings[len(timings) // 2], Noise(tuple(r.ratio.median_ms for r in runs))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -500,6 +540,6 @@ def latency_table(model: nn.Module, graph: GroupGraph, arch: str, input_size: tu
     return table
 
 
-__all__ = ['LatencySetting', 'Timing', 'Noise', 'LatencyTerm', 'LatencyCostModel', 'check_device', 'device_name',
-           'check_timeable', 'time_callable', 'measure_model', 'measure_noise', 'build_table', 'calibrate',
+__all__ = ['LatencySetting', 'Timing', 'Paired', 'Noise', 'LatencyTerm', 'LatencyCostModel', 'check_device', 'device_name',
+           'check_timeable', 'time_callable', 'measure_model', 'measure_paired', 'measure_noise', 'build_table', 'calibrate',
            'latency_table', 'table_key', 'cache_path', 'load_cached', 'save_cached', 'sample_widths']

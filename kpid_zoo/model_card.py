@@ -41,7 +41,8 @@ def _latency_rows(latency) -> list[tuple[str, str]]:
     get = latency.get if isinstance(latency, dict) else lambda k: getattr(latency, k)
     return [('Latency (measured / budget / parent)',
              f"{get('measured_ms'):.3f} / {get('budget_ms'):.3f} / {get('parent_ms'):.3f} ms on {get('device')}, "
-             f"batch {get('batch_size')}, {get('threads')} threads ({get('device_name')})")]
+             f"batch {get('batch_size')}, {get('threads')} threads ({get('device_name')}), each timed beside "
+             f"{'the parent' if (get('reference') or 'parent') == 'parent' else get('reference')}")]
 
 
 def _pct(v: Any) -> str:

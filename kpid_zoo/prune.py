@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import timm
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
@@ -22,15 +23,17 @@ from .flops import FlopsReport, count_flops, count_params
 from .groups import ROLE_OUT, GroupGraph, discover_groups
 from .importance import Importance, magnitude_importance, taylor_importance
 from .knapsack import Cost, CostModel, KnapsackSolution, solve_for_budget, width_choices
-from .latency import (LatencyCostModel, LatencySetting, Timing, cache_path, calibrate, check_device, check_timeable,
-                      device_name, latency_table, measure_model, measure_noise)
+from .latency import (LatencyCostModel, LatencySetting, Paired, Timing, cache_path, calibrate, check_device,
+                      check_timeable, device_name, latency_table, measure_noise, measure_paired)
 from .recipe import BudgetSpec, Recipe
 from .surgery import ArchSpec, prune_model
 
 
 @dataclass
 class LatencyOutcome:
-    """What a latency budget led to. Times are medians (ms) with quartiles, on `device` (batch, threads)."""
+    """What a latency budget led to. Times are medians (ms) with quartiles, on `device` (batch, threads); every net
+    was timed in alternation with the `reference` network (the parent, or the budget's `latency_of`), its ms = that
+    ratio x the reference's ms at the start."""
     device: str
     device_name: str
     batch_size: int
@@ -42,11 +45,12 @@ class LatencyOutcome:
     measured_ms: float
     measured_q1_ms: float
     measured_q3_ms: float
-    noise: float             # relative spread of repeated measurements of the parent
+    noise: float             # spread of the reference's A/A ratios (paired with itself)
     tolerance: float         # as applied: the recipe's, or twice the noise where that is larger
     within_budget: bool      # measured_ms <= budget_ms
     table: str = ""          # the lookup table's cache file
     note: str = ""
+    reference: str = "parent"  # what every candidate was timed beside
 
 
 @dataclass
@@ -219,12 +223,24 @@ def latency_setting(budget: BudgetSpec) -> LatencySetting:
     return LatencySetting(budget.device, budget.batch_size, budget.threads or os.cpu_count() or 1)
 
 
+def latency_reference(parent: nn.Module, budget: BudgetSpec) -> nn.Module:
+    """The network every candidate is timed beside: the parent, or the budget's `latency_of` (random weights,
+    the parent's class count: latency does not depend on the weights, and the head is the parent's)."""
+    if budget.latency_of is None:
+        return parent
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return timm.create_model(budget.latency_of, num_classes=getattr(parent, "num_classes", 1000)).eval()
+
+
 def check_latency_budget(parent: nn.Module, graph: GroupGraph, budget: BudgetSpec, *, arch: str,
                          input_size: tuple[int, int, int], min_channels: int = 8, round_to: int = 8,
-                         measure: Callable[..., Timing] = measure_model, parent_timing: Timing | None = None
+                         compare: Callable[..., Paired] = measure_paired, reference: nn.Module | None = None,
+                         reference_timing: Timing | None = None
                          ) -> tuple[float, Timing, Timing, dict[str, list[int]]]:
     """Fail unless the device is present and the budget lies between what the smallest reachable network and the
-    parent measure here. Returns the budget (ms), both timings and the width choices per group."""
+    parent measure here (each timed in alternation with the `reference`, default `latency_reference`). Returns
+    the budget (ms), the parent's and the smallest network's timings, and the width choices per group."""
     setting = latency_setting(budget)
     check_device(setting.device)
     if not graph.prunable:
@@ -234,40 +250,51 @@ def check_latency_budget(parent: nn.Module, graph: GroupGraph, budget: BudgetSpe
     except ValueError as e:
         raise ValueError(f"{arch}: {e}") from None
     where = f"on {setting.describe()} at {'x'.join(map(str, input_size))}"
-    parent_timing = parent_timing or measure(parent, input_size, setting)
+    reference = reference if reference is not None else latency_reference(parent, budget)
+    reference_timing = reference_timing or compare(reference, reference, input_size, setting).reference
+
+    def beside_reference(net: nn.Module) -> Timing:
+        if net is reference:
+            return reference_timing
+        return compare(net, reference, input_size, setting).ratio.scaled(reference_timing.median_ms)
+
+    parent_timing = beside_reference(parent)
     try:
-        target = budget.resolve_target(parent_timing.median_ms)
+        target = budget.resolve_target(parent_timing.median_ms, reference_timing.median_ms)
     except ValueError as e:
         raise ValueError(f"{arch}: {e} {where}") from None
     choices = group_width_choices(graph, min_channels, round_to)
     smallest = prune_model(parent, graph, {g.name: g.leading(choices[g.name][0]) for g in graph.prunable})
-    smallest_timing = measure(smallest, input_size, setting)
+    smallest_timing = beside_reference(smallest)
     if target < smallest_timing.median_ms:
-        raise ValueError(f"{arch}: budget.latency_ms: {target:.4g} ms is below the {smallest_timing.median_ms:.4g} ms "
-                         f"that the smallest reachable network (every group at {min_channels} channels) measures "
-                         f"{where}")
+        raise ValueError(f"{arch}: budget.{budget.stated}: {target:.4g} ms is below the "
+                         f"{smallest_timing.median_ms:.4g} ms that the smallest reachable network (every group at "
+                         f"{min_channels} channels) measures {where}")
     return target, parent_timing, smallest_timing, choices
 
 
 def latency_knapsack_prune(parent: nn.Module, graph: GroupGraph, importance: Importance, budget: BudgetSpec, *,
                            arch: str, input_size: tuple[int, int, int] = (3, 224, 224), min_channels: int = 8,
                            round_to: int = 8, max_rounds: int = 6, table: LatencyCostModel | None = None,
-                           measure: Callable[..., Timing] = measure_model, cache_dir: Path | None = None,
+                           compare: Callable[..., Paired] = measure_paired, cache_dir: Path | None = None,
                            table_kwargs: dict | None = None, progress: bool = True,
                            log: Callable[[str], None] = print) -> PruneResult:
     """Prune `parent` to a latency budget measured on this machine (`recipe.BudgetSpec`).
 
     The knapsack solves against the latency lookup table (measured, or read from the cache); each round's net is
-    then timed, and the aim is corrected by what the timing found beyond the table, until the measured median
-    lies within the tolerance under the budget. `measure(model, input_size, setting)` times a network;
-    `table_kwargs` go to `latency.build_table` (grid fractions, warm-up, repeats).
+    then timed in alternation with the parent (or the budget's `latency_of` network), and the aim is corrected by
+    what the timing found beyond the table,
+    until the measured median lies within the tolerance under the budget. `compare(model, reference, input_size,
+    setting)` times a pair (`latency.measure_paired`); `table_kwargs` go to `latency.build_table` (grid
+    fractions, warm-up, repeats).
     """
     setting = latency_setting(budget)
     check_device(setting.device)
-    parent_timing, noise = measure_noise(parent, input_size, setting, measure=measure)
+    reference = latency_reference(parent, budget)
+    reference_timing, noise = measure_noise(reference, input_size, setting, compare=compare)
     target, parent_timing, smallest_timing, choices = check_latency_budget(
         parent, graph, budget, arch=arch, input_size=input_size, min_channels=min_channels, round_to=round_to,
-        measure=measure, parent_timing=parent_timing)
+        compare=compare, reference=reference, reference_timing=reference_timing)
     if table is None:
         table = latency_table(parent, graph, arch, input_size, setting, cache_dir=cache_dir, progress=progress,
                               log=log, **(table_kwargs or {}))
@@ -283,10 +310,12 @@ def latency_knapsack_prune(parent: nn.Module, graph: GroupGraph, importance: Imp
         f"the loop aimed at [budget * (1 - {tolerance:.3g}), budget]")
 
     def time_it(model: nn.Module, sol: KnapsackSolution) -> tuple[float, dict]:
-        t = measure(model, input_size, setting)
+        paired = compare(model, reference, input_size, setting)
+        t = paired.ratio.scaled(reference_timing.median_ms)
         return t.median_ms, {"table_ms": fitted.at(sol.widths), "measured_ms": t.median_ms,
                              "measured_q1_ms": t.q1_ms, "measured_q3_ms": t.q3_ms,
-                             "gmacs": flops.flops(sol.widths) / 1e9}
+                             "ratio_to_reference": paired.ratio.median_ms,
+                             "reference_ms_now": paired.reference.median_ms, "gmacs": flops.flops(sol.widths) / 1e9}
 
     best, cheapest, rounds = knapsack_rounds(parent, graph, importance, fitted, choices, target * (1 - tolerance),
                                              target, time_it, max_rounds=max_rounds, relative=True,
@@ -306,7 +335,8 @@ def latency_knapsack_prune(parent: nn.Module, graph: GroupGraph, importance: Imp
         smallest_ms=smallest_timing.median_ms, predicted_ms=chosen["predicted_ms"],
         measured_ms=chosen["measured_ms"], measured_q1_ms=chosen["measured_q1_ms"],
         measured_q3_ms=chosen["measured_q3_ms"], noise=noise.relative, tolerance=tolerance, within_budget=within,
-        table=str(cache_path(table.key, cache_dir)) if table.key else "", note=note)
+        table=str(cache_path(table.key, cache_dir)) if table.key else "", note=note,
+        reference=budget.latency_of or "parent")
     # a latency budget sets no FLOPs target: the report's target is the FLOPs it reached
     return _result(parent, graph, arch, input_size, parent_flops, achieved, achieved, sol, model, keep, rounds,
                    latency=outcome)

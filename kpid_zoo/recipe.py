@@ -303,11 +303,12 @@ class ParentSpec(_Section):
                 f"{', '.join(CHECKPOINT_SUFFIXES)}, got {w!r}", 'weights')
 
 
-def _exactly_one(section: _Section, first: str, second: str) -> None:
-    """Two ways to state one target: exactly one of them must be given."""
-    given = (getattr(section, first) is not None, getattr(section, second) is not None)
-    if given.count(True) != 1:
-        raise RecipeError(f"expected exactly one of {first} / {second}, got {'both' if all(given) else 'neither'}")
+def _exactly_one(section: _Section, *names: str) -> None:
+    """Several ways to state one target: exactly one of them must be given."""
+    given = [n for n in names if getattr(section, n) is not None]
+    if len(given) != 1:
+        got = 'neither' if not given else 'both' if len(given) == len(names) == 2 else ' and '.join(given)
+        raise RecipeError(f"expected exactly one of {' / '.join(names)}, got {got}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -336,19 +337,33 @@ class BudgetSpec(_Section):
     median latency lies in [budget * (1 - tolerance), budget]."""
     latency_ms: float | None = _positive(None)
     latency_ratio: float | None = _fraction(None, low_open=True)  # of the parent's latency, measured
+    # a timm model name: as fast as that network (random weights: latency does not depend on them), every
+    # candidate timed beside it, e.g. resnet50 pruned to the latency of resnet18
+    latency_of: str | None = None
     device: str = _rule('cpu', choices=('cpu', 'cuda'))
     batch_size: int = _positive(1, 'integer')
     threads: int = _non_negative(1, 'integer')  # CPU threads while timing; 0: one per core
     tolerance: float = _fraction(0.05)
 
     def _check(self) -> None:
-        _exactly_one(self, 'latency_ms', 'latency_ratio')
+        _exactly_one(self, 'latency_ms', 'latency_ratio', 'latency_of')
+        if self.latency_of is not None and not timm.is_model(self.latency_of):
+            raise RecipeError(f"'{self.latency_of}' is not a timm model"
+                              f"{_did_you_mean(self.latency_of, _timm_models())}", 'latency_of')
 
-    def resolve_target(self, parent_ms: float) -> float:
-        """The budget in ms for a parent measured at `parent_ms`; it must be a real reduction."""
-        target = self.latency_ms if self.latency_ms is not None else self.latency_ratio * parent_ms
+    @property
+    def stated(self) -> str:
+        """The field the budget is given by (for messages)."""
+        return next(n for n in ('latency_ms', 'latency_ratio', 'latency_of') if getattr(self, n) is not None)
+
+    def resolve_target(self, parent_ms: float, reference_ms: float | None = None) -> float:
+        """The budget in ms for a parent measured at `parent_ms` (and the `latency_of` network at `reference_ms`);
+        it must be a real reduction."""
+        target = self.latency_ms if self.latency_ms is not None else self.latency_ratio * parent_ms \
+            if self.latency_ratio is not None else reference_ms
         if not target < parent_ms:
-            raise ValueError(f'budget.latency_ms: {target:.4g} ms is not below the parent\'s measured '
+            field = f'latency_of: {self.latency_of} measures' if self.latency_of else 'latency_ms'
+            raise ValueError(f'budget.{field}: {target:.4g} ms is not below the parent\'s measured '
                              f'{parent_ms:.4g} ms')
         return target
 

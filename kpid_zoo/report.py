@@ -57,7 +57,8 @@ def summary_table(result: PruneResult) -> str:
                                                    f"{lat.measured_ms:.3f} (IQR {lat.measured_q1_ms:.3f}-"
                                                    f"{lat.measured_q3_ms:.3f})"),
                  ("within budget", f"{'yes' if lat.within_budget else 'NO'} (tolerance {100 * lat.tolerance:.1f}%, "
-                                   f"noise {100 * lat.noise:.1f}%)"),
+                                   f"A/A noise {100 * lat.noise:.1f}%)"),
+                 ("timed beside", "the parent" if lat.reference == "parent" else lat.reference),
                  ("GMACs parent / achieved", f"{r.parent_gmacs:.4f} / {r.achieved_gmacs:.4f}")]
     rows += [
         ("params parent / pruned", f"{r.parent_params / 1e6:.2f}M / {r.params / 1e6:.2f}M"),

@@ -20,7 +20,7 @@ from kpid_zoo.flops import count_flops
 from kpid_zoo.groups import discover_groups
 from kpid_zoo.importance import magnitude_importance
 from kpid_zoo.knapsack import CostModel, solve_for_budget, width_choices
-from kpid_zoo.latency import LatencyCostModel, LatencySetting, LatencyTerm, Timing, sample_widths
+from kpid_zoo.latency import LatencyCostModel, LatencySetting, LatencyTerm, Paired, Timing, sample_widths
 from kpid_zoo.prune import latency_knapsack_prune
 from kpid_zoo.recipe import BudgetSpec, Recipe, RecipeError
 
@@ -35,6 +35,14 @@ def group_widths(net, graph) -> dict[str, int]:
         return m.out_channels if isinstance(m, torch.nn.Conv2d) else m.out_features
     return {g.name: out(net.get_submodule(g.modules('out')[0])) for g in graph.prunable}
 FAST_GRID = (0.5, 1.0)  # tables whose values are not measured need not be sampled finely
+
+
+def paired_by(measure):
+    """A pair timing from a per-network one: what a device that never drifts would give `measure_paired`."""
+    def compare(model, reference, input_size, setting, **_):
+        a, b = measure(model, input_size, setting), measure(reference, input_size, setting)
+        return Paired(a, b, Timing.of([a.median_ms / b.median_ms]))
+    return compare
 
 
 def _term() -> LatencyTerm:
@@ -236,7 +244,9 @@ def test_a_layer_reading_too_many_groups_is_one_line_naming_it():
 
 
 @pytest.mark.parametrize('section, message', [
-    ({'latency_ms': 4.0, 'latency_ratio': 0.5}, 'budget: expected exactly one of latency_ms / latency_ratio, got both'),
+    ({'latency_ms': 4.0, 'latency_ratio': 0.5},
+     'budget: expected exactly one of latency_ms / latency_ratio / latency_of, got latency_ms and latency_ratio'),
+    ({'latency_of': 'resnet1B'}, "budget.latency_of: 'resnet1B' is not a timm model"),
     ({'device': 'tpu', 'latency_ms': 4.0}, "budget.device: expected one of 'cpu', 'cuda', got 'tpu'"),
     ({'latency_ms': -1}, 'budget.latency_ms: expected a positive number, got -1.0'),
     ({'latency_ms': 4.0, 'batch_size': 0}, 'budget.batch_size: expected a positive integer, got 0'),
@@ -245,7 +255,7 @@ def test_a_layer_reading_too_many_groups_is_one_line_naming_it():
 def test_budget_section_errors_name_the_field(section, message):
     with pytest.raises(RecipeError) as e:
         Recipe.from_dict({'name': 'x', 'parent': {'model': 'resnet18'}, 'budget': section}, source='r.yaml')
-    assert str(e.value) == f'r.yaml: {message}'
+    assert str(e.value).startswith(f'r.yaml: {message}')
 
 
 def test_exactly_one_budget_kind():
@@ -275,6 +285,7 @@ def _prune(tmp_path, budget: dict) -> list[str]:
 @pytest.mark.parametrize('budget, expected', [
     ({'latency_ms': 1e6}, "resnet10t: budget.latency_ms: 1e+06 ms is not below the parent's measured"),
     ({'latency_ms': 1e-6}, 'ms that the smallest reachable network (every group at 8 channels) measures on cpu'),
+    ({'latency_of': 'resnet152'}, "resnet10t: budget.latency_of: resnet152 measures"),  # 15x the FLOPs, 5x the depth
     pytest.param({'latency_ms': 4.0, 'device': 'cuda'}, "budget.device: 'cuda' is not present on this machine",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason='CUDA is present here')),
 ])
@@ -284,6 +295,35 @@ def test_unreachable_budgets_and_absent_devices_fail_in_one_line(tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expected in err and 'r.yaml' in err, err
     assert not (tmp_path / 'out').exists() and not (tmp_path / 'cache').exists()  # before any table is measured
+
+
+def test_paired_timing_alternates_abba_and_cancels_a_drift_both_nets_share(monkeypatch):
+    """A machine that slows down round after round (another job starting): each net's own median moves with it,
+    the per-pair ratio does not. Calls alternate ABBA after warm-up, so neither net always runs second."""
+    calls = []
+
+    class Net(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def forward(self, x):
+            calls.append(self.name)
+            return x
+
+    timed = []
+
+    def fake_time_once(fn, setting):
+        fn()
+        timed.append(calls[-1])
+        slowdown = 1 + (len(timed) - 1) // 2  # one step per call pair
+        return {'a': 2.0, 'b': 1.0}[calls[-1]] * slowdown
+
+    monkeypatch.setattr(lat, '_time_once', fake_time_once)
+    paired = lat.measure_paired(Net('a'), Net('b'), (3, 8, 8), SETTING, warmup=2, repeats=6)
+    assert calls[:4] == ['a', 'b', 'a', 'b'] and timed == list('abbaabbaabba')
+    assert paired.ratio.median_ms == 2.0 and paired.ratio.min_ms == paired.ratio.max_ms == 2.0
+    assert paired.model.max_ms / paired.model.min_ms > 2  # what a comparison of separate timings would carry
 
 
 def test_the_loop_converges_on_a_synthetic_measurement(tiny):
@@ -302,7 +342,7 @@ def test_the_loop_converges_on_a_synthetic_measurement(tiny):
 
     budget = BudgetSpec(latency_ms=0.5 * device_ms(flops.sizes), tolerance=0.02)
     result = latency_knapsack_prune(model, graph, magnitude_importance(model, graph), budget, arch='resnet10t',
-                                    input_size=INPUT, table=table, measure=measure, progress=False)
+                                    input_size=INPUT, table=table, compare=paired_by(measure), progress=False)
     out = result.report.latency
     assert out.within_budget and out.noise == 0 and out.tolerance == 0.02 and not out.note
     assert 0.98 * budget.latency_ms <= out.measured_ms <= budget.latency_ms
@@ -311,6 +351,32 @@ def test_the_loop_converges_on_a_synthetic_measurement(tiny):
     assert all({'predicted_ms', 'measured_ms', 'gmacs'} <= set(r) for r in rounds)
     assert len(rounds) >= 2 and rounds[0]['measured_ms'] < 0.98 * budget.latency_ms
     assert rounds[0]['predicted_ms'] > rounds[0]['measured_ms']  # what the correction corrected
+
+
+def test_latency_of_times_every_candidate_beside_that_network(tiny):
+    """`latency_of: NAME`: the budget is that network's time, and every net (the A/A test included) is timed beside
+    it, never beside the parent, so the result is a ratio to the network the user named."""
+    model, graph = tiny
+    flops = CostModel.from_flops(model, graph, count_flops(model, INPUT))
+    parent_ms = 3e-7 * flops.flops(flops.sizes)
+    references = []
+
+    def measure(net, input_size, setting, **_):
+        if net.pretrained_cfg['architecture'] == 'mobilenetv3_small_050':
+            return Timing.of([0.4 * parent_ms])
+        return Timing.of([3e-7 * flops.flops(group_widths(net, graph))])
+
+    def compare(net, reference, input_size, setting, **_):
+        references.append(reference.pretrained_cfg['architecture'])
+        return paired_by(measure)(net, reference, input_size, setting)
+
+    budget = BudgetSpec(latency_of='mobilenetv3_small_050', tolerance=0.03)
+    result = latency_knapsack_prune(model, graph, magnitude_importance(model, graph), budget, arch='resnet10t',
+                                    input_size=INPUT, table=_flops_table(flops), compare=compare, progress=False)
+    out = result.report.latency
+    assert out.reference == 'mobilenetv3_small_050' and set(references) == {'mobilenetv3_small_050'}
+    assert out.budget_ms == pytest.approx(0.4 * parent_ms) and out.parent_ms == pytest.approx(parent_ms)
+    assert out.within_budget and 0.97 * out.budget_ms <= out.measured_ms <= out.budget_ms
 
 
 def test_prune_with_a_latency_budget_end_to_end(tmp_path, monkeypatch, capsys):
@@ -330,21 +396,27 @@ def test_prune_with_a_latency_budget_end_to_end(tmp_path, monkeypatch, capsys):
 
 
 def test_a_noisy_measurement_widens_the_tolerance_and_says_so(tiny):
-    """Three timings of the parent 10% apart: a 2% band is narrower than the noise, so the loop aims at 2 x 10%."""
+    """Three A/A ratios of the parent 10% apart: a 2% band is narrower than the noise, so the loop aims at 2 x 10%."""
     model, graph = tiny
     flops = CostModel.from_flops(model, graph, count_flops(model, INPUT))
     parent_ms = 3e-7 * flops.flops(flops.sizes)
-    series = iter([1.0, 1.0, 1.1, 1.05])  # the noise check's discarded and three timed series; then exact
+    aa_ratios = iter([1.0, 1.0, 1.1, 1.05])  # the noise check's discarded and three timed A/A series
 
     def measure(net, input_size, setting, **_):
-        ms = 3e-7 * flops.flops(group_widths(net, graph))
-        return Timing.of([ms * next(series, 1.0)])
+        return Timing.of([3e-7 * flops.flops(group_widths(net, graph))])
+
+    def compare(net, reference, input_size, setting, **_):
+        if net is reference:
+            t = measure(net, input_size, setting)
+            return Paired(t, t, Timing.of([next(aa_ratios)]))
+        return paired_by(measure)(net, reference, input_size, setting)
 
     budget = BudgetSpec(latency_ms=0.6 * parent_ms, tolerance=0.02)
     result = latency_knapsack_prune(model, graph, magnitude_importance(model, graph), budget, arch='resnet10t',
-                                    input_size=INPUT, table=_flops_table(flops), measure=measure, progress=False)
+                                    input_size=INPUT, table=_flops_table(flops), compare=compare, progress=False)
     out = result.report.latency
-    assert out.noise == pytest.approx(0.1 / 1.05) and out.tolerance == pytest.approx(2 * 0.1 / 1.05)
+    assert next(aa_ratios, None) is None  # all three A/A series ran, and only they
+    assert out.noise == pytest.approx(0.1) and out.tolerance == pytest.approx(2 * 0.1)
     assert 'below twice the measured noise' in out.note
     assert out.within_budget and (1 - out.tolerance) * budget.latency_ms <= out.measured_ms <= budget.latency_ms
 
