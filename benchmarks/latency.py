@@ -230,7 +230,7 @@ def write_doc(meta: dict, results: dict) -> None:
             rounds = ", ".join(f"{r['predicted_ms']:.2f}/{r['measured_ms']:.2f}" for r in loop["rounds"])
             status = "within budget" if loop["within_budget"] else "NOT within budget"
             lines.append(f"- {parent}: budget {loop['budget_ms']:.2f} ms (parent {loop['parent_ms']:.2f} ms) "
-                         f"-> {rounds} ({status}, A/A noise "
+                         f"-> {rounds}; the kept net afresh: {loop['measured_ms']:.2f} ms ({status}, A/A noise "
                          f"{100 * loop['noise']:.1f}%){'; ' + loop['note'] if loop['note'] else ''}")
         lines.append("")
         pruned = [r for r in res["rows"] if "knapsack" in r["net"] or r["net"].endswith("_pruned")]

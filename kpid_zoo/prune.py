@@ -42,12 +42,13 @@ class LatencyOutcome:
     parent_ms: float
     smallest_ms: float       # every group at its narrowest width: the fastest the knapsack can reach
     predicted_ms: float      # the table's prediction for the chosen widths, scaled by the measurements before
-    measured_ms: float
+    measured_ms: float       # a fresh measurement of the kept net, after the loop chose it
     measured_q1_ms: float
     measured_q3_ms: float
     noise: float             # spread of the reference's A/A ratios (paired with itself)
     tolerance: float         # as applied: the recipe's, or twice the noise where that is larger
     within_budget: bool      # measured_ms <= budget_ms
+    round_ms: float = 0.0    # what the kept net measured in the round that chose it (biased low: it was chosen)
     table: str = ""          # the lookup table's cache file
     note: str = ""
     reference: str = "parent"  # what every candidate was timed beside
@@ -217,6 +218,7 @@ def check_target(parent: nn.Module, graph: GroupGraph, target_gmacs: float, *, a
 
 
 MAX_NOISY_TOLERANCE = 0.5  # however noisy the machine, the loop aims at no less than half the budget
+MAX_CONFIRMATIONS = 3  # fresh looks at the kept net (each over the budget lowers the aim and reruns the loop)
 
 
 def latency_setting(budget: BudgetSpec) -> LatencySetting:
@@ -317,24 +319,42 @@ def latency_knapsack_prune(parent: nn.Module, graph: GroupGraph, importance: Imp
                              "ratio_to_reference": paired.ratio.median_ms,
                              "reference_ms_now": paired.reference.median_ms, "gmacs": flops.flops(sol.widths) / 1e9}
 
-    best, cheapest, rounds = knapsack_rounds(parent, graph, importance, fitted, choices, target * (1 - tolerance),
-                                             target, time_it, max_rounds=max_rounds, relative=True,
-                                             noise=noise.relative, progress=progress,
-                                             shown=lambda v: f"{v:.3g} ms")
-    for r in rounds:  # what the loop expected of each round: the table, corrected by the measurements before it
-        r["predicted_ms"] = r["table_ms"] * r["scale"]
-    within = best is not None
-    sol, model, keep, _, chosen = best if within else cheapest
-    if not within:
-        note = (f"stopped after {len(rounds)} rounds with no net measured under the budget; kept the fastest "
-                f"measured. " + note).strip()
+    # The loop keeps a round because it measured under the budget, so with noisy timings it favours nets that
+    # happened to measure low (measured: 5-15% at batch 32 on 2 busy threads). The kept net is timed once more,
+    # afresh; over the budget, the loop aims lower by that excess and runs again.
+    rounds: list[dict] = []
+    aim, scale, notes = target, 1.0, []
+    for attempt in range(1, MAX_CONFIRMATIONS + 1):
+        best, cheapest, found = knapsack_rounds(parent, graph, importance, fitted, choices, aim * (1 - tolerance),
+                                                aim, time_it, max_rounds=max_rounds, relative=True,
+                                                noise=noise.relative, scale=scale, progress=progress,
+                                                shown=lambda v: f"{v:.3g} ms")
+        for r in found:  # what the loop expected of each round: the table, corrected by the measurements before it
+            r.update(predicted_ms=r["table_ms"] * r["scale"], aim_ms=aim)
+        rounds += found
+        sol, model, keep, _, chosen = best if best is not None else cheapest
+        confirmed_ms, confirmation = time_it(model, sol)
+        if best is None or confirmed_ms <= target:
+            break
+        notes.append(f"the kept net measured {chosen['measured_ms']:.3g} ms in its round and {confirmed_ms:.3g} ms "
+                     f"on a fresh look, over the budget: aimed {100 * (1 - target / confirmed_ms):.1f}% lower")
+        aim *= target / confirmed_ms
+        scale = chosen["scale"]
+    within = best is not None and confirmed_ms <= target
+    if best is None:
+        notes.append(f"stopped after {len(rounds)} rounds with no net measured under the budget; kept the fastest "
+                     f"measured")
+    elif not within:
+        notes.append(f"still over the budget after {MAX_CONFIRMATIONS} fresh looks")
+    note = "; ".join(notes + ([note] if note else []))
     achieved = count_flops(model, input_size).gmacs
     outcome = LatencyOutcome(
         device=setting.device, device_name=device_name(setting.device), batch_size=setting.batch_size,
         threads=setting.threads, budget_ms=target, parent_ms=parent_timing.median_ms,
         smallest_ms=smallest_timing.median_ms, predicted_ms=chosen["predicted_ms"],
-        measured_ms=chosen["measured_ms"], measured_q1_ms=chosen["measured_q1_ms"],
-        measured_q3_ms=chosen["measured_q3_ms"], noise=noise.relative, tolerance=tolerance, within_budget=within,
+        measured_ms=confirmed_ms, measured_q1_ms=confirmation["measured_q1_ms"],
+        measured_q3_ms=confirmation["measured_q3_ms"], round_ms=chosen["measured_ms"], noise=noise.relative,
+        tolerance=tolerance, within_budget=within,
         table=str(cache_path(table.key, cache_dir)) if table.key else "", note=note,
         reference=budget.latency_of or "parent")
     # a latency budget sets no FLOPs target: the report's target is the FLOPs it reached

@@ -69,6 +69,7 @@ def summary_table(result: PruneResult) -> str:
     if lat is not None:
         rows += [(f"  round {i + 1}: predicted / measured ms", f"{row['predicted_ms']:.3f} / {row['measured_ms']:.3f}")
                  for i, row in enumerate(r.rounds)]
+        rows.append(("  the kept net, timed afresh", f"{lat.measured_ms:.3f} ms (its round read {lat.round_ms:.3f})"))
         if lat.note:
             rows.append(("note", lat.note))
     width = max(len(k) for k, _ in rows)

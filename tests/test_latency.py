@@ -353,6 +353,34 @@ def test_the_loop_converges_on_a_synthetic_measurement(tiny):
     assert rounds[0]['predicted_ms'] > rounds[0]['measured_ms']  # what the correction corrected
 
 
+def test_the_kept_net_is_timed_afresh_and_a_lucky_round_does_not_pass(tiny):
+    """A device whose first look at a net reads 10% fast (a lucky timing) and every later look true: the loop keeps
+    a round that read under the budget although the net is 10% over it. The reported time must be a fresh look at
+    the kept net, and the loop must aim lower when that look is over the budget."""
+    model, graph = tiny
+    flops = CostModel.from_flops(model, graph, count_flops(model, INPUT))
+    looked_at = set()
+
+    def true_ms(net):
+        return 3e-7 * flops.flops(group_widths(net, graph))
+
+    def compare(net, reference, input_size, setting, **_):
+        lucky = 0.9 if net is not reference and id(net) not in looked_at else 1.0
+        looked_at.add(id(net))
+        ratio = lucky * true_ms(net) / true_ms(reference)
+        return Paired(Timing.of([lucky * true_ms(net)]), Timing.of([true_ms(reference)]), Timing.of([ratio]))
+
+    budget = BudgetSpec(latency_ms=0.6 * 3e-7 * flops.flops(flops.sizes), tolerance=0.02)
+    result = latency_knapsack_prune(model, graph, magnitude_importance(model, graph), budget, arch='resnet10t',
+                                    input_size=INPUT, table=_flops_table(flops), compare=compare, progress=False)
+    out = result.report.latency
+    assert out.measured_ms == pytest.approx(true_ms(result.model))  # the fresh look, not the lucky one
+    assert out.round_ms == pytest.approx(0.9 * out.measured_ms)
+    assert 'on a fresh look, over the budget: aimed' in out.note  # the first kept net was over, and the loop said so
+    assert out.within_budget and out.measured_ms <= budget.latency_ms  # after aiming lower once
+    assert any(r['aim_ms'] < budget.latency_ms for r in result.report.rounds)
+
+
 def test_latency_of_times_every_candidate_beside_that_network(tiny):
     """`latency_of: NAME`: the budget is that network's time, and every net (the A/A test included) is timed beside
     it, never beside the parent, so the result is a ratio to the network the user named."""
