@@ -40,7 +40,7 @@ from kpid_zoo.recipe import BudgetSpec
 from _figures import save_figure  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "latency.json"
+RESULTS = ROOT / "benchmarks" / "results" / "latency"  # one JSON per run: the doc details the latest, lists all
 CASES = [("resnet50", "resnet18"), ("efficientnet_b1", "efficientnet_b0"),
          ("mobilenetv3_large_100", "mobilenetv3_large_075")]
 EXTRA = [("efficientnet_b1_pruned", "efficientnet_b0")]  # timm's KPID release beside the stock net of its FLOPs
@@ -117,12 +117,12 @@ def prune_arms(parent_name: str, stock_name: str, settings: list[Setting], log) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small inputs and few repeats; writes no docs")
+    parser.add_argument("--note", default="", help="what else ran on the machine (goes into the doc)")
     parser.add_argument("--docs-only", action="store_true",
                         help="rewrite docs/latency_benchmark.{md,png} from benchmarks/results/latency.json")
     args = parser.parse_args()
     if args.docs_only:
-        saved = json.loads(RESULTS.read_text())
-        write_doc(saved["meta"], saved["results"])
+        write_doc(saved_runs())
         return
     cores = os.cpu_count() or 1
     if args.quick:
@@ -168,13 +168,42 @@ def main() -> None:
     if args.quick:
         return
     meta = {"device": device_name("cpu"), "torch": torch.__version__, "timm": timm.__version__,
-            "load_before": load_before, "load_after": load_after, "minutes": minutes,
+            "load_before": load_before, "load_after": load_after, "minutes": minutes, "note": args.note,
             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                      cwd=ROOT).stdout.strip(), "flops_gmacs": {p: arms[p]["flops_gmacs"]
                                                                                 for p, _ in CASES}}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
-    write_doc(meta, results)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / time.strftime("%Y%m%d-%H%M.json")).write_text(json.dumps({"meta": meta, "results": results},
+                                                                         indent=2) + "\n")
+    write_doc(saved_runs())
+
+
+def runs_summary(runs: list[dict]) -> list[str]:
+    """Each pruned net's ratio to its stock net in every run (its own loop, its own nets): how well a figure repeats."""
+    from_paired = [r for r in runs if all("stock_ms" in row for res in r["results"].values() for row in res["rows"])]
+    if len(from_paired) < 2:
+        return []
+    lines = ["## Every run (each its own pruning loops and timings)", "",
+             "Ratio to the stock net, median [IQR] of call pairs, per run (commit, load average before):", "",
+             "| setting | net | " + " | ".join(f"{r['meta']['commit']} ({r['meta']['load_before'].split()[0]})"
+                                             for r in from_paired) + " |",
+             "|---|---|" + "---|" * len(from_paired)]
+    for label in from_paired[-1]["results"]:
+        for row in from_paired[-1]["results"][label]["rows"]:
+            if "knapsack" not in row["net"] and not row["net"].endswith("_pruned"):
+                continue
+            cells = []
+            for r in from_paired:
+                match = [x for x in r["results"].get(label, {}).get("rows", []) if x["net"] == row["net"]]
+                cells.append(f"{match[0]['ratio']:.3f} [{match[0]['ratio_q1']:.3f}-{match[0]['ratio_q3']:.3f}]"
+                             if match else "-")
+            lines.append(f"| {label} | {row['net']} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def saved_runs() -> list[dict]:
+    """Every run's {meta, results}, oldest first (file names are their start times)."""
+    return [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
 
 
 def verdict(row: dict) -> str:
@@ -188,7 +217,8 @@ def verdict(row: dict) -> str:
     return "not resolved (IQR spans 1)"
 
 
-def write_doc(meta: dict, results: dict) -> None:
+def write_doc(runs: list[dict]) -> None:
+    meta, results = runs[-1]["meta"], runs[-1]["results"]
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -196,10 +226,8 @@ def write_doc(meta: dict, results: dict) -> None:
     lines = ["# Latency: pruned nets vs stock nets of equal FLOPs (CPU)", "",
              f"`python benchmarks/latency.py` on {meta['device']}, timm {meta['timm']}, commit {meta['commit']}, "
              f"{meta['minutes']:.1f} minutes. Load average (1, 5, 15 min) before: {meta['load_before']}, after: "
-             f"{meta['load_after']} (a quiet 2-core machine reads below 1)."
-             + (" **The machine was not quiet**: other jobs shared its 2 cores throughout, so every figure here "
-                "carries their noise, the 2-thread setting most (a 2-thread forward pass waits at each barrier for "
-                "whichever thread was preempted)." if float(meta["load_before"].split()[0]) > 1.5 else ""), "",
+             f"{meta['load_after']} (the benchmark's own threads count: 1-2)."
+             + (f" {meta['note']}" if meta.get("note") else ""), "",
              "Every figure is a pair timed in alternation (ABBA, `kpid_zoo.latency.measure_paired`), the way the "
              "pruning loop times its candidates: each net below beside its stock net, after discarded cold calls; "
              "the ratio is taken call pair by call pair and reported as median [IQR]; the ratio of the two "
@@ -246,6 +274,7 @@ def write_doc(meta: dict, results: dict) -> None:
         ax.set_title(label, fontsize=9)
     save_figure(fig, ROOT / "docs" / "latency_benchmark.png", "latency / stock net's (median, IQR)", "")
     plt.close(fig)
+    lines += runs_summary(runs)
     lines.insert(5, "![ratio to stock](latency_benchmark.png)\n")
     (ROOT / "docs" / "latency_benchmark.md").write_text("\n".join(lines) + "\n")
 
