@@ -12,10 +12,11 @@ on disk per (device, processor, torch, parent, input size, batch, threads).
 
 Measurement (`time_callable`): warm-up calls first, then many timed calls under `torch.inference_mode` with the
 thread count fixed, reported as median and quartiles. The pruning loop never compares timings taken apart:
-`measure_paired` times a candidate in alternation with the parent and keeps the per-call ratio, so both see the
-same machine (other jobs, clock, caches); a candidate's milliseconds are that ratio times the parent's time at the
-start. `measure_noise` is the A/A test: the parent paired with itself several times, the spread of those ratios
-is what a difference must exceed before the loop trusts it.
+`measure_paired` times a candidate in alternation with a reference network (the parent, or a budget's
+`latency_of`) and keeps the per-call ratio, so both see the same machine (other jobs, clock, caches); a candidate's
+milliseconds are that ratio times the reference's time at the start. `measure_noise` is the A/A test: the
+reference paired with itself several times, the spread of those ratios is what a difference must exceed before
+the loop trusts it.
 """
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ class Timing:
         return (self.q3_ms - self.q1_ms) / self.median_ms if self.median_ms > 0 else 0.0
 
     def scaled(self, factor: float) -> Timing:
-        """Every figure times `factor`: a ratio to the parent, scaled by the parent's milliseconds."""
+        """Every figure times `factor`: a ratio to a reference, scaled by the reference's milliseconds."""
         return Timing(self.median_ms * factor, self.q1_ms * factor, self.q3_ms * factor, self.min_ms * factor,
                       self.max_ms * factor, self.repeats)
 
@@ -540,6 +541,6 @@ def latency_table(model: nn.Module, graph: GroupGraph, arch: str, input_size: tu
     return table
 
 
-__all__ = ['LatencySetting', 'Timing', 'Paired', 'Noise', 'LatencyTerm', 'LatencyCostModel', 'check_device', 'device_name',
-           'check_timeable', 'time_callable', 'measure_model', 'measure_paired', 'measure_noise', 'build_table', 'calibrate',
-           'latency_table', 'table_key', 'cache_path', 'load_cached', 'save_cached', 'sample_widths']
+__all__ = ['LatencySetting', 'Timing', 'Paired', 'Noise', 'LatencyTerm', 'LatencyCostModel', 'check_device',
+           'device_name', 'check_timeable', 'time_callable', 'measure_model', 'measure_paired', 'measure_noise',
+           'build_table', 'calibrate', 'latency_table', 'table_key', 'cache_path', 'load_cached', 'save_cached', 'sample_widths']

@@ -285,10 +285,9 @@ def latency_knapsack_prune(parent: nn.Module, graph: GroupGraph, importance: Imp
 
     The knapsack solves against the latency lookup table (measured, or read from the cache); each round's net is
     then timed in alternation with the parent (or the budget's `latency_of` network), and the aim is corrected by
-    what the timing found beyond the table,
-    until the measured median lies within the tolerance under the budget. `compare(model, reference, input_size,
-    setting)` times a pair (`latency.measure_paired`); `table_kwargs` go to `latency.build_table` (grid
-    fractions, warm-up, repeats).
+    what the timing found beyond the table, until the measured median lies within the tolerance under the budget;
+    the kept net is then timed afresh. `compare(model, reference, input_size, setting)` times a pair
+    (`latency.measure_paired`); `table_kwargs` go to `latency.build_table` (grid fractions, warm-up, repeats).
     """
     setting = latency_setting(budget)
     check_device(setting.device)
@@ -324,7 +323,7 @@ def latency_knapsack_prune(parent: nn.Module, graph: GroupGraph, importance: Imp
     # afresh; over the budget, the loop aims lower by that excess and runs again.
     rounds: list[dict] = []
     aim, scale, notes = target, 1.0, []
-    for attempt in range(1, MAX_CONFIRMATIONS + 1):
+    for _ in range(MAX_CONFIRMATIONS):
         best, cheapest, found = knapsack_rounds(parent, graph, importance, fitted, choices, aim * (1 - tolerance),
                                                 aim, time_it, max_rounds=max_rounds, relative=True,
                                                 noise=noise.relative, scale=scale, progress=progress,
