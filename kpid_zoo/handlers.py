@@ -27,7 +27,7 @@ from timm.layers import (BatchNormAct2d, CecaModule, DropPath, EcaModule, MixedC
 from timm.layers import activations as timm_act, activations_me as timm_act_me
 
 if TYPE_CHECKING:
-    from .groups import Layout, TraceContext
+    from .tracing import Layout, TraceContext
 
 ROLE_OUT = "out"          # output channels of a dense conv / linear (dim 0 of its weight)
 ROLE_IN = "in"            # input channels of a dense conv / linear (dim 1 of its weight)
