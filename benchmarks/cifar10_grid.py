@@ -31,7 +31,6 @@ import copy
 import json
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _figures import save_figure  # noqa: E402
+from main_job import cpu_model  # noqa: E402
 from cifar10 import _atomic_write, torch_pruning_taylor, uniform_l1  # noqa: E402  (the project's baselines)
 from kpid_zoo.data import create_loaders  # noqa: E402
 from kpid_zoo.distill import distill_points  # noqa: E402
@@ -137,7 +137,7 @@ class Grid:
 
     def save(self, key: str, row: dict) -> dict:
         row.update(config=self.tag, settings=self.s, torch=torch.__version__, timm=timm.__version__,
-                   machine=f'{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()})',
+                   machine=f'{os.cpu_count()} CPU cores ({cpu_model()})',
                    command='python benchmarks/cifar10_grid.py ' + ' '.join(sys.argv[1:]))
         _atomic_write(self.cell_path(key), json.dumps(row, indent=2))
         return row
@@ -299,7 +299,16 @@ def report(grid: Grid, out_md: Path) -> None:
               'part 0 trains the parent, part k runs seed k-1; a part stops after the checkpoint that passes '
               '`--budget-minutes` and the same command resumes it (keep `--work`, default `runs/cifar10_grid/`).', '',
               '![top-1 vs GMACs](cifar10_grid.png)' if summary and not grid.args.quick else '', '',
-              '## Where KPID wins and where it does not (computed from the table)', '']
+              '## What ran where', '']
+    for row in ([parent] if parent else []) + cells:
+        key = 'parent' if row['arm'] == 'parent' else f'{row["ratio"]:.0%} {row["arm"]} seed {row["seed"]}'
+        lines.append(f'- {key}: {row["seconds"] / 60:.1f} min on {row["machine"]} (torch {row["torch"]})')
+    lines += ['', 'Minutes are wall time on a machine shared with other jobs (the figures say what one part '
+              'costs, not how fast the methods are; the KD arms run one more forward per step).', '',
+              '## Where KPID wins and where it does not (computed from the table)', '',
+              'The stock arm starts from random weights while every pruned arm inherits the ImageNet-pretrained '
+              'parent: with no ImageNet weights at hand offline for the stock nets, that comparison measures what '
+              'a user gets from each route on this data and compute, not the architectures alone.', '']
     for ratio in RATIOS:
         k = summary.get((ratio, 'kpid'))
         for arm in ['kpid_ce', 'kpid_logit', 'tp_taylor', 'uniform_l1', 'stock']:
