@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -24,22 +23,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cifar10 import _atomic_write  # noqa: E402
+from kpid_zoo.latency import cpu_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ('parent', 'pruned', 'finetune', 'eval', 'export')  # the order kpid_zoo.build runs them in
 WHAT = {'parent': 'adapt the ImageNet parent to CIFAR-10 (CE)', 'pruned': 'Taylor importance + knapsack + surgery',
         'finetune': 'inner-KD fine-tune of the pruned net (+ its test-set score)',
         'eval': 'score the parent on the test set', 'export': 'safetensors + config + model card'}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('model name'):
-                return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def stage_times(work: Path, start: float) -> dict:

@@ -104,17 +104,20 @@ def check_device(device: str) -> None:
                          "network on the device it is for, or set budget.device: cpu")
 
 
+def cpu_model() -> str:
+    """The processor's model name (Linux /proc/cpuinfo), else what `platform` knows of it."""
+    with contextlib.suppress(OSError):
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'):
+                return line.split(':', 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def device_name(device: str) -> str:
     """What the timings depend on beyond the settings: the processor (or GPU) and the torch build."""
     if device == 'cuda':
         return f'{torch.cuda.get_device_name()} / torch {torch.__version__} / cuda {torch.version.cuda}'
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('model name'):
-                cpu = line.split(':', 1)[1].strip()
-                break
-    return f'{cpu} ({os.cpu_count()} cpus) / torch {torch.__version__}'
+    return f'{cpu_model()} ({os.cpu_count()} cpus) / torch {torch.__version__}'
 
 
 @contextlib.contextmanager
@@ -542,5 +545,5 @@ def latency_table(model: nn.Module, graph: GroupGraph, arch: str, input_size: tu
 
 
 __all__ = ['LatencySetting', 'Timing', 'Paired', 'Noise', 'LatencyTerm', 'LatencyCostModel', 'check_device',
-           'device_name', 'check_timeable', 'time_callable', 'measure_model', 'measure_paired', 'measure_noise',
+           'cpu_model', 'device_name', 'check_timeable', 'time_callable', 'measure_model', 'measure_paired', 'measure_noise',
            'build_table', 'calibrate', 'latency_table', 'table_key', 'cache_path', 'load_cached', 'save_cached', 'sample_widths']
