@@ -238,46 +238,30 @@ class LatencyTerm:
             cells.append((i, (widths[g] - pts[i]) / span, span))
         return cells
 
-    def at(self, widths: dict[str, float]) -> float:
-        cells = self._cells(widths)
+    def _corner_sum(self, cells: list[tuple[int, float, float]], derivative: int | None = None) -> float:
+        """The multilinear interpolant over the cell's corners, or its derivative along group `derivative`."""
         total = 0.0
         for corner in itertools.product((0, 1), repeat=len(cells)):
             weight, index = 1.0, []
-            for (i, t, span), c in zip(cells, corner):
-                if span == 0.0:
+            for k, ((i, t, span), c) in enumerate(zip(cells, corner)):
+                if span == 0.0:  # one sampled width: the group's only value, its upper corner absent
                     if c:
                         weight = 0.0
                     index.append(0)
                     continue
-                weight *= t if c else 1.0 - t
+                weight *= ((1.0 if c else -1.0) / span) if k == derivative else (t if c else 1.0 - t)
                 index.append(i + c)
             if weight:
                 total += weight * float(self.values[tuple(index)])
         return total
 
+    def at(self, widths: dict[str, float]) -> float:
+        return self._corner_sum(self._cells(widths))
+
     def gradient(self, widths: dict[str, float]) -> list[float]:
         """d ms / d width of each of the term's groups, at `widths` (exact for the interpolant within a cell)."""
         cells = self._cells(widths)
-        grads = []
-        for d in range(len(cells)):
-            if cells[d][2] == 0.0:
-                grads.append(0.0)
-                continue
-            total = 0.0
-            for corner in itertools.product((0, 1), repeat=len(cells)):
-                weight, index = 1.0, []
-                for k, ((i, t, span), c) in enumerate(zip(cells, corner)):
-                    if span == 0.0:
-                        if c:
-                            weight = 0.0
-                        index.append(0)
-                        continue
-                    weight *= ((1.0 if c else -1.0) / span) if k == d else (t if c else 1.0 - t)
-                    index.append(i + c)
-                if weight:
-                    total += weight * float(self.values[tuple(index)])
-            grads.append(total)
-        return grads
+        return [0.0 if cells[d][2] == 0.0 else self._corner_sum(cells, d) for d in range(len(cells))]
 
     def to_dict(self) -> dict:
         return {'module': self.module, 'groups': list(self.groups), 'points': [list(p) for p in self.points],
