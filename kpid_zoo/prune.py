@@ -193,6 +193,13 @@ def group_width_choices(graph: GroupGraph, min_channels: int, round_to: int) -> 
     return {g.name: width_choices(g.size, min_channels, round_to, g.parts) for g in graph.prunable}
 
 
+def check_prunable(graph: GroupGraph, arch: str) -> None:
+    """Fail, naming why, unless some channel group can be pruned (any budget needs one)."""
+    if not graph.prunable:
+        raise ValueError(f"{arch}: no prunable channel group was found "
+                         f"({', '.join(sorted({g.reason for g in graph.groups if g.reason})) or 'no conv layers'})")
+
+
 def check_target(parent: nn.Module, graph: GroupGraph, target_gmacs: float, *, arch: str,
                  input_size: tuple[int, int, int], min_channels: int = 8, round_to: int = 8
                  ) -> tuple[FlopsReport, CostModel, dict[str, list[int]]]:
@@ -200,9 +207,7 @@ def check_target(parent: nn.Module, graph: GroupGraph, target_gmacs: float, *, a
 
     Returns the parent's FLOPs, the cost model and the width choices per group, which the knapsack goes on with.
     """
-    if not graph.prunable:
-        raise ValueError(f"{arch}: no prunable channel group was found "
-                         f"({', '.join(sorted({g.reason for g in graph.groups if g.reason})) or 'no conv layers'})")
+    check_prunable(graph, arch)
     parent_flops = count_flops(parent, input_size)
     target = target_gmacs * 1e9
     if target >= parent_flops.total:
@@ -245,8 +250,7 @@ def check_latency_budget(parent: nn.Module, graph: GroupGraph, budget: BudgetSpe
     the budget (ms), the parent's and the smallest network's timings, and the width choices per group."""
     setting = latency_setting(budget)
     check_device(setting.device)
-    if not graph.prunable:
-        raise ValueError(f"{arch}: no prunable channel group was found")
+    check_prunable(graph, arch)
     try:
         check_timeable(parent, graph)
     except ValueError as e:
