@@ -344,9 +344,10 @@ class BudgetSpec(_Section):
     batch_size: int = _positive(1, 'integer')
     threads: int = _non_negative(1, 'integer')  # CPU threads while timing; 0: one per core
     tolerance: float = _fraction(0.05)
+    KINDS = ('latency_ms', 'latency_ratio', 'latency_of')  # the ways to state the budget: exactly one is given
 
     def _check(self) -> None:
-        _exactly_one(self, 'latency_ms', 'latency_ratio', 'latency_of')
+        _exactly_one(self, *self.KINDS)
         if self.latency_of is not None and not timm.is_model(self.latency_of):
             raise RecipeError(f"'{self.latency_of}' is not a timm model"
                               f"{_did_you_mean(self.latency_of, _timm_models())}", 'latency_of')
@@ -354,7 +355,7 @@ class BudgetSpec(_Section):
     @property
     def stated(self) -> str:
         """The field the budget is given by (for messages)."""
-        return next(n for n in ('latency_ms', 'latency_ratio', 'latency_of') if getattr(self, n) is not None)
+        return next(n for n in self.KINDS if getattr(self, n) is not None)
 
     def resolve_target(self, parent_ms: float, reference_ms: float | None = None) -> float:
         """The budget in ms for a parent measured at `parent_ms` (and the `latency_of` network at `reference_ms`);
@@ -508,8 +509,8 @@ class Recipe(_Section):
     def _check(self) -> None:
         if (self.flops is None) == (self.budget is None):
             both = 'both' if self.flops is not None else 'neither'
-            raise RecipeError(f'expected exactly one of flops (target_gmacs / target_ratio) or budget (latency_ms / '
-                              f'latency_ratio), got {both}', 'budget' if both == 'both' else 'flops')
+            raise RecipeError(f'expected exactly one of flops (target_gmacs / target_ratio) or budget '
+                              f'({" / ".join(BudgetSpec.KINDS)}), got {both}', 'budget' if both == 'both' else 'flops')
         if self.hub.repo_id is None:
             self._set('hub', dataclasses.replace(self.hub, repo_id=f'{DEFAULT_HUB_ORG}/{self.name}'))
         if self.parent.num_classes is not None and self.parent.num_classes != self.data.num_classes:
