@@ -101,8 +101,8 @@ def prune_arms(parent_name: str, stock_name: str, settings: list[Setting], log) 
             continue
         out = result.report.latency
         log(f"  {parent_name} [{s.label}]: latency knapsack to {stock_name}'s {out.budget_ms:.2f} ms -> measured "
-            f"{out.measured_ms:.2f} ms beside it, {result.report.achieved_gmacs:.3f} GMACs, {len(result.report.rounds)} "
-            f"rounds in {time.time() - t0:.0f}s{' (' + out.note + ')' if out.note else ''}")
+            f"{out.measured_ms:.2f} ms beside it, {result.report.achieved_gmacs:.3f} GMACs, "
+            f"{len(result.report.rounds)} rounds in {time.time() - t0:.0f}s{' (' + out.note + ')' if out.note else ''}")
         arms["latency"][s.label] = result.model
         arms["latency_reports"][s.label] = {"budget_ms": out.budget_ms, "parent_ms": out.parent_ms,
                                             "rounds": result.report.rounds,
@@ -111,7 +111,6 @@ def prune_arms(parent_name: str, stock_name: str, settings: list[Setting], log) 
                                             "gmacs": result.report.achieved_gmacs}
     arms["flops_gmacs"] = flops_net.report.achieved_gmacs
     return arms
-
 
 
 def main() -> None:

@@ -529,5 +529,6 @@ def latency_table(model: nn.Module, graph: GroupGraph, arch: str, input_size: tu
 
 
 __all__ = ['LatencySetting', 'Timing', 'Paired', 'Noise', 'LatencyTerm', 'LatencyCostModel', 'check_device',
-           'cpu_model', 'device_name', 'check_timeable', 'time_callable', 'measure_model', 'measure_paired', 'measure_noise',
-           'build_table', 'calibrate', 'latency_table', 'table_key', 'cache_path', 'load_cached', 'save_cached', 'sample_widths']
+           'cpu_model', 'device_name', 'check_timeable', 'time_callable', 'measure_model', 'measure_paired',
+           'measure_noise', 'build_table', 'calibrate', 'latency_table', 'table_key', 'cache_path', 'load_cached',
+           'save_cached', 'sample_widths']
