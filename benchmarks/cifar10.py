@@ -75,32 +75,50 @@ def make_parent(case: Case) -> nn.Module:
     return timm.create_model(case.model, num_classes=10)
 
 
-def torch_pruning_taylor(parent: nn.Module, target: float, input_size, loader, steps: int = 40) -> nn.Module:
-    """Torch-Pruning global group-Taylor, iterative (fresh gradients each step) until FLOPs <= target."""
+def torch_pruning_taylor(parent: nn.Module, target: float, input_size, loader, steps: int = 40, round_to: int | None = 8,
+                         fine_steps: int = 0) -> nn.Module:
+    """Torch-Pruning global group-Taylor, iterative (fresh gradients each step) until FLOPs <= target.
+
+    One step removes pruning_ratio/steps of the channels, and where those sit in early, wide-resolution layers
+    it drops the FLOPs by several percent at once (4% at 25% of tf_efficientnet_lite0 at 64 px). With
+    `fine_steps`, the step that would pass the target is undone and the pruning finishes from the net before it
+    with steps of 1/fine_steps of a 0.2 ratio (a few channels each: well under 1% of the FLOPs), so the net lands
+    just under the target rather than up to a coarse step below it.
+    """
     import torch_pruning as tp
 
-    model = copy.deepcopy(parent).eval()
-    pruner = tp.pruner.MetaPruner(
-        model, torch.randn(1, *input_size), importance=tp.importance.GroupTaylorImportance(), global_pruning=True,
-        pruning_ratio=0.9, iterative_steps=steps, ignored_layers=[model.get_classifier()], round_to=8)
-    batches = iter(loader)
-    gmacs, used = count_flops(model, input_size).gmacs, 0
-    while gmacs > target and used < steps:
-        try:
-            x, y = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            x, y = next(batches)
-        model.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        pruner.step()
-        used += 1
-        gmacs = count_flops(model, input_size).gmacs
-    model.zero_grad(set_to_none=True)
+    def pruner(model, ratio, n):
+        return tp.pruner.MetaPruner(model, torch.randn(1, *input_size), importance=tp.importance.GroupTaylorImportance(),
+                                    global_pruning=True, pruning_ratio=ratio, iterative_steps=n,
+                                    ignored_layers=[model.get_classifier()], round_to=round_to)
+
+    def batches():
+        while True:
+            yield from loader
+
+    def prune_until(model, ratio, n, keep_before: bool):
+        """Step until FLOPs <= target; returns (net, net before the last step or None)."""
+        p, before = pruner(model, ratio, n), None
+        for _ in range(n):
+            if count_flops(model, input_size).gmacs <= target:
+                break
+            x, y = next(data)
+            model.zero_grad(set_to_none=True)
+            if keep_before:
+                before = copy.deepcopy(model)
+            F.cross_entropy(model(x), y).backward()
+            p.step()
+        model.zero_grad(set_to_none=True)
+        return model, before
+
+    data = batches()
+    model, before = prune_until(copy.deepcopy(parent).eval(), 0.9, steps, keep_before=fine_steps > 0)
+    if fine_steps and before is not None:
+        model, _ = prune_until(before, 0.2, fine_steps, keep_before=False)
     return model
 
 
-def uniform_l1(parent: nn.Module, target: float, input_size, iters: int = 8) -> nn.Module:
+def uniform_l1(parent: nn.Module, target: float, input_size, iters: int = 8, round_to: int | None = 8) -> nn.Module:
     """One L1 pruning ratio for every layer (Torch-Pruning, local), the smallest ratio that meets the target."""
     import torch_pruning as tp
 
@@ -108,7 +126,7 @@ def uniform_l1(parent: nn.Module, target: float, input_size, iters: int = 8) -> 
         model = copy.deepcopy(parent).eval()
         tp.pruner.MetaPruner(model, torch.randn(1, *input_size), importance=tp.importance.GroupMagnitudeImportance(p=1),
                              global_pruning=False, pruning_ratio=ratio, ignored_layers=[model.get_classifier()],
-                             round_to=8).step()
+                             round_to=round_to).step()
         return model
 
     return smallest_ratio_meeting(prune, target, input_size, iters)
