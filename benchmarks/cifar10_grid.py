@@ -352,10 +352,37 @@ def report(grid: Grid, out_md: Path) -> None:
             word = 'undecided (fewer than 2 seeds)' if math.isnan(noise) else 'wins' if d > 2 * noise else \
                 'loses' if d < -2 * noise else 'ties (within 2 std)'
             lines.append(f'- {ratio:.0%}: KPID {k[1]:.2f} vs {ARMS[arm]} {o[1]:.2f} ({d:+.2f}): KPID {word}.')
+    lines += superseded_comparison(grid, summary)
     _atomic_write(out_md, '\n'.join(lines) + '\n')
     if summary:
         plot(summary, parent, out_md.with_suffix('.png'))
     print('\n'.join(lines))
+
+
+def superseded_comparison(grid: Grid, summary: dict) -> list[str]:
+    """The first parent's cells (superseded/<tag>/: same settings, another machine, the old FLOPs matching) beside
+    this grid: a second parent says how much of each gap is the parent's draw."""
+    folder = grid.results.parent / 'superseded' / grid.tag
+    old = [json.loads(p.read_text()) for p in sorted(folder.glob('r*.json'))]
+    if not old:
+        return []
+    parent = json.loads((folder / 'parent.json').read_text())
+    lines = ['', '## Beside the first parent (superseded cells)', '',
+             f'The grid first ran from another parent ({parent["top1"]:.2f}% top-1, the same settings, trained on '
+             f'another machine; its weights were lost with it) with the old FLOPs matching (widths '
+             f'rounded to 8, spread up to 6.8%): `benchmarks/results/cifar10_grid/superseded/`. Top-1 after the '
+             f'fine-tune, mean (n), that parent | this one:', '',
+             '| target | arm | first parent: GMACs | top-1 | this parent: GMACs | top-1 |', '|---|---|---|---|---|---|']
+    for ratio in RATIOS:
+        for arm in ['kpid', 'kpid_logit', 'kpid_ce', 'tp_taylor', 'uniform_l1', 'stock']:
+            rs = [c for c in old if c['ratio'] == ratio and c['arm'] == arm]
+            if not rs:
+                continue
+            now = summary.get((ratio, arm))
+            here = f'{now[0]:.4f} | {now[1]:.2f} ({now[3]})' if now else '- | -'
+            lines.append(f'| {ratio:.0%} | {ARMS[arm]} | {_mean_std([c["gmacs"] for c in rs])[0]:.4f} | '
+                         f'{_mean_std([c["top1"] for c in rs])[0]:.2f} ({len(rs)}) | {here} |')
+    return lines
 
 
 def plot(summary: dict, parent, path: Path) -> None:
