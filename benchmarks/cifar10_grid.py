@@ -25,7 +25,8 @@ cell records that sha256: a session on another machine continues with the same p
 give another one: CPUs round differently), and a cell from another parent is refused, not mixed in.
 
 Each (ratio, arm, seed) is a JSON file under benchmarks/results/cifar10_grid/<config>/ (the parent too); a rerun
-skips finished cells, and an interrupted fine-tune resumes from its checkpoint under --work.
+skips finished cells, and an interrupted fine-tune resumes from its checkpoint under --work (on the same machine:
+runs/ is not committed, so a part should end within its session; --budget-minutes sees to it).
 
     PYTHONPATH=. OMP_NUM_THREADS=1 nice -n 19 python benchmarks/cifar10_grid.py --part 0 1 --budget-minutes 85
     python benchmarks/cifar10_grid.py --report-only      # docs/cifar10_grid.md + .png from the cached cells
@@ -329,7 +330,8 @@ def report(grid: Grid, out_md: Path) -> None:
     total = len(RATIOS) * len(ARMS) * len(s['seeds'])
     lines += ['', f'Cells finished: {len(cells)} of {total} (+ parent: {"yes" if parent else "no"}). Budget per part: '
               'part 0 trains the parent, part k runs seed k-1; a part stops after the checkpoint that passes '
-              '`--budget-minutes` and the same command resumes it (keep `--work`, default `runs/cifar10_grid/`).', '',
+              '`--budget-minutes` and the same command resumes it (keep `--work`, default `runs/cifar10_grid/`, '
+              'which is not committed: another machine redoes an interrupted cell from its start).', '',
               '![top-1 vs GMACs](cifar10_grid.png)' if summary and not grid.args.quick else '', '',
               '## What ran where', '']
     for row in ([parent] if parent else []) + cells:
@@ -340,7 +342,10 @@ def report(grid: Grid, out_md: Path) -> None:
               '## Where KPID wins and where it does not (computed from the table)', '',
               'The stock arm starts from random weights while every pruned arm inherits the ImageNet-pretrained '
               'parent: with no ImageNet weights at hand offline for the stock nets, that comparison measures what '
-              'a user gets from each route on this data and compute, not the architectures alone.', '']
+              'a user gets from each route on this data and compute, not the architectures alone.', '',
+              'A difference is called a win or a loss when it exceeds twice the combined sample std of one run of '
+              'each arm (2 x sqrt(s1^2 + s2^2)): with 3 seeds that asks for more than a 95% Welch t-test '
+              '(t > 3.5 against 2.8), so "ties" are differences too small for 3 seeds to settle.', '']
     for ratio in RATIOS:
         k = summary.get((ratio, 'kpid'))
         for arm in ['kpid_ce', 'kpid_logit', 'tp_taylor', 'uniform_l1', 'stock']:
