@@ -256,11 +256,11 @@ class Grid:
                  f'({row["gmacs"]:.4f} GMACs, {row["seconds"] / 60:.1f} min)')
         return row
 
-    def run(self, parts: list[int] | None, budget_minutes: float) -> None:
+    def run(self, parts: list[int] | None, budget_minutes: float, ratios: list[float] = RATIOS) -> None:
         self.parent_model, self.parent_row = self.parent()
         # part 0 = the parent alone; part k = seed k-1: every ratio and arm
         seeds = self.s['seeds'] if not parts else [p - 1 for p in parts if p >= 1]
-        todo = [(r, a, s) for s in seeds for r in RATIOS for a in PRUNED_ARMS + ['stock']]
+        todo = [(r, a, s) for s in seeds for r in ratios for a in PRUNED_ARMS + ['stock']]
         for ratio, arm, seed in todo:
             if self.cached(f'r{ratio:g}__{arm}__s{seed}') is not None:
                 continue
@@ -418,6 +418,8 @@ def main() -> None:
     ap.add_argument('--ft-epochs', type=float, default=1)
     ap.add_argument('--seeds', type=int, default=3)
     ap.add_argument('--part', type=int, nargs='*', default=None, help='0: parent only; k >= 1: seed k-1 (all cells)')
+    ap.add_argument('--ratios', type=float, nargs='+', default=RATIOS, choices=RATIOS, metavar='RATIO',
+                    help=f'only these FLOPs targets (of {RATIOS}): two processes can share one seed\'s part')
     ap.add_argument('--budget-minutes', type=float, default=85, help='start no cell that would end past this')
     ap.add_argument('--quick', action='store_true', help='smoke run: tiny subsets, results under --work only')
     ap.add_argument('--report-only', action='store_true')
@@ -433,7 +435,7 @@ def main() -> None:
     grid = Grid(args)
     if not args.report_only:
         try:
-            grid.run(args.part, args.budget_minutes)
+            grid.run(args.part, args.budget_minutes, args.ratios)
         except BudgetExceeded as e:
             grid.log(f'{e}; rerun the same command to continue')
     report(grid, Path(args.out))
