@@ -278,6 +278,10 @@ def _mean_std(values: list) -> tuple[float, float]:
     return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else float('nan'))
 
 
+def _pm(mean: float, std: float, n: int) -> str:
+    return f'{mean:.2f} ± {std:.2f}' if n > 1 else f'{mean:.2f}'
+
+
 def report(grid: Grid, out_md: Path) -> None:
     parent = json.loads(grid.cell_path('parent').read_text()) if grid.cell_path('parent').is_file() else None
     grid.parent_row = parent
@@ -315,11 +319,17 @@ def report(grid: Grid, out_md: Path) -> None:
             t1, t1s = _mean_std([c['top1'] for c in rs])
             t5 = _mean_std([c['top5'] for c in rs])[0]
             before = [c['top1_before_ft'] for c in rs if c.get('top1_before_ft') is not None]
-            b = '-' if not before else '{:.2f} ± {:.2f}'.format(*_mean_std(before))
+            b = '-' if not before else _pm(*_mean_std(before), len(before))
             pct = f'{100 * g / parent["gmacs"]:.1f}' if parent else '?'
             summary[(ratio, arm)] = (g, t1, t1s, len(rs))
-            lines.append(f'| {ratio:.0%} | {label} | {len(rs)} | {g:.4f} | {pct} | {b} | {t1:.2f} ± {t1s:.2f} | '
+            lines.append(f'| {ratio:.0%} | {label} | {len(rs)} | {g:.4f} | {pct} | {b} | {_pm(t1, t1s, len(rs))} | '
                          f'{t5:.2f} |')
+    lines += ['', 'The same top-1 after the fine-tune, one row an arm (the README\'s table):', '',
+              '| arm | ' + ' | '.join(f'{r:.0%} of FLOPs' for r in RATIOS) + ' |', '|---|' + '---|' * len(RATIOS)]
+    for arm in ['kpid', 'kpid_logit', 'kpid_ce', 'tp_taylor', 'uniform_l1', 'stock']:
+        row = [summary.get((r, arm)) for r in RATIOS]
+        lines.append(f'| {ARMS[arm]} | ' + ' | '.join('-' if v is None else f'{_pm(v[1], v[2], v[3])} (n={v[3]})'
+                                                       for v in row) + ' |')
     for ratio in RATIOS:  # the issue asks for every pruned arm within 1% of the others' FLOPs: say where not
         g = [c['gmacs'] for c in cells if c['ratio'] == ratio and c['arm'] != 'stock']
         if g:
