@@ -29,6 +29,7 @@ skips finished cells, and an interrupted fine-tune resumes from its checkpoint u
 runs/ is not committed, so a part should end within its session; --budget-minutes sees to it).
 
     PYTHONPATH=. OMP_NUM_THREADS=1 nice -n 19 python benchmarks/cifar10_grid.py --part 0 1 --budget-minutes 85
+    python benchmarks/cifar10_grid.py --part 4 --ratios 0.5 --arms kpid kpid_logit kpid_ce  # more seeds, some arms
     python benchmarks/cifar10_grid.py --report-only      # docs/cifar10_grid.md + .png from the cached cells
     python benchmarks/cifar10_grid.py --quick            # smoke run: tiny subsets, writes under runs/ only
 """
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import math
 import os
@@ -259,11 +261,13 @@ class Grid:
                  f'({row["gmacs"]:.4f} GMACs, {row["seconds"] / 60:.1f} min)')
         return row
 
-    def run(self, parts: list[int] | None, budget_minutes: float, ratios: list[float] = RATIOS) -> None:
+    def run(self, parts: list[int] | None, budget_minutes: float, ratios: list[float] = RATIOS,
+            arms: list[str] | None = None) -> None:
         self.parent_model, self.parent_row = self.parent()
-        # part 0 = the parent alone; part k = seed k-1: every ratio and arm
+        # part 0 = the parent alone; part k = seed k-1: every ratio and arm (or only `arms`, and the baseline cells
+        # their FLOPs target is read from)
         seeds = self.s['seeds'] if not parts else [p - 1 for p in parts if p >= 1]
-        todo = [(r, a, s) for s in seeds for r in ratios for a in PRUNED_ARMS + ['stock']]
+        todo = [(r, a, s) for s in seeds for r in ratios for a in PRUNED_ARMS + ['stock'] if not arms or a in arms]
         for ratio, arm, seed in todo:
             if self.cached(f'r{ratio:g}__{arm}__s{seed}') is not None:
                 continue
@@ -296,8 +300,9 @@ def _pm(mean: float, std: float, n: int) -> str:
 
 def report(grid: Grid, out_md: Path) -> None:
     parent = grid.parent_row
-    cells = [grid.cached(p.stem) for p in sorted(grid.results.glob('r*.json'))] if parent else []
-    s = grid.s
+    every_cell = [grid.cached(p.stem) for p in sorted(grid.results.glob('r*.json'))] if parent else []
+    s = grid.s  # the grid's table holds its own seeds (every arm the same n); cells of later seeds come after it
+    cells = [c for c in every_cell if c['seed'] in s['seeds']]
     lines = [f'# CIFAR-10 grid: KPID vs baselines at 50% / 25% of the parent\'s FLOPs ({grid.tag})', '',
              f'`PYTHONPATH=. nice -n 19 python benchmarks/cifar10_grid.py --part N` (cells cached in '
              f'`benchmarks/results/cifar10_grid/{grid.tag}/`; see each JSON for the machine and time it took). '
@@ -347,13 +352,15 @@ def report(grid: Grid, out_md: Path) -> None:
                          f'({min(g):.4f}-{max(g):.4f} GMACs)' + ('' if spread <= 0.01 else
                          ': **over the 1% asked for**'))
     total = len(RATIOS) * len(ARMS) * len(s['seeds'])
-    lines += ['', f'Cells finished: {len(cells)} of {total} (+ parent: {"yes" if parent else "no"}). Budget per part: '
+    extra = len(every_cell) - len(cells)
+    lines += ['', f'Cells finished: {len(cells)} of {total} (+ parent: {"yes" if parent else "no"}'
+              f'{f"; {extra} cells of later seeds, below" if extra else ""}). Budget per part: '
               'part 0 trains the parent, part k runs seed k-1; a part stops after the checkpoint that passes '
               '`--budget-minutes` and the same command resumes it (keep `--work`, default `runs/cifar10_grid/`, '
               'which is not committed: another machine redoes an interrupted cell from its start).', '',
               '![top-1 vs GMACs](cifar10_grid.png)' if summary and not grid.args.quick else '', '',
               '## What ran where', '']
-    for row in ([parent] if parent else []) + cells:
+    for row in ([parent] if parent else []) + every_cell:
         key = 'parent' if row['arm'] == 'parent' else f'{row["ratio"]:.0%} {row["arm"]} seed {row["seed"]}'
         lines.append(f'- {key}: {row["seconds"] / 60:.1f} min on {row["machine"]} (torch {row["torch"]})')
     lines += ['', 'Minutes are wall time on a machine shared with other jobs (the figures say what one part '
@@ -365,6 +372,30 @@ def report(grid: Grid, out_md: Path) -> None:
               'A difference is called a win or a loss when it exceeds twice the combined sample std of one run of '
               'each arm (2 x sqrt(s1^2 + s2^2)): with 3 seeds that asks for more than a 95% Welch t-test '
               '(t > 3.5 against 2.8), so "ties" are differences too small for 3 seeds to settle.', '']
+    lines += verdicts(summary)
+    if extra:
+        lines += more_seeds(every_cell, s['seeds'])
+    lines += superseded_comparison(grid, summary)
+    _atomic_write(out_md, '\n'.join(lines) + '\n')
+    if summary:
+        plot(summary, parent, out_md.with_suffix('.png'))
+    print('\n'.join(lines))
+
+
+def permutation_p(a: list[float], b: list[float]) -> float:
+    """Exact two-sided permutation test of mean(a) - mean(b): the share of all C(n_a + n_b, n_a) relabellings of the
+    pooled runs whose difference is at least as large. Free of any distribution; its floor is 2 / C(n_a + n_b, n_a)
+    (0.1 at 3 + 3 seeds: three seeds cannot reach p < 0.05 by this test, five can: 0.008)."""
+    pooled, n, observed = a + b, len(a), abs(sum(a) / len(a) - sum(b) / len(b))
+    diffs = [abs(sum(pooled[i] for i in idx) / n - sum(pooled[i] for i in range(len(pooled)) if i not in idx)
+                 / len(b)) for idx in itertools.combinations(range(len(pooled)), n)]
+    return sum(d >= observed - 1e-9 for d in diffs) / len(diffs)
+
+
+def verdicts(summary: dict, cells: list[dict] | None = None) -> list[str]:
+    """KPID against every other arm at each target, by the rule the report states (twice the combined std), and
+    with `cells` the permutation test's p of the mean difference too."""
+    lines = []
     for ratio in RATIOS:
         k = summary.get((ratio, 'kpid'))
         for arm in ['kpid_ce', 'kpid_logit', 'tp_taylor', 'uniform_l1', 'stock']:
@@ -375,12 +406,31 @@ def report(grid: Grid, out_md: Path) -> None:
             noise = math.hypot(k[2], o[2]) if k[3] > 1 and o[3] > 1 else float('nan')
             word = 'undecided (fewer than 2 seeds)' if math.isnan(noise) else 'wins' if d > 2 * noise else \
                 'loses' if d < -2 * noise else 'ties (within 2 std)'
-            lines.append(f'- {ratio:.0%}: KPID {k[1]:.2f} vs {ARMS[arm]} {o[1]:.2f} ({d:+.2f}): KPID {word}.')
-    lines += superseded_comparison(grid, summary)
-    _atomic_write(out_md, '\n'.join(lines) + '\n')
-    if summary:
-        plot(summary, parent, out_md.with_suffix('.png'))
-    print('\n'.join(lines))
+            if cells is not None:
+                top1 = {a: [c['top1'] for c in cells if (c['ratio'], c['arm']) == (ratio, a)] for a in ('kpid', arm)}
+                word += f' by the rule; permutation test of the means p = {permutation_p(*top1.values()):.3f}'
+            lines.append(f'- {ratio:.0%}: KPID {k[1]:.2f} vs {ARMS[arm]} {o[1]:.2f} ({d:+.2f}, n={k[3]} and '
+                         f'{o[3]}): KPID {word}.')
+    return lines
+
+
+def more_seeds(every_cell: list[dict], grid_seeds: list[int]) -> list[str]:
+    """Arms run for seeds past the grid's (--arms): every seed of those arms together, and the same rule."""
+    later = {(c['ratio'], c['arm']) for c in every_cell if c['seed'] not in grid_seeds}
+    cells = [c for c in every_cell if (c['ratio'], c['arm']) in later]
+    summary = summarise(cells)
+    seeds = sorted({c['seed'] for c in every_cell if c['seed'] not in grid_seeds})
+    lines = ['', '## More seeds for the closest comparisons', '',
+             f'Seed{"s" * (len(seeds) > 1)} {", ".join(map(str, seeds))} ran for some arms only (`--arms`, with '
+             f'the baselines their FLOPs target is read from), to settle what the grid\'s {len(grid_seeds)} seeds '
+             f'leave a tie. Every seed of those arms together, the same fine-tune. The rule above compares one run '
+             f'of each arm, so more seeds sharpen its std but not its bar; the mean difference is tested too, by an '
+             f'exact permutation test (every split of the pooled runs into two arms of these sizes):', '',
+             '| target | arm | n | GMACs (mean) | top-1 after FT |', '|---|---|---|---|---|']
+    for (ratio, arm), (g, t1, t1s, n) in sorted(summary.items(), key=lambda kv: (-kv[0][0],
+                                                                                 REPORT_ORDER.index(kv[0][1]))):
+        lines.append(f'| {ratio:.0%} | {ARMS[arm]} | {n} | {g:.4f} | {_pm(t1, t1s, n)} |')
+    return lines + [''] + verdicts(summary, cells)
 
 
 def superseded_comparison(grid: Grid, summary: dict) -> list[str]:
@@ -437,6 +487,10 @@ def main() -> None:
     ap.add_argument('--part', type=int, nargs='*', default=None, help='0: parent only; k >= 1: seed k-1 (all cells)')
     ap.add_argument('--ratios', type=float, nargs='+', default=RATIOS, choices=RATIOS, metavar='RATIO',
                     help=f'only these FLOPs targets (of {RATIOS}): two processes can share one seed\'s part')
+    ap.add_argument('--arms', nargs='+', default=None, choices=list(ARMS), metavar='ARM',
+                    help=f'only these arms (of {", ".join(ARMS)}) and the baseline cells their FLOPs target needs: '
+                    f'extra seeds for one comparison (--part 4 5 --arms kpid kpid_logit); the report keeps seeds '
+                    f'past --seeds apart from the grid\'s table')
     ap.add_argument('--budget-minutes', type=float, default=85, help='start no cell that would end past this')
     ap.add_argument('--quick', action='store_true', help='smoke run: tiny subsets, results under --work only')
     ap.add_argument('--report-only', action='store_true')
@@ -452,7 +506,7 @@ def main() -> None:
     grid = Grid(args)
     if not args.report_only:
         try:
-            grid.run(args.part, args.budget_minutes, args.ratios)
+            grid.run(args.part, args.budget_minutes, args.ratios, args.arms)
         except BudgetExceeded as e:
             grid.log(f'{e}; rerun the same command to continue')
     report(grid, Path(args.out))
