@@ -319,8 +319,8 @@ def report(grid: Grid, out_md: Path) -> None:
     if parent is None:
         lines += ['Parent not trained yet: no cell has run.', '']
     else:
-        lines += [f'Parent: top-1 **{parent["top1"]:.2f}%**, {parent["gmacs"]:.4f} GMACs, '
-                  f'{parent["params_m"]:.2f} M params.', '']
+        lines += [f'Parent: top-1 **{parent["top1"]:.2f}%** (top-5 {parent["top5"]:.2f}%), '
+                  f'{parent["gmacs"]:.4f} GMACs, {parent["params_m"]:.2f} M params.', '']
     lines += ['| target | arm | n | GMACs (mean) | % parent | top-1 before FT | top-1 after FT | top-5 |',
               '|---|---|---|---|---|---|---|---|']
     summary = summarise(cells)
@@ -392,14 +392,19 @@ def permutation_p(a: list[float], b: list[float]) -> float:
     return sum(d >= observed - 1e-9 for d in diffs) / len(diffs)
 
 
+# (arm, the arm it is measured against, the arm's short name): KPID against every other arm, then the knapsack's
+# channel selection alone (CE only) against the other selections under the same fine-tune
+VERDICT_PAIRS = [('kpid', other, 'KPID') for other in ('kpid_ce', 'kpid_logit', 'tp_taylor', 'uniform_l1', 'stock')] \
+    + [('kpid_ce', other, "KPID's selection alone") for other in ('tp_taylor', 'uniform_l1')]
+
+
 def verdicts(summary: dict, cells: list[dict] | None = None) -> list[str]:
-    """KPID against every other arm at each target, by the rule the report states (twice the combined std), and
-    with `cells` the permutation test's p of the mean difference too."""
+    """Each of VERDICT_PAIRS at each target, by the rule the report states (twice the combined std), and with
+    `cells` the permutation test's p of the mean difference too."""
     lines = []
     for ratio in RATIOS:
-        k = summary.get((ratio, 'kpid'))
-        for arm in ['kpid_ce', 'kpid_logit', 'tp_taylor', 'uniform_l1', 'stock']:
-            o = summary.get((ratio, arm))
+        for arm, other, name in VERDICT_PAIRS:
+            k, o = summary.get((ratio, arm)), summary.get((ratio, other))
             if not k or not o:
                 continue
             d = k[1] - o[1]
@@ -407,10 +412,10 @@ def verdicts(summary: dict, cells: list[dict] | None = None) -> list[str]:
             word = 'undecided (fewer than 2 seeds)' if math.isnan(noise) else 'wins' if d > 2 * noise else \
                 'loses' if d < -2 * noise else 'ties (within 2 std)'
             if cells is not None:
-                top1 = {a: [c['top1'] for c in cells if (c['ratio'], c['arm']) == (ratio, a)] for a in ('kpid', arm)}
+                top1 = {a: [c['top1'] for c in cells if (c['ratio'], c['arm']) == (ratio, a)] for a in (arm, other)}
                 word += f' by the rule; permutation test of the means p = {permutation_p(*top1.values()):.3f}'
-            lines.append(f'- {ratio:.0%}: KPID {k[1]:.2f} vs {ARMS[arm]} {o[1]:.2f} ({d:+.2f}, n={k[3]} and '
-                         f'{o[3]}): KPID {word}.')
+            lines.append(f'- {ratio:.0%}: {name} {k[1]:.2f} vs {ARMS[other]} {o[1]:.2f} ({d:+.2f}, n={k[3]} and '
+                         f'{o[3]}): {name} {word}.')
     return lines
 
 
@@ -442,8 +447,9 @@ def superseded_comparison(grid: Grid, summary: dict) -> list[str]:
         return []
     parent = json.loads((folder / 'parent.json').read_text())
     lines = ['', '## Beside the first parent (superseded cells)', '',
-             f'The grid first ran from another parent ({parent["top1"]:.2f}% top-1, the same settings, trained on '
-             f'another machine; its weights were lost with it) with the old FLOPs matching (widths '
+             f'The grid first ran from another parent ({parent["top1"]:.2f}% top-1, '
+             f'{parent["top5"]:.2f}% top-5: other weights from the same settings, trained on another machine and '
+             f'lost with it) with the old FLOPs matching (widths '
              f'rounded to 8, spread up to 6.8%): `benchmarks/results/cifar10_grid/superseded/`. Top-1 after the '
              f'fine-tune, mean (n), that parent | this one:', '',
              '| target | arm | first parent: GMACs | top-1 | this parent: GMACs | top-1 |', '|---|---|---|---|---|---|']
