@@ -33,7 +33,7 @@ from .accelerator import process_accelerator
 from .recipe import Recipe, load_recipe
 
 STEPS_PER_STAGE = 3  # optimizer steps of each training stage in a dry run: enough to checkpoint and resume
-STANDIN_BATCH = 2  # per process
+STANDIN_BATCH = 1  # per process: the stages' code paths at the least compute (bf16 on a CPU without it is slow)
 KNOWN_TRAIN_SIZES = {('imagefolder', 1000): ('ImageNet-1k', 1_281_167), ('cifar10', 10): ('CIFAR-10', 50_000)}
 
 
@@ -63,7 +63,10 @@ def standin_sizes(recipe: Recipe, processes: int) -> tuple[int, int]:
     """(train, val) images a dry run uses: STEPS_PER_STAGE optimizer steps of the stage that accumulates most;
     two batches per process and one more image for validation, so the last batch is uneven."""
     accum = max(recipe.parent.train.grad_accum_steps, recipe.finetune.grad_accum_steps)
-    return STEPS_PER_STAGE * STANDIN_BATCH * processes * accum, 2 * STANDIN_BATCH * processes + 1
+    train = STEPS_PER_STAGE * STANDIN_BATCH * processes * accum
+    if recipe.data.is_stream:  # written as two equal shards per process (`standin_shards`)
+        train = math.ceil(train / (2 * processes)) * 2 * processes
+    return train, 2 * STANDIN_BATCH * processes + 1
 
 
 def standin_shards(image_root: Path, out: Path, recipe: Recipe, processes: int) -> Path:
