@@ -12,6 +12,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 _OPT_IN = {'network': 'KPID_TEST_NETWORK', 'slow': 'KPID_TEST_SLOW'}
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest-xdist workers (pyproject's `-n 2`) share the cores: each torch thread pool sized to the whole
+    # machine would spin against the others'
+    workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         for marker, env in _OPT_IN.items():
