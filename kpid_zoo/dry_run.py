@@ -34,6 +34,7 @@ from .recipe import Recipe, load_recipe
 
 STEPS_PER_STAGE = 3  # optimizer steps of each training stage in a dry run: enough to checkpoint and resume
 STANDIN_BATCH = 1  # per process: the stages' code paths at the least compute (bf16 on a CPU without it is slow)
+STANDIN_TRAIN_SHARDS = 2  # per process, for a stream recipe: each process reads past a shard boundary
 KNOWN_TRAIN_SIZES = {('imagefolder', 1000): ('ImageNet-1k', 1_281_167), ('cifar10', 10): ('CIFAR-10', 50_000)}
 
 
@@ -60,25 +61,28 @@ def standin_images(root: Path, num_classes: int, input_size: tuple[int, int, int
 
 
 def standin_sizes(recipe: Recipe, processes: int) -> tuple[int, int]:
-    """(train, val) images a dry run uses: STEPS_PER_STAGE optimizer steps of the stage that accumulates most;
-    two batches per process and one more image for validation, so the last batch is uneven."""
+    """(train, val) images a dry run uses: STEPS_PER_STAGE optimizer steps of the stage that accumulates most (for
+    a stream, rounded up to fill its shards equally); two batches per process and one more image for validation,
+    so the last global batch is uneven."""
     accum = max(recipe.parent.train.grad_accum_steps, recipe.finetune.grad_accum_steps)
     train = STEPS_PER_STAGE * STANDIN_BATCH * processes * accum
-    if recipe.data.is_stream:  # written as two equal shards per process (`standin_shards`)
-        train = math.ceil(train / (2 * processes)) * 2 * processes
+    if recipe.data.is_stream:  # written as STANDIN_TRAIN_SHARDS equal shards per process (`standin_shards`)
+        shards = STANDIN_TRAIN_SHARDS * processes
+        train = math.ceil(train / shards) * shards
     return train, 2 * STANDIN_BATCH * processes + 1
 
 
 def standin_shards(image_root: Path, out: Path, recipe: Recipe, processes: int) -> Path:
     """The stand-in ImageFolder as WebDataset shards: the train images a dry run uses (as `standin_sizes` counts
-    them) in two shards per process, every validation image in one shard per process."""
+    them) in STANDIN_TRAIN_SHARDS shards per process, every validation image in one shard per process."""
     from .data import subset_indices
     from .streams import INFO_FILE, folder_samples, write_shards
 
     if (out / INFO_FILE).exists():
         return out
     train_images, val_images = standin_sizes(recipe, processes)
-    for split, count, shards in (('train', train_images, 2 * processes), ('val', val_images, processes)):
+    for split, count, shards in (('train', train_images, STANDIN_TRAIN_SHARDS * processes),
+                                  ('val', val_images, processes)):
         samples, _ = folder_samples(image_root / split)
         keep = subset_indices(len(samples), count, seed=0) or range(len(samples))
         chosen = [samples[i] for i in keep]
