@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from export_utils import REPO_ROOT
+
 README_MAX_LINES = 160
 
 needs_mkdocs = pytest.mark.skipif(
