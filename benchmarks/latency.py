@@ -237,8 +237,7 @@ def write_doc(runs: list[dict]) -> None:
              "that setting (`budget: {latency_of: <stock net>}`: its own lookup table; 5% tolerance, widened to "
              "twice the A/A noise where that is larger; every candidate timed beside the stock net, the budget "
              "being the stock net's time in its A/A test). Lookup tables are reused from the cache "
-             "when one was measured for the same key. No GPU was lent to this task: the GPU column (item 5 of the "
-             "issue) is not measured.", ""]
+             "when one was measured for the same key. Not yet measured on a GPU.", ""]
     fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.8), dpi=110, squeeze=False)
     for ax, (label, res) in zip(axes[0], results.items()):
         lines += [f"## {label}", "",

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import statistics
 import tarfile
 import tempfile
@@ -29,6 +28,7 @@ import torch
 import torch.utils.data as tud
 
 from kpid_zoo.data import SeededTransformDataset, build_transforms, load_image_folder, resolve_data_settings
+from kpid_zoo.latency import cpu_model
 from kpid_zoo.recipe import DataSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,7 +87,7 @@ def main() -> None:
     per_worker = statistics.median(one)
     rows = [('one worker (image after image, 1 thread)', spread(one))] + \
         [(f'DataLoader, {w} worker{"s" if w > 1 else ""}, batch 64', spread(r)) for w, r in loaders.items()]
-    cpu = platform.processor() or platform.machine()
+    cpu = cpu_model()
     lines = [
         '# Loader benchmark: train transform at 224 px on real ImageNet JPEGs', '',
         f'`python benchmarks/loader_throughput.py --repeats {args.repeats}` on {os.cpu_count()} CPU cores '

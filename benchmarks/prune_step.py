@@ -14,7 +14,6 @@ Prints a table and writes docs/prune_step_benchmark.md.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from kpid_zoo.data import create_loaders
 from kpid_zoo.flops import count_flops, count_params
 from kpid_zoo.groups import discover_groups
 from kpid_zoo.importance import taylor_importance
+from kpid_zoo.latency import cpu_model
 from kpid_zoo.prune import knapsack_prune
 from kpid_zoo.recipe import DataSpec
 
@@ -104,9 +104,9 @@ def write_table(rows: list, path: Path, args) -> None:
         "# Prune step: KPID knapsack vs Torch-Pruning",
         "",
         f"`python benchmarks/prune_step.py{' --quick' if args.quick else ''}` on {torch.get_num_threads()} CPU "
-        f"threads ({platform.processor() or platform.machine()}), torch {torch.__version__}, timm {timm.__version__}, "
+        f"threads ({cpu_model()}), torch {torch.__version__}, timm {timm.__version__}, "
         f"input 224 px, 8 batches of {2 if args.quick else 16} real images (CIFAR-10 JPEGs resized) for the "
-        "Taylor scores. Parents have random weights (no Hub here; ResNets without timm's zero-init of the last BN). "
+        "Taylor scores. Parents have random weights (the benchmark downloads nothing; ResNets without timm's zero-init of the last BN). "
         "Time covers groups + importance + knapsack rounds + surgery for KPID, and graph + "
         "importance + iterative steps (one batch of gradients each) for Torch-Pruning; both measured side by side in one run. FLOPs by fvcore "
         "(1 FLOP = 1 multiply-add). Error = (achieved - target) / target.",
