@@ -44,7 +44,7 @@ def _holder(path: Path) -> dict | None:
     """The lock's content; None when it is gone or unreadable (a writer killed between create and write)."""
     try:
         data = json.loads(path.read_text(encoding='utf-8'))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 

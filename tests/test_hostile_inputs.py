@@ -83,6 +83,16 @@ def test_deeply_nested_yaml_is_a_recipe_error(tmp_path, capsys, make, expected):
     assert not (tmp_path / 'w').exists()
 
 
+def test_deeply_nested_json_is_a_value_error_naming_the_file(tmp_path):
+    """The stage manifests, reports and eval results a build reads back go through read_json: a ValueError (a
+    stage redone, or one line) rather than a RecursionError."""
+    from kpid_zoo.files import read_json
+
+    path = _write(tmp_path, 'report.json', '[' * 100_000 + ']' * 100_000)
+    with pytest.raises(ValueError, match=f'{path}: not valid JSON'):
+        read_json(path)
+
+
 @pytest.mark.parametrize('name, text, expected', [
     ('token', SECRET + '\n', 'the file holds one string of 17 characters'),
     ('id_ed25519', f'-----BEGIN OPENSSH PRIVATE KEY-----\n{SECRET}\n{SECRET}\n-----END OPENSSH PRIVATE KEY-----\n',
