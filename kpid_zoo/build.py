@@ -4,10 +4,10 @@ parent (load, optionally adapt to the data) -> prune (importance + knapsack + su
 distillation -> evaluate -> export a Hub-shaped folder. Every stage leaves its result on disk under the work
 folder with a manifest (`kpid_zoo.provenance`): the recipe fields and upstream results it was made from and the
 sha256 of each file. A rerun reuses a stage only when both still hold, says why it runs each other one, and the
-fine-tunes resume from their last checkpoint whose files still have their recorded hashes. The checks that need
-no training (family, FLOPs target vs the parent's and vs the smallest reachable) run first, and a lock keeps a
-second build out of the same work folder. Every stage starts from an RNG state of its own, so a build gives the
-same bytes whether it ran straight through or was killed and resumed anywhere.
+fine-tunes resume from their last checkpoint whose files still have their recorded hashes. A lock keeps a second
+build out of the same work folder, refusing it at once; then the checks that need no training (family, FLOPs
+target vs the parent's and vs the smallest reachable) run before any work. Every stage starts from an RNG state of
+its own, so a build gives the same bytes whether it ran straight through or was killed and resumed anywhere.
 Under `accelerate launch` the pruning runs on the main process first and the other ranks read its result, so
 all ranks train the same architecture.
 """
@@ -123,12 +123,14 @@ def build(recipe_path: str | Path, out_dir: str | Path | None = None, work_dir: 
     """Build the zoo entry of `recipe_path` into `out_dir` (default outputs/<name>)."""
     recipe = load_recipe(recipe_path)
     paths = BuildPaths(Path(work_dir or Path("runs") / recipe.name), Path(out_dir or Path("outputs") / recipe.name))
-    preflight(recipe)
     # one per process, shared by every stage: parent adaptation, Taylor importance, distillation, evaluation
     accelerator = process_accelerator()
-    # the export folder is locked too: two work folders building into one export would replace each other's files
+    # the locks come first: a second build of a folder is refused at once, not after the checks below have made
+    # and traced the parent. The export folder is locked too: two work folders building into one export would
+    # replace each other's files.
     with build_lock(accelerator, paths.work), \
             build_lock(accelerator, paths.export.parent, export_lock_name(paths.export)):
+        preflight(recipe)  # before anything is removed, reused or written
         if accelerator.is_main_process:
             if not resume:
                 for entry in paths.work.iterdir():

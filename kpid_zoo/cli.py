@@ -2,9 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
+import re
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import NoReturn, TypeVar
+
+T = TypeVar("T")
 
 EPILOG = """examples:
   kpid-zoo zoo                                     # the registered kpid_* models and their numbers
@@ -16,19 +22,48 @@ EPILOG = """examples:
 """
 
 
-def _input_size(values: list[int]) -> tuple[int, int, int]:
-    if len(values) == 1:
-        return (3, values[0], values[0])
-    if len(values) == 3:
-        return tuple(values)
-    raise argparse.ArgumentTypeError("--input-size takes SIZE or C H W")
+INPUT_SIZE_HELP = "SIZE (C is 3), or C H W; also written C,H,W or CxHxW (default: the model's)"
+
+
+def parse_input_size(values: list[str]) -> tuple[int, int, int]:
+    """--input-size as (C, H, W): SIZE, or C H W (one argument each, or one argument "C,H,W" / "CxHxW").
+
+    Checked before any model is made: a side of 0 or a negative one, or one a trace could not hold in memory
+    (100000 px is 120 GB of input alone), is a usage error, not an exception from deep inside a forward pass."""
+    from .recipe import MAX_SIDE
+
+    text = " ".join(values).strip()
+    shown = text if len(text) <= 40 else text[:37] + "..."
+    expected = "SIZE or C H W in whole numbers, e.g. 224 or 3 224 224"
+    try:
+        numbers = [int(part) for part in re.split(r"[\s,x]+", text)]
+    except ValueError:
+        raise ValueError(f"--input-size: expected {expected}, got {shown!r}") from None
+    if len(numbers) not in (1, 3):
+        raise ValueError(f"--input-size: expected {expected}, got {len(numbers)} numbers ({shown!r})")
+    channels, height, width = (3, numbers[0], numbers[0]) if len(numbers) == 1 else numbers
+    if channels < 1:
+        raise ValueError(f"--input-size: expected a positive channel count C, got {channels}")
+    for side in (height, width):
+        if not 1 <= side <= MAX_SIDE:
+            raise ValueError(f"--input-size: expected H and W from 1 to {MAX_SIDE} px, got {side}")
+    return channels, height, width
+
+
+def did_you_mean(name: str, candidates: Iterable[str], n: int = 3) -> str:
+    """' (did you mean a, b or c?)' with the names in `candidates` closest to `name` (difflib), or '' if none is
+    close: the tail of an "unknown name" error."""
+    close = difflib.get_close_matches(name, list(candidates), n=n)
+    if not close:
+        return ""
+    return f" (did you mean {close[0] if len(close) == 1 else ', '.join(close[:-1]) + ' or ' + close[-1]}?)"
 
 
 def cmd_flops(args: argparse.Namespace) -> int:
     from .flops import count_flops, count_params
 
     model, size = _model_and_size(args)
-    report = count_flops(model, size)
+    report = _at_size(args, model, size, lambda: count_flops(model, size))
     print(f"{args.model} at {'x'.join(map(str, size))}: {report.gmacs:.4f} GMACs, {count_params(model) / 1e6:.3f}M params")
     if args.per_layer:
         leaves = {n for n, m in model.named_modules() if next(m.children(), None) is None}
@@ -42,7 +77,7 @@ def cmd_groups(args: argparse.Namespace) -> int:
     from .groups import discover_groups
 
     model, size = _model_and_size(args)
-    graph = discover_groups(model, size)
+    graph = _at_size(args, model, size, lambda: discover_groups(model, size))
     print(f"{args.model}: {len(graph.groups)} channel groups, {len(graph.prunable)} prunable")
     for g in graph.groups:
         status = f"  [fixed: {g.reason}]" if not g.prunable else f"  [inexact: {g.inexact}]" if g.inexact else ""
@@ -79,9 +114,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     recipe = load_recipe(find_recipe(args.recipe))
     out = Path(args.out or Path("runs") / recipe.name / "pruned")
     paths = BuildPaths(work=out.parent, export=out, pruned_dir=out)
-    preflight(recipe)
     accelerator = process_accelerator()
-    with build_lock(accelerator, paths.work):
+    with build_lock(accelerator, paths.work):  # first: a locked folder is refused before the checks trace the parent
+        preflight(recipe)
         if args.force:
             (paths.work / MANIFEST_DIR / "pruned.json").unlink(missing_ok=True)
         elif out.exists():
@@ -165,11 +200,52 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 
 def _model_and_size(args: argparse.Namespace):
-    """The timm model named on the command line, and --input-size or else the model's own."""
+    """The timm model named on the command line, and --input-size (checked first) or else the model's own."""
+    size = parse_input_size(args.input_size) if args.input_size else None
     model = _create(args.model)
-    if args.input_size:
-        return model, _input_size(args.input_size)
-    return model, tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+    if size is None:
+        return model, tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+    channels = _input_channels(model)
+    if channels is not None and size[0] != channels:
+        raise ValueError(f"--input-size: {args.model} takes {channels}-channel images, got C = {size[0]}")
+    return model, size
+
+
+def _input_channels(model) -> int | None:
+    """The channels the model's stem convolution takes (timm's pretrained cfg names it), None if unknown."""
+    from torch import nn
+
+    name = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
+    names = [name] if isinstance(name, str) else list(name or [])
+    for n in names:
+        try:
+            stem = model.get_submodule(n)
+        except AttributeError:
+            continue
+        if isinstance(stem, nn.Conv2d):
+            return stem.in_channels
+    return None
+
+
+def _at_size(args: argparse.Namespace, model, size: tuple[int, int, int], count: Callable[[], T]) -> T:
+    """`count()`, the trace of `model` on one image of `size`; when that fails at a size the user chose and the
+    model does not even run a plain forward pass there (a 7x7 stem on a 2 px image, a ViT's fixed patch grid),
+    the size is what is wrong: one line saying so, not the tracer's traceback."""
+    import torch
+
+    try:
+        return count()
+    except Exception as e:
+        if not args.input_size:
+            raise
+        try:
+            with torch.no_grad():
+                model(torch.zeros(1, *size))
+        except Exception as forward_error:  # any kind: a user-chosen size made the model's own forward fail
+            reason = " ".join(str(forward_error).split()) or type(forward_error).__name__
+            raise ValueError(f"--input-size: {args.model} does not run on a {'x'.join(map(str, size))} image: "
+                             f"{reason[:300]}") from e
+        raise
 
 
 def _create(name: str):
@@ -177,18 +253,36 @@ def _create(name: str):
     import kpid_zoo  # noqa: F401  (registers kpid_* names)
 
     if not timm.is_model(name) and not name.startswith(("hf-hub:", "local-dir:")):
-        import difflib
-        close = difflib.get_close_matches(name, timm.list_models(), n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise SystemExit(f"kpid-zoo: {name!r} is not a timm model{hint}")
+        raise ValueError(f"{name!r} is not a timm model{did_you_mean(name, timm.list_models())}")
     try:
         return timm.create_model(name).eval()
     except RuntimeError as e:  # timm's own: an unknown pretrained tag, ...
-        raise SystemExit(f"kpid-zoo: {name}: {e}") from None
+        raise ValueError(f"{name}: {e}") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a usage error is one line like every other user error (the usage is a --help away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def _count(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= `minimum` (a process count of 0, a negative K, ...: a usage error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text[:40]!r}")
+        return value
+    parse.__name__ = "count"  # argparse names the type in some messages
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="kpid-zoo", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Knapsack Pruning with Inner Distillation: smaller, faster timm CNNs from a recipe.")
     parser.add_argument("--debug", action="store_true",
@@ -197,8 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("flops", help="count GMACs (fvcore; 1 FLOP = 1 multiply-add) and params of a timm model")
     p.add_argument("model", help="timm model name, e.g. resnet50, or a kpid_* zoo entry")
-    p.add_argument("--input-size", type=int, nargs="+", metavar="N", help="SIZE or C H W (default: the model's)")
-    p.add_argument("--per-layer", type=int, nargs="?", const=20, default=0, metavar="K",
+    p.add_argument("--input-size", nargs="+", metavar="N", help=INPUT_SIZE_HELP)
+    p.add_argument("--per-layer", type=_count(0), nargs="?", const=20, default=0, metavar="K",
                    help="also list the K costliest layers (default 20)")
     p.set_defaults(func=cmd_flops)
 
@@ -210,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("groups", help="list the channel groups found in a timm model's graph")
     p.add_argument("model", help="timm model name")
-    p.add_argument("--input-size", type=int, nargs="+", metavar="N", help="SIZE or C H W (default: the model's)")
+    p.add_argument("--input-size", nargs="+", metavar="N", help=INPUT_SIZE_HELP)
     p.add_argument("--members", action="store_true", help="also list the layers in each group")
     p.set_defaults(func=cmd_groups)
 
@@ -233,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "Launch it like the real run, e.g. accelerate launch --multi_gpu --num_processes 2 -m "
                         "kpid_zoo.cli build RECIPE --dry-run (on a CPU machine too: without --multi_gpu, "
                         "accelerate starts one process)")
-    p.add_argument("--plan-processes", type=int, metavar="N",
+    p.add_argument("--plan-processes", type=_count(1), metavar="N",
                    help="with --dry-run: plan the real run for N processes (default: this launch's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_build)

@@ -9,7 +9,9 @@ decides how long it runs:
 * data: a generated ImageFolder with the recipe's class count and input size (one random JPEG per class),
   written as WebDataset shards for a stream recipe (`wds/<name>`), so that the stream path runs too;
 * parent weights: random init (`weights: none`), so no download;
-* schedule: a few optimizer steps per training stage, a checkpoint after each; one batch of Taylor scores.
+* schedule: a few optimizer steps per training stage, a checkpoint after each; one batch of Taylor scores;
+  one image per process a step (`standin_batch`), or two where one would leave a BatchNorm a single value per
+  channel to normalise (which the real run's larger batch does not).
 
 Run it under the launcher a cluster uses, e.g. `accelerate launch --multi_gpu --num_processes 2 -m kpid_zoo.cli
 build RECIPE --dry-run` (on a CPU-only machine too: the processes join over gloo; without `--multi_gpu` accelerate
@@ -23,6 +25,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -60,16 +63,50 @@ def standin_images(root: Path, num_classes: int, input_size: tuple[int, int, int
     return root
 
 
+def standin_batch(recipe: Recipe) -> int:
+    """Images per process in a step of the dry run: STANDIN_BATCH, unless a BatchNorm of the parent would then
+    normalise a single value per channel in training, which torch refuses ("Expected more than 1 value per
+    channel"): a 32 px ResNet's last stage is 1x1, so one image gives it one value. There the dry run takes the
+    fewest images that give every BatchNorm more -- never more than the real run's data.batch_size, so a real
+    batch too small to train fails the dry run as it would fail the real run."""
+    num_classes = recipe.parent.num_classes or recipe.data.num_classes
+    return min(recipe.data.batch_size, _least_batch(recipe.parent.model, tuple(recipe.input_size), num_classes))
+
+
+@lru_cache(maxsize=None)
+def _least_batch(arch: str, input_size: tuple[int, int, int], num_classes: int) -> int:
+    """The least batch >= STANDIN_BATCH at which each BatchNorm of `arch` sees more than one value per channel
+    (batch x its input's spatial size), from a forward pass on the meta device: shapes only, no memory, no compute."""
+    import timm
+    import torch
+    from torch import nn
+
+    spatial: list[int] = []
+    try:
+        with torch.device('meta'):
+            model = timm.create_model(arch, num_classes=num_classes).eval()
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.register_forward_pre_hook(lambda _m, args: spatial.append(args[0].shape[2:].numel()))
+        with torch.no_grad():
+            model(torch.zeros(1, *input_size, device='meta'))
+    except Exception:  # an op without a meta kernel: two images a step are enough for any BatchNorm
+        return max(STANDIN_BATCH, 2)
+    least = min(spatial, default=2)
+    return max(STANDIN_BATCH, 1 if least > 1 else 2)
+
+
 def standin_sizes(recipe: Recipe, processes: int) -> tuple[int, int]:
     """(train, val) images a dry run uses: STEPS_PER_STAGE optimizer steps of the stage that accumulates most (for
     a stream, rounded up to fill its shards equally); two batches per process and one more image for validation,
     so the last global batch is uneven."""
+    batch = standin_batch(recipe)
     accum = max(recipe.parent.train.grad_accum_steps, recipe.finetune.grad_accum_steps)
-    train = STEPS_PER_STAGE * STANDIN_BATCH * processes * accum
+    train = STEPS_PER_STAGE * batch * processes * accum
     if recipe.data.is_stream:  # written as STANDIN_TRAIN_SHARDS equal shards per process (`standin_shards`)
         shards = STANDIN_TRAIN_SHARDS * processes
         train = math.ceil(train / shards) * shards
-    return train, 2 * STANDIN_BATCH * processes + 1
+    return train, 2 * batch * processes + 1
 
 
 def standin_shards(image_root: Path, out: Path, recipe: Recipe, processes: int) -> Path:
@@ -94,14 +131,15 @@ def standin_recipe(recipe: Recipe, data_root: Path, processes: int) -> dict:
     """The recipe as data, with stand-in data, random parent weights and a few steps per stage. `data_root` is
     the stand-in ImageFolder, or for a stream recipe its shards (`standin_shards`)."""
     plan = recipe.to_dict()
-    per_step = STANDIN_BATCH * processes
+    batch = standin_batch(recipe)
+    per_step = batch * processes
     parent_steps = per_step * recipe.parent.train.grad_accum_steps
     finetune_steps = per_step * recipe.finetune.grad_accum_steps
     train_images, val_images = standin_sizes(recipe, processes)
     plan['parent'].update(weights='none', tag=None)
     plan['data'] = {
         **plan['data'], 'dataset': 'imagefolder', 'root': str(data_root), 'train_split': 'train',
-        'val_split': 'val', 'batch_size': STANDIN_BATCH, 'workers': 0, 'download': False,
+        'val_split': 'val', 'batch_size': batch, 'workers': 0, 'download': False,
         'train_subset': train_images, 'val_subset': val_images}
     if recipe.data.is_stream:  # the shards hold exactly the images to use
         plan['data'].update(dataset=recipe.data.dataset, train_subset=None, val_subset=None, train_samples=None)

@@ -124,6 +124,8 @@ def read_json(path: str | Path) -> Any:
         return json.loads(path.read_text(encoding='utf-8'))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f'{path}: not valid JSON ({e})') from None
+    except RecursionError:  # `[[[[...` thousands deep: json's parser recurses once per level
+        raise ValueError(f'{path}: not valid JSON (nested too deep to read)') from None
 
 
 def write_json(path: str | Path, value: Any) -> None:

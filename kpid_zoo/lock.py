@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import itertools
 import json
 import os
 import socket
@@ -43,7 +44,7 @@ def _holder(path: Path) -> dict | None:
     """The lock's content; None when it is gone or unreadable (a writer killed between create and write)."""
     try:
         data = json.loads(path.read_text(encoding='utf-8'))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 
@@ -70,6 +71,9 @@ def acquire(folder: str | Path, name: str = LOCK_FILE) -> Path:
     for _ in range(3):
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileNotFoundError:  # a refused build removed the empty folder it had made for its lock: make it again
+            path.parent.mkdir(parents=True, exist_ok=True)
+            continue
         except OSError as e:
             if e.errno != errno.EEXIST:
                 raise
@@ -117,6 +121,9 @@ def build_lock(accelerator: Accelerator, folder: str | Path, name: str = LOCK_FI
     the others waiting at a barrier for ever.
     """
     path, refusal = None, None
+    # the folders taking the lock creates, innermost first: the checks that run under the lock can still refuse
+    # the build, and then it leaves no empty runs/<name>/ behind
+    made = list(itertools.takewhile(lambda p: not p.exists(), (Path(folder), *Path(folder).parents)))
     if accelerator.is_main_process:
         try:
             path = acquire(folder, name)
@@ -133,3 +140,8 @@ def build_lock(accelerator: Accelerator, folder: str | Path, name: str = LOCK_FI
     finally:
         if path is not None:
             release(path)
+            for created in made:
+                try:
+                    created.rmdir()  # only while empty: whatever the build wrote stays
+                except OSError:
+                    break

@@ -205,7 +205,8 @@ class _Section:
         known = {f.name: f for f in fields(cls) if not f.metadata.get('internal')}  # type: ignore[arg-type]
         for key in data:
             if key not in known:
-                raise RecipeError(f'unknown key{_did_you_mean(str(key), known)}', _join(where, str(key)))
+                name = str(key) if len(str(key)) <= 60 else str(key)[:57] + '...'  # named, in one short line
+                raise RecipeError(f'unknown key{_did_you_mean(str(key), known)}', _join(where, name))
         hints = _type_hints(cls)
         kwargs = {}
         for name, f in known.items():
@@ -530,9 +531,16 @@ class Recipe(_Section):
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = '<dict>') -> Recipe:
         try:
+            # Whatever path a user gives is read as a recipe (a token file, a key, a config): what is plainly not
+            # one is described, never quoted, so no line of such a file reaches a terminal or a CI log.
+            expected = 'expected a mapping with at least name, parent and flops (or budget)'
             if not isinstance(data, Mapping):
-                raise RecipeError(f'expected a mapping with at least name, parent and flops (or budget), '
-                                  f'got {_got(data)}')
+                raise RecipeError(f'{expected}; the file {_kind_of(data)}')
+            known = {f.name for f in fields(cls) if not f.metadata.get('internal')}  # type: ignore[arg-type]
+            if data and not any(isinstance(key, str) and key in known for key in data):
+                keys = 'its one top-level key is not' if len(data) == 1 else \
+                    f'none of its {len(data)} top-level keys is'
+                raise RecipeError(f'{expected}; {keys} a recipe field, so the file is not a recipe')
             recipe = cls._from_mapping(data)
         except RecipeError as e:
             raise e.within(source=str(source)) from None
@@ -562,6 +570,17 @@ class Recipe(_Section):
         return path if path.is_absolute() or self.base_dir is None else self.base_dir / path
 
 
+def _kind_of(data: Any) -> str:
+    """What a YAML document that is not a mapping holds, in words and without its content."""
+    if data is None:
+        return 'is empty'
+    if isinstance(data, (list, tuple)):
+        return f'holds a list of {len(data)} item{"" if len(data) == 1 else "s"}, not a mapping of fields'
+    if isinstance(data, str):
+        return f'holds one string of {len(data)} character{"" if len(data) == 1 else "s"}, not a mapping of fields'
+    return f'holds a single {type(data).__name__} value, not a mapping of fields'
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
@@ -572,11 +591,15 @@ def _plain(value: Any) -> Any:
 
 MAX_ALIASES = 50        # a recipe uses a few `<<: *defaults`; more is an alias bomb
 MAX_EXPANDED_NODES = 100_000  # nodes once every alias is expanded (a recipe has about a hundred)
+# Mappings and lists inside one another: a recipe goes 4 deep (recipe > parent > train > a list). PyYAML composes
+# nodes recursively, so `[[[[...` a few thousand deep would end in a RecursionError rather than a message.
+MAX_DEPTH = 32
 
 
 class _NoDuplicateKeysLoader(yaml.SafeLoader):
     """PyYAML's SafeLoader, except that a key given twice is an error (plain PyYAML silently keeps the last `lr:`),
-    and that aliases are bounded: a few hundred bytes of nested `*alias`es expand to gigabytes downstream."""
+    that aliases are bounded (a few hundred bytes of nested `*alias`es expand to gigabytes downstream) and that
+    nesting is: a document nests at most MAX_DEPTH levels, counted through its aliases too."""
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
@@ -584,23 +607,39 @@ class _NoDuplicateKeysLoader(yaml.SafeLoader):
             if self._aliases > MAX_ALIASES:
                 raise yaml.composer.ComposerError(None, None, f'more than {MAX_ALIASES} aliases (*name)',
                                                   self.peek_event().start_mark)
-        return super().compose_node(parent, index)
+        self._depth = getattr(self, '_depth', 0) + 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f'nested more than {MAX_DEPTH} levels deep (a recipe '
+                                                  f'nests 4)', self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
     def get_single_node(self) -> Any:
         node = super().get_single_node()
         if node is not None:
-            sizes: dict[int, int] = {}
+            # (expanded size, expanded depth) of each node, memoised: shared (aliased) nodes are sized once. An alias
+            # points back at a node composed before it, which this walk (in document order) has finished by then or
+            # is inside of, so it recurses no deeper than the document's own nesting.
+            sizes: dict[int, tuple[int, int]] = {}
 
-            def expanded(n: Any) -> int:  # memoised by node: shared (aliased) nodes are counted once per use
+            def expanded(n: Any) -> tuple[int, int]:
                 if id(n) not in sizes:
-                    sizes[id(n)] = 0  # a recursive alias counts as nothing more while it is being sized
+                    sizes[id(n)] = (0, 0)  # a recursive alias counts as nothing more while it is being sized
                     children = [c for pair in n.value for c in pair] if isinstance(n, yaml.MappingNode) else \
                         n.value if isinstance(n, yaml.SequenceNode) else []
-                    sizes[id(n)] = min(1 + sum(expanded(c) for c in children), MAX_EXPANDED_NODES + 1)
+                    counts = [expanded(c) for c in children]
+                    sizes[id(n)] = (min(1 + sum(c[0] for c in counts), MAX_EXPANDED_NODES + 1),
+                                    min(1 + max((c[1] for c in counts), default=0), MAX_DEPTH + 1))
                 return sizes[id(n)]
-            if expanded(node) > MAX_EXPANDED_NODES:
+            size, depth = expanded(node)
+            if size > MAX_EXPANDED_NODES:
                 raise yaml.composer.ComposerError(None, None, f'aliases expand to more than {MAX_EXPANDED_NODES} '
                                                   f'values', node.start_mark)
+            if depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f'aliases nest the document more than {MAX_DEPTH} '
+                                                  f'levels deep (a recipe nests 4)', node.start_mark)
         return node
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:

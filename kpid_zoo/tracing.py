@@ -10,6 +10,8 @@ into channel groups.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import operator
 from dataclasses import dataclass
 from typing import Iterable
@@ -199,7 +201,9 @@ def trace(model: nn.Module, input_size: tuple[int, int, int]) -> fx.GraphModule:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with torch.no_grad():
+        # ShapeProp prints the traceback of a failing node to stderr before raising; the error itself is the caller's
+        # to word (one line for a user), so the print goes nowhere
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(gm).propagate(torch.zeros(1, *input_size, dtype=dtype, device=device))
     finally:
         torch.set_num_threads(threads)
@@ -221,7 +225,11 @@ def follow_layouts(model: nn.Module, input_size: tuple[int, int, int]) -> Traced
     try:
         gm = trace(model, input_size)
     except Exception as e:  # fx raises many kinds; the user needs to know which model and why
-        raise ValueError(f"cannot trace {type(model).__name__} with torch.fx to find its channel groups: {e}") from e
+        cause = e
+        while cause.__cause__ is not None:  # ShapeProp wraps the failing op's error in a page about the node
+            cause = cause.__cause__
+        raise ValueError(f"cannot trace {type(model).__name__} with torch.fx to find its channel groups: "
+                         f"{cause}") from e
     modules = dict(gm.named_modules())
     ctx = TraceContext(modules)
     layout: dict[fx.Node, Layout] = {}
