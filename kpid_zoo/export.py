@@ -26,7 +26,7 @@ from timm.models._hub import save_config_for_hf
 
 from . import __version__
 from .files import atomic_write_text, file_sha256, save_weights, staged_dir
-from .ownership import RefusedError, check_output, recorded_sha256
+from .ownership import RefusedError, check_output, recorded_sha256, stray_entries
 from .model_card import PAPER_ID, PAPER_NAME, PAPER_URL, WIDTHS_PLOT, build_card
 from .zoo import CFG_KEYS, ZOO_DIR, ZooRecord, pool_size_for
 
@@ -125,6 +125,13 @@ def check_export_folder(out_dir: str | Path, name: str, recorded: Mapping[str, s
         others = [f for f in os.listdir(folder) if f != CONFIG_FILE]
         return bool(others) and all(proven(f, file_sha256(folder / f)) for f in others)
 
+    config = folder / CONFIG_FILE
+    if folder.is_dir() and not folder.is_symlink() and not stray_entries(folder, WRITTEN_FILES) and \
+            config.exists() and not ours(CONFIG_FILE, file_sha256(config)):
+        # the record that says whose export this is: named first, when it says nothing of the kind
+        raise RefusedError(f'{config}: not a config.json kpid-zoo exported for {name!r}, and no record vouches for '
+                           f'the files beside it; refusing to replace {folder} (move it away, or give {option} '
+                           f'another folder)')
     check_output(folder, WRITTEN_FILES, ours, option)
 
 
