@@ -7,8 +7,8 @@ sha256 of each file. A rerun reuses a stage only when both still hold, says why 
 fine-tunes resume from their last checkpoint whose files still have their recorded hashes. The checks that need
 no training (family, FLOPs target vs the parent's and vs the smallest reachable) run first, and a lock keeps a
 second build out of the same work folder. Before any of that, the folders are checked (`guard_build_paths`,
-`kpid_zoo.ownership`): the build replaces or removes only what it wrote. Every stage starts from an RNG state of its own, so a build gives the
-same bytes whether it ran straight through or was killed and resumed anywhere.
+`kpid_zoo.ownership`): the build replaces or removes only what it wrote. Every stage starts from an RNG state of
+its own, so a build gives the same bytes whether it ran straight through or was killed and resumed anywhere.
 Under `accelerate launch` the pruning runs on the main process first and the other ranks read its result, so
 all ranks train the same architecture.
 """
@@ -34,12 +34,11 @@ from .accelerator import process_accelerator
 from .data import DataBundle, create_loaders, prepare_loader
 from .distill import distill_points
 from .evaluate import EvalResult, evaluate
-from .export import check_export_folder, export_model
+from .export import WRITTEN_FILES as EXPORT_WRITES, check_export_folder, export_model
 from .files import file_sha256, json_sha256, read_json, remove_staging, save_weights, write_json
 from .flops import count_flops
 from .groups import discover_groups
 from .lock import LOCK_FILE, build_lock, export_lock_name
-from .export import WRITTEN_FILES as EXPORT_WRITES
 from .ownership import (
     WORK_MANIFEST,
     RefusedError,

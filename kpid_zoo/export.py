@@ -32,7 +32,8 @@ from .zoo import CFG_KEYS, ZOO_DIR, ZooRecord, pool_size_for
 
 __all__ = [
     'export_model', 'check_export_folder', 'file_sha256', 'read_export_config', 'zoo_entry_from_export',
-    'write_zoo_entry', 'EXPORT_FILES', 'WRITTEN_FILES', 'WEIGHTS_FILE', 'CONFIG_FILE', 'CARD_FILE', 'GENERIC_ARCH', 'KPID_FORMAT_VERSION',
+    'write_zoo_entry', 'EXPORT_FILES', 'WRITTEN_FILES', 'WEIGHTS_FILE', 'CONFIG_FILE', 'CARD_FILE', 'GENERIC_ARCH',
+    'KPID_FORMAT_VERSION',
 ]
 
 _logger = logging.getLogger(__name__)

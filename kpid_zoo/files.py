@@ -19,6 +19,8 @@ from typing import Any, Iterable, Iterator
 import torch.nn as nn
 from safetensors.torch import save_file
 
+_logger = logging.getLogger(__name__)
+
 
 @contextlib.contextmanager
 def staged_dir(dest: str | Path, owned: Iterable[str]) -> Iterator[Path]:
@@ -80,7 +82,7 @@ def replace_dir(new: Path, dest: Path, owned: Iterable[str]) -> None:
     except OSError:  # something arrived in the moved-aside folder after its check: keep it, in plain sight
         kept = dest.parent / f"{dest.name}.kept-{uuid.uuid4().hex[:8]}"
         os.replace(old, kept)
-        logging.getLogger(__name__).warning('%s: moved what arrived in the old %s meanwhile here', kept, dest)
+        _logger.warning('%s: moved what arrived in the old %s meanwhile here', kept, dest)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

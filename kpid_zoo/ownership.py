@@ -69,6 +69,12 @@ def folder_target(path: str | Path, option: str) -> Path:
     if os.path.lexists(path) and not path.is_dir():
         via = f' (the symlink {given} points there)' if path != given else ''
         raise RefusedError(f'{option} {path}: {describe(path)}, not a folder{via}; give a folder')
+    # a folder to be created: the nearest thing above it that exists must be a folder too (now, not after the work)
+    above = path.absolute().parent
+    while not os.path.lexists(above) and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise RefusedError(f'{option} {path}: {above} is {describe(above)}, not a folder; give a folder')
     return path
 
 

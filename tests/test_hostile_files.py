@@ -168,6 +168,12 @@ def _out_symlink_to_user_folder(c: Ctx):
     return c.build(c.root / 'link', c.root / 'w'), u.resolve() / 'notes.txt', 'kpid-zoo did not write'
 
 
+def _out_below_a_regular_file(c: Ctx):
+    f = c.root / 'file.txt'
+    f.write_text('a file, not a folder\n')
+    return c.build(f / 'out', c.root / 'w'), f, 'a regular file, not a folder'
+
+
 def _work_regular_file(c: Ctx):
     f = c.root / 'file.txt'
     f.write_text('a file, not a folder\n')
@@ -279,6 +285,7 @@ ROWS: list[Row] = [
     ('build-out-is-a-fifo', _out_fifo),
     ('build-out-is-a-device', _out_device),
     ('build-out-is-a-symlink-to-a-user-folder', _out_symlink_to_user_folder),
+    ('build-out-below-a-regular-file', _out_below_a_regular_file),
     ('build-work-is-a-regular-file', _work_regular_file),
     ('build-work-holds-a-users-finetune-folder', _work_holds_users_finetune),
     ('build-restart-of-a-folder-no-build-wrote', _restart_non_kpid_work),
