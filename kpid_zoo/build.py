@@ -4,9 +4,10 @@ parent (load, optionally adapt to the data) -> prune (importance + knapsack + su
 distillation -> evaluate -> export a Hub-shaped folder. Every stage leaves its result on disk under the work
 folder with a manifest (`kpid_zoo.provenance`): the recipe fields and upstream results it was made from and the
 sha256 of each file. A rerun reuses a stage only when both still hold, says why it runs each other one, and the
-fine-tunes resume from their last checkpoint whose files still have their recorded hashes. A lock keeps a second
-build out of the same work folder, refusing it at once; then the checks that need no training (family, FLOPs
-target vs the parent's and vs the smallest reachable) run before any work. Every stage starts from an RNG state of
+fine-tunes resume from their last checkpoint whose files still have their recorded hashes. First the folders are
+checked (`guard_build_paths`, `kpid_zoo.ownership`: the build replaces or removes only what it wrote); then a lock
+keeps a second build out of the same work folder, refusing it at once; then the checks that need no training
+(family, FLOPs target vs the parent's and vs the smallest reachable) run before any work. Every stage starts from an RNG state of
 its own, so a build gives the same bytes whether it ran straight through or was killed and resumed anywhere.
 Under `accelerate launch` the pruning runs on the main process first and the other ranks read its result, so
 all ranks train the same architecture.
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +26,7 @@ import timm
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from safetensors.torch import load_file
 
 from . import __version__
@@ -33,22 +34,33 @@ from .accelerator import process_accelerator
 from .data import DataBundle, create_loaders, prepare_loader
 from .distill import distill_points
 from .evaluate import EvalResult, evaluate
-from .export import EXPORT_FILES, export_model
+from .export import WRITTEN_FILES as EXPORT_WRITES, check_export_folder, export_model
 from .files import file_sha256, json_sha256, read_json, remove_staging, save_weights, write_json
 from .flops import count_flops
 from .groups import discover_groups
 from .lock import LOCK_FILE, build_lock, export_lock_name
-from .model_card import WIDTHS_PLOT
+from .ownership import (
+    WORK_MANIFEST,
+    RefusedError,
+    check_apart,
+    check_output,
+    check_work,
+    claim_work,
+    clear_work,
+    folder_target,
+    recorded_sha256,
+    remove_work_staging,
+)
 from .parent import create_parent
-from .provenance import UPSTREAM, Stage, flatten, select
+from .provenance import MANIFEST_DIR, UPSTREAM, Manifest, Stage, flatten, select
 from .latency import check_device
 from .prune import LatencyOutcome, PruneReport, PruneResult, check_latency_budget, check_target, prune_from_recipe
 from .recipe import Recipe, load_recipe
 from .report import (
+    PRUNE_FILES,
     PRUNED_WEIGHTS,
     REPORT_FILE,
     SPEC_FILE,
-    WIDTHS_PLOT as PRUNED_PLOT,
     summary_table,
     write_prune_outputs,
 )
@@ -67,6 +79,12 @@ PRUNE_FIELDS = (("parent", "input_size", "flops", "budget", "importance", "data"
 PRUNE_FIELDS_NO_DATA = (("parent", "input_size", "flops", "budget", "importance", "finetune.seed"), _NEVER)
 FINETUNE_FIELDS = (("input_size", "data", "finetune"), _NEVER)
 EVAL_FIELDS = (("input_size", "data", "finetune.seed"), _NEVER + ("data.train_split", "data.train_subset"))
+
+# The top-level entries a build keeps in its work folder, recorded in kpid-work.json before they are written
+# (kpid_zoo.ownership): stage manifests, stage results, the lock, a dry run's stand-in data. Nothing else there is
+# the build's. `kpid-zoo prune --out DIR` keeps PRUNE_ENTRIES and DIR itself in the folder above DIR.
+BUILD_ENTRIES = (MANIFEST_DIR, "parent", "pruned", "finetune", "eval.json", LOCK_FILE, "standin")
+PRUNE_ENTRIES = (MANIFEST_DIR, "parent", LOCK_FILE)
 
 HANG_ENV = "KPID_TEST_HANG_AT"        # tests: `<stage>:<step>`, `<stage>:written` or `<stage>:done`
 HANG_MARKER_ENV = "KPID_TEST_HANG_MARKER"
@@ -122,7 +140,10 @@ def build(recipe_path: str | Path, out_dir: str | Path | None = None, work_dir: 
           resume: bool = True, progress: bool = True) -> BuildResult:
     """Build the zoo entry of `recipe_path` into `out_dir` (default outputs/<name>)."""
     recipe = load_recipe(recipe_path)
-    paths = BuildPaths(Path(work_dir or Path("runs") / recipe.name), Path(out_dir or Path("outputs") / recipe.name))
+    restart = not resume
+    # read-only and quick: a folder the build must not touch is refused before anything else
+    paths = guard_build_paths(BuildPaths(Path(work_dir or Path("runs") / recipe.name),
+                                         Path(out_dir or Path("outputs") / recipe.name)), recipe.name, restart)
     # one per process, shared by every stage: parent adaptation, Taylor importance, distillation, evaluation
     accelerator = process_accelerator()
     # the locks come first: a second build of a folder is refused at once, not after the checks below have made
@@ -131,16 +152,80 @@ def build(recipe_path: str | Path, out_dir: str | Path | None = None, work_dir: 
     with build_lock(accelerator, paths.work), \
             build_lock(accelerator, paths.export.parent, export_lock_name(paths.export)):
         preflight(recipe)  # before anything is removed, reused or written
-        if accelerator.is_main_process:
-            if not resume:
-                for entry in paths.work.iterdir():
-                    if entry.name != LOCK_FILE:
-                        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-            # we hold the lock: staging folders and files here are what killed builds left
-            remove_staging(paths.work)
-            remove_staging(paths.export.parent, paths.export.name)
+        prepare_work(accelerator, paths.work, BUILD_ENTRIES, restart=restart, export=paths.export)
         accelerator.wait_for_everyone()
         return _build(accelerator, recipe, paths, progress)
+
+
+def guard_build_paths(paths: BuildPaths, name: str, restart: bool = False) -> BuildPaths:
+    """Refuse, before any slow work, what would delete or replace a file the build did not write: an --out or
+    --work that is a file, a device or a FIFO (a symlink is followed, its target checked), an --out that is, holds
+    or lies inside the work folder, an --out holding anything but a previous export of `name`, a work folder holding
+    at one of the build's names something its record does not list, and --restart of a folder that is no kpid-zoo
+    work folder. Read-only; the checks that matter at the moment of writing run again then (`prepare_work`,
+    `export_model`, `files.replace_dir`)."""
+    work = folder_target(paths.work, "--work")
+    export = folder_target(paths.export, "--out")
+    check_apart(export, work)
+    check_work(work, BUILD_ENTRIES, restart)
+    if not restart:
+        check_pruned_folder(work / "pruned", claimed=True)
+    check_export_folder(export, name, None if restart else recorded_files(work, "export"))
+    return BuildPaths(work, export)
+
+
+def guard_prune_paths(out: str | Path) -> BuildPaths:
+    """`kpid-zoo prune --out DIR`: the stage results go to DIR's parent (the work folder) and the pruning to DIR,
+    which may be replaced only when it is absent, empty, or holds a previous pruning (recorded in the work folder's
+    kpid-work.json, or its files have the sha256 the work folder's stage record lists)."""
+    out = folder_target(out, "--out")
+    work = out.parent
+    if out.name in (set(BUILD_ENTRIES) - {"pruned"}) | {WORK_MANIFEST}:
+        raise RefusedError(f"--out {out}: the build keeps its {out.name} there; give --out another folder name")
+    ours = check_work(work, PRUNE_ENTRIES)
+    check_pruned_folder(out, out.name in ours, recorded_files(work, "pruned"))
+    return BuildPaths(work=work, export=out, pruned_dir=out)
+
+
+def check_pruned_folder(folder: Path, claimed: bool, recorded: dict[str, str] | None = None) -> None:
+    """A pruning output folder holds only its four files; unless the work record claims it, each must have the
+    sha256 the pruned stage recorded."""
+    check_output(folder, PRUNE_FILES, lambda file, sha: claimed or (recorded or {}).get(file) == sha, "--out")
+
+
+def recorded_files(work: Path, stage: str) -> dict[str, str]:
+    """{file: sha256} of a stage's result as its committed manifest records it; {} when there is none."""
+    try:
+        return recorded_sha256(Manifest.read(work / MANIFEST_DIR / f"{stage}.json").files)
+    except (OSError, ValueError):
+        return {}
+
+
+def prepare_work(accelerator: Accelerator, work: Path, entries: tuple[str, ...], restart: bool = False,
+                 export: Path | None = None, vetted: tuple[str, ...] = ()) -> None:
+    """Under the build lock, on the main process: check the work folder again, clear what its record lists for
+    --restart, record `entries` (those in `vetted` were checked by the caller), and remove what killed builds left
+    beside and below the build's entries (and beside `export`). A refusal reaches every rank."""
+    refusal = None
+    if accelerator.is_main_process:
+        try:
+            if restart:
+                check_work(work, entries, restart=True)
+                for path in clear_work(work, entries):
+                    print(f"build: --restart: removed {path}", flush=True)
+            claims = claim_work(work, entries, vetted=vetted)
+            # we hold the lock: staging folders and files there are what killed builds left
+            remove_work_staging(work, claims)
+            if export is not None:
+                remove_staging(export.parent, export.name)
+        except RefusedError as e:
+            refusal = str(e)
+    if accelerator.num_processes > 1:
+        box = [refusal]
+        broadcast_object_list(box)
+        refusal = box[0]
+    if refusal:
+        raise RefusedError(refusal)
 
 
 def _build(accelerator: Accelerator, recipe: Recipe, paths: BuildPaths, progress: bool) -> BuildResult:
@@ -157,12 +242,13 @@ def _build(accelerator: Accelerator, recipe: Recipe, paths: BuildPaths, progress
                                    {**parent_ref, **finetune_ref})
     # the card embeds the whole recipe and the kpid-zoo version: any change to either is a new export
     inputs = {**_recipe_inputs(recipe), **pruned_ref, **finetune_ref, **eval_ref, "kpid_zoo.version": __version__}
-    stage = Stage("export", paths.work, paths.export, EXPORT_FILES + (WIDTHS_PLOT,), inputs,
-                  log=_logger(accelerator))
+    stage = Stage("export", paths.work, paths.export, EXPORT_WRITES, inputs, log=_logger(accelerator))
+    # read before the stage starts over its manifest: what this work folder exported before may be replaced
+    recorded = recorded_files(paths.work, "export")
 
     def export() -> None:
         export_model(student, pruned.spec, paths.export, name=recipe.name, pretrained_cfg=pretrained_cfg(parent, data),
-                     metrics=metrics, report=pruned.report, recipe=recipe)
+                     metrics=metrics, report=pruned.report, recipe=recipe, recorded=recorded)
     run_stage(accelerator, stage, export, lambda: None, everywhere=False)
     return BuildResult(recipe, paths.export, pruned, metrics)
 
@@ -324,8 +410,10 @@ def load_or_prune(accelerator: Accelerator, recipe: Recipe, parent: nn.Module, d
     the accelerator's device) and write it."""
     folder = paths.pruned
     fields = PRUNE_FIELDS if recipe.importance.method == "taylor" else PRUNE_FIELDS_NO_DATA
-    stage = Stage("pruned", paths.work, folder, (PRUNED_WEIGHTS, SPEC_FILE, REPORT_FILE, PRUNED_PLOT),
-                  {**parent_ref, **_recipe_inputs(recipe, fields)}, scratch=(folder,), log=_logger(accelerator))
+    # no scratch to wipe: the folder is replaced whole when the new result is complete, and only if it holds
+    # nothing but the four files (it may be a user's `prune --out`)
+    stage = Stage("pruned", paths.work, folder, PRUNE_FILES, {**parent_ref, **_recipe_inputs(recipe, fields)},
+                  log=_logger(accelerator))
 
     def prune() -> PruneResult:
         _reseed(recipe, "pruned")

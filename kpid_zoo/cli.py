@@ -102,7 +102,7 @@ def cmd_shards(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from .accelerator import process_accelerator
-    from .build import BuildPaths, adapt_parent, load_or_prune, preflight
+    from .build import PRUNE_ENTRIES, adapt_parent, guard_prune_paths, load_or_prune, preflight, prepare_work
     from .data import create_loaders
     from .lock import build_lock
     from .parent import create_parent
@@ -112,11 +112,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .zoo import find_recipe
 
     recipe = load_recipe(find_recipe(args.recipe))
-    out = Path(args.out or Path("runs") / recipe.name / "pruned")
-    paths = BuildPaths(work=out.parent, export=out, pruned_dir=out)
+    # before any slow work: --out holds nothing but a previous pruning, its parent folder nothing of ours unrecorded
+    paths = guard_prune_paths(args.out or Path("runs") / recipe.name / "pruned")
+    out = paths.pruned
     accelerator = process_accelerator()
     with build_lock(accelerator, paths.work):  # first: a locked folder is refused before the checks trace the parent
         preflight(recipe)
+        guard_prune_paths(out)  # again, now that no other build can write there
+        prepare_work(accelerator, paths.work, PRUNE_ENTRIES + (out.name,), vetted=(out.name,))
         if args.force:
             (paths.work / MANIFEST_DIR / "pruned.json").unlink(missing_ok=True)
         elif out.exists():

@@ -251,15 +251,19 @@ def dry_run(recipe_path: str | Path, out_dir: str | Path | None = None, work_dir
             processes: int | None = None, progress: bool = True) -> RunPlan:
     """Build the stand-in version of `recipe_path` end to end, then plan the real run (for `processes`
     processes; default: as many as this launch has)."""
-    from .build import build  # the build pulls in torch and timm: only when a dry run happens
+    from .build import BuildPaths, build, guard_build_paths  # torch and timm: only when a dry run happens
+    from .ownership import claim_work
 
     recipe = load_recipe(recipe_path)
     state = process_accelerator()  # never a bare PartialState() first: on CPU it would not join the processes
-    work = Path(work_dir or Path('runs') / f'{recipe.name}-dry-run')
-    out = Path(out_dir or Path('outputs') / f'{recipe.name}-dry-run')
+    # the stand-in data goes into the work folder first: the folders are checked before it (the build checks again)
+    paths = guard_build_paths(BuildPaths(Path(work_dir or Path('runs') / f'{recipe.name}-dry-run'),
+                                         Path(out_dir or Path('outputs') / f'{recipe.name}-dry-run')), recipe.name)
+    work, out = paths.work, paths.export
     standin = work / 'standin'
     with state.main_process_first():
         if state.is_main_process:
+            claim_work(work, ('standin',))
             per_class = math.ceil(max(standin_sizes(recipe, state.num_processes)) / recipe.data.num_classes)
             data_root = standin_images(standin / 'data', recipe.data.num_classes, recipe.input_size, per_class)
             if recipe.data.is_stream:

@@ -8,12 +8,15 @@
 config.json is written by timm's own `save_config_for_hf`, so `timm.create_model('hf-hub:ORG/NAME')` and
 `'local-dir:/path'` read it like any timm export; kpid-zoo adds a top-level "kpid" block (ignored by timm) that
 records the weights' sha256, the spec, the metrics and the recipe hash. Registry loads check the weights against it.
+Its `files` maps every other file the export wrote to its sha256 and size: what `publish` uploads (with config.json,
+which cannot hash itself: it is checked by parsing it), and the proof that lets a later export replace the folder.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -23,12 +26,14 @@ from timm.models._hub import save_config_for_hf
 
 from . import __version__
 from .files import atomic_write_text, file_sha256, save_weights, staged_dir
+from .ownership import RefusedError, check_output, recorded_sha256, stray_entries
 from .model_card import PAPER_ID, PAPER_NAME, PAPER_URL, WIDTHS_PLOT, build_card
 from .zoo import CFG_KEYS, ZOO_DIR, ZooRecord, pool_size_for
 
 __all__ = [
-    'export_model', 'file_sha256', 'read_export_config', 'zoo_entry_from_export', 'write_zoo_entry',
-    'EXPORT_FILES', 'WEIGHTS_FILE', 'CONFIG_FILE', 'CARD_FILE', 'GENERIC_ARCH', 'KPID_FORMAT_VERSION',
+    'export_model', 'check_export_folder', 'file_sha256', 'read_export_config', 'zoo_entry_from_export',
+    'write_zoo_entry', 'EXPORT_FILES', 'WRITTEN_FILES', 'WEIGHTS_FILE', 'CONFIG_FILE', 'CARD_FILE', 'GENERIC_ARCH',
+    'KPID_FORMAT_VERSION',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -37,6 +42,7 @@ WEIGHTS_FILE = 'model.safetensors'
 CONFIG_FILE = 'config.json'
 CARD_FILE = 'README.md'
 EXPORT_FILES = (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE)
+WRITTEN_FILES = EXPORT_FILES + (WIDTHS_PLOT,)  # everything an export writes, and all its folder may hold
 GENERIC_ARCH = 'kpid_pruned'  # the registered timm architecture that rebuilds any export from model_args.kpid_spec
 KPID_FORMAT_VERSION = 1
 
@@ -75,6 +81,61 @@ def _parent_hub_id(parent: str, tag: str | None) -> str | None:
     return hub_id.split('@')[0] if hub_id else None
 
 
+def _own_record(folder: Path) -> tuple[str | None, dict[str, str]]:
+    """(the entry name, {file: sha256}) that `folder`'s config.json records; (None, {}) when it records none."""
+    path = folder / CONFIG_FILE
+    if path.is_symlink() or not path.is_file():  # a FIFO would block the read; a link is not the export's
+        return None, {}
+    try:
+        config = json.loads(path.read_text(encoding='utf-8'))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None, {}
+    kpid = config.get('kpid') if isinstance(config, dict) else None
+    if not isinstance(kpid, dict) or not isinstance(kpid.get('name'), str):
+        return None, {}
+    files = recorded_sha256(kpid.get('files'))
+    if isinstance(kpid.get('weights_sha256'), str):  # exports from before `files` was written record the weights
+        files.setdefault(kpid.get('weights_file') or WEIGHTS_FILE, kpid['weights_sha256'])
+    return kpid['name'], files
+
+
+def check_export_folder(out_dir: str | Path, name: str, recorded: Mapping[str, str] | None = None,
+                        option: str = '--out') -> None:
+    """Refuse (`RefusedError`, naming the file) unless an export of `name` may replace `out_dir`.
+
+    It may when `out_dir` is absent, empty, or holds a previous export of `name` and nothing else: regular files of
+    the names an export writes, each with the sha256 that config.json (naming `name`) or `recorded` (the build's
+    own record of what it exported, {file: sha256}) lists for it. config.json itself, which cannot record its own
+    hash, must name `name` -- or, unreadable or altered, sit beside files that are all proven so.
+    """
+    folder = Path(out_dir)
+    named, listed = _own_record(folder) if folder.is_dir() else (None, {})
+    if named is not None and named != name:
+        raise RefusedError(f'{option} {folder}: holds the export of {named!r}, not of {name!r}; refusing to replace '
+                           f'it (give {option} another folder)')
+    recorded = dict(recorded or {})
+
+    def proven(file: str, sha: str) -> bool:
+        return listed.get(file) == sha or recorded.get(file) == sha
+
+    def ours(file: str, sha: str) -> bool:
+        if file != CONFIG_FILE:
+            return proven(file, sha)
+        if named == name or recorded.get(file) == sha:
+            return True
+        others = [f for f in os.listdir(folder) if f != CONFIG_FILE]
+        return bool(others) and all(proven(f, file_sha256(folder / f)) for f in others)
+
+    config = folder / CONFIG_FILE
+    if folder.is_dir() and not folder.is_symlink() and not stray_entries(folder, WRITTEN_FILES) and \
+            config.exists() and not ours(CONFIG_FILE, file_sha256(config)):
+        # the record that says whose export this is: named first, when it says nothing of the kind
+        raise RefusedError(f'{config}: not a config.json kpid-zoo exported for {name!r}, and no record vouches for '
+                           f'the files beside it; refusing to replace {folder} (move it away, or give {option} '
+                           f'another folder)')
+    check_output(folder, WRITTEN_FILES, ours, option)
+
+
 def export_model(
         model: nn.Module,
         spec: Any,
@@ -87,6 +148,7 @@ def export_model(
         recipe: Any,
         repo_id: str | None = None,
         card_copy_dir: str | Path | None = None,
+        recorded: Mapping[str, str] | None = None,
 ) -> Path:
     """Write `model` (a pruned timm network built from `spec`) into `out_dir` as a Hub repo, atomically.
 
@@ -101,6 +163,8 @@ def export_model(
         recipe: the `recipe.Recipe` it was built from (embedded in the card, with its sha256).
         repo_id: the Hub repo it is meant for (default: recipe.hub.repo_id).
         card_copy_dir: also write the card to `<card_copy_dir>/<name>.md` (the committed cards of zoo entries).
+        recorded: {file: sha256} of what the caller exported into `out_dir` before (the build's stage record): a
+            previous export whose config.json was damaged may then be replaced (see `check_export_folder`).
     Returns:
         out_dir as a Path.
     """
@@ -130,8 +194,10 @@ def export_model(
     repo_id = repo_id or recipe.hub.repo_id
     license = cfg_in.get('license') or recipe.hub.license
     spec_dict = spec.to_dict()
+    # before any work, and again as the folder is swapped (staged_dir): nothing in it but a previous export of it
+    check_export_folder(out_dir, name, recorded)
 
-    with staged_dir(out_dir) as tmp:
+    with staged_dir(out_dir, owned=WRITTEN_FILES) as tmp:
         weights = tmp / WEIGHTS_FILE
         save_weights(model, weights)
         weights_sha = file_sha256(weights)
@@ -185,6 +251,10 @@ def export_model(
             pretrained_cfg=config['pretrained_cfg'],
         )
         card.save(tmp / CARD_FILE)
+        # the export's own files, for publish and for the next export into this folder (config.json is the record)
+        config['kpid']['files'] = {f: {'sha256': file_sha256(tmp / f), 'size': (tmp / f).stat().st_size}
+                                   for f in (WEIGHTS_FILE, CARD_FILE, WIDTHS_PLOT)}
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + '\n')
     if card_copy_dir is not None:
         atomic_write_text(Path(card_copy_dir) / f'{name}.md', (out_dir / CARD_FILE).read_text(encoding='utf-8'))
     _logger.info('exported %s to %s (weights sha256 %s)', name, out_dir, weights_sha)

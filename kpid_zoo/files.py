@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -18,39 +19,70 @@ from typing import Any, Iterable, Iterator
 import torch.nn as nn
 from safetensors.torch import save_file
 
+_logger = logging.getLogger(__name__)
+
 
 @contextlib.contextmanager
-def staged_dir(dest: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `dest`; it replaces `dest` when the block succeeds, and is gone if not."""
+def staged_dir(dest: str | Path, owned: Iterable[str]) -> Iterator[Path]:
+    """Yield a temporary folder beside `dest`; it replaces `dest` when the block succeeds, and is gone if not.
+
+    An existing `dest` may hold only regular files named in `owned` (see `replace_dir`).
+    """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
-        replace_dir(tmp, dest)
+        replace_dir(tmp, dest, owned)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def replace_dir(new: Path, dest: Path) -> None:
-    """Move the complete `new` into place; an existing `dest` is removed only after `new` is there.
+def _strays(folder: Path, owned: set[str]) -> list[str]:
+    return [e.name for e in os.scandir(folder) if e.name not in owned or not e.is_file(follow_symlinks=False)]
 
-    POSIX has no portable atomic swap of two directories: the old one is renamed aside first, so for an instant
-    `dest` is absent, but it is never half-written, and a crash leaves the old copy recoverable beside it.
+
+def replace_dir(new: Path, dest: Path, owned: Iterable[str]) -> None:
+    """Move the complete `new` into place; an existing `dest` goes only after `new` is there, and only if it holds
+    nothing but regular files named in `owned` (what the caller wrote there before; the caller proves the bytes).
+
+    `dest` is checked, moved aside, and checked again there, where nothing can arrive through its path any more:
+    anything else in it (a file, a link, a subfolder) and it goes back untouched, and a ValueError names it. Then
+    only the owned files are removed. POSIX has no portable atomic swap of two directories: for an instant `dest`
+    is absent, but it is never half-written, and a crash leaves the old copy recoverable beside it.
     """
-    if not dest.exists():
+    owned = set(owned)
+    if not os.path.lexists(dest):
         os.replace(new, dest)
         return
-    old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(dest, old)
+    if dest.is_symlink() or not dest.is_dir():
+        raise ValueError(f'{dest}: not a folder; refusing to replace it')
+    stray = _strays(dest, owned)
+    if not stray:
+        old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(dest, old)
+        try:
+            stray = _strays(old, owned)
+            if not stray:
+                os.replace(new, dest)
+        except BaseException:
+            os.replace(old, dest)
+            raise
+        if stray:
+            os.replace(old, dest)
+    if stray:
+        raise ValueError(f'{dest / stray[0]}: not written by kpid-zoo; refusing to replace {dest} (move it away)')
+    for name in owned:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(old / name)
     try:
-        os.replace(new, dest)
-    except BaseException:
-        os.replace(old, dest)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+        os.rmdir(old)
+    except OSError:  # something arrived in the moved-aside folder after its check: keep it, in plain sight
+        kept = dest.parent / f"{dest.name}.kept-{uuid.uuid4().hex[:8]}"
+        os.replace(old, kept)
+        _logger.warning('%s: moved what arrived in the old %s meanwhile here', kept, dest)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

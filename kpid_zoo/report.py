@@ -11,6 +11,7 @@ PRUNED_WEIGHTS = "model.safetensors"
 SPEC_FILE = "spec.json"
 REPORT_FILE = "report.json"
 WIDTHS_PLOT = "widths.png"
+PRUNE_FILES = (PRUNED_WEIGHTS, SPEC_FILE, REPORT_FILE, WIDTHS_PLOT)  # all a pruning output folder may hold
 
 
 def plot_widths(layer_widths: list[tuple[str, int, int]], path: str | Path, title: str = "") -> Path:
@@ -77,8 +78,9 @@ def summary_table(result: PruneResult) -> str:
 
 
 def write_prune_outputs(result: PruneResult, out_dir: str | Path) -> Path:
-    """Write weights (safetensors), spec, report and width plot into `out_dir`, all or nothing."""
-    with staged_dir(out_dir) as tmp:
+    """Write weights (safetensors), spec, report and width plot into `out_dir`, all or nothing; an existing
+    `out_dir` is replaced only if it holds nothing but those files (the caller proves they are its own)."""
+    with staged_dir(out_dir, owned=PRUNE_FILES) as tmp:
         save_weights(result.model, tmp / PRUNED_WEIGHTS)
         result.spec.save(tmp / SPEC_FILE)
         report = result.report.to_dict()

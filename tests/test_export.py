@@ -103,11 +103,12 @@ def test_card_copy_and_zoo_entry(tiny, tmp_path):
 def test_replaces_existing_folder_only_when_complete(tiny, tmp_path, monkeypatch):
     model, spec, recipe, _ = tiny
     out = tmp_path / 'out'
-    out.mkdir()
-    (out / 'stale.txt').write_text('old export')
     report = make_report(spec, model, 10)
     kwargs = dict(name='kpid_tiny_test', pretrained_cfg=dict(input_size=(3, 224, 224)),
                   metrics=dict(top1=1.0, top5=2.0), report=report, recipe=recipe)
+    # the folder holds a previous export of the entry (other metrics): only such a folder may be replaced
+    export_model(model, spec, out, **{**kwargs, 'metrics': dict(top1=0.5, top5=1.0)})
+    old = {p.name: p.read_bytes() for p in out.iterdir()}
 
     # a failure mid-export (the card step) leaves the old folder untouched and no temp dir behind
     import kpid_zoo.export as export_mod
@@ -116,13 +117,19 @@ def test_replaces_existing_folder_only_when_complete(tiny, tmp_path, monkeypatch
     monkeypatch.setattr(export_mod, 'build_card', boom)
     with pytest.raises(OSError, match='disk full'):
         export_model(model, spec, out, **kwargs)
-    assert sorted(os.listdir(tmp_path)) == ['out'] and (out / 'stale.txt').read_text() == 'old export'
+    assert sorted(os.listdir(tmp_path)) == ['out'] and {p.name: p.read_bytes() for p in out.iterdir()} == old
     monkeypatch.undo()
 
     export_model(model, spec, out, card_copy_dir=tmp_path / 'cards', **kwargs)
-    assert not (out / 'stale.txt').exists() and (out / 'model.safetensors').is_file()
+    assert read_export_config(out)['kpid']['metrics']['top1'] == 1.0 and (out / 'model.safetensors').is_file()
     assert sorted(os.listdir(tmp_path)) == ['cards', 'out']
     assert (tmp_path / 'cards' / 'kpid_tiny_test.md').read_text() == (out / 'README.md').read_text()
+
+    # a file the export did not write stops it before any work, and stays (tests/test_hostile_files.py has more)
+    (out / 'stale.txt').write_text('not the export')
+    with pytest.raises(ValueError, match=r'stale\.txt: a regular file that kpid-zoo did not write'):
+        export_model(model, spec, out, **kwargs)
+    assert (out / 'stale.txt').read_text() == 'not the export'
 
 
 def test_bad_inputs_are_named(tiny, tmp_path):
