@@ -316,9 +316,16 @@ def data_inputs(accelerator: Accelerator, recipe: Recipe, data: DataBundle, role
     dataset = (data.train_loader if role == "train" else data.val_loader).dataset
     if dataset not in _FINGERPRINTS:
         split = recipe.data.train_split if role == "train" else recipe.data.val_split
-        found = [fingerprint(dataset, split, recipe.data.root) if accelerator.is_main_process else None]
+        found: list[Any] = [None, None]  # the fingerprint, or why it could not be taken (on every rank alike)
+        if accelerator.is_main_process:
+            try:
+                found[0] = fingerprint(dataset, split, recipe.data.root)
+            except OSError as e:  # a file gone since the dataset listed it
+                found[1] = f"the {split!r} split changed while it was read: {e}"
         if accelerator.num_processes > 1:
             broadcast_object_list(found)
+        if found[1] is not None:
+            raise OSError(found[1])
         _FINGERPRINTS[dataset] = found[0]
         if found[0].get("unverified"):
             _logger(accelerator)(f"data: the {split!r} split is not fully fingerprinted ({found[0]['unverified']}): "

@@ -4,7 +4,9 @@ not happen. Each now fails with one line naming the file (or the recipe field an
 which split changed, or says what ran.
 
 The builds are micro-sized (resnet18 at 32 px, 96 real CIFAR-10 training JPEGs in 4 classes, 3 steps per training
-stage) and run in this process, from a folder holding the recipe, its data (`data.root: data`) and the build."""
+stage) and run in this process, from a folder holding the recipe, its data (`data.root: data`) and the build.
+kpid_zoo.datasource is imported inside the tests that need it, so that each test shows its own failure on a
+kpid-zoo without it."""
 from __future__ import annotations
 
 import contextlib
@@ -20,7 +22,6 @@ import yaml
 
 from kpid_zoo.cli import main
 from kpid_zoo.data import create_loaders
-from kpid_zoo.datasource import UnreadableImageError, describe_data_change, fingerprint
 from kpid_zoo.evaluate import evaluate
 from kpid_zoo.recipe import DataSpec, FinetuneSpec, RecipeError, load_recipe
 
@@ -96,9 +97,10 @@ def test_an_undecodable_validation_image_fails_the_evaluation_naming_it(real_jpe
     spec = DataSpec(dataset='imagefolder', root=str(root), num_classes=4, batch_size=8, workers=workers)
     bundle = create_loaders(spec, input_size=(3, 32, 32))
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 4))
-    with pytest.raises(UnreadableImageError) as info:
+    with pytest.raises(ValueError) as info:
         evaluate(model, bundle.val_loader)
     message = str(info.value)
+    assert type(info.value).__name__ == 'UnreadableImageError'
     assert str(bad) in message and 'cannot read the image' in message
     assert '\n' not in message and 'Traceback' not in message  # one line, also out of a loader worker
 
@@ -109,7 +111,7 @@ def test_an_undecodable_training_image_fails_the_epoch_naming_it(real_jpeg_folde
     _break(bad, 'truncated')
     bundle = create_loaders(DataSpec(dataset='imagefolder', root=str(root), num_classes=4, batch_size=8, workers=0),
                             input_size=(3, 32, 32))
-    with pytest.raises(UnreadableImageError, match=str(bad)):
+    with pytest.raises(ValueError, match=f'{bad}: cannot read the image'):
         for _ in bundle.train_loader:
             pass
 
@@ -201,6 +203,7 @@ def test_unchanged_data_in_a_copied_folder_is_up_to_date(reference, tmp_path, ca
 def test_fingerprints_name_what_changed_in_a_shard_set(real_jpeg_folder, tmp_path):
     """WebDataset shards: the shard index and each shard's size and mtime."""
     pytest.importorskip('webdataset')
+    from kpid_zoo.datasource import describe_data_change, fingerprint
     from kpid_zoo.streams import folder_samples, split_shards, write_shards
 
     samples, classes = folder_samples(real_jpeg_folder / 'val')
@@ -220,6 +223,7 @@ def test_fingerprints_name_what_changed_in_a_shard_set(real_jpeg_folder, tmp_pat
 
 
 def test_a_stage_recorded_without_a_fingerprint_says_so():
+    from kpid_zoo.datasource import describe_data_change
     new = {'kind': 'files', 'split': 'val', 'files': 3, 'parts': {}}
     assert describe_data_change(None, new) == \
         "the 'val' split was not recorded when the stage ran (an older kpid-zoo): it is now"
@@ -251,8 +255,7 @@ def test_a_schedule_the_data_cannot_run_is_a_recipe_error_before_any_work(real_j
     folder = _case(tmp_path / 'case', real_jpeg_folder, **changes)
     code, _, err = _build(folder, capsys)
     assert code == 2 and len(err.splitlines()) == 1, err
-    assert err == f'kpid-zoo build: error: recipe.yaml: {expected}' or \
-        err.startswith(f'kpid-zoo build: error: recipe.yaml: {expected}'), err
+    assert err.startswith(f'kpid-zoo build: error: recipe.yaml: {expected}'), err
     assert not (folder / 'work' / 'stages').exists()  # no stage began
     assert not (folder / 'out').exists()
 
