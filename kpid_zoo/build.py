@@ -7,16 +7,18 @@ sha256 of each file. A rerun reuses a stage only when both still hold, says why 
 fine-tunes resume from their last checkpoint whose files still have their recorded hashes. First the folders are
 checked (`guard_build_paths`, `kpid_zoo.ownership`: the build replaces or removes only what it wrote); then a lock
 keeps a second build out of the same work folder, refusing it at once; then the checks that need no training
-(family, FLOPs target vs the parent's and vs the smallest reachable) run before any work. Every stage starts from an RNG state of
-its own, so a build gives the same bytes whether it ran straight through or was killed and resumed anywhere.
+(family, FLOPs target vs the parent's and vs the smallest reachable) run before any work. Every stage starts from
+an RNG state of its own, so a build gives the same bytes whether it ran straight through or was killed and resumed anywhere.
 Under `accelerate launch` the pruning runs on the main process first and the other ranks read its result, so
 all ranks train the same architecture.
 """
 from __future__ import annotations
 
+import math
 import os
 import random
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -32,6 +34,7 @@ from safetensors.torch import load_file
 from . import __version__
 from .accelerator import process_accelerator
 from .data import DataBundle, create_loaders, prepare_loader
+from .datasource import fingerprint
 from .distill import distill_points
 from .evaluate import EvalResult, evaluate
 from .export import WRITTEN_FILES as EXPORT_WRITES, check_export_folder, export_model
@@ -52,10 +55,10 @@ from .ownership import (
     remove_work_staging,
 )
 from .parent import create_parent
-from .provenance import MANIFEST_DIR, UPSTREAM, Manifest, Stage, flatten, select
+from .provenance import DATA, MANIFEST_DIR, UPSTREAM, Manifest, Stage, flatten, select
 from .latency import check_device
 from .prune import LatencyOutcome, PruneReport, PruneResult, check_latency_budget, check_target, prune_from_recipe
-from .recipe import Recipe, load_recipe
+from .recipe import Recipe, RecipeError, load_recipe
 from .report import (
     PRUNE_FILES,
     PRUNED_WEIGHTS,
@@ -65,7 +68,7 @@ from .report import (
     write_prune_outputs,
 )
 from .surgery import ArchSpec, build_pruned
-from .train import finetune
+from .train import Schedule, finetune, plan_schedule
 
 T = TypeVar("T")
 
@@ -85,6 +88,8 @@ EVAL_FIELDS = (("input_size", "data", "finetune.seed"), _NEVER + ("data.train_sp
 # the build's. `kpid-zoo prune --out DIR` keeps PRUNE_ENTRIES and DIR itself in the folder above DIR.
 BUILD_ENTRIES = (MANIFEST_DIR, "parent", "pruned", "finetune", "eval.json", LOCK_FILE, "standin")
 PRUNE_ENTRIES = (MANIFEST_DIR, "parent", LOCK_FILE)
+
+TRAINING_FILE = "training.json"  # beside the fine-tune's weights: the schedule that ran (steps, epochs)
 
 HANG_ENV = "KPID_TEST_HANG_AT"        # tests: `<stage>:<step>`, `<stage>:written` or `<stage>:done`
 HANG_MARKER_ENV = "KPID_TEST_HANG_MARKER"
@@ -231,15 +236,19 @@ def prepare_work(accelerator: Accelerator, work: Path, entries: tuple[str, ...],
 def _build(accelerator: Accelerator, recipe: Recipe, paths: BuildPaths, progress: bool) -> BuildResult:
     parent = create_parent(recipe)
     data = create_loaders(recipe.data, model=parent, input_size=recipe.input_size, seed=recipe.finetune.seed)
+    # the data's size is known now: a schedule it cannot run fails here, before any training
+    check_schedules(recipe, data, accelerator.num_processes)
     parent, parent_ref = adapt_parent(accelerator, recipe, parent, data, paths.work, progress)
     pruned, pruned_ref = load_or_prune(accelerator, recipe, parent, data, paths, parent_ref, progress)
     if accelerator.is_main_process:
         print(summary_table(pruned), flush=True)
 
-    student, student_val, finetune_ref = distill(accelerator, recipe, parent, pruned, data, paths, parent_ref,
-                                                 pruned_ref, progress)
+    student, student_val, finetune_ref, training = distill(accelerator, recipe, parent, pruned, data, paths,
+                                                           parent_ref, pruned_ref, progress)
     metrics, eval_ref = eval_stage(accelerator, recipe, parent, student, data, student_val, paths,
                                    {**parent_ref, **finetune_ref})
+    # what the fine-tune ran (the card says it: "not fine-tuned" for finetune.epochs: 0)
+    metrics = {**metrics, "finetune_steps": training["steps"], "finetune_epochs": training["epochs"]}
     # the card embeds the whole recipe and the kpid-zoo version: any change to either is a new export
     inputs = {**_recipe_inputs(recipe), **pruned_ref, **finetune_ref, **eval_ref, "kpid_zoo.version": __version__}
     stage = Stage("export", paths.work, paths.export, EXPORT_WRITES, inputs, log=_logger(accelerator))
@@ -348,6 +357,69 @@ def run_stage(accelerator: Accelerator, stage: Stage, make: Callable[[], T], loa
     return result
 
 
+def _train_images(data: DataBundle) -> int:
+    """The training split's image count (a stream's from its shard index; a subset's when one is asked for)."""
+    dataset = data.train_loader.dataset
+    return int(getattr(dataset, "num_samples", None) or len(dataset))
+
+
+def check_schedules(recipe: Recipe, data: DataBundle, processes: int,
+                    parts: tuple[str, ...] = ("parent", "importance", "finetune")) -> dict[str, Schedule]:
+    """The schedules the data makes of the recipe's training stages (`parts`), or a `RecipeError` naming the file,
+    the field and the numbers for one that cannot run: accumulation past an epoch, epochs that round to no step or
+    to absurdly many (`train.plan_schedule`), more Taylor batches than the training split holds. Cheap: the data's
+    size is known once its datasets are built, before any weights are trained."""
+    images, batch = _train_images(data), recipe.data.batch_size
+    counted = f" ({images} training images in batches of {batch} x {processes} process{'es' * (processes > 1)})"
+    schedules = {}
+    try:
+        for part, where, spec in (("parent", "parent.train", recipe.parent.train), ("finetune", "finetune",
+                                                                                   recipe.finetune)):
+            if part in parts and spec.epochs > 0:
+                schedules[part] = plan_schedule(spec, images // (batch * processes), where, counted)
+        settings = recipe.importance
+        if "importance" in parts and settings.method == "taylor":
+            # the Taylor loader reads the (unsharded) training set in batches of importance.batch_size, keeping
+            # the last partial one; a stream yields its whole training batches
+            readable = len(data.train_loader.dataset)
+            held = math.ceil(readable / settings.batch_size)
+            if settings.batches > held:
+                raise RecipeError(f"{settings.batches} batches of {settings.batch_size} images, but the "
+                                  f"{recipe.data.train_split!r} split holds {readable} images ({held} batches): "
+                                  f"expected at most {held}", "importance.batches")
+    except RecipeError as e:
+        raise e.within(source=recipe.source) from None
+    return schedules
+
+
+# each split's fingerprint, taken once per build (every stage that reads the split records it)
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def data_inputs(accelerator: Accelerator, recipe: Recipe, data: DataBundle, role: str) -> dict[str, Any]:
+    """{"data.<role>": fingerprint} of the split a stage reads (`role` "train" or "val"; `kpid_zoo.datasource`):
+    a changed, added or removed image makes the stage stale. Taken on the main process and handed to the others,
+    which must all decide alike whether a stage is fresh."""
+    dataset = (data.train_loader if role == "train" else data.val_loader).dataset
+    if dataset not in _FINGERPRINTS:
+        split = recipe.data.train_split if role == "train" else recipe.data.val_split
+        found: list[Any] = [None, None]  # the fingerprint, or why it could not be taken (on every rank alike)
+        if accelerator.is_main_process:
+            try:
+                found[0] = fingerprint(dataset, split, recipe.data.root)
+            except OSError as e:  # a file gone since the dataset listed it
+                found[1] = f"the {split!r} split changed while it was read: {e}"
+        if accelerator.num_processes > 1:
+            broadcast_object_list(found)
+        if found[1] is not None:
+            raise OSError(found[1])
+        _FINGERPRINTS[dataset] = found[0]
+        if found[0].get("unverified"):
+            _logger(accelerator)(f"data: the {split!r} split is not fully fingerprinted ({found[0]['unverified']}): "
+                                 f"a change to its content will not rerun the stages that read it")
+    return {f"{DATA}{role}": _FINGERPRINTS[dataset]}
+
+
 def adapt_parent(accelerator: Accelerator, recipe: Recipe, parent: nn.Module, data: DataBundle | None, work: Path,
                  progress: bool = True) -> tuple[nn.Module, dict[str, Any]]:
     """Train the parent on the recipe's data first when `parent.train.epochs` > 0 (CIFAR-scale recipes).
@@ -357,9 +429,12 @@ def adapt_parent(accelerator: Accelerator, recipe: Recipe, parent: nn.Module, da
     identity = parent_inputs(recipe)
     if recipe.parent.train.epochs <= 0:
         return parent, identity
+    check_schedules(recipe, data, accelerator.num_processes, ("parent",))
     folder = work / "parent"
     weights = folder / PRUNED_WEIGHTS
-    stage = Stage("parent", work, folder, (PRUNED_WEIGHTS,), {**identity, **_recipe_inputs(recipe, PARENT_FIELDS)},
+    stage = Stage("parent", work, folder, (PRUNED_WEIGHTS,),
+                  {**identity, **_recipe_inputs(recipe, PARENT_FIELDS),
+                   **data_inputs(accelerator, recipe, data, "train")},
                   scratch=(folder,), log=_logger(accelerator))
 
     def train() -> None:
@@ -379,29 +454,51 @@ def adapt_parent(accelerator: Accelerator, recipe: Recipe, parent: nn.Module, da
 
 def distill(accelerator: Accelerator, recipe: Recipe, parent: nn.Module, pruned: PruneResult, data: DataBundle,
             paths: BuildPaths, parent_ref: dict, pruned_ref: dict, progress: bool = True
-            ) -> tuple[nn.Module, EvalResult | None, dict[str, Any]]:
-    """Fine-tune the pruned net with inner distillation from its parent (resuming from the last checkpoint)."""
-    weights = paths.finetune / PRUNED_WEIGHTS
-    stage = Stage("finetune", paths.work, paths.finetune, (PRUNED_WEIGHTS,),
-                  {**parent_ref, **pruned_ref, **_recipe_inputs(recipe, FINETUNE_FIELDS)},
+            ) -> tuple[nn.Module, EvalResult | None, dict[str, Any], dict[str, Any]]:
+    """Fine-tune the pruned net with inner distillation from its parent (resuming from the last checkpoint).
+
+    Returns the student, its validation result when it was measured here, what identifies it for the stages
+    downstream, and what the fine-tune ran (`TRAINING_FILE`). `finetune.epochs: 0` runs none: the student is
+    the pruned net as it is (a prune-only build, which the model card says was not fine-tuned).
+    """
+    if recipe.finetune.epochs == 0:
+        _logger(accelerator)("finetune: finetune.epochs is 0: skipped, the pruned network is evaluated and "
+                             "exported as pruned, not fine-tuned")
+        return pruned.model, None, dict(pruned_ref), {"steps": 0, "epochs": 0.0}
+    check_schedules(recipe, data, accelerator.num_processes, ("finetune",))
+    weights, record = paths.finetune / PRUNED_WEIGHTS, paths.finetune / TRAINING_FILE
+    stage = Stage("finetune", paths.work, paths.finetune, (PRUNED_WEIGHTS, TRAINING_FILE),
+                  {**parent_ref, **pruned_ref, **_recipe_inputs(recipe, FINETUNE_FIELDS),
+                   **data_inputs(accelerator, recipe, data, "train")},
                   scratch=(paths.finetune,), log=_logger(accelerator))
 
-    def train() -> tuple[nn.Module, EvalResult | None]:
+    def train() -> tuple[nn.Module, EvalResult | None, dict[str, Any]]:
         _reseed(recipe, "finetune")
         kept = {p: pruned.kept_channels(p) for p in distill_points(parent)}
         trained = finetune(pruned.model, parent, data.train_loader, data.val_loader, recipe.finetune,
                            paths.finetune, accelerator=accelerator, kept=kept, input_size=recipe.input_size,
                            resume=True, progress=progress, step_callback=_hang_at_steps("finetune"))
+        schedule = trained.schedule
+        # the same bytes whether the run was resumed or not (no times, no resume point): downstream stays fresh
+        training = {"steps": trained.steps, "epochs": trained.steps / schedule.steps_per_epoch,
+                    "steps_per_epoch": schedule.steps_per_epoch, "batches_per_epoch": schedule.batches_per_epoch,
+                    "grad_accum_steps": schedule.grad_accum_steps, "batch_size": recipe.data.batch_size,
+                    "processes": accelerator.num_processes}
         if accelerator.is_main_process:
             save_weights(trained.model, weights)
-        return trained.model, trained.val
+            write_json(record, training)
+        return trained.model, trained.val, training
 
-    def load() -> tuple[nn.Module, None]:
+    def load() -> tuple[nn.Module, None, dict[str, Any]]:
         pruned.model.load_state_dict(load_file(str(weights)))
-        return pruned.model, None
+        training = read_json(record)
+        if not isinstance(training, dict) or not isinstance(training.get("steps"), int) or \
+                not isinstance(training.get("epochs"), (int, float)):
+            raise ValueError(f"{record}: not a training record (expected steps and epochs)")
+        return pruned.model, None, training
 
-    student, val = run_stage(accelerator, stage, train, load)
-    return student, val, {f"{UPSTREAM}finetune": stage.digest}
+    student, val, training = run_stage(accelerator, stage, train, load)
+    return student, val, {f"{UPSTREAM}finetune": stage.digest}, training
 
 
 def load_or_prune(accelerator: Accelerator, recipe: Recipe, parent: nn.Module, data: DataBundle | None,
@@ -409,10 +506,15 @@ def load_or_prune(accelerator: Accelerator, recipe: Recipe, parent: nn.Module, d
     """The pruning result in `paths.pruned` if it is fresh, else prune now (on the main process; Taylor scores on
     the accelerator's device) and write it."""
     folder = paths.pruned
-    fields = PRUNE_FIELDS if recipe.importance.method == "taylor" else PRUNE_FIELDS_NO_DATA
+    taylor = recipe.importance.method == "taylor"
+    fields = PRUNE_FIELDS if taylor else PRUNE_FIELDS_NO_DATA
+    reads = {}
+    if taylor and data is not None:
+        check_schedules(recipe, data, accelerator.num_processes, ("importance",))
+        reads = data_inputs(accelerator, recipe, data, "train")
     # no scratch to wipe: the folder is replaced whole when the new result is complete, and only if it holds
     # nothing but the four files (it may be a user's `prune --out`)
-    stage = Stage("pruned", paths.work, folder, PRUNE_FILES, {**parent_ref, **_recipe_inputs(recipe, fields)},
+    stage = Stage("pruned", paths.work, folder, PRUNE_FILES, {**parent_ref, **_recipe_inputs(recipe, fields), **reads},
                   log=_logger(accelerator))
 
     def prune() -> PruneResult:
@@ -451,7 +553,8 @@ def eval_stage(accelerator: Accelerator, recipe: Recipe, parent: nn.Module, stud
                student_val: EvalResult | None, paths: BuildPaths, upstream: dict) -> tuple[dict, dict[str, Any]]:
     """The evaluation stage: `measure`, or the metrics in eval.json while they are fresh."""
     stage = Stage("eval", paths.work, paths.work, (paths.eval.name,),
-                  {**upstream, **_recipe_inputs(recipe, EVAL_FIELDS)}, scratch=(paths.eval,), log=_logger(accelerator))
+                  {**upstream, **_recipe_inputs(recipe, EVAL_FIELDS), **data_inputs(accelerator, recipe, data, "val")},
+                  scratch=(paths.eval,), log=_logger(accelerator))
     metrics = run_stage(accelerator, stage,
                         lambda: measure(accelerator, recipe, parent, student, data, student_val, paths),
                         lambda: read_json(paths.eval))

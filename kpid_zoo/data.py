@@ -24,9 +24,11 @@ from typing import Callable, Optional, Sequence
 
 import torch
 import torch.utils.data as tud
-from timm.data import create_dataset, create_transform, resolve_data_config
+from PIL import Image
+from timm.data import ImageDataset, create_dataset, create_transform, resolve_data_config
 from timm.data.readers.shared_count import SharedCount
 
+from .datasource import UnreadableImageError
 from .recipe import DataSpec
 from .streams import ShardStream, is_stream, seeded_call, split_shards
 
@@ -150,11 +152,44 @@ class SeededTransformDataset(tud.Dataset):
 
     def __getitem__(self, index: int):
         base_index = self.indices[index] if self.indices is not None else index
-        img, target = self.base[base_index]
+        img, target = load_sample(self.base, base_index)
         if self.transform is not None:
             # timm/torchvision transforms draw from both python `random` and torch's global RNG.
             img = seeded_call(self.transform, img, hash((self.seed, self.epoch, base_index)) & 0x7FFF_FFFF)
         return img, target
+
+
+def load_sample(base: tud.Dataset, index: int):
+    """`base[index]`, except that an image that cannot be read or decoded raises `UnreadableImageError` naming
+    its file. timm's `ImageDataset` would log a warning and return the next image in its place: an evaluation
+    would score (and count) that neighbour twice, a training would see it twice. Failing is the honest outcome:
+    a metric over another set of images is not the metric asked for."""
+    if not isinstance(base, ImageDataset) or base.load_bytes or base.additional_features is not None:
+        return base[index]
+    source = None
+    try:
+        source, target, *_ = base.reader[index]
+        img = Image.open(source)
+        if base.input_img_mode:
+            img = img.convert(base.input_img_mode)  # decodes the pixels: a truncated file fails here
+        else:
+            img.load()
+    except Exception as e:  # PIL raises OSError, but also ValueError/SyntaxError/struct.error on some damage
+        try:
+            name = base.filename(index, absolute=True)
+        except Exception:  # a reader that cannot name its samples
+            name = f'sample {index}'
+        raise UnreadableImageError(f'{name}: cannot read the image ({type(e).__name__}: {e})') from None
+    finally:
+        if hasattr(source, 'close'):
+            source.close()
+    if base.transform is not None:
+        img = base.transform(img)
+    if target is None:
+        target = -1
+    elif base.target_transform is not None:
+        target = base.target_transform(target)
+    return img, target
 
 
 def subset_indices(n_total: int, n_keep: Optional[int], seed: int = 0, mode: str = 'random') -> Optional[list]:

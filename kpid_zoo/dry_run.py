@@ -223,16 +223,24 @@ def _folder_bytes(path: Path) -> int:
 
 
 def plan_real_run(recipe: Recipe, processes: int, dry_work: Path, dry_export: Path) -> RunPlan:
-    from .train import checkpoint_interval  # pulls in torch: only once a plan is made
+    from .recipe import RecipeError
+    from .train import checkpoint_interval, plan_schedule  # pulls in torch: only once a plan is made
 
     n, source = train_images_of(recipe)
     stages, steps_per_epoch = [], None
-    for name, spec in (('parent training', recipe.parent.train), ('fine-tune', recipe.finetune)):
+    for name, where, spec in (('parent training', 'parent.train', recipe.parent.train),
+                              ('fine-tune', 'finetune', recipe.finetune)):
         if spec.epochs <= 0:
             continue
-        per_epoch = None if n is None else math.ceil(
-            (n // (recipe.data.batch_size * processes)) / spec.grad_accum_steps)
-        steps = 0 if per_epoch is None else max(1, round(spec.epochs * per_epoch))
+        per_epoch, steps = None, 0
+        if n is not None:  # the schedule the real run will make of the real data, or the error it will stop with
+            try:
+                schedule = plan_schedule(spec, n // (recipe.data.batch_size * processes), where,
+                                         f' ({n} training images in batches of {recipe.data.batch_size} x '
+                                         f"{processes} process{'es' * (processes > 1)})")
+            except RecipeError as e:
+                raise e.within(source=recipe.source) from None
+            per_epoch, steps = schedule.steps_per_epoch, schedule.total_steps
         every = checkpoint_interval(spec.checkpoint_every, steps)
         stages.append(StagePlan(name, spec.epochs, steps, math.ceil(steps / every)))
         if name == 'fine-tune':

@@ -45,7 +45,8 @@ def _scatter(scores: dict[str, torch.Tensor], graph: GroupGraph, channels: Chann
 def taylor_importance(model: nn.Module, graph: GroupGraph, batches: Iterable, num_batches: int,
                       loss_fn: Callable | None = None, device: str | torch.device = "cpu",
                       progress: bool = True) -> Importance:
-    """Sum over `num_batches` batches of |w * dL/dw|, per channel, summed over each prunable group's members.
+    """Sum over `num_batches` batches of |w * dL/dw|, per channel, summed over each prunable group's members
+    (a ValueError when `batches` holds fewer).
 
     The model runs in eval mode (BN uses its running statistics and they are not updated) and its `.grad`
     fields are left untouched.
@@ -64,7 +65,10 @@ def taylor_importance(model: nn.Module, graph: GroupGraph, batches: Iterable, nu
         try:
             x, y = next(it)
         except StopIteration:
-            break
+            # scores over fewer batches than asked would be passed off as the recipe's: say so instead
+            model.train(was_training)
+            raise ValueError(f"importance.batches: {num_batches} batches asked, but the data loader held "
+                             f"{seen}") from None
         with torch.enable_grad():
             loss = loss_fn(model(x.to(device)), y.to(device))
             grads = dict(zip(map(id, unique), torch.autograd.grad(loss, unique, allow_unused=True)))
@@ -74,8 +78,6 @@ def taylor_importance(model: nn.Module, graph: GroupGraph, batches: Iterable, nu
                 _scatter(scores, graph, channels, per_position((t.detach() * g).abs()))
         seen += 1
     model.train(was_training)
-    if seen == 0:
-        raise ValueError("importance: the data loader yielded no batch")
     return scores
 
 

@@ -45,6 +45,24 @@ def _latency_rows(latency) -> list[tuple[str, str]]:
              f"{'the parent' if (get('reference') or 'parent') == 'parent' else get('reference')}")]
 
 
+def _finetune(metrics: Mapping[str, Any], recipe_dict: Mapping[str, Any]) -> tuple[str, list[tuple[str, str]]]:
+    """The card's sentence and table row on what ran after pruning, from the build's `finetune_steps` and
+    `finetune_epochs` (an export made outside a build records neither, and the card claims nothing)."""
+    steps, epochs = metrics.get('finetune_steps'), metrics.get('finetune_epochs')
+    if not isinstance(steps, int) or isinstance(steps, bool) or not isinstance(epochs, (int, float)):
+        return 'How it was trained after pruning is not recorded.', []
+    if steps == 0:
+        return ("It is **not fine-tuned** (`finetune.epochs: 0`): its weights are the parent's, for the channels "
+                "kept, and its accuracy below is the pruned network's as it came out of pruning.",
+                [('Fine-tune', 'none: not fine-tuned (`finetune.epochs: 0`)')])
+    spec = recipe_dict.get('finetune') or {}
+    features, logits = (spec.get('kd_gamma') or 0) > 0, (spec.get('kd_logits_weight') or 0) > 0
+    how = ('inner distillation from its parent' + (' (features and logits)' if logits else '') if features else
+           'logit distillation from its parent' if logits else 'cross-entropy alone (no distillation)')
+    ran = f'{steps} optimizer steps ({epochs:.3g} epoch{"s" if epochs != 1 else ""})'
+    return f'It was then fine-tuned for {ran} with {how}.', [('Fine-tune', f'{ran}, {how}')]
+
+
 def _pct(v: Any) -> str:
     return f'{float(v):.2f}' if isinstance(v, (int, float)) else str(v)
 
@@ -86,6 +104,7 @@ def build_card(
         metrics=['accuracy'],
     )
     gmacs = getattr(report, 'achieved_gmacs', None)
+    finetuned, finetune_rows = _finetune(metrics, recipe_dict)
     rows = [
         ('Parent', f'`{spec_parent}`' + (f' ([{base_model}](https://huggingface.co/{base_model}))' if base_model else '')),
         ('GMACs (pruned / parent)', f'{gmacs:.3f} / {report.parent_gmacs:.3f} (target {report.target_gmacs:.3f})'),
@@ -94,6 +113,7 @@ def build_card(
         ('Input size', 'x'.join(str(s) for s in pretrained_cfg['input_size'])),
         ('Crop pct / interpolation', f"{pretrained_cfg.get('crop_pct')} / {pretrained_cfg.get('interpolation')}"),
         ('Mean / std', f"{tuple(pretrained_cfg.get('mean', ()))} / {tuple(pretrained_cfg.get('std', ()))}"),
+        *finetune_rows,
     ]
     for key in ('top1', 'top5', 'parent_top1', 'parent_top5'):
         if metrics.get(key) is not None:
@@ -108,8 +128,8 @@ def build_card(
 # {name}
 
 `{spec_parent}` pruned to {gmacs:.3f} GMACs with **{PAPER_NAME}** (KPID, [{PAPER_ID}]({PAPER_URL})):
-channels are chosen by a knapsack over their importance under a FLOPs budget, then the pruned network is
-fine-tuned with inner distillation from its parent. Built by [kpid-zoo](https://github.com/kpid-zoo/kpid-zoo).
+channels are chosen by a knapsack over their importance under a FLOPs budget. {finetuned}
+Built by [kpid-zoo](https://github.com/kpid-zoo/kpid-zoo).
 
 ## Usage
 

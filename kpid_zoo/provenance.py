@@ -3,7 +3,8 @@
 Every stage of `kpid-zoo build` (parent adaptation, pruning, fine-tune, evaluation, export) keeps a manifest in
 `<work>/stages/<stage>.json`:
 
-    inputs  the recipe fields the stage reads and the digests of the upstream results it consumes (dotted names)
+    inputs  the recipe fields the stage reads, the digests of the upstream results it consumes (dotted names),
+            and the fingerprint of each data split it reads (`data.train`, `data.val`: `kpid_zoo.datasource`)
     files   sha256 of each result file, or null while the stage runs
 
 `Stage.begin` writes the manifest with `files: null` before any work, so the checkpoints of an interrupted run are
@@ -20,10 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from .datasource import describe_data_change
 from .files import first_mismatch, hash_files, json_sha256, read_json, write_json
 
 MANIFEST_DIR = 'stages'
 UPSTREAM = 'upstream.'  # inputs under this prefix are digests of other stages' results
+DATA = 'data.'  # inputs under this prefix are fingerprints of the data splits a stage reads
 
 
 def flatten(value: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
@@ -79,6 +82,8 @@ def describe_change(old: Mapping[str, Any], new: Mapping[str, Any], most: int = 
     for key in changed[:most]:
         if key.startswith(UPSTREAM):
             words.append(f'the {key[len(UPSTREAM):]} result changed')
+        elif key.startswith(DATA):
+            words.append(describe_data_change(old.get(key), new.get(key)))
         else:
             before, after = (_short(d.get(key, '<absent>')) for d in (old, new))
             words.append(f'{key} {before} -> {after}')

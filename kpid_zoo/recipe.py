@@ -247,6 +247,12 @@ def _check_timm_model(name: str) -> None:
                           f"{', '.join(SUPPORTED_FAMILIES.values())} model, e.g. resnet50)", 'model')
 
 
+# The longest schedule a recipe may ask for: ten times the longest published for distillation (10,000 epochs of a
+# patient teacher on Flowers-102, Beyer et al. 2022). More is a typo (`epochs: 1e12` would never end); the number
+# of optimizer steps the data makes of the epochs has a bound too (`kpid_zoo.train.MAX_TOTAL_STEPS`).
+MAX_EPOCHS = 100_000
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainSpec(_Section):
     """A training schedule (`kpid_zoo.train.finetune`): every default of the training stage lives here."""
@@ -265,6 +271,11 @@ class TrainSpec(_Section):
     clip_grad: float | None = _positive(None)  # max global gradient norm; None: no clipping
     checkpoint_every: int = _positive(500, 'integer')  # optimizer steps (the last step always checkpoints)
     seed: int = _non_negative(0, 'integer')
+
+    def _check(self) -> None:
+        for name in ('epochs', 'warmup_epochs'):
+            if getattr(self, name) > MAX_EPOCHS:
+                raise RecipeError(f'expected at most {MAX_EPOCHS:,} epochs, got {_got(getattr(self, name))}', name)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -48,6 +48,8 @@ import torch
 import torch.utils.data as tud
 from timm.data.readers.shared_count import SharedCount
 
+from .datasource import UnreadableImageError
+
 WDS_PREFIX = 'wds/'
 INFO_FILE = '_info.json'  # timm's shard-set description: {"splits": {name: {num_samples, filenames, shard_lengths}}}
 IMAGE_KEYS = 'jpg;png;webp'  # timm's ReaderWds default: the first of these a sample has is its image
@@ -272,9 +274,9 @@ class ShardStream(tud.IterableDataset):
             try:
                 decoded = _decode(sample, image_key=IMAGE_KEYS)
             except Exception as e:
-                raise ValueError(f"{self.name}: sample '{sample.get('__key__')}' of {sample.get('__url__')}: "
-                                 f"{type(e).__name__}: {e} (expected a .jpg/.png/.webp image and a .cls class "
-                                 f"index)") from None
+                raise UnreadableImageError(
+                    f"{self.name}: sample '{sample.get('__key__')}' of {sample.get('__url__')}: {type(e).__name__}: "
+                    f"{e} (expected a .jpg/.png/.webp image and a .cls class index)") from None
             img, target = decoded['jpg'], decoded['target']
             if self.transform is not None:
                 key = sample['__key__']

@@ -45,11 +45,14 @@ from .data import first_image_shape, loader_layout, prepare_loader, skip_first_b
 from .distill import DistillationWrapper, InnerDistillLoss, build_distillation, capture_outputs
 from .evaluate import EvalResult, evaluate
 from .files import first_mismatch, hash_files, read_json, write_json
-from .recipe import FinetuneSpec, TrainSpec
+from .recipe import FinetuneSpec, RecipeError, TrainSpec
 
 CHECKPOINT_RE = re.compile(r'^step_(\d+)$')
 LOOP_STATE_FILE = 'kpid_loop_state.pt'  # TrainState + LR schedule, beside what accelerator.save_state writes
 CHECKSUMS = 'checksums.json'  # in each checkpoint: {file: sha256} of every file in it
+# The most optimizer steps a schedule may hold. The longest published ImageNet schedules are about 10^6 steps; 10^9
+# would take years at any rate a CNN trains at, so a schedule past it is a typo (`epochs: 1e12`), not a plan.
+MAX_TOTAL_STEPS = 10 ** 9
 
 
 @dataclass
@@ -61,6 +64,48 @@ class TrainResult:
     train_loss: float  # mean loss of the steps run by this invocation on the main process (nan if none)
     val: Optional[EvalResult]
     checkpoint_dir: Path
+    schedule: Optional[Schedule] = None
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A training stage's length in optimizer steps, from the batches each process reads per epoch."""
+    batches_per_epoch: int  # per process (drop_last: full batches only)
+    grad_accum_steps: int
+    steps_per_epoch: int  # the last step of an epoch may accumulate fewer batches
+    total_steps: int
+    warmup_steps: int
+
+    @property
+    def epochs(self) -> float:
+        """The epochs `total_steps` make (the recipe's `epochs`, rounded to whole steps)."""
+        return self.total_steps / self.steps_per_epoch
+
+
+def plan_schedule(cfg: TrainSpec, batches_per_epoch: int, where: str = '', counted: str = '') -> Schedule:
+    """The schedule `cfg` gives over epochs of `batches_per_epoch` batches, or a `RecipeError` for one that cannot
+    run as written: no full batch, accumulation past the end of the epoch (every epoch would end in one short
+    step), epochs > 0 that round to 0 steps, or more than MAX_TOTAL_STEPS steps. `epochs: 0` is no training
+    (0 steps). `where` is the section the error names (`finetune`, `parent.train`), `counted` how the batches were
+    counted (for the message)."""
+    def name(f: str) -> str:
+        return f'{where}.{f}' if where else f
+    accum = cfg.grad_accum_steps
+    if batches_per_epoch < 1:
+        raise RecipeError(f'an epoch holds no full batch{counted}: expected a batch size (x processes) no larger '
+                          f'than the training set', 'data.batch_size')
+    if accum > batches_per_epoch:
+        raise RecipeError(f'{accum} batches per optimizer step, but an epoch holds {batches_per_epoch}{counted}: '
+                          f'expected at most {batches_per_epoch}', name('grad_accum_steps'))
+    steps_per_epoch = math.ceil(batches_per_epoch / accum)
+    total = round(cfg.epochs * steps_per_epoch)
+    if cfg.epochs > 0 and total == 0:
+        raise RecipeError(f'{cfg.epochs:g} epochs of {steps_per_epoch} optimizer steps round to 0 steps{counted}: '
+                          f'expected 0 (no training) or at least {1 / steps_per_epoch:.3g} (one step)', name('epochs'))
+    if total > MAX_TOTAL_STEPS:
+        raise RecipeError(f'{cfg.epochs:g} epochs of {steps_per_epoch} optimizer steps are {total:.3g} steps'
+                          f'{counted}: expected at most {MAX_TOTAL_STEPS:.0e} steps', name('epochs'))
+    return Schedule(batches_per_epoch, accum, steps_per_epoch, total, round(cfg.warmup_epochs * steps_per_epoch))
 
 
 class TrainState:
@@ -264,13 +309,9 @@ def finetune(student: nn.Module, teacher: Optional[nn.Module], train_loader, val
 def _train_loop(accelerator: Accelerator, module: nn.Module, teacher: Optional[nn.Module], optimizer, criterion,
                 train_loader, val_loader, cfg: TrainSpec, out_dir: Path, checkpoint_dir: Path, resume: bool,
                 keep_checkpoints: int, step_callback, progress: bool) -> TrainResult:
-    accum = cfg.grad_accum_steps
     batches_per_epoch = len(train_loader)
-    if batches_per_epoch == 0:
-        raise ValueError('train loader yields no full batch: dataset smaller than batch_size x processes')
-    steps_per_epoch = math.ceil(batches_per_epoch / accum)
-    total_steps = max(1, round(cfg.epochs * steps_per_epoch))
-    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    schedule = plan_schedule(cfg, batches_per_epoch)  # the build checked the recipe's; this guards direct calls
+    steps_per_epoch, total_steps, warmup_steps = schedule.steps_per_epoch, schedule.total_steps, schedule.warmup_steps
     # Not prepared: Accelerate's scheduler wrapper steps num_processes times per step, which would make the
     # schedule depend on the world size. We step it once per optimizer step ourselves.
     scheduler = warmup_cosine_schedule(optimizer.optimizer, warmup_steps, total_steps)
@@ -349,7 +390,7 @@ def _train_loop(accelerator: Accelerator, module: nn.Module, teacher: Optional[n
     if val is not None and tracker is not None:
         tracker.log({f'val_{k}': v for k, v in val.as_dict().items()}, step=state.step)
     train_loss = sum(losses) / len(losses) if losses else float('nan')
-    return TrainResult(trained, state.step, total_steps, resumed_from, train_loss, val, checkpoint_dir)
+    return TrainResult(trained, state.step, total_steps, resumed_from, train_loss, val, checkpoint_dir, schedule)
 
 
 def _backward_and_step(accelerator: Accelerator, module: nn.Module, optimizer, scaler, loss: torch.Tensor,
