@@ -8,9 +8,9 @@ fine-tunes resume from their last checkpoint whose files still have their record
 checked (`guard_build_paths`, `kpid_zoo.ownership`: the build replaces or removes only what it wrote); then a lock
 keeps a second build out of the same work folder, refusing it at once; then the checks that need no training
 (family, FLOPs target vs the parent's and vs the smallest reachable) run before any work. Every stage starts from
-an RNG state of its own, so a build gives the same bytes whether it ran straight through or was killed and resumed anywhere.
-Under `accelerate launch` the pruning runs on the main process first and the other ranks read its result, so
-all ranks train the same architecture.
+an RNG state of its own, so a build gives the same bytes whether it ran straight through or was killed and resumed
+anywhere. Under `accelerate launch` the pruning runs on the main process first and the other ranks read its result,
+so all ranks train the same architecture.
 """
 from __future__ import annotations
 
