@@ -33,7 +33,7 @@ from .accelerator import process_accelerator
 from .data import DataBundle, create_loaders, prepare_loader
 from .distill import distill_points
 from .evaluate import EvalResult, evaluate
-from .export import EXPORT_FILES, export_model
+from .export import EXPORT_FILES, KPID_FORMAT_VERSION, export_model
 from .files import file_sha256, json_sha256, read_json, remove_staging, save_weights, write_json
 from .flops import count_flops
 from .groups import discover_groups
@@ -153,8 +153,10 @@ def _build(accelerator: Accelerator, recipe: Recipe, paths: BuildPaths, progress
                                                  pruned_ref, progress)
     metrics, eval_ref = eval_stage(accelerator, recipe, parent, student, data, student_val, paths,
                                    {**parent_ref, **finetune_ref})
-    # the card embeds the whole recipe and the kpid-zoo version: any change to either is a new export
-    inputs = {**_recipe_inputs(recipe), **pruned_ref, **finetune_ref, **eval_ref, "kpid_zoo.version": __version__}
+    # the card embeds the whole recipe and the kpid-zoo version: any change to either is a new export; so is a new
+    # export format (an export of an older format is refused by pretrained loads: a rebuild must rewrite it)
+    inputs = {**_recipe_inputs(recipe), **pruned_ref, **finetune_ref, **eval_ref, "kpid_zoo.version": __version__,
+              "kpid_zoo.export_format": KPID_FORMAT_VERSION}
     stage = Stage("export", paths.work, paths.export, EXPORT_FILES + (WIDTHS_PLOT,), inputs,
                   log=_logger(accelerator))
 

@@ -181,6 +181,12 @@ def _create(name: str):
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise SystemExit(f"kpid-zoo: {name!r} is not a timm model{hint}")
+    if name.startswith("hf-hub:"):  # timm fetches its config.json: in seconds, or one line, when the Hub is away
+        from timm.models._hub import hf_split
+
+        from .hub import require_hub_or_cache
+        repo_id, revision = hf_split(name[len("hf-hub:"):])
+        require_hub_or_cache(repo_id, ("config.json",), revision=revision)
     try:
         return timm.create_model(name).eval()
     except RuntimeError as e:  # timm's own: an unknown pretrained tag, ...

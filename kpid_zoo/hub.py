@@ -12,7 +12,8 @@ import logging
 import os
 from pathlib import Path
 
-__all__ = ['HubUnreachableError', 'PROBE_TIMEOUT', 'hub_download', 'probe_timeout']
+__all__ = ['HubUnreachableError', 'PROBE_TIMEOUT', 'hub_download', 'probe_timeout', 'require_hub_or_cache',
+           'unreachable']
 
 _logger = logging.getLogger(__name__)
 
@@ -33,6 +34,46 @@ def probe_timeout() -> float:
         return PROBE_TIMEOUT
 
 
+def unreachable(repo_id: str, filename: str, revision: str | None = None) -> str | None:
+    """None when the Hub answers a HEAD of the file's URL (any answer, even 401 or 404); else why it does not.
+
+    A bare request on huggingface_hub's own HTTP client (its proxies and certificates), with no token and none of
+    the headers huggingface_hub builds: building them the first time in a process asks the Hub for its list of agent
+    harnesses, up to 3 s more when it does not answer.
+    """
+    from huggingface_hub import hf_hub_url
+    from huggingface_hub.utils import get_session
+
+    from .publish import network_errors
+
+    try:
+        get_session().head(hf_hub_url(repo_id, filename, revision=revision), timeout=probe_timeout(),
+                           follow_redirects=False)
+    except network_errors() as e:
+        return ' '.join(str(e).split()) or type(e).__name__
+    return None
+
+
+def require_hub_or_cache(repo_id: str, filenames: tuple[str, ...] | list[str], *, revision: str | None = None,
+                         cache_dir: str | Path | None = None) -> None:
+    """Before a download someone else makes (timm's): fail in seconds, not after retries, when the Hub does not
+    answer and none of `filenames` is cached. Offline (`HF_HUB_OFFLINE`) it does nothing: the cache is all there is.
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE or not filenames:
+        return
+    reason = unreachable(repo_id, filenames[0], revision)
+    if reason is None:
+        return
+    for name in filenames:
+        if isinstance(try_to_load_from_cache(repo_id, name, cache_dir=cache_dir, revision=revision), str):
+            return  # hf_hub_download falls back to it after one failed request, no retries
+    raise HubUnreachableError(
+        f'cannot reach the Hub at {constants.ENDPOINT} ({reason}) and {repo_id}/{filenames[0]} is not in the cache; '
+        f'connect, or set HF_HUB_OFFLINE=1 to use only the cache')
+
+
 def hub_download(repo_id: str, filename: str, *, revision: str | None = None,
                  cache_dir: str | Path | None = None) -> str:
     """`hf_hub_download(repo_id, filename)`, except that an unreachable Hub costs one short request, not retries.
@@ -41,26 +82,17 @@ def hub_download(repo_id: str, filename: str, *, revision: str | None = None,
     when the Hub does not answer and the file is not cached; the Hub's own errors (a missing repo or file, a bad
     token) come from hf_hub_download as before.
     """
-    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    from .publish import network_errors
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
 
     if not constants.HF_HUB_OFFLINE:
-        try:
-            get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision), timeout=probe_timeout())
-        except network_errors() as e:
-            reason = ' '.join(str(e).split()) or type(e).__name__
-            try:
-                path = hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
-                                       local_files_only=True)
-            except LocalEntryNotFoundError:
+        reason = unreachable(repo_id, filename, revision)
+        if reason is not None:
+            path = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
+            if not isinstance(path, str):
                 raise HubUnreachableError(
                     f'cannot reach the Hub at {constants.ENDPOINT} ({reason}) and {repo_id}/{filename} is not in '
-                    f'the cache; connect, or set HF_HUB_OFFLINE=1 to use only the cache') from None
+                    f'the cache; connect, or set HF_HUB_OFFLINE=1 to use only the cache')
             _logger.info('the Hub at %s is unreachable (%s): %s/%s from the cache', constants.ENDPOINT, reason,
                          repo_id, filename)
             return path
-        except Exception:  # the Hub answered: hf_hub_download asks again and reports its answer its own way
-            pass
     return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir)
