@@ -233,7 +233,7 @@ def test_an_export_without_a_binding_is_refused_with_weights(export, tmp_path, c
 
     def edit(config):  # as kpid-zoo format 1 wrote it
         config['kpid']['format_version'] = 1
-        del config['kpid']['bound'], config['kpid']['bound_sha256']
+        config['kpid'].pop('bound', None), config['kpid'].pop('bound_sha256', None)
     copy = edited(folder, tmp_path, edit)
     with pytest.raises(KpidWeightsError) as err:
         timm.create_model(f'local-dir:{copy}', pretrained=True)
