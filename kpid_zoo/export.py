@@ -31,7 +31,7 @@ from .zoo import CFG_KEYS, ZOO_DIR, ZooRecord, pool_size_for
 
 __all__ = [
     'export_model', 'file_sha256', 'read_export_config', 'zoo_entry_from_export', 'write_zoo_entry',
-    'bound_values', 'bound_digests', 'bound_mismatch', 'export_config_problem', 'parse_config',
+    'bound_values', 'bound_digests', 'bound_mismatch', 'export_config_problem', 'parse_config', 'unbound',
     'EXPORT_FILES', 'WEIGHTS_FILE', 'CONFIG_FILE', 'CARD_FILE', 'GENERIC_ARCH', 'KPID_FORMAT_VERSION',
     'BOUND_CFG_KEYS', 'REEXPORT',
 ]
@@ -105,6 +105,11 @@ def bound_digests(pretrained_cfg: Mapping[str, Any], model_args: Mapping[str, An
     return bound, json_sha256({'bound': bound, 'weights_sha256': weights_sha256})
 
 
+def unbound(kpid: Any) -> bool:
+    """An export of kpid-zoo format 1, which bound nothing to its weights but their sha256."""
+    return isinstance(kpid, Mapping) and 'bound' not in kpid and 'bound_sha256' not in kpid
+
+
 def bound_mismatch(kpid: Any, pretrained_cfg: Mapping[str, Any], model_args: Mapping[str, Any]) -> str | None:
     """None when config.json's fields are the ones bound to its weights at export, else a phrase naming the first
     field that differs (in the order recorded), or the part of the kpid block that is missing or malformed.
@@ -115,7 +120,7 @@ def bound_mismatch(kpid: Any, pretrained_cfg: Mapping[str, Any], model_args: Map
     """
     if not isinstance(kpid, Mapping):
         return 'the kpid block is missing'
-    if 'bound' not in kpid and 'bound_sha256' not in kpid:
+    if unbound(kpid):
         return (f"kpid.bound is missing: exported by an older kpid-zoo (format {kpid.get('format_version')!r}), "
                 f"its spec and preprocessing are not bound to its weights")
     recorded, total, weights_sha = kpid.get('bound'), kpid.get('bound_sha256'), kpid.get('weights_sha256')
@@ -354,7 +359,7 @@ def read_export_config(folder: str | Path) -> dict:
         raise ValueError(f'{path}: pretrained_cfg / model_args cannot be read the way timm reads them') from None
     problem = bound_mismatch(config['kpid'], pretrained_cfg, model_args)
     if problem:
-        hint = REEXPORT if 'older kpid-zoo' in problem else 'config.json was edited after export; ' + REEXPORT
+        hint = REEXPORT if unbound(config['kpid']) else 'config.json was edited after export; ' + REEXPORT
         raise ValueError(f'{path}: {problem}; {hint}')
     return config
 

@@ -37,7 +37,7 @@ from timm.models._builder import resolve_pretrained_cfg
 from timm.models._hub import hf_split
 
 from .export import (CONFIG_FILE, GENERIC_ARCH, REEXPORT, WEIGHTS_FILE, bound_mismatch, export_config_problem,
-                     file_sha256, parse_config)
+                     file_sha256, parse_config, unbound)
 from .files import read_json
 from .hub import hub_download
 from .model_card import PAPER_ID, PAPER_NAME, PAPER_URL
@@ -167,7 +167,7 @@ def _check_export(variant: str, cfg: dict, model_args: dict | None, pretrained: 
     except ValueError as e:
         raise KpidWeightsError(str(e)) from None
     problem = bound_mismatch(config['kpid'], cfg, model_args)
-    if problem and 'older kpid-zoo' in problem:
+    if problem and unbound(config['kpid']):
         if pretrained:
             raise KpidWeightsError(f'{path}: {problem}, so they are not loaded; {REEXPORT}')
         _logger.warning('%s: %s; the architecture is built, its preprocessing unchecked; %s', path, problem, REEXPORT)
