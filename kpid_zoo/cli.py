@@ -189,6 +189,8 @@ def _create(name: str):
         require_hub_or_cache(repo_id, ("config.json",), revision=revision)
     try:
         return timm.create_model(name).eval()
+    except (ValueError, OSError):  # bad input (a config.json, a file), the Hub away: main's one line, exit 2
+        raise
     except RuntimeError as e:  # timm's own: an unknown pretrained tag, ...
         raise SystemExit(f"kpid-zoo: {name}: {e}") from None
 

@@ -201,6 +201,15 @@ def test_a_tampered_field_is_named(export, tmp_path, keys, value, field):
         assert str(value) not in msg.replace(str(copy), '')  # names the field, does not echo the file
 
 
+def test_the_cli_names_the_field_and_exits_2(export, tmp_path, capsys):
+    _, folder = export
+    copy = edited(folder, tmp_path, set_path('pretrained_cfg.mean', [0.5, 0.5, 0.5]))
+    assert cli_main(['flops', f'local-dir:{copy}']) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f'kpid-zoo flops: error: {copy / "config.json"}: pretrained_cfg.mean differs ')
+    assert err.count('\n') == 1 and 'Traceback' not in err
+
+
 def test_a_tampered_hub_repo_is_named(export, tmp_path, hf_env):
     _, folder = export
     copy = edited(folder, tmp_path, set_path('pretrained_cfg.mean', [0.5, 0.5, 0.5]))
