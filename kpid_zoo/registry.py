@@ -140,7 +140,7 @@ def _export_config(variant: str, cfg: dict, cache_dir) -> tuple[dict, str] | Non
         except KpidWeightsError:
             raise
         except Exception as e:  # timm just read it: gone from the cache meanwhile, the Hub down...
-            raise RuntimeError(f'{variant}: cannot get {CONFIG_FILE} from {cfg["hf_hub_id"]} '
+            raise KpidHubError(f'{variant}: cannot get {CONFIG_FILE} from {cfg["hf_hub_id"]} '
                                f'({type(e).__name__}: {_one_line(e)})') from e
     return None
 
@@ -293,10 +293,7 @@ def _check_shapes(state_dict: dict, model: nn.Module, *, variant: str, source: s
 # Model creation
 
 def _build_net(kpid_spec: dict, feature_cfg: dict, **kwargs) -> nn.Module:
-    from .surgery import (  # surgery pulls in the fx tracer: only when a model is built
-        ArchSpec,
-        build_pruned,
-    )
+    from .surgery import ArchSpec, build_pruned  # surgery pulls in the fx tracer: only when a model is built
     net = build_pruned(ArchSpec.from_dict(kpid_spec, source='kpid_spec'), **kwargs)
     if feature_cfg.get('all_levels'):
         # features_only: the parent's levels, however many (timm's builder assumes five); read once it is built,
@@ -354,6 +351,8 @@ def create_kpid(variant: str, pretrained: bool = False, kpid_spec: Any = None, *
     elif isinstance(given_cfg, dict) and given_cfg.get('source') in ('hf-hub', 'local-dir'):
         model_args = kwargs.get('pretrained_model_args')
         export = _check_export(variant, given_cfg, model_args, pretrained, cache_dir)
+        if kpid_spec is None:  # a timm that does not pass config.json's model arguments on
+            kpid_spec = export[0]['model_args']['kpid_spec']
         from_config = model_args is None or kpid_spec is model_args.get('kpid_spec')
         kpid_spec = _spec_dict(kpid_spec, f'{export[1]}: model_args.kpid_spec' if from_config else 'kpid_spec')
     elif kpid_spec is None:
