@@ -37,7 +37,7 @@ from .data import DataBundle, create_loaders, prepare_loader
 from .datasource import fingerprint
 from .distill import distill_points
 from .evaluate import EvalResult, evaluate
-from .export import WRITTEN_FILES as EXPORT_WRITES, check_export_folder, export_model
+from .export import WRITTEN_FILES as EXPORT_WRITES, KPID_FORMAT_VERSION, check_export_folder, export_model
 from .files import file_sha256, json_sha256, read_json, remove_staging, save_weights, write_json
 from .flops import count_flops
 from .groups import discover_groups
@@ -249,8 +249,10 @@ def _build(accelerator: Accelerator, recipe: Recipe, paths: BuildPaths, progress
                                    {**parent_ref, **finetune_ref})
     # what the fine-tune ran (the card says it: "not fine-tuned" for finetune.epochs: 0)
     metrics = {**metrics, "finetune_steps": training["steps"], "finetune_epochs": training["epochs"]}
-    # the card embeds the whole recipe and the kpid-zoo version: any change to either is a new export
-    inputs = {**_recipe_inputs(recipe), **pruned_ref, **finetune_ref, **eval_ref, "kpid_zoo.version": __version__}
+    # the card embeds the whole recipe and the kpid-zoo version: any change to either is a new export; so is a new
+    # export format (an export of an older format is refused by pretrained loads: a rebuild must rewrite it)
+    inputs = {**_recipe_inputs(recipe), **pruned_ref, **finetune_ref, **eval_ref, "kpid_zoo.version": __version__,
+              "kpid_zoo.export_format": KPID_FORMAT_VERSION}
     stage = Stage("export", paths.work, paths.export, EXPORT_WRITES, inputs, log=_logger(accelerator))
     # read before the stage starts over its manifest: what this work folder exported before may be replaced
     recorded = recorded_files(paths.work, "export")

@@ -257,8 +257,16 @@ def _create(name: str):
 
     if not timm.is_model(name) and not name.startswith(("hf-hub:", "local-dir:")):
         raise ValueError(f"{name!r} is not a timm model{did_you_mean(name, timm.list_models())}")
+    if name.startswith("hf-hub:"):  # timm fetches its config.json: in seconds, or one line, when the Hub is away
+        from timm.models._hub import hf_split
+
+        from .hub import require_hub_or_cache
+        repo_id, revision = hf_split(name[len("hf-hub:"):])
+        require_hub_or_cache(repo_id, ("config.json",), revision=revision)
     try:
         return timm.create_model(name).eval()
+    except (ValueError, OSError):  # bad input (a config.json, a file), the Hub away: main's one line, exit 2
+        raise
     except RuntimeError as e:  # timm's own: an unknown pretrained tag, ...
         raise ValueError(f"{name}: {e}") from None
 

@@ -32,6 +32,7 @@ def _create_parent(recipe: Recipe, recipe_dir: Path | None) -> nn.Module:
         model = timm.create_model(name)
     elif spec.weights == 'timm':
         try:
+            _hub_or_cache(name)
             model = timm.create_model(name, pretrained=True)
         except OSError as e:  # hub / cache miss: the raw error names neither the model nor a way out
             raise OSError(f"{recipe.source}: parent.weights: timm pretrained weights of {name} are not available "
@@ -47,6 +48,21 @@ def _create_parent(recipe: Recipe, recipe_dir: Path | None) -> nn.Module:
     if spec.num_classes is not None and spec.num_classes != model.num_classes:
         model.reset_classifier(spec.num_classes)
     return model.eval()
+
+
+def _hub_or_cache(name: str) -> None:
+    """Fail in seconds, not after huggingface_hub's retries, when the Hub does not answer and the weights timm is
+    about to download for `name` are not cached (timm asks for model.safetensors, else pytorch_model.bin)."""
+    from timm.models._hub import hf_split
+
+    from .hub import require_hub_or_cache
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    hub_id = getattr(cfg, 'hf_hub_id', None)
+    if hub_id and getattr(cfg, 'source', None) in (None, '', 'hf-hub') and not getattr(cfg, 'file', None):
+        repo_id, revision = hf_split(hub_id)
+        files = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else ('model.safetensors', 'pytorch_model.bin')
+        require_hub_or_cache(repo_id, files, revision=revision)
 
 
 def load_parent_checkpoint(model: nn.Module, path: Path) -> nn.Module:

@@ -28,7 +28,7 @@ from . import __version__
 from .export import CARD_FILE, CONFIG_FILE, EXPORT_FILES, WEIGHTS_FILE, read_export_config
 from .ownership import describe
 
-__all__ = ['publish', 'validate_export', 'export_payload', 'PublishError']
+__all__ = ['check_weights_fit', 'publish', 'validate_export', 'export_payload', 'PublishError']
 
 _logger = logging.getLogger(__name__)
 
@@ -76,10 +76,12 @@ def export_payload(folder: str | Path) -> tuple[dict, dict[str, bytes]]:
     """Check that `folder` is a complete, consistent kpid-zoo export holding nothing else; returns its config.json
     and {file name: bytes} of exactly what is to be uploaded.
 
-    Checks: the three files are there, no pickles, config.json names an architecture and a kpid_spec and lists the
+    Checks: the three files are there, no pickles, config.json is a sound kpid-zoo config whose spec, class count
+    and preprocessing are the ones bound to the weights at export (`export.read_export_config`) and that lists the
     export's files (`kpid.files`: name -> sha256, size); the folder holds those and config.json only (each a
     regular file, no symlink, subfolder or hidden file), each with its recorded sha256 and size; the weights are
-    safetensors whose sha256 is the one config.json records; the card has YAML metadata.
+    safetensors whose sha256 is the one config.json records and whose tensors have the shapes of the architecture
+    config.json builds (`check_weights_fit`); the card has YAML metadata.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -141,6 +143,7 @@ def export_payload(folder: str | Path) -> tuple[dict, dict[str, bytes]]:
     if recorded != actual:
         raise PublishError(f'{weights}: sha256 {actual} differs from the {recorded} recorded in '
                            f'{config_path} (weights changed after export? re-run the export)')
+    check_weights_fit(folder)
     try:
         meta = metadata_load(folder / CARD_FILE)
     except Exception as e:
@@ -153,6 +156,38 @@ def export_payload(folder: str | Path) -> tuple[dict, dict[str, bytes]]:
 def validate_export(folder: str | Path) -> dict:
     """Check `folder` as `export_payload` does; returns its config.json."""
     return export_payload(folder)[0]
+
+
+def check_weights_fit(folder: str | Path) -> None:
+    """Fail unless model.safetensors holds exactly the tensors, in shape, of the net config.json builds.
+
+    The net is built as `timm.create_model('local-dir:<folder>')` builds it (random init, its config checked on
+    the way); the weights' shapes come from the safetensors header, no tensor is read.
+    """
+    import timm
+
+    import kpid_zoo  # noqa: F401  (registers kpid_pruned)
+
+    folder = Path(folder)
+    weights = folder / WEIGHTS_FILE
+    try:
+        own = {k: tuple(v.shape) for k, v in timm.create_model(f'local-dir:{folder}').state_dict().items()}
+    except ValueError as e:  # the registry's one-line errors (KpidWeightsError is a ValueError)
+        raise PublishError(str(e)) from None
+    with safetensors.safe_open(str(weights), framework='pt') as f:
+        got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    for key, shape in own.items():  # in the network's order: the first misfit a reader meets
+        if key not in got:
+            raise PublishError(f'{weights}: lacks tensor {key!r} of the net {folder / CONFIG_FILE} builds '
+                               f'(weights and spec from different builds? re-run the export)')
+        if got[key] != shape:
+            raise PublishError(f'{weights}: tensor {key!r} has shape {got[key]} but the spec in '
+                               f'{folder / CONFIG_FILE} builds {shape} (widths that do not fit the weights; '
+                               f're-run the export)')
+    extra = [k for k in got if k not in own]
+    if extra:
+        raise PublishError(f'{weights}: holds tensor {extra[0]!r}, which the net {folder / CONFIG_FILE} builds does '
+                           f'not have (weights and spec from different builds? re-run the export)')
 
 
 def publish(

@@ -15,11 +15,16 @@ Every weights file is checked before timm loads it: against the sha256 the zoo o
 against the hash the Hub reported for it at download (the cache names each blob by it: sha256 for LFS files, the
 git blob sha1 otherwise). Then tensor by tensor against the architecture, so corruption or a mismatched spec fails
 with the entry, the file and the tensor named.
+
+An export's config.json is hostile input, loaded or not with its weights: `kpid_spec` is data (a JSON object, never
+a path), the model arguments are plain values that cannot name files, and the spec, class count and preprocessing
+must be the ones bound to the weights at export (`export.bound_values`); the first field that differs is named in one
+line. An export without that binding (kpid-zoo format 1) is refused with pretrained=True, and builds with a warning
+without it. Hub downloads fail within seconds, in one line, when the Hub does not answer (`hub.hub_download`).
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 from functools import partial
@@ -31,11 +36,14 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrai
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._hub import hf_split
 
-from .export import CONFIG_FILE, GENERIC_ARCH, WEIGHTS_FILE, file_sha256
+from .export import (CONFIG_FILE, GENERIC_ARCH, REEXPORT, WEIGHTS_FILE, bound_mismatch, export_config_problem,
+                     file_sha256, parse_config, unbound)
+from .files import read_json
+from .hub import hub_download
 from .model_card import PAPER_ID, PAPER_NAME, PAPER_URL
 from .zoo import ZOO_DIR, ZooRecord, load_records, pool_size_for
 
-__all__ = ['DEFAULT_SPEC', 'KpidWeightsError', 'create_kpid', 'zoo_records']
+__all__ = ['DEFAULT_SPEC', 'KpidHubError', 'KpidWeightsError', 'create_kpid', 'zoo_records']
 
 _logger = logging.getLogger(__name__)
 
@@ -47,8 +55,13 @@ DEFAULT_SPEC: dict[str, Any] = dict(
 )
 
 
-class KpidWeightsError(RuntimeError):
-    """Pretrained weights that do not match what was recorded or reported (hash) or the architecture (shapes)."""
+class KpidWeightsError(RuntimeError, ValueError):
+    """Pretrained weights that do not match what was recorded or reported (hash) or the architecture (shapes), or an
+    export's config.json that is malformed or not the one bound to its weights. A ValueError too: bad input."""
+
+
+class KpidHubError(RuntimeError, OSError):
+    """Pretrained weights that cannot be had: the Hub unreachable, offline and not cached, no such repo or file."""
 
 
 def _paper(**cfg) -> dict:
@@ -91,12 +104,77 @@ default_cfgs = generate_default_cfgs({
 # ---------------------------------------------------------------------------------------------------------------
 # Weight checks
 
+# config.json of an export is a few KiB; a bigger one is not one (and is not read into memory)
+_MAX_CONFIG_BYTES = 1 << 24
+
+
 def _hub_config(hf_hub_id: str, cache_dir: str | Path | None) -> tuple[dict, str]:
     """config.json of a Hub repo (honours HF_HUB_OFFLINE and the cache, like every hf_hub_download)."""
-    from huggingface_hub import hf_hub_download
     repo_id, revision = hf_split(hf_hub_id)
-    path = hf_hub_download(repo_id, CONFIG_FILE, revision=revision, cache_dir=cache_dir)
-    return json.loads(Path(path).read_text(encoding='utf-8')), path
+    path = hub_download(repo_id, CONFIG_FILE, revision=revision, cache_dir=cache_dir)
+    return _read_config(path), path
+
+
+def _read_config(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():  # a FIFO or a device could block the load, or never end
+        raise KpidWeightsError(f'{path}: not a regular file (expected the config.json of a kpid-zoo export)')
+    if path.stat().st_size > _MAX_CONFIG_BYTES:
+        raise KpidWeightsError(f'{path}: {path.stat().st_size} bytes, too big for a config.json '
+                               f'(at most {_MAX_CONFIG_BYTES})')
+    try:
+        return read_json(path)
+    except ValueError as e:
+        raise KpidWeightsError(str(e)) from None
+
+
+def _export_config(variant: str, cfg: dict, cache_dir) -> tuple[dict, str] | None:
+    """The config.json timm read for an hf-hub: / local-dir: load, read again for its kpid block; else None."""
+    source = cfg.get('source')
+    if source == 'local-dir' and cfg.get('file'):
+        path = Path(cfg['file']) / CONFIG_FILE
+        return _read_config(path), str(path)
+    if source == 'hf-hub' and cfg.get('hf_hub_id'):
+        try:
+            return _hub_config(cfg['hf_hub_id'], cache_dir)
+        except KpidWeightsError:
+            raise
+        except Exception as e:  # timm just read it: gone from the cache meanwhile, the Hub down...
+            raise KpidHubError(f'{variant}: cannot get {CONFIG_FILE} from {cfg["hf_hub_id"]} '
+                               f'({type(e).__name__}: {_one_line(e)})') from e
+    return None
+
+
+def _check_export(variant: str, cfg: dict, model_args: dict | None, pretrained: bool, cache_dir) -> tuple[dict, str]:
+    """Check the config.json of an hf-hub: / local-dir: export as the hostile input it is; returns (config, path).
+
+    `cfg` and `model_args` are what timm read from it and builds with (its parsed pretrained cfg, and the model
+    arguments it passes on): the binding recorded at export is checked on those.
+    """
+    from .surgery import ArchSpec, check_model_kwargs
+
+    config, path = _export_config(variant, cfg, cache_dir)
+    problem = export_config_problem(config)
+    if problem:
+        raise KpidWeightsError(f'{path}: {problem}')
+    if model_args is None:  # a timm that does not pass them on: the file's own
+        _, model_args = parse_config(config)
+    if 'kpid_spec' not in model_args:
+        raise KpidWeightsError(f"{path}: missing field 'model_args.kpid_spec' (not a kpid-zoo export?)")
+    try:
+        check_model_kwargs({k: v for k, v in model_args.items() if k != 'kpid_spec'}, f'{path}: model_args')
+        ArchSpec.from_dict(model_args['kpid_spec'], source=f'{path}: model_args.kpid_spec')
+    except ValueError as e:
+        raise KpidWeightsError(str(e)) from None
+    problem = bound_mismatch(config['kpid'], cfg, model_args)
+    if problem and unbound(config['kpid']):
+        if pretrained:
+            raise KpidWeightsError(f'{path}: {problem}, so they are not loaded; {REEXPORT}')
+        _logger.warning('%s: %s; the architecture is built, its preprocessing unchecked; %s', path, problem, REEXPORT)
+    elif problem:
+        raise KpidWeightsError(f'{path}: {problem} (config.json was edited after export, or belongs to other '
+                               f'weights); download it again, or {REEXPORT}')
+    return config, path
 
 
 def _recorded_sha(config: dict, where: str) -> str:
@@ -105,6 +183,10 @@ def _recorded_sha(config: dict, where: str) -> str:
         raise KpidWeightsError(f'{where}: no kpid.weights_sha256 recorded, so the weights cannot be checked '
                                f'(was it exported by kpid_zoo.export?)')
     return sha
+
+
+def _one_line(e: BaseException) -> str:
+    return ' '.join(str(e).split()) or type(e).__name__
 
 
 def _verify_hub_reported(variant: str, path: str) -> None:
@@ -134,32 +216,33 @@ def _verify_sha256(variant: str, path: str, expected: str) -> None:
                                f'got {actual}. {_REDOWNLOAD}')
 
 
-def _verified_weights(variant: str, cfg: dict, record: ZooRecord | None, cache_dir) -> str | None:
-    """The local weights file timm is about to load, checked; None for caller-supplied weights (nothing to check)."""
+def _verified_weights(variant: str, cfg: dict, record: ZooRecord | None, cache_dir,
+                      export: tuple[dict, str] | None = None) -> str | None:
+    """The local weights file timm is about to load, checked; None for caller-supplied weights (nothing to check).
+
+    `export`: the (config, path) `_check_export` checked, for an hf-hub: / local-dir: export: its kpid block
+    records the weights' sha256.
+    """
     source = cfg.get('source') or ''
     if source == 'local-dir' and cfg.get('file'):
         path = str(Path(cfg['file']) / WEIGHTS_FILE)
-        config_path = Path(cfg['file']) / CONFIG_FILE
-        _verify_sha256(variant, path, _recorded_sha(json.loads(config_path.read_text(encoding='utf-8')),
-                                                    str(config_path)))
+        _verify_sha256(variant, path, _recorded_sha(*export))
         return path
     if cfg.get('state_dict') is not None or (source != 'hf-hub' and (cfg.get('file') or cfg.get('url'))):
         return None
     if not cfg.get('hf_hub_id'):
         return None
-    from huggingface_hub import hf_hub_download
     repo_id, revision = hf_split(cfg['hf_hub_id'])
     filename = cfg.get('hf_hub_filename') or WEIGHTS_FILE
     try:
-        path = hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir)
-    except Exception as e:  # offline and not cached, no network, repo or file missing...
-        raise RuntimeError(f'{variant}: cannot get pretrained weights {filename} from {cfg["hf_hub_id"]} '
-                           f'({type(e).__name__}: {e})') from e
+        path = hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir)
+    except Exception as e:  # the Hub unreachable and not cached, offline and not cached, repo or file missing...
+        raise KpidHubError(f'{variant}: cannot get pretrained weights {filename} from {cfg["hf_hub_id"]} '
+                           f'({type(e).__name__}: {_one_line(e)})') from e
     if record is not None and record.weights_sha256:
         _verify_sha256(variant, path, record.weights_sha256)
-    elif source == 'hf-hub':  # an export: its config.json records the hash
-        config, config_path = _hub_config(cfg['hf_hub_id'], cache_dir)
-        _verify_sha256(variant, path, _recorded_sha(config, config_path))
+    elif export is not None:  # an export: its config.json records the hash
+        _verify_sha256(variant, path, _recorded_sha(*export))
     else:
         _verify_hub_reported(variant, path)
     return path
@@ -220,21 +303,72 @@ def _build_net(kpid_spec: dict, feature_cfg: dict, **kwargs) -> nn.Module:
     return net
 
 
-def create_kpid(variant: str, pretrained: bool = False, kpid_spec: dict | str | None = None, **kwargs) -> nn.Module:
-    """Build `variant` (a zoo entry, or the generic 'kpid_pruned' given `kpid_spec`) with timm's builder."""
+def _spec_dict(kpid_spec: Any, where: str) -> dict:
+    """The spec as a checked dict. A spec is data: a str is refused, never opened (from a config.json it could name
+    any local file, or a FIFO that blocks); a Python caller with a saved spec passes `ArchSpec.load(path)`."""
+    from .surgery import ArchSpec
+
+    if isinstance(kpid_spec, ArchSpec):
+        kpid_spec = kpid_spec.to_dict()
+    try:
+        return ArchSpec.from_dict(kpid_spec, source=where).to_dict()
+    except ValueError as e:
+        raise KpidWeightsError(f'{e}' + ('; to build from a saved spec file, pass kpid_spec=ArchSpec.load(path)'
+                                         if isinstance(kpid_spec, str) and where == 'kpid_spec' else '')) from None
+
+
+def _weights_classes(file: Any, classifier: Any) -> int | None:
+    """The class count of a caller's safetensors weights: the rows of its classifier, read from the header only."""
+    import safetensors
+
+    if not isinstance(file, (str, Path)) or not str(file).endswith('.safetensors') or not Path(file).is_file():
+        return None
+    names = (classifier,) if isinstance(classifier, str) else tuple(classifier or ())
+    try:
+        with safetensors.safe_open(str(file), framework='pt') as f:
+            keys = set(f.keys())
+            for name in names:
+                if f'{name}.weight' in keys:
+                    return f.get_slice(f'{name}.weight').get_shape()[0]
+    except Exception:  # unreadable: timm's load reports it, with the file named
+        return None
+    return None
+
+
+def create_kpid(variant: str, pretrained: bool = False, kpid_spec: Any = None, **kwargs) -> nn.Module:
+    """Build `variant` (a zoo entry, or the generic 'kpid_pruned' given `kpid_spec`) with timm's builder.
+
+    `kpid_spec`: an `ArchSpec` or its dict; never a path (`ArchSpec.load(path)` reads a saved one). For an
+    hf-hub: / local-dir: export, timm passes config.json's, which is checked with the rest of the file
+    (`_check_export`) before anything is built.
+    """
     cache_dir = kwargs.get('cache_dir')
-    record = None
+    record = export = None
+    given_cfg = kwargs.get('pretrained_cfg')
     if variant != GENERIC_ARCH:
         record = zoo_records[variant]
         kpid_spec = record.spec
+    elif isinstance(given_cfg, dict) and given_cfg.get('source') in ('hf-hub', 'local-dir'):
+        model_args = kwargs.get('pretrained_model_args')
+        export = _check_export(variant, given_cfg, model_args, pretrained, cache_dir)
+        if kpid_spec is None:  # a timm that does not pass config.json's model arguments on
+            kpid_spec = export[0]['model_args']['kpid_spec']
+        from_config = model_args is None or kpid_spec is model_args.get('kpid_spec')
+        kpid_spec = _spec_dict(kpid_spec, f'{export[1]}: model_args.kpid_spec' if from_config else 'kpid_spec')
     elif kpid_spec is None:
         kpid_spec = DEFAULT_SPEC
-    if isinstance(kpid_spec, str):  # a path to a saved ArchSpec json
-        kpid_spec = json.loads(Path(kpid_spec).read_text(encoding='utf-8'))
+    kpid_spec = _spec_dict(kpid_spec, 'kpid_spec') if export is None else kpid_spec
 
     if variant == GENERIC_ARCH and kwargs.get('pretrained_cfg') is None:
         # a bare spec (no export config): the spec's own classes and input, the parent's stem and head names
-        kwargs['pretrained_cfg_overlay'] = {**_spec_cfg(kpid_spec), **(kwargs.get('pretrained_cfg_overlay') or {})}
+        overlay = kwargs.get('pretrained_cfg_overlay') or {}
+        spec_cfg = _spec_cfg(kpid_spec)
+        if pretrained and 'num_classes' not in overlay:
+            # the caller's weights file: timm keeps its head when asked for as many classes as it has
+            classes = _weights_classes(overlay.get('file'), spec_cfg['classifier'])
+            if classes is not None:
+                spec_cfg['num_classes'] = classes
+        kwargs['pretrained_cfg_overlay'] = {**spec_cfg, **overlay}
     parent_kwargs = kpid_spec.get('parent_kwargs') or {}
     for key in ('num_classes', 'in_chans'):
         if key in parent_kwargs:  # timm's builder would otherwise impose the pretrained cfg's
@@ -244,7 +378,7 @@ def create_kpid(variant: str, pretrained: bool = False, kpid_spec: dict | str | 
 
     filter_fn = None
     if pretrained:
-        path = _verified_weights(variant, cfg, record, cache_dir)
+        path = _verified_weights(variant, cfg, record, cache_dir, export)
         if record is not None and path is not None:
             # timm loads the very file that was checked (its own Hub lookup could pick another revision)
             kwargs['pretrained_cfg_overlay'] = {**(kwargs.get('pretrained_cfg_overlay') or {}), 'file': path}

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import io
 import json
+import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,6 +20,7 @@ import numpy as np
 import timm
 import torch
 import torch.nn as nn
+from timm.models import build_model_with_cfg
 
 from .files import read_json
 from .groups import GroupGraph, discover_groups
@@ -42,30 +46,123 @@ class ArchSpec:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "architecture spec") -> "ArchSpec":
+        """A spec from JSON data, every field checked: specs arrive in config.json files anyone can publish.
+
+        `source` names where `d` came from (a file, a config.json field) in the one-line errors.
+        """
+        if not isinstance(d, dict):
+            kind = "a str (a spec is data, never a path)" if isinstance(d, str) else f"a {type(d).__name__}"
+            raise ValueError(f"{source}: expected a JSON object with parent, widths, input_size; got {kind}")
         missing = {"parent", "widths"} - set(d)
         if missing:
             raise ValueError(f"{source}: missing field(s) {sorted(missing)}; expected parent, widths, input_size")
         unknown = set(d) - {"parent", "widths", "input_size", "parent_kwargs", "version"}
         if unknown:
-            raise ValueError(f"{source}: unknown field(s) {sorted(unknown)}")
-        if d.get("version", SPEC_VERSION) > SPEC_VERSION:
-            raise ValueError(f"{source}: spec version {d['version']} is newer than this kpid-zoo understands "
+            raise ValueError(f"{source}: unknown field(s) {sorted(str(k)[:40] for k in unknown)[:3]}")
+        version = d.get("version", SPEC_VERSION)
+        if not _is_int(version) or version < 1:
+            raise ValueError(f"{source}: version must be a positive integer")
+        if version > SPEC_VERSION:
+            raise ValueError(f"{source}: spec version {version} is newer than this kpid-zoo understands "
                              f"({SPEC_VERSION}); upgrade kpid-zoo")
-        if not isinstance(d["widths"], dict) or not all(isinstance(v, int) and v > 0 for v in d["widths"].values()):
-            raise ValueError(f"{source}: widths must map group names to positive integers")
-        return cls(parent=d["parent"], widths=dict(d["widths"]),
-                   input_size=tuple(d.get("input_size", (3, 224, 224))),
-                   parent_kwargs=dict(d.get("parent_kwargs", {})), version=d.get("version", SPEC_VERSION))
+        return cls(parent=_check_parent(d["parent"], source), widths=_check_widths(d["widths"], source),
+                   input_size=_check_input_size(d.get("input_size", (3, 224, 224)), source),
+                   parent_kwargs=_check_parent_kwargs(d.get("parent_kwargs", {}), source), version=version)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "ArchSpec":
+        """The spec saved in a JSON file: the explicit way for a Python caller to build from a file."""
+        if not Path(path).is_file():  # not a FIFO or a device: reading one could block or never end
+            raise ValueError(f"{path}: not a regular file (expected a saved architecture spec, JSON)")
         data = read_json(path)
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a JSON object with parent, widths, input_size")
         return cls.from_dict(data, source=str(path))
+
+
+# The checks of ArchSpec.from_dict. Bounds keep a hostile spec from making timm build or trace something huge; they
+# are far above any real network's.
+_MAX_SIDE = 4096        # input height / width, pixels
+_MAX_CHANS = 1024       # input channels
+_MAX_WIDTH = 1 << 20    # channels kept in one group
+_MAX_TEXT = 200         # characters of a name or a string argument
+_NAME_RE = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_-]+)?")  # a timm model name, with an optional pretrained tag
+_GROUP_RE = re.compile(r"[A-Za-z0-9_.]+")  # a channel group: the module path of its producer
+# Keywords of timm's factory and builder that read files (checkpoint_path), fetch or adapt weights, or change what
+# is returned: model arguments from a file never set them.
+LOADER_KWARGS = frozenset({
+    "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_model_args", "pretrained_strict",
+    "pretrained_filter_fn", "checkpoint_path", "cache_dir", "features_only", "out_indices", "feature_cls",
+    "feature_cfg", "model_cfg", "kwargs_filter", "pruned", "scriptable", "exportable", "no_jit", "device", "dtype",
+    "kpid_spec",
+}) | (frozenset(inspect.signature(timm.create_model).parameters)
+      | frozenset(inspect.signature(build_model_with_cfg).parameters)) - {"kwargs"}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not a width
+
+
+def _check_parent(parent, source: str) -> str:
+    if not isinstance(parent, str) or len(parent) > _MAX_TEXT or not _NAME_RE.fullmatch(parent):
+        raise ValueError(f"{source}: parent must be a timm model name such as 'resnet50'")
+    if parent.startswith("kpid_"):
+        raise ValueError(f"{source}: parent {parent!r} is a kpid-zoo model; a spec prunes a timm architecture")
+    if not timm.is_model(parent):
+        raise ValueError(f"{source}: parent {parent!r} is not a timm model")
+    return parent
+
+
+def _check_widths(widths, source: str) -> dict[str, int]:
+    if not isinstance(widths, dict):
+        raise ValueError(f"{source}: widths must map group names to positive integers")
+    for name, width in widths.items():
+        if not isinstance(name, str) or len(name) > _MAX_TEXT or not _GROUP_RE.fullmatch(name):
+            raise ValueError(f"{source}: widths has a key that is not a channel group name (module path)")
+        if not _is_int(width) or not 0 < width <= _MAX_WIDTH:
+            raise ValueError(f"{source}: widths[{name!r}] must be a positive integer")
+    return dict(widths)
+
+
+def _check_input_size(size, source: str) -> tuple[int, int, int]:
+    if (not isinstance(size, (list, tuple)) or len(size) != 3 or not all(_is_int(v) and v > 0 for v in size)
+            or size[0] > _MAX_CHANS or max(size[1:]) > _MAX_SIDE):
+        raise ValueError(f"{source}: input_size must be [C, H, W], positive integers, C <= {_MAX_CHANS}, "
+                         f"H and W <= {_MAX_SIDE}")
+    return tuple(size)
+
+
+def _check_parent_kwargs(kwargs, source: str) -> dict:
+    return check_model_kwargs(kwargs, f"{source}: parent_kwargs")
+
+
+def check_model_kwargs(kwargs, where: str) -> dict:
+    """Model arguments read from a file (a spec's parent_kwargs, config.json model_args), checked as hostile: plain
+    JSON values under argument names, none of timm's loader keywords (`LOADER_KWARGS`). `where` names them."""
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"{where} must be a JSON object of timm model arguments")
+
+    def plain(v) -> bool:
+        if isinstance(v, float):
+            return math.isfinite(v)
+        return v is None or isinstance(v, (bool, int)) or (isinstance(v, str) and len(v) <= _MAX_TEXT)
+
+    for key, value in kwargs.items():
+        if not isinstance(key, str) or not key.isidentifier() or len(key) > _MAX_TEXT:
+            raise ValueError(f"{where} has a key that is not an argument name")
+        if key in LOADER_KWARGS:
+            raise ValueError(f"{where}.{key} is not allowed (model arguments describe an architecture; they do not "
+                             f"load files or weights)")
+        if not (plain(value) or isinstance(value, list) and len(value) <= 64 and all(map(plain, value))):
+            raise ValueError(f"{where}.{key} must be a number, string, boolean, null or a short list of those")
+        if key == "num_classes" and not (_is_int(value) and 0 <= value <= _MAX_WIDTH):
+            raise ValueError(f"{where}.num_classes must be a non-negative integer")
+        if key == "in_chans" and not (_is_int(value) and 0 < value <= _MAX_CHANS):
+            raise ValueError(f"{where}.in_chans must be an integer in [1, {_MAX_CHANS}]")
+    return dict(kwargs)
 
 
 def prune_model(model: nn.Module, graph: GroupGraph, keep: dict[str, torch.Tensor], *,
