@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 EPILOG = """examples:
-  kpid-zoo zoo                                     # the registered kpid_* models and their numbers
+  kpid-zoo zoo                                     # the registered kpid_* models and the buildable recipes
   kpid-zoo flops resnet50                          # GMACs and params, as timm reports them
   kpid-zoo groups efficientnet_b0                  # the channel groups pruning works on
   kpid-zoo prune recipes/kpid_effnet_lite0_cifar10.yaml --out runs/lite0/pruned
@@ -130,6 +130,10 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_publish(args: argparse.Namespace) -> int:
     from .publish import publish
 
+    if args.record:  # a name the zoo holds with other widths is refused before anything is uploaded
+        from .export import zoo_entry_from_export
+        from .zoo import record_for_zoo
+        record_for_zoo(zoo_entry_from_export(args.folder, revision=args.revision))
     url = publish(args.folder, args.repo_id, private=args.private, revision=args.revision,
                   commit_message=args.message)
     print(f"published {args.folder} to {url}")
@@ -175,16 +179,18 @@ def _model_and_size(args: argparse.Namespace):
 def _create(name: str):
     import timm
     import kpid_zoo  # noqa: F401  (registers kpid_* names)
+    from .zoo import closest_names, recipe_names
 
     if not timm.is_model(name) and not name.startswith(("hf-hub:", "local-dir:")):
-        import difflib
-        close = difflib.get_close_matches(name, timm.list_models(), n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise SystemExit(f"kpid-zoo: {name!r} is not a timm model{hint}")
+        if name in recipe_names():
+            raise ValueError(f"{name} is a recipe whose network has not been built, so it has no registered name "
+                             f"yet: `kpid-zoo build {name}` builds it (`kpid-zoo prune {name}` prunes it alone)")
+        raise ValueError(f"{name!r} is not a timm model nor a kpid-zoo name"
+                         f"{closest_names(name, timm.list_models())}")
     try:
         return timm.create_model(name).eval()
     except RuntimeError as e:  # timm's own: an unknown pretrained tag, ...
-        raise SystemExit(f"kpid-zoo: {name}: {e}") from None
+        raise ValueError(f"{name}: {e}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also list the K costliest layers (default 20)")
     p.set_defaults(func=cmd_flops)
 
-    p = sub.add_parser("zoo", help="the registered kpid_* models: source, parent, input size, GMACs, params, top-1/5")
+    p = sub.add_parser("zoo", help="the registered kpid_* models (weights: the authors' release or a kpid-zoo build; "
+                                   "parent, input size, GMACs, params, top-1/5) and the recipes buildable by name")
     form = p.add_mutually_exclusive_group()
     form.add_argument("--csv", action="store_true", help="CSV, in the layout of timm's results tables")
     form.add_argument("--markdown", action="store_true", help="a Markdown table (the README's)")

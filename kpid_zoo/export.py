@@ -24,7 +24,7 @@ from timm.models._hub import save_config_for_hf
 from . import __version__
 from .files import atomic_write_text, file_sha256, save_weights, staged_dir
 from .model_card import PAPER_ID, PAPER_NAME, PAPER_URL, WIDTHS_PLOT, build_card
-from .zoo import CFG_KEYS, ZOO_DIR, ZooRecord, pool_size_for
+from .zoo import CFG_KEYS, ZOO_DIR, ZooRecord, pool_size_for, record_for_zoo
 
 __all__ = [
     'export_model', 'file_sha256', 'read_export_config', 'zoo_entry_from_export', 'write_zoo_entry',
@@ -94,7 +94,7 @@ def export_model(
         model: the pruned, fine-tuned timm model (its `pretrained_cfg` is the parent's; it is not modified).
         spec: its `surgery.ArchSpec`; recorded in config.json `model_args.kpid_spec`.
         out_dir: the folder to (re)place; written beside it into a temp dir and renamed in when complete.
-        name: the model name (a zoo entry name such as 'kpid_effnet_b0', or the recipe name).
+        name: the recipe's name (the zoo name the build is recorded under, if it is recorded), e.g. 'kpid_effnet_b0'.
         pretrained_cfg: preprocessing and metadata (input_size, crop_pct, mean, std, interpolation, license, ...).
         metrics: `evaluate.EvalResult` or a mapping with top1/top5 in percent (optional parent_top1/parent_top5).
         report: the `prune.PruneReport` (GMACs, params, layer_widths).
@@ -140,7 +140,7 @@ def export_model(
         cfg_override = {k: cfg_in[k] for k in _META_KEYS if cfg_in.get(k) is not None}
         cfg_override.update(
             architecture=GENERIC_ARCH, tag=None, license=license, paper_ids=PAPER_ID, paper_name=PAPER_NAME,
-            origin_url=PAPER_URL, description=f'{spec.parent} pruned by KPID ({name})',
+            origin_url=PAPER_URL, description=f'{spec.parent} pruned by KPID, a kpid-zoo build of recipe {name}',
         )
         kpid_block = {
             'format_version': KPID_FORMAT_VERSION,
@@ -233,5 +233,11 @@ def zoo_entry_from_export(folder: str | Path, revision: str | None = None) -> Zo
 
 
 def write_zoo_entry(folder: str | Path, zoo_dir: str | Path | None = None, revision: str | None = None) -> Path:
-    """Record a (published) export in the packaged zoo, so `timm.create_model(<name>)` knows its architecture."""
-    return zoo_entry_from_export(folder, revision).save(zoo_dir or ZOO_DIR)
+    """Record a (published) export in the packaged zoo, so `timm.create_model(<name>)` knows its architecture.
+
+    The name is the recipe's. A name the zoo holds with other widths is refused (`zoo.record_for_zoo`); the same
+    widths with other weights are recorded as a new tag of the name, its default weights left as they are.
+    """
+    zoo_dir = zoo_dir or ZOO_DIR
+    record, default = record_for_zoo(zoo_entry_from_export(folder, revision), zoo_dir)
+    return record.save(zoo_dir, default)
