@@ -130,16 +130,19 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_publish(args: argparse.Namespace) -> int:
     from .publish import publish
 
+    from . import zoo
+
     if args.record:  # a name the zoo holds with other widths is refused before anything is uploaded
         from .export import zoo_entry_from_export
-        from .zoo import record_for_zoo
-        record_for_zoo(zoo_entry_from_export(args.folder, revision=args.revision))
+        zoo.record_for_zoo(zoo_entry_from_export(args.folder, revision=args.revision), zoo.ZOO_DIR)
     url = publish(args.folder, args.repo_id, private=args.private, revision=args.revision,
                   commit_message=args.message)
     print(f"published {args.folder} to {url}")
     if args.record:
         from .export import write_zoo_entry
-        print(f"recorded the zoo entry in {write_zoo_entry(args.folder, revision=args.revision)}")
+        path = write_zoo_entry(args.folder, zoo_dir=zoo.ZOO_DIR, revision=args.revision)
+        record = zoo.ZooRecord.load(path)
+        print(f"recorded {record.name}.{record.tag} in {path}")
     return 0
 
 
