@@ -128,9 +128,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from .publish import publish
-
     from . import zoo
+    from .publish import publish
 
     if args.record:  # a name the zoo holds with other widths is refused before anything is uploaded
         from .export import zoo_entry_from_export

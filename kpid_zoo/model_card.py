@@ -178,8 +178,8 @@ def build_zoo_card(record: Any) -> ModelCard:
 
     former = sorted(old for old, new in RENAMED.items() if new == record.name)
     names = (f"\n\nOne name, one architecture: `{record.name}` is these widths, and a kpid-zoo build of the recipe "
-             f"`recipes/{record.name}.yaml` (the same parent and FLOPs target) is its own architecture, loaded from its "
-             f"Hub repo, never this name.")
+             f"`recipes/{record.name}.yaml` (the same parent and FLOPs target) is its own architecture, loaded "
+             f"from its Hub repo, never this name.")
     if former:
         names += (f" Formerly registered as {', '.join(f'`{n}`' for n in former)}, which still builds this model "
                   f"with a deprecation warning.")

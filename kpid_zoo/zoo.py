@@ -48,6 +48,7 @@ RENAMED = {
 AUTHORS = "authors' release"
 KPID_BUILD = 'kpid-zoo build'
 _TAG_RE = re.compile(r'[a-z0-9_]+')
+_NAME_RE = re.compile(r'kpid_[a-z0-9_]+')  # timm lists the zoo as kpid_*; a name is also a file name
 
 # The pretrained-cfg keys a record carries (timm `PretrainedCfg` fields); the registry adds paper and hub ids.
 CFG_KEYS = ('input_size', 'pool_size', 'crop_pct', 'crop_mode', 'interpolation', 'mean', 'std', 'test_input_size',
@@ -123,6 +124,8 @@ class ZooRecord:
         for key in ('parent', 'widths'):
             if key not in d['spec']:
                 raise ValueError(f'{where}: spec lacks {key!r}')
+        if not isinstance(d['name'], str) or not _NAME_RE.fullmatch(d['name']):
+            raise ValueError(f"{where}: name must be kpid_ then lower-case letters, digits and _, got {d['name']!r}")
         if not isinstance(d['tag'], str) or not _TAG_RE.fullmatch(d['tag']):
             raise ValueError(f"{where}: tag must be lower-case letters, digits and _, got {d['tag']!r}")
         return cls(**d)
@@ -188,6 +191,9 @@ def record_for_zoo(record: ZooRecord, zoo_dir: str | Path = ZOO_DIR) -> tuple[Zo
     record's tag (recording them again updates it); new weights of the same widths get a new tag (`kpid_r2`, ...).
     Other widths under a recorded name are refused: a published name is one architecture forever.
     """
+    if not _NAME_RE.fullmatch(record.name):
+        raise ValueError(f'{record.name!r}: a zoo name is kpid_ then lower-case letters, digits and _ (timm lists '
+                         f'the zoo as kpid_*): rename the recipe')
     existing = [r for r in load_records(zoo_dir) if r.name == record.name]
     if not existing:
         return record, True

@@ -92,7 +92,8 @@ def test_zoo_prints_the_zoo_table(capsys):
                    "0.404", "6.33", "78.242", "93.836", "240"]
     assert main(["zoo", "--csv"]) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[0] == "model,weights,source,parent,img_size,gmacs,param_count,top1,top5,eval_size,budget,build"
+    assert out.splitlines()[0] == \
+        "model,weights,source,parent,img_size,gmacs,param_count,top1,top5,eval_size,budget,build"
     rows = {r["model"]: r for r in csv.DictReader(out.splitlines())}
     assert {r["weights"] for n, r in rows.items() if "." in n} == {"authors' release"}
     # a recipe with no record is buildable: no numbers yet, its parent, budget and the command that builds it
@@ -133,7 +134,8 @@ def test_build_and_prune_find_a_packaged_recipe_by_name(monkeypatch, tmp_path, c
                                  "kpid_effnet_b1,"),
     (["prune", "kpid_resnet50_3g"], "(did you mean kpid_resnet50_2g, kpid_resnet50_1g"),
     (["build", "kpid_efficientnet_b1"], "(kpid_efficientnet_b1 is now kpid_effnet_b0)"),
-    (["flops", "kpid_effnet_b9"], "'kpid_effnet_b9' is not a timm model nor a kpid-zoo name (did you mean kpid_effnet_b"),
+    (["flops", "kpid_effnet_b9"],
+     "'kpid_effnet_b9' is not a timm model nor a kpid-zoo name (did you mean kpid_effnet_b"),
     (["groups", "kpid_mobilenetv4"], "(did you mean kpid_mobilenetv3 (buildable: kpid-zoo build kpid_mobilenetv3)"),
     (["flops", "kpid_mobilenetv3"], "kpid_mobilenetv3 is a recipe whose network has not been built, so it has no "
                                     "registered name yet: `kpid-zoo build kpid_mobilenetv3` builds it"),

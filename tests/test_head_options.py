@@ -29,7 +29,8 @@ def _spec(name: str) -> dict:
 
 
 def _options(num_classes, global_pool, in_chans) -> dict:
-    return dict(global_pool=global_pool, in_chans=in_chans, **({} if num_classes is None else {'num_classes': num_classes}))
+    classes = {} if num_classes is None else {'num_classes': num_classes}
+    return dict(global_pool=global_pool, in_chans=in_chans, **classes)
 
 
 _trunks: dict = {}

@@ -390,3 +390,8 @@ def test_a_zoo_folder_holds_one_architecture_per_name(tmp_path):
     (tmp_path / f'{REL}.kpid_r3.json').rename(tmp_path / 'kpid_other.json')
     with pytest.raises(ValueError, match=rf'kpid_other\.json: holds {REL}\.kpid_r3; a record file is named'):
         load_records(tmp_path)
+    # a name is a file name and a timm name: kpid_*, nothing that reaches outside the zoo folder
+    from kpid_zoo.zoo import record_for_zoo
+    for name in ('../kpid_x', 'my_net'):
+        with pytest.raises(ValueError, match=r'a zoo name is kpid_ then lower-case letters, digits and _'):
+            record_for_zoo(dataclasses.replace(record, name=name), tmp_path)
