@@ -2,18 +2,17 @@
 from __future__ import annotations
 
 import argparse
-import difflib
 import os
 import re
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
 T = TypeVar("T")
 
 EPILOG = """examples:
-  kpid-zoo zoo                                     # the registered kpid_* models and their numbers
+  kpid-zoo zoo                                     # the registered kpid_* models and the buildable recipes
   kpid-zoo flops resnet50                          # GMACs and params, as timm reports them
   kpid-zoo groups efficientnet_b0                  # the channel groups pruning works on
   kpid-zoo prune recipes/kpid_effnet_lite0_cifar10.yaml --out runs/lite0/pruned
@@ -48,15 +47,6 @@ def parse_input_size(values: list[str]) -> tuple[int, int, int]:
         if not 1 <= side <= MAX_SIDE:
             raise ValueError(f"--input-size: expected H and W from 1 to {MAX_SIDE} px, got {side}")
     return channels, height, width
-
-
-def did_you_mean(name: str, candidates: Iterable[str], n: int = 3) -> str:
-    """' (did you mean a, b or c?)' with the names in `candidates` closest to `name` (difflib), or '' if none is
-    close: the tail of an "unknown name" error."""
-    close = difflib.get_close_matches(name, list(candidates), n=n)
-    if not close:
-        return ""
-    return f" (did you mean {close[0] if len(close) == 1 else ', '.join(close[:-1]) + ' or ' + close[-1]}?)"
 
 
 def cmd_flops(args: argparse.Namespace) -> int:
@@ -166,14 +156,20 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
+    from . import zoo
     from .publish import publish
 
+    if args.record:  # a name the zoo holds with other widths is refused before anything is uploaded
+        from .export import zoo_entry_from_export
+        zoo.record_for_zoo(zoo_entry_from_export(args.folder, revision=args.revision), zoo.ZOO_DIR)
     url = publish(args.folder, args.repo_id, private=args.private, revision=args.revision,
                   commit_message=args.message)
     print(f"published {args.folder} to {url}")
     if args.record:
         from .export import write_zoo_entry
-        print(f"recorded the zoo entry in {write_zoo_entry(args.folder, revision=args.revision)}")
+        path = write_zoo_entry(args.folder, zoo_dir=zoo.ZOO_DIR, revision=args.revision)
+        record = zoo.ZooRecord.load(path)
+        print(f"recorded {record.name}.{record.tag} in {path}")
     return 0
 
 
@@ -254,9 +250,14 @@ def _at_size(args: argparse.Namespace, model, size: tuple[int, int, int], count:
 def _create(name: str):
     import timm
     import kpid_zoo  # noqa: F401  (registers kpid_* names)
+    from .zoo import closest_names, recipe_names
 
     if not timm.is_model(name) and not name.startswith(("hf-hub:", "local-dir:")):
-        raise ValueError(f"{name!r} is not a timm model{did_you_mean(name, timm.list_models())}")
+        if name in recipe_names():
+            raise ValueError(f"{name} is a recipe whose network has not been built, so it has no registered name "
+                             f"yet: `kpid-zoo build {name}` builds it (`kpid-zoo prune {name}` prunes it alone)")
+        raise ValueError(f"{name!r} is not a timm model nor a kpid-zoo name"
+                         f"{closest_names(name, timm.list_models())}")
     if name.startswith("hf-hub:"):  # timm fetches its config.json: in seconds, or one line, when the Hub is away
         from timm.models._hub import hf_split
 
@@ -307,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also list the K costliest layers (default 20)")
     p.set_defaults(func=cmd_flops)
 
-    p = sub.add_parser("zoo", help="the registered kpid_* models: source, parent, input size, GMACs, params, top-1/5")
+    p = sub.add_parser("zoo", help="the registered kpid_* models (weights: the authors' release or a kpid-zoo build; "
+                                   "parent, input size, GMACs, params, top-1/5) and the recipes buildable by name")
     form = p.add_mutually_exclusive_group()
     form.add_argument("--csv", action="store_true", help="CSV, in the layout of timm's results tables")
     form.add_argument("--markdown", action="store_true", help="a Markdown table (the README's)")

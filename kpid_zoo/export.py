@@ -31,7 +31,7 @@ from . import __version__
 from .files import atomic_write_text, file_sha256, json_sha256, save_weights, staged_dir
 from .ownership import RefusedError, check_output, recorded_sha256, stray_entries
 from .model_card import PAPER_ID, PAPER_NAME, PAPER_URL, WIDTHS_PLOT, build_card
-from .zoo import CFG_KEYS, ZOO_DIR, ZooRecord, pool_size_for
+from .zoo import CFG_KEYS, ZOO_DIR, ZooRecord, pool_size_for, record_for_zoo
 
 __all__ = [
     'export_model', 'check_export_folder', 'file_sha256', 'read_export_config', 'zoo_entry_from_export',
@@ -252,7 +252,7 @@ def export_model(
         model: the pruned, fine-tuned timm model (its `pretrained_cfg` is the parent's; it is not modified).
         spec: its `surgery.ArchSpec`; recorded in config.json `model_args.kpid_spec`.
         out_dir: the folder to (re)place; written beside it into a temp dir and renamed in when complete.
-        name: the model name (a zoo entry name such as 'kpid_effnet_b0', or the recipe name).
+        name: the recipe's name (the zoo name the build is recorded under, if it is recorded), e.g. 'kpid_effnet_b0'.
         pretrained_cfg: preprocessing and metadata (input_size, crop_pct, mean, std, interpolation, license, ...).
         metrics: `evaluate.EvalResult` or a mapping with top1/top5 in percent (optional parent_top1/parent_top5).
         report: the `prune.PruneReport` (GMACs, params, layer_widths).
@@ -310,7 +310,7 @@ def export_model(
                 del cfg_override[key]
         cfg_override.update(
             architecture=GENERIC_ARCH, tag=None, license=license, paper_ids=PAPER_ID, paper_name=PAPER_NAME,
-            origin_url=PAPER_URL, description=f'{spec.parent} pruned by KPID ({name})',
+            origin_url=PAPER_URL, description=f'{spec.parent} pruned by KPID, a kpid-zoo build of recipe {name}',
         )
         kpid_block = {
             'format_version': KPID_FORMAT_VERSION,
@@ -457,5 +457,11 @@ def zoo_entry_from_export(folder: str | Path, revision: str | None = None) -> Zo
 
 
 def write_zoo_entry(folder: str | Path, zoo_dir: str | Path | None = None, revision: str | None = None) -> Path:
-    """Record a (published) export in the packaged zoo, so `timm.create_model(<name>)` knows its architecture."""
-    return zoo_entry_from_export(folder, revision).save(zoo_dir or ZOO_DIR)
+    """Record a (published) export in the packaged zoo, so `timm.create_model(<name>)` knows its architecture.
+
+    The name is the recipe's. A name the zoo holds with other widths is refused (`zoo.record_for_zoo`); the same
+    widths with other weights are recorded as a new tag of the name, its default weights left as they are.
+    """
+    zoo_dir = zoo_dir or ZOO_DIR
+    record, default = record_for_zoo(zoo_entry_from_export(folder, revision), zoo_dir)
+    return record.save(zoo_dir, default)

@@ -129,7 +129,10 @@ def build_card(
 
 `{spec_parent}` pruned to {gmacs:.3f} GMACs with **{PAPER_NAME}** (KPID, [{PAPER_ID}]({PAPER_URL})):
 channels are chosen by a knapsack over their importance under a FLOPs budget. {finetuned}
-Built by [kpid-zoo](https://github.com/kpid-zoo/kpid-zoo).
+A kpid-zoo build of the recipe `{name}` ([kpid-zoo](https://github.com/kpid-zoo/kpid-zoo)): timm loads it from this
+repo as the generic `kpid_pruned` architecture, with the widths in its config.json. It is not the timm name
+`{name}` that `import kpid_zoo` may register: a registered name is the one architecture the zoo recorded under it
+(`kpid-zoo zoo` says whose).
 
 ## Usage
 
@@ -191,9 +194,19 @@ def build_zoo_card(record: Any) -> ModelCard:
         origin = (f'Built by kpid-zoo from the recipe `{record.source_model}`; weights `{record.weights_file}` in '
                   f'[{record.hf_hub_id}](https://huggingface.co/{record.hf_hub_id}), sha256 '
                   f'`{record.weights_sha256}` (checked on load).')
+    from .zoo import RENAMED  # the zoo module imports nothing heavy; imported here to keep this one standalone
+
+    former = sorted(old for old, new in RENAMED.items() if new == record.name)
+    names = (f"\n\nOne name, one architecture: `{record.name}` is these widths, and a kpid-zoo build of the recipe "
+             f"`recipes/{record.name}.yaml` (the same parent and FLOPs target) is its own architecture, loaded "
+             f"from its Hub repo, never this name.")
+    if former:
+        names += (f" Formerly registered as {', '.join(f'`{n}`' for n in former)}, which still builds this model "
+                  f"with a deprecation warning.")
     rows = [
         ('Parent', f'`{record.parent}`'),
-        ('Weights', f'`{record.source_model}`' if record.source == 'timm' else record.hf_hub_id),
+        ('Weights', f"{record.origin}: " + (f'`{record.source_model}`' if record.source == 'timm'
+                                            else record.hf_hub_id)),
         (f'GMACs at {size} (fvcore)', f'{record.gmacs:.3f}'),
         ('Params', f'{record.params / 1e6:.2f} M'),
         ('Input size / test input size', f"{size} / {'x'.join(str(s) for s in cfg.get('test_input_size') or cfg['input_size'])}"),
@@ -210,7 +223,7 @@ def build_zoo_card(record: Any) -> ModelCard:
 
 # {record.name}
 
-{record.description}. {origin}
+{record.description}. {origin}{names}
 
 ## Usage
 

@@ -2,14 +2,18 @@
 
 `import kpid_zoo` registers, timm style (register_model + generate_default_cfgs):
 
-* one architecture per zoo record `kpid_zoo/zoo/<name>.json` (see `zoo.py`): `timm.create_model(name)` builds it
-  from the spec in the record, offline, with no network call; `pretrained=True` downloads the record's weights
-  file from its Hub repo (for the KPID authors' released models: timm's own repo) and loads it after checks;
+* one architecture per zoo name, `kpid_zoo/zoo/<name>.json` (see `zoo.py`), with a pretrained tag per recorded
+  weights: `timm.create_model(name)` builds it from the spec in the record, offline, with no network call;
+  `pretrained=True` downloads the tag's weights file from its Hub repo (for the KPID authors' released models:
+  timm's own repo) and loads it after checks. The zoo names are its recipes' (`kpid_effnet_b0`); the names it
+  had before (`zoo.RENAMED`) still build, through timm's deprecation shim, with a warning;
 * `kpid_pruned`, the generic architecture every export's config.json names: it rebuilds the pruned net from
   `kpid_spec` (an `ArchSpec` dict in config.json `model_args`), so `timm.create_model('hf-hub:ORG/NAME')` and
   `'local-dir:/path'` load anything kpid-zoo exported. Given no spec it builds `DEFAULT_SPEC`, a small ResNet-18.
 
 A recipe whose build was not recorded yet has no name here: build it (`kpid-zoo build NAME`) and load the export.
+Every name builds with timm's head options (num_classes, global_pool, in_chans) the way timm builds its own
+models: `surgery.build_pruned` narrows the parent's canonical form, then gives it the caller's head.
 
 Every weights file is checked before timm loads it: against the sha256 the zoo or the export recorded, else
 against the hash the Hub reported for it at download (the cache names each blob by it: sha256 for LFS files, the
@@ -35,13 +39,14 @@ import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._hub import hf_split
+from timm.models._registry import register_model_deprecations
 
 from .export import (CONFIG_FILE, GENERIC_ARCH, REEXPORT, WEIGHTS_FILE, bound_mismatch, export_config_problem,
                      file_sha256, parse_config, unbound)
 from .files import read_json
 from .hub import hub_download
 from .model_card import PAPER_ID, PAPER_NAME, PAPER_URL
-from .zoo import ZOO_DIR, ZooRecord, load_records, pool_size_for
+from .zoo import RENAMED, ZOO_DIR, ZooRecord, load_records, pool_size_for
 
 __all__ = ['DEFAULT_SPEC', 'KpidHubError', 'KpidWeightsError', 'create_kpid', 'zoo_records']
 
@@ -92,11 +97,19 @@ def _generic_cfg() -> dict[str, Any]:
     return _paper(license='apache-2.0', **_spec_cfg(DEFAULT_SPEC))
 
 
-# read once, at import: what timm registers is what create_kpid builds
-zoo_records: dict[str, ZooRecord] = {r.name: r for r in load_records(ZOO_DIR)}
+# read once, at import: what timm registers is what create_kpid builds. zoo_records holds each name's default
+# weights (its first tag, what `pretrained=True` loads); other tags of a name are in _tag_records.
+_all_records = load_records(ZOO_DIR)  # each name's default first
+zoo_records: dict[str, ZooRecord] = {}
+_tag_records: dict[tuple[str, str], ZooRecord] = {}
+for _record in _all_records:
+    if _record.name in zoo_records:
+        _tag_records[(_record.name, _record.tag)] = _record
+    else:
+        zoo_records[_record.name] = _record
 
 default_cfgs = generate_default_cfgs({
-    **{f'{name}.{r.tag}': _record_cfg(r) for name, r in zoo_records.items()},
+    **{f'{r.name}.{r.tag}': _record_cfg(r) for r in _all_records},  # timm: a name's first tag is its default
     GENERIC_ARCH: _generic_cfg(),
 })
 
@@ -347,7 +360,7 @@ def create_kpid(variant: str, pretrained: bool = False, kpid_spec: Any = None, *
     given_cfg = kwargs.get('pretrained_cfg')
     if variant != GENERIC_ARCH:
         record = zoo_records[variant]
-        kpid_spec = record.spec
+        kpid_spec = record.spec  # every tag of a name has this architecture (zoo.load_records checks it)
     elif isinstance(given_cfg, dict) and given_cfg.get('source') in ('hf-hub', 'local-dir'):
         model_args = kwargs.get('pretrained_model_args')
         export = _check_export(variant, given_cfg, model_args, pretrained, cache_dir)
@@ -375,6 +388,8 @@ def create_kpid(variant: str, pretrained: bool = False, kpid_spec: Any = None, *
             kwargs.setdefault(key, parent_kwargs[key])
     cfg = resolve_pretrained_cfg(
         variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay')).to_dict()
+    if record is not None and cfg.get('tag') not in (None, record.tag):
+        record = _tag_records.get((variant, cfg['tag']), record)  # other weights of the name: their own sha256
 
     filter_fn = None
     if pretrained:
@@ -411,6 +426,10 @@ def _entrypoint(name: str, doc: str):
     return fn
 
 
-# one entrypoint per record, as if written out `def kpid_efficientnet_b1(pretrained=False, **kwargs)` above
+# one entrypoint per name, as if written out `def kpid_effnet_b0(pretrained=False, **kwargs)` above
 for _name, _record in zoo_records.items():
     globals()[_name] = register_model(_entrypoint(_name, f'{_record.description} ({_record.source_model}).'))
+
+# the names the zoo had before: timm warns and builds the new name with the same weights (its tag)
+register_model_deprecations(__name__, {old: f'{new}.{zoo_records[new].tag}' for old, new in RENAMED.items()
+                                       if new in zoo_records})

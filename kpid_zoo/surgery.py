@@ -13,6 +13,7 @@ import io
 import json
 import math
 import re
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -203,13 +204,27 @@ def prune_model(model: nn.Module, graph: GroupGraph, keep: dict[str, torch.Tenso
     return pruned
 
 
+# The options of a timm classification head: they change what the network outputs, never a channel of its trunk.
+HEAD_KWARGS = ("num_classes", "global_pool")
+_GRAPH_CACHE_SIZE = 32
+_graphs: OrderedDict[str, GroupGraph] = OrderedDict()
+
+
 def build_pruned(spec: ArchSpec, **timm_kwargs) -> nn.Module:
-    """The pruned architecture of `spec` with freshly initialised weights (load the pruned weights after)."""
+    """The pruned architecture of `spec` with freshly initialised weights (load the pruned weights after).
+
+    Built the way timm builds its own models: the parent in its canonical form (`spec.parent_kwargs`, its own head)
+    is narrowed to the spec's widths, then given the caller's head (`num_classes`, `global_pool`) with
+    `reset_classifier`. Tracing the parent with the caller's head instead would mistake a headless trunk's last
+    group for the network output (num_classes=0) or fail on an unpooled output (global_pool=''). `in_chans` and
+    every other option are the parent's to build with: the stem's input channels are never pruned.
+    """
     if not timm.is_model(spec.parent):
         raise ValueError(f"architecture spec: parent {spec.parent!r} is not a timm model")
+    head = {k: timm_kwargs.pop(k) for k in HEAD_KWARGS if k in timm_kwargs}
     kwargs = {**spec.parent_kwargs, **timm_kwargs, "pretrained": False}
     model = timm.create_model(spec.parent, **kwargs)
-    graph = _spec_groups(model, spec, kwargs.get("in_chans", spec.input_size[0]))
+    graph = _spec_groups(model, spec, kwargs)
     unknown = set(spec.widths) - {g.name for g in graph.groups}
     if unknown:
         raise ValueError(f"architecture spec for {spec.parent}: no channel group named {sorted(unknown)[:3]} "
@@ -225,11 +240,52 @@ def build_pruned(spec: ArchSpec, **timm_kwargs) -> nn.Module:
                              f"multiple of the {group.parts} conv-groups of its grouped convs")
         keep[name] = group.leading(width)
     pruned = prune_model(model, graph, keep, inplace=True)  # a fresh parent: no copy to keep
+    _set_head(pruned, **head)
     pruned.kpid_spec = spec
     return pruned
 
 
-def _spec_groups(model: nn.Module, spec: ArchSpec, in_chans: int) -> GroupGraph:
+def _set_head(model: nn.Module, num_classes: int | None = None, global_pool: str | None = None) -> None:
+    """Give the pruned canonical net the caller's head, as timm's reset_classifier does (only what differs)."""
+    current_pool = getattr(model, "global_pool", None)
+    current_pool = getattr(current_pool, "pool_type", current_pool)  # SelectAdaptivePool2d, or a plain str
+    wants_classes = num_classes is not None and num_classes != getattr(model, "num_classes", None)
+    wants_pool = global_pool is not None and global_pool != current_pool
+    if not (wants_classes or wants_pool):
+        return
+    if not hasattr(model, "reset_classifier"):
+        raise ValueError(f"{type(model).__name__} has no reset_classifier: cannot set num_classes / global_pool")
+    classes = num_classes if num_classes is not None else model.num_classes
+    if global_pool is not None:
+        model.reset_classifier(classes, global_pool)
+    elif isinstance(current_pool, str):
+        model.reset_classifier(classes, current_pool)  # keep the canonical pooling (some defaults reset it to avg)
+    else:
+        model.reset_classifier(classes)
+
+
+def _spec_groups(model: nn.Module, spec: ArchSpec, kwargs: dict) -> GroupGraph:
+    """The parent's channel groups, traced once per spec and build options (a graph names modules, holds none).
+
+    Channel groups do not depend on the weights, so every later build of the same architecture reuses the trace
+    (and still gets fresh weights: the parent is created anew each time).
+    """
+    try:
+        key = json.dumps([spec.to_dict(), kwargs], sort_keys=True)
+    except TypeError:  # an option that is not plain data (a layer class...): trace, do not cache
+        key = None
+    if key is not None and key in _graphs:
+        _graphs.move_to_end(key)
+        return _graphs[key]
+    graph = _trace_groups(model, spec, kwargs.get("in_chans", spec.input_size[0]))
+    if key is not None:
+        _graphs[key] = graph
+        while len(_graphs) > _GRAPH_CACHE_SIZE:
+            _graphs.popitem(last=False)
+    return graph
+
+
+def _trace_groups(model: nn.Module, spec: ArchSpec, in_chans: int) -> GroupGraph:
     """The parent's channel groups, traced small when the model runs small, else at the spec's own size.
 
     Channel groups do not depend on the resolution, so a small trace makes every model load fast; a model whose

@@ -8,7 +8,11 @@ engine (every member of a channel group must agree, else it is an error), so the
 that architecture with `surgery.build_pruned`; tests check it tensor by tensor and output by output against
 timm's model. GMACs and params are counted with `kpid_zoo.flops` at the entry's input size.
 
-Names: `kpid_<parent>` — one name, one architecture (these widths); the weights are the tag timm gives them.
+Names: the zoo's, which are its recipes' (see `zoo.py`): `kpid_effnet_bN` is an EfficientNet pruned to
+EfficientNet-BN's FLOPs (EfficientNet-B1 pruned to B0's FLOPs is the paper's EfficientNet-B0-FLOPs model,
+released as `efficientnet_b1_pruned`), `kpid_ecaresnet50d` the pruned ECA-ResNet-50-D.
+One name, one architecture (these widths); the weights are the tag timm gives them. The recipe of the same name
+(`recipes/<name>.yaml`) sets out the same parent and budget for a kpid-zoo build.
 """
 from __future__ import annotations
 
@@ -36,13 +40,15 @@ class TimmRelease:
 
 
 RELEASES: tuple[TimmRelease, ...] = (
-    TimmRelease('kpid_efficientnet_b1', 'efficientnet_b1_pruned.in1k', 'efficientnet_b1', 78.242, 93.836, 240,
-                "EfficientNet-B1 pruned by KPID (the paper's EfficientNet-B0-FLOPs model)",
+    TimmRelease('kpid_effnet_b0', 'efficientnet_b1_pruned.in1k', 'efficientnet_b1', 78.242, 93.836, 240,
+                "EfficientNet-B1 pruned by KPID to EfficientNet-B0's FLOPs (the paper's EfficientNet-B0-FLOPs model)",
                 dict(bn_eps=_TF_BN_EPS, pad_type='same')),
-    TimmRelease('kpid_efficientnet_b2', 'efficientnet_b2_pruned.in1k', 'efficientnet_b2', 79.920, 94.852, 260,
-                'EfficientNet-B2 pruned by KPID', dict(bn_eps=_TF_BN_EPS, pad_type='same')),
-    TimmRelease('kpid_efficientnet_b3', 'efficientnet_b3_pruned.in1k', 'efficientnet_b3', 80.852, 95.244, 300,
-                'EfficientNet-B3 pruned by KPID', dict(bn_eps=_TF_BN_EPS, pad_type='same')),
+    TimmRelease('kpid_effnet_b1', 'efficientnet_b2_pruned.in1k', 'efficientnet_b2', 79.920, 94.852, 260,
+                "EfficientNet-B2 pruned by KPID to EfficientNet-B1's FLOPs",
+                dict(bn_eps=_TF_BN_EPS, pad_type='same')),
+    TimmRelease('kpid_effnet_b2', 'efficientnet_b3_pruned.in1k', 'efficientnet_b3', 80.852, 95.244, 300,
+                "EfficientNet-B3 pruned by KPID to EfficientNet-B2's FLOPs",
+                dict(bn_eps=_TF_BN_EPS, pad_type='same')),
     TimmRelease('kpid_ecaresnet50d', 'ecaresnet50d_pruned.miil_in1k', 'ecaresnet50d', 80.790, 95.570, 288,
                 'ECA-ResNet-50-D pruned by KPID'),
     TimmRelease('kpid_ecaresnet101d', 'ecaresnet101d_pruned.miil_in1k', 'ecaresnet101d', 81.998, 96.160, 288,

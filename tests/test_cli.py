@@ -1,7 +1,9 @@
 import json
+import re
 import subprocess
 import sys
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -38,8 +40,9 @@ def test_flops_prints_timm_gmacs(capsys):
 
 
 def test_unknown_model_suggests_the_right_name(capsys):
-    assert main(["flops", "efficentnet_b0"]) == 2  # a user error: exit 2, one line
-    assert "did you mean efficientnet_b0" in capsys.readouterr().err
+    assert main(["flops", "efficentnet_b0"]) == 2  # bad input: one line, exit 2
+    err = capsys.readouterr().err
+    assert "did you mean efficientnet_b0" in err and len(err.splitlines()) == 1
 
 
 def test_groups_lists_fixed_groups_with_their_reason(capsys):
@@ -72,26 +75,42 @@ def test_bad_recipe_is_a_clear_error_naming_file_and_field(tmp_path, capsys):
 
 
 def test_zoo_prints_the_zoo_table(capsys):
+    import csv
+
     from kpid_zoo.registry import zoo_records
+    from kpid_zoo.zoo import recipe_names
 
     assert main(["zoo"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["model", "source", "parent", "img_size", "gmacs", "param_count", "top1", "top5",
-                                "eval_size"]
-    assert len(lines) == 1 + len(zoo_records)
+    assert lines[0].split() == ["model", "weights", "source", "parent", "img_size", "gmacs", "param_count", "top1",
+                                "top5", "eval_size", "budget", "build"]
+    buildable = [n for n in recipe_names() if n not in zoo_records]
+    assert buildable and len(lines) == 1 + len(zoo_records) + len(buildable)
     assert lines[1:] and all(line.startswith("kpid_") for line in lines[1:])
-    row = next(line.split() for line in lines if line.startswith("kpid_efficientnet_b1."))
-    assert row == ["kpid_efficientnet_b1.in1k", "efficientnet_b1_pruned.in1k", "efficientnet_b1", "240", "0.404",
-                   "6.33", "78.242", "93.836", "240"]
+    row = next(re.split(r"\s{2,}", line) for line in lines if line.startswith("kpid_effnet_b0."))  # cells hold spaces
+    assert row == ["kpid_effnet_b0.in1k", "authors' release", "efficientnet_b1_pruned.in1k", "efficientnet_b1", "240",
+                   "0.404", "6.33", "78.242", "93.836", "240"]
     assert main(["zoo", "--csv"]) == 0
-    assert capsys.readouterr().out.splitlines()[0] == "model,source,parent,img_size,gmacs,param_count,top1,top5,eval_size"
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == \
+        "model,weights,source,parent,img_size,gmacs,param_count,top1,top5,eval_size,budget,build"
+    rows = {r["model"]: r for r in csv.DictReader(out.splitlines())}
+    assert {r["weights"] for n, r in rows.items() if "." in n} == {"authors' release"}
+    # a recipe with no record is buildable: no numbers yet, its parent, budget and the command that builds it
+    assert rows["kpid_mobilenetv3"] == dict(
+        model="kpid_mobilenetv3", weights="none (buildable)", source="recipes/kpid_mobilenetv3.yaml",
+        parent="efficientnet_b0.ra_in1k", img_size="224", gmacs="", param_count="", top1="", top5="", eval_size="",
+        budget="0.22 GMACs", build="kpid-zoo build kpid_mobilenetv3")
+    assert rows["kpid_effnet_lite0_cifar10"]["budget"] == "50% of the parent's GMACs"
+    assert set(buildable) <= set(rows) and not any(n.split(".")[0] in buildable for n in rows if "." in n)
 
 
 def test_flops_of_a_zoo_entry_and_a_bad_tag(capsys):
-    assert main(["flops", "kpid_efficientnet_b1", "--input-size", "64"]) == 0
-    assert "kpid_efficientnet_b1 at 3x64x64:" in capsys.readouterr().out
-    assert main(["flops", "kpid_efficientnet_b1.nope"]) == 2
-    assert "kpid_efficientnet_b1.nope: Invalid pretrained tag (nope)" in capsys.readouterr().err
+    assert main(["flops", "kpid_effnet_b0", "--input-size", "64"]) == 0
+    assert "kpid_effnet_b0 at 3x64x64:" in capsys.readouterr().out
+    assert main(["flops", "kpid_effnet_b0.nope"]) == 2  # bad input: one line, exit 2
+    err = capsys.readouterr().err
+    assert re.search(r"kpid_effnet_b0\.nope: Invalid pretrained tag \(nope\)", err) and len(err.splitlines()) == 1
 
 
 def test_build_and_prune_find_a_packaged_recipe_by_name(monkeypatch, tmp_path, capsys):
@@ -106,4 +125,24 @@ def test_build_and_prune_find_a_packaged_recipe_by_name(monkeypatch, tmp_path, c
     assert seen == [RECIPES_DIR / "kpid_effnet_b0.yaml"]
     assert main(["build", "kpid_nope"]) == 2
     err = capsys.readouterr().err
-    assert "kpid_nope: no such recipe file, nor a packaged recipe of that name (kpid_effnet_b0," in err
+    assert "kpid_nope: no such recipe file, nor a packaged recipe of that name (packaged: kpid_ecaresnet101d, " \
+        "kpid_ecaresnet50d, kpid_effnet_b0," in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["build", "kpid_efect_b1"], "kpid_efect_b1: no such recipe file, nor a packaged recipe of that name (did you mean "
+                                 "kpid_effnet_b1,"),
+    (["prune", "kpid_resnet50_3g"], "(did you mean kpid_resnet50_2g, kpid_resnet50_1g"),
+    (["build", "kpid_efficientnet_b1"], "(kpid_efficientnet_b1 is now kpid_effnet_b0)"),
+    (["flops", "kpid_effnet_b9"],
+     "'kpid_effnet_b9' is not a timm model nor a kpid-zoo name (did you mean kpid_effnet_b"),
+    (["groups", "kpid_mobilenetv4"], "(did you mean kpid_mobilenetv3 (buildable: kpid-zoo build kpid_mobilenetv3)"),
+    (["flops", "kpid_mobilenetv3"], "kpid_mobilenetv3 is a recipe whose network has not been built, so it has no "
+                                    "registered name yet: `kpid-zoo build kpid_mobilenetv3` builds it"),
+])
+def test_an_unknown_name_suggests_the_closest_registered_and_buildable_names(argv, message, capsys, tmp_path,
+                                                                             monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.splitlines()) == 1 and err.startswith(f"kpid-zoo {argv[0]}: error: ")

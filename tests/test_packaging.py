@@ -71,6 +71,6 @@ def test_a_plain_wheel_install_has_the_zoo_and_the_recipes(tmp_path):
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == str(site / 'kpid_zoo' / '__init__.py')  # the installed copy, not the checkout
-    assert any(line.startswith('kpid_efficientnet_b1.in1k ') for line in lines)
+    assert any(line.startswith('kpid_effnet_b0.in1k ') for line in lines)
     assert any(line.startswith('kpid_ecaresnet50d at 3x64x64:') for line in lines)
     assert lines[-1].split() == ['recipe', 'kpid_effnet_b0', str(site / 'kpid_zoo' / 'recipes' / 'kpid_effnet_b0.yaml')]

@@ -106,3 +106,40 @@ def test_validate_export_names_the_problem(export_dir, tmp_path, damage, message
     damage(folder)
     with pytest.raises(PublishError, match=message):
         validate_export(folder)
+
+
+def test_record_keeps_one_architecture_per_name(hub, export_dir, tmp_path, monkeypatch, capsys):
+    """`kpid-zoo publish --record`: the first build of a name is its default; the same widths with other weights
+    become a new tag of it; other widths under the name are refused before anything is uploaded."""
+    from kpid_zoo import zoo
+    from kpid_zoo.cli import main
+
+    monkeypatch.setattr(zoo, 'ZOO_DIR', tmp_path / 'zoo')
+    (tmp_path / 'zoo').mkdir()
+    publish_record = ['publish', '--repo-id', REPO, '--record']
+    assert main(publish_record + [str(export_dir)]) == 0
+    assert f"recorded kpid_tiny_test.kpid in {tmp_path / 'zoo' / 'kpid_tiny_test.json'}" in capsys.readouterr().out
+    default = (tmp_path / 'zoo' / 'kpid_tiny_test.json').read_bytes()
+    assert main(publish_record + [str(export_dir)]) == 0  # the same weights again: the same record
+    assert sorted(p.name for p in (tmp_path / 'zoo').iterdir()) == ['kpid_tiny_test.json']
+
+    spec = pruned_spec('resnet10t', 0.5)
+    _, again = export_pruned(tmp_path / 'again' / 'kpid_tiny_test', spec, tiny_recipe(), name='kpid_tiny_test',
+                             num_classes=10)  # the same widths, fresh weights
+    assert main(publish_record + [str(again)]) == 0
+    assert 'recorded kpid_tiny_test.kpid_r2 in ' in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / 'zoo').iterdir()) == ['kpid_tiny_test.json',
+                                                                    'kpid_tiny_test.kpid_r2.json']
+    assert (tmp_path / 'zoo' / 'kpid_tiny_test.json').read_bytes() == default  # the default weights stay
+
+    _, other = export_pruned(tmp_path / 'other' / 'kpid_tiny_test', pruned_spec('resnet10t', 0.25), tiny_recipe(),
+                             name='kpid_tiny_test', num_classes=10)
+    requests = len(hub.requests)
+    assert main(publish_record + [str(other)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('kpid-zoo publish: error: kpid_tiny_test: the zoo already records kpid_tiny_test '
+                          '(kpid-zoo build, ') and len(err.splitlines()) == 1
+    assert 'channel-group widths differ' in err and 'rename the recipe' in err
+    assert len(hub.requests) == requests  # refused before the upload
+    assert sorted(p.name for p in (tmp_path / 'zoo').iterdir()) == ['kpid_tiny_test.json',
+                                                                    'kpid_tiny_test.kpid_r2.json']

@@ -25,9 +25,9 @@ from kpid_zoo.zoo import CFG_KEYS, ZooRecord
 from export_utils import REPO_ROOT, TOKEN, export_pruned, hf_env, pruned_spec, zoo_recipe  # noqa: F401  (fixture)
 from hub_server import HubServer, git_blob_sha1
 
-NAME = 'kpid_effnet_b0'  # a recipe-built export (not a registered name): loaded with hf-hub: / local-dir:
+NAME = 'kpid_effnet_b0'  # a kpid-zoo build of that recipe (kpid_pruned, not the registered name): hf-hub: / local-dir:
 HUB_ID = f'kpid-zoo/{NAME}'
-REL = 'kpid_efficientnet_b1'  # a registered entry: the KPID authors' efficientnet_b1_pruned, weights on timm's Hub
+REL = 'kpid_effnet_b0'  # a registered entry: the KPID authors' efficientnet_b1_pruned, weights on timm's Hub
 REL_HUB = 'timm/efficientnet_b1_pruned.in1k'
 X = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(0))
 
@@ -96,7 +96,7 @@ def outputs_equal(a, b, x=X) -> None:
 def test_zoo_is_registered_timm_style():
     assert set(timm.list_models('kpid_*')) == set(zoo_records) | {'kpid_pruned'}
     assert set(timm.list_models('kpid_*', pretrained=True)) == {f'{n}.{r.tag}' for n, r in zoo_records.items()}
-    assert {'kpid_efficientnet_b1', 'kpid_efficientnet_b2', 'kpid_efficientnet_b3', 'kpid_ecaresnet50d',
+    assert {'kpid_effnet_b0', 'kpid_effnet_b1', 'kpid_effnet_b2', 'kpid_ecaresnet50d',
             'kpid_ecaresnet101d'} <= set(zoo_records)
     for name, record in zoo_records.items():
         cfg = timm.models.get_pretrained_cfg(name)
@@ -106,10 +106,47 @@ def test_zoo_is_registered_timm_style():
             assert getattr(cfg, key) == source.get(key), (name, key)
 
 
-def test_recipes_with_no_architecture_yet_are_not_registered():
+def test_a_recipe_is_registered_exactly_when_the_zoo_records_its_name():
+    unbuilt = []
     for path in sorted((REPO_ROOT / 'recipes').glob('*.yaml')):
         recipe = load_recipe(path)  # still a valid recipe to build
-        assert not timm.is_model(recipe.name), f'{path.name}: registered with no recorded architecture'
+        assert recipe.name == path.stem, f'{path.name}: a recipe file is named after its recipe'
+        assert timm.is_model(recipe.name) == (recipe.name in zoo_records), \
+            f'{path.name}: registered with no recorded architecture'
+        if recipe.name in zoo_records:  # the recorded network is this recipe's: same parent
+            assert zoo_records[recipe.name].parent == recipe.parent.model, path.name
+        else:
+            unbuilt.append(recipe.name)
+    assert unbuilt  # a recipe nobody built is buildable, not registered
+
+
+def test_every_registered_name_has_its_recipe_and_card():
+    for name, record in zoo_records.items():
+        recipe = load_recipe(REPO_ROOT / 'recipes' / f'{name}.yaml')
+        assert recipe.name == name and recipe.hub.repo_id == f'kpid-zoo/{name}'
+        assert (REPO_ROOT / 'model_cards' / name / 'README.md').is_file()
+        assert record.origin == "authors' release"  # every entry today: the KPID authors' weights through timm
+
+
+def test_old_names_build_the_renamed_entries_with_a_warning(released, hf_env):
+    from kpid_zoo.zoo import RENAMED
+
+    assert RENAMED == {'kpid_efficientnet_b1': 'kpid_effnet_b0', 'kpid_efficientnet_b2': 'kpid_effnet_b1',
+                       'kpid_efficientnet_b3': 'kpid_effnet_b2'}
+    assert not set(RENAMED) & set(timm.list_models('kpid_*'))  # listed no more
+    for old, new in RENAMED.items():
+        with pytest.warns(UserWarning, match=rf'Mapping deprecated model name {old} to current {new}\.in1k'):
+            model = timm.create_model(old)
+        assert model.pretrained_cfg['architecture'] == new and model.pretrained_cfg['tag'] == 'in1k'
+        shapes = {k: v.shape for k, v in timm.create_model(new).state_dict().items()}
+        assert {k: v.shape for k, v in model.state_dict().items()} == shapes
+    # the old name with pretrained=True: the same checked weights as the new one
+    reference, folder = released
+    populate_hf_cache(hf_env.cache_dir, REL_HUB, folder, files=('model.safetensors',))
+    hf_env.set_offline()
+    with pytest.warns(UserWarning, match='Mapping deprecated model name kpid_efficientnet_b1'):
+        outputs_equal(timm.create_model('kpid_efficientnet_b1', pretrained=True), reference)
+        outputs_equal(timm.create_model('kpid_efficientnet_b1.in1k', pretrained=True), reference)
 
 
 def test_kpid_pruned_default_spec_and_the_specs_own_classes_and_channels():
@@ -165,6 +202,50 @@ def test_a_recorded_sha256_is_what_the_weights_are_checked_against(released, hf_
         timm.create_model(REL, pretrained=True)
     monkeypatch.setitem(zoo_records, REL, dataclasses.replace(record, weights_sha256=file_sha256(folder / 'model.safetensors')))
     timm.create_model(REL, pretrained=True)
+
+
+@pytest.mark.parametrize('options', [dict(num_classes=0), dict(num_classes=10, global_pool='max'),
+                                     dict(global_pool='', num_classes=0), dict(in_chans=1),
+                                     dict(num_classes=0, global_pool='avgmax', in_chans=1)],
+                         ids=['features', 'classes-max', 'unpooled', 'gray', 'gray-features-avgmax'])
+def test_released_weights_load_under_timms_head_options(released, hf_env, options):
+    """timm drops the classifier when num_classes differs and adapts the stem to in_chans: the trunk is the
+    released one, exactly."""
+    reference, folder = released
+    populate_hf_cache(hf_env.cache_dir, REL_HUB, folder, files=('model.safetensors',))
+    hf_env.set_offline()
+    model = timm.create_model(REL, pretrained=True, **options).eval()
+    gray = options.get('in_chans') == 1
+    with torch.no_grad():
+        features = model.forward_features(X[:, :1] if gray else X)
+        if not gray:
+            torch.testing.assert_close(features, reference.forward_features(X), rtol=0, atol=0)
+    if gray:  # timm's adapt_input_conv: the RGB filters summed
+        torch.testing.assert_close(model.conv_stem.weight, reference.conv_stem.weight.sum(1, keepdim=True))
+        rest = {k: v for k, v in reference.state_dict().items() if not k.startswith(('conv_stem.', 'classifier.'))}
+        for key, value in rest.items():
+            assert torch.equal(model.state_dict()[key], value), key
+    if options.get('num_classes') == 0 and options.get('global_pool') != '' and not gray:
+        with torch.no_grad():
+            torch.testing.assert_close(model(X), reference.forward_head(reference.forward_features(X), pre_logits=True),
+                                       rtol=0, atol=0)
+
+
+def test_a_tag_is_checked_against_its_own_record(released, hf_env, monkeypatch):
+    """Other weights of a name (a new tag, same widths) are checked against their own sha256, not the default's."""
+    from timm.models import _registry
+
+    _, folder = released
+    populate_hf_cache(hf_env.cache_dir, REL_HUB, folder, files=('model.safetensors',))
+    hf_env.set_offline()
+    other = dataclasses.replace(zoo_records[REL], tag='kpid', weights_sha256='0' * 64)
+    cfg = timm.models.generate_default_cfgs({f'{REL}.kpid': registry._record_cfg(other)})[REL].cfgs['kpid']
+    monkeypatch.setitem(_registry._model_pretrained_cfgs, f'{REL}.kpid',
+                        dataclasses.replace(cfg, architecture=REL, tag='kpid'))
+    monkeypatch.setitem(registry._tag_records, (REL, 'kpid'), other)
+    with pytest.raises(KpidWeightsError, match=rf'{REL}: .*model\.safetensors fail the sha256 check: expected 0{{64}}'):
+        timm.create_model(f'{REL}.kpid', pretrained=True)
+    timm.create_model(REL, pretrained=True)  # the default tag: its own record (the Hub's reported hash)
 
 
 def test_a_regular_hub_file_is_checked_against_its_git_sha1(tmp_path):
@@ -291,3 +372,26 @@ def test_a_broken_zoo_record_names_its_file(tmp_path):
     path.write_text('{')
     with pytest.raises(ValueError, match=rf'{path}: not valid JSON'):
         ZooRecord.load(path)
+
+
+def test_a_zoo_folder_holds_one_architecture_per_name(tmp_path):
+    from kpid_zoo.zoo import load_records
+
+    record = zoo_records[REL]
+    record.save(tmp_path)
+    dataclasses.replace(record, tag='kpid_r2', weights_sha256='1' * 64).save(tmp_path, default=False)
+    assert [(r.name, r.tag) for r in load_records(tmp_path)] == [(REL, 'in1k'), (REL, 'kpid_r2')]  # default first
+    group = next(iter(record.spec['widths']))
+    spec = {**record.spec, 'widths': {**record.spec['widths'], group: record.spec['widths'][group] - 4}}
+    dataclasses.replace(record, tag='kpid_r3', spec=spec).save(tmp_path, default=False)
+    with pytest.raises(ValueError, match=rf'{tmp_path}/{REL}\.kpid_r3\.json: records a different architecture than '
+                                         rf'{tmp_path}/{REL}\.json; one name is one architecture'):
+        load_records(tmp_path)
+    (tmp_path / f'{REL}.kpid_r3.json').rename(tmp_path / 'kpid_other.json')
+    with pytest.raises(ValueError, match=rf'kpid_other\.json: holds {REL}\.kpid_r3; a record file is named'):
+        load_records(tmp_path)
+    # a name is a file name and a timm name: kpid_*, nothing that reaches outside the zoo folder
+    from kpid_zoo.zoo import record_for_zoo
+    for name in ('../kpid_x', 'my_net'):
+        with pytest.raises(ValueError, match=r'a zoo name is kpid_ then lower-case letters, digits and _'):
+            record_for_zoo(dataclasses.replace(record, name=name), tmp_path)

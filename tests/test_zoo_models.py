@@ -22,7 +22,7 @@ from kpid_zoo.zoo_sources import RELEASES, spec_from_timm_pruned
 
 NAMES = sorted(timm.list_models('kpid_*'))
 # One name per family runs by default; the others share its module types and builder path (KPID_TEST_SLOW=1)
-FAMILY_FIRST = ('kpid_efficientnet_b1', 'kpid_ecaresnet50d', 'kpid_pruned')
+FAMILY_FIRST = ('kpid_effnet_b0', 'kpid_ecaresnet50d', 'kpid_pruned')
 BY_FAMILY = [pytest.param(n, marks=() if n in FAMILY_FIRST else pytest.mark.slow) for n in NAMES]
 SMALL = (3, 64, 64)
 X = torch.randn(2, *SMALL, generator=torch.Generator().manual_seed(0))
