@@ -328,10 +328,10 @@ def test_an_unreachable_hub_fails_fast_in_one_line(hf_env, monkeypatch, silent_e
         hf_env.set_endpoint(silent_endpoint)  # hf_env's default endpoint is a closed port: refused at once
     start = time.monotonic()
     with pytest.raises(KpidHubError) as err:
-        timm.create_model('kpid_efficientnet_b1', pretrained=True)
+        timm.create_model('kpid_effnet_b0', pretrained=True)
     assert time.monotonic() - start < FAST
     msg = one_line(err)
-    assert msg.startswith('kpid_efficientnet_b1: cannot get pretrained weights model.safetensors from '
+    assert msg.startswith('kpid_effnet_b0: cannot get pretrained weights model.safetensors from '
                           'timm/efficientnet_b1_pruned.in1k (HubUnreachableError: cannot reach the Hub at ')
     assert 'set HF_HUB_OFFLINE=1' in msg and isinstance(err.value, OSError)
 
