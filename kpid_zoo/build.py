@@ -2,10 +2,10 @@
 
 parent (load, optionally adapt to the data) -> prune (importance + knapsack + surgery) -> fine-tune with inner
 distillation -> evaluate -> export a Hub-shaped folder. Every stage leaves its result on disk under the work
-folder with a manifest (`kpid_zoo.provenance`): the recipe fields and upstream results it was made from and the
+folder with a manifest (`kpid_zoo.core.provenance`): the recipe fields and upstream results it was made from and the
 sha256 of each file. A rerun reuses a stage only when both still hold, says why it runs each other one, and the
 fine-tunes resume from their last checkpoint whose files still have their recorded hashes. First the folders are
-checked (`guard_build_paths`, `kpid_zoo.ownership`: the build replaces or removes only what it wrote); then a lock
+checked (`guard_build_paths`, `kpid_zoo.core.ownership`: the build replaces or removes only what it wrote); then a lock
 keeps a second build out of the same work folder, refusing it at once; then the checks that need no training
 (family, FLOPs target vs the parent's and vs the smallest reachable) run before any work. Every stage starts from
 an RNG state of its own, so a build gives the same bytes whether it ran straight through or was killed and resumed
@@ -31,18 +31,18 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from safetensors.torch import load_file
 
-from . import __version__
-from .accelerator import process_accelerator
-from .data import DataBundle, create_loaders, prepare_loader
-from .datasource import fingerprint
-from .distill import distill_points
-from .evaluate import EvalResult, evaluate
-from .export import WRITTEN_FILES as EXPORT_WRITES, KPID_FORMAT_VERSION, check_export_folder, export_model
-from .files import file_sha256, json_sha256, read_json, remove_staging, save_weights, write_json
-from .flops import count_flops
-from .groups import discover_groups
-from .lock import LOCK_FILE, build_lock, export_lock_name
-from .ownership import (
+from ._version import __version__
+from .training.accelerator import process_accelerator
+from .training.data import DataBundle, create_loaders, prepare_loader
+from .core.datasource import fingerprint
+from .training.distill import distill_points
+from .training.evaluate import EvalResult, evaluate
+from .zoo.export import WRITTEN_FILES as EXPORT_WRITES, KPID_FORMAT_VERSION, check_export_folder, export_model
+from .core.files import file_sha256, json_sha256, read_json, remove_staging, save_weights, write_json
+from .engine.flops import count_flops
+from .engine.groups import discover_groups
+from .core.lock import LOCK_FILE, build_lock, export_lock_name
+from .core.ownership import (
     WORK_MANIFEST,
     RefusedError,
     check_apart,
@@ -54,12 +54,12 @@ from .ownership import (
     recorded_sha256,
     remove_work_staging,
 )
-from .parent import create_parent
-from .provenance import DATA, MANIFEST_DIR, UPSTREAM, Manifest, Stage, flatten, select
-from .latency import check_device
-from .prune import LatencyOutcome, PruneReport, PruneResult, check_latency_budget, check_target, prune_from_recipe
-from .recipe import Recipe, RecipeError, load_recipe
-from .report import (
+from .training.parent import create_parent
+from .core.provenance import DATA, MANIFEST_DIR, UPSTREAM, Manifest, Stage, flatten, select
+from .budget.latency import check_device
+from .budget.prune import LatencyOutcome, PruneReport, PruneResult, check_latency_budget, check_target, prune_from_recipe
+from .core.recipe import Recipe, RecipeError, load_recipe
+from .budget.report import (
     PRUNE_FILES,
     PRUNED_WEIGHTS,
     REPORT_FILE,
@@ -67,8 +67,8 @@ from .report import (
     summary_table,
     write_prune_outputs,
 )
-from .surgery import ArchSpec, build_pruned
-from .train import Schedule, finetune, plan_schedule
+from .engine.surgery import ArchSpec, build_pruned
+from .training.train import Schedule, finetune, plan_schedule
 
 T = TypeVar("T")
 
@@ -84,7 +84,7 @@ FINETUNE_FIELDS = (("input_size", "data", "finetune"), _NEVER)
 EVAL_FIELDS = (("input_size", "data", "finetune.seed"), _NEVER + ("data.train_split", "data.train_subset"))
 
 # The top-level entries a build keeps in its work folder, recorded in kpid-work.json before they are written
-# (kpid_zoo.ownership): stage manifests, stage results, the lock, a dry run's stand-in data. Nothing else there is
+# (kpid_zoo.core.ownership): stage manifests, stage results, the lock, a dry run's stand-in data. Nothing else there is
 # the build's. `kpid-zoo prune --out DIR` keeps PRUNE_ENTRIES and DIR itself in the folder above DIR.
 BUILD_ENTRIES = (MANIFEST_DIR, "parent", "pruned", "finetune", "eval.json", LOCK_FILE, "standin")
 PRUNE_ENTRIES = (MANIFEST_DIR, "parent", LOCK_FILE)
@@ -314,7 +314,7 @@ def _recipe_inputs(recipe: Recipe, fields: tuple[tuple[str, ...], tuple[str, ...
     """The recipe's fields (all, or those `fields` = (include, exclude) selects) as stage inputs."""
     flat = flatten(recipe.to_dict())
     if fields is not None and recipe.data.is_stream:
-        # a stream's sample order depends on its loader workers (kpid_zoo.streams): they decide the result
+        # a stream's sample order depends on its loader workers (kpid_zoo.training.streams): they decide the result
         fields = (fields[0], tuple(f for f in fields[1] if f != "data.workers"))
     chosen = flat if fields is None else select(flat, *fields)
     return {f"recipe.{k}": v for k, v in chosen.items()}
@@ -399,7 +399,7 @@ _FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def data_inputs(accelerator: Accelerator, recipe: Recipe, data: DataBundle, role: str) -> dict[str, Any]:
-    """{"data.<role>": fingerprint} of the split a stage reads (`role` "train" or "val"; `kpid_zoo.datasource`):
+    """{"data.<role>": fingerprint} of the split a stage reads (`role` "train" or "val"; `kpid_zoo.core.datasource`):
     a changed, added or removed image makes the stage stale. Taken on the main process and handed to the others,
     which must all decide alike whether a stage is fresh."""
     dataset = (data.train_loader if role == "train" else data.val_loader).dataset

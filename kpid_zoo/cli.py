@@ -29,7 +29,7 @@ def parse_input_size(values: list[str]) -> tuple[int, int, int]:
 
     Checked before any model is made: a side of 0 or a negative one, or one a trace could not hold in memory
     (100000 px is 120 GB of input alone), is a usage error, not an exception from deep inside a forward pass."""
-    from .recipe import MAX_SIDE
+    from .core.recipe import MAX_SIDE
 
     text = " ".join(values).strip()
     shown = text if len(text) <= 40 else text[:37] + "..."
@@ -50,7 +50,7 @@ def parse_input_size(values: list[str]) -> tuple[int, int, int]:
 
 
 def cmd_flops(args: argparse.Namespace) -> int:
-    from .flops import count_flops, count_params
+    from .engine.flops import count_flops, count_params
 
     model, size = _model_and_size(args)
     report = _at_size(args, model, size, lambda: count_flops(model, size))
@@ -64,7 +64,7 @@ def cmd_flops(args: argparse.Namespace) -> int:
 
 
 def cmd_groups(args: argparse.Namespace) -> int:
-    from .groups import discover_groups
+    from .engine.groups import discover_groups
 
     model, size = _model_and_size(args)
     graph = _at_size(args, model, size, lambda: discover_groups(model, size))
@@ -81,7 +81,8 @@ def cmd_groups(args: argparse.Namespace) -> int:
 def cmd_shards(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from .streams import folder_samples, write_shards
+    from .training.data import folder_samples
+    from .training.streams import write_shards
     for split in args.splits:
         samples, classes = folder_samples(Path(args.folder) / split)
         written = write_shards(samples, args.out, split, args.shard_size, class_names=classes, seed=args.seed,
@@ -91,15 +92,15 @@ def cmd_shards(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .accelerator import process_accelerator
+    from .training.accelerator import process_accelerator
     from .build import PRUNE_ENTRIES, adapt_parent, guard_prune_paths, load_or_prune, preflight, prepare_work
-    from .data import create_loaders
-    from .lock import build_lock
-    from .parent import create_parent
-    from .provenance import MANIFEST_DIR
-    from .recipe import load_recipe
-    from .report import summary_table
-    from .zoo import find_recipe
+    from .training.data import create_loaders
+    from .core.lock import build_lock
+    from .training.parent import create_parent
+    from .core.provenance import MANIFEST_DIR
+    from .core.recipe import load_recipe
+    from .budget.report import summary_table
+    from .zoo.records import find_recipe
 
     recipe = load_recipe(find_recipe(args.recipe))
     # before any slow work: --out holds nothing but a previous pruning, its parent folder nothing of ours unrecorded
@@ -126,11 +127,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from .zoo import find_recipe
+    from .zoo.records import find_recipe
 
     args.recipe = find_recipe(args.recipe)  # a file, or a packaged recipe's name
     if args.dry_run:
-        from .accelerator import process_accelerator
+        from .training.accelerator import process_accelerator
         from .dry_run import dry_run
 
         plan = dry_run(args.recipe, out_dir=args.out, work_dir=args.work, processes=args.plan_processes,
@@ -156,17 +157,17 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from . import zoo
-    from .publish import publish
+    from .zoo import records as zoo
+    from .zoo.publish import publish
 
     if args.record:  # a name the zoo holds with other widths is refused before anything is uploaded
-        from .export import zoo_entry_from_export
+        from .zoo.export import zoo_entry_from_export
         zoo.record_for_zoo(zoo_entry_from_export(args.folder, revision=args.revision), zoo.ZOO_DIR)
     url = publish(args.folder, args.repo_id, private=args.private, revision=args.revision,
                   commit_message=args.message)
     print(f"published {args.folder} to {url}")
     if args.record:
-        from .export import write_zoo_entry
+        from .zoo.export import write_zoo_entry
         path = write_zoo_entry(args.folder, zoo_dir=zoo.ZOO_DIR, revision=args.revision)
         record = zoo.ZooRecord.load(path)
         print(f"recorded {record.name}.{record.tag} in {path}")
@@ -176,7 +177,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 def cmd_zoo(args: argparse.Namespace) -> int:
     import csv
 
-    from .zoo import zoo_table
+    from .zoo.records import zoo_table
 
     rows = zoo_table()
     columns = list(rows[0]) if rows else []
@@ -250,7 +251,7 @@ def _at_size(args: argparse.Namespace, model, size: tuple[int, int, int], count:
 def _create(name: str):
     import timm
     import kpid_zoo  # noqa: F401  (registers kpid_* names)
-    from .zoo import closest_names, recipe_names
+    from .zoo.records import closest_names, recipe_names
 
     if not timm.is_model(name) and not name.startswith(("hf-hub:", "local-dir:")):
         if name in recipe_names():
@@ -261,7 +262,7 @@ def _create(name: str):
     if name.startswith("hf-hub:"):  # timm fetches its config.json: in seconds, or one line, when the Hub is away
         from timm.models._hub import hf_split
 
-        from .hub import require_hub_or_cache
+        from .core.hub import require_hub_or_cache
         repo_id, revision = hf_split(name[len("hf-hub:"):])
         require_hub_or_cache(repo_id, ("config.json",), revision=revision)
     try:
@@ -373,8 +374,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from huggingface_hub.errors import HfHubHTTPError
     from safetensors import SafetensorError
 
-    from .lock import LockedError
-    from .publish import PublishError
+    from .core.lock import LockedError
+    from .zoo.publish import PublishError
 
     return (ValueError, OSError, PublishError, LockedError, HfHubHTTPError, SafetensorError, ImportError)
 
@@ -406,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if args.debug:
             raise
-        from .publish import network_errors
+        from .core.hub import network_errors
         if isinstance(e, network_errors()):
             offline = "" if os.environ.get("HF_HUB_OFFLINE") else " (set HF_HUB_OFFLINE=1 to use only the local cache)"
             print(f"kpid-zoo {args.command}: error: cannot reach the network: {_one_line(e)}{offline}",

@@ -32,8 +32,8 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from .accelerator import process_accelerator
-from .recipe import Recipe, load_recipe
+from .training.accelerator import process_accelerator
+from .core.recipe import Recipe, load_recipe
 
 STEPS_PER_STAGE = 3  # optimizer steps of each training stage in a dry run: enough to checkpoint and resume
 STANDIN_BATCH = 1  # per process: the stages' code paths at the least compute (bf16 on a CPU without it is slow)
@@ -112,8 +112,8 @@ def standin_sizes(recipe: Recipe, processes: int) -> tuple[int, int]:
 def standin_shards(image_root: Path, out: Path, recipe: Recipe, processes: int) -> Path:
     """The stand-in ImageFolder as WebDataset shards: the train images a dry run uses (as `standin_sizes` counts
     them) in STANDIN_TRAIN_SHARDS shards per process, every validation image in one shard per process."""
-    from .data import subset_indices
-    from .streams import INFO_FILE, folder_samples, write_shards
+    from .training.data import folder_samples, subset_indices
+    from .training.streams import INFO_FILE, write_shards
 
     if (out / INFO_FILE).exists():
         return out
@@ -205,7 +205,7 @@ def train_images_of(recipe: Recipe) -> tuple[int | None, str]:
 
 
 def _stream_train_images(data, known) -> tuple[int | None, str]:
-    from .streams import INFO_FILE
+    from .training.streams import INFO_FILE
     if data.train_samples:
         return data.train_samples, 'data.train_samples'
     info = Path(data.root).expanduser() / INFO_FILE
@@ -223,8 +223,8 @@ def _folder_bytes(path: Path) -> int:
 
 
 def plan_real_run(recipe: Recipe, processes: int, dry_work: Path, dry_export: Path) -> RunPlan:
-    from .recipe import RecipeError
-    from .train import checkpoint_interval, plan_schedule  # pulls in torch: only once a plan is made
+    from .core.recipe import RecipeError
+    from .training.train import checkpoint_interval, plan_schedule  # pulls in torch: only once a plan is made
 
     n, source = train_images_of(recipe)
     stages, steps_per_epoch = [], None
@@ -260,7 +260,7 @@ def dry_run(recipe_path: str | Path, out_dir: str | Path | None = None, work_dir
     """Build the stand-in version of `recipe_path` end to end, then plan the real run (for `processes`
     processes; default: as many as this launch has)."""
     from .build import BuildPaths, build, guard_build_paths  # torch and timm: only when a dry run happens
-    from .ownership import claim_work
+    from .core.ownership import claim_work
 
     recipe = load_recipe(recipe_path)
     state = process_accelerator()  # never a bare PartialState() first: on CPU it would not join the processes

@@ -39,7 +39,7 @@ def repo_root() -> Path:
 @pytest.fixture(scope='session')
 def cifar10_tarball() -> Path:
     """The shared CIFAR-10 JPEG tarball (../shared/data or $KPID_CIFAR10_TAR); skips the test where it is absent."""
-    from kpid_zoo.data import find_cifar10_tarball
+    from kpid_zoo.training.data import find_cifar10_tarball
     try:
         return find_cifar10_tarball()
     except FileNotFoundError as e:

@@ -9,7 +9,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from kpid_zoo.groups import ROLE_IN, GroupGraph
+from kpid_zoo.engine.groups import ROLE_IN, GroupGraph
 
 # One architecture per family the engine supports, small enough for CI at 64 px.
 FAMILIES = ["resnet18", "resnet50d", "efficientnet_b0", "tf_efficientnet_lite0",

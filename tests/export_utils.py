@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 import timm
 
-from kpid_zoo.export import export_model
-from kpid_zoo.flops import count_flops, count_params
-from kpid_zoo.groups import discover_groups
-from kpid_zoo.prune import PruneReport, layer_widths
-from kpid_zoo.recipe import Recipe, load_recipe
-from kpid_zoo.surgery import ArchSpec, build_pruned
+from kpid_zoo.zoo.export import export_model
+from kpid_zoo.engine.flops import count_flops, count_params
+from kpid_zoo.engine.groups import discover_groups
+from kpid_zoo.budget.prune import PruneReport, layer_widths
+from kpid_zoo.core.recipe import Recipe, load_recipe
+from kpid_zoo.engine.surgery import ArchSpec, build_pruned
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKEN = 'hf_loopbackSECRETtoken0123456789abcdef'  # a token-shaped string to hunt for in logs and files

@@ -18,8 +18,8 @@ import yaml
 
 import kpid_zoo  # noqa: F401  (registers kpid_pruned for local-dir: loading)
 from kpid_zoo.cli import main
-from kpid_zoo.files import file_sha256
-from kpid_zoo.flops import count_flops
+from kpid_zoo.core.files import file_sha256
+from kpid_zoo.engine.flops import count_flops
 
 
 # Floors for the README's main job (docs/main_job.md, full test set): seed 0 gave parent 79.34% / pruned 79.90%,

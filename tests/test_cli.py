@@ -9,7 +9,7 @@ import yaml
 from safetensors.torch import load_file
 
 from kpid_zoo.cli import main
-from kpid_zoo.surgery import ArchSpec, build_pruned
+from kpid_zoo.engine.surgery import ArchSpec, build_pruned
 
 
 def _recipe(tmp_path, **overrides):
@@ -77,8 +77,8 @@ def test_bad_recipe_is_a_clear_error_naming_file_and_field(tmp_path, capsys):
 def test_zoo_prints_the_zoo_table(capsys):
     import csv
 
-    from kpid_zoo.registry import zoo_records
-    from kpid_zoo.zoo import recipe_names
+    from kpid_zoo.zoo.registry import zoo_records
+    from kpid_zoo.zoo.records import recipe_names
 
     assert main(["zoo"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -115,7 +115,7 @@ def test_flops_of_a_zoo_entry_and_a_bad_tag(capsys):
 
 def test_build_and_prune_find_a_packaged_recipe_by_name(monkeypatch, tmp_path, capsys):
     import kpid_zoo.build
-    from kpid_zoo.zoo import RECIPES_DIR
+    from kpid_zoo.zoo.records import RECIPES_DIR
 
     seen = []
     monkeypatch.setattr(kpid_zoo.build, "build", lambda recipe, **kw: seen.append(recipe) or (_ for _ in ()).throw(

@@ -11,10 +11,10 @@ import timm
 import torch
 from PIL import Image
 
-from kpid_zoo import data as kdata
-from kpid_zoo.data import (SeededTransformDataset, build_transforms, create_loaders, find_cifar10_tarball,
+from kpid_zoo.training import data as kdata
+from kpid_zoo.training.data import (SeededTransformDataset, build_transforms, create_loaders, find_cifar10_tarball,
                            load_image_folder, prepare_cifar10, resolve_data_settings, subset_indices)
-from kpid_zoo.recipe import DataSpec
+from kpid_zoo.core.recipe import DataSpec
 
 
 def _jpeg_bytes(seed: int) -> bytes:
@@ -173,7 +173,7 @@ def test_timm_create_dataset_source_and_gpu_loader_settings(tmp_path):
 
 
 def test_dataset_without_a_known_class_count_needs_num_classes():
-    from kpid_zoo.recipe import RecipeError
+    from kpid_zoo.core.recipe import RecipeError
     with pytest.raises(RecipeError, match="num_classes: expected the class count of hfds/food101"):
         DataSpec(dataset='hfds/food101')
     assert DataSpec(dataset='hfds/food101', num_classes=101).val_split == 'validation'

@@ -9,10 +9,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kpid_zoo.distill import (DistillationWrapper, InnerDistillLoss, build_distillation, capture_outputs,
+from kpid_zoo.training.distill import (DistillationWrapper, InnerDistillLoss, build_distillation, capture_outputs,
                               distill_points, scatter_projection)
-from kpid_zoo.groups import discover_groups
-from kpid_zoo.surgery import prune_model
+from kpid_zoo.engine.groups import discover_groups
+from kpid_zoo.engine.surgery import prune_model
 
 INPUT = (3, 32, 32)
 

@@ -24,7 +24,7 @@ import yaml
 
 from kpid_zoo.build import preflight
 from kpid_zoo.dry_run import plan_real_run, standin_recipe, standin_sizes
-from kpid_zoo.recipe import Recipe, load_recipe
+from kpid_zoo.core.recipe import Recipe, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / 'recipes').glob('*.yaml'))

@@ -5,11 +5,11 @@ KPID_TEST_SLOW=1."""
 import pytest
 import torch
 
-from kpid_zoo.flops import count_flops
-from kpid_zoo.groups import discover_groups
-from kpid_zoo.importance import magnitude_importance
-from kpid_zoo.prune import knapsack_prune
-from kpid_zoo.surgery import ArchSpec, build_pruned, prune_model
+from kpid_zoo.engine.flops import count_flops
+from kpid_zoo.engine.groups import discover_groups
+from kpid_zoo.engine.importance import magnitude_importance
+from kpid_zoo.budget.prune import knapsack_prune
+from kpid_zoo.engine.surgery import ArchSpec, build_pruned, prune_model
 
 from engine_utils import INPUT, random_keep, random_model, zero_pruned_inputs
 

@@ -162,7 +162,7 @@ def test_the_cli_says_so_in_one_line_as_a_subprocess(tmp_path, repo_root):
 
 
 def test_zoo_record_refuses_weights_its_config_does_not_describe(tmp_path):
-    from kpid_zoo.export import write_zoo_entry
+    from kpid_zoo.zoo.export import write_zoo_entry
     _, folder = export_pruned(tmp_path / "exp", pruned_spec("resnet10t", 0.5), tiny_recipe(), name="kpid_tiny_test",
                               num_classes=10)
     weights = folder / "model.safetensors"

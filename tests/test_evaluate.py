@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, TensorDataset
 
-from kpid_zoo.evaluate import evaluate, measure_throughput, topk_correct
+from kpid_zoo.training.evaluate import evaluate, measure_throughput, topk_correct
 
 # 5 samples, 7 classes. Rank of the true class in each row: 1st, 2nd, 5th, 6th, 1st
 #   -> top-1 = 2/5 = 40 %, top-5 = 4/5 = 80 %.

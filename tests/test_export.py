@@ -12,8 +12,8 @@ import yaml
 from huggingface_hub import ModelCard
 
 import kpid_zoo  # noqa: F401  (registers kpid_pruned)
-from kpid_zoo.export import export_model, file_sha256, read_export_config, write_zoo_entry
-from kpid_zoo.model_card import WIDTHS_PLOT
+from kpid_zoo.zoo.export import export_model, file_sha256, read_export_config, write_zoo_entry
+from kpid_zoo.zoo.card import WIDTHS_PLOT
 
 from export_utils import export_pruned, make_report, pruned_spec, tiny_recipe
 
@@ -111,7 +111,7 @@ def test_replaces_existing_folder_only_when_complete(tiny, tmp_path, monkeypatch
     old = {p.name: p.read_bytes() for p in out.iterdir()}
 
     # a failure mid-export (the card step) leaves the old folder untouched and no temp dir behind
-    import kpid_zoo.export as export_mod
+    import kpid_zoo.zoo.export as export_mod
     def boom(*a, **k):
         raise OSError('disk full')
     monkeypatch.setattr(export_mod, 'build_card', boom)

@@ -5,7 +5,7 @@ import pytest
 import timm
 import torch
 
-from kpid_zoo.flops import count_flops, count_params
+from kpid_zoo.engine.flops import count_flops, count_params
 
 
 @pytest.mark.parametrize('name, published_gmacs', [

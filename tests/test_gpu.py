@@ -5,13 +5,13 @@ import pytest
 import timm
 import torch
 
-from kpid_zoo.distill import distill_points
-from kpid_zoo.flops import count_flops
-from kpid_zoo.groups import discover_groups
-from kpid_zoo.importance import taylor_importance
-from kpid_zoo.prune import knapsack_prune
-from kpid_zoo.recipe import FinetuneSpec
-from kpid_zoo.train import finetune
+from kpid_zoo.training.distill import distill_points
+from kpid_zoo.engine.flops import count_flops
+from kpid_zoo.engine.groups import discover_groups
+from kpid_zoo.engine.importance import taylor_importance
+from kpid_zoo.budget.prune import knapsack_prune
+from kpid_zoo.core.recipe import FinetuneSpec
+from kpid_zoo.training.train import finetune
 
 pytestmark = pytest.mark.gpu
 

@@ -3,8 +3,8 @@ import timm
 import torch
 import torch.nn as nn
 
-from kpid_zoo.groups import ROLE_DW, ROLE_IN, ROLE_NORM, ROLE_OUT, discover_groups
-from kpid_zoo.surgery import ArchSpec, build_pruned
+from kpid_zoo.engine.groups import ROLE_DW, ROLE_IN, ROLE_NORM, ROLE_OUT, discover_groups
+from kpid_zoo.engine.surgery import ArchSpec, build_pruned
 
 from engine_utils import FAMILIES, INPUT
 

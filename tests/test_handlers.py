@@ -5,9 +5,9 @@ import torch
 import torch.nn as nn
 
 import kpid_zoo
-from kpid_zoo.groups import ROLE_CHANNEL, ROLE_IN, ROLE_PARAM, discover_groups
-from kpid_zoo.handlers import LayerHandler, per_channel
-from kpid_zoo.surgery import prune_model
+from kpid_zoo.engine.groups import ROLE_CHANNEL, ROLE_IN, ROLE_PARAM, discover_groups
+from kpid_zoo.engine.handlers import LayerHandler, per_channel
+from kpid_zoo.engine.surgery import prune_model
 
 from engine_utils import INPUT, zero_pruned_inputs
 
@@ -90,7 +90,7 @@ def test_a_registered_custom_module_is_traced_sliced_and_scored():
         (t, fn), = handler.importance_tensors(net.middle, "channel")
         assert t is net.middle.offset and torch.equal(fn(t.abs()), per_channel(0)(t.abs()))
     finally:
-        from kpid_zoo.handlers import _REGISTRY
+        from kpid_zoo.engine.handlers import _REGISTRY
         _REGISTRY.pop(Shift)
 
 
@@ -99,7 +99,7 @@ def test_register_layer_handler_as_a_decorator_and_bad_arguments():
         def forward(self, x):
             return x
 
-    from kpid_zoo.handlers import ChannelwiseHandler, _REGISTRY, handler_for
+    from kpid_zoo.engine.handlers import ChannelwiseHandler, _REGISTRY, handler_for
 
     @kpid_zoo.register_layer_handler(Mine)
     class MineHandler(ChannelwiseHandler):

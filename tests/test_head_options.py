@@ -15,7 +15,7 @@ import timm
 import torch
 
 import kpid_zoo  # noqa: F401
-from kpid_zoo.registry import DEFAULT_SPEC, zoo_records
+from kpid_zoo.zoo.registry import DEFAULT_SPEC, zoo_records
 
 NAMES = sorted(timm.list_models('kpid_*'))
 CLASSES = (None, 0, 10)  # None: the name's default (1000)

@@ -5,7 +5,7 @@ which split changed, or says what ran.
 
 The builds are micro-sized (resnet18 at 32 px, 96 real CIFAR-10 training JPEGs in 4 classes, 3 steps per training
 stage) and run in this process, from a folder holding the recipe, its data (`data.root: data`) and the build.
-kpid_zoo.datasource is imported inside the tests that need it, so that each test shows its own failure on a
+kpid_zoo.core.datasource is imported inside the tests that need it, so that each test shows its own failure on a
 kpid-zoo without it."""
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ import torch
 import yaml
 
 from kpid_zoo.cli import main
-from kpid_zoo.data import create_loaders
-from kpid_zoo.evaluate import evaluate
-from kpid_zoo.recipe import DataSpec, FinetuneSpec, RecipeError, load_recipe
+from kpid_zoo.training.data import create_loaders
+from kpid_zoo.training.evaluate import evaluate
+from kpid_zoo.core.recipe import DataSpec, FinetuneSpec, RecipeError, load_recipe
 
 # 96 training images in batches of 16: 6 batches per epoch; half an epoch is 3 optimizer steps per stage
 MICRO = {
@@ -203,8 +203,9 @@ def test_unchanged_data_in_a_copied_folder_is_up_to_date(reference, tmp_path, ca
 def test_fingerprints_name_what_changed_in_a_shard_set(real_jpeg_folder, tmp_path):
     """WebDataset shards: the shard index and each shard's size and mtime."""
     pytest.importorskip('webdataset')
-    from kpid_zoo.datasource import describe_data_change, fingerprint
-    from kpid_zoo.streams import folder_samples, split_shards, write_shards
+    from kpid_zoo.core.datasource import describe_data_change, fingerprint
+    from kpid_zoo.training.data import folder_samples
+    from kpid_zoo.training.streams import split_shards, write_shards
 
     samples, classes = folder_samples(real_jpeg_folder / 'val')
     write_shards(samples, tmp_path, 'val', shard_size=12, class_names=classes)
@@ -223,7 +224,7 @@ def test_fingerprints_name_what_changed_in_a_shard_set(real_jpeg_folder, tmp_pat
 
 
 def test_a_stage_recorded_without_a_fingerprint_says_so():
-    from kpid_zoo.datasource import describe_data_change
+    from kpid_zoo.core.datasource import describe_data_change
     new = {'kind': 'files', 'split': 'val', 'files': 3, 'parts': {}}
     assert describe_data_change(None, new) == \
         "the 'val' split was not recorded when the stage ran (an older kpid-zoo): it is now"
@@ -274,7 +275,7 @@ def test_absurd_epochs_are_refused_when_the_recipe_is_read(tmp_path, section, fi
 
 def test_a_schedule_past_a_billion_steps_is_refused():
     """Epochs within the recipe bound can still make an absurd run on a large split (ImageNet at batch 1)."""
-    from kpid_zoo.train import MAX_TOTAL_STEPS, plan_schedule
+    from kpid_zoo.training.train import MAX_TOTAL_STEPS, plan_schedule
     with pytest.raises(RecipeError, match=r'finetune\.epochs: 100000 epochs of 1281167 optimizer steps are '
                                           r'1\.28e\+11 steps: expected at most 1e\+09 steps'):
         plan_schedule(FinetuneSpec(epochs=100_000), 1_281_167, 'finetune')
@@ -283,8 +284,8 @@ def test_a_schedule_past_a_billion_steps_is_refused():
 
 
 def test_taylor_importance_refuses_a_loader_shorter_than_asked():
-    from kpid_zoo.groups import discover_groups
-    from kpid_zoo.importance import taylor_importance
+    from kpid_zoo.engine.groups import discover_groups
+    from kpid_zoo.engine.importance import taylor_importance
     from engine_utils import INPUT, random_model
 
     model = random_model('resnet18')

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from kpid_zoo.cli import main
-from kpid_zoo.files import replace_dir
+from kpid_zoo.core.files import replace_dir
 
 from export_utils import TOKEN, export_pruned, hf_env, pruned_spec, tiny_recipe  # noqa: F401  (fixture)
 from hub_server import HubServer
@@ -395,8 +395,8 @@ def test_restart_clears_only_what_the_build_recorded(ctx, monkeypatch, capsys, r
 
 def test_export_replaces_only_a_proven_previous_export(exported, tmp_path):
     """config.json naming the entry proves a folder; damaged, the caller's record of the hashes still does."""
-    from kpid_zoo.export import check_export_folder
-    from kpid_zoo.files import file_sha256
+    from kpid_zoo.zoo.export import check_export_folder
+    from kpid_zoo.core.files import file_sha256
 
     out = Path(shutil.copytree(exported, tmp_path / 'out'))
     check_export_folder(out, NAME)  # a previous export of NAME

@@ -86,7 +86,7 @@ def test_deeply_nested_yaml_is_a_recipe_error(tmp_path, capsys, make, expected):
 def test_deeply_nested_json_is_a_value_error_naming_the_file(tmp_path):
     """The stage manifests, reports and eval results a build reads back go through read_json: a ValueError (a
     stage redone, or one line) rather than a RecursionError."""
-    from kpid_zoo.files import read_json
+    from kpid_zoo.core.files import read_json
 
     path = _write(tmp_path, 'report.json', '[' * 100_000 + ']' * 100_000)
     with pytest.raises(ValueError, match=f'{path}: not valid JSON'):
@@ -142,7 +142,7 @@ def test_flops_and_groups_usage_errors(capsys, argv, expected):
 def test_input_size_forms_in_the_help_all_count_the_same(capsys, size):
     import timm
 
-    from kpid_zoo.flops import count_flops
+    from kpid_zoo.engine.flops import count_flops
     gmacs = count_flops(timm.create_model('resnet18'), (3, 64, 64)).gmacs
     assert main(['flops', 'resnet18', '--input-size', *size]) == 0
     assert capsys.readouterr().out == f'resnet18 at 3x64x64: {gmacs:.4f} GMACs, 11.690M params\n'
@@ -213,7 +213,7 @@ def _resnet_at_32px(batch_size: int = 64) -> dict:
 ])
 def test_the_dry_runs_batch_gives_every_batchnorm_more_than_one_value(model, size, batch_size, expected):
     from kpid_zoo.dry_run import standin_batch
-    from kpid_zoo.recipe import Recipe
+    from kpid_zoo.core.recipe import Recipe
 
     recipe = Recipe.from_dict({**_resnet_at_32px(batch_size), 'input_size': [3, size, size],
                                'parent': {'model': model, 'weights': 'none', 'num_classes': 10}})

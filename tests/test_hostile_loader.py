@@ -20,12 +20,12 @@ from huggingface_hub import HfApi
 
 import kpid_zoo  # noqa: F401  (registers kpid_pruned)
 from kpid_zoo.cli import main as cli_main
-from kpid_zoo.export import bound_digests, export_model, parse_config
-from kpid_zoo.parent import create_parent
-from kpid_zoo.publish import PublishError, validate_export
-from kpid_zoo.recipe import Recipe
-from kpid_zoo.registry import KpidHubError, KpidWeightsError
-from kpid_zoo.surgery import ArchSpec, build_pruned
+from kpid_zoo.zoo.export import bound_digests, export_model, parse_config
+from kpid_zoo.training.parent import create_parent
+from kpid_zoo.zoo.publish import PublishError, validate_export
+from kpid_zoo.core.recipe import Recipe
+from kpid_zoo.zoo.registry import KpidHubError, KpidWeightsError
+from kpid_zoo.engine.surgery import ArchSpec, build_pruned
 
 from export_utils import TOKEN, hf_env, make_report, pruned_spec, tiny_recipe  # noqa: F401  (fixture)
 from hub_server import HubServer

@@ -1,8 +1,8 @@
 import torch
 import torch.nn.functional as F
 
-from kpid_zoo.groups import discover_groups
-from kpid_zoo.importance import magnitude_importance, taylor_importance
+from kpid_zoo.engine.groups import discover_groups
+from kpid_zoo.engine.importance import magnitude_importance, taylor_importance
 
 from engine_utils import INPUT, random_model
 

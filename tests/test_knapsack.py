@@ -5,10 +5,10 @@ import random
 import pytest
 import torch
 
-from kpid_zoo.flops import count_flops
-from kpid_zoo.groups import discover_groups
-from kpid_zoo.knapsack import CostModel, solve_knapsack, width_choices
-from kpid_zoo.surgery import prune_model
+from kpid_zoo.engine.flops import count_flops
+from kpid_zoo.engine.groups import discover_groups
+from kpid_zoo.engine.knapsack import CostModel, solve_knapsack, width_choices
+from kpid_zoo.engine.surgery import prune_model
 
 from engine_utils import FAMILIES, INPUT, random_model
 

@@ -13,16 +13,16 @@ import timm
 import torch
 import yaml
 
-from kpid_zoo import latency as lat
+from kpid_zoo.budget import latency as lat
 from kpid_zoo.cli import main
-from kpid_zoo.data import CACHE_ENV
-from kpid_zoo.flops import count_flops
-from kpid_zoo.groups import discover_groups
-from kpid_zoo.importance import magnitude_importance
-from kpid_zoo.knapsack import CostModel, solve_for_budget, width_choices
-from kpid_zoo.latency import LatencyCostModel, LatencySetting, LatencyTerm, Paired, Timing, sample_widths
-from kpid_zoo.prune import latency_knapsack_prune
-from kpid_zoo.recipe import BudgetSpec, Recipe, RecipeError
+from kpid_zoo.training.data import CACHE_ENV
+from kpid_zoo.engine.flops import count_flops
+from kpid_zoo.engine.groups import discover_groups
+from kpid_zoo.engine.importance import magnitude_importance
+from kpid_zoo.engine.knapsack import CostModel, solve_for_budget, width_choices
+from kpid_zoo.budget.latency import LatencyCostModel, LatencySetting, LatencyTerm, Paired, Timing, sample_widths
+from kpid_zoo.budget.prune import latency_knapsack_prune
+from kpid_zoo.core.recipe import BudgetSpec, Recipe, RecipeError
 
 from engine_utils import INPUT
 
@@ -176,7 +176,7 @@ def test_cache_write_is_atomic(tmp_path, tiny, monkeypatch):
 
     def fail(*_):
         raise OSError('disk full')
-    import kpid_zoo.files as files
+    import kpid_zoo.core.files as files
     monkeypatch.setattr(files.os, 'replace', fail)
     with pytest.raises(OSError, match='disk full'):
         lat.save_cached(changed, tmp_path)

@@ -9,7 +9,7 @@ import zipfile
 
 import pytest
 
-from kpid_zoo.zoo import RECIPES_DIR, ZOO_DIR
+from kpid_zoo.zoo.records import RECIPES_DIR, ZOO_DIR
 
 from export_utils import REPO_ROOT
 
@@ -31,7 +31,8 @@ def test_the_repository_recipes_are_the_packaged_ones():
 def test_import_prints_nothing_and_loads_no_pruning_machinery(tmp_path):
     probe = ('import sys, kpid_zoo, timm; assert timm.list_models("kpid_*"); '
              'print(sorted(m for m in sys.modules if m.split(".")[0] in ("fvcore", "matplotlib") '
-             'or m in ("kpid_zoo.surgery", "kpid_zoo.groups", "kpid_zoo.prune", "kpid_zoo.flops")))')
+             'or m in ("kpid_zoo.engine.surgery", "kpid_zoo.engine.groups", "kpid_zoo.budget.prune", '
+             '"kpid_zoo.engine.flops")))')
     done = _run('-W', 'error', '-c', probe, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert (done.stdout, done.stderr) == ('[]\n', '')
@@ -55,6 +56,10 @@ def test_a_plain_wheel_install_has_the_zoo_and_the_recipes(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for path in list(ZOO_DIR.glob('*.json')) + list(RECIPES_DIR.glob('*.yaml')):
         assert f'kpid_zoo/{path.parent.name}/{path.name}' in names
+    # every module of every layer (kpid_zoo/core/, engine/, ...: docs/architecture.md), their __init__s included
+    package = REPO_ROOT / 'kpid_zoo'
+    modules = {p.relative_to(REPO_ROOT).as_posix() for p in package.rglob('*.py') if '__pycache__' not in p.parts}
+    assert len(modules) > 30 and modules <= names, sorted(modules - names)
 
     site = tmp_path / 'site'
     done = _run('-m', 'pip', 'install', '--no-deps', '--no-compile', '-q', '--target', str(site), str(wheel),
@@ -63,8 +68,8 @@ def test_a_plain_wheel_install_has_the_zoo_and_the_recipes(tmp_path):
     work = tmp_path / 'elsewhere'
     work.mkdir()
     # one interpreter for all the checks (each start imports torch): the CLI's main, as the entry point calls it
-    probe = ('import kpid_zoo; from kpid_zoo.cli import main; from kpid_zoo.zoo import find_recipe; '
-             'from kpid_zoo.recipe import load_recipe; print(kpid_zoo.__file__); '
+    probe = ('import kpid_zoo; from kpid_zoo.cli import main; from kpid_zoo.zoo.records import find_recipe; '
+             'from kpid_zoo.core.recipe import load_recipe; print(kpid_zoo.__file__); '
              'main(["zoo"]); main(["flops", "kpid_ecaresnet50d", "--input-size", "64"]); '
              'print("recipe", load_recipe(find_recipe("kpid_effnet_b0")).name, find_recipe("kpid_effnet_b0"))')
     done = _run('-c', probe, cwd=work, env_path=site)

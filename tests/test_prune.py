@@ -2,10 +2,10 @@ import pytest
 import timm
 import torch
 
-from kpid_zoo.flops import count_flops
-from kpid_zoo.groups import discover_groups
-from kpid_zoo.importance import magnitude_importance
-from kpid_zoo.prune import knapsack_prune
+from kpid_zoo.engine.flops import count_flops
+from kpid_zoo.engine.groups import discover_groups
+from kpid_zoo.engine.importance import magnitude_importance
+from kpid_zoo.budget.prune import knapsack_prune
 
 
 @pytest.mark.parametrize("name,target", [("resnet50", 2.0), ("efficientnet_b1", 0.39),
@@ -76,8 +76,8 @@ def test_ties_in_importance_still_spend_the_budget(ratio):
 
 @pytest.mark.parametrize("allow", [False, True])
 def test_recipe_prunes_inexact_groups_only_when_it_opts_in(allow):
-    from kpid_zoo.prune import prune_from_recipe
-    from kpid_zoo.recipe import Recipe
+    from kpid_zoo.budget.prune import prune_from_recipe
+    from kpid_zoo.core.recipe import Recipe
 
     recipe = Recipe.from_dict(dict(
         name="kpid_eca_test", parent=dict(model="ecaresnet26t", weights="none"), input_size=[3, 32, 32],

@@ -8,7 +8,7 @@ import shutil
 import pytest
 from huggingface_hub import hf_hub_download
 
-from kpid_zoo.publish import PublishError, publish, validate_export
+from kpid_zoo.zoo.publish import PublishError, publish, validate_export
 
 from export_utils import TOKEN, export_pruned, hf_env, pruned_spec, tiny_recipe  # noqa: F401  (fixture)
 from hub_server import HubServer
@@ -111,7 +111,7 @@ def test_validate_export_names_the_problem(export_dir, tmp_path, damage, message
 def test_record_keeps_one_architecture_per_name(hub, export_dir, tmp_path, monkeypatch, capsys):
     """`kpid-zoo publish --record`: the first build of a name is its default; the same widths with other weights
     become a new tag of it; other widths under the name are refused before anything is uploaded."""
-    from kpid_zoo import zoo
+    from kpid_zoo.zoo import records as zoo
     from kpid_zoo.cli import main
 
     monkeypatch.setattr(zoo, 'ZOO_DIR', tmp_path / 'zoo')

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kpid_zoo.recipe import FinetuneSpec, FlopsSpec, Recipe, RecipeError, load_recipe
+from kpid_zoo.core.recipe import FinetuneSpec, FlopsSpec, Recipe, RecipeError, load_recipe
 
 MINIMAL = {'name': 'kpid_test', 'parent': {'model': 'efficientnet_b0'}, 'flops': {'target_ratio': 0.5}}
 

@@ -15,12 +15,12 @@ from huggingface_hub import HfApi
 from safetensors.torch import save_file
 
 import kpid_zoo  # noqa: F401
-from kpid_zoo import registry
-from kpid_zoo.export import file_sha256, write_zoo_entry
-from kpid_zoo.publish import publish
-from kpid_zoo.recipe import load_recipe
-from kpid_zoo.registry import DEFAULT_SPEC, KpidWeightsError, zoo_records
-from kpid_zoo.zoo import CFG_KEYS, ZooRecord
+from kpid_zoo.zoo import registry
+from kpid_zoo.zoo.export import file_sha256, write_zoo_entry
+from kpid_zoo.zoo.publish import publish
+from kpid_zoo.core.recipe import load_recipe
+from kpid_zoo.zoo.registry import DEFAULT_SPEC, KpidWeightsError, zoo_records
+from kpid_zoo.zoo.records import CFG_KEYS, ZooRecord
 
 from export_utils import REPO_ROOT, TOKEN, export_pruned, hf_env, pruned_spec, zoo_recipe  # noqa: F401  (fixture)
 from hub_server import HubServer, git_blob_sha1
@@ -129,7 +129,7 @@ def test_every_registered_name_has_its_recipe_and_card():
 
 
 def test_old_names_build_the_renamed_entries_with_a_warning(released, hf_env):
-    from kpid_zoo.zoo import RENAMED
+    from kpid_zoo.zoo.records import RENAMED
 
     assert RENAMED == {'kpid_efficientnet_b1': 'kpid_effnet_b0', 'kpid_efficientnet_b2': 'kpid_effnet_b1',
                        'kpid_efficientnet_b3': 'kpid_effnet_b2'}
@@ -375,7 +375,7 @@ def test_a_broken_zoo_record_names_its_file(tmp_path):
 
 
 def test_a_zoo_folder_holds_one_architecture_per_name(tmp_path):
-    from kpid_zoo.zoo import load_records
+    from kpid_zoo.zoo.records import load_records
 
     record = zoo_records[REL]
     record.save(tmp_path)
@@ -391,7 +391,7 @@ def test_a_zoo_folder_holds_one_architecture_per_name(tmp_path):
     with pytest.raises(ValueError, match=rf'kpid_other\.json: holds {REL}\.kpid_r3; a record file is named'):
         load_records(tmp_path)
     # a name is a file name and a timm name: kpid_*, nothing that reaches outside the zoo folder
-    from kpid_zoo.zoo import record_for_zoo
+    from kpid_zoo.zoo.records import record_for_zoo
     for name in ('../kpid_x', 'my_net'):
         with pytest.raises(ValueError, match=r'a zoo name is kpid_ then lower-case letters, digits and _'):
             record_for_zoo(dataclasses.replace(record, name=name), tmp_path)

@@ -1,5 +1,5 @@
 """WebDataset streams (`wds/<name>`): shards written from real CIFAR-10 JPEGs, the epoch contract of
-`kpid_zoo.streams` (exactly once, equal batch counts, stated repeats/drops, seeded order and augmentation, exact
+`kpid_zoo.training.streams` (exactly once, equal batch counts, stated repeats/drops, seeded order and augmentation, exact
 skip), recipe-level errors, fine-tune + resume on a stream, and torchrun x2 (gloo) sharding and evaluation."""
 from __future__ import annotations
 
@@ -17,12 +17,11 @@ import torch
 import torch.utils.data as tud
 from torchvision.transforms.functional import pil_to_tensor
 
-from kpid_zoo.data import SeededTransformDataset, build_transforms, create_loaders, load_image_folder, \
-    resolve_data_settings
-from kpid_zoo.recipe import DataSpec, FinetuneSpec
-from kpid_zoo.streams import INFO_FILE, ShardStream, folder_samples, round_robin_position, split_shards, \
-    write_shards
-from kpid_zoo.train import finetune, list_checkpoints
+from kpid_zoo.training.data import SeededTransformDataset, build_transforms, create_loaders, folder_samples, \
+    load_image_folder, resolve_data_settings
+from kpid_zoo.core.recipe import DataSpec, FinetuneSpec
+from kpid_zoo.training.streams import INFO_FILE, ShardStream, round_robin_position, split_shards, write_shards
+from kpid_zoo.training.train import finetune, list_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -270,7 +269,7 @@ def test_torchrun_two_processes_shard_the_stream_and_count_validation_once(cifar
 
     torch.manual_seed(0)
     model = timm.create_model('resnet18', num_classes=4, channels=(8, 16, 32, 64)).eval()
-    from kpid_zoo.evaluate import evaluate
+    from kpid_zoo.training.evaluate import evaluate
     one = evaluate(model, create_loaders(_wds_spec(cifar4_shards, workers=0), model, (3, 32, 32)).val_loader)
     for r in ranks:
         assert r['val']['n'] == one.n == 36

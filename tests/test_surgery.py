@@ -2,11 +2,11 @@ import pytest
 import timm
 import torch
 
-from kpid_zoo.groups import discover_groups
-from kpid_zoo.importance import magnitude_importance
-from kpid_zoo.prune import knapsack_prune
-from kpid_zoo.flops import count_flops
-from kpid_zoo.surgery import ArchSpec, build_pruned, prune_model
+from kpid_zoo.engine.groups import discover_groups
+from kpid_zoo.engine.importance import magnitude_importance
+from kpid_zoo.budget.prune import knapsack_prune
+from kpid_zoo.engine.flops import count_flops
+from kpid_zoo.engine.surgery import ArchSpec, build_pruned, prune_model
 
 from engine_utils import FAMILIES, INPUT, random_model, zero_pruned_inputs
 

@@ -17,10 +17,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from kpid_zoo.data import create_loaders
-from kpid_zoo.accelerator import process_accelerator
-from kpid_zoo.recipe import DataSpec, FinetuneSpec, ParentTrainSpec
-from kpid_zoo.train import JsonlTracker, list_checkpoints, warmup_cosine_schedule, finetune
+from kpid_zoo.training.data import create_loaders
+from kpid_zoo.training.accelerator import process_accelerator
+from kpid_zoo.core.recipe import DataSpec, FinetuneSpec, ParentTrainSpec
+from kpid_zoo.training.train import JsonlTracker, list_checkpoints, warmup_cosine_schedule, finetune
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / 'tests' / 'scripts' / 'finetune_run.py'

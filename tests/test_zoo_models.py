@@ -16,9 +16,9 @@ from timm.layers import get_graph_node_names
 from timm.models._features_fx import GraphExtractNet
 
 import kpid_zoo  # noqa: F401
-from kpid_zoo.registry import zoo_records
-from kpid_zoo.zoo import CFG_KEYS
-from kpid_zoo.zoo_sources import RELEASES, spec_from_timm_pruned
+from kpid_zoo.zoo.registry import zoo_records
+from kpid_zoo.zoo.records import CFG_KEYS
+from kpid_zoo.zoo.sources import RELEASES, spec_from_timm_pruned
 
 NAMES = sorted(timm.list_models('kpid_*'))
 # One name per family runs by default; the others share its module types and builder path (KPID_TEST_SLOW=1)
@@ -160,7 +160,7 @@ def test_released_model_is_timms_architecture_tensor_by_tensor(built, release):
 
 def test_readme_and_model_cards_show_the_zoo(capsys):
     from kpid_zoo.cli import main
-    from kpid_zoo.model_card import build_zoo_card
+    from kpid_zoo.zoo.card import build_zoo_card
 
     from export_utils import REPO_ROOT
 
@@ -169,7 +169,7 @@ def test_readme_and_model_cards_show_the_zoo(capsys):
     index = (REPO_ROOT / 'model_cards' / 'README.md').read_text(encoding='utf-8').splitlines()
     for name, record in zoo_records.items():
         card = (REPO_ROOT / 'model_cards' / name / 'README.md').read_text(encoding='utf-8')
-        assert card == str(build_zoo_card(record)), f'{name}: rerun python -m kpid_zoo.zoo_sources'
+        assert card == str(build_zoo_card(record)), f'{name}: rerun python -m kpid_zoo.zoo.sources'
         assert 'Aflalo et al., 2020' in card and record.source_model in card and f'{record.top1:.3f}' in card
         row = next(line for line in index if line.startswith(f'| [{name}]('))
         assert f'{record.gmacs:.3f} @ {record.input_size[-1]}' in row and f'{record.top1:.3f}' in row

@@ -23,9 +23,9 @@ from safetensors.torch import save_file
 from timm.layers import GroupNorm1
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from kpid_zoo.data import create_loaders  # noqa: E402
-from kpid_zoo.recipe import DataSpec, FinetuneSpec  # noqa: E402
-from kpid_zoo.train import finetune  # noqa: E402
+from kpid_zoo.training.data import create_loaders  # noqa: E402
+from kpid_zoo.core.recipe import DataSpec, FinetuneSpec  # noqa: E402
+from kpid_zoo.training.train import finetune  # noqa: E402
 
 STUDENT_CHANNELS = (32, 64, 128, 256)
 

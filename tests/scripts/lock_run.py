@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from kpid_zoo.accelerator import process_accelerator  # noqa: E402
-from kpid_zoo.lock import LOCK_FILE, LockedError, build_lock  # noqa: E402
+from kpid_zoo.training.accelerator import process_accelerator  # noqa: E402
+from kpid_zoo.core.lock import LOCK_FILE, LockedError, build_lock  # noqa: E402
 
 folder, out = Path(sys.argv[1]), Path(sys.argv[2])
 state = process_accelerator()  # on CPU, the one that sets up the gloo group

@@ -14,10 +14,10 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from kpid_zoo.accelerator import process_accelerator  # noqa: E402
+from kpid_zoo.training.accelerator import process_accelerator  # noqa: E402
 from kpid_zoo.build import BuildPaths, measure  # noqa: E402
-from kpid_zoo.data import create_loaders  # noqa: E402
-from kpid_zoo.recipe import Recipe  # noqa: E402
+from kpid_zoo.training.data import create_loaders  # noqa: E402
+from kpid_zoo.core.recipe import Recipe  # noqa: E402
 
 
 def main() -> None:

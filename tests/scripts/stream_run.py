@@ -14,10 +14,10 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from kpid_zoo.accelerator import process_accelerator  # noqa: E402
-from kpid_zoo.data import create_loaders, prepare_loader  # noqa: E402
-from kpid_zoo.evaluate import evaluate  # noqa: E402
-from kpid_zoo.recipe import DataSpec  # noqa: E402
+from kpid_zoo.training.accelerator import process_accelerator  # noqa: E402
+from kpid_zoo.training.data import create_loaders, prepare_loader  # noqa: E402
+from kpid_zoo.training.evaluate import evaluate  # noqa: E402
+from kpid_zoo.core.recipe import DataSpec  # noqa: E402
 
 
 def spec(root: str, num_classes: int, workers: int) -> DataSpec:

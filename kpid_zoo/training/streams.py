@@ -26,7 +26,7 @@ The training epoch, for N processes, W loader workers (0 counts as 1), batch b, 
     resumed epoch delivers the same batches in the same order. The order depends on (N, W): a checkpoint
     records them, and resuming under another layout is refused.
 Validation: no shuffle, no quota; each worker reads its shards once, so each image is counted once, but processes
-then have different batch counts: `kpid_zoo.evaluate` sums per process and all-reduces once at the end.
+then have different batch counts: `kpid_zoo.training.evaluate` sums per process and all-reduces once at the end.
 
 The epoch and the skip live in shared memory (`SharedCount`): persistent loader workers keep the dataset object
 they were started with, and a plain attribute set in the main process would never reach them.
@@ -48,7 +48,7 @@ import torch
 import torch.utils.data as tud
 from timm.data.readers.shared_count import SharedCount
 
-from .datasource import UnreadableImageError
+from ..core.datasource import UnreadableImageError
 
 WDS_PREFIX = 'wds/'
 INFO_FILE = '_info.json'  # timm's shard-set description: {"splits": {name: {num_samples, filenames, shard_lengths}}}
@@ -402,12 +402,3 @@ def write_shards(samples: Sequence[tuple[str | os.PathLike, int]], out_dir: str 
     tmp.write_text(json.dumps(info, indent=1) + '\n')
     os.replace(tmp, info_path)
     return written
-
-
-def folder_samples(split_dir: str | os.PathLike) -> tuple[list[tuple[str, int]], list[str]]:
-    """(image path, class index) of an ImageFolder split and its class names, in timm's class order."""
-    from .data import load_image_folder
-    dataset = load_image_folder(Path(split_dir).parent, Path(split_dir).name)
-    reader = dataset.reader
-    names = sorted(reader.class_to_idx, key=reader.class_to_idx.get)
-    return [(str(p), int(t)) for p, t in reader.samples], names

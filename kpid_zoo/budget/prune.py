@@ -2,7 +2,7 @@
 
 Each round linearises the cost at the current widths, finds the knapsack budget whose solution the cost model puts
 inside [target * (1 - tolerance), target], cuts the network and measures it: FLOPs are recounted with fvcore, a
-latency budget (`recipe.BudgetSpec`) is timed on this machine against a lookup table (`kpid_zoo.latency`).
+latency budget (`recipe.BudgetSpec`) is timed on this machine against a lookup table (`kpid_zoo.budget.latency`).
 What the measurement finds beyond the cost model corrects the next round's aim; re-linearising at the new widths
 prices the coupled cost better; rounds go on while they raise the kept importance.
 """
@@ -19,14 +19,14 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .flops import FlopsReport, count_flops, count_params
-from .groups import ROLE_OUT, GroupGraph, discover_groups
-from .importance import Importance, magnitude_importance, taylor_importance
-from .knapsack import Cost, CostModel, KnapsackSolution, solve_for_budget, width_choices
+from ..engine.flops import FlopsReport, count_flops, count_params
+from ..engine.groups import ROLE_OUT, GroupGraph, discover_groups
+from ..engine.importance import Importance, magnitude_importance, taylor_importance
+from ..engine.knapsack import Cost, CostModel, KnapsackSolution, solve_for_budget, width_choices
 from .latency import (LatencyCostModel, LatencySetting, Paired, Timing, cache_path, calibrate, check_device,
                       check_timeable, device_name, latency_table, measure_noise, measure_paired)
-from .recipe import BudgetSpec, Recipe
-from .surgery import ArchSpec, prune_model
+from ..core.recipe import BudgetSpec, Recipe
+from ..engine.surgery import ArchSpec, prune_model
 
 
 @dataclass

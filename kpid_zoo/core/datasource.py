@@ -1,6 +1,6 @@
 """What a build read: a cheap fingerprint of each data split, and the error for an image that cannot be read.
 
-A stage that reads data records the fingerprint of each split it read among its inputs (`kpid_zoo.provenance`),
+A stage that reads data records the fingerprint of each split it read among its inputs (`kpid_zoo.core.provenance`),
 so replacing, adding or removing images reruns it, and the rerun says what changed. The fingerprint reads no image
 bytes: it is the list of files the dataset reads (their paths relative to the split, sizes and mtimes, in ns),
 hashed per part -- a class folder of an ImageFolder, a shard of a WebDataset split -- and over all parts. A
@@ -115,8 +115,8 @@ def unknown_fingerprint(split: str, why: str) -> dict[str, Any]:
 
 
 def fingerprint(dataset: Any, split: str, root: Optional[str] = None) -> dict[str, Any]:
-    """The fingerprint of what `dataset` reads: a `kpid_zoo.data.SeededTransformDataset` (over a timm folder
-    dataset, a Hugging Face dataset or a torchvision one) or a `kpid_zoo.streams.ShardStream`. `root` is the
+    """The fingerprint of what `dataset` reads: a `kpid_zoo.training.data.SeededTransformDataset` (over a timm folder
+    dataset, a Hugging Face dataset or a torchvision one) or a `kpid_zoo.training.streams.ShardStream`. `root` is the
     recipe's data.root (the fallback for a source that lists no files)."""
     shards = getattr(dataset, 'shards', None)
     if shards is not None and hasattr(dataset, 'num_samples'):

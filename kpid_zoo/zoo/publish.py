@@ -11,7 +11,6 @@ The token comes from the caller, else the usual places (`HF_TOKEN`, `hf auth log
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
 import os
@@ -24,9 +23,10 @@ from huggingface_hub import CommitOperationAdd, HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.repocard import metadata_load
 
-from . import __version__
+from .._version import __version__
 from .export import CARD_FILE, CONFIG_FILE, EXPORT_FILES, WEIGHTS_FILE, read_export_config
-from .ownership import describe
+from ..core.hub import network_errors
+from ..core.ownership import describe
 
 __all__ = ['check_weights_fit', 'publish', 'validate_export', 'export_payload', 'PublishError']
 
@@ -40,18 +40,6 @@ _SHA256 = re.compile(r'^[0-9a-f]{64}$')
 class PublishError(RuntimeError):
     """The folder cannot be published as it is, or the Hub refused it; the message says which and why."""
 
-
-def network_errors() -> tuple[type[BaseException], ...]:
-    """What the HTTP clients under huggingface_hub raise when the Hub cannot be reached (not all are OSErrors)."""
-    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    for module, names in (("httpx2", ("TransportError",)), ("httpx", ("TransportError",)),
-                          ("requests", ("ConnectionError", "Timeout"))):
-        try:
-            mod = importlib.import_module(module)
-        except ImportError:
-            continue
-        errors += [getattr(mod, n) for n in names if isinstance(getattr(mod, n, None), type)]
-    return tuple(errors)
 
 
 def _plain_name(name: object) -> bool:
@@ -85,7 +73,7 @@ def export_payload(folder: str | Path) -> tuple[dict, dict[str, bytes]]:
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise PublishError(f'{folder}: not a folder (expected the output of kpid_zoo.export.export_model)')
+        raise PublishError(f'{folder}: not a folder (expected the output of kpid_zoo.zoo.export.export_model)')
     missing = [f for f in EXPORT_FILES if not os.path.lexists(folder / f)]
     if missing:
         raise PublishError(f'{folder}: missing {", ".join(missing)} (expected {", ".join(EXPORT_FILES)}; '

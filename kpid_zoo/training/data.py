@@ -1,6 +1,6 @@
 """Data stage: timm datasets, transforms and loaders for ImageFolder trees, the CIFAR-10 JPEG set, the
 map-style sources timm's `create_dataset` reads (`hfds/<name>` Hugging Face datasets, `torch/<name>`), and
-WebDataset shards (`wds/<name>`, streamed: `kpid_zoo.streams`).
+WebDataset shards (`wds/<name>`, streamed: `kpid_zoo.training.streams`).
 
 Everything goes through `timm.data` (`create_dataset`, `resolve_data_config`, `create_transform`); loaders are
 plain `torch.utils.data.DataLoader`s so that Accelerate can shard and seed them (`accelerator.prepare`), with
@@ -10,7 +10,7 @@ Augmentation is a pure function of (seed, epoch, sample index): each sample is t
 seeded from those three numbers. That is what makes a resumed run and a 2-process run see exactly the same pixels
 as an uninterrupted single-process run, independent of worker count and of how many batches were pre-fetched.
 A stream source cannot be indexed: it shards itself and seeds augmentation by (seed, epoch, sample key) instead,
-and its sample order depends on the process and worker counts (the contract is in `kpid_zoo.streams`).
+and its sample order depends on the process and worker counts (the contract is in `kpid_zoo.training.streams`).
 """
 from __future__ import annotations
 
@@ -28,15 +28,15 @@ from PIL import Image
 from timm.data import ImageDataset, create_dataset, create_transform, resolve_data_config
 from timm.data.readers.shared_count import SharedCount
 
-from .datasource import UnreadableImageError
-from .recipe import DataSpec
+from ..core.datasource import UnreadableImageError
+from ..core.files import CACHE_ENV, default_cache_dir  # noqa: F401 (CACHE_ENV re-exported)
+from ..core.recipe import DataSpec
 from .streams import ShardStream, is_stream, seeded_call, split_shards
 
 CIFAR10_TARBALL = 'cifar10-jpg.tar.gz'
 CIFAR10_DIRNAME = 'cifar10-jpg'
-CACHE_ENV = 'KPID_CACHE'
 CIFAR10_TAR_ENV = 'KPID_CIFAR10_TAR'
-_REPO_ROOT = Path(__file__).resolve().parents[1]
+_REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # timm's ImageNet default (scale 0.08..1) destroys 32 px images; CIFAR keeps most of the frame.
 _TRAIN_SCALE = {'imagefolder': (0.08, 1.0), 'cifar10': (0.6, 1.0)}
@@ -56,10 +56,6 @@ class DataBundle:
 # ---------------------------------------------------------------------------------------------------------------
 # CIFAR-10 tarball -> cache dir
 # ---------------------------------------------------------------------------------------------------------------
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or '~/.cache/kpid_zoo').expanduser()
-
 
 def find_cifar10_tarball(root: Optional[str | os.PathLike] = None) -> Path:
     """Locate `cifar10-jpg.tar.gz`: `root` (the tarball or a folder holding it) if given, else $KPID_CIFAR10_TAR if
@@ -217,6 +213,14 @@ def load_image_folder(root: str | os.PathLike, split: str):
     except RuntimeError as e:  # timm's "Found 0 images in subfolders of ..."
         raise ValueError(f'no images in the class folders of {split_dir} (expected {split_dir}/<class>/<image> '
                          f'with a .jpg, .jpeg or .png image; timm says: {e})') from None
+
+
+def folder_samples(split_dir: str | os.PathLike) -> tuple[list[tuple[str, int]], list[str]]:
+    """(image path, class index) of an ImageFolder split and its class names, in timm's class order."""
+    dataset = load_image_folder(Path(split_dir).parent, Path(split_dir).name)
+    reader = dataset.reader
+    names = sorted(reader.class_to_idx, key=reader.class_to_idx.get)
+    return [(str(p), int(t)) for p, t in reader.samples], names
 
 
 def resolve_data_settings(model: Optional[torch.nn.Module], data: DataSpec,

@@ -1,12 +1,12 @@
 """The KPID authors' released ImageNet models, which timm hosts, re-expressed as zoo records.
 
-    python -m kpid_zoo.zoo_sources        # rewrites kpid_zoo/zoo/<name>.json and model_cards/<name>/README.md
+    python -m kpid_zoo.zoo.sources        # rewrites kpid_zoo/zoo/<name>.json and model_cards/<name>/README.md
 
 timm builds each `*_pruned` model by narrowing its unpruned architecture to the widths in its
 `timm/models/_pruned/<name>.txt`. Here the same widths are read off timm's model, group by group of our own
 engine (every member of a channel group must agree, else it is an error), so the record's `ArchSpec` rebuilds
 that architecture with `surgery.build_pruned`; tests check it tensor by tensor and output by output against
-timm's model. GMACs and params are counted with `kpid_zoo.flops` at the entry's input size.
+timm's model. GMACs and params are counted with `kpid_zoo.engine.flops` at the entry's input size.
 
 Names: the zoo's, which are its recipes' (see `zoo.py`): `kpid_effnet_bN` is an EfficientNet pruned to
 EfficientNet-BN's FLOPs (EfficientNet-B1 pruned to B0's FLOPs is the paper's EfficientNet-B0-FLOPs model,
@@ -62,8 +62,8 @@ def spec_from_timm_pruned(release: TimmRelease, timm_pruned=None):
     parent that it narrows."""
     import timm
 
-    from .groups import ROLE_IN, ROLE_NORM, discover_groups
-    from .surgery import ArchSpec
+    from ..engine.groups import ROLE_IN, ROLE_NORM, discover_groups
+    from ..engine.surgery import ArchSpec
 
     parent = timm.create_model(release.parent, **release.parent_kwargs)
     timm_pruned = timm_pruned or timm.create_model(release.timm_model.split('.')[0])
@@ -92,9 +92,9 @@ def record_for(release: TimmRelease):
     """The zoo record of one release: spec, timm's pretrained cfg for it, fvcore GMACs and params."""
     import timm
 
-    from .flops import count_flops, count_params
-    from .surgery import build_pruned
-    from .zoo import CFG_KEYS, ZooRecord
+    from ..engine.flops import count_flops, count_params
+    from ..engine.surgery import build_pruned
+    from .records import CFG_KEYS, ZooRecord
 
     spec = spec_from_timm_pruned(release)
     cfg = timm.models.get_pretrained_cfg(release.timm_model).to_dict()
@@ -110,8 +110,8 @@ def record_for(release: TimmRelease):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .model_card import build_zoo_card
-    from .zoo import ZOO_DIR
+    from .card import build_zoo_card
+    from .records import ZOO_DIR
 
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--zoo-dir', type=Path, default=ZOO_DIR)

@@ -21,6 +21,13 @@ from safetensors.torch import save_file
 
 _logger = logging.getLogger(__name__)
 
+# The cache root of every layer (unpacked datasets, latency tables): ~/.cache/kpid_zoo, or $KPID_CACHE.
+CACHE_ENV = 'KPID_CACHE'
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or '~/.cache/kpid_zoo').expanduser()
+
 
 @contextlib.contextmanager
 def staged_dir(dest: str | Path, owned: Iterable[str]) -> Iterator[Path]:

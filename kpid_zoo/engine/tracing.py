@@ -2,10 +2,10 @@
 
 Every channel a layer produces is an *element*; the channel dimension of each tensor in the graph is a *layout*,
 the element at each of its positions. What each layer does to layouts is its handler's business
-(`kpid_zoo.handlers`, one per layer type, extensible with `register_layer_handler`); this module applies the
+(`kpid_zoo.engine.handlers`, one per layer type, extensible with `register_layer_handler`); this module applies the
 handlers, and the rules for torch functions and methods (channel-wise ops, elementwise merges, concatenations,
 splits, slices), node by node. `follow_layouts` returns the `TraceContext` it filled: which elements are tied,
-which layouts each module's dimensions hold, what is blocked, inexact or balanced; `kpid_zoo.groups` turns that
+which layouts each module's dimensions hold, what is blocked, inexact or balanced; `kpid_zoo.engine.groups` turns that
 into channel groups.
 """
 from __future__ import annotations

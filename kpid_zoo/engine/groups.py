@@ -11,8 +11,8 @@ consumers' input slices) at once, so the pruned network keeps its structure. Gro
 the channel count equal in each of their conv-groups: a group they touch has *blocks*, and keeps as many
 channels in each.
 
-Following the layouts through a torch.fx trace is `kpid_zoo.tracing`'s work (with one handler per layer type,
-`kpid_zoo.handlers`); this module holds the result types and turns the tied channels into groups (`_collect`).
+Following the layouts through a torch.fx trace is `kpid_zoo.engine.tracing`'s work (with one handler per layer type,
+`kpid_zoo.engine.handlers`); this module holds the result types and turns the tied channels into groups (`_collect`).
 
 Some ops mix neighbouring channels with parameters that do not depend on the channel count (ECA's Conv1d gate
 runs over the channel axis). Removing a channel from such a space leaves a valid network, but one that no longer

@@ -27,11 +27,11 @@ import torch.nn as nn
 from timm.models import PretrainedCfg, get_pretrained_cfg
 from timm.models._hub import _parse_model_cfg, save_config_for_hf
 
-from . import __version__
-from .files import atomic_write_text, file_sha256, json_sha256, save_weights, staged_dir
-from .ownership import RefusedError, check_output, recorded_sha256, stray_entries
-from .model_card import PAPER_ID, PAPER_NAME, PAPER_URL, WIDTHS_PLOT, build_card
-from .zoo import CFG_KEYS, ZOO_DIR, ZooRecord, pool_size_for, record_for_zoo
+from .._version import __version__
+from ..core.files import atomic_write_text, file_sha256, json_sha256, save_weights, staged_dir
+from ..core.ownership import RefusedError, check_output, recorded_sha256, stray_entries
+from .card import PAPER_ID, PAPER_NAME, PAPER_URL, WIDTHS_PLOT, build_card
+from .records import CFG_KEYS, ZOO_DIR, ZooRecord, pool_size_for, record_for_zoo
 
 __all__ = [
     'export_model', 'check_export_folder', 'file_sha256', 'read_export_config', 'zoo_entry_from_export',
@@ -51,7 +51,7 @@ GENERIC_ARCH = 'kpid_pruned'  # the registered timm architecture that rebuilds a
 # 2: kpid.bound / kpid.bound_sha256 bind the spec, class count and preprocessing to the weights (1 had none)
 KPID_FORMAT_VERSION = 2
 REEXPORT = ('re-export it with this kpid-zoo (`kpid-zoo build <recipe>` rewrites the export from its saved stages, '
-            'or kpid_zoo.export.export_model)')
+            'or kpid_zoo.zoo.export.export_model)')
 
 # Preprocessing keys a caller may set; everything else in the exported pretrained_cfg is derived.
 _DATA_KEYS = ('input_size', 'crop_pct', 'crop_mode', 'mean', 'std', 'interpolation')
@@ -346,7 +346,7 @@ def export_model(
         config['kpid']['bound'], config['kpid']['bound_sha256'] = bound_digests(*parse_config(config), weights_sha)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + '\n')
 
-        from .report import plot_widths  # matplotlib and the pruning engine load only for an export
+        from ..budget.report import plot_widths  # matplotlib and the pruning engine load only for an export
 
         plot_widths(list(report.layer_widths), tmp / WIDTHS_PLOT, title=f'{name}: per-layer width, parent vs pruned')
         card = build_card(
@@ -409,11 +409,11 @@ def read_export_config(folder: str | Path) -> dict:
     Checked: the structure (`export_config_problem`), the spec (`ArchSpec.from_dict`: it is data, never a path),
     and the binding of spec, class count and preprocessing to the weights (`bound_mismatch`).
     """
-    from .surgery import ArchSpec  # the fx tracer loads only when an export is read
+    from ..engine.surgery import ArchSpec  # the fx tracer loads only when an export is read
 
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f'{path}: missing (expected an export folder written by kpid_zoo.export)')
+        raise FileNotFoundError(f'{path}: missing (expected an export folder written by kpid_zoo.zoo.export)')
     try:
         config = json.loads(path.read_text(encoding='utf-8'))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

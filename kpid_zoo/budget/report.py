@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .files import save_weights, staged_dir
+from ..core.files import save_weights, staged_dir
 from .prune import PruneResult
 
 PRUNED_WEIGHTS = "model.safetensors"

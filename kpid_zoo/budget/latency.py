@@ -37,11 +37,11 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .data import default_cache_dir as data_cache_dir
-from .files import atomic_write_text, json_sha256
-from .groups import ROLE_DW, ROLE_IN, ROLE_NORM, ROLE_PARAM, ChannelMap, GroupGraph, Member
-from .handlers import handler_for
-from .surgery import prune_model
+from ..core.files import default_cache_dir as data_cache_dir
+from ..core.files import atomic_write_text, json_sha256
+from ..engine.groups import ROLE_DW, ROLE_IN, ROLE_NORM, ROLE_PARAM, ChannelMap, GroupGraph, Member
+from ..engine.handlers import handler_for
+from ..engine.surgery import prune_model
 
 TABLE_VERSION = 1
 # Width fractions each group is sampled at; the interpolation is linear between them (and beyond the ends).

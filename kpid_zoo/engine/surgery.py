@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from timm.models import build_model_with_cfg
 
-from .files import read_json
+from ..core.files import read_json
 from .groups import GroupGraph, discover_groups
 from .handlers import handler_for
 

@@ -1,19 +1,19 @@
 """Training stage: the Accelerate fine-tune loop (inner KD when a teacher is given, plain CE otherwise).
 
-Every call runs on the process's one Accelerator (`kpid_zoo.accelerator`), passed in or made on first use; the
+Every call runs on the process's one Accelerator (`kpid_zoo.training.accelerator`), passed in or made on first use; the
 stage's precision, gradient accumulation and data seed come from its own `TrainSpec` / `FinetuneSpec`, and
 what the call prepared is released at its end, so parent adaptation and distillation follow each other in one
 process.
 
 Reproducibility contract (what the resume and multi-process tests check):
   * data order is Accelerate's seedable sampler (seed + epoch); augmentation is seeded per (seed, epoch, sample)
-    in `kpid_zoo.data`; forward randomness (dropout, drop-path) is reseeded per (seed, epoch, batch, rank);
+    in `kpid_zoo.training.data`; forward randomness (dropout, drop-path) is reseeded per (seed, epoch, batch, rank);
   * a checkpoint stores model + projections, optimizer (Accelerate's `save_state`), and beside them the LR
     schedule and `TrainState` (optimizer step, epoch, batches consumed in the epoch), so a resumed run skips
     exactly the consumed batches (`accelerator.skip_first_batches`) and neither loses nor repeats a step;
   * N processes at batch b equal one process at batch b accumulating N batches, bit for bit: Accelerate deals
     whole batches round-robin, DDP averages what accumulation sums (tests/test_train.py says why it is exact).
-  * a stream source (`kpid_zoo.streams`) shards itself: the same number of batches on every process, a resume
+  * a stream source (`kpid_zoo.training.streams`) shards itself: the same number of batches on every process, a resume
     that skips inside the stream, and an order that depends on the process and worker counts, which the
     checkpoint records (a resume under another layout is refused).
 BatchNorm note: on CPU, SyncBatchNorm is unavailable, so with N processes BN normalises over the per-process
@@ -44,8 +44,8 @@ from .accelerator import process_accelerator, stage_autocast, stage_grad_scaler
 from .data import first_image_shape, loader_layout, prepare_loader, skip_first_batches
 from .distill import DistillationWrapper, InnerDistillLoss, build_distillation, capture_outputs
 from .evaluate import EvalResult, evaluate
-from .files import first_mismatch, hash_files, read_json, write_json
-from .recipe import FinetuneSpec, RecipeError, TrainSpec
+from ..core.files import first_mismatch, hash_files, read_json, write_json
+from ..core.recipe import FinetuneSpec, RecipeError, TrainSpec
 
 CHECKPOINT_RE = re.compile(r'^step_(\d+)$')
 LOOP_STATE_FILE = 'kpid_loop_state.pt'  # TrainState + LR schedule, beside what accelerator.save_state writes
@@ -329,7 +329,7 @@ def _train_loop(accelerator: Accelerator, module: nn.Module, teacher: Optional[n
         _load_checkpoint(accelerator, intact, state, scheduler, layout)
         resumed_from = state.step
     tracker = JsonlTracker(out_dir / 'metrics.jsonl') if accelerator.is_main_process else None
-    # a stream says what an epoch reads, and how many samples it repeats or drops (kpid_zoo.streams)
+    # a stream says what an epoch reads, and how many samples it repeats or drops (kpid_zoo.training.streams)
     stream = train_loader.dataset.describe(train_loader.num_workers) if layout is not None else None
     if stream is not None and progress:
         accelerator.print(stream)

@@ -8,12 +8,13 @@ cannot. A Hub that answers (even with an error) gets the ordinary `hf_hub_downlo
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from pathlib import Path
 
-__all__ = ['HubUnreachableError', 'PROBE_TIMEOUT', 'hub_download', 'probe_timeout', 'require_hub_or_cache',
-           'unreachable']
+__all__ = ['HubUnreachableError', 'PROBE_TIMEOUT', 'hub_download', 'network_errors', 'probe_timeout',
+           'require_hub_or_cache', 'unreachable']
 
 _logger = logging.getLogger(__name__)
 
@@ -34,6 +35,19 @@ def probe_timeout() -> float:
         return PROBE_TIMEOUT
 
 
+def network_errors() -> tuple[type[BaseException], ...]:
+    """What the HTTP clients under huggingface_hub raise when the Hub cannot be reached (not all are OSErrors)."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module, names in (("httpx2", ("TransportError",)), ("httpx", ("TransportError",)),
+                          ("requests", ("ConnectionError", "Timeout"))):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        errors += [getattr(mod, n) for n in names if isinstance(getattr(mod, n, None), type)]
+    return tuple(errors)
+
+
 def unreachable(repo_id: str, filename: str, revision: str | None = None) -> str | None:
     """None when the Hub answers a HEAD of the file's URL (any answer, even 401 or 404); else why it does not.
 
@@ -44,7 +58,6 @@ def unreachable(repo_id: str, filename: str, revision: str | None = None) -> str
     from huggingface_hub import hf_hub_url
     from huggingface_hub.utils import get_session
 
-    from .publish import network_errors
 
     try:
         get_session().head(hf_hub_url(repo_id, filename, revision=revision), timeout=probe_timeout(),

@@ -44,7 +44,7 @@ def evaluate(model: nn.Module, loader, accelerator=None, precision: str = 'no',
 
     With an `accelerator` the loader is expected to be prepared (sharded) and the model on `accelerator.device`;
     per-sample statistics are gathered with `gather_for_metrics`, which drops the duplicates Accelerate pads the
-    last uneven batch with. A stream (`kpid_zoo.streams`) pads nothing, but its processes see different numbers
+    last uneven batch with. A stream (`kpid_zoo.training.streams`) pads nothing, but its processes see different numbers
     of batches: each sums its own and they are added up once, after every process has finished. `precision`
     ('no', 'bf16', 'fp16') autocasts the forward pass (fp32 by default: the figures a model card reports).
     `channels_last` feeds the images in NHWC (for a model already converted).

@@ -12,7 +12,7 @@ architecture: a name's spec never changes. The tag names the weights: `<name>.js
 (default) weights, `<name>.<tag>.json` later weights of the same architecture; other widths need another name.
 A recipe with no record is buildable, not registered.
 
-Records are written by `python -m kpid_zoo.zoo_sources` (the KPID authors' models that timm hosts) and by
+Records are written by `python -m kpid_zoo.zoo.sources` (the KPID authors' models that timm hosts) and by
 `kpid-zoo publish --record` (entries built here from a recipe). Nothing here imports the pruning engine.
 """
 from __future__ import annotations
@@ -26,15 +26,15 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .files import atomic_write_text
+from ..core.files import atomic_write_text
 
 __all__ = ['ZOO_DIR', 'RECIPES_DIR', 'RENAMED', 'AUTHORS', 'KPID_BUILD', 'ZooRecord', 'load_record', 'load_records',
            'pool_size_for', 'zoo_table', 'find_recipe', 'recipe_names', 'closest_names', 'record_for_zoo']
 
-ZOO_DIR = Path(__file__).parent / 'zoo'
+ZOO_DIR = Path(__file__).parent
 # The zoo's recipes, packaged (the repository's recipes/ is a link here), so an installed kpid-zoo builds an entry
 # by name: `kpid-zoo build kpid_effnet_b0`.
-RECIPES_DIR = Path(__file__).parent / 'recipes'
+RECIPES_DIR = Path(__file__).parent.parent / 'recipes'
 RECORD_VERSION = 1
 
 # Names the zoo registered before its names became its recipes' (old -> new): timm still builds them, with a
@@ -250,7 +250,7 @@ def zoo_table(records: list[ZooRecord] | None = None, recipes_dir: str | Path | 
     release, a kpid-zoo build, or none yet) and their source (timm's model.tag, the Hub repo, or the recipe
     file); a buildable row has no numbers yet, but its recipe's budget and the command that builds it.
     """
-    from .recipe import load_recipe  # validates the recipe: a broken packaged recipe fails the table loudly
+    from ..core.recipe import load_recipe  # validates the recipe: a broken packaged recipe fails the table loudly
 
     records = records if records is not None else load_records()
     recipes = {p.stem: p for p in sorted(Path(recipes_dir).glob('*.yaml'))} if recipes_dir is not None else {}

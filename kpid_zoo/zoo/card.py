@@ -189,12 +189,12 @@ def build_zoo_card(record: Any) -> ModelCard:
                   f"through timm as `{record.source_model}`: `pretrained=True` downloads `{record.weights_file}` from "
                   f"[{record.hf_hub_id}](https://huggingface.co/{record.hf_hub_id}) and checks it against the sha256 "
                   f"the Hub reports for it. kpid-zoo ships only the architecture: the width of every channel group "
-                  f"of `{record.parent}`, read off timm's model by `python -m kpid_zoo.zoo_sources`.")
+                  f"of `{record.parent}`, read off timm's model by `python -m kpid_zoo.zoo.sources`.")
     else:
         origin = (f'Built by kpid-zoo from the recipe `{record.source_model}`; weights `{record.weights_file}` in '
                   f'[{record.hf_hub_id}](https://huggingface.co/{record.hf_hub_id}), sha256 '
                   f'`{record.weights_sha256}` (checked on load).')
-    from .zoo import RENAMED  # the zoo module imports nothing heavy; imported here to keep this one standalone
+    from .records import RENAMED  # the zoo module imports nothing heavy; imported here to keep this one standalone
 
     former = sorted(old for old, new in RENAMED.items() if new == record.name)
     names = (f"\n\nOne name, one architecture: `{record.name}` is these widths, and a kpid-zoo build of the recipe "

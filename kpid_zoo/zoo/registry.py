@@ -43,10 +43,10 @@ from timm.models._registry import register_model_deprecations
 
 from .export import (CONFIG_FILE, GENERIC_ARCH, REEXPORT, WEIGHTS_FILE, bound_mismatch, export_config_problem,
                      file_sha256, parse_config, unbound)
-from .files import read_json
-from .hub import hub_download
-from .model_card import PAPER_ID, PAPER_NAME, PAPER_URL
-from .zoo import RENAMED, ZOO_DIR, ZooRecord, load_records, pool_size_for
+from ..core.files import read_json
+from ..core.hub import hub_download
+from .card import PAPER_ID, PAPER_NAME, PAPER_URL
+from .records import RENAMED, ZOO_DIR, ZooRecord, load_records, pool_size_for
 
 __all__ = ['DEFAULT_SPEC', 'KpidHubError', 'KpidWeightsError', 'create_kpid', 'zoo_records']
 
@@ -164,7 +164,7 @@ def _check_export(variant: str, cfg: dict, model_args: dict | None, pretrained: 
     `cfg` and `model_args` are what timm read from it and builds with (its parsed pretrained cfg, and the model
     arguments it passes on): the binding recorded at export is checked on those.
     """
-    from .surgery import ArchSpec, check_model_kwargs
+    from ..engine.surgery import ArchSpec, check_model_kwargs
 
     config, path = _export_config(variant, cfg, cache_dir)
     problem = export_config_problem(config)
@@ -194,7 +194,7 @@ def _recorded_sha(config: dict, where: str) -> str:
     sha = (config.get('kpid') or {}).get('weights_sha256')
     if not sha:
         raise KpidWeightsError(f'{where}: no kpid.weights_sha256 recorded, so the weights cannot be checked '
-                               f'(was it exported by kpid_zoo.export?)')
+                               f'(was it exported by kpid_zoo.zoo.export?)')
     return sha
 
 
@@ -306,7 +306,7 @@ def _check_shapes(state_dict: dict, model: nn.Module, *, variant: str, source: s
 # Model creation
 
 def _build_net(kpid_spec: dict, feature_cfg: dict, **kwargs) -> nn.Module:
-    from .surgery import ArchSpec, build_pruned  # surgery pulls in the fx tracer: only when a model is built
+    from ..engine.surgery import ArchSpec, build_pruned  # surgery pulls in the fx tracer: only when a model is built
     net = build_pruned(ArchSpec.from_dict(kpid_spec, source='kpid_spec'), **kwargs)
     if feature_cfg.get('all_levels'):
         # features_only: the parent's levels, however many (timm's builder assumes five); read once it is built,
@@ -319,7 +319,7 @@ def _build_net(kpid_spec: dict, feature_cfg: dict, **kwargs) -> nn.Module:
 def _spec_dict(kpid_spec: Any, where: str) -> dict:
     """The spec as a checked dict. A spec is data: a str is refused, never opened (from a config.json it could name
     any local file, or a FIFO that blocks); a Python caller with a saved spec passes `ArchSpec.load(path)`."""
-    from .surgery import ArchSpec
+    from ..engine.surgery import ArchSpec
 
     if isinstance(kpid_spec, ArchSpec):
         kpid_spec = kpid_spec.to_dict()

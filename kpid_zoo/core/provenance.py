@@ -4,7 +4,7 @@ Every stage of `kpid-zoo build` (parent adaptation, pruning, fine-tune, evaluati
 `<work>/stages/<stage>.json`:
 
     inputs  the recipe fields the stage reads, the digests of the upstream results it consumes (dotted names),
-            and the fingerprint of each data split it reads (`data.train`, `data.val`: `kpid_zoo.datasource`)
+            and the fingerprint of each data split it reads (`data.train`, `data.val`: `kpid_zoo.core.datasource`)
     files   sha256 of each result file, or null while the stage runs
 
 `Stage.begin` writes the manifest with `files: null` before any work, so the checkpoints of an interrupted run are
