@@ -143,7 +143,10 @@ def build(recipe_path: str | Path, out_dir: str | Path | None = None, work_dir: 
 
 def _build(accelerator: Accelerator, recipe: Recipe, paths: BuildPaths, progress: bool) -> BuildResult:
     parent = create_parent(recipe)
-    data = create_loaders(recipe.data, model=parent, input_size=recipe.input_size, seed=recipe.finetune.seed)
+    data = create_loaders(recipe.data, model=parent, input_size=recipe.input_size, seed=recipe.finetune.seed,
+                          progress=progress)
+    if data.source:
+        _logger(accelerator)(f"data: {data.source}, from {data.source_path}")
     parent, parent_ref = adapt_parent(accelerator, recipe, parent, data, paths.work, progress)
     pruned, pruned_ref = load_or_prune(accelerator, recipe, parent, data, paths, parent_ref, progress)
     if accelerator.is_main_process:
@@ -152,7 +155,7 @@ def _build(accelerator: Accelerator, recipe: Recipe, paths: BuildPaths, progress
     student, student_val, finetune_ref = distill(accelerator, recipe, parent, pruned, data, paths, parent_ref,
                                                  pruned_ref, progress)
     metrics, eval_ref = eval_stage(accelerator, recipe, parent, student, data, student_val, paths,
-                                   {**parent_ref, **finetune_ref})
+                                   {**parent_ref, **finetune_ref}, progress)
     # the card embeds the whole recipe and the kpid-zoo version: any change to either is a new export
     inputs = {**_recipe_inputs(recipe), **pruned_ref, **finetune_ref, **eval_ref, "kpid_zoo.version": __version__}
     stage = Stage("export", paths.work, paths.export, EXPORT_FILES + (WIDTHS_PLOT,), inputs,
@@ -358,29 +361,34 @@ def load_prune_outputs(folder: Path, parent: nn.Module, input_size: tuple[int, i
 
 
 def eval_stage(accelerator: Accelerator, recipe: Recipe, parent: nn.Module, student: nn.Module, data: DataBundle,
-               student_val: EvalResult | None, paths: BuildPaths, upstream: dict) -> tuple[dict, dict[str, Any]]:
+               student_val: EvalResult | None, paths: BuildPaths, upstream: dict, progress: bool = True
+               ) -> tuple[dict, dict[str, Any]]:
     """The evaluation stage: `measure`, or the metrics in eval.json while they are fresh."""
     stage = Stage("eval", paths.work, paths.work, (paths.eval.name,),
                   {**upstream, **_recipe_inputs(recipe, EVAL_FIELDS)}, scratch=(paths.eval,), log=_logger(accelerator))
     metrics = run_stage(accelerator, stage,
-                        lambda: measure(accelerator, recipe, parent, student, data, student_val, paths),
+                        lambda: measure(accelerator, recipe, parent, student, data, student_val, paths, progress),
                         lambda: read_json(paths.eval))
     return metrics, {f"{UPSTREAM}eval": stage.digest}
 
 
 def measure(accelerator: Accelerator, recipe: Recipe, parent: nn.Module, student: nn.Module, data: DataBundle,
-            student_val: EvalResult | None, paths: BuildPaths) -> dict:
+            student_val: EvalResult | None, paths: BuildPaths, progress: bool = True) -> dict:
     """Top-1/top-5 of the pruned net and of its parent on the recipe's validation split (written to eval.json),
     on the accelerator: each process scores its shard and `gather_for_metrics` counts every image once."""
     val_loader = prepare_loader(accelerator, data.val_loader)
     try:
-        student_val = student_val or evaluate(student.to(accelerator.device), val_loader, accelerator)
-        parent_val = evaluate(parent.to(accelerator.device), val_loader, accelerator)
+        student_val = student_val or evaluate(student.to(accelerator.device), val_loader, accelerator,
+                                              progress=progress, desc="evaluate (pruned)")
+        parent_val = evaluate(parent.to(accelerator.device), val_loader, accelerator, progress=progress,
+                              desc="evaluate (parent)")
     finally:
         accelerator.free_memory()
     metrics = {"top1": student_val.top1, "top5": student_val.top5, "parent_top1": parent_val.top1,
                "parent_top5": parent_val.top5, "n": student_val.n,
                "dataset": recipe.data.dataset, "split": recipe.data.val_split}
+    if data.source:  # CIFAR-10: the JPEG copy (quality 75) scores lower than the official images
+        metrics["data_source"] = data.source
     if accelerator.is_main_process:
         write_json(paths.eval, metrics)
     return metrics

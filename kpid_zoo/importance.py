@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import threads
 from .groups import ChannelMap, GroupGraph
 
 Importance = dict[str, torch.Tensor]  # group name -> one score per channel of the parent
@@ -65,6 +66,7 @@ def taylor_importance(model: nn.Module, graph: GroupGraph, batches: Iterable, nu
             x, y = next(it)
         except StopIteration:
             break
+        threads.tick()
         with torch.enable_grad():
             loss = loss_fn(model(x.to(device)), y.to(device))
             grads = dict(zip(map(id, unique), torch.autograd.grad(loss, unique, allow_unused=True)))
