@@ -1,6 +1,7 @@
 """The main job's training step on a busy machine: idle, and beside 1 and 2 CPU-bound processes at normal priority,
-with 1 torch thread, 2 threads, and the build's default (`kpid_zoo.threads`: the cores the others leave free,
-re-checked every few seconds).
+with 1 torch thread, 2 threads (OpenMP's default wait, and PASSIVE), and the build's default (`kpid_zoo.threads`:
+the cores the other processes leave free, re-checked every few seconds; `kpid_zoo._openmp`: idle OpenMP threads
+sleep instead of spinning).
 
 The step is the parent stage's of the README's main job (recipes/kpid_effnet_lite0_cifar10.yaml):
 tf_efficientnet_lite0 at 64 px, channels_last, batch 64 of real CIFAR-10 JPEGs through the build's own loader
@@ -8,18 +9,19 @@ tf_efficientnet_lite0 at 64 px, channels_last, batch 64 of real CIFAR-10 JPEGs t
 the speed does not depend on them.
 
 Each configuration is a worker process, started once (its model and loader ready) and told to run a fixed number
-of steps at a time; the runs are interleaved (every repeat runs each competitor count, and within it each
-configuration, in a rotated order), so that a change in the machine's state during the benchmark touches every
-configuration alike. A competitor is `python -c 'while True: pass'` at normal priority. A run of the adaptive
-default starts as a build stage does, with its 0.3 s look at the machine. Reported: the median steps/s over the
-repeats, its range, and the slowdown against the same configuration on the idle machine and against the best
-idle figure. About 5 minutes on 2 cores.
+of steps at a time (a run stops early after --max-seconds, so a configuration that collapses costs 20 s, not
+minutes); the runs are interleaved (every repeat runs each competitor count, and within it each configuration, in
+a rotated order), so that a change in the machine's state during the benchmark touches every configuration alike.
+A competitor is a pure-Python busy loop at normal priority in a session of its own (a job started from another
+terminal). A run of the adaptive default starts as a build stage does, with its 0.3 s look at the machine.
+Reported: the median steps/s over the repeats, its range, and the slowdown against the same configuration idle
+and against the best idle figure. About 6 minutes on 2 cores.
 
-    PYTHONPATH=. python benchmarks/busy_machine.py                 # writes docs/busy_machine.md
+    PYTHONPATH=. python benchmarks/busy_machine.py                 # writes docs/busy_machine.md (+ .json)
     PYTHONPATH=. python benchmarks/busy_machine.py --repeats 5 --steps 20
-    PYTHONPATH=. python benchmarks/busy_machine.py --configs 1 2 2-passive auto   # also OMP_WAIT_POLICY=PASSIVE
+    PYTHONPATH=. python benchmarks/busy_machine.py --configs 2 2-spin10000 auto auto-spin --out -   # other waits
 
-Run it on an otherwise idle machine: other work on the cores is an unlisted competitor.
+Run it on an otherwise idle machine: other work on the cores is a competitor the table does not list.
 """
 from __future__ import annotations
 
@@ -82,34 +84,47 @@ def worker(config: str) -> None:
     step()  # the loader worker starts, the first step allocates
     print(json.dumps({'ready': True, 'threads': torch.get_num_threads()}), flush=True)
     for line in sys.stdin:
-        steps = int(json.loads(line)['steps'])
+        request = json.loads(line)
+        steps, cap = int(request['steps']), float(request['max_seconds'])
         if kthreads._GOVERNOR is not None:
             kthreads._GOVERNOR.last = None  # a fresh look, as at the start of a build stage
         seen = []
         for _ in range(WARMUP_STEPS):
             kthreads.tick()
             step()
-        start = time.perf_counter()
-        for _ in range(steps):
+        start, done = time.perf_counter(), 0
+        while done < steps and (done < 2 or time.perf_counter() - start < cap):
             kthreads.tick()
             seen.append(torch.get_num_threads())
             step()
+            done += 1
         elapsed = time.perf_counter() - start
-        print(json.dumps({'rate': steps / elapsed, 'threads': sorted(set(seen))}), flush=True)
+        print(json.dumps({'rate': done / elapsed, 'steps': done, 'threads': sorted(set(seen))}), flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # parent: workers, competitors, the interleaved schedule, the report
 
 def config_env(config: str) -> dict:
-    """`1`, `2`: OMP_NUM_THREADS; `auto`: the build's default (no OMP_NUM_THREADS); `-passive`: OMP_WAIT_POLICY."""
+    """`1`, `2`: OMP_NUM_THREADS, OpenMP's default wait (what torch does unless told); `auto`: the build's default
+    (adaptive count, and the wait the kpid-zoo command sets: `kpid_zoo._openmp`). A suffix sets the wait:
+    `-passive` OMP_WAIT_POLICY=PASSIVE (sleep at once), `-spin` OpenMP's default (spin ~3 ms), `-spinN`
+    GOMP_SPINCOUNT=N."""
+    from kpid_zoo._openmp import WAIT_ENV
+
     env = {k: v for k, v in os.environ.items() if k not in ('OMP_NUM_THREADS', 'OMP_WAIT_POLICY', 'GOMP_SPINCOUNT')}
     env['PYTHONPATH'] = str(REPO)
-    base, _, policy = config.partition('-')
+    base, _, wait = config.partition('-')
     if base != 'auto':
         env['OMP_NUM_THREADS'] = base
-    if policy == 'passive':
+    elif not wait:
+        env.update(WAIT_ENV)
+    if wait == 'passive':
         env['OMP_WAIT_POLICY'] = 'PASSIVE'
+    elif wait.startswith('spin') and wait[4:]:
+        env['GOMP_SPINCOUNT'] = wait[4:]
+    elif wait not in ('', 'spin'):
+        raise SystemExit(f'unknown configuration {config!r}')
     return env
 
 
@@ -126,8 +141,8 @@ class Worker:
             raise RuntimeError(f'worker {self.config} exited (code {self.proc.wait()})')
         return json.loads(line)
 
-    def run(self, steps: int) -> dict:
-        self.proc.stdin.write(json.dumps({'steps': steps}) + '\n')
+    def run(self, steps: int, max_seconds: float) -> dict:
+        self.proc.stdin.write(json.dumps({'steps': steps, 'max_seconds': max_seconds}) + '\n')
         self.proc.stdin.flush()
         return self._read()
 
@@ -141,7 +156,9 @@ class Worker:
 
 
 def start_competitors(n: int) -> list[subprocess.Popen]:
-    return [subprocess.Popen([sys.executable, '-c', BUSY_LOOP]) for _ in range(n)]
+    # each in a session of its own, like a job started from another terminal: where the kernel groups a session's
+    # processes for scheduling (autogroup), it is a competitor of the build's group, not a member of it
+    return [subprocess.Popen([sys.executable, '-c', BUSY_LOOP], start_new_session=True) for _ in range(n)]
 
 
 def stop(procs: list[subprocess.Popen]) -> None:
@@ -151,7 +168,7 @@ def stop(procs: list[subprocess.Popen]) -> None:
         proc.wait()
 
 
-def measure(configs: list[str], competitors: list[int], repeats: int, steps: int) -> dict:
+def measure(configs: list[str], competitors: list[int], repeats: int, steps: int, max_seconds: float) -> dict:
     workers = {}
     try:
         for config in configs:  # one at a time: the first one may unpack CIFAR-10 into the cache
@@ -166,7 +183,7 @@ def measure(configs: list[str], competitors: list[int], repeats: int, steps: int
                     time.sleep(0.5)  # the competitors are running before the first step
                     for j in range(len(configs)):
                         config = configs[(j + r) % len(configs)]
-                        out = workers[config].run(steps)
+                        out = workers[config].run(steps, max_seconds)
                         runs[(config, n)].append(out)
                         print(f'repeat {r + 1}/{repeats}, {n} competitor(s), {config}: {out["rate"]:.2f} steps/s '
                               f'(threads {out["threads"]})', flush=True)
@@ -198,9 +215,9 @@ def table(configs: list[str], competitors: list[int], runs: dict) -> list[str]:
     return lines
 
 
-LABELS = {'1': '1', '2': '2 (torch\'s default here)', 'auto': 'build default (adaptive)',
-          '1-passive': '1, OMP_WAIT_POLICY=PASSIVE', '2-passive': '2, OMP_WAIT_POLICY=PASSIVE',
-          'auto-passive': 'adaptive, OMP_WAIT_POLICY=PASSIVE'}
+LABELS = {'1': '1', '2': '2 (torch\'s default on 2 cores)', '2-passive': '2, OMP_WAIT_POLICY=PASSIVE',
+          'auto': '**build default**: adaptive, PASSIVE', 'auto-spin': 'adaptive, OpenMP\'s default wait',
+          '1-passive': '1, OMP_WAIT_POLICY=PASSIVE'}
 
 
 def report(args, runs: dict, seconds: float) -> str:
@@ -210,7 +227,7 @@ def report(args, runs: dict, seconds: float) -> str:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
     lines = [
         '# The main job on a busy machine', '',
-        f'`PYTHONPATH=. python benchmarks/busy_machine.py --repeats {args.repeats} --steps {args.steps}` on '
+        f'`{" ".join(["PYTHONPATH=. python benchmarks/busy_machine.py"] + sys.argv[1:])}` on '
         f'{cpu_model()}, {cpus} CPUs, torch {torch.__version__}; {seconds / 60:.1f} min.', '',
         'Training steps per second of the main job\'s parent stage (tf_efficientnet_lite0, 64 px, channels_last, '
         'batch 64 of CIFAR-10 JPEGs, one loader worker), idle and beside CPU-bound busy loops at normal priority. '
@@ -218,10 +235,13 @@ def report(args, runs: dict, seconds: float) -> str:
         'busy machine the slowdown against the same row idle / against the best idle figure; the adaptive rows '
         'also list the thread counts their runs used.', '']
     lines += table(args.configs, args.competitors, runs)
-    lines += ['', 'The build\'s default (`kpid_zoo.threads`, no OMP_NUM_THREADS set): torch runs on the CPUs the '
-              'other processes leave free (their busy time over the last seconds, niced processes not counted), '
-              're-checked every 5 s in every long loop. `OMP_NUM_THREADS=N` or `kpid-zoo build --threads N` '
-              'fixes the count.', '']
+    lines += ['', 'Rows: `OMP_NUM_THREADS=1` / `2` with OpenMP\'s default wait (an idle thread spins about 3 ms '
+              'before it sleeps), 2 with `OMP_WAIT_POLICY=PASSIVE` (it sleeps at once), and the build\'s default '
+              'as `kpid-zoo build` runs it: torch on the CPUs the other processes leave free (their busy time over '
+              'the last seconds, niced processes not counted; `kpid_zoo.threads`), re-checked every 5 s in every '
+              'long loop, with `OMP_WAIT_POLICY=PASSIVE` (`kpid_zoo._openmp`). `OMP_NUM_THREADS=N` or '
+              '`kpid-zoo build --threads N` fixes the count; an `OMP_WAIT_POLICY` or `GOMP_SPINCOUNT` in the '
+              'environment sets the wait.', '']
     return '\n'.join(lines)
 
 
@@ -230,17 +250,19 @@ def main() -> None:
         worker(sys.argv[2])
         return
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    ap.add_argument('--configs', nargs='+', default=['1', '2', 'auto'],
-                    help='1, 2 (OMP_NUM_THREADS), auto (the build\'s default); a -passive suffix adds '
-                         'OMP_WAIT_POLICY=PASSIVE')
+    ap.add_argument('--configs', nargs='+', default=['1', '2', '2-passive', 'auto'],
+                    help='1, 2 (OMP_NUM_THREADS), auto (the build\'s default); suffixes: see config_env')
     ap.add_argument('--competitors', type=int, nargs='+', default=[0, 1, 2])
     ap.add_argument('--repeats', type=int, default=3)
-    ap.add_argument('--steps', type=int, default=12)
+    ap.add_argument('--steps', type=int, default=10)
+    ap.add_argument('--max-seconds', type=float, default=20.0,
+                    help='a run stops after this long even short of --steps (a collapsed configuration would '
+                         'otherwise take minutes a run)')
     ap.add_argument('--out', default=str(REPO / 'docs' / 'busy_machine.md'), help="'-': print only")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still stops the workers and competitors
     start = time.time()
-    runs = measure(args.configs, args.competitors, args.repeats, args.steps)
+    runs = measure(args.configs, args.competitors, args.repeats, args.steps, args.max_seconds)
     text = report(args, runs, time.time() - start)
     print(text)
     if args.out != '-':

@@ -1,20 +1,22 @@
 """Torch's intra-op thread count from the cores other processes leave free, re-checked while a build runs.
 
-Why: torch runs each operator on a fixed team of OpenMP threads that meet at a barrier when it ends. When another
-CPU-bound process holds one of the cores, one of the team is descheduled for a whole scheduler slice and the
-others wait for it at every operator: on 2 cores, one competing busy loop at normal priority made a 2-thread
-training step of the main job 2.9x slower, and several made it 25x slower, while a 1-thread step barely moved
-(benchmarks/busy_machine.py, docs/busy_machine.md). A competitor at a lower priority (nice) costs nothing: the
-kernel hands our threads the core as soon as they want it.
+Why: torch runs each operator on a team of OpenMP threads that meet at a barrier when it ends. When another
+CPU-bound process holds one of the cores, one of the team waits for a scheduler slice at every operator, while
+its teammate spins (OpenMP's default: about 3 ms before it sleeps) on the core the others need: on 2 cores, one
+competing busy loop at normal priority made a 2-thread training step of the main job 2.9x slower, and a machine
+full of other jobs made it 25x slower, while a 1-thread step barely moved (benchmarks/busy_machine.py,
+docs/busy_machine.md). A competitor at a lower priority (nice) costs nothing: the kernel gives way to us.
 
-So the build asks how much CPU the other processes took over the last few seconds (their busy time from
-/proc/stat's counters, less this process's and its children's, such as the loader workers; niced processes left
-out when this one is not niced itself) and runs on the cores that leaves, rounded: `choose_threads`. The count is
-re-checked every few seconds (`tick`, called by every long loop: training steps, evaluation batches, the
-importance pass), so a build that started beside a busy job takes the second core back when that job ends.
+Two defaults of the `kpid-zoo` commands answer it. Idle OpenMP threads sleep instead of spinning
+(OMP_WAIT_POLICY=PASSIVE, set before torch loads: `kpid_zoo._openmp`). And the build asks how much CPU the other
+processes took over the last few seconds (the machine's busy time from /proc/stat's counters, less this process's
+and its children's, such as the loader workers; niced processes left out when this one is not niced itself) and
+runs on the cores that leaves, rounded: `choose_threads`. The count is re-checked every few seconds (`tick`,
+called by every long loop: training steps, evaluation batches, the importance pass), so a build that started
+beside a busy job takes the second core back when that job ends.
 
 An explicit thread count wins: OMP_NUM_THREADS in the environment (torch already follows it) or `kpid-zoo build
---threads N`. Only the command line turns the adaptive count on (`configure`); a library caller keeps torch's
+--threads N`. Only the command line turns the adaptive count on (`thread_policy`); a library caller keeps torch's
 own setting and `tick` does nothing.
 """
 from __future__ import annotations
@@ -29,6 +31,8 @@ from typing import Callable, Iterator, Optional
 
 import psutil
 import torch
+
+from ._openmp import describe_wait
 
 logger = logging.getLogger(__name__)
 
@@ -143,15 +147,16 @@ def configure(threads: Optional[int] = None) -> str:
     in words, for the log."""
     global _GOVERNOR
     _GOVERNOR = None
+    wait = describe_wait()
     if threads is not None:
         if threads < 1:
             raise ValueError(f'--threads: expected a positive number of threads, got {threads}')
         torch.set_num_threads(threads)
-        return f'{threads} torch thread(s) (--threads)'
+        return f'{threads} torch thread(s) (--threads); {wait}'
     if os.environ.get(THREADS_ENV):
-        return f'{torch.get_num_threads()} torch thread(s) ({THREADS_ENV}={os.environ[THREADS_ENV]})'
+        return f'{torch.get_num_threads()} torch thread(s) ({THREADS_ENV}={os.environ[THREADS_ENV]}); {wait}'
     _GOVERNOR = ThreadGovernor(max_threads=torch.get_num_threads())
-    return f'up to {_GOVERNOR.max_threads} torch thread(s), fewer while other processes keep CPUs busy'
+    return f'up to {_GOVERNOR.max_threads} torch thread(s), fewer while other processes keep CPUs busy; {wait}'
 
 
 def tick() -> None:
