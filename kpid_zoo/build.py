@@ -7,7 +7,9 @@ sha256 of each file. A rerun reuses a stage only when both still hold, says why 
 fine-tunes resume from their last checkpoint whose files still have their recorded hashes. The checks that need
 no training (family, FLOPs target vs the parent's and vs the smallest reachable) run first, and a lock keeps a
 second build out of the same work folder. Every stage starts from an RNG state of its own, so a build gives the
-same bytes whether it ran straight through or was killed and resumed anywhere.
+same bytes whether it ran straight through or was killed and resumed anywhere, at a fixed torch thread count
+(`--threads N` or OMP_NUM_THREADS; the command line's default follows the machine's load, `kpid_zoo.threads`, and
+torch's sums follow the thread count).
 Under `accelerate launch` the pruning runs on the main process first and the other ranks read its result, so
 all ranks train the same architecture.
 """

@@ -330,8 +330,10 @@ def _train_loop(accelerator: Accelerator, module: nn.Module, teacher: Optional[n
             state.step += 1
             if state.batch_in_epoch >= batches_per_epoch:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            # threads: sums are taken in an order that follows the thread count, which the command line's
+            # default adapts to the machine's load (kpid_zoo.threads): the record of what each step ran on
             metrics = {'loss': loss.item(), 'lr': scheduler.get_last_lr()[0], 'epoch': state.epoch,
-                       **{k: v.item() for k, v in parts.items()}}
+                       'threads': torch.get_num_threads(), **{k: v.item() for k, v in parts.items()}}
             losses.append(metrics['loss'])
             if tracker is not None:
                 tracker.log(metrics, step=state.step)
