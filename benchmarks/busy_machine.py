@@ -9,8 +9,8 @@ tf_efficientnet_lite0 at 64 px, channels_last, batch 64 of real CIFAR-10 JPEGs t
 the speed does not depend on them.
 
 Each configuration is a worker process, started once (its model and loader ready) and told to run a fixed number
-of steps at a time (a run stops early after --max-seconds, so a configuration that collapses costs 20 s, not
-minutes); the runs are interleaved (every repeat runs each competitor count, and within it each configuration, in
+of steps at a time (a run stops early after --max-seconds and 2 steps, so a configuration that collapses costs
+seconds, not minutes); the runs are interleaved (every repeat runs each competitor count, and within it each configuration, in
 a rotated order), so that a change in the machine's state during the benchmark touches every configuration alike.
 A competitor is a pure-Python busy loop at normal priority in a session of its own (a job started from another
 terminal). A run of the adaptive default starts as a build stage does, with its 0.3 s look at the machine.
@@ -220,7 +220,7 @@ LABELS = {'1': '1', '2': '2 (torch\'s default on 2 cores)', '2-passive': '2, OMP
           '1-passive': '1, OMP_WAIT_POLICY=PASSIVE'}
 
 
-def report(args, runs: dict, seconds: float) -> str:
+def report(args, runs: dict, seconds: float, load: tuple[float, float]) -> str:
     import torch
 
     from kpid_zoo.latency import cpu_model
@@ -228,7 +228,8 @@ def report(args, runs: dict, seconds: float) -> str:
     lines = [
         '# The main job on a busy machine', '',
         f'`{" ".join(["PYTHONPATH=. python benchmarks/busy_machine.py"] + sys.argv[1:])}` on '
-        f'{cpu_model()}, {cpus} CPUs, torch {torch.__version__}; {seconds / 60:.1f} min.', '',
+        f'{cpu_model()}, {cpus} CPUs, torch {torch.__version__}; {seconds / 60:.1f} min; load average before / '
+        f'after: {load[0]:.1f} / {load[1]:.1f} (the benchmark\'s own processes count in the second).', '',
         'Training steps per second of the main job\'s parent stage (tf_efficientnet_lite0, 64 px, channels_last, '
         'batch 64 of CIFAR-10 JPEGs, one loader worker), idle and beside CPU-bound busy loops at normal priority. '
         f'Each cell: the median over {args.repeats} interleaved runs of {args.steps} steps, (min-max), and for a '
@@ -255,15 +256,15 @@ def main() -> None:
     ap.add_argument('--competitors', type=int, nargs='+', default=[0, 1, 2])
     ap.add_argument('--repeats', type=int, default=3)
     ap.add_argument('--steps', type=int, default=10)
-    ap.add_argument('--max-seconds', type=float, default=20.0,
+    ap.add_argument('--max-seconds', type=float, default=8.0,
                     help='a run stops after this long even short of --steps (a collapsed configuration would '
                          'otherwise take minutes a run)')
     ap.add_argument('--out', default=str(REPO / 'docs' / 'busy_machine.md'), help="'-': print only")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still stops the workers and competitors
-    start = time.time()
+    start, load_before = time.time(), os.getloadavg()[0]
     runs = measure(args.configs, args.competitors, args.repeats, args.steps, args.max_seconds)
-    text = report(args, runs, time.time() - start)
+    text = report(args, runs, time.time() - start, (load_before, os.getloadavg()[0]))
     print(text)
     if args.out != '-':
         out = Path(args.out)
