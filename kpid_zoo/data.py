@@ -166,6 +166,9 @@ def resolve_cifar10(root: Optional[str | os.PathLike] = None, cache_dir: Optiona
         return Cifar10Source('jpeg', prepare_cifar10(None, cache_dir, progress))
     if _is_official_tree(cache_dir / CIFAR10_OFFICIAL_DIRNAME):
         return Cifar10Source('official', cache_dir)
+    if (cache_dir / CIFAR10_OFFICIAL_DIRNAME).exists():  # checked before a 170 MB download that could not land
+        raise ValueError(f'{cache_dir / CIFAR10_OFFICIAL_DIRNAME} exists but is not a complete official CIFAR-10; '
+                         f'remove it to download the set there')
     with _cache_lock(cache_dir):
         if not _is_official_tree(cache_dir / CIFAR10_OFFICIAL_DIRNAME):  # else another process fetched it meanwhile
             try:
@@ -257,6 +260,7 @@ def _unpack_official(archive: Path, cache_dir: Path, progress: bool) -> Path:
     def complete(tree: Path) -> Optional[str]:
         missing = [name for name in _official_files() if not (tree / name).is_file()]
         return f'has no {CIFAR10_OFFICIAL_DIRNAME}/{missing[0]}' if missing else None
+    remove_staging(cache_dir, CIFAR10_OFFICIAL_DIRNAME)  # a killed unpack's leftovers (the caller holds the lock)
     return unpack_tarball(archive, cache_dir, CIFAR10_OFFICIAL_DIRNAME, progress, complete)
 
 
@@ -325,6 +329,8 @@ def unpack_tarball(tarball: Path, into: Path, top: str, progress: bool = False,
     `check` is a ValueError naming it.
     """
     tarball, into = Path(tarball), Path(into)
+    if (into / top).exists():  # not written by an unpack (those appear complete or not at all): not ours to replace
+        raise ValueError(f'{into / top} exists but is not a complete copy; remove it to unpack {tarball} there')
     staging = _staging_dir(into, top)
     try:
         try:

@@ -368,3 +368,32 @@ def test_unpack_tarball_refuses_an_archive_without_the_expected_folder(tmp_path)
     with pytest.raises(ValueError, match=f'{tarball} has no cifar-10-batches-py/ folder'):
         unpack_tarball(tarball, tmp_path / 'into', 'cifar-10-batches-py')
     assert list((tmp_path / 'into').iterdir()) == []
+
+
+def test_the_export_says_which_copy_its_figures_used(tmp_path):
+    """The JPEG copy (quality 75) scores lower than the official images: eval.json's data_source reaches the
+    exported config and the model card."""
+    import json
+
+    from export_utils import make_report, pruned_spec, tiny_recipe
+    from kpid_zoo.export import export_model
+    from kpid_zoo.surgery import build_pruned
+
+    spec = pruned_spec('resnet10t', input_size=(3, 32, 32))
+    model = build_pruned(spec, num_classes=10).eval()
+    folder = export_model(model, spec, tmp_path / 'out', name='kpid_tiny_test',
+                          pretrained_cfg=dict(input_size=(3, 32, 32), crop_pct=1.0),
+                          metrics=dict(top1=50.0, top5=90.0, data_source='cifar10-jpg (JPEG quality 75)'),
+                          report=make_report(spec, model, 10), recipe=tiny_recipe())
+    assert json.loads((folder / 'config.json').read_text())['kpid']['metrics']['data_source'] == \
+        'cifar10-jpg (JPEG quality 75)'
+    assert '| Images (train and eval) | cifar10-jpg (JPEG quality 75) |' in (folder / 'README.md').read_text()
+
+
+def test_an_incomplete_folder_in_the_cache_is_named_not_replaced(no_local_copy, server):
+    partial = no_local_copy / 'cifar-10-batches-py'
+    partial.mkdir(parents=True)
+    (partial / 'data_batch_1').write_bytes(FILES['data_batch_1'])
+    with pytest.raises(ValueError, match=f'{partial} exists but is not a complete official CIFAR-10'):
+        resolve_cifar10()
+    assert server.requests == 0 and [p.name for p in partial.iterdir()] == ['data_batch_1']
