@@ -236,6 +236,12 @@ def report(args, runs: dict, seconds: float, load: tuple[float, float]) -> str:
         'busy machine the slowdown against the same row idle / against the best idle figure; the adaptive rows '
         'also list the thread counts their runs used.', '']
     lines += table(args.configs, args.competitors, runs)
+    med = {key: statistics.median(o['rate'] for o in outs) for key, outs in runs.items()}
+    if ('auto', 0) in med and ('2', 0) in med:
+        lines += ['', f'The build default against torch\'s default idle ({med[("2", 0)]:.2f} steps/s): ' + ', '.join(
+            f'{med[("2", 0)] / med[("auto", n)]:.2f}x slower with {n} competitor{"s" if n != 1 else ""}'
+            if med[('auto', n)] < med[('2', 0)] else f'{med[("auto", n)] / med[("2", 0)]:.2f}x as fast idle'
+            for n in args.competitors if ('auto', n) in med) + '.']
     lines += ['', 'Rows: `OMP_NUM_THREADS=1` / `2` with OpenMP\'s default wait (an idle thread spins about 3 ms '
               'before it sleeps), 2 with `OMP_WAIT_POLICY=PASSIVE` (it sleeps at once), and the build\'s default '
               'as `kpid-zoo build` runs it: torch on the CPUs the other processes leave free (their busy time over '
@@ -260,17 +266,29 @@ def main() -> None:
                     help='a run stops after this long even short of --steps (a collapsed configuration would '
                          'otherwise take minutes a run)')
     ap.add_argument('--out', default=str(REPO / 'docs' / 'busy_machine.md'), help="'-': print only")
+    ap.add_argument('--from-json', metavar='JSON', help='write the report of an earlier run (its .json) again')
     args = ap.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still stops the workers and competitors
-    start, load_before = time.time(), os.getloadavg()[0]
-    runs = measure(args.configs, args.competitors, args.repeats, args.steps, args.max_seconds)
-    text = report(args, runs, time.time() - start, (load_before, os.getloadavg()[0]))
+    rerender = bool(args.from_json)
+    if rerender:
+        saved = json.loads(Path(args.from_json).read_text())
+        args = argparse.Namespace(**{**saved['args'], 'out': args.out})
+        runs = {(k.split('|')[0], int(k.split('|')[1])): v for k, v in saved['runs'].items()}
+        sys.argv[1:] = saved['argv']
+        text = report(args, runs, saved['seconds'], tuple(saved['load']))
+    else:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still stops the workers and competitors
+        start, load_before = time.time(), os.getloadavg()[0]
+        runs = measure(args.configs, args.competitors, args.repeats, args.steps, args.max_seconds)
+        seconds, load = time.time() - start, (load_before, os.getloadavg()[0])
+        text = report(args, runs, seconds, load)
+        saved = {'argv': sys.argv[1:], 'args': vars(args), 'seconds': seconds, 'load': load,
+                 'runs': {f'{c}|{n}': v for (c, n), v in runs.items()}}
     print(text)
     if args.out != '-':
         out = Path(args.out)
         out.write_text(text)
-        out.with_suffix('.json').write_text(json.dumps(
-            {'args': vars(args), 'runs': {f'{c}|{n}': v for (c, n), v in runs.items()}}, indent=2) + '\n')
+        if not rerender:
+            out.with_suffix('.json').write_text(json.dumps(saved, indent=2) + '\n')
 
 
 if __name__ == '__main__':
