@@ -177,7 +177,7 @@ def resolve_cifar10(root: Optional[str | os.PathLike] = None, cache_dir: Optiona
                 raise DataUnavailableError(
                     f'CIFAR-10 not found and not downloaded: no data.root or ${CIFAR10_TAR_ENV} given; no '
                     f'{" or ".join(str(p) for p in _shared_tarballs())}; no copy in {cache_dir}; {e}. Provide it: '
-                    f'run once where {CIFAR10_URL} can be reached (the official set, 163 MB, goes into '
+                    f'run once where {CIFAR10_URL} can be reached (the official set, 170 MB, goes into '
                     f'{cache_dir}; ${CACHE_ENV} moves it), or set data.root or ${CIFAR10_TAR_ENV} to a copy of '
                     f'{CIFAR10_OFFICIAL_TARBALL} or {CIFAR10_TARBALL}') from None
     return Cifar10Source('official', cache_dir)
