@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default runs/<name>/pruned)")
     p.add_argument("--force", action="store_true", help="prune again even if the output folder exists")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--threads", type=_count(1), metavar="N",
+    p.add_argument("--threads", type=int, metavar="N",
                    help="torch intra-op threads (default: OMP_NUM_THREADS if set, else one per core that other "
                         "processes leave free, re-checked every few seconds)")
     p.set_defaults(func=cmd_prune)
@@ -360,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan-processes", type=_count(1), metavar="N",
                    help="with --dry-run: plan the real run for N processes (default: this launch's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--threads", type=_count(1), metavar="N",
+    p.add_argument("--threads", type=int, metavar="N",
                    help="torch intra-op threads (default: OMP_NUM_THREADS if set, else one per core that other "
                         "processes leave free, re-checked every few seconds)")
     p.set_defaults(func=cmd_build)
