@@ -87,7 +87,8 @@ def main() -> None:
     ap.add_argument('--cpu-seconds', type=float, default=None, help='--report-only: its user + sys time')
     args = ap.parse_args()
     work, out_dir = Path(args.work), Path(args.out_dir)
-    threads = os.environ.get('OMP_NUM_THREADS', 'torch default (one per core)')
+    threads = os.environ.get('OMP_NUM_THREADS', "the build's default (one per core that other processes leave free, "
+                             "re-checked as it runs; docs/busy_machine.md)")
     args.command = f'kpid-zoo build {os.path.relpath(args.recipe, ROOT)}'
     if args.report_only:
         if args.wall_seconds is None:

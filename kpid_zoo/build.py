@@ -9,8 +9,10 @@ checked (`guard_build_paths`, `kpid_zoo.core.ownership`: the build replaces or r
 keeps a second build out of the same work folder, refusing it at once; then the checks that need no training
 (family, FLOPs target vs the parent's and vs the smallest reachable) run before any work. Every stage starts from
 an RNG state of its own, so a build gives the same bytes whether it ran straight through or was killed and resumed
-anywhere. Under `accelerate launch` the pruning runs on the main process first and the other ranks read its result,
-so all ranks train the same architecture.
+anywhere, at a fixed torch thread count (`--threads N` or OMP_NUM_THREADS; the command line's default follows
+the machine's load, `kpid_zoo.core.threads`, and torch's sums follow the thread count). Under `accelerate launch`
+the pruning runs on the main process first and the other ranks read its result, so all ranks train the same
+architecture.
 """
 from __future__ import annotations
 
@@ -235,7 +237,10 @@ def prepare_work(accelerator: Accelerator, work: Path, entries: tuple[str, ...],
 
 def _build(accelerator: Accelerator, recipe: Recipe, paths: BuildPaths, progress: bool) -> BuildResult:
     parent = create_parent(recipe)
-    data = create_loaders(recipe.data, model=parent, input_size=recipe.input_size, seed=recipe.finetune.seed)
+    data = create_loaders(recipe.data, model=parent, input_size=recipe.input_size, seed=recipe.finetune.seed,
+                          progress=progress)
+    if data.source:
+        _logger(accelerator)(f"data: {data.source}, from {data.source_path}")
     # the data's size is known now: a schedule it cannot run fails here, before any training
     check_schedules(recipe, data, accelerator.num_processes)
     parent, parent_ref = adapt_parent(accelerator, recipe, parent, data, paths.work, progress)
@@ -246,7 +251,7 @@ def _build(accelerator: Accelerator, recipe: Recipe, paths: BuildPaths, progress
     student, student_val, finetune_ref, training = distill(accelerator, recipe, parent, pruned, data, paths,
                                                            parent_ref, pruned_ref, progress)
     metrics, eval_ref = eval_stage(accelerator, recipe, parent, student, data, student_val, paths,
-                                   {**parent_ref, **finetune_ref})
+                                   {**parent_ref, **finetune_ref}, progress)
     # what the fine-tune ran (the card says it: "not fine-tuned" for finetune.epochs: 0)
     metrics = {**metrics, "finetune_steps": training["steps"], "finetune_epochs": training["epochs"]}
     # the card embeds the whole recipe and the kpid-zoo version: any change to either is a new export; so is a new
@@ -552,30 +557,35 @@ def load_prune_outputs(folder: Path, parent: nn.Module, input_size: tuple[int, i
 
 
 def eval_stage(accelerator: Accelerator, recipe: Recipe, parent: nn.Module, student: nn.Module, data: DataBundle,
-               student_val: EvalResult | None, paths: BuildPaths, upstream: dict) -> tuple[dict, dict[str, Any]]:
+               student_val: EvalResult | None, paths: BuildPaths, upstream: dict, progress: bool = True
+               ) -> tuple[dict, dict[str, Any]]:
     """The evaluation stage: `measure`, or the metrics in eval.json while they are fresh."""
     stage = Stage("eval", paths.work, paths.work, (paths.eval.name,),
                   {**upstream, **_recipe_inputs(recipe, EVAL_FIELDS), **data_inputs(accelerator, recipe, data, "val")},
                   scratch=(paths.eval,), log=_logger(accelerator))
     metrics = run_stage(accelerator, stage,
-                        lambda: measure(accelerator, recipe, parent, student, data, student_val, paths),
+                        lambda: measure(accelerator, recipe, parent, student, data, student_val, paths, progress),
                         lambda: read_json(paths.eval))
     return metrics, {f"{UPSTREAM}eval": stage.digest}
 
 
 def measure(accelerator: Accelerator, recipe: Recipe, parent: nn.Module, student: nn.Module, data: DataBundle,
-            student_val: EvalResult | None, paths: BuildPaths) -> dict:
+            student_val: EvalResult | None, paths: BuildPaths, progress: bool = True) -> dict:
     """Top-1/top-5 of the pruned net and of its parent on the recipe's validation split (written to eval.json),
     on the accelerator: each process scores its shard and `gather_for_metrics` counts every image once."""
     val_loader = prepare_loader(accelerator, data.val_loader)
     try:
-        student_val = student_val or evaluate(student.to(accelerator.device), val_loader, accelerator)
-        parent_val = evaluate(parent.to(accelerator.device), val_loader, accelerator)
+        student_val = student_val or evaluate(student.to(accelerator.device), val_loader, accelerator,
+                                              progress=progress, desc="evaluate (pruned)")
+        parent_val = evaluate(parent.to(accelerator.device), val_loader, accelerator, progress=progress,
+                              desc="evaluate (parent)")
     finally:
         accelerator.free_memory()
     metrics = {"top1": student_val.top1, "top5": student_val.top5, "parent_top1": parent_val.top1,
                "parent_top5": parent_val.top5, "n": student_val.n,
                "dataset": recipe.data.dataset, "split": recipe.data.val_split}
+    if data.source:  # CIFAR-10: the JPEG copy (quality 75) scores lower than the official images
+        metrics["data_source"] = data.source
     if accelerator.is_main_process:
         write_json(paths.eval, metrics)
     return metrics

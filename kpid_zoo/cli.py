@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import Iterator, NoReturn, TypeVar
 
 T = TypeVar("T")
 
@@ -118,7 +119,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         parent = create_parent(recipe)
         needs_data = recipe.importance.method == "taylor" or recipe.parent.train.epochs > 0
         data = create_loaders(recipe.data, model=parent, input_size=recipe.input_size,
-                              seed=recipe.finetune.seed) if needs_data else None
+                              seed=recipe.finetune.seed, progress=not args.quiet) if needs_data else None
         parent, parent_ref = adapt_parent(accelerator, recipe, parent, data, paths.work, progress=not args.quiet)
         result, _ = load_or_prune(accelerator, recipe, parent, data, paths, parent_ref, progress=not args.quiet)
     print(summary_table(result))
@@ -197,6 +198,19 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     for row in cells:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     return 0
+
+
+@contextlib.contextmanager
+def _thread_policy(args: argparse.Namespace) -> Iterator[None]:
+    """Torch's intra-op threads for a long command: --threads, else OMP_NUM_THREADS, else the CPUs other processes
+    leave free, re-checked as it runs (`kpid_zoo.core.threads`: on a busy machine, torch's default of one thread per
+    core made a build's steps many times slower)."""
+    from .core.threads import thread_policy
+
+    with thread_policy(args.threads) as chosen:
+        if not args.quiet and os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"{args.command}: {chosen}", flush=True)
+        yield
 
 
 def _model_and_size(args: argparse.Namespace):
@@ -327,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default runs/<name>/pruned)")
     p.add_argument("--force", action="store_true", help="prune again even if the output folder exists")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch intra-op threads (default: OMP_NUM_THREADS if set, else one per core that other "
+                        "processes leave free, re-checked every few seconds)")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("build", help="prune -> fine-tune with inner distillation -> evaluate -> export (resumable)")
@@ -344,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan-processes", type=_count(1), metavar="N",
                    help="with --dry-run: plan the real run for N processes (default: this launch's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch intra-op threads (default: OMP_NUM_THREADS if set, else one per core that other "
+                        "processes leave free, re-checked every few seconds)")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("shards", help="write an ImageFolder's splits as WebDataset shards for a wds/<name> recipe")
@@ -395,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
         from huggingface_hub.utils import logging as hf_logging
         hf_logging.set_verbosity_error()
     try:
-        return args.func(args)
+        with _thread_policy(args) if hasattr(args, "threads") else contextlib.nullcontext():
+            return args.func(args)
     except BrokenPipeError:  # `kpid-zoo groups resnet50 | head`
         sys.stderr.close()
         return 0

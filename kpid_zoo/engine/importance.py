@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..core import threads
 from .groups import ChannelMap, GroupGraph
 
 Importance = dict[str, torch.Tensor]  # group name -> one score per channel of the parent
@@ -69,6 +70,7 @@ def taylor_importance(model: nn.Module, graph: GroupGraph, batches: Iterable, nu
             model.train(was_training)
             raise ValueError(f"importance.batches: {num_batches} batches asked, but the data loader held "
                              f"{seen}") from None
+        threads.tick()
         with torch.enable_grad():
             loss = loss_fn(model(x.to(device)), y.to(device))
             grads = dict(zip(map(id, unique), torch.autograd.grad(loss, unique, allow_unused=True)))

@@ -14,28 +14,44 @@ and its sample order depends on the process and worker counts (the contract is i
 """
 from __future__ import annotations
 
+import contextlib
+import gzip
+import http.client
+import logging
 import os
 import shutil
+import socket
 import tarfile
-import tempfile
+import uuid
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.utils.data as tud
 from PIL import Image
 from timm.data import ImageDataset, create_dataset, create_transform, resolve_data_config
 from timm.data.readers.shared_count import SharedCount
+from tqdm.auto import tqdm
 
 from ..core.datasource import UnreadableImageError
-from ..core.files import CACHE_ENV, default_cache_dir  # noqa: F401 (CACHE_ENV re-exported)
+from ..core.files import CACHE_ENV, default_cache_dir, remove_staging  # noqa: F401 (CACHE_ENV re-exported)
 from ..core.recipe import DataSpec
 from .streams import ShardStream, is_stream, seeded_call, split_shards
+
+logger = logging.getLogger(__name__)
 
 CIFAR10_TARBALL = 'cifar10-jpg.tar.gz'
 CIFAR10_DIRNAME = 'cifar10-jpg'
 CIFAR10_TAR_ENV = 'KPID_CIFAR10_TAR'
+# The official CIFAR-10 ("python version"): what torchvision.datasets.CIFAR10 downloads, checks and reads
+CIFAR10_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
+CIFAR10_MD5 = 'c58f30108f718f92721af3b95e74349a'  # published on the page above, and in torchvision
+CIFAR10_OFFICIAL_TARBALL = 'cifar-10-python.tar.gz'
+CIFAR10_OFFICIAL_DIRNAME = 'cifar-10-batches-py'
+CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
+DOWNLOAD_TIMEOUT_S = 10.0  # per connect / read: offline, the download fails in seconds instead of hanging
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # timm's ImageNet default (scale 0.08..1) destroys 32 px images; CIFAR keeps most of the frame.
@@ -51,11 +67,40 @@ class DataBundle:
     data_config: dict  # timm data config actually used: input_size, mean, std, interpolation, crop_pct
     class_to_idx: dict
     num_classes: int
+    source: Optional[str] = None  # which copy of the data, where that matters (CIFAR-10: JPEG or official)
+    source_path: Optional[Path] = None  # and where it was read from
+
+
+class DataUnavailableError(FileNotFoundError):
+    """No copy of the data was found and none could be downloaded (the message lists what was tried)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# CIFAR-10 tarball -> cache dir
+# CIFAR-10: the JPEG tarball or the official set -> cache dir
 # ---------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Cifar10Source:
+    """The CIFAR-10 a build reads: `kind` 'jpeg' (the JPEG tree `path`/{train,test}/<class>/*.jpg, quality 75)
+    or 'official' (the python version, lossless: `path`/cifar-10-batches-py, read by torchvision's CIFAR10)."""
+    kind: str
+    path: Path
+
+    @property
+    def label(self) -> str:
+        """What a figure measured on it should name (recorded in eval.json and the model card)."""
+        return 'cifar10-jpg (JPEG quality 75)' if self.kind == 'jpeg' else 'cifar-10-python (official, lossless)'
+
+    @property
+    def folder(self) -> Path:
+        return self.path if self.kind == 'jpeg' else self.path / CIFAR10_OFFICIAL_DIRNAME
+
+
+def _shared_tarballs() -> list[Path]:
+    """Where the JPEG tarball sits beside a checkout: ../shared/data next to the repo or the working directory."""
+    return list(dict.fromkeys([_REPO_ROOT.parent / 'shared' / 'data' / CIFAR10_TARBALL,
+                               Path.cwd().parent / 'shared' / 'data' / CIFAR10_TARBALL]))
+
 
 def find_cifar10_tarball(root: Optional[str | os.PathLike] = None) -> Path:
     """Locate `cifar10-jpg.tar.gz`: `root` (the tarball or a folder holding it) if given, else $KPID_CIFAR10_TAR if
@@ -66,8 +111,7 @@ def find_cifar10_tarball(root: Optional[str | os.PathLike] = None) -> Path:
     elif os.environ.get(CIFAR10_TAR_ENV):
         candidates = [Path(os.environ[CIFAR10_TAR_ENV]).expanduser()]
     else:
-        candidates = [_REPO_ROOT.parent / 'shared' / 'data' / CIFAR10_TARBALL,
-                      Path.cwd().parent / 'shared' / 'data' / CIFAR10_TARBALL]
+        candidates = _shared_tarballs()
     for path in candidates:
         if path.is_file():
             return path
@@ -81,12 +125,146 @@ def _is_split_tree(path: Path) -> bool:
     return (path / 'train').is_dir() and (path / 'test').is_dir()
 
 
-def prepare_cifar10(root: Optional[str | os.PathLike] = None, cache_dir: Optional[str | os.PathLike] = None) -> Path:
-    """Return a folder with `train/<class>/*.jpg` and `test/<class>/*.jpg`, unpacking the tarball on first use.
+def _official_files() -> list[str]:
+    from torchvision.datasets import CIFAR10
+    return [name for name, _ in CIFAR10.train_list + CIFAR10.test_list] + [CIFAR10.meta['filename']]
 
-    The tarball is unpacked into a temp dir inside the cache and renamed into place, so a killed unpack leaves no
-    half-written tree behind (only a stale temp dir, which the next call ignores).
+
+def _is_official_tree(path: Path) -> bool:
+    """`path` (a cifar-10-batches-py folder) holds every file of the official set (their md5s are checked when
+    torchvision reads them)."""
+    return path.is_dir() and all((path / name).is_file() for name in _official_files())
+
+
+def resolve_cifar10(root: Optional[str | os.PathLike] = None, cache_dir: Optional[str | os.PathLike] = None,
+                    progress: bool = False) -> Cifar10Source:
+    """The CIFAR-10 that `dataset: cifar10` reads, the first of:
+
+    1. `root` (the recipe's data.root), else $KPID_CIFAR10_TAR: the JPEG tarball, a folder holding it or its
+       unpacked tree; or the official `cifar-10-python.tar.gz`, a folder holding it, or its `cifar-10-batches-py`.
+       An explicit location never falls back to another copy.
+    2. the JPEG tree unpacked into the cache by an earlier build, else ../shared/data/cifar10-jpg.tar.gz beside
+       the repository or the working directory (unpacked into the cache);
+    3. the official set in the cache, else downloaded there from its publisher with torchvision's downloader and
+       checked against the published md5. Offline, this fails within seconds with a `DataUnavailableError` that
+       lists what was tried and how to provide the data.
+
+    The two copies differ: the JPEG images were re-encoded at quality 75, which costs some accuracy against the
+    official (lossless) images, so a figure should say which one it used (`Cifar10Source.label`).
     """
+    cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    explicit = root or os.environ.get(CIFAR10_TAR_ENV)
+    if explicit:
+        official = _official_location(Path(explicit).expanduser())
+        if official is not None:
+            return _prepare_official(official, cache_dir, progress)
+        return Cifar10Source('jpeg', prepare_cifar10(root, cache_dir, progress))
+    if _is_split_tree(cache_dir / CIFAR10_DIRNAME) or any(p.is_file() for p in _shared_tarballs()):
+        return Cifar10Source('jpeg', prepare_cifar10(None, cache_dir, progress))
+    if _is_official_tree(cache_dir / CIFAR10_OFFICIAL_DIRNAME):
+        return Cifar10Source('official', cache_dir)
+    if (cache_dir / CIFAR10_OFFICIAL_DIRNAME).exists():  # checked before a 170 MB download that could not land
+        raise ValueError(f'{cache_dir / CIFAR10_OFFICIAL_DIRNAME} exists but is not a complete official CIFAR-10; '
+                         f'remove it to download the set there')
+    with _cache_lock(cache_dir):
+        if not _is_official_tree(cache_dir / CIFAR10_OFFICIAL_DIRNAME):  # else another process fetched it meanwhile
+            try:
+                download_cifar10(cache_dir, progress)
+            except _DownloadFailed as e:
+                raise DataUnavailableError(
+                    f'CIFAR-10 not found and not downloaded: no data.root or ${CIFAR10_TAR_ENV} given; no '
+                    f'{" or ".join(str(p) for p in _shared_tarballs())}; no copy in {cache_dir}; {e}. Provide it: '
+                    f'run once where {CIFAR10_URL} can be reached (the official set, 170 MB, goes into '
+                    f'{cache_dir}; ${CACHE_ENV} moves it), or set data.root or ${CIFAR10_TAR_ENV} to a copy of '
+                    f'{CIFAR10_OFFICIAL_TARBALL} or {CIFAR10_TARBALL}') from None
+    return Cifar10Source('official', cache_dir)
+
+
+def _official_location(path: Path) -> Optional[tuple[str, Path]]:
+    """('tarball', cifar-10-python.tar.gz) or ('tree', the folder holding cifar-10-batches-py) when an explicit
+    location names the official set; None for anything else (the JPEG copy's rules apply)."""
+    if path.name == CIFAR10_OFFICIAL_TARBALL:
+        return 'tarball', path
+    if path.name == CIFAR10_OFFICIAL_DIRNAME and path.is_dir():
+        return 'tree', path.parent
+    if path.is_dir() and (path / CIFAR10_OFFICIAL_DIRNAME).is_dir():
+        return 'tree', path
+    if path.is_dir() and (path / CIFAR10_OFFICIAL_TARBALL).is_file() and not (path / CIFAR10_TARBALL).is_file():
+        return 'tarball', path / CIFAR10_OFFICIAL_TARBALL
+    return None
+
+
+def _prepare_official(location: tuple[str, Path], cache_dir: Path, progress: bool) -> Cifar10Source:
+    kind, path = location
+    if kind == 'tree':
+        return Cifar10Source('official', path)
+    if not path.is_file():
+        raise FileNotFoundError(f'{path} does not exist (expected the official {CIFAR10_OFFICIAL_TARBALL} from '
+                                f'{CIFAR10_URL})')
+    _check_md5(path, CIFAR10_MD5, f'{path}: not the official {CIFAR10_OFFICIAL_TARBALL}')
+    with _cache_lock(cache_dir):
+        if not _is_official_tree(cache_dir / CIFAR10_OFFICIAL_DIRNAME):
+            _unpack_official(path, cache_dir, progress)
+    return Cifar10Source('official', cache_dir)
+
+
+class _DownloadFailed(Exception):
+    """The official set could not be fetched (offline, refused, timed out, HTTP error)."""
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float) -> Iterator[None]:
+    """torchvision's downloader opens its URLs without a timeout: a network that drops packets would hang it."""
+    before = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(before)
+
+
+def _check_md5(path: Path, expected: str, what: str) -> None:
+    from torchvision.datasets.utils import calculate_md5
+    actual = calculate_md5(path)
+    if actual != expected:
+        raise ValueError(f'{what} ({path.stat().st_size} bytes, md5 {actual}, expected the published {expected})')
+
+
+def download_cifar10(cache_dir: Path, progress: bool = False) -> Path:
+    """Download the official CIFAR-10 into `cache_dir`/cifar-10-batches-py (torchvision's downloader, into a
+    staging folder), check the archive against the published md5 and unpack it. A partial or corrupted download
+    fails the check: it is removed with its staging folder, and the error names it. Call under `_cache_lock`."""
+    from torchvision.datasets.utils import download_url
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    remove_staging(cache_dir, CIFAR10_OFFICIAL_TARBALL)  # a killed download's leftovers (we hold the lock)
+    staging = _staging_dir(cache_dir, CIFAR10_OFFICIAL_TARBALL)
+    archive = staging / CIFAR10_OFFICIAL_TARBALL
+    try:
+        try:
+            with _socket_timeout(DOWNLOAD_TIMEOUT_S):
+                download_url(CIFAR10_URL, str(staging), CIFAR10_OFFICIAL_TARBALL)  # md5: below, to name the file
+        except (OSError, http.client.HTTPException) as e:  # URLError, refused, timed out, cut off
+            reason = getattr(e, 'reason', None) or e
+            raise _DownloadFailed(f'downloading {CIFAR10_URL} failed ({" ".join(str(reason).split())})') from None
+        _check_md5(archive, CIFAR10_MD5, f'the download of {CIFAR10_URL} is partial or corrupted: removed {archive}; '
+                                         f'run again to retry')
+        return _unpack_official(archive, cache_dir, progress)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _unpack_official(archive: Path, cache_dir: Path, progress: bool) -> Path:
+    def complete(tree: Path) -> Optional[str]:
+        missing = [name for name in _official_files() if not (tree / name).is_file()]
+        return f'has no {CIFAR10_OFFICIAL_DIRNAME}/{missing[0]}' if missing else None
+    remove_staging(cache_dir, CIFAR10_OFFICIAL_DIRNAME)  # a killed unpack's leftovers (the caller holds the lock)
+    return unpack_tarball(archive, cache_dir, CIFAR10_OFFICIAL_DIRNAME, progress, complete)
+
+
+def prepare_cifar10(root: Optional[str | os.PathLike] = None, cache_dir: Optional[str | os.PathLike] = None,
+                    progress: bool = False) -> Path:
+    """Return a folder with `train/<class>/*.jpg` and `test/<class>/*.jpg`, unpacking the JPEG tarball on first
+    use (`unpack_tarball`: staged, every member checked, renamed into place only when complete)."""
     if root and not Path(root).expanduser().exists():
         # checked first: once the cache holds an unpacked copy, a wrong root would otherwise go unnoticed
         raise FileNotFoundError(f'data.root: {root} does not exist (expected {CIFAR10_TARBALL}, a folder holding it, '
@@ -98,22 +276,99 @@ def prepare_cifar10(root: Optional[str | os.PathLike] = None, cache_dir: Optiona
     if _is_split_tree(target):
         return target
     tarball = find_cifar10_tarball(root)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{CIFAR10_DIRNAME}-', dir=cache_dir))
-    try:
-        with tarfile.open(tarball) as tf:
-            tf.extractall(tmp, filter='data')
-        unpacked = tmp / CIFAR10_DIRNAME
-        if not _is_split_tree(unpacked):
-            raise ValueError(f'{tarball} does not contain {CIFAR10_DIRNAME}/train and {CIFAR10_DIRNAME}/test folders')
-        try:
-            os.rename(unpacked, target)
-        except OSError:
-            if not _is_split_tree(target):  # lost a race with another process only if it finished the job
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with _cache_lock(cache_dir):
+        if _is_split_tree(target):  # another process unpacked it while this one waited
+            return target
+        remove_staging(cache_dir, CIFAR10_DIRNAME)  # what a killed unpack left (we hold the lock)
+        unpack_tarball(tarball, cache_dir, CIFAR10_DIRNAME, progress,
+                       lambda tree: None if _is_split_tree(tree) else 'has no train/ and test/ folders')
     return target
+
+
+@contextlib.contextmanager
+def _cache_lock(cache_dir: Path) -> Iterator[None]:
+    """One process at a time unpacks or downloads into the cache (the ranks of a launch, two builds): an flock on
+    the cache folder itself, which the kernel releases when its holder dies, so a killed one never blocks."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: the staged renames alone keep a half-written copy out of use
+        yield
+        return
+    fd = os.open(cache_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.warning('waiting for another process that is preparing data in %s', cache_dir)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _staging_dir(folder: Path, name: str) -> Path:
+    """A new `.<name>.tmp-XXXXXXXX` folder in `folder`: the pattern `files.remove_staging` recognises."""
+    staging = folder / f'.{name}.tmp-{uuid.uuid4().hex[:8]}'
+    staging.mkdir(parents=True)
+    return staging
+
+
+def unpack_tarball(tarball: Path, into: Path, top: str, progress: bool = False,
+                   check: Optional[Callable[[Path], Optional[str]]] = None) -> Path:
+    """Unpack the folder `top` of the .tar.gz `tarball` as `into/top`, which must not exist yet.
+
+    The archive is unpacked into a staging folder beside the target and renamed into place only when complete
+    and `check(tree)` finds nothing wrong (it returns a phrase saying what is): a killed unpack leaves no
+    `into/top`, only the staging folder, which the next unpack removes. Every member goes through tarfile's
+    'data' filter: nothing lands outside the staging folder (no absolute or `../` names, no links pointing
+    out of it, no device files). A file that is not a readable .tar.gz, that holds such a member, or that fails
+    `check` is a ValueError naming it.
+    """
+    tarball, into = Path(tarball), Path(into)
+    if (into / top).exists():  # not written by an unpack (those appear complete or not at all): not ours to replace
+        raise ValueError(f'{into / top} exists but is not a complete copy; remove it to unpack {tarball} there')
+    staging = _staging_dir(into, top)
+    try:
+        try:
+            with open(tarball, 'rb') as raw, \
+                    tqdm.wrapattr(raw, 'read', total=tarball.stat().st_size, desc=f'unpack {tarball.name}',
+                                  unit='B', unit_scale=True, leave=False, disable=not progress) as counted, \
+                    tarfile.open(fileobj=counted, mode='r:gz') as tf:
+                tf.extractall(staging, filter='data')
+        except tarfile.FilterError as e:
+            raise ValueError(f'{tarball}: refused, it holds a member that would land outside the folder it is '
+                             f'unpacked into, or is not a plain file or folder ({e})') from None
+        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+            raise ValueError(f'{tarball}: not a readable .tar.gz archive ({" ".join(str(e).split())})') from None
+        tree = staging / top
+        problem = f'has no {top}/ folder' if not tree.is_dir() else check(tree) if check else None
+        if problem:
+            raise ValueError(f'{tarball} {problem} (expected {top}/ at the top of the archive)')
+        os.rename(tree, into / top)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return into / top
+
+
+def load_cifar10_split(source: Cifar10Source, split: str):
+    """The untransformed split `train` or `test` of `source`, classes in CIFAR-10's order (the JPEG tree's
+    sorted folder names are the same order)."""
+    if source.kind == 'jpeg':
+        return load_image_folder(source.path, split)
+    from torchvision.datasets import CIFAR10
+    if split not in ('train', 'test'):
+        raise ValueError(f"data split {split!r}: the official CIFAR-10 has the splits 'train' and 'test'")
+    folder = source.path / CIFAR10_OFFICIAL_DIRNAME
+    try:
+        # torchvision checks each file against its published md5 before it reads (unpickles) any of them
+        dataset = CIFAR10(str(source.path), train=split == 'train', download=False)
+    except RuntimeError:
+        raise ValueError(f'{folder}: a file is missing or does not have its published md5 (expected the official '
+                         f'CIFAR-10 python version; remove the folder to download it again)') from None
+    if tuple(dataset.classes) != CIFAR10_CLASSES:
+        raise ValueError(f'{folder}: classes {dataset.classes} are not CIFAR-10\'s {list(CIFAR10_CLASSES)}')
+    return dataset
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -259,10 +514,11 @@ def _class_to_idx(dataset) -> dict:
     return dict(getattr(reader, 'class_to_idx', None) or getattr(dataset, 'class_to_idx', None) or {})
 
 
-def load_split(data: DataSpec, split: str, cache_dir: Optional[str | os.PathLike] = None):
+def load_split(data: DataSpec, split: str, cache_dir: Optional[str | os.PathLike] = None,
+               progress: bool = False):
     """The untransformed dataset of one split of the recipe's data source."""
     if data.dataset == 'cifar10':
-        return load_image_folder(prepare_cifar10(data.root, cache_dir=cache_dir), split)
+        return load_cifar10_split(resolve_cifar10(data.root, cache_dir, progress), split)
     if data.dataset == 'imagefolder':
         if not data.root:
             raise ValueError("data.root is required for dataset 'imagefolder'")
@@ -274,11 +530,14 @@ def load_split(data: DataSpec, split: str, cache_dir: Optional[str | os.PathLike
 
 def create_loaders(data: DataSpec, model: Optional[torch.nn.Module] = None,
                    input_size: Optional[Sequence[int]] = None, seed: int = 0, train_aug: bool = True,
-                   subset_mode: str = 'random', cache_dir: Optional[str | os.PathLike] = None) -> DataBundle:
+                   subset_mode: str = 'random', cache_dir: Optional[str | os.PathLike] = None,
+                   progress: bool = False) -> DataBundle:
     """Train/val loaders from the recipe's `data` section (`batch_size` is per process).
 
-    Mean/std/interpolation default to `model.pretrained_cfg` via `timm.data.resolve_data_config`.
+    Mean/std/interpolation default to `model.pretrained_cfg` via `timm.data.resolve_data_config`. `progress`:
+    bars for a download or an unpack (shown by the launch's first process only).
     """
+    progress = progress and os.environ.get('LOCAL_RANK', '0') == '0'
     config = resolve_data_settings(model, data, input_size)
     train_tf, eval_tf = build_transforms(config, data.dataset, train_aug)
     loader_args = dict(batch_size=data.batch_size, num_workers=data.workers,
@@ -291,7 +550,13 @@ def create_loaders(data: DataSpec, model: Optional[torch.nn.Module] = None,
         return DataBundle(tud.DataLoader(train_ds, drop_last=True, **loader_args),
                           tud.DataLoader(val_ds, drop_last=False, **loader_args), config, {}, data.num_classes)
 
-    train_base, val_base = load_split(data, data.train_split, cache_dir), load_split(data, data.val_split, cache_dir)
+    source, source_path = None, None
+    if data.dataset == 'cifar10':
+        cifar10 = resolve_cifar10(data.root, cache_dir, progress)
+        train_base, val_base = (load_cifar10_split(cifar10, split) for split in (data.train_split, data.val_split))
+        source, source_path = cifar10.label, cifar10.folder
+    else:
+        train_base, val_base = (load_split(data, split, cache_dir) for split in (data.train_split, data.val_split))
     class_to_idx = _class_to_idx(train_base)
     if class_to_idx:
         if _class_to_idx(val_base) and _class_to_idx(val_base) != class_to_idx:
@@ -308,7 +573,7 @@ def create_loaders(data: DataSpec, model: Optional[torch.nn.Module] = None,
     # drop_last on train keeps every optimizer step at the same global batch (needed for multi-process equivalence)
     train_loader = tud.DataLoader(train_ds, shuffle=True, drop_last=True, **loader_args)
     val_loader = tud.DataLoader(val_ds, shuffle=False, drop_last=False, **loader_args)
-    return DataBundle(train_loader, val_loader, config, class_to_idx, data.num_classes)
+    return DataBundle(train_loader, val_loader, config, class_to_idx, data.num_classes, source, source_path)
 
 
 def stream_datasets(data: DataSpec, train_tf: Callable, eval_tf: Callable, seed: int

@@ -8,7 +8,9 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
+from ..core import threads
 from .accelerator import stage_autocast
 from .streams import is_stream
 
@@ -39,7 +41,7 @@ def _device_of(model: nn.Module) -> torch.device:
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader, accelerator=None, precision: str = 'no',
-             channels_last: bool = False) -> EvalResult:
+             channels_last: bool = False, progress: bool = False, desc: str = 'evaluate') -> EvalResult:
     """Top-1/top-5/CE of `model` over `loader`.
 
     With an `accelerator` the loader is expected to be prepared (sharded) and the model on `accelerator.device`;
@@ -47,7 +49,8 @@ def evaluate(model: nn.Module, loader, accelerator=None, precision: str = 'no',
     last uneven batch with. A stream (`kpid_zoo.training.streams`) pads nothing, but its processes see different numbers
     of batches: each sums its own and they are added up once, after every process has finished. `precision`
     ('no', 'bf16', 'fp16') autocasts the forward pass (fp32 by default: the figures a model card reports).
-    `channels_last` feeds the images in NHWC (for a model already converted).
+    `channels_last` feeds the images in NHWC (for a model already converted). `progress`: a bar of batches,
+    labelled `desc`, on the main process.
     """
     was_training = model.training
     model.eval()
@@ -55,8 +58,10 @@ def evaluate(model: nn.Module, loader, accelerator=None, precision: str = 'no',
     gather_per_batch = accelerator is not None and not is_stream(loader)
     sums = torch.zeros(3, dtype=torch.float64)  # top1 hits, top5 hits, loss sum
     n = 0
+    show = progress and (accelerator is None or accelerator.is_local_main_process)
     try:
-        for images, target in loader:
+        for images, target in tqdm(loader, desc=desc, disable=not show, leave=False, dynamic_ncols=True):
+            threads.tick()
             images, target = images.to(device), target.to(device)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)

@@ -40,6 +40,7 @@ from timm.optim import create_optimizer_v2
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
+from ..core import threads
 from .accelerator import process_accelerator, stage_autocast, stage_grad_scaler
 from .data import first_image_shape, loader_layout, prepare_loader, skip_first_batches
 from .distill import DistillationWrapper, InnerDistillLoss, build_distillation, capture_outputs
@@ -349,6 +350,7 @@ def _train_loop(accelerator: Accelerator, module: nn.Module, teacher: Optional[n
         loader = skip_first_batches(accelerator, train_loader, state.batch_in_epoch) if state.batch_in_epoch \
             else train_loader
         for images, target in loader:
+            threads.tick()
             if cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             torch.manual_seed(_step_seed(cfg.seed, state.epoch, state.batch_in_epoch, accelerator.process_index))
@@ -369,8 +371,10 @@ def _train_loop(accelerator: Accelerator, module: nn.Module, teacher: Optional[n
             state.step += 1
             if state.batch_in_epoch >= batches_per_epoch:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            # threads: sums are taken in an order that follows the thread count, which the command line's
+            # default adapts to the machine's load (kpid_zoo.core.threads): the record of what each step ran on
             metrics = {'loss': loss.item(), 'lr': scheduler.get_last_lr()[0], 'epoch': state.epoch,
-                       **{k: v.item() for k, v in parts.items()}}
+                       'threads': torch.get_num_threads(), **{k: v.item() for k, v in parts.items()}}
             losses.append(metrics['loss'])
             if tracker is not None:
                 tracker.log(metrics, step=state.step)
@@ -385,8 +389,10 @@ def _train_loop(accelerator: Accelerator, module: nn.Module, teacher: Optional[n
     bar.close()
 
     trained = accelerator.unwrap_model(module).student
-    val = evaluate(trained, val_loader, accelerator, channels_last=cfg.channels_last) \
-        if val_loader is not None else None
+    val = None
+    if val_loader is not None:
+        val = evaluate(trained, val_loader, accelerator, channels_last=cfg.channels_last, progress=progress,
+                       desc='evaluate (fine-tuned)' if teacher is not None else 'evaluate')
     if val is not None and tracker is not None:
         tracker.log({f'val_{k}': v for k, v in val.as_dict().items()}, step=state.step)
     train_loss = sum(losses) / len(losses) if losses else float('nan')

@@ -118,6 +118,8 @@ def build_card(
     for key in ('top1', 'top5', 'parent_top1', 'parent_top5'):
         if metrics.get(key) is not None:
             rows.append((f'{key.replace("_", " ")} ({dataset_name}, %)', _pct(metrics[key])))
+    if metrics.get('data_source'):  # CIFAR-10's JPEG copy (quality 75) scores lower than its official images
+        rows.append(('Images (train and eval)', str(metrics['data_source'])))
     table = '\n'.join(f'| {k} | {v} |' for k, v in rows)
     recipe_yaml = yaml.safe_dump(dict(recipe_dict), sort_keys=False).rstrip()
 
