@@ -46,7 +46,25 @@ _SUBMOD_ATTRS: dict[str, dict[str, str]] = {
 }
 _ATTR_TO_MODULE = {name: (module, attr) for module, names in _SUBMOD_ATTRS.items() for name, attr in names.items()}
 
-__all__ = ['__version__', *_ATTR_TO_MODULE]
+# spelled out for linters and type checkers (`from kpid_zoo import *`); tests/test_public_api.py keeps it the map's
+__all__ = [
+    '__version__',
+    'KpidError', 'UserError',
+    'Recipe', 'RecipeError', 'load_recipe',
+    'LayerHandler', 'register_layer_handler',
+    'GroupGraph', 'discover_groups',
+    'taylor_importance', 'magnitude_importance',
+    'count_flops', 'count_params',
+    'solve_knapsack',
+    'ArchSpec', 'build_pruned', 'prune_model',
+    'PruneResult', 'knapsack_prune', 'prune_from_recipe',
+    'evaluate',
+    'export_model',
+    'publish',
+    'create_kpid',
+    'build_from_recipe',
+    'dry_run_from_recipe',
+]
 
 
 def __getattr__(name: str) -> Any:
