@@ -56,6 +56,7 @@ def test_a_plain_wheel_install_has_the_zoo_and_the_recipes(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for path in list(ZOO_DIR.glob('*.json')) + list(RECIPES_DIR.glob('*.yaml')):
         assert f'kpid_zoo/{path.parent.name}/{path.name}' in names
+    assert 'kpid_zoo/py.typed' in names  # PEP 561: type checkers read the package's hints
     # every module of every layer (kpid_zoo/core/, engine/, ...: docs/architecture.md), their __init__s included
     package = REPO_ROOT / 'kpid_zoo'
     modules = {p.relative_to(REPO_ROOT).as_posix() for p in package.rglob('*.py') if '__pycache__' not in p.parts}

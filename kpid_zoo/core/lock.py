@@ -18,10 +18,10 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+if TYPE_CHECKING:  # accelerate is imported where a build takes the lock: `import kpid_zoo` must not load it
+    from accelerate import Accelerator
 
 LOCK_FILE = 'build.lock'
 
@@ -130,6 +130,8 @@ def build_lock(accelerator: Accelerator, folder: str | Path, name: str = LOCK_FI
         except LockedError as e:
             refusal = str(e)
     if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
         box = [refusal]
         broadcast_object_list(box)
         refusal = box[0]
