@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import re
 import sys
@@ -389,15 +390,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Failures a user can act on: each prints as one line naming what is wrong (a file, a field, a repo)."""
+# errno values of an OSError the operating system raises about a path the user named or an environment the user
+# keeps (a missing or unreadable file, a full or read-only disk): the message names the path, the user can act on it.
+_USER_ERRNOS = frozenset(getattr(errno, name) for name in (
+    "ENOENT", "EACCES", "EPERM", "EISDIR", "ENOTDIR", "EEXIST", "ENOTEMPTY", "ENAMETOOLONG", "ELOOP", "ENOSPC",
+    "EROFS", "EDQUOT", "EFBIG", "EMLINK") if hasattr(errno, name))
+
+
+def _is_user_error(e: BaseException) -> bool:
+    """Whether `e` is the user's to fix: one line naming what is wrong (a file, a field, a repo), exit 2.
+
+    kpid-zoo's own `UserError`s; the Hub's answer about a repo (no such repo, no access) and a corrupt safetensors
+    file, which only third-party code can raise; an OSError the operating system raised about a path (its errno says
+    so: kpid-zoo's own raises about paths are UserErrors, so a bare `FileNotFoundError('...')` with no errno is a
+    bug); a package that is not installed. Anything else is a bug in kpid-zoo."""
     from huggingface_hub.errors import HfHubHTTPError
     from safetensors import SafetensorError
 
-    from .core.lock import LockedError
-    from .zoo.publish import PublishError
+    from .errors import UserError
 
-    return (ValueError, OSError, PublishError, LockedError, HfHubHTTPError, SafetensorError, ImportError)
+    if isinstance(e, (UserError, HfHubHTTPError, SafetensorError)):
+        return True
+    if isinstance(e, OSError):
+        return e.errno in _USER_ERRNOS
+    if isinstance(e, ModuleNotFoundError):  # a missing optional package, not a module of kpid-zoo's own
+        return bool(e.name) and e.name.split(".")[0] != "kpid_zoo"
+    return False
+
+
+def _write_traceback(e: BaseException) -> str:
+    """Writes `e`'s traceback to a file under the cache folder (else the temp folder); returns where it went."""
+    import datetime
+    import tempfile
+    import traceback
+
+    from .core.files import default_cache_dir
+
+    text = ''.join(traceback.format_exception(e))
+    name = f"internal-error-{datetime.datetime.now().strftime("%Y%m%dT%H%M%S")}-{os.getpid()}"
+    try:
+        logs = default_cache_dir() / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        path = logs / f"{name}.txt"
+        with open(path, "x", encoding="utf-8") as f:  # 'x': never over another file of that name
+            f.write(text)
+        return str(path)
+    except OSError:
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f"kpid-zoo-{name}-", suffix=".txt")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            return tmp
+        except OSError as write_error:
+            return f"nowhere: {write_error}"
 
 
 def _one_line(e: BaseException) -> str:
@@ -434,12 +479,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kpid-zoo {args.command}: error: cannot reach the network: {_one_line(e)}{offline}",
                   file=sys.stderr)
             return 2
-        if isinstance(e, _user_errors()):
+        if _is_user_error(e):
             print(f"kpid-zoo {args.command}: error: {_one_line(e)}", file=sys.stderr)
             return 2
-        # a bug, not a usage problem: still one line, and the way to the traceback
+        # a bug, not a usage problem: still one line, and where its traceback is
         print(f"kpid-zoo {args.command}: internal error: {type(e).__name__}: {_one_line(e)} "
-              f"(rerun with --debug for the traceback)", file=sys.stderr)
+              f"(traceback written to {_write_traceback(e)}; --debug prints it)", file=sys.stderr)
         return 1
 
 

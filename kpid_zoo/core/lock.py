@@ -23,11 +23,9 @@ from typing import Iterator
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
+from ..errors import LockedError  # noqa: F401 (raised here; its home is kpid_zoo.errors)
+
 LOCK_FILE = 'build.lock'
-
-
-class LockedError(RuntimeError):
-    """The folder is being built by another live process."""
 
 
 def _alive(pid: int) -> bool:

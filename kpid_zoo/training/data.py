@@ -36,6 +36,7 @@ from timm.data.readers.shared_count import SharedCount
 from tqdm.auto import tqdm
 
 from ..core.datasource import UnreadableImageError
+from ..errors import DataUnavailableError  # noqa: F401 (raised here; its home is kpid_zoo.errors)
 from ..core.files import CACHE_ENV, default_cache_dir, remove_staging  # noqa: F401 (CACHE_ENV re-exported)
 from ..core.recipe import DataSpec
 from .streams import ShardStream, is_stream, seeded_call, split_shards
@@ -69,10 +70,6 @@ class DataBundle:
     num_classes: int
     source: Optional[str] = None  # which copy of the data, where that matters (CIFAR-10: JPEG or official)
     source_path: Optional[Path] = None  # and where it was read from
-
-
-class DataUnavailableError(FileNotFoundError):
-    """No copy of the data was found and none could be downloaded (the message lists what was tried)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
