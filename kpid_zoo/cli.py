@@ -427,7 +427,7 @@ def _write_traceback(e: BaseException) -> str:
     from .core.files import default_cache_dir
 
     text = ''.join(traceback.format_exception(e))
-    name = f"internal-error-{datetime.datetime.now().strftime("%Y%m%dT%H%M%S")}-{os.getpid()}"
+    name = f"internal-error-{datetime.datetime.now().strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
     try:
         logs = default_cache_dir() / "logs"
         logs.mkdir(parents=True, exist_ok=True)
