@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Iterator, NoReturn, TypeVar
 
+from .errors import KpidError, UserError
+
 T = TypeVar("T")
 
 EPILOG = """examples:
@@ -39,15 +41,15 @@ def parse_input_size(values: list[str]) -> tuple[int, int, int]:
     try:
         numbers = [int(part) for part in re.split(r"[\s,x]+", text)]
     except ValueError:
-        raise ValueError(f"--input-size: expected {expected}, got {shown!r}") from None
+        raise UserError(f"--input-size: expected {expected}, got {shown!r}") from None
     if len(numbers) not in (1, 3):
-        raise ValueError(f"--input-size: expected {expected}, got {len(numbers)} numbers ({shown!r})")
+        raise UserError(f"--input-size: expected {expected}, got {len(numbers)} numbers ({shown!r})")
     channels, height, width = (3, numbers[0], numbers[0]) if len(numbers) == 1 else numbers
     if channels < 1:
-        raise ValueError(f"--input-size: expected a positive channel count C, got {channels}")
+        raise UserError(f"--input-size: expected a positive channel count C, got {channels}")
     for side in (height, width):
         if not 1 <= side <= MAX_SIDE:
-            raise ValueError(f"--input-size: expected H and W from 1 to {MAX_SIDE} px, got {side}")
+            raise UserError(f"--input-size: expected H and W from 1 to {MAX_SIDE} px, got {side}")
     return channels, height, width
 
 
@@ -222,7 +224,7 @@ def _model_and_size(args: argparse.Namespace):
         return model, tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
     channels = _input_channels(model)
     if channels is not None and size[0] != channels:
-        raise ValueError(f"--input-size: {args.model} takes {channels}-channel images, got C = {size[0]}")
+        raise UserError(f"--input-size: {args.model} takes {channels}-channel images, got C = {size[0]}")
     return model, size
 
 
@@ -258,7 +260,7 @@ def _at_size(args: argparse.Namespace, model, size: tuple[int, int, int], count:
                 model(torch.zeros(1, *size))
         except Exception as forward_error:  # any kind: a user-chosen size made the model's own forward fail
             reason = " ".join(str(forward_error).split()) or type(forward_error).__name__
-            raise ValueError(f"--input-size: {args.model} does not run on a {'x'.join(map(str, size))} image: "
+            raise UserError(f"--input-size: {args.model} does not run on a {'x'.join(map(str, size))} image: "
                              f"{reason[:300]}") from e
         raise
 
@@ -270,9 +272,9 @@ def _create(name: str):
 
     if not timm.is_model(name) and not name.startswith(("hf-hub:", "local-dir:")):
         if name in recipe_names():
-            raise ValueError(f"{name} is a recipe whose network has not been built, so it has no registered name "
+            raise UserError(f"{name} is a recipe whose network has not been built, so it has no registered name "
                              f"yet: `kpid-zoo build {name}` builds it (`kpid-zoo prune {name}` prunes it alone)")
-        raise ValueError(f"{name!r} is not a timm model nor a kpid-zoo name"
+        raise UserError(f"{name!r} is not a timm model nor a kpid-zoo name"
                          f"{closest_names(name, timm.list_models())}")
     if name.startswith("hf-hub:"):  # timm fetches its config.json: in seconds, or one line, when the Hub is away
         from timm.models._hub import hf_split
@@ -282,10 +284,10 @@ def _create(name: str):
         require_hub_or_cache(repo_id, ("config.json",), revision=revision)
     try:
         return timm.create_model(name).eval()
-    except (ValueError, OSError):  # bad input (a config.json, a file), the Hub away: main's one line, exit 2
+    except (KpidError, OSError):  # kpid-zoo's own, the Hub away or a user's file: main's one line, exit 2
         raise
-    except RuntimeError as e:  # timm's own: an unknown pretrained tag, ...
-        raise ValueError(f"{name}: {e}") from None
+    except (ValueError, RuntimeError) as e:  # timm's about the name: an unknown pretrained tag, a bad config.json
+        raise UserError(f"{name}: {e}") from None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -406,8 +408,6 @@ def _is_user_error(e: BaseException) -> bool:
     bug); a package that is not installed. Anything else is a bug in kpid-zoo."""
     from huggingface_hub.errors import HfHubHTTPError
     from safetensors import SafetensorError
-
-    from .errors import UserError
 
     if isinstance(e, (UserError, HfHubHTTPError, SafetensorError)):
         return True

@@ -15,7 +15,8 @@ from __future__ import annotations
 __all__ = [
     'KpidError', 'UserError',
     'RecipeError', 'RefusedError', 'LockedError', 'UnreadableImageError', 'HubUnreachableError',
-    'DataUnavailableError', 'KpidWeightsError', 'KpidHubError', 'PublishError',
+    'DataUnavailableError', 'KpidWeightsError', 'KpidHubError', 'PublishError', 'MissingFileError',
+    'MissingDependencyError',
 ]
 
 
@@ -29,6 +30,14 @@ class UserError(KpidError, ValueError):
     Also a `ValueError`, as every such error was before this hierarchy: callers and tests that catch `ValueError`
     around kpid-zoo's input checks keep working.
     """
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder the user named (a recipe, a checkpoint, a data root, an export) does not exist."""
+
+
+class MissingDependencyError(UserError, ImportError):
+    """An optional package a recipe needs is not installed; the message says what to `pip install`."""
 
 
 # --- core -----------------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import yaml
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .files import json_sha256
-from ..errors import RecipeError
+from ..errors import MissingFileError, RecipeError
 
 __all__ = [
     'RecipeError', 'Recipe', 'ParentSpec', 'ParentTrainSpec', 'FlopsSpec', 'BudgetSpec', 'ImportanceSpec', 'DataSpec',
@@ -663,7 +663,7 @@ def load_recipe(path: str | Path) -> Recipe:
     try:
         text = Path(path).read_text(encoding='utf-8')
     except FileNotFoundError:
-        raise FileNotFoundError(f'{source}: no such recipe file') from None
+        raise MissingFileError(f'{source}: no such recipe file') from None
     except UnicodeDecodeError as e:
         raise RecipeError(f'not a text file (byte {e.start} is not UTF-8): expected a recipe YAML file',
                           source=source) from None

@@ -36,7 +36,7 @@ from timm.data.readers.shared_count import SharedCount
 from tqdm.auto import tqdm
 
 from ..core.datasource import UnreadableImageError
-from ..errors import DataUnavailableError  # noqa: F401 (raised here; its home is kpid_zoo.errors)
+from ..errors import DataUnavailableError, MissingFileError, UserError  # noqa: F401 (raised here)
 from ..core.files import CACHE_ENV, default_cache_dir, remove_staging  # noqa: F401 (CACHE_ENV re-exported)
 from ..core.recipe import DataSpec
 from .streams import ShardStream, is_stream, seeded_call, split_shards
@@ -113,7 +113,7 @@ def find_cifar10_tarball(root: Optional[str | os.PathLike] = None) -> Path:
         if path.is_file():
             return path
     tried = ', '.join(str(p) for p in dict.fromkeys(candidates))
-    raise FileNotFoundError(
+    raise MissingFileError(
         f'CIFAR-10 JPEG tarball not found; tried: {tried}. '
         f'Set data.root in the recipe or ${CIFAR10_TAR_ENV} to the path of {CIFAR10_TARBALL}.')
 
@@ -196,7 +196,7 @@ def _prepare_official(location: tuple[str, Path], cache_dir: Path, progress: boo
     if kind == 'tree':
         return Cifar10Source('official', path)
     if not path.is_file():
-        raise FileNotFoundError(f'{path} does not exist (expected the official {CIFAR10_OFFICIAL_TARBALL} from '
+        raise MissingFileError(f'{path} does not exist (expected the official {CIFAR10_OFFICIAL_TARBALL} from '
                                 f'{CIFAR10_URL})')
     _check_md5(path, CIFAR10_MD5, f'{path}: not the official {CIFAR10_OFFICIAL_TARBALL}')
     with _cache_lock(cache_dir):
@@ -264,7 +264,7 @@ def prepare_cifar10(root: Optional[str | os.PathLike] = None, cache_dir: Optiona
     use (`unpack_tarball`: staged, every member checked, renamed into place only when complete)."""
     if root and not Path(root).expanduser().exists():
         # checked first: once the cache holds an unpacked copy, a wrong root would otherwise go unnoticed
-        raise FileNotFoundError(f'data.root: {root} does not exist (expected {CIFAR10_TARBALL}, a folder holding it, '
+        raise MissingFileError(f'data.root: {root} does not exist (expected {CIFAR10_TARBALL}, a folder holding it, '
                                 f'or an unpacked tree with train/ and test/)')
     if root and _is_split_tree(Path(root).expanduser()):
         return Path(root).expanduser()  # already an unpacked tree
@@ -334,7 +334,7 @@ def unpack_tarball(tarball: Path, into: Path, top: str, progress: bool = False,
                     tarfile.open(fileobj=counted, mode='r:gz') as tf:
                 tf.extractall(staging, filter='data')
         except tarfile.FilterError as e:
-            raise ValueError(f'{tarball}: refused, it holds a member that would land outside the folder it is '
+            raise UserError(f'{tarball}: refused, it holds a member that would land outside the folder it is '
                              f'unpacked into, or is not a plain file or folder ({e})') from None
         except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
             raise ValueError(f'{tarball}: not a readable .tar.gz archive ({" ".join(str(e).split())})') from None
@@ -456,14 +456,14 @@ def load_image_folder(root: str | os.PathLike, split: str):
     """timm folder dataset for `root/split/<class>/*.jpg`, with errors that name the path."""
     split_dir = Path(root).expanduser() / split
     if not split_dir.is_dir():
-        raise FileNotFoundError(f'dataset split folder not found: {split_dir} (expected {split_dir}/<class>/<image>)')
+        raise MissingFileError(f'dataset split folder not found: {split_dir} (expected {split_dir}/<class>/<image>)')
     if not any(p.is_dir() for p in split_dir.iterdir()):
         raise ValueError(f'no class folders in {split_dir} (expected ImageNet layout {split_dir}/<class>/<image>)')
     # timm's search_split would silently fall back to `root` for a missing split; we checked it exists above.
     try:
         return create_dataset('', root=str(split_dir), split=split, search_split=False)
     except RuntimeError as e:  # timm's "Found 0 images in subfolders of ..."
-        raise ValueError(f'no images in the class folders of {split_dir} (expected {split_dir}/<class>/<image> '
+        raise UserError(f'no images in the class folders of {split_dir} (expected {split_dir}/<class>/<image> '
                          f'with a .jpg, .jpeg or .png image; timm says: {e})') from None
 
 
