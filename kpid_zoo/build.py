@@ -71,6 +71,7 @@ from .budget.report import (
 )
 from .engine.surgery import ArchSpec, build_pruned
 from .training.train import Schedule, finetune, plan_schedule
+from .errors import UserError
 
 T = TypeVar("T")
 
@@ -279,7 +280,7 @@ def preflight(recipe: Recipe) -> None:
         try:
             check_device(recipe.budget.device)
         except ValueError as e:
-            raise ValueError(f"{recipe.source}: budget.device: {e}") from None
+            raise UserError(f"{recipe.source}: budget.device: {e}") from None
     with torch.random.fork_rng(devices=[]):  # the model is thrown away: leave the RNG as it was
         model = timm.create_model(spec.model, num_classes=spec.num_classes or recipe.data.num_classes).eval()
     size = tuple(recipe.input_size)
@@ -295,7 +296,7 @@ def preflight(recipe: Recipe) -> None:
         check_target(model, graph, target, arch=spec.model, input_size=size,
                      min_channels=settings.min_channels, round_to=settings.round_to)
     except ValueError as e:
-        raise ValueError(f"{recipe.source}: {e}") from None
+        raise UserError(f"{recipe.source}: {e}") from None
 
 
 def _logger(accelerator: Accelerator) -> Callable[[str], None]:

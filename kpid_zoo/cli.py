@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Iterator, NoReturn, TypeVar
+
+from .errors import KpidError, UserError
 
 T = TypeVar("T")
 
@@ -38,15 +41,15 @@ def parse_input_size(values: list[str]) -> tuple[int, int, int]:
     try:
         numbers = [int(part) for part in re.split(r"[\s,x]+", text)]
     except ValueError:
-        raise ValueError(f"--input-size: expected {expected}, got {shown!r}") from None
+        raise UserError(f"--input-size: expected {expected}, got {shown!r}") from None
     if len(numbers) not in (1, 3):
-        raise ValueError(f"--input-size: expected {expected}, got {len(numbers)} numbers ({shown!r})")
+        raise UserError(f"--input-size: expected {expected}, got {len(numbers)} numbers ({shown!r})")
     channels, height, width = (3, numbers[0], numbers[0]) if len(numbers) == 1 else numbers
     if channels < 1:
-        raise ValueError(f"--input-size: expected a positive channel count C, got {channels}")
+        raise UserError(f"--input-size: expected a positive channel count C, got {channels}")
     for side in (height, width):
         if not 1 <= side <= MAX_SIDE:
-            raise ValueError(f"--input-size: expected H and W from 1 to {MAX_SIDE} px, got {side}")
+            raise UserError(f"--input-size: expected H and W from 1 to {MAX_SIDE} px, got {side}")
     return channels, height, width
 
 
@@ -221,7 +224,7 @@ def _model_and_size(args: argparse.Namespace):
         return model, tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
     channels = _input_channels(model)
     if channels is not None and size[0] != channels:
-        raise ValueError(f"--input-size: {args.model} takes {channels}-channel images, got C = {size[0]}")
+        raise UserError(f"--input-size: {args.model} takes {channels}-channel images, got C = {size[0]}")
     return model, size
 
 
@@ -257,7 +260,7 @@ def _at_size(args: argparse.Namespace, model, size: tuple[int, int, int], count:
                 model(torch.zeros(1, *size))
         except Exception as forward_error:  # any kind: a user-chosen size made the model's own forward fail
             reason = " ".join(str(forward_error).split()) or type(forward_error).__name__
-            raise ValueError(f"--input-size: {args.model} does not run on a {'x'.join(map(str, size))} image: "
+            raise UserError(f"--input-size: {args.model} does not run on a {'x'.join(map(str, size))} image: "
                              f"{reason[:300]}") from e
         raise
 
@@ -269,9 +272,9 @@ def _create(name: str):
 
     if not timm.is_model(name) and not name.startswith(("hf-hub:", "local-dir:")):
         if name in recipe_names():
-            raise ValueError(f"{name} is a recipe whose network has not been built, so it has no registered name "
+            raise UserError(f"{name} is a recipe whose network has not been built, so it has no registered name "
                              f"yet: `kpid-zoo build {name}` builds it (`kpid-zoo prune {name}` prunes it alone)")
-        raise ValueError(f"{name!r} is not a timm model nor a kpid-zoo name"
+        raise UserError(f"{name!r} is not a timm model nor a kpid-zoo name"
                          f"{closest_names(name, timm.list_models())}")
     if name.startswith("hf-hub:"):  # timm fetches its config.json: in seconds, or one line, when the Hub is away
         from timm.models._hub import hf_split
@@ -281,10 +284,10 @@ def _create(name: str):
         require_hub_or_cache(repo_id, ("config.json",), revision=revision)
     try:
         return timm.create_model(name).eval()
-    except (ValueError, OSError):  # bad input (a config.json, a file), the Hub away: main's one line, exit 2
+    except (KpidError, OSError):  # kpid-zoo's own, the Hub away or a user's file: main's one line, exit 2
         raise
-    except RuntimeError as e:  # timm's own: an unknown pretrained tag, ...
-        raise ValueError(f"{name}: {e}") from None
+    except (ValueError, RuntimeError) as e:  # timm's about the name: an unknown pretrained tag, a bad config.json
+        raise UserError(f"{name}: {e}") from None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -389,15 +392,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Failures a user can act on: each prints as one line naming what is wrong (a file, a field, a repo)."""
+# errno values of an OSError the operating system raises about a path the user named or an environment the user
+# keeps (a missing or unreadable file, a full or read-only disk): the message names the path, the user can act on it.
+_USER_ERRNOS = frozenset(getattr(errno, name) for name in (
+    "ENOENT", "EACCES", "EPERM", "EISDIR", "ENOTDIR", "EEXIST", "ENOTEMPTY", "ENAMETOOLONG", "ELOOP", "ENOSPC",
+    "EROFS", "EDQUOT", "EFBIG", "EMLINK") if hasattr(errno, name))
+
+
+def _is_user_error(e: BaseException) -> bool:
+    """Whether `e` is the user's to fix: one line naming what is wrong (a file, a field, a repo), exit 2.
+
+    kpid-zoo's own `UserError`s; the Hub's answer about a repo (no such repo, no access) and a corrupt safetensors
+    file, which only third-party code can raise; an OSError the operating system raised about a path (its errno says
+    so: kpid-zoo's own raises about paths are UserErrors, so a bare `FileNotFoundError('...')` with no errno is a
+    bug); a package that is not installed. Anything else is a bug in kpid-zoo."""
     from huggingface_hub.errors import HfHubHTTPError
     from safetensors import SafetensorError
 
-    from .core.lock import LockedError
-    from .zoo.publish import PublishError
+    if isinstance(e, (UserError, HfHubHTTPError, SafetensorError)):
+        return True
+    if isinstance(e, OSError):
+        return e.errno in _USER_ERRNOS
+    if isinstance(e, ModuleNotFoundError):  # a missing optional package, not a module of kpid-zoo's own
+        return bool(e.name) and e.name.split(".")[0] != "kpid_zoo"
+    return False
 
-    return (ValueError, OSError, PublishError, LockedError, HfHubHTTPError, SafetensorError, ImportError)
+
+def _write_traceback(e: BaseException) -> str:
+    """Writes `e`'s traceback to a file under the cache folder (else the temp folder); returns where it went."""
+    import datetime
+    import tempfile
+    import traceback
+
+    from .core.files import default_cache_dir
+
+    text = ''.join(traceback.format_exception(e))
+    name = f"internal-error-{datetime.datetime.now().strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    try:
+        logs = default_cache_dir() / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        path = logs / f"{name}.txt"
+        with open(path, "x", encoding="utf-8") as f:  # 'x': never over another file of that name
+            f.write(text)
+        return str(path)
+    except OSError:
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f"kpid-zoo-{name}-", suffix=".txt")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            return tmp
+        except OSError as write_error:
+            return f"nowhere: {write_error}"
 
 
 def _one_line(e: BaseException) -> str:
@@ -434,12 +479,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kpid-zoo {args.command}: error: cannot reach the network: {_one_line(e)}{offline}",
                   file=sys.stderr)
             return 2
-        if isinstance(e, _user_errors()):
+        if _is_user_error(e):
             print(f"kpid-zoo {args.command}: error: {_one_line(e)}", file=sys.stderr)
             return 2
-        # a bug, not a usage problem: still one line, and the way to the traceback
+        # a bug, not a usage problem: still one line, and where its traceback is
         print(f"kpid-zoo {args.command}: internal error: {type(e).__name__}: {_one_line(e)} "
-              f"(rerun with --debug for the traceback)", file=sys.stderr)
+              f"(traceback written to {_write_traceback(e)}; --debug prints it)", file=sys.stderr)
         return 1
 
 

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from kpid_zoo.cli import main
 from kpid_zoo.engine.surgery import ArchSpec, build_pruned
+from kpid_zoo.errors import UserError
 
 
 def _recipe(tmp_path, **overrides):
@@ -119,7 +120,7 @@ def test_build_and_prune_find_a_packaged_recipe_by_name(monkeypatch, tmp_path, c
 
     seen = []
     monkeypatch.setattr(kpid_zoo.build, "build", lambda recipe, **kw: seen.append(recipe) or (_ for _ in ()).throw(
-        OSError("stop here")))
+        UserError("stop here")))
     monkeypatch.chdir(tmp_path)  # no recipes/ folder around: only the packaged copy can answer
     assert main(["build", "kpid_effnet_b0"]) == 2
     assert seen == [RECIPES_DIR / "kpid_effnet_b0.yaml"]

@@ -172,3 +172,69 @@ def test_zoo_record_refuses_weights_its_config_does_not_describe(tmp_path):
     with pytest.raises(ValueError, match=f"{weights} does not match the sha256"):
         write_zoo_entry(folder, zoo_dir=tmp_path / "zoo")
     assert not (tmp_path / "zoo").exists()
+
+
+@pytest.mark.parametrize("bug", [ValueError("boom"), KeyError("boom")])
+def test_an_internal_bug_exits_1_in_one_line_naming_the_traceback_file(bug, tmp_path, monkeypatch, capsys):
+    import kpid_zoo.zoo.records as records
+    from kpid_zoo.core.files import CACHE_ENV
+
+    def broken():
+        raise bug
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(records, "zoo_table", broken)
+    assert main(["zoo"]) == 1  # a ValueError from kpid-zoo's own code is a bug, not the user's input
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"kpid-zoo zoo: internal error: {type(bug).__name__}: "), err
+    logs = list((tmp_path / "cache" / "logs").iterdir())
+    assert len(logs) == 1 and f"traceback written to {logs[0]};" in err and "--debug prints it" in err, err
+    text = logs[0].read_text()
+    assert text.startswith("Traceback (most recent call last):") and "in broken" in text and "boom" in text
+
+
+def test_a_user_error_exits_2_in_one_line(tmp_path, monkeypatch, capsys):
+    import kpid_zoo.zoo.records as records
+    from kpid_zoo.core.files import CACHE_ENV
+    from kpid_zoo.errors import UserError
+
+    def wrong():
+        raise UserError("zoo: expected this, got that")
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(records, "zoo_table", wrong)
+    assert _fails_in_one_line(capsys, ["zoo"]) == "kpid-zoo zoo: error: zoo: expected this, got that"
+    assert not (tmp_path / "cache").exists()  # no traceback file for a user's error
+
+
+def test_every_error_class_is_in_the_hierarchy():
+    import kpid_zoo.errors as errors
+
+    classes = [getattr(errors, name) for name in errors.__all__]
+    assert all(issubclass(c, errors.KpidError) for c in classes)
+    # every class kpid-zoo raises on purpose today is the user's to fix, and still a ValueError for old callers
+    assert all(issubclass(c, (errors.UserError, ValueError)) for c in classes if c is not errors.KpidError)
+    assert all(issubclass(c, errors.UserError) for c in classes if c not in (errors.KpidError, errors.UserError))
+    from kpid_zoo.core.lock import LockedError
+    from kpid_zoo.core.recipe import RecipeError
+    from kpid_zoo.zoo.publish import PublishError
+    from kpid_zoo.zoo.registry import KpidHubError
+    assert (LockedError, RecipeError, PublishError, KpidHubError) == (
+        errors.LockedError, errors.RecipeError, errors.PublishError, errors.KpidHubError)
+    assert issubclass(LockedError, RuntimeError) and issubclass(KpidHubError, OSError)  # the old bases are kept
+
+
+def test_the_errors_module_imports_only_the_standard_library():
+    import ast
+    import sys
+
+    import kpid_zoo.errors as errors
+
+    tree = ast.parse(Path(errors.__file__).read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module and not node.level}
+    assert all(name in sys.stdlib_module_names or name == "__future__" for name in imported), imported
+    assert not any(isinstance(node, ast.ImportFrom) and node.level for node in ast.walk(tree))  # nothing of ours

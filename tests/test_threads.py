@@ -17,6 +17,7 @@ from kpid_zoo.core import threads
 from kpid_zoo.cli import main
 from kpid_zoo.training.evaluate import evaluate
 from kpid_zoo.core.threads import CpuSample, ThreadGovernor, busy_seconds, choose_threads, others_busy
+from kpid_zoo.errors import UserError
 
 
 @pytest.mark.parametrize('others, expected', [
@@ -121,7 +122,7 @@ def test_the_command_line_turns_the_adaptive_count_on_for_build(monkeypatch, tmp
 
     def fake_build(recipe, **kwargs):
         seen['governor'] = threads._GOVERNOR
-        raise ValueError('stop here')
+        raise UserError('stop here')  # a user's error: the command's one line, exit 2
 
     monkeypatch.setattr(kbuild, 'build', fake_build)
     monkeypatch.delenv('OMP_NUM_THREADS', raising=False)

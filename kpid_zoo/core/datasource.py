@@ -20,22 +20,10 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
+from ..errors import UnreadableImageError  # noqa: F401 (raised here; its home is kpid_zoo.errors)
+
 FINGERPRINT_VERSION = 1
 UNKNOWN = 'unknown'  # a source whose content cannot be fingerprinted cheaply
-
-
-class UnreadableImageError(ValueError):
-    """An image (or stream sample) that cannot be decoded; the message names the file and the cause.
-
-    A DataLoader worker re-raises an exception in the main process as `type(e)(text)`, where the text carries the
-    worker's whole traceback; this class keeps only its own message from it, so the error stays one line.
-    """
-
-    def __init__(self, message: str):
-        marker = f'{type(self).__name__}: '
-        if message.startswith('Caught ') and marker in message:
-            message = message.rsplit(marker, 1)[1].strip()
-        super().__init__(message)
 
 
 def _digest(lines: Iterable[str], size: int = 8) -> str:

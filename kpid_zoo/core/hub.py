@@ -13,6 +13,8 @@ import logging
 import os
 from pathlib import Path
 
+from ..errors import HubUnreachableError
+
 __all__ = ['HubUnreachableError', 'PROBE_TIMEOUT', 'hub_download', 'network_errors', 'probe_timeout',
            'require_hub_or_cache', 'unreachable']
 
@@ -21,10 +23,6 @@ _logger = logging.getLogger(__name__)
 # Seconds to wait for the Hub's answer to one HEAD request before taking it as unreachable: huggingface.co answers in
 # well under a second; `HF_HUB_ETAG_TIMEOUT`, when set, replaces it (a slow link is the user's to declare).
 PROBE_TIMEOUT = 3.0
-
-
-class HubUnreachableError(OSError):
-    """The Hub did not answer and the file is not in the cache."""
 
 
 def probe_timeout() -> float:

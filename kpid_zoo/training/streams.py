@@ -49,6 +49,7 @@ import torch.utils.data as tud
 from timm.data.readers.shared_count import SharedCount
 
 from ..core.datasource import UnreadableImageError
+from ..errors import MissingDependencyError, MissingFileError
 
 WDS_PREFIX = 'wds/'
 INFO_FILE = '_info.json'  # timm's shard-set description: {"splits": {name: {num_samples, filenames, shard_lengths}}}
@@ -78,7 +79,7 @@ def _require_webdataset():
     try:
         import webdataset  # noqa: F401
     except ImportError:
-        raise ImportError(f'data.dataset: wds/ sources need the webdataset package: {PIP_HINT}') from None
+        raise MissingDependencyError(f'data.dataset: wds/ sources need the webdataset package: {PIP_HINT}') from None
 
 
 @dataclass(frozen=True)
@@ -322,7 +323,7 @@ def split_shards(name: str, root: str, split: str, num_samples: Optional[int] = 
     if not root:
         raise ValueError(f'data.root: required for {name}: the folder (or URL prefix) holding the shards')
     if _is_local(root) and not Path(root).expanduser().is_dir():
-        raise FileNotFoundError(f'data.root: {root} is not a folder (expected the folder holding the {name} shards)')
+        raise MissingFileError(f'data.root: {root} is not a folder (expected the folder holding the {name} shards)')
     root = str(Path(root).expanduser()) if _is_local(root) else root
     try:
         reader = create_dataset(name, root=root, split=split, is_training=False).reader
@@ -336,7 +337,7 @@ def split_shards(name: str, root: str, split: str, num_samples: Optional[int] = 
         raise ValueError(f'data: split {split!r} of {name} in {root} lists no shards')
     missing = [u for u in urls if _is_local(u) and not os.path.isfile(u)]
     if missing:
-        raise FileNotFoundError(f'data.root: {len(missing)} of the {len(urls)} shards of split {split!r} are '
+        raise MissingFileError(f'data.root: {len(missing)} of the {len(urls)} shards of split {split!r} are '
                                 f'missing, first {missing[0]}')
     total = num_samples or reader.num_samples or 0
     if not total and count_field:

@@ -32,6 +32,7 @@ from ..core.files import atomic_write_text, file_sha256, json_sha256, save_weigh
 from ..core.ownership import RefusedError, check_output, recorded_sha256, stray_entries
 from .card import PAPER_ID, PAPER_NAME, PAPER_URL, WIDTHS_PLOT, build_card
 from .records import CFG_KEYS, ZOO_DIR, ZooRecord, pool_size_for, record_for_zoo
+from ..errors import MissingFileError
 
 __all__ = [
     'export_model', 'check_export_folder', 'file_sha256', 'read_export_config', 'zoo_entry_from_export',
@@ -413,7 +414,7 @@ def read_export_config(folder: str | Path) -> dict:
 
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f'{path}: missing (expected an export folder written by kpid_zoo.zoo.export)')
+        raise MissingFileError(f'{path}: missing (expected an export folder written by kpid_zoo.zoo.export)')
     try:
         config = json.loads(path.read_text(encoding='utf-8'))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

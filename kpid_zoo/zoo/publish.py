@@ -27,6 +27,7 @@ from .._version import __version__
 from .export import CARD_FILE, CONFIG_FILE, EXPORT_FILES, WEIGHTS_FILE, read_export_config
 from ..core.hub import network_errors
 from ..core.ownership import describe
+from ..errors import PublishError
 
 __all__ = ['check_weights_fit', 'publish', 'validate_export', 'export_payload', 'PublishError']
 
@@ -35,11 +36,6 @@ _logger = logging.getLogger(__name__)
 # pickled checkpoints have no place in a kpid-zoo repo: loading them runs code
 _PICKLE_SUFFIXES = ('.bin', '.pt', '.pth', '.pkl', '.pickle', '.ckpt', '.pth.tar')
 _SHA256 = re.compile(r'^[0-9a-f]{64}$')
-
-
-class PublishError(RuntimeError):
-    """The folder cannot be published as it is, or the Hub refused it; the message says which and why."""
-
 
 
 def _plain_name(name: object) -> bool:

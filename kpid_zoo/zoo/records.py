@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.files import atomic_write_text
+from ..errors import MissingFileError, UserError
 
 __all__ = ['ZOO_DIR', 'RECIPES_DIR', 'RENAMED', 'AUTHORS', 'KPID_BUILD', 'ZooRecord', 'load_record', 'load_records',
            'pool_size_for', 'zoo_table', 'find_recipe', 'recipe_names', 'closest_names', 'record_for_zoo']
@@ -199,7 +200,7 @@ def record_for_zoo(record: ZooRecord, zoo_dir: str | Path = ZOO_DIR) -> tuple[Zo
         return record, True
     default = existing[0]
     if record.architecture != default.architecture:
-        raise ValueError(f'{record.name}: the zoo already records {record.name} ({default.origin}, '
+        raise UserError(f'{record.name}: the zoo already records {record.name} ({default.origin}, '
                          f'{_architecture_difference(default.architecture, record.architecture)}); one name is one '
                          f'architecture: rename the recipe (its name:) and build again')
     for r in existing:
@@ -308,4 +309,4 @@ def find_recipe(name_or_path: str | Path) -> Path:
     hint = closest_names(path.stem, recipe_names())
     if not hint:
         hint = f" (packaged: {', '.join(recipe_names())})"
-    raise FileNotFoundError(f'{name_or_path}: no such recipe file, nor a packaged recipe of that name{hint}')
+    raise MissingFileError(f'{name_or_path}: no such recipe file, nor a packaged recipe of that name{hint}')

@@ -47,6 +47,7 @@ from ..core.files import read_json
 from ..core.hub import hub_download
 from .card import PAPER_ID, PAPER_NAME, PAPER_URL
 from .records import RENAMED, ZOO_DIR, ZooRecord, load_records, pool_size_for
+from ..errors import KpidHubError, KpidWeightsError
 
 __all__ = ['DEFAULT_SPEC', 'KpidHubError', 'KpidWeightsError', 'create_kpid', 'zoo_records']
 
@@ -58,15 +59,6 @@ DEFAULT_SPEC: dict[str, Any] = dict(
     parent='resnet18', input_size=[3, 224, 224],
     widths={f'layer{s}.{b}.conv1': 32 * 2 ** s // 2 for s in range(1, 5) for b in range(2)},
 )
-
-
-class KpidWeightsError(RuntimeError, ValueError):
-    """Pretrained weights that do not match what was recorded or reported (hash) or the architecture (shapes), or an
-    export's config.json that is malformed or not the one bound to its weights. A ValueError too: bad input."""
-
-
-class KpidHubError(RuntimeError, OSError):
-    """Pretrained weights that cannot be had: the Hub unreachable, offline and not cached, no such repo or file."""
 
 
 def _paper(**cfg) -> dict:
