@@ -42,6 +42,7 @@ from ..core.files import atomic_write_text, json_sha256
 from ..engine.groups import ROLE_DW, ROLE_IN, ROLE_NORM, ROLE_PARAM, ChannelMap, GroupGraph, Member
 from ..engine.handlers import handler_for
 from ..engine.surgery import prune_model
+from ..errors import UserError
 
 TABLE_VERSION = 1
 # Width fractions each group is sampled at; the interpolation is linear between them (and beyond the ends).
@@ -98,9 +99,9 @@ class Paired:
 def check_device(device: str) -> None:
     """Fail unless `device` is present here (a latency budget is measured where the build runs)."""
     if device not in DEVICES:
-        raise ValueError(f"expected one of {', '.join(map(repr, DEVICES))}, got {device!r}")
+        raise UserError(f"expected one of {', '.join(map(repr, DEVICES))}, got {device!r}")
     if device == 'cuda' and not torch.cuda.is_available():
-        raise ValueError("'cuda' is not present on this machine (torch.cuda.is_available() is False): time the "
+        raise UserError("'cuda' is not present on this machine (torch.cuda.is_available() is False): time the "
                          "network on the device it is for, or set budget.device: cpu")
 
 
@@ -370,7 +371,7 @@ def _timed_layers(model: nn.Module, graph: GroupGraph) -> list[_Timed]:
         maps = [c for _, c in member] + ([input_channels] if input_channels is not None else [])
         groups = tuple(dict.fromkeys(g for c in maps for g in _prunable_in(graph, c, prunable)))
         if len(groups) > MAX_TERM_GROUPS:
-            raise ValueError(f"latency table: layer {name!r} holds channels of {len(groups)} prunable groups "
+            raise UserError(f"latency table: layer {name!r} holds channels of {len(groups)} prunable groups "
                              f"(a concatenation); a latency budget times at most {MAX_TERM_GROUPS} per layer; "
                              f"use a FLOPs budget (flops.target_gmacs) for this network")
         timed.append(_Timed(name, member, groups, input_channels))

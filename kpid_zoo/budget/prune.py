@@ -27,6 +27,7 @@ from .latency import (LatencyCostModel, LatencySetting, Paired, Timing, cache_pa
                       check_timeable, device_name, latency_table, measure_noise, measure_paired)
 from ..core.recipe import BudgetSpec, Recipe
 from ..engine.surgery import ArchSpec, prune_model
+from ..errors import UserError
 
 
 @dataclass
@@ -112,7 +113,7 @@ def knapsack_prune(parent: nn.Module, graph: GroupGraph, importance: Importance,
                                       recount, max_rounds=max_rounds, progress=progress,
                                       shown=lambda v: f"{v / 1e9:.4f}")
     if best is None:
-        raise ValueError(f"{arch}: no width assignment under {target_gmacs:.4g} GMACs was found in "
+        raise UserError(f"{arch}: no width assignment under {target_gmacs:.4g} GMACs was found in "
                          f"{max_rounds} rounds (last: {rounds[-1]['achieved_gmacs']:.4g}); try round_to: 1")
     sol, model, keep, achieved, _ = best
     return _result(parent, graph, arch, input_size, parent_flops, target_gmacs, achieved / 1e9, sol, model, keep,
@@ -196,7 +197,7 @@ def group_width_choices(graph: GroupGraph, min_channels: int, round_to: int) -> 
 def check_prunable(graph: GroupGraph, arch: str) -> None:
     """Fail, naming why, unless some channel group can be pruned (any budget needs one)."""
     if not graph.prunable:
-        raise ValueError(f"{arch}: no prunable channel group was found "
+        raise UserError(f"{arch}: no prunable channel group was found "
                          f"({', '.join(sorted({g.reason for g in graph.groups if g.reason})) or 'no conv layers'})")
 
 
@@ -211,13 +212,13 @@ def check_target(parent: nn.Module, graph: GroupGraph, target_gmacs: float, *, a
     parent_flops = count_flops(parent, input_size)
     target = target_gmacs * 1e9
     if target >= parent_flops.total:
-        raise ValueError(f"{arch}: FLOPs target {target_gmacs:.4g} GMACs is not below the parent's "
+        raise UserError(f"{arch}: FLOPs target {target_gmacs:.4g} GMACs is not below the parent's "
                          f"{parent_flops.gmacs:.4g} GMACs at {input_size}")
     cost = CostModel.from_flops(parent, graph, parent_flops)
     choices = group_width_choices(graph, min_channels, round_to)
     floor = cost.flops({g: ch[0] for g, ch in choices.items()})
     if target < floor:
-        raise ValueError(f"{arch}: FLOPs target {target_gmacs:.4g} GMACs is below the smallest reachable "
+        raise UserError(f"{arch}: FLOPs target {target_gmacs:.4g} GMACs is below the smallest reachable "
                          f"{floor / 1e9:.4g} GMACs (every group at {min_channels} channels)")
     return parent_flops, cost, choices
 
@@ -254,7 +255,7 @@ def check_latency_budget(parent: nn.Module, graph: GroupGraph, budget: BudgetSpe
     try:
         check_timeable(parent, graph)
     except ValueError as e:
-        raise ValueError(f"{arch}: {e}") from None
+        raise UserError(f"{arch}: {e}") from None
     where = f"on {setting.describe()} at {'x'.join(map(str, input_size))}"
     reference = reference if reference is not None else latency_reference(parent, budget)
     reference_timing = reference_timing or compare(reference, reference, input_size, setting).reference
@@ -268,12 +269,12 @@ def check_latency_budget(parent: nn.Module, graph: GroupGraph, budget: BudgetSpe
     try:
         target = budget.resolve_target(parent_timing.median_ms, reference_timing.median_ms)
     except ValueError as e:
-        raise ValueError(f"{arch}: {e} {where}") from None
+        raise UserError(f"{arch}: {e} {where}") from None
     choices = group_width_choices(graph, min_channels, round_to)
     smallest = prune_model(parent, graph, {g.name: g.leading(choices[g.name][0]) for g in graph.prunable})
     smallest_timing = beside_reference(smallest)
     if target < smallest_timing.median_ms:
-        raise ValueError(f"{arch}: budget.{budget.stated}: {target:.4g} ms is below the "
+        raise UserError(f"{arch}: budget.{budget.stated}: {target:.4g} ms is below the "
                          f"{smallest_timing.median_ms:.4g} ms that the smallest reachable network (every group at "
                          f"{min_channels} channels) measures {where}")
     return target, parent_timing, smallest_timing, choices
@@ -396,7 +397,7 @@ def prune_from_recipe(recipe: Recipe, parent: nn.Module, train_loader=None, devi
         graph = graph.exact_only()
     if settings.method == "taylor":
         if train_loader is None:
-            raise ValueError(f"{recipe.source}: importance.method 'taylor' needs training data")
+            raise UserError(f"{recipe.source}: importance.method 'taylor' needs training data")
         if hasattr(train_loader.dataset, "set_epoch"):
             # the training stages before this one leave the shared dataset at their last epoch: a build resumed
             # after them would see other augmentations, hence other scores and other kept channels

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ..core import threads
 from .groups import ChannelMap, GroupGraph
+from ..errors import UserError
 
 Importance = dict[str, torch.Tensor]  # group name -> one score per channel of the parent
 
@@ -53,7 +54,7 @@ def taylor_importance(model: nn.Module, graph: GroupGraph, batches: Iterable, nu
     fields are left untouched.
     """
     if num_batches < 1:
-        raise ValueError(f"importance.batches must be >= 1, got {num_batches}")
+        raise UserError(f"importance.batches must be >= 1, got {num_batches}")
     loss_fn = loss_fn or F.cross_entropy
     was_training = model.training
     model.eval().to(device)
@@ -68,7 +69,7 @@ def taylor_importance(model: nn.Module, graph: GroupGraph, batches: Iterable, nu
         except StopIteration:
             # scores over fewer batches than asked would be passed off as the recipe's: say so instead
             model.train(was_training)
-            raise ValueError(f"importance.batches: {num_batches} batches asked, but the data loader held "
+            raise UserError(f"importance.batches: {num_batches} batches asked, but the data loader held "
                              f"{seen}") from None
         threads.tick()
         with torch.enable_grad():

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from .flops import FlopsReport
 from .groups import GroupGraph
+from ..errors import UserError
 
 
 # One dimension of a layer as a function of the group widths: const + sum of weight * width over its groups,
@@ -142,7 +143,7 @@ def solve_knapsack(importance: dict[str, torch.Tensor], unit_cost: dict[str, flo
     A group in `blocks` keeps the top width / len(blocks) channels of each of its blocks (grouped convs)."""
     names = list(choices)
     if budget <= 0:
-        raise ValueError(f"knapsack: the budget left for prunable channels is {budget:.4g} FLOPs; "
+        raise UserError(f"knapsack: the budget left for prunable channels is {budget:.4g} FLOPs; "
                          f"the target is below what the unprunable layers alone cost")
     blocks = blocks or {}
     cum = {g: value_curve(importance[g], blocks.get(g)) for g in names}
@@ -168,7 +169,7 @@ def solve_knapsack(importance: dict[str, torch.Tensor], unit_cost: dict[str, flo
         dp = best
     if not np.isfinite(dp[resolution]):
         floor = sum(unit_cost[g] * choices[g][0] for g in names)
-        raise ValueError(f"knapsack: even the narrowest widths cost {floor:.4g} FLOPs, over the budget of "
+        raise UserError(f"knapsack: even the narrowest widths cost {floor:.4g} FLOPs, over the budget of "
                          f"{budget:.4g}: the target is below the smallest reachable")
     widths, b = {}, resolution
     for gi in reversed(range(len(names))):
@@ -215,7 +216,7 @@ def solve_for_budget(importance: dict[str, torch.Tensor], cost: Cost, widths: di
             break
         lo, hi = (budget, hi) if value < low else (lo, budget)
     if best is None:
-        raise ValueError(f"knapsack: no width assignment costs at most {cost.describe(high)}; the target is "
+        raise UserError(f"knapsack: no width assignment costs at most {cost.describe(high)}; the target is "
                          f"below the smallest reachable")
     return best[1]
 

@@ -26,6 +26,7 @@ from timm.models import build_model_with_cfg
 from ..core.files import read_json
 from .groups import GroupGraph, discover_groups
 from .handlers import handler_for
+from ..errors import UserError
 
 SPEC_VERSION = 1
 _TRACE_SIZE = 64
@@ -53,18 +54,18 @@ class ArchSpec:
         """
         if not isinstance(d, dict):
             kind = "a str (a spec is data, never a path)" if isinstance(d, str) else f"a {type(d).__name__}"
-            raise ValueError(f"{source}: expected a JSON object with parent, widths, input_size; got {kind}")
+            raise UserError(f"{source}: expected a JSON object with parent, widths, input_size; got {kind}")
         missing = {"parent", "widths"} - set(d)
         if missing:
-            raise ValueError(f"{source}: missing field(s) {sorted(missing)}; expected parent, widths, input_size")
+            raise UserError(f"{source}: missing field(s) {sorted(missing)}; expected parent, widths, input_size")
         unknown = set(d) - {"parent", "widths", "input_size", "parent_kwargs", "version"}
         if unknown:
-            raise ValueError(f"{source}: unknown field(s) {sorted(str(k)[:40] for k in unknown)[:3]}")
+            raise UserError(f"{source}: unknown field(s) {sorted(str(k)[:40] for k in unknown)[:3]}")
         version = d.get("version", SPEC_VERSION)
         if not _is_int(version) or version < 1:
-            raise ValueError(f"{source}: version must be a positive integer")
+            raise UserError(f"{source}: version must be a positive integer")
         if version > SPEC_VERSION:
-            raise ValueError(f"{source}: spec version {version} is newer than this kpid-zoo understands "
+            raise UserError(f"{source}: spec version {version} is newer than this kpid-zoo understands "
                              f"({SPEC_VERSION}); upgrade kpid-zoo")
         return cls(parent=_check_parent(d["parent"], source), widths=_check_widths(d["widths"], source),
                    input_size=_check_input_size(d.get("input_size", (3, 224, 224)), source),
@@ -77,10 +78,10 @@ class ArchSpec:
     def load(cls, path: str | Path) -> "ArchSpec":
         """The spec saved in a JSON file: the explicit way for a Python caller to build from a file."""
         if not Path(path).is_file():  # not a FIFO or a device: reading one could block or never end
-            raise ValueError(f"{path}: not a regular file (expected a saved architecture spec, JSON)")
+            raise UserError(f"{path}: not a regular file (expected a saved architecture spec, JSON)")
         data = read_json(path)
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object with parent, widths, input_size")
+            raise UserError(f"{path}: expected a JSON object with parent, widths, input_size")
         return cls.from_dict(data, source=str(path))
 
 
@@ -109,29 +110,29 @@ def _is_int(value) -> bool:
 
 def _check_parent(parent, source: str) -> str:
     if not isinstance(parent, str) or len(parent) > _MAX_TEXT or not _NAME_RE.fullmatch(parent):
-        raise ValueError(f"{source}: parent must be a timm model name such as 'resnet50'")
+        raise UserError(f"{source}: parent must be a timm model name such as 'resnet50'")
     if parent.startswith("kpid_"):
-        raise ValueError(f"{source}: parent {parent!r} is a kpid-zoo model; a spec prunes a timm architecture")
+        raise UserError(f"{source}: parent {parent!r} is a kpid-zoo model; a spec prunes a timm architecture")
     if not timm.is_model(parent):
-        raise ValueError(f"{source}: parent {parent!r} is not a timm model")
+        raise UserError(f"{source}: parent {parent!r} is not a timm model")
     return parent
 
 
 def _check_widths(widths, source: str) -> dict[str, int]:
     if not isinstance(widths, dict):
-        raise ValueError(f"{source}: widths must map group names to positive integers")
+        raise UserError(f"{source}: widths must map group names to positive integers")
     for name, width in widths.items():
         if not isinstance(name, str) or len(name) > _MAX_TEXT or not _GROUP_RE.fullmatch(name):
-            raise ValueError(f"{source}: widths has a key that is not a channel group name (module path)")
+            raise UserError(f"{source}: widths has a key that is not a channel group name (module path)")
         if not _is_int(width) or not 0 < width <= _MAX_WIDTH:
-            raise ValueError(f"{source}: widths[{name!r}] must be a positive integer")
+            raise UserError(f"{source}: widths[{name!r}] must be a positive integer")
     return dict(widths)
 
 
 def _check_input_size(size, source: str) -> tuple[int, int, int]:
     if (not isinstance(size, (list, tuple)) or len(size) != 3 or not all(_is_int(v) and v > 0 for v in size)
             or size[0] > _MAX_CHANS or max(size[1:]) > _MAX_SIDE):
-        raise ValueError(f"{source}: input_size must be [C, H, W], positive integers, C <= {_MAX_CHANS}, "
+        raise UserError(f"{source}: input_size must be [C, H, W], positive integers, C <= {_MAX_CHANS}, "
                          f"H and W <= {_MAX_SIDE}")
     return tuple(size)
 
@@ -144,7 +145,7 @@ def check_model_kwargs(kwargs, where: str) -> dict:
     """Model arguments read from a file (a spec's parent_kwargs, config.json model_args), checked as hostile: plain
     JSON values under argument names, none of timm's loader keywords (`LOADER_KWARGS`). `where` names them."""
     if not isinstance(kwargs, dict):
-        raise ValueError(f"{where} must be a JSON object of timm model arguments")
+        raise UserError(f"{where} must be a JSON object of timm model arguments")
 
     def plain(v) -> bool:
         if isinstance(v, float):
@@ -153,16 +154,16 @@ def check_model_kwargs(kwargs, where: str) -> dict:
 
     for key, value in kwargs.items():
         if not isinstance(key, str) or not key.isidentifier() or len(key) > _MAX_TEXT:
-            raise ValueError(f"{where} has a key that is not an argument name")
+            raise UserError(f"{where} has a key that is not an argument name")
         if key in LOADER_KWARGS:
-            raise ValueError(f"{where}.{key} is not allowed (model arguments describe an architecture; they do not "
+            raise UserError(f"{where}.{key} is not allowed (model arguments describe an architecture; they do not "
                              f"load files or weights)")
         if not (plain(value) or isinstance(value, list) and len(value) <= 64 and all(map(plain, value))):
-            raise ValueError(f"{where}.{key} must be a number, string, boolean, null or a short list of those")
+            raise UserError(f"{where}.{key} must be a number, string, boolean, null or a short list of those")
         if key == "num_classes" and not (_is_int(value) and 0 <= value <= _MAX_WIDTH):
-            raise ValueError(f"{where}.num_classes must be a non-negative integer")
+            raise UserError(f"{where}.num_classes must be a non-negative integer")
         if key == "in_chans" and not (_is_int(value) and 0 < value <= _MAX_CHANS):
-            raise ValueError(f"{where}.in_chans must be an integer in [1, {_MAX_CHANS}]")
+            raise UserError(f"{where}.in_chans must be an integer in [1, {_MAX_CHANS}]")
     return dict(kwargs)
 
 
@@ -180,13 +181,13 @@ def prune_model(model: nn.Module, graph: GroupGraph, keep: dict[str, torch.Tenso
         if not group.prunable:
             if len(idx) == group.size:
                 continue
-            raise ValueError(f"group {name!r} cannot be pruned: {group.reason}")
+            raise UserError(f"group {name!r} cannot be pruned: {group.reason}")
         if len(idx) == 0 or idx[0] < 0 or idx[-1] >= group.size or len(idx.unique()) != len(idx):
-            raise ValueError(f"group {name!r}: kept indices must be distinct, in [0, {group.size}), and not empty")
+            raise UserError(f"group {name!r}: kept indices must be distinct, in [0, {group.size}), and not empty")
         if group.parts > 1:
             per_block = torch.bincount(torch.tensor(group.blocks)[idx], minlength=group.parts)
             if (per_block != per_block[0]).any():
-                raise ValueError(f"group {name!r}: a grouped conv needs as many channels kept in each of its "
+                raise UserError(f"group {name!r}: a grouped conv needs as many channels kept in each of its "
                                  f"{group.parts} conv-groups, got {per_block.tolist()}")
         checked[name] = idx
     pruned = model if inplace else copy.deepcopy(model)
@@ -220,23 +221,23 @@ def build_pruned(spec: ArchSpec, **timm_kwargs) -> nn.Module:
     every other option are the parent's to build with: the stem's input channels are never pruned.
     """
     if not timm.is_model(spec.parent):
-        raise ValueError(f"architecture spec: parent {spec.parent!r} is not a timm model")
+        raise UserError(f"architecture spec: parent {spec.parent!r} is not a timm model")
     head = {k: timm_kwargs.pop(k) for k in HEAD_KWARGS if k in timm_kwargs}
     kwargs = {**spec.parent_kwargs, **timm_kwargs, "pretrained": False}
     model = timm.create_model(spec.parent, **kwargs)
     graph = _spec_groups(model, spec, kwargs)
     unknown = set(spec.widths) - {g.name for g in graph.groups}
     if unknown:
-        raise ValueError(f"architecture spec for {spec.parent}: no channel group named {sorted(unknown)[:3]} "
+        raise UserError(f"architecture spec for {spec.parent}: no channel group named {sorted(unknown)[:3]} "
                          f"(the spec was made for a different architecture or timm version)")
     keep = {}
     for name, width in spec.widths.items():
         if width > graph[name].size:
-            raise ValueError(f"architecture spec for {spec.parent}: group {name!r} keeps {width} channels "
+            raise UserError(f"architecture spec for {spec.parent}: group {name!r} keeps {width} channels "
                              f"but the parent has only {graph[name].size}")
         group = graph[name]
         if width % group.parts:
-            raise ValueError(f"architecture spec for {spec.parent}: group {name!r} keeps {width} channels, not a "
+            raise UserError(f"architecture spec for {spec.parent}: group {name!r} keeps {width} channels, not a "
                              f"multiple of the {group.parts} conv-groups of its grouped convs")
         keep[name] = group.leading(width)
     pruned = prune_model(model, graph, keep, inplace=True)  # a fresh parent: no copy to keep
@@ -254,7 +255,7 @@ def _set_head(model: nn.Module, num_classes: int | None = None, global_pool: str
     if not (wants_classes or wants_pool):
         return
     if not hasattr(model, "reset_classifier"):
-        raise ValueError(f"{type(model).__name__} has no reset_classifier: cannot set num_classes / global_pool")
+        raise UserError(f"{type(model).__name__} has no reset_classifier: cannot set num_classes / global_pool")
     classes = num_classes if num_classes is not None else model.num_classes
     if global_pool is not None:
         model.reset_classifier(classes, global_pool)
