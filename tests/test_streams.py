@@ -243,6 +243,7 @@ def test_finetune_on_a_stream_resumes_to_the_same_weights(cifar4_shards, tmp_pat
         finetune(model, None, bundle.train_loader, None, cfg, tmp_path / 'stopped', progress=False)
 
 
+@pytest.mark.launch
 def test_torchrun_two_processes_shard_the_stream_and_count_validation_once(cifar4_shards, real_jpeg_folder,
                                                                            tmp_path):
     """torchrun x2 (gloo), 2 loader workers each: the two processes' training samples are disjoint, their union
