@@ -101,6 +101,7 @@ def test_dry_run_of_every_shipped_code_path_under_accelerate_launch(recipe_path,
     _launch_dry_run(recipe_path, tmp_path)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize('recipe_path', sorted(COVERED), ids=[p.stem for p in sorted(COVERED)])
 def test_a_recipe_whose_code_path_is_dry_run_is_validated_preflighted_and_planned(recipe_path, tmp_path):
     recipe = load_recipe(recipe_path)

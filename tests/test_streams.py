@@ -203,6 +203,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.heavy
 def test_finetune_on_a_stream_resumes_to_the_same_weights(cifar4_shards, tmp_path, one_thread):
     """Two persistent loader workers, dropout on, a checkpoint every step; the run stops after step 3 (the
     resume skips 3 batches: mid round robin) and resumes; 18 steps over two epochs end bit-identical to an
