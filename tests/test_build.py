@@ -33,6 +33,7 @@ MAIN_JOB_PARENT_TOP1_FLOOR = 70.0
 MAIN_JOB_PRUNED_MAX_DROP = 5.0
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_readme_main_command_builds_the_cifar10_entry(tmp_path, repo_root, cifar10_tarball):
     """The README's main job, end to end, with the accuracy it promises (about 13 CPU-minutes, 6-8 minutes on 2 idle
@@ -49,6 +50,7 @@ def test_readme_main_command_builds_the_cifar10_entry(tmp_path, repo_root, cifar
     assert report["target_gmacs"] * 0.98 <= report["achieved_gmacs"] <= report["target_gmacs"]
 
 
+@pytest.mark.launch
 def test_readme_main_recipe_runs_every_stage_on_a_cifar10_subset(tmp_path, repo_root, cifar10_tarball):
     """The README's recipe through the README's command, every field as shipped but the data: 640 training images
     (10 steps of parent adaptation, 5 of distillation) and 500 test images, one thread (about a minute).
@@ -155,6 +157,7 @@ def _copy_build(reference, tmp_path) -> tuple[Path, Path, Path]:
     return recipe, tmp_path / "out", tmp_path / "work"
 
 
+@pytest.mark.launch
 def test_build_exports_a_timm_loadable_pruned_model_and_a_rerun_changes_nothing(reference, tmp_path, capsys):
     recipe, out, work = _copy_build(reference, tmp_path)
     assert "top-1" in reference[3]
@@ -199,6 +202,7 @@ def _killed_build_matches(reference, tmp_path, kills, capsys) -> None:
     assert not [p for p in tmp_path.rglob(".*") if ".tmp-" in p.name], "staging left behind"
 
 
+@pytest.mark.launch
 def test_killed_anywhere_the_build_resumes_to_the_same_bytes(reference, tmp_path, capsys):
     """SIGKILL inside each training stage (between checkpoints), after a stage wrote its result but before it
     recorded it, and between stages; each rerun resumes, and the end result is the uninterrupted build's bytes.
@@ -206,6 +210,7 @@ def test_killed_anywhere_the_build_resumes_to_the_same_bytes(reference, tmp_path
     _killed_build_matches(reference, tmp_path, KILLS_QUICK, capsys)
 
 
+@pytest.mark.launch
 @pytest.mark.slow
 def test_every_kill_point_resumes_to_the_same_bytes(reference, tmp_path, capsys):
     _killed_build_matches(reference, tmp_path, KILLS, capsys)
@@ -217,6 +222,7 @@ def _flip_byte(path: Path, offset: int = -100) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.launch
 def test_altered_stage_weights_are_redone_never_exported(reference, tmp_path):
     """One flipped byte in the fine-tune result, then also in its last checkpoint: each rebuild says which file
     it does not trust, redoes from what it can verify, and exports the reference bytes again."""
@@ -236,6 +242,7 @@ def test_altered_stage_weights_are_redone_never_exported(reference, tmp_path):
     _assert_same_build(reference[1], reference[2], out, work)
 
 
+@pytest.mark.launch
 def test_altered_or_garbage_json_results_are_redone(reference, tmp_path):
     recipe, out, work = _copy_build(reference, tmp_path)
     (work / "pruned" / "spec.json").write_text('{"parent": "resnet18", "widths": ')
@@ -249,6 +256,7 @@ def test_altered_or_garbage_json_results_are_redone(reference, tmp_path):
     assert json.loads((out / "config.json").read_text())["kpid"] == reference_config["kpid"]
 
 
+@pytest.mark.launch
 def test_a_changed_recipe_redoes_exactly_the_stale_stages(reference, tmp_path):
     recipe, out, work = _copy_build(reference, tmp_path)
     changed = yaml.safe_load(recipe.read_text())
@@ -269,6 +277,7 @@ def test_a_changed_recipe_redoes_exactly_the_stale_stages(reference, tmp_path):
     assert config["weights_sha256"] == file_sha256(out / "model.safetensors")
 
 
+@pytest.mark.launch
 @pytest.mark.parametrize("flops, expected", [
     ({"target_gmacs": 5.0}, "is not below the parent's"),
     ({"target_gmacs": 1e-6}, "is below the smallest reachable"),
@@ -287,6 +296,7 @@ def test_unreachable_targets_fail_before_any_work_even_over_a_finished_run(refer
     assert {p: p.stat().st_mtime_ns for p in work.rglob("*")} == before
 
 
+@pytest.mark.launch
 def test_a_dead_builds_lock_and_staging_are_cleaned_a_live_one_refuses(reference, tmp_path, capsys):
     recipe, out, work = _copy_build(reference, tmp_path)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -311,6 +321,7 @@ def test_a_dead_builds_lock_and_staging_are_cleaned_a_live_one_refuses(reference
     assert len(err.splitlines()) == 1 and f"{work} is being built by process {os.getpid()}" in err
 
 
+@pytest.mark.launch
 def test_a_second_work_folder_building_into_the_same_export_is_refused(reference, tmp_path, capsys):
     """Two builds with their own work folders but one --out would replace each other's export (and remove each
     other's staging): the export folder has a lock of its own."""

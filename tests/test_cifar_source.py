@@ -328,6 +328,7 @@ def test_bad_tarballs_exit_2_in_one_line_from_the_command_line(tmp_path, capsys,
     assert not (tmp_path / 'escaped.txt').exists() and not _staging(tmp_path / 'cache')
 
 
+@pytest.mark.launch
 def test_a_killed_unpack_leaves_nothing_a_later_run_uses(tmp_path):
     """SIGKILL in the middle of an unpack (no `finally` runs): the staging folder stays, the target does not
     exist; the next run unpacks afresh and clears the leftovers."""

@@ -51,6 +51,7 @@ def cifar10_tree(cifar10_tarball, tmp_path_factory) -> Path:
     return prepare_cifar10(cifar10_tarball, cache_dir=tmp_path_factory.mktemp('cache'))
 
 
+@pytest.mark.heavy
 def test_real_cifar10_unpacked_and_loaded(cifar10_tree, cifar10_tarball, monkeypatch):
     assert sorted(p.name for p in (cifar10_tree / 'train').iterdir()) == [
         'airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']

@@ -28,6 +28,7 @@ def _mkdocs_build(config: Path, site: Path) -> subprocess.CompletedProcess:
                            '--site-dir', str(site)], capture_output=True, text=True, env=env, timeout=120)
 
 
+@pytest.mark.launch
 @needs_mkdocs
 def test_docs_site_builds_strict(tmp_path):
     result = _mkdocs_build(REPO_ROOT / 'mkdocs.yml', tmp_path / 'site')
@@ -38,6 +39,7 @@ def test_docs_site_builds_strict(tmp_path):
         assert built.is_file(), f'docs/{page.name} was not built'
 
 
+@pytest.mark.launch
 @needs_mkdocs
 def test_strict_build_fails_on_a_broken_anchor(tmp_path):
     """The link checks are on: mkdocs only reports a missing anchor at INFO level unless mkdocs.yml raises it."""

@@ -95,11 +95,13 @@ def _launch_dry_run(recipe_path: Path, tmp_path: Path) -> tuple[str, Path, Path]
     return proc.stdout, work, out
 
 
+@pytest.mark.launch
 @pytest.mark.parametrize('recipe_path', DRY_RUN, ids=[p.stem for p in DRY_RUN])
 def test_dry_run_of_every_shipped_code_path_under_accelerate_launch(recipe_path, tmp_path):
     _launch_dry_run(recipe_path, tmp_path)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize('recipe_path', sorted(COVERED), ids=[p.stem for p in sorted(COVERED)])
 def test_a_recipe_whose_code_path_is_dry_run_is_validated_preflighted_and_planned(recipe_path, tmp_path):
     recipe = load_recipe(recipe_path)
@@ -118,6 +120,7 @@ def test_every_shipped_recipe_is_dry_run_or_shares_the_code_path_of_one_that_is(
     assert any(p.stem.startswith('kpid_ecaresnet') for p in DRY_RUN)
 
 
+@pytest.mark.launch
 def test_dry_run_of_a_wds_recipe_streams_stand_in_shards(tmp_path):
     """The README's CIFAR recipe on WebDataset shards (`wds/cifar10`, a shard folder that is not on this machine):
     the dry run writes its stand-in images as shards (two per process), and every stage reads them as a stream."""

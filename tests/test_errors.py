@@ -147,6 +147,7 @@ def test_debug_shows_the_traceback(tmp_path):
         main(["--debug"] + _build(recipe, tmp_path))
 
 
+@pytest.mark.launch
 def test_the_cli_says_so_in_one_line_as_a_subprocess(tmp_path, repo_root):
     """The entry point itself: one stderr line, exit 2, no warnings or tracebacks around it."""
     import os

@@ -116,6 +116,7 @@ def test_an_undecodable_training_image_fails_the_epoch_naming_it(real_jpeg_folde
             pass
 
 
+@pytest.mark.heavy
 def test_a_build_with_an_undecodable_validation_image_exits_2_naming_it(real_jpeg_folder, tmp_path, capsys):
     """A prune-only build (no training: it reaches the evaluation in seconds) through the CLI."""
     folder = _case(tmp_path / 'case', real_jpeg_folder, parent__train__epochs=0, importance__method='magnitude',

@@ -148,6 +148,7 @@ def test_input_size_forms_in_the_help_all_count_the_same(capsys, size):
     assert capsys.readouterr().out == f'resnet18 at 3x64x64: {gmacs:.4f} GMACs, 11.690M params\n'
 
 
+@pytest.mark.launch
 def test_input_size_error_is_one_line_from_the_entry_point_too(tmp_path, repo_root):
     proc = subprocess.run([sys.executable, '-m', 'kpid_zoo.cli', 'flops', 'resnet18', '--input-size', '3 32'],
                           capture_output=True, text=True, cwd=tmp_path,

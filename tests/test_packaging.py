@@ -28,6 +28,7 @@ def test_the_repository_recipes_are_the_packaged_ones():
     assert sorted(p.name for p in top.glob('*.yaml')) == sorted(p.name for p in RECIPES_DIR.glob('*.yaml')) != []
 
 
+@pytest.mark.launch
 def test_import_prints_nothing_and_loads_no_pruning_machinery(tmp_path):
     probe = ('import sys, kpid_zoo, timm; assert timm.list_models("kpid_*"); '
              'print(sorted(m for m in sys.modules if m.split(".")[0] in ("fvcore", "matplotlib") '
@@ -40,6 +41,7 @@ def test_import_prints_nothing_and_loads_no_pruning_machinery(tmp_path):
     assert done.returncode == 0 and done.stderr == ''
 
 
+@pytest.mark.launch
 def test_a_plain_wheel_install_has_the_zoo_and_the_recipes(tmp_path):
     """pip wheel -> pip install --target (not editable) -> the CLI from outside the repository."""
     # from a copy of the sources: an in-tree build would leave build/ and *.egg-info in the checkout, and a stale

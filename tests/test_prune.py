@@ -8,6 +8,7 @@ from kpid_zoo.engine.importance import magnitude_importance
 from kpid_zoo.budget.prune import knapsack_prune
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("name,target", [("resnet50", 2.0), ("efficientnet_b1", 0.39),
                                          ("mobilenetv3_large_100", 0.16)])
 def test_knapsack_pruning_lands_within_one_percent_under_the_target(name, target):
@@ -60,6 +61,7 @@ def test_a_model_without_prunable_groups_is_a_clear_error():
         knapsack_prune(model, graph, {}, 0.0000001, arch="mlp", input_size=(3, 8, 8), progress=False)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("ratio", [0.5, 0.25])
 def test_ties_in_importance_still_spend_the_budget(ratio):
     # Fresh timm ResNets zero-init the last BN of each block: many Taylor scores are exactly 0, leaving many optima
@@ -74,6 +76,7 @@ def test_ties_in_importance_still_spend_the_budget(ratio):
     assert target * 0.99 <= result.report.achieved_gmacs <= target
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("allow", [False, True])
 def test_recipe_prunes_inexact_groups_only_when_it_opts_in(allow):
     from kpid_zoo.budget.prune import prune_from_recipe

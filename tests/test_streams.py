@@ -203,6 +203,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.heavy
 def test_finetune_on_a_stream_resumes_to_the_same_weights(cifar4_shards, tmp_path, one_thread):
     """Two persistent loader workers, dropout on, a checkpoint every step; the run stops after step 3 (the
     resume skips 3 batches: mid round robin) and resumes; 18 steps over two epochs end bit-identical to an
@@ -243,6 +244,7 @@ def test_finetune_on_a_stream_resumes_to_the_same_weights(cifar4_shards, tmp_pat
         finetune(model, None, bundle.train_loader, None, cfg, tmp_path / 'stopped', progress=False)
 
 
+@pytest.mark.launch
 def test_torchrun_two_processes_shard_the_stream_and_count_validation_once(cifar4_shards, real_jpeg_folder,
                                                                            tmp_path):
     """torchrun x2 (gloo), 2 loader workers each: the two processes' training samples are disjoint, their union

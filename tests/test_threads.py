@@ -136,6 +136,7 @@ def test_the_command_line_turns_the_adaptive_count_on_for_build(monkeypatch, tmp
     assert capsys.readouterr().err.strip().endswith('--threads: expected a positive number of threads, got 0')
 
 
+@pytest.mark.launch
 def test_sample_cpu_counts_live_children_as_ours():
     child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)'])
     try:
@@ -179,6 +180,7 @@ def _first_line_of_build(env: dict) -> str:
     return proc.stdout.splitlines()[0]
 
 
+@pytest.mark.launch
 def test_the_command_sets_passive_waiting_before_torch_loads_unless_told_otherwise(repo_root):
     import os
     base = {k: v for k, v in os.environ.items() if k not in ('OMP_NUM_THREADS', 'OMP_WAIT_POLICY', 'GOMP_SPINCOUNT')}

@@ -112,6 +112,7 @@ def test_jsonl_tracker_appends(tmp_path):
     assert [(r['step'], r['loss']) for r in rows] == [(3, 1.5), (4, 1.0)]
 
 
+@pytest.mark.launch
 def test_kill_during_finetune_then_resume_matches_uninterrupted(image_folder, tmp_path):
     """SIGKILL after step 5 (last checkpoint: step 4); the resumed run redoes step 5 and ends bit-identical.
 
@@ -166,6 +167,7 @@ def test_resume_ignores_interrupted_checkpoint_write(image_folder, tmp_path):
 FLOAT64_REDUCTION_ORDER_BOUND = 1e-9
 
 
+@pytest.mark.launch
 def test_gradient_accumulation_matches_large_batch(image_folder, tmp_path):
     """batch 4 x accumulate 2 == batch 8, to float64 rounding (GroupNorm model: no batch-size dependence besides
     the mean). The accumulated loss is divided by 2 before backward: exact in binary floating point."""
@@ -179,6 +181,7 @@ def test_gradient_accumulation_matches_large_batch(image_folder, tmp_path):
     assert _max_diff(tmp_path / 'big', tmp_path / 'acc') <= FLOAT64_REDUCTION_ORDER_BOUND
 
 
+@pytest.mark.launch
 def test_torchrun_two_cpu_processes_match_accumulation_bit_for_bit(image_folder, tmp_path):
     """torchrun --nproc_per_node 2 (gloo), batch 4 per process == 1 process, batch 4, accumulate 2: bit-identical.
 
@@ -201,6 +204,7 @@ def test_torchrun_two_cpu_processes_match_accumulation_bit_for_bit(image_folder,
     assert _max_diff(tmp_path / 'acc', tmp_path / 'two') == 0.0
 
 
+@pytest.mark.launch
 def test_measure_shards_parent_and_student_over_two_processes(image_folder, tmp_path):
     """build.measure under torchrun x2 (gloo): each process scores about half of the 30 validation images (Accelerate
     pads the uneven tail with repeats), gather_for_metrics counts each image once, and the figures equal 1 process."""
@@ -249,6 +253,7 @@ def test_two_trainings_with_different_precision_share_one_accelerator(image_fold
     assert all(p.dtype == torch.float32 for p in distilled.model.parameters())  # master weights stay fp32
 
 
+@pytest.mark.launch
 def test_bf16_mixed_precision_run(image_folder, tmp_path):
     """bf16 autocast (CPU-capable) for student and teacher; the run completes with a finite loss and fp32 master weights."""
     _finish(_run(['--data', image_folder, '--mixed-precision', 'bf16', '--epochs', 0.5], tmp_path / 'bf16'))
