@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Mapping
 from .files import file_sha256, read_json, remove_staging, write_json
 from .lock import LOCK_FILE
 
-_logger = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 WORK_MANIFEST = 'kpid-work.json'
 WORK_FORMAT = 1
