@@ -44,6 +44,7 @@ from .core.files import file_sha256, json_sha256, read_json, remove_staging, sav
 from .engine.flops import count_flops
 from .engine.groups import discover_groups
 from .core.lock import LOCK_FILE, build_lock, export_lock_name
+from .core.logs import get_logger
 from .core.ownership import (
     WORK_MANIFEST,
     RefusedError,
@@ -73,6 +74,7 @@ from .engine.surgery import ArchSpec, build_pruned
 from .training.train import Schedule, finetune, plan_schedule
 from .errors import UserError
 
+logger = get_logger(__name__)
 T = TypeVar("T")
 
 # What each stage reads from the recipe: dotted prefixes in, and the fields among them that cannot change its result
@@ -220,7 +222,7 @@ def prepare_work(accelerator: Accelerator, work: Path, entries: tuple[str, ...],
             if restart:
                 check_work(work, entries, restart=True)
                 for path in clear_work(work, entries):
-                    print(f"build: --restart: removed {path}", flush=True)
+                    logger.info("build: --restart: removed %s", path)
             claims = claim_work(work, entries, vetted=vetted)
             # we hold the lock: staging folders and files there are what killed builds left
             remove_work_staging(work, claims)
@@ -241,13 +243,12 @@ def _build(accelerator: Accelerator, recipe: Recipe, paths: BuildPaths, progress
     data = create_loaders(recipe.data, model=parent, input_size=recipe.input_size, seed=recipe.finetune.seed,
                           progress=progress)
     if data.source:
-        _logger(accelerator)(f"data: {data.source}, from {data.source_path}")
+        logger.info("build: data: %s, from %s", data.source, data.source_path)
     # the data's size is known now: a schedule it cannot run fails here, before any training
     check_schedules(recipe, data, accelerator.num_processes)
     parent, parent_ref = adapt_parent(accelerator, recipe, parent, data, paths.work, progress)
     pruned, pruned_ref = load_or_prune(accelerator, recipe, parent, data, paths, parent_ref, progress)
-    if accelerator.is_main_process:
-        print(summary_table(pruned), flush=True)
+    logger.info("%s", summary_table(pruned))
 
     student, student_val, finetune_ref, training = distill(accelerator, recipe, parent, pruned, data, paths,
                                                            parent_ref, pruned_ref, progress)
@@ -259,7 +260,7 @@ def _build(accelerator: Accelerator, recipe: Recipe, paths: BuildPaths, progress
     # export format (an export of an older format is refused by pretrained loads: a rebuild must rewrite it)
     inputs = {**_recipe_inputs(recipe), **pruned_ref, **finetune_ref, **eval_ref, "kpid_zoo.version": __version__,
               "kpid_zoo.export_format": KPID_FORMAT_VERSION}
-    stage = Stage("export", paths.work, paths.export, EXPORT_WRITES, inputs, log=_logger(accelerator))
+    stage = Stage("export", paths.work, paths.export, EXPORT_WRITES, inputs)
     # read before the stage starts over its manifest: what this work folder exported before may be replaced
     recorded = recorded_files(paths.work, "export")
 
@@ -297,14 +298,6 @@ def preflight(recipe: Recipe) -> None:
                      min_channels=settings.min_channels, round_to=settings.round_to)
     except ValueError as e:
         raise UserError(f"{recipe.source}: {e}") from None
-
-
-def _logger(accelerator: Accelerator) -> Callable[[str], None]:
-    """Stage messages, from the main process only."""
-    def log(message: str) -> None:
-        if accelerator.is_main_process:
-            print(f"build: {message}", flush=True)
-    return log
 
 
 def _reseed(recipe: Recipe, stage: str) -> None:
@@ -423,8 +416,8 @@ def data_inputs(accelerator: Accelerator, recipe: Recipe, data: DataBundle, role
             raise OSError(found[1])
         _FINGERPRINTS[dataset] = found[0]
         if found[0].get("unverified"):
-            _logger(accelerator)(f"data: the {split!r} split is not fully fingerprinted ({found[0]['unverified']}): "
-                                 f"a change to its content will not rerun the stages that read it")
+            logger.info("build: data: the %r split is not fully fingerprinted (%s): a change to its content will not "
+                        "rerun the stages that read it", split, found[0]["unverified"])
     return {f"{DATA}{role}": _FINGERPRINTS[dataset]}
 
 
@@ -443,7 +436,7 @@ def adapt_parent(accelerator: Accelerator, recipe: Recipe, parent: nn.Module, da
     stage = Stage("parent", work, folder, (PRUNED_WEIGHTS,),
                   {**identity, **_recipe_inputs(recipe, PARENT_FIELDS),
                    **data_inputs(accelerator, recipe, data, "train")},
-                  scratch=(folder,), log=_logger(accelerator))
+                  scratch=(folder,))
 
     def train() -> None:
         _reseed(recipe, "parent-train")
@@ -470,15 +463,15 @@ def distill(accelerator: Accelerator, recipe: Recipe, parent: nn.Module, pruned:
     the pruned net as it is (a prune-only build, which the model card says was not fine-tuned).
     """
     if recipe.finetune.epochs == 0:
-        _logger(accelerator)("finetune: finetune.epochs is 0: skipped, the pruned network is evaluated and "
-                             "exported as pruned, not fine-tuned")
+        logger.info("build: finetune: finetune.epochs is 0: skipped, the pruned network is evaluated and exported "
+                    "as pruned, not fine-tuned")
         return pruned.model, None, dict(pruned_ref), {"steps": 0, "epochs": 0.0}
     check_schedules(recipe, data, accelerator.num_processes, ("finetune",))
     weights, record = paths.finetune / PRUNED_WEIGHTS, paths.finetune / TRAINING_FILE
     stage = Stage("finetune", paths.work, paths.finetune, (PRUNED_WEIGHTS, TRAINING_FILE),
                   {**parent_ref, **pruned_ref, **_recipe_inputs(recipe, FINETUNE_FIELDS),
                    **data_inputs(accelerator, recipe, data, "train")},
-                  scratch=(paths.finetune,), log=_logger(accelerator))
+                  scratch=(paths.finetune,))
 
     def train() -> tuple[nn.Module, EvalResult | None, dict[str, Any]]:
         _reseed(recipe, "finetune")
@@ -522,8 +515,7 @@ def load_or_prune(accelerator: Accelerator, recipe: Recipe, parent: nn.Module, d
         reads = data_inputs(accelerator, recipe, data, "train")
     # no scratch to wipe: the folder is replaced whole when the new result is complete, and only if it holds
     # nothing but the four files (it may be a user's `prune --out`)
-    stage = Stage("pruned", paths.work, folder, PRUNE_FILES, {**parent_ref, **_recipe_inputs(recipe, fields), **reads},
-                  log=_logger(accelerator))
+    stage = Stage("pruned", paths.work, folder, PRUNE_FILES, {**parent_ref, **_recipe_inputs(recipe, fields), **reads})
 
     def prune() -> PruneResult:
         _reseed(recipe, "pruned")
@@ -563,7 +555,7 @@ def eval_stage(accelerator: Accelerator, recipe: Recipe, parent: nn.Module, stud
     """The evaluation stage: `measure`, or the metrics in eval.json while they are fresh."""
     stage = Stage("eval", paths.work, paths.work, (paths.eval.name,),
                   {**upstream, **_recipe_inputs(recipe, EVAL_FIELDS), **data_inputs(accelerator, recipe, data, "val")},
-                  scratch=(paths.eval,), log=_logger(accelerator))
+                  scratch=(paths.eval,))
     metrics = run_stage(accelerator, stage,
                         lambda: measure(accelerator, recipe, parent, student, data, student_val, paths, progress),
                         lambda: read_json(paths.eval))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import logging
 import os
 import re
 import sys
@@ -11,9 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Iterator, NoReturn, TypeVar
 
+from .core.logs import get_logger
 from .errors import KpidError, UserError
 
 T = TypeVar("T")
+logger = get_logger("kpid_zoo.cli")  # not __name__: run as `python -m kpid_zoo.cli`, that is __main__
 
 EPILOG = """examples:
   kpid-zoo zoo                                     # the registered kpid_* models and the buildable recipes
@@ -118,7 +121,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         if args.force:
             (paths.work / MANIFEST_DIR / "pruned.json").unlink(missing_ok=True)
         elif out.exists():
-            print(f"{out} exists: showing it if it is up to date (pass --force to prune again)", file=sys.stderr)
+            logger.warning("%s exists: showing it if it is up to date (pass --force to prune again)", out)
         parent = create_parent(recipe)
         needs_data = recipe.importance.method == "taylor" or recipe.parent.train.epochs > 0
         data = create_loaders(recipe.data, model=parent, input_size=recipe.input_size,
@@ -211,8 +214,8 @@ def _thread_policy(args: argparse.Namespace) -> Iterator[None]:
     from .core.threads import thread_policy
 
     with thread_policy(args.threads) as chosen:
-        if not args.quiet and os.environ.get("LOCAL_RANK", "0") == "0":
-            print(f"{args.command}: {chosen}", flush=True)
+        if not args.quiet:
+            logger.info("%s: %s", args.command, chosen)
         yield
 
 
@@ -317,6 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Knapsack Pruning with Inner Distillation: smaller, faster timm CNNs from a recipe.")
     parser.add_argument("--debug", action="store_true",
                         help="on an error, show the full traceback instead of one line")
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument("-v", "--verbose", action="store_true",
+                          help="also write debug lines (what each stage checks, where files go)")
+    loudness.add_argument("-q", "--quiet", dest="log_quiet", action="store_true",
+                          help="only warnings and the command's result: no progress lines, no progress bars")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("flops", help="count GMACs (fvcore; 1 FLOP = 1 multiply-add) and params of a timm model")
@@ -450,17 +458,60 @@ def _one_line(e: BaseException) -> str:
     return text if len(text) <= 1000 else text[:997] + "..."
 
 
+class _ConsoleHandler(logging.StreamHandler):
+    """Writes to `sys.stdout` (or `sys.stderr`) as it is when a line is written, not as it was when the handler was
+    made: whatever replaces the stream later (pytest's capture, a redirect in a caller) gets the lines."""
+
+    def __init__(self, name: str):
+        self._stream_name = name
+        super().__init__()
+
+    @property
+    def stream(self):
+        return getattr(sys, self._stream_name)
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ sets it; the stream is looked up at each line
+        pass
+
+
+@contextlib.contextmanager
+def _console_logging(args: argparse.Namespace) -> Iterator[None]:
+    """The command's log lines, as bare messages: below WARNING to stdout (beside the command's result, as the
+    progress of a long command), warnings and errors to stderr. Only the `kpid_zoo` logger gets the handlers, and
+    only while the command runs: a library user's logging is theirs, and a second `main()` in the same process
+    does not write each line twice."""
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.log_quiet else logging.INFO
+    out, err = _ConsoleHandler("stdout"), _ConsoleHandler("stderr")
+    out.addFilter(lambda record: record.levelno < logging.WARNING)
+    err.setLevel(logging.WARNING)
+    package = logging.getLogger("kpid_zoo")
+    saved = package.level
+    for handler in (out, err):
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        package.addHandler(handler)
+    package.setLevel(level)
+    try:
+        yield
+    finally:
+        for handler in (out, err):
+            package.removeHandler(handler)
+        package.setLevel(saved)
+
+
 def main(argv: list[str] | None = None) -> int:
     import warnings
     # fvcore traces with torch.jit, which torch now flags as deprecated on every count
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
     args = build_parser().parse_args(argv)
+    if args.log_quiet and hasattr(args, "quiet"):
+        args.quiet = True  # -q: no progress bars either
     if not args.debug:
         # huggingface_hub logs each retry of an unreachable Hub as a warning: the error that follows says it all
         from huggingface_hub.utils import logging as hf_logging
         hf_logging.set_verbosity_error()
     try:
-        with _thread_policy(args) if hasattr(args, "threads") else contextlib.nullcontext():
+        with _console_logging(args), _thread_policy(args) if hasattr(args, "threads") else contextlib.nullcontext():
             return args.func(args)
     except BrokenPipeError:  # `kpid-zoo groups resnet50 | head`
         sys.stderr.close()

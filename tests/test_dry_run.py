@@ -87,6 +87,7 @@ def _launch_dry_run(recipe_path: Path, tmp_path: Path) -> tuple[str, Path, Path]
     assert f'dry run passed: every stage of {recipe_path} ran on stand-in data in 2 processes' in proc.stdout
     assert f'{recipe.name}: what the real run needs on 8 processes' in proc.stdout
     assert proc.stdout.count('dry run passed') == 1  # printed by the main process only
+    assert proc.stdout.count('build: pruned: not built yet: running it') == 1  # log lines: the main process's
     assert {'model.safetensors', 'config.json', 'README.md'} <= {p.name for p in out.iterdir()}
     # every training stage ran its steps and checkpointed them
     assert sorted(p.name for p in (work / 'finetune' / 'checkpoints').iterdir()) == ['step_2', 'step_3']

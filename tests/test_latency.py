@@ -132,7 +132,7 @@ def test_table_cache_hits_misses_and_invalidation(tmp_path, tiny):
 
     def table(setting=SETTING):
         return lat.latency_table(model, graph, 'resnet10t', INPUT, setting, cache_dir=tmp_path, progress=False,
-                                 log=lambda _: None, timer=timer, fractions=FAST_GRID)
+                                 timer=timer, fractions=FAST_GRID)
 
     first = table()
     built = timer.calls

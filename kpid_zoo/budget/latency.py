@@ -39,10 +39,13 @@ from tqdm.auto import tqdm
 
 from ..core.files import default_cache_dir as data_cache_dir
 from ..core.files import atomic_write_text, json_sha256
+from ..core.logs import get_logger
 from ..engine.groups import ROLE_DW, ROLE_IN, ROLE_NORM, ROLE_PARAM, ChannelMap, GroupGraph, Member
 from ..engine.handlers import handler_for
 from ..engine.surgery import prune_model
 from ..errors import UserError
+
+logger = get_logger(__name__)
 
 TABLE_VERSION = 1
 # Width fractions each group is sampled at; the interpolation is linear between them (and beyond the ends).
@@ -515,15 +518,15 @@ def calibrate(table: LatencyCostModel, narrowest: dict[str, int]) -> None:
 
 def latency_table(model: nn.Module, graph: GroupGraph, arch: str, input_size: tuple[int, int, int],
                   setting: LatencySetting, *, cache_dir: Path | None = None, progress: bool = True,
-                  log: Callable[[str], None] = print, **build_kwargs) -> LatencyCostModel:
+                  **build_kwargs) -> LatencyCostModel:
     """The table for this (device, processor, torch, parent, input size, batch, threads): from the cache when it
     holds one for exactly that, else measured now and cached."""
     key = table_key(model, arch, input_size, setting, build_kwargs.get('fractions', GRID_FRACTIONS))
     cached = load_cached(key, cache_dir)
     if cached is not None:
-        log(f'latency: reusing the table in {cache_path(key, cache_dir)}')
+        logger.info('latency: reusing the table in %s', cache_path(key, cache_dir))
         return cached
-    log(f'latency: measuring the table of {arch} on {setting.describe()} (cached for later builds)')
+    logger.info('latency: measuring the table of %s on %s (cached for later builds)', arch, setting.describe())
     table = build_table(model, graph, arch, input_size, setting, progress=progress, **build_kwargs)
     save_cached(table, cache_dir)
     return table

@@ -284,8 +284,7 @@ def latency_knapsack_prune(parent: nn.Module, graph: GroupGraph, importance: Imp
                            arch: str, input_size: tuple[int, int, int] = (3, 224, 224), min_channels: int = 8,
                            round_to: int = 8, max_rounds: int = 6, table: LatencyCostModel | None = None,
                            compare: Callable[..., Paired] = measure_paired, cache_dir: Path | None = None,
-                           table_kwargs: dict | None = None, progress: bool = True,
-                           log: Callable[[str], None] = print) -> PruneResult:
+                           table_kwargs: dict | None = None, progress: bool = True) -> PruneResult:
     """Prune `parent` to a latency budget measured on this machine (`recipe.BudgetSpec`).
 
     The knapsack solves against the latency lookup table (measured, or read from the cache); each round's net is
@@ -303,7 +302,7 @@ def latency_knapsack_prune(parent: nn.Module, graph: GroupGraph, importance: Imp
         compare=compare, reference=reference, reference_timing=reference_timing)
     if table is None:
         table = latency_table(parent, graph, arch, input_size, setting, cache_dir=cache_dir, progress=progress,
-                              log=log, **(table_kwargs or {}))
+                              **(table_kwargs or {}))
     # the table (perhaps cached, perhaps timed under another load) is re-fitted to both ends of the reachable range
     # as they measure now: the parent and the smallest network, which the budget was just checked against
     fitted = dataclasses.replace(table, full_ms=parent_timing.median_ms, narrow_ms=smallest_timing.median_ms)

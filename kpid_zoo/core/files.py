@@ -19,7 +19,7 @@ from typing import Any, Iterable, Iterator
 import torch.nn as nn
 from safetensors.torch import save_file
 
-_logger = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 # The cache root of every layer (unpacked datasets, latency tables): ~/.cache/kpid_zoo, or $KPID_CACHE.
 CACHE_ENV = 'KPID_CACHE'
@@ -89,7 +89,7 @@ def replace_dir(new: Path, dest: Path, owned: Iterable[str]) -> None:
     except OSError:  # something arrived in the moved-aside folder after its check: keep it, in plain sight
         kept = dest.parent / f"{dest.name}.kept-{uuid.uuid4().hex[:8]}"
         os.replace(old, kept)
-        _logger.warning('%s: moved what arrived in the old %s meanwhile here', kept, dest)
+        logger.warning('%s: moved what arrived in the old %s meanwhile here', kept, dest)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

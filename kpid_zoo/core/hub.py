@@ -18,7 +18,7 @@ from ..errors import HubUnreachableError
 __all__ = ['HubUnreachableError', 'PROBE_TIMEOUT', 'hub_download', 'network_errors', 'probe_timeout',
            'require_hub_or_cache', 'unreachable']
 
-_logger = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 # Seconds to wait for the Hub's answer to one HEAD request before taking it as unreachable: huggingface.co answers in
 # well under a second; `HF_HUB_ETAG_TIMEOUT`, when set, replaces it (a slow link is the user's to declare).
@@ -103,7 +103,7 @@ def hub_download(repo_id: str, filename: str, *, revision: str | None = None,
                 raise HubUnreachableError(
                     f'cannot reach the Hub at {constants.ENDPOINT} ({reason}) and {repo_id}/{filename} is not in '
                     f'the cache; connect, or set HF_HUB_OFFLINE=1 to use only the cache')
-            _logger.info('the Hub at %s is unreachable (%s): %s/%s from the cache', constants.ENDPOINT, reason,
+            logger.info('the Hub at %s is unreachable (%s): %s/%s from the cache', constants.ENDPOINT, reason,
                          repo_id, filename)
             return path
     return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir)

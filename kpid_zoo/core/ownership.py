@@ -31,7 +31,7 @@ from .files import file_sha256, read_json, remove_staging, write_json
 from .lock import LOCK_FILE
 from ..errors import RefusedError  # noqa: F401 (raised here; its home is kpid_zoo.errors)
 
-_logger = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 WORK_MANIFEST = 'kpid-work.json'
 WORK_FORMAT = 1

@@ -19,10 +19,13 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 from .datasource import describe_data_change
 from .files import first_mismatch, hash_files, json_sha256, read_json, write_json
+from .logs import get_logger
+
+logger = get_logger(__name__)
 
 MANIFEST_DIR = 'stages'
 UPSTREAM = 'upstream.'  # inputs under this prefix are digests of other stages' results
@@ -100,12 +103,11 @@ class Stage:
     """One stage's result on disk: `files` under `folder`, made from `inputs`; `scratch` is wiped when stale."""
 
     def __init__(self, name: str, work: Path, folder: Path, files: Iterable[str], inputs: Mapping[str, Any],
-                 scratch: Iterable[Path] = (), log: Callable[[str], None] = print):
+                 scratch: Iterable[Path] = ()):
         self.name, self.folder, self.files = name, Path(folder), tuple(files)
         self.inputs = dict(inputs)
         self.manifest_path = Path(work) / MANIFEST_DIR / f'{name}.json'
         self.scratch = tuple(scratch)
-        self.log = log
         self.digest: str | None = None
 
     def _previous(self) -> tuple[Manifest | None, str | None]:
@@ -120,11 +122,13 @@ class Stage:
     def check(self) -> bool:
         """True when the finished result on disk was made from these inputs and no file of it changed since.
 
-        Otherwise says (through `log`) why the stage runs: not built yet, stale (which inputs changed), or a
+        Otherwise logs why the stage runs: not built yet, stale (which inputs changed), or a
         result file missing or altered.
         """
         old, unreadable = self._previous()
         new = Manifest(self.name, self.inputs)
+        logger.debug('build: %s: checking %s against %s (inputs %s)', self.name, self.folder, self.manifest_path,
+                     new.key)
         if unreadable:
             reason = f'unreadable manifest ({unreadable})'
         elif old is None:
@@ -140,10 +144,10 @@ class Stage:
             if bad is None:
                 self.digest = old.digest
                 where = self.folder / self.files[0] if len(self.files) == 1 else self.folder
-                self.log(f'{self.name}: up to date, reusing {where}')
+                logger.info('build: %s: up to date, reusing %s', self.name, where)
                 return True
             reason = bad
-        self.log(f'{self.name}: {reason}: running it')
+        logger.info('build: %s: %s: running it', self.name, reason)
         return False
 
     def begin(self) -> None:

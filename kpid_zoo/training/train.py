@@ -46,8 +46,10 @@ from .data import first_image_shape, loader_layout, prepare_loader, skip_first_b
 from .distill import DistillationWrapper, InnerDistillLoss, build_distillation, capture_outputs
 from .evaluate import EvalResult, evaluate
 from ..core.files import first_mismatch, hash_files, read_json, write_json
+from ..core.logs import get_logger
 from ..core.recipe import FinetuneSpec, RecipeError, TrainSpec
 
+logger = get_logger(__name__)
 CHECKPOINT_RE = re.compile(r'^step_(\d+)$')
 LOOP_STATE_FILE = 'kpid_loop_state.pt'  # TrainState + LR schedule, beside what accelerator.save_state writes
 CHECKSUMS = 'checksums.json'  # in each checkpoint: {file: sha256} of every file in it
@@ -216,8 +218,7 @@ def checkpoint_interval(checkpoint_every: int, total_steps: int) -> int:
     return max(1, min(checkpoint_every, math.ceil(total_steps / 10)))
 
 
-def latest_intact_checkpoint(checkpoint_dir: str | os.PathLike, log: Callable[[str], None] = print
-                             ) -> Optional[Path]:
+def latest_intact_checkpoint(checkpoint_dir: str | os.PathLike) -> Optional[Path]:
     """The newest checkpoint whose files all have the sha256 recorded when it was saved; the others are named."""
     for checkpoint in reversed(list_checkpoints(checkpoint_dir)):
         try:
@@ -228,7 +229,7 @@ def latest_intact_checkpoint(checkpoint_dir: str | os.PathLike, log: Callable[[s
             problem = first_mismatch(checkpoint, recorded) if isinstance(recorded, dict) else f'bad {CHECKSUMS}'
         if problem is None:
             return checkpoint
-        log(f'not resuming from {checkpoint} ({problem}): trying an earlier one')
+        logger.info('not resuming from %s (%s): trying an earlier one', checkpoint, problem)
     return None
 
 
@@ -324,7 +325,7 @@ def _train_loop(accelerator: Accelerator, module: nn.Module, teacher: Optional[n
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     resumed_from = None
-    intact = latest_intact_checkpoint(checkpoint_dir, accelerator.print) if resume else None
+    intact = latest_intact_checkpoint(checkpoint_dir) if resume else None
     layout = loader_layout(train_loader)
     if intact is not None:
         _load_checkpoint(accelerator, intact, state, scheduler, layout)
@@ -333,7 +334,7 @@ def _train_loop(accelerator: Accelerator, module: nn.Module, teacher: Optional[n
     # a stream says what an epoch reads, and how many samples it repeats or drops (kpid_zoo.training.streams)
     stream = train_loader.dataset.describe(train_loader.num_workers) if layout is not None else None
     if stream is not None and progress:
-        accelerator.print(stream)
+        logger.info('%s', stream)
     if tracker is not None:
         tracker.store_init_configuration({
             'total_steps': total_steps, 'steps_per_epoch': steps_per_epoch, 'world_size': accelerator.num_processes,

@@ -41,7 +41,7 @@ __all__ = [
     'KPID_FORMAT_VERSION', 'BOUND_CFG_KEYS', 'REEXPORT',
 ]
 
-_logger = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = 'model.safetensors'
 CONFIG_FILE = 'config.json'
@@ -306,7 +306,7 @@ def export_model(
         cfg_override['num_classes'] = model.num_classes
         for key in ('label_names', 'label_descriptions'):
             if key in cfg_override and len(cfg_override[key]) != model.num_classes:
-                _logger.info('export: %s: dropped pretrained_cfg.%s (%d entries for %d classes)', name, key,
+                logger.info('export: %s: dropped pretrained_cfg.%s (%d entries for %d classes)', name, key,
                              len(cfg_override[key]), model.num_classes)
                 del cfg_override[key]
         cfg_override.update(
@@ -364,7 +364,7 @@ def export_model(
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + '\n')
     if card_copy_dir is not None:
         atomic_write_text(Path(card_copy_dir) / f'{name}.md', (out_dir / CARD_FILE).read_text(encoding='utf-8'))
-    _logger.info('exported %s to %s (weights sha256 %s)', name, out_dir, weights_sha)
+    logger.info('exported %s to %s (weights sha256 %s)', name, out_dir, weights_sha)
     return out_dir
 
 

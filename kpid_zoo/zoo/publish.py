@@ -31,7 +31,7 @@ from ..errors import PublishError
 
 __all__ = ['check_weights_fit', 'publish', 'validate_export', 'export_payload', 'PublishError']
 
-_logger = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 # pickled checkpoints have no place in a kpid-zoo repo: loading them runs code
 _PICKLE_SUFFIXES = ('.bin', '.pt', '.pth', '.pkl', '.pickle', '.ckpt', '.pth.tar')
@@ -219,6 +219,6 @@ def publish(
     except network_errors() as e:
         raise PublishError(f'publishing {folder} to {repo_id}: cannot reach {api.endpoint} ({e})') from None
     url = f'{api.endpoint}/{repo_url.repo_id}'
-    _logger.info('published %s to %s (commit %s)', folder, url, commit.oid)
+    logger.debug('published %s to %s (commit %s)', folder, url, commit.oid)
     return url
 

@@ -51,7 +51,7 @@ from ..errors import KpidHubError, KpidWeightsError
 
 __all__ = ['DEFAULT_SPEC', 'KpidHubError', 'KpidWeightsError', 'create_kpid', 'zoo_records']
 
-_logger = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 # What `timm.create_model('kpid_pruned')` builds with no kpid_spec: resnet18 with every block's inner width halved
 # (a small, fast net to try the generic architecture on; real models name their spec).
@@ -175,7 +175,7 @@ def _check_export(variant: str, cfg: dict, model_args: dict | None, pretrained: 
     if problem and unbound(config['kpid']):
         if pretrained:
             raise KpidWeightsError(f'{path}: {problem}, so they are not loaded; {REEXPORT}')
-        _logger.warning('%s: %s; the architecture is built, its preprocessing unchecked; %s', path, problem, REEXPORT)
+        logger.warning('%s: %s; the architecture is built, its preprocessing unchecked; %s', path, problem, REEXPORT)
     elif problem:
         raise KpidWeightsError(f'{path}: {problem} (config.json was edited after export, or belongs to other '
                                f'weights); download it again, or {REEXPORT}')
