@@ -40,7 +40,7 @@ from .core.datasource import fingerprint
 from .training.distill import distill_points
 from .training.evaluate import EvalResult, evaluate
 from .zoo.export import WRITTEN_FILES as EXPORT_WRITES, KPID_FORMAT_VERSION, check_export_folder, export_model
-from .core.files import file_sha256, json_sha256, read_json, remove_staging, save_weights, write_json
+from .core.files import file_sha256, read_json, remove_staging, save_weights, write_json
 from .engine.flops import count_flops
 from .engine.groups import discover_groups
 from .core.lock import LOCK_FILE, build_lock, export_lock_name
@@ -61,6 +61,7 @@ from .core.provenance import DATA, MANIFEST_DIR, UPSTREAM, Manifest, Stage, flat
 from .budget.latency import check_device
 from .budget.prune import LatencyOutcome, PruneReport, PruneResult, check_latency_budget, check_target, prune_from_recipe
 from .core.recipe import Recipe, RecipeError, load_recipe
+from .core.seeds import stable_seed
 from .budget.report import (
     PRUNE_FILES,
     PRUNED_WEIGHTS,
@@ -309,7 +310,7 @@ def _logger(accelerator: Accelerator) -> Callable[[str], None]:
 def _reseed(recipe: Recipe, stage: str) -> None:
     """Each stage starts from an RNG state of its own: what it draws (weight init, projections) is then the same
     whether the stages before it ran in this process or were read back from disk."""
-    seed = int(json_sha256([recipe.finetune.seed, stage])[:8], 16)
+    seed = stable_seed(recipe.finetune.seed, stage)
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from ..core.datasource import UnreadableImageError
 from ..core.files import CACHE_ENV, default_cache_dir, remove_staging  # noqa: F401 (CACHE_ENV re-exported)
 from ..core.recipe import DataSpec
+from ..core.seeds import stable_seed
 from .streams import ShardStream, is_stream, seeded_call, split_shards
 
 logger = logging.getLogger(__name__)
@@ -406,7 +407,7 @@ class SeededTransformDataset(tud.Dataset):
         img, target = load_sample(self.base, base_index)
         if self.transform is not None:
             # timm/torchvision transforms draw from both python `random` and torch's global RNG.
-            img = seeded_call(self.transform, img, hash((self.seed, self.epoch, base_index)) & 0x7FFF_FFFF)
+            img = seeded_call(self.transform, img, stable_seed(self.seed, self.epoch, base_index))
         return img, target
 
 

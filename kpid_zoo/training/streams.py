@@ -33,7 +33,6 @@ they were started with, and a plain attribute set in the main process would neve
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -49,18 +48,13 @@ import torch.utils.data as tud
 from timm.data.readers.shared_count import SharedCount
 
 from ..core.datasource import UnreadableImageError
+from ..core.seeds import stable_seed
 
 WDS_PREFIX = 'wds/'
 INFO_FILE = '_info.json'  # timm's shard-set description: {"splits": {name: {num_samples, filenames, shard_lengths}}}
 IMAGE_KEYS = 'jpg;png;webp'  # timm's ReaderWds default: the first of these a sample has is its image
 IMAGE_EXTENSIONS = {'.jpg': 'jpg', '.jpeg': 'jpg', '.png': 'png', '.webp': 'webp'}
 PIP_HINT = "pip install 'kpid-zoo[wds]'"
-
-
-def stable_seed(*parts) -> int:
-    """A 31-bit seed from ints and strings, the same in every process (`hash()` of a str is salted per process)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, 'little') & 0x7FFF_FFFF
 
 
 def seeded_call(transform: Callable, img, seed: int):
