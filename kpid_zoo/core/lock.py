@@ -16,12 +16,13 @@ import json
 import os
 import socket
 import time
-import uuid
 from pathlib import Path
 from typing import Iterator
 
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
+
+from .files import staging_path
 
 LOCK_FILE = 'build.lock'
 
@@ -51,7 +52,7 @@ def _holder(path: Path) -> dict | None:
 
 def _take_over(path: Path) -> None:
     """Move a dead holder's lock aside; of two processes taking over at once, only one rename succeeds."""
-    aside = path.with_name(f'.{path.name}.old-{uuid.uuid4().hex[:8]}')
+    aside = staging_path(path, 'old')
     with contextlib.suppress(FileNotFoundError):
         os.rename(path, aside)
         aside.unlink(missing_ok=True)

@@ -22,7 +22,6 @@ import os
 import shutil
 import socket
 import tarfile
-import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from timm.data.readers.shared_count import SharedCount
 from tqdm.auto import tqdm
 
 from ..core.datasource import UnreadableImageError
-from ..core.files import CACHE_ENV, default_cache_dir, remove_staging  # noqa: F401 (CACHE_ENV re-exported)
+from ..core.files import CACHE_ENV, default_cache_dir, remove_staging, staging_path  # noqa: F401 (CACHE_ENV re-exported)
 from ..core.recipe import DataSpec
 from ..core.seeds import stable_seed
 from .streams import ShardStream, is_stream, seeded_call, split_shards
@@ -310,7 +309,7 @@ def _cache_lock(cache_dir: Path) -> Iterator[None]:
 
 def _staging_dir(folder: Path, name: str) -> Path:
     """A new `.<name>.tmp-XXXXXXXX` folder in `folder`: the pattern `files.remove_staging` recognises."""
-    staging = folder / f'.{name}.tmp-{uuid.uuid4().hex[:8]}'
+    staging = staging_path(folder / name)
     staging.mkdir(parents=True)
     return staging
 
