@@ -40,7 +40,7 @@ from .core.datasource import fingerprint
 from .training.distill import distill_points
 from .training.evaluate import EvalResult, evaluate
 from .zoo.export import WRITTEN_FILES as EXPORT_WRITES, KPID_FORMAT_VERSION, check_export_folder, export_model
-from .core.files import file_sha256, read_json, remove_staging, save_weights, write_json
+from .core.files import WEIGHTS_FILE, file_sha256, read_json, remove_staging, save_weights, write_json
 from .engine.flops import count_flops
 from .engine.groups import discover_groups
 from .core.lock import LOCK_FILE, build_lock, export_lock_name
@@ -64,7 +64,6 @@ from .core.recipe import Recipe, RecipeError, load_recipe
 from .core.seeds import stable_seed
 from .budget.report import (
     PRUNE_FILES,
-    PRUNED_WEIGHTS,
     REPORT_FILE,
     SPEC_FILE,
     summary_table,
@@ -439,8 +438,8 @@ def adapt_parent(accelerator: Accelerator, recipe: Recipe, parent: nn.Module, da
         return parent, identity
     check_schedules(recipe, data, accelerator.num_processes, ("parent",))
     folder = work / "parent"
-    weights = folder / PRUNED_WEIGHTS
-    stage = Stage("parent", work, folder, (PRUNED_WEIGHTS,),
+    weights = folder / WEIGHTS_FILE
+    stage = Stage("parent", work, folder, (WEIGHTS_FILE,),
                   {**identity, **_recipe_inputs(recipe, PARENT_FIELDS),
                    **data_inputs(accelerator, recipe, data, "train")},
                   scratch=(folder,), log=_logger(accelerator))
@@ -474,8 +473,8 @@ def distill(accelerator: Accelerator, recipe: Recipe, parent: nn.Module, pruned:
                              "exported as pruned, not fine-tuned")
         return pruned.model, None, dict(pruned_ref), {"steps": 0, "epochs": 0.0}
     check_schedules(recipe, data, accelerator.num_processes, ("finetune",))
-    weights, record = paths.finetune / PRUNED_WEIGHTS, paths.finetune / TRAINING_FILE
-    stage = Stage("finetune", paths.work, paths.finetune, (PRUNED_WEIGHTS, TRAINING_FILE),
+    weights, record = paths.finetune / WEIGHTS_FILE, paths.finetune / TRAINING_FILE
+    stage = Stage("finetune", paths.work, paths.finetune, (WEIGHTS_FILE, TRAINING_FILE),
                   {**parent_ref, **pruned_ref, **_recipe_inputs(recipe, FINETUNE_FIELDS),
                    **data_inputs(accelerator, recipe, data, "train")},
                   scratch=(paths.finetune,), log=_logger(accelerator))
@@ -552,7 +551,7 @@ def load_prune_outputs(folder: Path, parent: nn.Module, input_size: tuple[int, i
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{folder / REPORT_FILE}: not a pruning report ({type(e).__name__}: {e})") from None
     model = build_pruned(spec, num_classes=parent.num_classes)
-    model.load_state_dict(load_file(str(folder / PRUNED_WEIGHTS)))
+    model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
     model.pretrained_cfg = parent.pretrained_cfg
     return PruneResult(model.eval(), spec, keep, discover_groups(parent, input_size), prune_report)
 

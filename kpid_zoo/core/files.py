@@ -21,6 +21,9 @@ from safetensors.torch import save_file
 
 _logger = logging.getLogger(__name__)
 
+# The weights file of every folder kpid-zoo writes (a stage's, a pruning's, an export's), and the name timm and
+# the Hub ask a repo for
+WEIGHTS_FILE = 'model.safetensors'
 # The cache root of every layer (unpacked datasets, latency tables): ~/.cache/kpid_zoo, or $KPID_CACHE.
 CACHE_ENV = 'KPID_CACHE'
 
