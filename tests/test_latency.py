@@ -15,7 +15,7 @@ import yaml
 
 from kpid_zoo.budget import latency as lat
 from kpid_zoo.cli import main
-from kpid_zoo.training.data import CACHE_ENV
+from kpid_zoo.core.files import CACHE_ENV
 from kpid_zoo.engine.flops import count_flops
 from kpid_zoo.engine.groups import discover_groups
 from kpid_zoo.engine.importance import magnitude_importance

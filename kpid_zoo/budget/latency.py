@@ -37,9 +37,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..core.files import default_cache_dir as data_cache_dir
 from ..core.threads import fixed_threads as fixed_thread_count
-from ..core.files import atomic_write_text, json_sha256
+from ..core.files import atomic_write_text, default_cache_dir, json_sha256
 from ..engine.groups import ROLE_DW, ROLE_IN, ROLE_NORM, ROLE_PARAM, ChannelMap, GroupGraph, Member
 from ..engine.handlers import handler_for
 from ..engine.surgery import prune_model
@@ -422,12 +421,12 @@ def table_key(model: nn.Module, arch: str, input_size: tuple[int, int, int], set
             'batch_size': setting.batch_size, 'threads': setting.threads, 'fractions': list(fractions)}
 
 
-def default_cache_dir() -> Path:
-    return data_cache_dir() / 'latency'  # beside the unpacked datasets: ~/.cache/kpid_zoo, or $KPID_CACHE
+def latency_cache_dir() -> Path:
+    return default_cache_dir() / 'latency'  # beside the unpacked datasets: ~/.cache/kpid_zoo, or $KPID_CACHE
 
 
 def cache_path(key: dict, cache_dir: Path | None = None) -> Path:
-    return (cache_dir or default_cache_dir()) / f"{key['parent']}-{json_sha256(key)[:16]}.json"
+    return (cache_dir or latency_cache_dir()) / f"{key['parent']}-{json_sha256(key)[:16]}.json"
 
 
 def load_cached(key: dict, cache_dir: Path | None = None) -> LatencyCostModel | None:

@@ -35,7 +35,7 @@ from timm.data.readers.shared_count import SharedCount
 from tqdm.auto import tqdm
 
 from ..core.datasource import UnreadableImageError
-from ..core.files import CACHE_ENV, default_cache_dir, remove_staging, staging_path  # noqa: F401 (CACHE_ENV re-exported)
+from ..core.files import CACHE_ENV, default_cache_dir, remove_staging, staging_path
 from ..core.recipe import DataSpec
 from ..core.seeds import stable_seed
 from .streams import ShardStream, is_stream, seeded_call, split_shards
