@@ -51,7 +51,6 @@ from ..core.datasource import UnreadableImageError
 from ..core.files import atomic_write_text, remove_staging, staging_path
 from ..core.seeds import stable_seed
 
-WDS_PREFIX = 'wds/'
 INFO_FILE = '_info.json'  # timm's shard-set description: {"splits": {name: {num_samples, filenames, shard_lengths}}}
 IMAGE_KEYS = 'jpg;png;webp'  # timm's ReaderWds default: the first of these a sample has is its image
 IMAGE_EXTENSIONS = {'.jpg': 'jpg', '.jpeg': 'jpg', '.png': 'png', '.webp': 'webp'}

@@ -28,7 +28,7 @@ from typing import Any
 
 from ..core.files import atomic_write_text
 
-__all__ = ['ZOO_DIR', 'RECIPES_DIR', 'RENAMED', 'AUTHORS', 'KPID_BUILD', 'ZooRecord', 'load_record', 'load_records',
+__all__ = ['ZOO_DIR', 'RECIPES_DIR', 'RENAMED', 'AUTHORS', 'KPID_BUILD', 'ZooRecord', 'load_records',
            'pool_size_for', 'zoo_table', 'find_recipe', 'recipe_names', 'closest_names', 'record_for_zoo']
 
 ZOO_DIR = Path(__file__).parent
@@ -176,12 +176,6 @@ def load_records(zoo_dir: str | Path = ZOO_DIR) -> list[ZooRecord]:
         records.append(default)
         records += [r for tag, (_, r) in sorted(tags.items()) if tag != default.tag]
     return records
-
-
-def load_record(name: str, zoo_dir: str | Path = ZOO_DIR) -> ZooRecord | None:
-    """The default record of `name` (the weights `timm.create_model(name, pretrained=True)` loads), if any."""
-    path = Path(zoo_dir) / f'{name}.json'
-    return ZooRecord.load(path) if path.is_file() else None
 
 
 def record_for_zoo(record: ZooRecord, zoo_dir: str | Path = ZOO_DIR) -> tuple[ZooRecord, bool]:
