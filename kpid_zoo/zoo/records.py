@@ -18,7 +18,6 @@ Records are written by `python -m kpid_zoo.zoo.sources` (the KPID authors' model
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import re
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.files import atomic_write_text
+from ..core.names import close_names
 
 __all__ = ['ZOO_DIR', 'RECIPES_DIR', 'RENAMED', 'AUTHORS', 'KPID_BUILD', 'ZooRecord', 'load_records',
            'pool_size_for', 'zoo_table', 'find_recipe', 'recipe_names', 'closest_names', 'record_for_zoo']
@@ -276,8 +276,8 @@ def closest_names(name: str, registered: list[str] | tuple[str, ...] = (), n: in
     if base in RENAMED:
         return f' ({base} is now {RENAMED[base]})'
     buildable = recipe_names()
-    candidates = list(dict.fromkeys([*registered, *buildable, *RENAMED]))
-    close = difflib.get_close_matches(base, candidates, n=n, cutoff=0.6)
+    candidates = [*registered, *buildable, *RENAMED]
+    close = close_names(base, candidates, n)
     if not close:
         return ''
     words = []
