@@ -30,7 +30,6 @@ import timm
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
 from safetensors.torch import load_file
 
 from ._version import __version__
@@ -43,7 +42,7 @@ from .zoo.export import WRITTEN_FILES as EXPORT_WRITES, KPID_FORMAT_VERSION, che
 from .core.files import WEIGHTS_FILE, file_sha256, read_json, remove_staging, save_weights, write_json
 from .engine.flops import count_flops
 from .engine.groups import discover_groups
-from .core.lock import LOCK_FILE, build_lock, export_lock_name
+from .core.lock import LOCK_FILE, build_lock, export_lock_name, main_process_value
 from .core.ownership import (
     WORK_MANIFEST,
     RefusedError,
@@ -227,10 +226,7 @@ def prepare_work(accelerator: Accelerator, work: Path, entries: tuple[str, ...],
                 remove_staging(export.parent, export.name)
         except RefusedError as e:
             refusal = str(e)
-    if accelerator.num_processes > 1:
-        box = [refusal]
-        broadcast_object_list(box)
-        refusal = box[0]
+    refusal = main_process_value(accelerator, refusal)
     if refusal:
         raise RefusedError(refusal)
 
@@ -416,8 +412,7 @@ def data_inputs(accelerator: Accelerator, recipe: Recipe, data: DataBundle, role
                 found[0] = fingerprint(dataset, split, recipe.data.root)
             except OSError as e:  # a file gone since the dataset listed it
                 found[1] = f"the {split!r} split changed while it was read: {e}"
-        if accelerator.num_processes > 1:
-            broadcast_object_list(found)
+        found = main_process_value(accelerator, found)
         if found[1] is not None:
             raise OSError(found[1])
         _FINGERPRINTS[dataset] = found[0]

@@ -114,6 +114,16 @@ def release(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def main_process_value(accelerator: Accelerator, value: object) -> object:
+    """The main process's `value`, on every process of the launch (a refusal only the main process could find:
+    every rank then raises the same error instead of the others waiting at a barrier for ever)."""
+    if accelerator.num_processes > 1:
+        box = [value]
+        broadcast_object_list(box)
+        value = box[0]
+    return value
+
+
 @contextlib.contextmanager
 def build_lock(accelerator: Accelerator, folder: str | Path, name: str = LOCK_FILE) -> Iterator[None]:
     """Hold the lock `<folder>/<name>` for the block; under a multi-process launch the main process takes it for all.
@@ -130,10 +140,7 @@ def build_lock(accelerator: Accelerator, folder: str | Path, name: str = LOCK_FI
             path = acquire(folder, name)
         except LockedError as e:
             refusal = str(e)
-    if accelerator.num_processes > 1:
-        box = [refusal]
-        broadcast_object_list(box)
-        refusal = box[0]
+    refusal = main_process_value(accelerator, refusal)
     if refusal:
         raise LockedError(refusal)
     try:
