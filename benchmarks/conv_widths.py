@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from kpid_zoo.budget.latency import LatencySetting, device_name, fixed_threads
+from kpid_zoo.budget.latency import LatencySetting, device_name, fixed_threads, time_once
 
 from _figures import save_figure  # noqa: E402
 
@@ -50,9 +50,7 @@ def run(setting: LatencySetting, repeats: int, scale: int = 1) -> dict:
             conv(x), conv(x)
         for _ in range(repeats):
             for key, (conv, x) in cases.items():
-                t0 = time.perf_counter()
-                conv(x)
-                samples[key].append((time.perf_counter() - t0) * 1e3)
+                samples[key].append(time_once(lambda: conv(x), setting))
     out = {}
     for label, _, _ in KINDS:
         widths = np.array(WIDTHS, dtype=float)

@@ -30,7 +30,6 @@ import timm
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
 from safetensors.torch import load_file
 
 from ._version import __version__
@@ -40,10 +39,10 @@ from .core.datasource import fingerprint
 from .training.distill import distill_points
 from .training.evaluate import EvalResult, evaluate
 from .zoo.export import WRITTEN_FILES as EXPORT_WRITES, KPID_FORMAT_VERSION, check_export_folder, export_model
-from .core.files import file_sha256, json_sha256, read_json, remove_staging, save_weights, write_json
+from .core.files import WEIGHTS_FILE, file_sha256, read_json, remove_staging, save_weights, write_json
 from .engine.flops import count_flops
 from .engine.groups import discover_groups
-from .core.lock import LOCK_FILE, build_lock, export_lock_name
+from .core.lock import LOCK_FILE, build_lock, export_lock_name, main_process_value
 from .core.logs import get_logger
 from .core.ownership import (
     WORK_MANIFEST,
@@ -62,9 +61,9 @@ from .core.provenance import DATA, MANIFEST_DIR, UPSTREAM, Manifest, Stage, flat
 from .budget.latency import check_device
 from .budget.prune import LatencyOutcome, PruneReport, PruneResult, check_latency_budget, check_target, prune_from_recipe
 from .core.recipe import Recipe, RecipeError, load_recipe
+from .core.seeds import stable_seed
 from .budget.report import (
     PRUNE_FILES,
-    PRUNED_WEIGHTS,
     REPORT_FILE,
     SPEC_FILE,
     summary_table,
@@ -230,10 +229,7 @@ def prepare_work(accelerator: Accelerator, work: Path, entries: tuple[str, ...],
                 remove_staging(export.parent, export.name)
         except RefusedError as e:
             refusal = str(e)
-    if accelerator.num_processes > 1:
-        box = [refusal]
-        broadcast_object_list(box)
-        refusal = box[0]
+    refusal = main_process_value(accelerator, refusal)
     if refusal:
         raise RefusedError(refusal)
 
@@ -303,7 +299,7 @@ def preflight(recipe: Recipe) -> None:
 def _reseed(recipe: Recipe, stage: str) -> None:
     """Each stage starts from an RNG state of its own: what it draws (weight init, projections) is then the same
     whether the stages before it ran in this process or were read back from disk."""
-    seed = int(json_sha256([recipe.finetune.seed, stage])[:8], 16)
+    seed = stable_seed(recipe.finetune.seed, stage)
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
@@ -410,8 +406,7 @@ def data_inputs(accelerator: Accelerator, recipe: Recipe, data: DataBundle, role
                 found[0] = fingerprint(dataset, split, recipe.data.root)
             except OSError as e:  # a file gone since the dataset listed it
                 found[1] = f"the {split!r} split changed while it was read: {e}"
-        if accelerator.num_processes > 1:
-            broadcast_object_list(found)
+        found = main_process_value(accelerator, found)
         if found[1] is not None:
             raise OSError(found[1])
         _FINGERPRINTS[dataset] = found[0]
@@ -432,8 +427,8 @@ def adapt_parent(accelerator: Accelerator, recipe: Recipe, parent: nn.Module, da
         return parent, identity
     check_schedules(recipe, data, accelerator.num_processes, ("parent",))
     folder = work / "parent"
-    weights = folder / PRUNED_WEIGHTS
-    stage = Stage("parent", work, folder, (PRUNED_WEIGHTS,),
+    weights = folder / WEIGHTS_FILE
+    stage = Stage("parent", work, folder, (WEIGHTS_FILE,),
                   {**identity, **_recipe_inputs(recipe, PARENT_FIELDS),
                    **data_inputs(accelerator, recipe, data, "train")},
                   scratch=(folder,))
@@ -467,8 +462,8 @@ def distill(accelerator: Accelerator, recipe: Recipe, parent: nn.Module, pruned:
                     "as pruned, not fine-tuned")
         return pruned.model, None, dict(pruned_ref), {"steps": 0, "epochs": 0.0}
     check_schedules(recipe, data, accelerator.num_processes, ("finetune",))
-    weights, record = paths.finetune / PRUNED_WEIGHTS, paths.finetune / TRAINING_FILE
-    stage = Stage("finetune", paths.work, paths.finetune, (PRUNED_WEIGHTS, TRAINING_FILE),
+    weights, record = paths.finetune / WEIGHTS_FILE, paths.finetune / TRAINING_FILE
+    stage = Stage("finetune", paths.work, paths.finetune, (WEIGHTS_FILE, TRAINING_FILE),
                   {**parent_ref, **pruned_ref, **_recipe_inputs(recipe, FINETUNE_FIELDS),
                    **data_inputs(accelerator, recipe, data, "train")},
                   scratch=(paths.finetune,))
@@ -544,7 +539,7 @@ def load_prune_outputs(folder: Path, parent: nn.Module, input_size: tuple[int, i
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{folder / REPORT_FILE}: not a pruning report ({type(e).__name__}: {e})") from None
     model = build_pruned(spec, num_classes=parent.num_classes)
-    model.load_state_dict(load_file(str(folder / PRUNED_WEIGHTS)))
+    model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
     model.pretrained_cfg = parent.pretrained_cfg
     return PruneResult(model.eval(), spec, keep, discover_groups(parent, input_size), prune_report)
 

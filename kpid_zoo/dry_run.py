@@ -33,6 +33,7 @@ import yaml
 from PIL import Image
 
 from .training.accelerator import process_accelerator
+from .core.files import WEIGHTS_FILE
 from .core.recipe import Recipe, load_recipe
 
 STEPS_PER_STAGE = 3  # optimizer steps of each training stage in a dry run: enough to checkpoint and resume
@@ -250,7 +251,7 @@ def plan_real_run(recipe: Recipe, processes: int, dry_work: Path, dry_export: Pa
     parent_checkpoints = sorted((dry_work / 'parent' / 'train' / 'checkpoints').glob('step_*'))
     parent_bytes = _folder_bytes(parent_checkpoints[-1]) if parent_checkpoints else 0
     results = sum(_folder_bytes(dry_work / part) for part in ('pruned', 'eval.json'))
-    results += sum(p.stat().st_size for p in dry_work.glob('*/model.safetensors'))
+    results += sum(p.stat().st_size for p in dry_work.glob(f'*/{WEIGHTS_FILE}'))
     disk = 2 * checkpoint_bytes + 2 * parent_bytes + results + _folder_bytes(dry_export)
     return RunPlan(recipe.name, processes, n, source, steps_per_epoch, tuple(stages), checkpoint_bytes, disk)
 

@@ -70,3 +70,39 @@ def real_jpeg_folder(cifar10_tarball, tmp_path_factory) -> Path:
             (folder / parts[3]).write_bytes(tf.extractfile(member).read())
             counts[parts[2]] += 1
     return root
+
+
+@pytest.fixture
+def hf_env(monkeypatch, tmp_path):
+    """huggingface_hub pointed at tmp dirs, xet off, online; `set_endpoint(url)` / `set_offline()` switch it.
+
+    huggingface_hub reads HF_* env vars once, at import, into `constants`: patch those (timm calls
+    hf_hub_download without an endpoint, so HUGGINGFACE_CO_URL_TEMPLATE must follow ENDPOINT).
+    """
+    from huggingface_hub import constants
+
+    from export_utils import TOKEN
+    cache = tmp_path / 'hf-home' / 'hub'
+    monkeypatch.setenv('HF_HOME', str(tmp_path / 'hf-home'))
+    monkeypatch.setenv('HF_TOKEN', TOKEN)
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(cache))
+    monkeypatch.setattr(constants, 'HF_TOKEN_PATH', str(tmp_path / 'hf-home' / 'token'))
+    monkeypatch.setattr(constants, 'HF_HUB_DISABLE_XET', True)
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', False)
+    monkeypatch.setattr(constants, 'HF_HUB_DISABLE_TELEMETRY', True)
+
+    class Env:
+        cache_dir = cache
+
+        @staticmethod
+        def set_endpoint(url: str) -> None:
+            monkeypatch.setattr(constants, 'ENDPOINT', url)
+            monkeypatch.setattr(constants, 'HUGGINGFACE_CO_URL_TEMPLATE', url + '/{repo_id}/resolve/{revision}/{filename}')
+
+        @staticmethod
+        def set_offline(offline: bool = True) -> None:
+            monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', offline)
+
+    # nothing may reach the real Hub from a test: an unset endpoint points at a closed loopback port
+    Env.set_endpoint('http://127.0.0.1:9')
+    return Env

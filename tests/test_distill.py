@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kpid_zoo.training.distill import (DistillationWrapper, InnerDistillLoss, build_distillation, capture_outputs,
+from kpid_zoo.training.distill import (InnerDistillLoss, build_distillation, capture_outputs,
                               distill_points, scatter_projection)
 from kpid_zoo.engine.groups import discover_groups
 from kpid_zoo.engine.surgery import prune_model
@@ -155,6 +155,11 @@ def test_wrapper_trains_projections_but_exports_student_only():
     wrapper = build_distillation(copy.deepcopy(teacher), teacher, input_size=INPUT)
     keys = wrapper.state_dict().keys()
     assert any(k.startswith('projections.') for k in keys) and any(k.startswith('student.') for k in keys)
-    assert isinstance(wrapper, DistillationWrapper)
+    wrapper.eval()
+    x = torch.randn(2, *INPUT)
+    with torch.no_grad():
+        logits, projected = wrapper(x)
+        assert torch.equal(logits, wrapper.student(x))  # the wrapper's logits are the student's own
+    assert set(projected) == set(wrapper.points) and all(v.shape[0] == 2 for v in projected.values())
     exported = wrapper.student.state_dict().keys()
     assert exported == teacher.state_dict().keys()  # the projections are not part of the exported model

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from kpid_zoo.cli import main
 
-from export_utils import export_pruned, hf_env, pruned_spec, tiny_recipe  # noqa: F401  (fixture)
+from export_utils import export_pruned, pruned_spec, tiny_recipe
 
 BASE = {
     "name": "err_resnet18",

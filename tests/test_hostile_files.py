@@ -23,7 +23,7 @@ import yaml
 from kpid_zoo.cli import main
 from kpid_zoo.core.files import replace_dir
 
-from export_utils import TOKEN, export_pruned, hf_env, pruned_spec, tiny_recipe  # noqa: F401  (fixture)
+from export_utils import TOKEN, export_pruned, pruned_spec, tiny_recipe
 from hub_server import HubServer
 
 NAME = 'kpid_hostile'

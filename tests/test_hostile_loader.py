@@ -27,7 +27,7 @@ from kpid_zoo.core.recipe import Recipe
 from kpid_zoo.zoo.registry import KpidHubError, KpidWeightsError
 from kpid_zoo.engine.surgery import ArchSpec, build_pruned
 
-from export_utils import TOKEN, hf_env, make_report, pruned_spec, tiny_recipe  # noqa: F401  (fixture)
+from export_utils import TOKEN, make_report, pruned_spec, tiny_recipe
 from hub_server import HubServer
 
 SIZE = (3, 64, 64)

@@ -15,7 +15,7 @@ import yaml
 
 from kpid_zoo.budget import latency as lat
 from kpid_zoo.cli import main
-from kpid_zoo.training.data import CACHE_ENV
+from kpid_zoo.core.files import CACHE_ENV
 from kpid_zoo.engine.flops import count_flops
 from kpid_zoo.engine.groups import discover_groups
 from kpid_zoo.engine.importance import magnitude_importance
@@ -319,7 +319,7 @@ def test_paired_timing_alternates_abba_and_cancels_a_drift_both_nets_share(monke
         slowdown = 1 + (len(timed) - 1) // 2  # one step per call pair
         return {'a': 2.0, 'b': 1.0}[calls[-1]] * slowdown
 
-    monkeypatch.setattr(lat, '_time_once', fake_time_once)
+    monkeypatch.setattr(lat, 'time_once', fake_time_once)
     paired = lat.measure_paired(Net('a'), Net('b'), (3, 8, 8), SETTING, warmup=2, repeats=6)
     assert calls[:4] == ['a', 'b', 'a', 'b'] and timed == list('abbaabbaabba')
     assert paired.ratio.median_ms == 2.0 and paired.ratio.min_ms == paired.ratio.max_ms == 2.0

@@ -10,7 +10,7 @@ from huggingface_hub import hf_hub_download
 
 from kpid_zoo.zoo.publish import PublishError, publish, validate_export
 
-from export_utils import TOKEN, export_pruned, hf_env, pruned_spec, tiny_recipe  # noqa: F401  (fixture)
+from export_utils import TOKEN, export_pruned, pruned_spec, tiny_recipe
 from hub_server import HubServer
 
 REPO = 'kpid-test/kpid_tiny_test'

@@ -22,7 +22,7 @@ from kpid_zoo.core.recipe import load_recipe
 from kpid_zoo.zoo.registry import DEFAULT_SPEC, KpidWeightsError, zoo_records
 from kpid_zoo.zoo.records import CFG_KEYS, ZooRecord
 
-from export_utils import REPO_ROOT, TOKEN, export_pruned, hf_env, pruned_spec, zoo_recipe  # noqa: F401  (fixture)
+from export_utils import REPO_ROOT, TOKEN, export_pruned, pruned_spec, zoo_recipe
 from hub_server import HubServer, git_blob_sha1
 
 NAME = 'kpid_effnet_b0'  # a kpid-zoo build of that recipe (kpid_pruned, not the registered name): hf-hub: / local-dir:

@@ -19,7 +19,9 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from kpid_zoo.training.data import SeededTransformDataset, build_transforms, create_loaders, folder_samples, \
     load_image_folder, resolve_data_settings
+from kpid_zoo.core.files import remove_staging
 from kpid_zoo.core.recipe import DataSpec, FinetuneSpec
+from kpid_zoo.core.threads import fixed_threads
 from kpid_zoo.training.streams import INFO_FILE, ShardStream, round_robin_position, split_shards, write_shards
 from kpid_zoo.training.train import finetune, list_checkpoints
 
@@ -73,6 +75,30 @@ def test_shards_are_timm_readable_and_recorded(real_jpeg_folder, tmp_path):
                          training=False)
     labels = sorted(int(t) for _, t in stream)
     assert labels == sorted(t for _, t in samples)
+
+
+def test_a_killed_shard_write_leaves_names_remove_staging_knows(real_jpeg_folder, tmp_path, monkeypatch):
+    samples, classes = folder_samples(real_jpeg_folder / 'train')
+    real_replace = os.replace
+
+    def killed(src, dst):  # the writer dies after its first shard is complete, before the rename
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, 'replace', killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(samples, tmp_path, 'train', shard_size=40, class_names=classes)
+    monkeypatch.setattr(os, 'replace', real_replace)
+    # what a SIGKILL leaves (no `finally` runs): a shard and an _info.json under their temp names
+    leftovers = [tmp_path / '.train-000000.tar.tmp-0123abcd', tmp_path / f'.{INFO_FILE}.tmp-89abcdef']
+    for path in leftovers:
+        path.write_bytes(b'half')
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in leftovers)  # no shard in place
+    assert sorted(remove_staging(tmp_path)) == sorted(leftovers)
+    for path in leftovers:
+        path.write_bytes(b'half')
+    write_shards(samples, tmp_path, 'train', shard_size=40, class_names=classes)  # the next write cleans up
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ['train-000000.tar', 'train-000001.tar', 'train-000002.tar', INFO_FILE])
 
 
 @pytest.mark.parametrize('change, message', [
@@ -197,10 +223,8 @@ def cifar4_shards(real_jpeg_folder, tmp_path_factory) -> Path:
 def one_thread():
     """One intra-op thread: beside loader workers on a small shared machine, more threads spin against them
     (ten times slower here), and one thread keeps the kernels' reduction order fixed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with fixed_threads(1):
+        yield
 
 
 @pytest.mark.heavy

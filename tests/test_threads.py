@@ -99,6 +99,27 @@ def test_the_governor_probes_first_then_rechecks_every_few_seconds():
     assert gov.tick() == 2 and fake.set == [1, 2]  # set_threads only on a change
 
 
+def test_a_fixed_count_holds_off_the_governor_and_is_restored(monkeypatch):
+    fake = _Fake(others=0.0)
+    gov = ThreadGovernor(max_threads=2, cpus=[0, 1], every=5.0, probe=0.3, sampler=fake.sample,
+                         set_threads=fake.set.append, sleep=fake.advance, clock=lambda: fake.t)
+    monkeypatch.setattr(threads, '_GOVERNOR', gov)
+    before = torch.get_num_threads()
+    with threads.fixed_threads(1):
+        assert torch.get_num_threads() == 1
+        with threads.fixed_threads():  # nested, no count: the one in force
+            threads.tick()
+            assert torch.get_num_threads() == 1
+        threads.tick()
+        assert fake.samples == 0 and fake.set == []  # no re-check while a count is fixed
+    assert torch.get_num_threads() == before
+    threads.tick()
+    assert fake.samples == 2 and fake.set == [2]  # the governor looks again once the block has ended
+    with pytest.raises(RuntimeError), threads.fixed_threads(1):
+        raise RuntimeError('restored on an error too')
+    assert torch.get_num_threads() == before and threads._HELD == 0
+
+
 def test_an_explicit_count_wins_and_the_policy_ends_with_the_command(monkeypatch):
     before = torch.get_num_threads()
     monkeypatch.delenv('OMP_NUM_THREADS', raising=False)

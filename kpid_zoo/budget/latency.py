@@ -30,16 +30,16 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..core.files import default_cache_dir as data_cache_dir
-from ..core.files import atomic_write_text, json_sha256
+from ..core.files import atomic_write_text, default_cache_dir, json_sha256
 from ..core.logs import get_logger
+from ..core.threads import fixed_threads as fixed_thread_count
 from ..engine.groups import ROLE_DW, ROLE_IN, ROLE_NORM, ROLE_PARAM, ChannelMap, GroupGraph, Member
 from ..engine.handlers import handler_for
 from ..engine.surgery import prune_model
@@ -124,19 +124,12 @@ def device_name(device: str) -> str:
     return f'{cpu_model()} ({os.cpu_count()} cpus) / torch {torch.__version__}'
 
 
-@contextlib.contextmanager
-def fixed_threads(setting: LatencySetting) -> Iterator[None]:
-    """Run the block with torch's intra-op thread count at `setting.threads` (CPU), restored after."""
-    before = torch.get_num_threads()
-    if setting.device == 'cpu':
-        torch.set_num_threads(setting.threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+def fixed_threads(setting: LatencySetting) -> contextlib.AbstractContextManager:
+    """The block runs with torch's intra-op thread count at `setting.threads` (CPU), restored after."""
+    return fixed_thread_count(setting.threads if setting.device == 'cpu' else None)
 
 
-def _time_once(fn: Callable[[], object], setting: LatencySetting) -> float:
+def time_once(fn: Callable[[], object], setting: LatencySetting) -> float:
     """Milliseconds of one call (inside `time_callable` / `measure_paired`: threads fixed, inference mode)."""
     if setting.device == 'cuda':  # untested here (no GPU was lent): CUDA events around the call
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -156,20 +149,12 @@ def time_callable(fn: Callable[[], object], setting: LatencySetting, *, warmup: 
     with fixed_threads(setting), torch.inference_mode():
         for _ in range(warmup):
             fn()
-        return Timing.of([_time_once(fn, setting) for _ in range(repeats)])
+        return Timing.of([time_once(fn, setting) for _ in range(repeats)])
 
 
 def example_input(input_size: tuple[int, ...], setting: LatencySetting) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
     return torch.randn(setting.batch_size, *input_size, generator=gen).to(setting.device)
-
-
-def measure_model(model: nn.Module, input_size: tuple[int, int, int], setting: LatencySetting, *,
-                  warmup: int = 3, repeats: int = 15) -> Timing:
-    """Latency of one forward pass of `model` (eval mode, float32) on a batch of `setting.batch_size` images."""
-    model = model.to(setting.device).eval()
-    x = example_input(input_size, setting)
-    return time_callable(lambda: model(x), setting, warmup=warmup, repeats=repeats)
 
 
 def measure_paired(model: nn.Module, reference: nn.Module, input_size: tuple[int, int, int],
@@ -191,7 +176,7 @@ def measure_paired(model: nn.Module, reference: nn.Module, input_size: tuple[int
         for i in range(repeats):
             pair = ((model, ours), (reference, theirs))
             for net, samples in (pair if i % 2 == 0 else pair[::-1]):
-                samples.append(_time_once(lambda: net(x), setting))
+                samples.append(time_once(lambda: net(x), setting))
     return Paired(Timing.of(ours), Timing.of(theirs), Timing.of([a / b for a, b in zip(ours, theirs)]))
 
 
@@ -440,12 +425,12 @@ def table_key(model: nn.Module, arch: str, input_size: tuple[int, int, int], set
             'batch_size': setting.batch_size, 'threads': setting.threads, 'fractions': list(fractions)}
 
 
-def default_cache_dir() -> Path:
-    return data_cache_dir() / 'latency'  # beside the unpacked datasets: ~/.cache/kpid_zoo, or $KPID_CACHE
+def latency_cache_dir() -> Path:
+    return default_cache_dir() / 'latency'  # beside the unpacked datasets: ~/.cache/kpid_zoo, or $KPID_CACHE
 
 
 def cache_path(key: dict, cache_dir: Path | None = None) -> Path:
-    return (cache_dir or default_cache_dir()) / f"{key['parent']}-{json_sha256(key)[:16]}.json"
+    return (cache_dir or latency_cache_dir()) / f"{key['parent']}-{json_sha256(key)[:16]}.json"
 
 
 def load_cached(key: dict, cache_dir: Path | None = None) -> LatencyCostModel | None:
@@ -533,6 +518,6 @@ def latency_table(model: nn.Module, graph: GroupGraph, arch: str, input_size: tu
 
 
 __all__ = ['LatencySetting', 'Timing', 'Paired', 'Noise', 'LatencyTerm', 'LatencyCostModel', 'check_device',
-           'cpu_model', 'device_name', 'check_timeable', 'time_callable', 'measure_model', 'measure_paired',
+           'cpu_model', 'device_name', 'check_timeable', 'time_callable', 'time_once', 'measure_paired',
            'measure_noise', 'build_table', 'calibrate', 'latency_table', 'table_key', 'cache_path', 'load_cached',
            'save_cached', 'sample_widths']

@@ -4,14 +4,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..core.files import save_weights, staged_dir
+from ..core.files import WEIGHTS_FILE, save_weights, staged_dir
 from .prune import PruneResult
 
-PRUNED_WEIGHTS = "model.safetensors"
 SPEC_FILE = "spec.json"
 REPORT_FILE = "report.json"
-WIDTHS_PLOT = "widths.png"
-PRUNE_FILES = (PRUNED_WEIGHTS, SPEC_FILE, REPORT_FILE, WIDTHS_PLOT)  # all a pruning output folder may hold
+PRUNE_PLOT = "widths.png"  # the export's own plot is zoo.card.WIDTHS_PLOT (another file, in another folder)
+PRUNE_FILES = (WEIGHTS_FILE, SPEC_FILE, REPORT_FILE, PRUNE_PLOT)  # all a pruning output folder may hold
 
 
 def plot_widths(layer_widths: list[tuple[str, int, int]], path: str | Path, title: str = "") -> Path:
@@ -81,12 +80,12 @@ def write_prune_outputs(result: PruneResult, out_dir: str | Path) -> Path:
     """Write weights (safetensors), spec, report and width plot into `out_dir`, all or nothing; an existing
     `out_dir` is replaced only if it holds nothing but those files (the caller proves they are its own)."""
     with staged_dir(out_dir, owned=PRUNE_FILES) as tmp:
-        save_weights(result.model, tmp / PRUNED_WEIGHTS)
+        save_weights(result.model, tmp / WEIGHTS_FILE)
         result.spec.save(tmp / SPEC_FILE)
         report = result.report.to_dict()
         report["kept_channels"] = {g: idx.tolist() for g, idx in result.keep.items()}
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        plot_widths(result.report.layer_widths, tmp / WIDTHS_PLOT,
+        plot_widths(result.report.layer_widths, tmp / PRUNE_PLOT,
                     f"{result.report.parent}: {result.report.parent_gmacs:.3f} -> "
                     f"{result.report.achieved_gmacs:.3f} GMACs")
     return Path(out_dir)

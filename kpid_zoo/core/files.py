@@ -21,12 +21,22 @@ from safetensors.torch import save_file
 
 logger = logging.getLogger(__name__)
 
+# The weights file of every folder kpid-zoo writes (a stage's, a pruning's, an export's), and the name timm and
+# the Hub ask a repo for
+WEIGHTS_FILE = 'model.safetensors'
 # The cache root of every layer (unpacked datasets, latency tables): ~/.cache/kpid_zoo, or $KPID_CACHE.
 CACHE_ENV = 'KPID_CACHE'
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or '~/.cache/kpid_zoo').expanduser()
+
+
+def staging_path(dest: str | Path, kind: str = 'tmp') -> Path:
+    """A new name beside `dest` for what will replace it (`kind` 'tmp') or what it replaces ('old'):
+    `.<name>.tmp-XXXXXXXX`, the one pattern `remove_staging` recognises (`STAGING_RE`)."""
+    dest = Path(dest)
+    return dest.with_name(f'.{dest.name}.{kind}-{uuid.uuid4().hex[:8]}')
 
 
 @contextlib.contextmanager
@@ -37,7 +47,7 @@ def staged_dir(dest: str | Path, owned: Iterable[str]) -> Iterator[Path]:
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = staging_path(dest)
     tmp.mkdir()
     try:
         yield tmp
@@ -68,7 +78,7 @@ def replace_dir(new: Path, dest: Path, owned: Iterable[str]) -> None:
         raise ValueError(f'{dest}: not a folder; refusing to replace it')
     stray = _strays(dest, owned)
     if not stray:
-        old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+        old = staging_path(dest, 'old')
         os.replace(dest, old)
         try:
             stray = _strays(old, owned)
@@ -95,7 +105,7 @@ def replace_dir(new: Path, dest: Path, owned: Iterable[str]) -> None:
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = staging_path(path)
     try:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
@@ -109,7 +119,7 @@ def save_weights(model: nn.Module, path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # clone: safetensors refuses tensors that share storage, and timm's state dicts hold views now and then
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = staging_path(path)
     try:
         save_file(state, str(tmp), metadata={"format": "pt"})
         os.chmod(tmp, 0o644)  # safetensors writes 0600; a Hub repo folder is meant to be read by others
@@ -118,7 +128,9 @@ def save_weights(model: nn.Module, path: str | Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-# `.<name>.tmp-1a2b3c4d` (staged_dir, atomic writes), `.<name>.old-1a2b3c4d` (replace_dir), `.tmp-step_N` (train)
+# `.<name>.tmp-1a2b3c4d` (staging_path: staged_dir, atomic writes, unpacks, shards), `.<name>.old-1a2b3c4d`
+# (replace_dir, the lock's take-over), `.tmp-step_N` (train: every process of a run saves into the same folder, so
+# its name cannot be random)
 STAGING_RE = re.compile(r'^\.(.+\.(tmp|old)-[0-9a-f]{8}|tmp-step_\d+)$')
 
 

@@ -16,7 +16,6 @@ import json
 import os
 import socket
 import time
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -24,6 +23,8 @@ if TYPE_CHECKING:  # accelerate is imported where a build takes the lock: `impor
     from accelerate import Accelerator
 
 from ..errors import LockedError  # noqa: F401 (raised here; its home is kpid_zoo.errors)
+
+from .files import staging_path
 
 LOCK_FILE = 'build.lock'
 
@@ -49,7 +50,7 @@ def _holder(path: Path) -> dict | None:
 
 def _take_over(path: Path) -> None:
     """Move a dead holder's lock aside; of two processes taking over at once, only one rename succeeds."""
-    aside = path.with_name(f'.{path.name}.old-{uuid.uuid4().hex[:8]}')
+    aside = staging_path(path, 'old')
     with contextlib.suppress(FileNotFoundError):
         os.rename(path, aside)
         aside.unlink(missing_ok=True)
@@ -111,6 +112,18 @@ def release(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def main_process_value(accelerator: Accelerator, value: object) -> object:
+    """The main process's `value`, on every process of the launch (a refusal only the main process could find:
+    every rank then raises the same error instead of the others waiting at a barrier for ever)."""
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list  # here: `import kpid_zoo` must not load accelerate
+
+        box = [value]
+        broadcast_object_list(box)
+        value = box[0]
+    return value
+
+
 @contextlib.contextmanager
 def build_lock(accelerator: Accelerator, folder: str | Path, name: str = LOCK_FILE) -> Iterator[None]:
     """Hold the lock `<folder>/<name>` for the block; under a multi-process launch the main process takes it for all.
@@ -127,12 +140,7 @@ def build_lock(accelerator: Accelerator, folder: str | Path, name: str = LOCK_FI
             path = acquire(folder, name)
         except LockedError as e:
             refusal = str(e)
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        box = [refusal]
-        broadcast_object_list(box)
-        refusal = box[0]
+    refusal = main_process_value(accelerator, refusal)
     if refusal:
         raise LockedError(refusal)
     try:

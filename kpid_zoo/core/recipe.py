@@ -8,7 +8,6 @@ dotted field and what was expected, e.g. ``recipes/x.yaml: flops.target_gmacs: e
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import re
 import reprlib
@@ -26,6 +25,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .files import json_sha256
 from ..errors import MissingFileError, RecipeError
+from .names import did_you_mean
 
 __all__ = [
     'RecipeError', 'Recipe', 'ParentSpec', 'ParentTrainSpec', 'FlopsSpec', 'BudgetSpec', 'ImportanceSpec', 'DataSpec',
@@ -41,11 +41,6 @@ CHECKPOINT_SUFFIXES = ('.safetensors', '.pth', '.pt', '.bin', '.pth.tar')
 
 def _join(outer: str, inner: str) -> str:
     return f'{outer}.{inner}' if outer and inner else outer or inner
-
-
-def _did_you_mean(word: str, candidates: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(candidates), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ''
 
 
 _SHORT_REPR = reprlib.Repr()
@@ -195,7 +190,7 @@ class _Section:
         for key in data:
             if key not in known:
                 name = str(key) if len(str(key)) <= 60 else str(key)[:57] + '...'  # named, in one short line
-                raise RecipeError(f'unknown key{_did_you_mean(str(key), known)}', _join(where, name))
+                raise RecipeError(f'unknown key{did_you_mean(str(key), known)}', _join(where, name))
         hints = _type_hints(cls)
         kwargs = {}
         for name, f in known.items():
@@ -230,7 +225,7 @@ def _check_timm_model(name: str) -> None:
         arch, tag = name.split('.', 1)
         raise RecipeError(f"'{name}' includes a pretrained tag: write model: {arch} and tag: {tag}", 'model')
     if not timm.is_model(name):
-        raise RecipeError(f"'{name}' is not a timm model{_did_you_mean(name, _timm_models())}", 'model')
+        raise RecipeError(f"'{name}' is not a timm model{did_you_mean(name, _timm_models())}", 'model')
     if not timm.models.is_model_in_modules(name, list(SUPPORTED_FAMILIES)):
         raise RecipeError(f"'{name}' is not a supported CNN family (expected a timm "
                           f"{', '.join(SUPPORTED_FAMILIES.values())} model, e.g. resnet50)", 'model')
@@ -351,7 +346,7 @@ class BudgetSpec(_Section):
         _exactly_one(self, *self.KINDS)
         if self.latency_of is not None and not timm.is_model(self.latency_of):
             raise RecipeError(f"'{self.latency_of}' is not a timm model"
-                              f"{_did_you_mean(self.latency_of, _timm_models())}", 'latency_of')
+                              f"{did_you_mean(self.latency_of, _timm_models())}", 'latency_of')
 
     @property
     def stated(self) -> str:

@@ -140,6 +140,7 @@ class ThreadGovernor:
 
 
 _GOVERNOR: Optional[ThreadGovernor] = None
+_HELD = 0  # how many `fixed_threads` blocks are open: while any is, `tick` leaves the count alone
 
 
 def configure(threads: Optional[int] = None) -> str:
@@ -161,9 +162,27 @@ def configure(threads: Optional[int] = None) -> str:
 
 
 def tick() -> None:
-    """Called from long loops: re-checks the thread count when the command line asked for adaptive threads."""
-    if _GOVERNOR is not None:
+    """Called from long loops: re-checks the thread count when the command line asked for adaptive threads (not
+    inside a `fixed_threads` block)."""
+    if _GOVERNOR is not None and not _HELD:
         _GOVERNOR.tick()
+
+
+@contextlib.contextmanager
+def fixed_threads(threads: Optional[int] = None) -> Iterator[None]:
+    """The block runs with torch's intra-op thread count at `threads` (None: the count in force), which the
+    adaptive governor's re-checks leave alone until the block ends (a timing or a one-image pass must not see its
+    count change halfway); afterwards the count is what it was before."""
+    global _HELD
+    before = torch.get_num_threads()
+    _HELD += 1
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        yield
+    finally:
+        _HELD -= 1
+        torch.set_num_threads(before)
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 from timm.layers._fx import get_notrace_functions
 
+from ..core.threads import fixed_threads
 from .handlers import ROLE_OUT, ROLE_PARAM, handler_for
 
 Layout = np.ndarray  # int64: the element at each position of a channel dimension
@@ -198,15 +199,12 @@ def trace(model: nn.Module, input_size: tuple[int, int, int]) -> fx.GraphModule:
     dtype, device = (param.dtype, param.device) if param is not None else (torch.float32, "cpu")
     # one small image: its ops are too small to share out, and on a busy CPU every hand-off between threads waits
     # for a core (6x slower on 2 shared cores), so the pass runs on one thread
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
         # ShapeProp prints the traceback of a failing node to stderr before raising; the error itself is the caller's
         # to word (one line for a user), so the print goes nowhere
-        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+        with fixed_threads(1), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(gm).propagate(torch.zeros(1, *input_size, dtype=dtype, device=device))
     finally:
-        torch.set_num_threads(threads)
         gm.train(was_training)
     return gm
 

@@ -22,7 +22,6 @@ import os
 import shutil
 import socket
 import tarfile
-import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +35,10 @@ from timm.data.readers.shared_count import SharedCount
 from tqdm.auto import tqdm
 
 from ..core.datasource import UnreadableImageError
+from ..core.files import CACHE_ENV, default_cache_dir, remove_staging, staging_path
 from ..errors import DataUnavailableError, MissingFileError, UserError  # noqa: F401 (raised here)
-from ..core.files import CACHE_ENV, default_cache_dir, remove_staging  # noqa: F401 (CACHE_ENV re-exported)
 from ..core.recipe import DataSpec
+from ..core.seeds import stable_seed
 from .streams import ShardStream, is_stream, seeded_call, split_shards
 
 logger = logging.getLogger(__name__)
@@ -306,7 +306,7 @@ def _cache_lock(cache_dir: Path) -> Iterator[None]:
 
 def _staging_dir(folder: Path, name: str) -> Path:
     """A new `.<name>.tmp-XXXXXXXX` folder in `folder`: the pattern `files.remove_staging` recognises."""
-    staging = folder / f'.{name}.tmp-{uuid.uuid4().hex[:8]}'
+    staging = staging_path(folder / name)
     staging.mkdir(parents=True)
     return staging
 
@@ -403,7 +403,7 @@ class SeededTransformDataset(tud.Dataset):
         img, target = load_sample(self.base, base_index)
         if self.transform is not None:
             # timm/torchvision transforms draw from both python `random` and torch's global RNG.
-            img = seeded_call(self.transform, img, hash((self.seed, self.epoch, base_index)) & 0x7FFF_FFFF)
+            img = seeded_call(self.transform, img, stable_seed(self.seed, self.epoch, base_index))
         return img, target
 
 

@@ -1,7 +1,6 @@
 """Evaluation stage: top-1 / top-5 / loss over a loader (multi-process aware) and CPU throughput."""
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
@@ -10,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..budget.latency import LatencySetting, time_callable
 from ..core import threads
 from .accelerator import stage_autocast
 from .streams import is_stream
@@ -95,29 +95,19 @@ def measure_throughput(model: nn.Module, input_size: Sequence[int] = (3, 224, 22
     """
     if iters < 1:
         raise ValueError(f'iters must be >= 1, got {iters}')
-    old_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
     was_training = model.training
     model = model.eval()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     params = next(model.parameters(), None)
     dtype = params.dtype if params is not None else torch.float32
     x = torch.randn(batch_size, *input_size, dtype=dtype).to(memory_format=memory_format)
+    setting = LatencySetting('cpu', batch_size, threads or torch.get_num_threads())
     try:
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
-        for _ in range(warmup):
-            model(x)
-        times = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t0)
+        timing = time_callable(lambda: model(x), setting, warmup=warmup, repeats=iters)
     finally:
         if channels_last:
             model.to(memory_format=torch.contiguous_format)
         model.train(was_training)
-        torch.set_num_threads(old_threads)
-    times.sort()
-    return batch_size / times[len(times) // 2]
+    return batch_size / (timing.median_ms / 1e3)

@@ -33,7 +33,6 @@ they were started with, and a plain attribute set in the main process would neve
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -50,18 +49,13 @@ from timm.data.readers.shared_count import SharedCount
 
 from ..core.datasource import UnreadableImageError
 from ..errors import MissingDependencyError, MissingFileError
+from ..core.files import atomic_write_text, remove_staging, staging_path
+from ..core.seeds import stable_seed
 
-WDS_PREFIX = 'wds/'
 INFO_FILE = '_info.json'  # timm's shard-set description: {"splits": {name: {num_samples, filenames, shard_lengths}}}
 IMAGE_KEYS = 'jpg;png;webp'  # timm's ReaderWds default: the first of these a sample has is its image
 IMAGE_EXTENSIONS = {'.jpg': 'jpg', '.jpeg': 'jpg', '.png': 'png', '.webp': 'webp'}
 PIP_HINT = "pip install 'kpid-zoo[wds]'"
-
-
-def stable_seed(*parts) -> int:
-    """A 31-bit seed from ints and strings, the same in every process (`hash()` of a str is salted per process)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, 'little') & 0x7FFF_FFFF
 
 
 def seeded_call(transform: Callable, img, seed: int):
@@ -382,24 +376,27 @@ def write_shards(samples: Sequence[tuple[str | os.PathLike, int]], out_dir: str 
     written = []
     for index, chunk in enumerate(progress(chunks) if progress else chunks):
         final = out_dir / f'{split}-{index:06d}.tar'
-        tmp = final.with_name(f'.{final.name}.tmp')
-        with tarfile.open(tmp, 'w', format=tarfile.USTAR_FORMAT) as tf:
-            for i in chunk:
-                path, target = Path(samples[i][0]), int(samples[i][1])
-                ext = IMAGE_EXTENSIONS.get(path.suffix.lower())
-                if ext is None:
-                    raise ValueError(f'{path}: expected a .jpg, .jpeg, .png or .webp image')
-                name = class_names[target] if class_names else str(target)
-                key = _key(name, path)
-                _add(tf, f'{key}.{ext}', path.read_bytes())
-                _add(tf, f'{key}.cls', str(target).encode())
-        os.replace(tmp, final)
+        remove_staging(out_dir, final.name)  # a killed write's leftover of this shard
+        tmp = staging_path(final)
+        try:
+            with tarfile.open(tmp, 'w', format=tarfile.USTAR_FORMAT) as tf:
+                for i in chunk:
+                    path, target = Path(samples[i][0]), int(samples[i][1])
+                    ext = IMAGE_EXTENSIONS.get(path.suffix.lower())
+                    if ext is None:
+                        raise ValueError(f'{path}: expected a .jpg, .jpeg, .png or .webp image')
+                    name = class_names[target] if class_names else str(target)
+                    key = _key(name, path)
+                    _add(tf, f'{key}.{ext}', path.read_bytes())
+                    _add(tf, f'{key}.cls', str(target).encode())
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
         written.append(final)
     info_path = out_dir / INFO_FILE
     info = json.loads(info_path.read_text()) if info_path.is_file() else {'name': out_dir.name, 'splits': {}}
     info['splits'][split] = {'name': split, 'num_samples': len(samples), 'filenames': [p.name for p in written],
                              'shard_lengths': [len(c) for c in chunks]}
-    tmp = info_path.with_name(f'.{INFO_FILE}.tmp')
-    tmp.write_text(json.dumps(info, indent=1) + '\n')
-    os.replace(tmp, info_path)
+    remove_staging(out_dir, INFO_FILE)
+    atomic_write_text(info_path, json.dumps(info, indent=1) + '\n')
     return written

@@ -48,6 +48,7 @@ from .evaluate import EvalResult, evaluate
 from ..core.files import first_mismatch, hash_files, read_json, write_json
 from ..core.logs import get_logger
 from ..core.recipe import FinetuneSpec, RecipeError, TrainSpec
+from ..core.seeds import stable_seed
 
 logger = get_logger(__name__)
 CHECKPOINT_RE = re.compile(r'^step_(\d+)$')
@@ -161,10 +162,6 @@ def _warmup_cosine(step: int, warmup: int, total: int) -> float:
 def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
     """Linear warmup then cosine to 0, in optimizer steps."""
     return LambdaLR(optimizer, functools.partial(_warmup_cosine, warmup=warmup_steps, total=total_steps))
-
-
-def _step_seed(*parts: int) -> int:
-    return hash(tuple(parts)) & 0x7FFF_FFFF
 
 
 def _set_epoch(loader, epoch: int) -> None:
@@ -354,7 +351,7 @@ def _train_loop(accelerator: Accelerator, module: nn.Module, teacher: Optional[n
             threads.tick()
             if cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            torch.manual_seed(_step_seed(cfg.seed, state.epoch, state.batch_in_epoch, accelerator.process_index))
+            torch.manual_seed(stable_seed(cfg.seed, state.epoch, state.batch_in_epoch, accelerator.process_index))
             with accelerator.accumulate(module):
                 with stage_autocast(accelerator.device, cfg.mixed_precision):
                     logits, projected = module(images)

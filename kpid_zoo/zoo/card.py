@@ -11,6 +11,8 @@ from typing import Any, Mapping
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from ..core.files import WEIGHTS_FILE
+
 PAPER_ID = 'arXiv:2002.08258'
 PAPER_NAME = 'Knapsack Pruning with Inner Distillation'
 PAPER_URL = 'https://arxiv.org/abs/2002.08258'
@@ -153,7 +155,7 @@ transform = timm.data.create_transform(**data_config, is_training=False)
 |---|---|
 {table}
 
-Weights: `model.safetensors`, sha256 `{weights_sha256}` (checked on load).
+Weights: `{WEIGHTS_FILE}`, sha256 `{weights_sha256}` (checked on load).
 
 ## Per-layer widths
 

@@ -28,7 +28,7 @@ from timm.models import PretrainedCfg, get_pretrained_cfg
 from timm.models._hub import _parse_model_cfg, save_config_for_hf
 
 from .._version import __version__
-from ..core.files import atomic_write_text, file_sha256, json_sha256, save_weights, staged_dir
+from ..core.files import WEIGHTS_FILE, atomic_write_text, file_sha256, json_sha256, save_weights, staged_dir
 from ..core.ownership import RefusedError, check_output, recorded_sha256, stray_entries
 from .card import PAPER_ID, PAPER_NAME, PAPER_URL, WIDTHS_PLOT, build_card
 from .records import CFG_KEYS, ZOO_DIR, ZooRecord, pool_size_for, record_for_zoo
@@ -43,7 +43,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_FILE = 'model.safetensors'
 CONFIG_FILE = 'config.json'
 CARD_FILE = 'README.md'
 EXPORT_FILES = (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE)

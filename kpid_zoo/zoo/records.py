@@ -18,7 +18,6 @@ Records are written by `python -m kpid_zoo.zoo.sources` (the KPID authors' model
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import re
@@ -28,8 +27,9 @@ from typing import Any
 
 from ..core.files import atomic_write_text
 from ..errors import MissingFileError, UserError
+from ..core.names import close_names
 
-__all__ = ['ZOO_DIR', 'RECIPES_DIR', 'RENAMED', 'AUTHORS', 'KPID_BUILD', 'ZooRecord', 'load_record', 'load_records',
+__all__ = ['ZOO_DIR', 'RECIPES_DIR', 'RENAMED', 'AUTHORS', 'KPID_BUILD', 'ZooRecord', 'load_records',
            'pool_size_for', 'zoo_table', 'find_recipe', 'recipe_names', 'closest_names', 'record_for_zoo']
 
 ZOO_DIR = Path(__file__).parent
@@ -179,12 +179,6 @@ def load_records(zoo_dir: str | Path = ZOO_DIR) -> list[ZooRecord]:
     return records
 
 
-def load_record(name: str, zoo_dir: str | Path = ZOO_DIR) -> ZooRecord | None:
-    """The default record of `name` (the weights `timm.create_model(name, pretrained=True)` loads), if any."""
-    path = Path(zoo_dir) / f'{name}.json'
-    return ZooRecord.load(path) if path.is_file() else None
-
-
 def record_for_zoo(record: ZooRecord, zoo_dir: str | Path = ZOO_DIR) -> tuple[ZooRecord, bool]:
     """`record` as the zoo would hold it next to what it holds: (record with its tag, is it the default).
 
@@ -283,8 +277,8 @@ def closest_names(name: str, registered: list[str] | tuple[str, ...] = (), n: in
     if base in RENAMED:
         return f' ({base} is now {RENAMED[base]})'
     buildable = recipe_names()
-    candidates = list(dict.fromkeys([*registered, *buildable, *RENAMED]))
-    close = difflib.get_close_matches(base, candidates, n=n, cutoff=0.6)
+    candidates = [*registered, *buildable, *RENAMED]
+    close = close_names(base, candidates, n)
     if not close:
         return ''
     words = []

@@ -92,6 +92,7 @@ def record_for(release: TimmRelease):
     """The zoo record of one release: spec, timm's pretrained cfg for it, fvcore GMACs and params."""
     import timm
 
+    from ..core.files import WEIGHTS_FILE
     from ..engine.flops import count_flops, count_params
     from ..engine.surgery import build_pruned
     from .records import CFG_KEYS, ZooRecord
@@ -102,7 +103,7 @@ def record_for(release: TimmRelease):
     return ZooRecord(
         name=release.name, tag=release.timm_model.split('.')[1], description=release.description,
         spec=spec.to_dict(), source='timm', source_model=release.timm_model, hf_hub_id=cfg['hf_hub_id'],
-        weights_file='model.safetensors',
+        weights_file=WEIGHTS_FILE,
         pretrained_cfg={k: cfg[k] for k in CFG_KEYS if cfg.get(k) is not None},
         gmacs=count_flops(model, spec.input_size).gmacs, params=count_params(model),
         top1=release.top1, top5=release.top5, eval_size=release.eval_size, metrics_source=RESULTS_SOURCE,
