@@ -1,4 +1,5 @@
 """Figure output shared by the benchmark scripts."""
+
 from __future__ import annotations
 
 import os

@@ -6,6 +6,7 @@ tests/test_architecture.py checks the rule and that the page holds what this scr
     python benchmarks/architecture.py           # rewrites the block in docs/architecture.md
     python benchmarks/architecture.py --check   # exit 1 when the page is out of date
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,11 +65,13 @@ def layer_of(module: str) -> str | None:
 
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == 'TYPE_CHECKING') or (
-        isinstance(test, ast.Attribute) and test.attr == 'TYPE_CHECKING')
+        isinstance(test, ast.Attribute) and test.attr == 'TYPE_CHECKING'
+    )
 
 
 def _imports(tree: ast.AST):
     """(node, type_only) for every import statement in the tree, in functions and under ifs too."""
+
     def walk(node: ast.AST, type_only: bool):
         for child in ast.iter_child_nodes(node):
             if isinstance(child, (ast.Import, ast.ImportFrom)):
@@ -80,6 +83,7 @@ def _imports(tree: ast.AST):
                     yield from walk(ast.Module(body=[stmt], type_ignores=[]), type_only)
             else:
                 yield from walk(child, type_only)
+
     yield from walk(tree, False)
 
 
@@ -97,7 +101,7 @@ def import_graph(package: Path = PACKAGE) -> list[Edge]:
                 targets = [a.name for a in node.names]
             else:
                 if node.level:
-                    base = here[:len(here) - node.level + 1]
+                    base = here[: len(here) - node.level + 1]
                     source = '.'.join(base + ([node.module] if node.module else []))
                 else:
                     source = node.module or ''
@@ -177,10 +181,15 @@ def _short(module: str) -> str:
 def problems(package: Path = PACKAGE) -> list[str]:
     """One line per breach of the layering rule; empty when the package keeps it."""
     edges = import_graph(package)
-    out = [f'{m}: in no layer (move it into a subpackage, or name it in benchmarks/architecture.py)'
-           for m in unplaced(package)]
-    out += [f'{_short(e.src)} ({layer_of(e.src)}) imports {_short(e.dst)} ({layer_of(e.dst)}) at line {e.line}'
-            f'{" (under TYPE_CHECKING)" if e.type_only else ""}: an upward import' for e in upward(edges)]
+    out = [
+        f'{m}: in no layer (move it into a subpackage, or name it in benchmarks/architecture.py)'
+        for m in unplaced(package)
+    ]
+    out += [
+        f'{_short(e.src)} ({layer_of(e.src)}) imports {_short(e.dst)} ({layer_of(e.dst)}) at line {e.line}'
+        f'{" (under TYPE_CHECKING)" if e.type_only else ""}: an upward import'
+        for e in upward(edges)
+    ]
     out += ['import cycle: ' + ' <-> '.join(_short(m) for m in c) for c in cycles(edges)]
     return out
 
@@ -198,17 +207,26 @@ def mermaid(package: Path = PACKAGE) -> str:
     how many import statements cross; imports within a subpackage are not drawn. Layers are stacked top-down. Only
     the structure is drawn (modules, imports), not line counts, so an edit inside a function leaves it as it is."""
     files = module_files(package)
-    counts = Counter((_group(e.src), _group(e.dst)) for e in import_graph(package)
-                     if _group(e.src) != _group(e.dst))
+    counts = Counter((_group(e.src), _group(e.dst)) for e in import_graph(package) if _group(e.src) != _group(e.dst))
     sizes = Counter(_group(m) for m, path in files.items() if path.name != '__init__.py' or m == 'kpid_zoo')
-    order = sorted(sizes, key=lambda g: (-LAYERS.index(layer_of(f'kpid_zoo.{g}') or 'top')
-                                         if g in SUBPACKAGES or f'kpid_zoo.{g}' in BASE | TOP else 1, g))
+    order = sorted(
+        sizes,
+        key=lambda g: (
+            -LAYERS.index(layer_of(f'kpid_zoo.{g}') or 'top')
+            if g in SUBPACKAGES or f'kpid_zoo.{g}' in BASE | TOP
+            else 1,
+            g,
+        ),
+    )
     order = ['__init__'] + [g for g in order if g != '__init__']
     out = ['```mermaid', 'flowchart TD']
     for g in order:
         label = f'{g}/' if g in SUBPACKAGES else f'{g}.py'
-        out.append(f'    {g.strip("_")}["{label}<br/>{sizes[g]} modules"]' if g in SUBPACKAGES
-                   else f'    {g.strip("_")}["{label}"]')
+        out.append(
+            f'    {g.strip("_")}["{label}<br/>{sizes[g]} modules"]'
+            if g in SUBPACKAGES
+            else f'    {g.strip("_")}["{label}"]'
+        )
     for (a, b), n in sorted(counts.items(), key=lambda kv: (order.index(kv[0][0]), order.index(kv[0][1]))):
         out.append(f'    {a.strip("_")} -->|{n}| {b.strip("_")}')
     out.append('```')

@@ -10,8 +10,9 @@ the speed does not depend on them.
 
 Each configuration is a worker process, started once (its model and loader ready) and told to run a fixed number
 of steps at a time (a run stops early after --max-seconds and 2 steps, so a configuration that collapses costs
-seconds, not minutes); the runs are interleaved (every repeat runs each competitor count, and within it each configuration, in
-a rotated order), so that a change in the machine's state during the benchmark touches every configuration alike.
+seconds, not minutes); the runs are interleaved (every repeat runs each competitor count, and within it each
+configuration, in a rotated order), so that a change in the machine's state during the benchmark touches every
+configuration alike.
 A competitor is a pure-Python busy loop at normal priority in a session of its own (a job started from another
 terminal). A run of the adaptive default starts as a build stage does, with its 0.3 s look at the machine.
 Reported: the median steps/s over the repeats, its range, and the slowdown against the same configuration idle
@@ -23,6 +24,7 @@ and against the best idle figure. About 6 minutes on 2 cores.
 
 Run it on an otherwise idle machine: other work on the cores is a competitor the table does not list.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,21 +42,23 @@ sys.path.insert(0, str(REPO))
 RECIPE = REPO / 'recipes' / 'kpid_effnet_lite0_cifar10.yaml'
 WARMUP_STEPS = 2  # untimed, each run: the first batches were prefetched while the worker waited
 # a pure-Python busy loop that ends with the benchmark (its parent) even when that is killed
-BUSY_LOOP = ('import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n'
-             '    for _ in range(10_000_000):\n        pass\n')
+BUSY_LOOP = (
+    'import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    for _ in range(10_000_000):\n        pass\n'
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # worker: one configuration, model and loader ready, runs `steps` training steps per request on stdin
 
+
 def worker(config: str) -> None:
+    import timm
     import torch
     import torch.nn.functional as F
-    import timm
 
     from kpid_zoo.core import threads as kthreads
-    from kpid_zoo.training.data import create_loaders
     from kpid_zoo.core.recipe import load_recipe
+    from kpid_zoo.training.data import create_loaders
 
     recipe = load_recipe(RECIPE)
     if config.startswith('auto'):
@@ -75,8 +79,7 @@ def worker(config: str) -> None:
             data.train_loader.dataset.set_epoch(epoch)
             batches = iter(data.train_loader)
             images, target = next(batches)
-        loss = F.cross_entropy(model(images.contiguous(memory_format=torch.channels_last)), target,
-                               label_smoothing=0.1)
+        loss = F.cross_entropy(model(images.contiguous(memory_format=torch.channels_last)), target, label_smoothing=0.1)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -105,6 +108,7 @@ def worker(config: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # parent: workers, competitors, the interleaved schedule, the report
 
+
 def config_env(config: str) -> dict:
     """`1`, `2`: OMP_NUM_THREADS, OpenMP's default wait (what torch does unless told); `auto`: the build's default
     (adaptive count, and the wait the kpid-zoo command sets: `kpid_zoo.core._openmp`). A suffix sets the wait:
@@ -131,8 +135,13 @@ def config_env(config: str) -> dict:
 class Worker:
     def __init__(self, config: str):
         self.config = config
-        self.proc = subprocess.Popen([sys.executable, __file__, '--worker', config], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=config_env(config))
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, '--worker', config],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=config_env(config),
+        )
         self.ready = self._read()
 
     def _read(self) -> dict:
@@ -185,8 +194,11 @@ def measure(configs: list[str], competitors: list[int], repeats: int, steps: int
                         config = configs[(j + r) % len(configs)]
                         out = workers[config].run(steps, max_seconds)
                         runs[(config, n)].append(out)
-                        print(f'repeat {r + 1}/{repeats}, {n} competitor(s), {config}: {out["rate"]:.2f} steps/s '
-                              f'(threads {out["threads"]})', flush=True)
+                        print(
+                            f'repeat {r + 1}/{repeats}, {n} competitor(s), {config}: {out["rate"]:.2f} steps/s '
+                            f'(threads {out["threads"]})',
+                            flush=True,
+                        )
                 finally:
                     stop(busy)
     finally:
@@ -215,40 +227,62 @@ def table(configs: list[str], competitors: list[int], runs: dict) -> list[str]:
     return lines
 
 
-LABELS = {'1': '1', '2': '2 (torch\'s default on 2 cores)', '2-passive': '2, OMP_WAIT_POLICY=PASSIVE',
-          'auto': '**build default**: adaptive, PASSIVE', 'auto-spin': 'adaptive, OpenMP\'s default wait',
-          '1-passive': '1, OMP_WAIT_POLICY=PASSIVE'}
+LABELS = {
+    '1': '1',
+    '2': "2 (torch's default on 2 cores)",
+    '2-passive': '2, OMP_WAIT_POLICY=PASSIVE',
+    'auto': '**build default**: adaptive, PASSIVE',
+    'auto-spin': "adaptive, OpenMP's default wait",
+    '1-passive': '1, OMP_WAIT_POLICY=PASSIVE',
+}
 
 
 def report(args, runs: dict, seconds: float, load: tuple[float, float]) -> str:
     import torch
 
     from kpid_zoo.budget.latency import cpu_model
+
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
     lines = [
-        '# The main job on a busy machine', '',
+        '# The main job on a busy machine',
+        '',
         f'`{" ".join(["PYTHONPATH=. python benchmarks/busy_machine.py"] + sys.argv[1:])}` on '
         f'{cpu_model()}, {cpus} CPUs, torch {torch.__version__}; {seconds / 60:.1f} min; load average before / '
-        f'after: {load[0]:.1f} / {load[1]:.1f} (the benchmark\'s own processes count in the second).', '',
-        'Training steps per second of the main job\'s parent stage (tf_efficientnet_lite0, 64 px, channels_last, '
+        f"after: {load[0]:.1f} / {load[1]:.1f} (the benchmark's own processes count in the second).",
+        '',
+        "Training steps per second of the main job's parent stage (tf_efficientnet_lite0, 64 px, channels_last, "
         'batch 64 of CIFAR-10 JPEGs, one loader worker), idle and beside CPU-bound busy loops at normal priority. '
         f'Each cell: the median over {args.repeats} interleaved runs of {args.steps} steps, (min-max), and for a '
         'busy machine the slowdown against the same row idle / against the best idle figure; the adaptive rows '
-        'also list the thread counts their runs used.', '']
+        'also list the thread counts their runs used.',
+        '',
+    ]
     lines += table(args.configs, args.competitors, runs)
     med = {key: statistics.median(o['rate'] for o in outs) for key, outs in runs.items()}
     if ('auto', 0) in med and ('2', 0) in med:
-        lines += ['', f'The build default against torch\'s default idle ({med[("2", 0)]:.2f} steps/s): ' + ', '.join(
-            f'{med[("2", 0)] / med[("auto", n)]:.2f}x slower with {n} competitor{"s" if n != 1 else ""}'
-            if med[('auto', n)] < med[('2', 0)] else f'{med[("auto", n)] / med[("2", 0)]:.2f}x as fast idle'
-            for n in args.competitors if ('auto', n) in med) + '.']
-    lines += ['', 'Rows: `OMP_NUM_THREADS=1` / `2` with OpenMP\'s default wait (an idle thread spins about 3 ms '
-              'before it sleeps), 2 with `OMP_WAIT_POLICY=PASSIVE` (it sleeps at once), and the build\'s default '
-              'as `kpid-zoo build` runs it: torch on the CPUs the other processes leave free (their busy time over '
-              'the last seconds, niced processes not counted; `kpid_zoo.core.threads`), re-checked every 5 s in every '
-              'long loop, with `OMP_WAIT_POLICY=PASSIVE` (`kpid_zoo.core._openmp`). `OMP_NUM_THREADS=N` or '
-              '`kpid-zoo build --threads N` fixes the count; an `OMP_WAIT_POLICY` or `GOMP_SPINCOUNT` in the '
-              'environment sets the wait.', '']
+        lines += [
+            '',
+            f"The build default against torch's default idle ({med[('2', 0)]:.2f} steps/s): "
+            + ', '.join(
+                f'{med[("2", 0)] / med[("auto", n)]:.2f}x slower with {n} competitor{"s" if n != 1 else ""}'
+                if med[('auto', n)] < med[('2', 0)]
+                else f'{med[("auto", n)] / med[("2", 0)]:.2f}x as fast idle'
+                for n in args.competitors
+                if ('auto', n) in med
+            )
+            + '.',
+        ]
+    lines += [
+        '',
+        "Rows: `OMP_NUM_THREADS=1` / `2` with OpenMP's default wait (an idle thread spins about 3 ms "
+        "before it sleeps), 2 with `OMP_WAIT_POLICY=PASSIVE` (it sleeps at once), and the build's default "
+        'as `kpid-zoo build` runs it: torch on the CPUs the other processes leave free (their busy time over '
+        'the last seconds, niced processes not counted; `kpid_zoo.core.threads`), re-checked every 5 s in every '
+        'long loop, with `OMP_WAIT_POLICY=PASSIVE` (`kpid_zoo.core._openmp`). `OMP_NUM_THREADS=N` or '
+        '`kpid-zoo build --threads N` fixes the count; an `OMP_WAIT_POLICY` or `GOMP_SPINCOUNT` in the '
+        'environment sets the wait.',
+        '',
+    ]
     return '\n'.join(lines)
 
 
@@ -257,14 +291,22 @@ def main() -> None:
         worker(sys.argv[2])
         return
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    ap.add_argument('--configs', nargs='+', default=['1', '2', '2-passive', 'auto'],
-                    help='1, 2 (OMP_NUM_THREADS), auto (the build\'s default); suffixes: see config_env')
+    ap.add_argument(
+        '--configs',
+        nargs='+',
+        default=['1', '2', '2-passive', 'auto'],
+        help="1, 2 (OMP_NUM_THREADS), auto (the build's default); suffixes: see config_env",
+    )
     ap.add_argument('--competitors', type=int, nargs='+', default=[0, 1, 2])
     ap.add_argument('--repeats', type=int, default=3)
     ap.add_argument('--steps', type=int, default=10)
-    ap.add_argument('--max-seconds', type=float, default=8.0,
-                    help='a run stops after this long even short of --steps (a collapsed configuration would '
-                         'otherwise take minutes a run)')
+    ap.add_argument(
+        '--max-seconds',
+        type=float,
+        default=8.0,
+        help='a run stops after this long even short of --steps (a collapsed configuration would '
+        'otherwise take minutes a run)',
+    )
     ap.add_argument('--out', default=str(REPO / 'docs' / 'busy_machine.md'), help="'-': print only")
     ap.add_argument('--from-json', metavar='JSON', help='write the report of an earlier run (its .json) again')
     args = ap.parse_args()
@@ -281,8 +323,13 @@ def main() -> None:
         runs = measure(args.configs, args.competitors, args.repeats, args.steps, args.max_seconds)
         seconds, load = time.time() - start, (load_before, os.getloadavg()[0])
         text = report(args, runs, seconds, load)
-        saved = {'argv': sys.argv[1:], 'args': vars(args), 'seconds': seconds, 'load': load,
-                 'runs': {f'{c}|{n}': v for (c, n), v in runs.items()}}
+        saved = {
+            'argv': sys.argv[1:],
+            'args': vars(args),
+            'seconds': seconds,
+            'load': load,
+            'runs': {f'{c}|{n}': v for (c, n), v in runs.items()},
+        }
     print(text)
     if args.out != '-':
         out = Path(args.out)

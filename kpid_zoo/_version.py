@@ -1,2 +1,3 @@
 """The package's version, in a module of its own so any layer can import it without importing the package."""
-__version__ = "0.1.0"
+
+__version__ = '0.1.0'

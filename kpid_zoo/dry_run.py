@@ -19,22 +19,23 @@ starts a single process there): pruning on the main process, sharded evaluation 
 `RunPlan`: steps per epoch and in all, checkpoints written, and the disk they, the stage results and the export
 take -- sizes measured on the dry run's own files, which have the real architecture's shapes.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import os
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
 import yaml
 from PIL import Image
 
-from .training.accelerator import process_accelerator
 from .core.files import WEIGHTS_FILE
 from .core.recipe import Recipe, load_recipe
+from .training.accelerator import process_accelerator
 
 STEPS_PER_STAGE = 3  # optimizer steps of each training stage in a dry run: enough to checkpoint and resume
 STANDIN_BATCH = 1  # per process: the stages' code paths at the least compute (bf16 on a CPU without it is slow)
@@ -42,8 +43,9 @@ STANDIN_TRAIN_SHARDS = 2  # per process, for a stream recipe: each process reads
 KNOWN_TRAIN_SIZES = {('imagefolder', 1000): ('ImageNet-1k', 1_281_167), ('cifar10', 10): ('CIFAR-10', 50_000)}
 
 
-def standin_images(root: Path, num_classes: int, input_size: tuple[int, int, int], per_class: int = 1,
-                   seed: int = 0) -> Path:
+def standin_images(
+    root: Path, num_classes: int, input_size: tuple[int, int, int], per_class: int = 1, seed: int = 0
+) -> Path:
     """`root/{train,val}/cNNNN/I.jpg`: `per_class` random images per class and split, at the recipe's input size."""
     if (root / 'done').exists():
         return root
@@ -59,7 +61,8 @@ def standin_images(root: Path, num_classes: int, input_size: tuple[int, int, int
             for i in range(per_class):
                 pixels = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
                 Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode).save(
-                    folder / f'{i}.jpg', quality=90)
+                    folder / f'{i}.jpg', quality=90
+                )
     (root / 'done').write_text('')
     return root
 
@@ -74,7 +77,7 @@ def standin_batch(recipe: Recipe) -> int:
     return min(recipe.data.batch_size, _least_batch(recipe.parent.model, tuple(recipe.input_size), num_classes))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _least_batch(arch: str, input_size: tuple[int, int, int], num_classes: int) -> int:
     """The least batch >= STANDIN_BATCH at which each BatchNorm of `arch` sees more than one value per channel
     (batch x its input's spatial size), from a forward pass on the meta device: shapes only, no memory, no compute."""
@@ -119,8 +122,10 @@ def standin_shards(image_root: Path, out: Path, recipe: Recipe, processes: int) 
     if (out / INFO_FILE).exists():
         return out
     train_images, val_images = standin_sizes(recipe, processes)
-    for split, count, shards in (('train', train_images, STANDIN_TRAIN_SHARDS * processes),
-                                  ('val', val_images, processes)):
+    for split, count, shards in (
+        ('train', train_images, STANDIN_TRAIN_SHARDS * processes),
+        ('val', val_images, processes),
+    ):
         samples, _ = folder_samples(image_root / split)
         keep = subset_indices(len(samples), count, seed=0) or range(len(samples))
         chosen = [samples[i] for i in keep]
@@ -139,17 +144,26 @@ def standin_recipe(recipe: Recipe, data_root: Path, processes: int) -> dict:
     train_images, val_images = standin_sizes(recipe, processes)
     plan['parent'].update(weights='none', tag=None)
     plan['data'] = {
-        **plan['data'], 'dataset': 'imagefolder', 'root': str(data_root), 'train_split': 'train',
-        'val_split': 'val', 'batch_size': batch, 'workers': 0, 'download': False,
-        'train_subset': train_images, 'val_subset': val_images}
+        **plan['data'],
+        'dataset': 'imagefolder',
+        'root': str(data_root),
+        'train_split': 'train',
+        'val_split': 'val',
+        'batch_size': batch,
+        'workers': 0,
+        'download': False,
+        'train_subset': train_images,
+        'val_subset': val_images,
+    }
     if recipe.data.is_stream:  # the shards hold exactly the images to use
         plan['data'].update(dataset=recipe.data.dataset, train_subset=None, val_subset=None, train_samples=None)
     plan['importance'].update(batches=1, batch_size=min(recipe.importance.batch_size, 4))
     for section, steps in ((plan['parent']['train'], parent_steps), (plan['finetune'], finetune_steps)):
         if section['epochs'] > 0:
             # STEPS_PER_STAGE optimizer steps, one warmup step, a checkpoint after each step
-            section.update(epochs=STEPS_PER_STAGE * steps / train_images, warmup_epochs=steps / train_images,
-                           checkpoint_every=1)
+            section.update(
+                epochs=STEPS_PER_STAGE * steps / train_images, warmup_epochs=steps / train_images, checkpoint_every=1
+            )
     return plan
 
 
@@ -164,6 +178,7 @@ class StagePlan:
 @dataclass(frozen=True)
 class RunPlan:
     """What the real run of a recipe needs, for `processes` processes."""
+
     recipe: str
     processes: int
     train_images: int | None
@@ -174,13 +189,17 @@ class RunPlan:
     disk_bytes: int  # two kept checkpoints per training stage + stage results + export
 
     def table(self) -> str:
-        gb = 1024 ** 3
-        lines = [f'{self.recipe}: what the real run needs on {self.processes} processes',
-                 f'  train images        {self.train_images or "unknown"} ({self.train_images_source})']
+        gb = 1024**3
+        lines = [
+            f'{self.recipe}: what the real run needs on {self.processes} processes',
+            f'  train images        {self.train_images or "unknown"} ({self.train_images_source})',
+        ]
         for s in self.stages:
-            lines.append(f'  {s.name:<18}  {s.epochs:g} epochs = {s.steps if s.steps else "?"} optimizer steps, '
-                         f'{s.checkpoints if s.steps else "?"} checkpoints')
-        lines.append(f'  one checkpoint      {self.checkpoint_bytes / 1024 ** 2:.1f} MiB')
+            lines.append(
+                f'  {s.name:<18}  {s.epochs:g} epochs = {s.steps if s.steps else "?"} optimizer steps, '
+                f'{s.checkpoints if s.steps else "?"} checkpoints'
+            )
+        lines.append(f'  one checkpoint      {self.checkpoint_bytes / 1024**2:.1f} MiB')
         lines.append(f'  disk (peak)         {self.disk_bytes / gb:.2f} GiB in runs/ and outputs/')
         return '\n'.join(lines)
 
@@ -207,6 +226,7 @@ def train_images_of(recipe: Recipe) -> tuple[int | None, str]:
 
 def _stream_train_images(data, known) -> tuple[int | None, str]:
     from .training.streams import INFO_FILE
+
     if data.train_samples:
         return data.train_samples, 'data.train_samples'
     info = Path(data.root).expanduser() / INFO_FILE
@@ -229,16 +249,22 @@ def plan_real_run(recipe: Recipe, processes: int, dry_work: Path, dry_export: Pa
 
     n, source = train_images_of(recipe)
     stages, steps_per_epoch = [], None
-    for name, where, spec in (('parent training', 'parent.train', recipe.parent.train),
-                              ('fine-tune', 'finetune', recipe.finetune)):
+    for name, where, spec in (
+        ('parent training', 'parent.train', recipe.parent.train),
+        ('fine-tune', 'finetune', recipe.finetune),
+    ):
         if spec.epochs <= 0:
             continue
         per_epoch, steps = None, 0
         if n is not None:  # the schedule the real run will make of the real data, or the error it will stop with
             try:
-                schedule = plan_schedule(spec, n // (recipe.data.batch_size * processes), where,
-                                         f' ({n} training images in batches of {recipe.data.batch_size} x '
-                                         f"{processes} process{'es' * (processes > 1)})")
+                schedule = plan_schedule(
+                    spec,
+                    n // (recipe.data.batch_size * processes),
+                    where,
+                    f' ({n} training images in batches of {recipe.data.batch_size} x '
+                    f'{processes} process{"es" * (processes > 1)})',
+                )
             except RecipeError as e:
                 raise e.within(source=recipe.source) from None
             per_epoch, steps = schedule.steps_per_epoch, schedule.total_steps
@@ -256,8 +282,13 @@ def plan_real_run(recipe: Recipe, processes: int, dry_work: Path, dry_export: Pa
     return RunPlan(recipe.name, processes, n, source, steps_per_epoch, tuple(stages), checkpoint_bytes, disk)
 
 
-def dry_run(recipe_path: str | Path, out_dir: str | Path | None = None, work_dir: str | Path | None = None,
-            processes: int | None = None, progress: bool = True) -> RunPlan:
+def dry_run(
+    recipe_path: str | Path,
+    out_dir: str | Path | None = None,
+    work_dir: str | Path | None = None,
+    processes: int | None = None,
+    progress: bool = True,
+) -> RunPlan:
     """Build the stand-in version of `recipe_path` end to end, then plan the real run (for `processes`
     processes; default: as many as this launch has)."""
     from .build import BuildPaths, build, guard_build_paths  # torch and timm: only when a dry run happens
@@ -266,8 +297,13 @@ def dry_run(recipe_path: str | Path, out_dir: str | Path | None = None, work_dir
     recipe = load_recipe(recipe_path)
     state = process_accelerator()  # never a bare PartialState() first: on CPU it would not join the processes
     # the stand-in data goes into the work folder first: the folders are checked before it (the build checks again)
-    paths = guard_build_paths(BuildPaths(Path(work_dir or Path('runs') / f'{recipe.name}-dry-run'),
-                                         Path(out_dir or Path('outputs') / f'{recipe.name}-dry-run')), recipe.name)
+    paths = guard_build_paths(
+        BuildPaths(
+            Path(work_dir or Path('runs') / f'{recipe.name}-dry-run'),
+            Path(out_dir or Path('outputs') / f'{recipe.name}-dry-run'),
+        ),
+        recipe.name,
+    )
     work, out = paths.work, paths.export
     standin = work / 'standin'
     with state.main_process_first():
@@ -277,7 +313,8 @@ def dry_run(recipe_path: str | Path, out_dir: str | Path | None = None, work_dir
             data_root = standin_images(standin / 'data', recipe.data.num_classes, recipe.input_size, per_class)
             if recipe.data.is_stream:
                 data_root = standin_shards(data_root, standin / 'shards', recipe, state.num_processes)
-            (standin / 'recipe.yaml').write_text(yaml.safe_dump(
-                standin_recipe(recipe, data_root, state.num_processes), sort_keys=False))
+            (standin / 'recipe.yaml').write_text(
+                yaml.safe_dump(standin_recipe(recipe, data_root, state.num_processes), sort_keys=False)
+            )
     build(standin / 'recipe.yaml', out_dir=out, work_dir=work, progress=progress)
     return plan_real_run(recipe, processes or state.num_processes, work, out)

@@ -10,12 +10,22 @@ Every class below keeps the standard bases it had before this module gathered th
 `RuntimeError`, `HubUnreachableError` an `OSError`, ...), so code written against those keeps working; each is also
 importable from the module that raises it (`kpid_zoo.core.recipe.RecipeError`, ...).
 """
+
 from __future__ import annotations
 
 __all__ = [
-    'KpidError', 'UserError',
-    'RecipeError', 'RefusedError', 'LockedError', 'UnreadableImageError', 'HubUnreachableError',
-    'DataUnavailableError', 'KpidWeightsError', 'KpidHubError', 'PublishError', 'MissingFileError',
+    'KpidError',
+    'UserError',
+    'RecipeError',
+    'RefusedError',
+    'LockedError',
+    'UnreadableImageError',
+    'HubUnreachableError',
+    'DataUnavailableError',
+    'KpidWeightsError',
+    'KpidHubError',
+    'PublishError',
+    'MissingFileError',
     'MissingDependencyError',
 ]
 
@@ -41,6 +51,7 @@ class MissingDependencyError(UserError, ImportError):
 
 
 # --- core -----------------------------------------------------------------------------------------------------------
+
 
 class RecipeError(UserError):
     """A recipe is invalid. The message reads ``<source>: <dotted.field>: <what was expected, what was found>``."""
@@ -86,11 +97,13 @@ class HubUnreachableError(UserError, OSError):
 
 # --- training -------------------------------------------------------------------------------------------------------
 
+
 class DataUnavailableError(UserError, FileNotFoundError):
     """No copy of the data was found and none could be downloaded (the message lists what was tried)."""
 
 
 # --- zoo ------------------------------------------------------------------------------------------------------------
+
 
 class KpidWeightsError(UserError, RuntimeError):
     """Pretrained weights that do not match what was recorded or reported (hash) or the architecture (shapes), or an

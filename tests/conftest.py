@@ -1,4 +1,5 @@
 """Shared fixtures, and the default skips for the `network`, `gpu` and `slow` markers (see pyproject)."""
+
 from __future__ import annotations
 
 import os
@@ -40,6 +41,7 @@ def repo_root() -> Path:
 def cifar10_tarball() -> Path:
     """The shared CIFAR-10 JPEG tarball (../shared/data or $KPID_CIFAR10_TAR); skips the test where it is absent."""
     from kpid_zoo.training.data import find_cifar10_tarball
+
     try:
         return find_cifar10_tarball()
     except FileNotFoundError as e:
@@ -51,6 +53,7 @@ def real_jpeg_folder(cifar10_tarball, tmp_path_factory) -> Path:
     """An ImageFolder of real CIFAR-10 JPEGs (4 classes; 24 train and 9 val images each), taken from the start of
     the shared tarball (its test split), so reading it is quick."""
     import tarfile
+
     classes, wanted = ('airplane', 'bird', 'cat', 'ship'), {'train': 24, 'val': 9}
     root = tmp_path_factory.mktemp('real-jpegs')
     counts = {c: 0 for c in classes}
@@ -79,9 +82,9 @@ def hf_env(monkeypatch, tmp_path):
     huggingface_hub reads HF_* env vars once, at import, into `constants`: patch those (timm calls
     hf_hub_download without an endpoint, so HUGGINGFACE_CO_URL_TEMPLATE must follow ENDPOINT).
     """
+    from export_utils import TOKEN
     from huggingface_hub import constants
 
-    from export_utils import TOKEN
     cache = tmp_path / 'hf-home' / 'hub'
     monkeypatch.setenv('HF_HOME', str(tmp_path / 'hf-home'))
     monkeypatch.setenv('HF_TOKEN', TOKEN)
@@ -97,7 +100,9 @@ def hf_env(monkeypatch, tmp_path):
         @staticmethod
         def set_endpoint(url: str) -> None:
             monkeypatch.setattr(constants, 'ENDPOINT', url)
-            monkeypatch.setattr(constants, 'HUGGINGFACE_CO_URL_TEMPLATE', url + '/{repo_id}/resolve/{revision}/{filename}')
+            monkeypatch.setattr(
+                constants, 'HUGGINGFACE_CO_URL_TEMPLATE', url + '/{repo_id}/resolve/{revision}/{filename}'
+            )
 
         @staticmethod
         def set_offline(offline: bool = True) -> None:

@@ -1,10 +1,10 @@
 """Helpers shared by the pruning-engine tests."""
+
 from __future__ import annotations
 
 import copy
 
 import numpy as np
-
 import timm
 import torch
 import torch.nn as nn
@@ -12,8 +12,14 @@ import torch.nn as nn
 from kpid_zoo.engine.groups import ROLE_IN, GroupGraph
 
 # One architecture per family the engine supports, small enough for CI at 64 px.
-FAMILIES = ["resnet18", "resnet50d", "efficientnet_b0", "tf_efficientnet_lite0",
-            "mobilenetv3_large_100", "mobilenetv3_small_100"]
+FAMILIES = [
+    'resnet18',
+    'resnet50d',
+    'efficientnet_b0',
+    'tf_efficientnet_lite0',
+    'mobilenetv3_large_100',
+    'mobilenetv3_small_100',
+]
 INPUT = (3, 32, 32)
 
 
@@ -60,5 +66,6 @@ def zero_pruned_inputs(model: nn.Module, graph: GroupGraph, keep: dict[str, torc
         def hook(module, args, mask=mask):
             x = args[0]
             return (x * mask.to(x.dtype).view(1, -1, *([1] * (x.dim() - 2))),) + tuple(args[1:])
+
         ref.get_submodule(member.module).register_forward_pre_hook(hook)
     return ref

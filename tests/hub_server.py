@@ -15,6 +15,7 @@ Implemented, as the client (huggingface_hub 2.x, xet disabled) calls them:
   HEAD/GET /{repo}/resolve/{rev}/{path}                hf_hub_download (X-Repo-Commit, ETag, X-Linked-*)
 Auth: when `token` is set, writes need `Authorization: Bearer <token>`, and private repos need it to be read.
 """
+
 from __future__ import annotations
 
 import base64
@@ -146,8 +147,14 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                     self.rfile.readline()
             return self.rfile.read(int(self.headers.get('Content-Length') or 0))
 
-        def _send(self, status: int, body: bytes = b'', headers: dict[str, str] | None = None,
-                  content_type: str = 'application/json', head: bool = False) -> None:
+        def _send(
+            self,
+            status: int,
+            body: bytes = b'',
+            headers: dict[str, str] | None = None,
+            content_type: str = 'application/json',
+            head: bool = False,
+        ) -> None:
             self.send_response(status)
             self.send_header('Content-Type', content_type)
             for k, v in (headers or {}).items():
@@ -218,8 +225,9 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             hub.unhandled.append(f'{method} {path}')
             raise _error(404, None, f'loopback hub: no route for {method} {path}')
 
-        def _json(self, status: int, obj: dict, headers: dict[str, str] | None = None,
-                  content_type: str = 'application/json') -> None:
+        def _json(
+            self, status: int, obj: dict, headers: dict[str, str] | None = None, content_type: str = 'application/json'
+        ) -> None:
             self._send(status, json.dumps(obj).encode(), headers, content_type)
 
         def create_repo(self, body: bytes, **_) -> None:
@@ -227,14 +235,18 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             req = json.loads(body)
             if req.get('type', 'model') not in (None, 'model'):
                 raise _error(400, None, 'loopback hub: model repos only')
-            repo_id = f"{req['organization']}/{req['name']}" if req.get('organization') else f"user/{req['name']}"
+            repo_id = f'{req["organization"]}/{req["name"]}' if req.get('organization') else f'user/{req["name"]}'
             url = f'{hub.url}/{repo_id}'
             if repo_id in hub.repos:
                 raise _Reply(409, {'error': 'You already created this model repo', 'url': url})
             repo = Repo(repo_id, private=req.get('visibility') == 'private' or bool(req.get('private')))
             hub.repos[repo_id] = repo
-            hub.new_commit(repo, 'main', {'.gitattributes': StoredFile(b'*.safetensors filter=lfs diff=lfs merge=lfs -text\n', False)},
-                           'initial commit')
+            hub.new_commit(
+                repo,
+                'main',
+                {'.gitattributes': StoredFile(b'*.safetensors filter=lfs diff=lfs merge=lfs -text\n', False)},
+                'initial commit',
+            )
             self._json(200, {'url': url, 'name': repo_id})
 
         def validate_yaml(self, body: bytes, **_) -> None:
@@ -252,8 +264,17 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             commit = r.resolve(rev or 'main')
             if commit is None:
                 raise _error(404, 'RevisionNotFound', f'Invalid rev id: {rev}')
-            self._json(200, {'id': repo, 'modelId': repo, 'sha': commit.oid, 'private': r.private,
-                             'siblings': [{'rfilename': p} for p in sorted(commit.files)], 'tags': []})
+            self._json(
+                200,
+                {
+                    'id': repo,
+                    'modelId': repo,
+                    'sha': commit.oid,
+                    'private': r.private,
+                    'siblings': [{'rfilename': p} for p in sorted(commit.files)],
+                    'tags': [],
+                },
+            )
 
         def create_branch(self, repo: str, rev: str, body: bytes, **_) -> None:
             r = self._repo(repo, write=True)
@@ -272,8 +293,14 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 sample = base64.b64decode(f['sample'])
                 lfs = f['path'].endswith(LFS_SUFFIXES) or f['size'] >= LFS_MIN_SIZE or b'\0' in sample
                 existing = commit.files.get(f['path'])
-                files.append({'path': f['path'], 'uploadMode': 'lfs' if lfs else 'regular', 'shouldIgnore': False,
-                              'oid': existing.oid if existing is not None and existing.lfs == lfs else None})
+                files.append(
+                    {
+                        'path': f['path'],
+                        'uploadMode': 'lfs' if lfs else 'regular',
+                        'shouldIgnore': False,
+                        'oid': existing.oid if existing is not None and existing.lfs == lfs else None,
+                    }
+                )
             self._json(200, {'files': files, 'commitOid': commit.oid})
 
         def lfs_batch(self, repo: str, body: bytes, **_) -> None:
@@ -285,10 +312,17 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 if stored is not None and len(stored) == o['size']:
                     objects.append({'oid': o['oid'], 'size': o['size']})  # no actions: already there
                 else:
-                    objects.append({'oid': o['oid'], 'size': o['size'], 'authenticated': True, 'actions': {
-                        'upload': {'href': f"{hub.url}/_lfs/upload/{o['oid']}", 'header': {}},
-                        'verify': {'href': f'{hub.url}/_lfs/verify', 'header': {}},
-                    }})
+                    objects.append(
+                        {
+                            'oid': o['oid'],
+                            'size': o['size'],
+                            'authenticated': True,
+                            'actions': {
+                                'upload': {'href': f'{hub.url}/_lfs/upload/{o["oid"]}', 'header': {}},
+                                'verify': {'href': f'{hub.url}/_lfs/verify', 'header': {}},
+                            },
+                        }
+                    )
             self._json(200, {'transfer': 'basic', 'objects': objects}, content_type='application/vnd.git-lfs+json')
 
         def lfs_upload(self, oid: str, body: bytes, **_) -> None:
@@ -301,7 +335,7 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             self._require_auth()
             req = json.loads(body)
             if len(hub.lfs_objects.get(req['oid'], b'')) != req['size'] or req['oid'] not in hub.lfs_objects:
-                raise _error(404, None, f"LFS object {req['oid']} not uploaded")
+                raise _error(404, None, f'LFS object {req["oid"]} not uploaded')
             self._json(200, {})
 
         def commit(self, repo: str, rev: str, body: bytes, **_) -> None:
@@ -322,12 +356,12 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                         raise _error(412, None, 'A commit has happened since. Please refresh and try again.')
                 elif key == 'file':
                     if value.get('encoding') != 'base64':
-                        raise _error(400, None, f"file {value['path']}: unsupported encoding {value.get('encoding')}")
+                        raise _error(400, None, f'file {value["path"]}: unsupported encoding {value.get("encoding")}')
                     files[value['path']] = StoredFile(base64.b64decode(value['content']), lfs=False)
                 elif key == 'lfsFile':
                     data = hub.lfs_objects.get(value['oid'])
                     if data is None:
-                        raise _error(422, None, f"lfsFile {value['path']}: object {value['oid']} was never uploaded")
+                        raise _error(422, None, f'lfsFile {value["path"]}: object {value["oid"]} was never uploaded')
                     files[value['path']] = StoredFile(data, lfs=True)
                 elif key == 'deletedFile':
                     if files.pop(value['path'], None) is None:
@@ -338,8 +372,9 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 else:
                     raise _error(400, None, f'loopback hub: unknown commit item {key!r}')
             commit = hub.new_commit(r, rev, files, summary)
-            self._json(200, {'success': True, 'commitOid': commit.oid,
-                             'commitUrl': f'{hub.url}/{repo}/commit/{commit.oid}'})
+            self._json(
+                200, {'success': True, 'commitOid': commit.oid, 'commitUrl': f'{hub.url}/{repo}/commit/{commit.oid}'}
+            )
 
         def resolve(self, repo: str, rev: str, file: str, head: bool, **_) -> None:
             r = self._repo(repo)
@@ -349,12 +384,20 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             stored = commit.files.get(file)
             if stored is None:
                 raise _error(404, 'EntryNotFound', f'Entry not found: {file}', {'X-Repo-Commit': commit.oid})
-            headers = {'X-Repo-Commit': commit.oid, 'Accept-Ranges': 'bytes',
-                       'Content-Length': str(len(stored.content))}
+            headers = {
+                'X-Repo-Commit': commit.oid,
+                'Accept-Ranges': 'bytes',
+                'Content-Length': str(len(stored.content)),
+            }
             if stored.lfs:
                 # the Hub serves LFS files from a CDN; these headers carry the blob's identity through
-                headers.update({'ETag': f'"{stored.sha256}"', 'X-Linked-Etag': f'"{stored.sha256}"',
-                                'X-Linked-Size': str(len(stored.content))})
+                headers.update(
+                    {
+                        'ETag': f'"{stored.sha256}"',
+                        'X-Linked-Etag': f'"{stored.sha256}"',
+                        'X-Linked-Size': str(len(stored.content)),
+                    }
+                )
             else:
                 headers['ETag'] = f'"{git_blob_sha1(stored.content)}"'
             self._send(200, stored.content, headers, content_type='application/octet-stream', head=head)

@@ -1,6 +1,7 @@
 """The package's layers (docs/architecture.md): imports point down (errors/_version < core < engine < budget <
 training < zoo < build/dry_run/cli), no two modules import each other round a cycle, every module sits in a layer,
 and the picture of the layers in the docs is the one the code draws."""
+
 from __future__ import annotations
 
 import ast
@@ -31,7 +32,8 @@ def test_the_graph_sees_every_kind_of_import(tmp_path):
     (pkg / 'core' / 'files.py').write_text('def f():\n    from ..engine import groups\n')
     (pkg / 'engine' / 'groups.py').write_text('from ..core.files import f\nfrom . import tracing\n')
     (pkg / 'engine' / 'tracing.py').write_text(
-        'from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .groups import f\n')
+        'from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .groups import f\n'
+    )
     (pkg / 'zoo' / 'records.py').write_text('import kpid_zoo.errors\nfrom kpid_zoo.core import files as fs\n')
     edges = {(e.src, e.dst, e.type_only) for e in import_graph(pkg)}
     assert edges == {
@@ -56,8 +58,9 @@ def test_a_module_outside_the_layers_is_named(tmp_path):
     pkg.mkdir()
     (pkg / '__init__.py').write_text('')
     (pkg / 'threads.py').write_text('')
-    assert problems(pkg) == ['kpid_zoo.threads: in no layer (move it into a subpackage, or name it in '
-                             'benchmarks/architecture.py)']
+    assert problems(pkg) == [
+        'kpid_zoo.threads: in no layer (move it into a subpackage, or name it in benchmarks/architecture.py)'
+    ]
 
 
 def test_subpackage_inits_import_nothing():
@@ -71,7 +74,8 @@ def test_subpackage_inits_import_nothing():
 def test_the_docs_picture_is_the_codes():
     doc = architecture.DOC.read_text(encoding='utf-8')
     assert architecture.render(doc) == doc, (
-        'docs/architecture.md is out of date with the imports: run python benchmarks/architecture.py')
+        'docs/architecture.md is out of date with the imports: run python benchmarks/architecture.py'
+    )
 
 
 @pytest.mark.parametrize('edge', [Edge('kpid_zoo.zoo.export', 'kpid_zoo.budget.report', 1, False)])

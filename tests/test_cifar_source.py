@@ -3,6 +3,7 @@ official CIFAR-10 downloaded into the cache and checked by its md5 (here from a 
 archive of the official layout, so the real download, check and unpack run); offline, one line and exit 2.
 Tarballs are hostile input: a member aimed outside the target, a file that is not a .tar.gz, a partial or corrupted
 download, a killed unpack never leave anything that a later run uses."""
+
 from __future__ import annotations
 
 import hashlib
@@ -27,11 +28,17 @@ import yaml
 from PIL import Image
 from torchvision.datasets import CIFAR10
 
-from kpid_zoo.training import data as kdata
 from kpid_zoo.cli import main
-from kpid_zoo.training.data import (CIFAR10_CLASSES, DataUnavailableError, create_loaders, prepare_cifar10,
-                           resolve_cifar10, unpack_tarball)
 from kpid_zoo.core.recipe import DataSpec
+from kpid_zoo.training import data as kdata
+from kpid_zoo.training.data import (
+    CIFAR10_CLASSES,
+    DataUnavailableError,
+    create_loaders,
+    prepare_cifar10,
+    resolve_cifar10,
+    unpack_tarball,
+)
 
 OFFICIAL_FILES = [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']
 PER_BATCH = 4  # images per pickled batch: 20 train images, 4 test images
@@ -47,12 +54,17 @@ def _official_archive() -> tuple[bytes, dict[str, bytes]]:
     rng = np.random.default_rng(0)
     files = {}
     for b, name in enumerate(OFFICIAL_FILES):
-        files[name] = pickle.dumps({
-            'batch_label': name, 'labels': [(b * PER_BATCH + i) % 10 for i in range(PER_BATCH)],
-            'data': rng.integers(0, 256, (PER_BATCH, 3072), dtype=np.uint8),
-            'filenames': [f'{name}_{i}.png' for i in range(PER_BATCH)]})
-    files['batches.meta'] = pickle.dumps({'label_names': list(CIFAR10_CLASSES), 'num_cases_per_batch': PER_BATCH,
-                                          'num_vis': 3072})
+        files[name] = pickle.dumps(
+            {
+                'batch_label': name,
+                'labels': [(b * PER_BATCH + i) % 10 for i in range(PER_BATCH)],
+                'data': rng.integers(0, 256, (PER_BATCH, 3072), dtype=np.uint8),
+                'filenames': [f'{name}_{i}.png' for i in range(PER_BATCH)],
+            }
+        )
+    files['batches.meta'] = pickle.dumps(
+        {'label_names': list(CIFAR10_CLASSES), 'num_cases_per_batch': PER_BATCH, 'num_vis': 3072}
+    )
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode='w:gz') as tf:
         for name, payload in files.items():
@@ -142,6 +154,7 @@ def _staging(folder: Path) -> list[Path]:
 # ---------------------------------------------------------------------------------------------------------------
 # the official set, downloaded
 
+
 def test_without_a_local_copy_the_official_set_is_downloaded_checked_and_read(no_local_copy, server):
     source = resolve_cifar10(progress=True)
     assert source.kind == 'official' and source.path == no_local_copy
@@ -185,21 +198,35 @@ def test_offline_stops_at_once_with_one_line_saying_what_was_tried(no_local_copy
         resolve_cifar10()
     assert time.monotonic() - start < kdata.DOWNLOAD_TIMEOUT_S
     message = str(e.value)
-    for tried in ('data.root', '$KPID_CIFAR10_TAR', str(tmp_path / 'clone' / 'shared' / 'data' / 'cifar10-jpg.tar.gz'),
-                  str(no_local_copy), f'downloading {url} failed'):
+    for tried in (
+        'data.root',
+        '$KPID_CIFAR10_TAR',
+        str(tmp_path / 'clone' / 'shared' / 'data' / 'cifar10-jpg.tar.gz'),
+        str(no_local_copy),
+        f'downloading {url} failed',
+    ):
         assert tried in message, message
     assert 'set data.root or $KPID_CIFAR10_TAR to a copy of cifar-10-python.tar.gz or cifar10-jpg.tar.gz' in message
     assert not _staging(no_local_copy)
 
     # through the command line: exit 2, one line
     recipe = tmp_path / 'recipe.yaml'
-    recipe.write_text(yaml.safe_dump({
-        'name': 'offline', 'parent': {'model': 'resnet18', 'weights': 'none', 'num_classes': 10},
-        'input_size': [3, 32, 32], 'flops': {'target_ratio': 0.5}, 'importance': {'method': 'magnitude'},
-        'data': {'dataset': 'cifar10', 'workers': 0}}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                'name': 'offline',
+                'parent': {'model': 'resnet18', 'weights': 'none', 'num_classes': 10},
+                'input_size': [3, 32, 32],
+                'flops': {'target_ratio': 0.5},
+                'importance': {'method': 'magnitude'},
+                'data': {'dataset': 'cifar10', 'workers': 0},
+            }
+        )
+    )
     capsys.readouterr()
-    assert main(['build', str(recipe), '--out', str(tmp_path / 'out'), '--work', str(tmp_path / 'work'),
-                 '--quiet']) == 2
+    assert (
+        main(['build', str(recipe), '--out', str(tmp_path / 'out'), '--work', str(tmp_path / 'work'), '--quiet']) == 2
+    )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith('kpid-zoo build: error: CIFAR-10 not found'), err
     assert url in err and 'Traceback' not in err
@@ -231,16 +258,22 @@ def test_an_explicit_location_never_falls_back(no_local_copy, server, tmp_path, 
         resolve_cifar10()
 
 
-def test_the_jpeg_tarball_beside_the_checkout_comes_before_the_official_set(no_local_copy, server, tmp_path,
-                                                                             monkeypatch):
+def test_the_jpeg_tarball_beside_the_checkout_comes_before_the_official_set(
+    no_local_copy, server, tmp_path, monkeypatch
+):
     assert resolve_cifar10().kind == 'official'
     shared = tmp_path / 'clone' / 'shared' / 'data'
     shared.mkdir(parents=True)
     _jpeg_tarball(shared / 'cifar10-jpg.tar.gz')
     source = resolve_cifar10()
     assert source.kind == 'jpeg' and source.path == no_local_copy / 'cifar10-jpg'
-    assert create_loaders(DataSpec(dataset='cifar10', batch_size=2, workers=0), input_size=(3, 32, 32),
-                          ).source == 'cifar10-jpg (JPEG quality 75)'
+    assert (
+        create_loaders(
+            DataSpec(dataset='cifar10', batch_size=2, workers=0),
+            input_size=(3, 32, 32),
+        ).source
+        == 'cifar10-jpg (JPEG quality 75)'
+    )
     # $KPID_CIFAR10_TAR and data.root may name the official archive the user downloaded: checked, then unpacked
     official = tmp_path / 'cifar-10-python.tar.gz'
     official.write_bytes(ARCHIVE)
@@ -261,6 +294,7 @@ def test_a_cached_official_file_that_was_changed_is_refused_by_name(no_local_cop
 
 # ---------------------------------------------------------------------------------------------------------------
 # hostile tarballs
+
 
 def test_a_member_aimed_outside_is_refused_and_nothing_lands_there(tmp_path):
     tarball = _jpeg_tarball(tmp_path / 'cifar10-jpg.tar.gz', {'cifar10-jpg/../../escaped.txt': b'x'})
@@ -298,6 +332,7 @@ def test_a_file_that_is_not_a_tar_gz_is_one_error_naming_it(tmp_path, content):
     if content == 'plain tar':
         _jpeg_tarball(tmp_path / 'real.tar.gz')
         import gzip
+
         tarball.write_bytes(gzip.decompress((tmp_path / 'real.tar.gz').read_bytes()))
     elif content == 'truncated':
         _jpeg_tarball(tmp_path / 'real.tar.gz')
@@ -312,17 +347,27 @@ def test_a_file_that_is_not_a_tar_gz_is_one_error_naming_it(tmp_path, content):
 def test_bad_tarballs_exit_2_in_one_line_from_the_command_line(tmp_path, capsys, monkeypatch):
     bad = _jpeg_tarball(tmp_path / 'cifar10-jpg.tar.gz', {'../escaped.txt': b'x'})
     recipe = tmp_path / 'recipe.yaml'
-    recipe.write_text(yaml.safe_dump({
-        'name': 'bad_tar', 'parent': {'model': 'resnet18', 'weights': 'none', 'num_classes': 10},
-        'input_size': [3, 32, 32], 'flops': {'target_ratio': 0.5}, 'importance': {'method': 'magnitude'},
-        'data': {'dataset': 'cifar10', 'root': str(bad), 'workers': 0}}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                'name': 'bad_tar',
+                'parent': {'model': 'resnet18', 'weights': 'none', 'num_classes': 10},
+                'input_size': [3, 32, 32],
+                'flops': {'target_ratio': 0.5},
+                'importance': {'method': 'magnitude'},
+                'data': {'dataset': 'cifar10', 'root': str(bad), 'workers': 0},
+            }
+        )
+    )
     monkeypatch.setenv('KPID_CACHE', str(tmp_path / 'cache'))
     for content in (None, b'garbage'):
         if content:
             bad.write_bytes(content)
         capsys.readouterr()
-        assert main(['build', str(recipe), '--out', str(tmp_path / 'out'), '--work', str(tmp_path / 'work'),
-                     '--quiet']) == 2
+        assert (
+            main(['build', str(recipe), '--out', str(tmp_path / 'out'), '--work', str(tmp_path / 'work'), '--quiet'])
+            == 2
+        )
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith(f'kpid-zoo build: error: {bad}: '), err
     assert not (tmp_path / 'escaped.txt').exists() and not _staging(tmp_path / 'cache')
@@ -334,7 +379,7 @@ def test_a_killed_unpack_leaves_nothing_a_later_run_uses(tmp_path):
     exist; the next run unpacks afresh and clears the leftovers."""
     tarball = _jpeg_tarball(tmp_path / 'cifar10-jpg.tar.gz')
     cache = tmp_path / 'cache'
-    script = textwrap.dedent(f'''
+    script = textwrap.dedent(f"""
         import os, signal, tarfile
         from kpid_zoo.training.data import prepare_cifar10
         seen = []
@@ -346,9 +391,14 @@ def test_a_killed_unpack_leaves_nothing_a_later_run_uses(tmp_path):
         original = tarfile.TarFile.extractall
         tarfile.TarFile.extractall = lambda self, path, filter=None: original(self, path, filter=die_at_the_fifth)
         prepare_cifar10({str(tarball)!r}, cache_dir={str(cache)!r})
-    ''')
-    proc = subprocess.run([sys.executable, '-c', script], env={**os.environ, 'OMP_NUM_THREADS': '1'},
-                          capture_output=True, text=True, timeout=120)
+    """)
+    proc = subprocess.run(
+        [sys.executable, '-c', script],
+        env={**os.environ, 'OMP_NUM_THREADS': '1'},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     leftovers = _staging(cache)
     assert [p.name.split('.tmp-')[0] for p in leftovers] == ['.cifar10-jpg']
@@ -356,7 +406,8 @@ def test_a_killed_unpack_leaves_nothing_a_later_run_uses(tmp_path):
 
     tree = prepare_cifar10(tarball, cache_dir=cache)
     assert sorted(p.relative_to(tree).as_posix() for p in tree.rglob('*.jpg')) == sorted(
-        f'{s}/{c}/0.jpg' for s in ('train', 'test') for c in CIFAR10_CLASSES)
+        f'{s}/{c}/0.jpg' for s in ('train', 'test') for c in CIFAR10_CLASSES
+    )
     assert [p.name for p in cache.iterdir()] == ['cifar10-jpg']  # the killed run's staging is gone
 
 
@@ -377,17 +428,26 @@ def test_the_export_says_which_copy_its_figures_used(tmp_path):
     import json
 
     from export_utils import make_report, pruned_spec, tiny_recipe
-    from kpid_zoo.zoo.export import export_model
+
     from kpid_zoo.engine.surgery import build_pruned
+    from kpid_zoo.zoo.export import export_model
 
     spec = pruned_spec('resnet10t', input_size=(3, 32, 32))
     model = build_pruned(spec, num_classes=10).eval()
-    folder = export_model(model, spec, tmp_path / 'out', name='kpid_tiny_test',
-                          pretrained_cfg=dict(input_size=(3, 32, 32), crop_pct=1.0),
-                          metrics=dict(top1=50.0, top5=90.0, data_source='cifar10-jpg (JPEG quality 75)'),
-                          report=make_report(spec, model, 10), recipe=tiny_recipe())
-    assert json.loads((folder / 'config.json').read_text())['kpid']['metrics']['data_source'] == \
-        'cifar10-jpg (JPEG quality 75)'
+    folder = export_model(
+        model,
+        spec,
+        tmp_path / 'out',
+        name='kpid_tiny_test',
+        pretrained_cfg=dict(input_size=(3, 32, 32), crop_pct=1.0),
+        metrics=dict(top1=50.0, top5=90.0, data_source='cifar10-jpg (JPEG quality 75)'),
+        report=make_report(spec, model, 10),
+        recipe=tiny_recipe(),
+    )
+    assert (
+        json.loads((folder / 'config.json').read_text())['kpid']['metrics']['data_source']
+        == 'cifar10-jpg (JPEG quality 75)'
+    )
     assert '| Images (train and eval) | cifar10-jpg (JPEG quality 75) |' in (folder / 'README.md').read_text()
 
 

@@ -1,4 +1,5 @@
 """Data stage: CIFAR-10 tarball -> cache (atomic), ImageFolder errors, subsets, seeded augmentation, timm config."""
+
 from __future__ import annotations
 
 import io
@@ -11,10 +12,18 @@ import timm
 import torch
 from PIL import Image
 
-from kpid_zoo.training import data as kdata
-from kpid_zoo.training.data import (SeededTransformDataset, build_transforms, create_loaders, find_cifar10_tarball,
-                           load_image_folder, prepare_cifar10, resolve_data_settings, subset_indices)
 from kpid_zoo.core.recipe import DataSpec
+from kpid_zoo.training import data as kdata
+from kpid_zoo.training.data import (
+    SeededTransformDataset,
+    build_transforms,
+    create_loaders,
+    find_cifar10_tarball,
+    load_image_folder,
+    prepare_cifar10,
+    resolve_data_settings,
+    subset_indices,
+)
 
 
 def _jpeg_bytes(seed: int) -> bytes:
@@ -54,13 +63,31 @@ def cifar10_tree(cifar10_tarball, tmp_path_factory) -> Path:
 @pytest.mark.heavy
 def test_real_cifar10_unpacked_and_loaded(cifar10_tree, cifar10_tarball, monkeypatch):
     assert sorted(p.name for p in (cifar10_tree / 'train').iterdir()) == [
-        'airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
+        'airplane',
+        'automobile',
+        'bird',
+        'cat',
+        'deer',
+        'dog',
+        'frog',
+        'horse',
+        'ship',
+        'truck',
+    ]
     # second use: the cached tree is reused, the tarball is not opened again
     monkeypatch.setattr(kdata.tarfile, 'open', lambda *a, **k: pytest.fail('re-extracted'))
     assert prepare_cifar10(cifar10_tarball, cache_dir=cifar10_tree.parent) == cifar10_tree
 
-    spec = DataSpec(dataset='cifar10', root=str(cifar10_tree), batch_size=16, workers=0,
-                    mean=(0.4914, 0.4822, 0.4465), std=(0.247, 0.2435, 0.2616), train_subset=64, val_subset=40)
+    spec = DataSpec(
+        dataset='cifar10',
+        root=str(cifar10_tree),
+        batch_size=16,
+        workers=0,
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.247, 0.2435, 0.2616),
+        train_subset=64,
+        val_subset=40,
+    )
     bundle = create_loaders(spec, timm.create_model('resnet18', num_classes=10), input_size=(3, 32, 32), seed=0)
     assert bundle.num_classes == 10 and len(bundle.class_to_idx) == 10
     assert len(bundle.train_loader.dataset) == 64 and len(bundle.val_loader.dataset) == 40
@@ -69,8 +96,7 @@ def test_real_cifar10_unpacked_and_loaded(cifar10_tree, cifar10_tarball, monkeyp
     assert images.shape == (16, 3, 32, 32) and images.dtype == torch.float32
     assert labels.min() >= 0 and labels.max() < 10
     # a seeded random subset of a class-sorted folder spans many classes (the first 64 would be one class)
-    train_targets = {bundle.train_loader.dataset.base.reader.samples[i][1]
-                     for i in bundle.train_loader.dataset.indices}
+    train_targets = {bundle.train_loader.dataset.base.reader.samples[i][1] for i in bundle.train_loader.dataset.indices}
     assert len(train_targets) >= 5
     assert sum(len(y) for _, y in bundle.val_loader) == 40  # val keeps the last partial batch
 
@@ -161,8 +187,15 @@ def test_timm_create_dataset_source_and_gpu_loader_settings(tmp_path):
     settings reach the DataLoader when there are workers, and the same images come out as from `imagefolder`."""
     root = _write_folder(tmp_path / 'imgs')
     model = timm.create_model('resnet18', num_classes=2)
-    common = dict(root=str(root), num_classes=2, batch_size=4, workers=1, prefetch_factor=3,
-                  persistent_workers=False, val_split='val')
+    common = dict(
+        root=str(root),
+        num_classes=2,
+        batch_size=4,
+        workers=1,
+        prefetch_factor=3,
+        persistent_workers=False,
+        val_split='val',
+    )
     via_timm = create_loaders(DataSpec(dataset='torch/image_folder', **common), model, input_size=(3, 32, 32))
     native = create_loaders(DataSpec(dataset='imagefolder', **common), model, input_size=(3, 32, 32))
     assert via_timm.class_to_idx == native.class_to_idx == {'cat': 0, 'dog': 1}
@@ -175,6 +208,7 @@ def test_timm_create_dataset_source_and_gpu_loader_settings(tmp_path):
 
 def test_dataset_without_a_known_class_count_needs_num_classes():
     from kpid_zoo.core.recipe import RecipeError
-    with pytest.raises(RecipeError, match="num_classes: expected the class count of hfds/food101"):
+
+    with pytest.raises(RecipeError, match='num_classes: expected the class count of hfds/food101'):
         DataSpec(dataset='hfds/food101')
     assert DataSpec(dataset='hfds/food101', num_classes=101).val_split == 'validation'

@@ -1,4 +1,5 @@
 """Inner distillation: points by timm conventions, scatter-initialised projections, the KPID loss."""
+
 from __future__ import annotations
 
 import copy
@@ -9,10 +10,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kpid_zoo.training.distill import (InnerDistillLoss, build_distillation, capture_outputs,
-                              distill_points, scatter_projection)
 from kpid_zoo.engine.groups import discover_groups
 from kpid_zoo.engine.surgery import prune_model
+from kpid_zoo.training.distill import (
+    InnerDistillLoss,
+    build_distillation,
+    capture_outputs,
+    distill_points,
+    scatter_projection,
+)
 
 INPUT = (3, 32, 32)
 
@@ -46,12 +52,15 @@ def test_scatter_projection_places_student_channels_at_kept_parent_channels():
     assert torch.equal(y[:, [1, 2, 4]], torch.zeros(2, 3, 4, 4))
 
 
-@pytest.mark.parametrize('student_ch,kept,match', [
-    (3, torch.tensor([0, 1]), '2 kept channel indices but student width is 3'),
-    (2, torch.tensor([0, 6]), 'in \\[0, 6\\)'),
-    (2, torch.tensor([1, 1]), 'unique'),
-    (4, None, 'no kept channels given but student width 4 != parent width 6'),
-])
+@pytest.mark.parametrize(
+    'student_ch,kept,match',
+    [
+        (3, torch.tensor([0, 1]), '2 kept channel indices but student width is 3'),
+        (2, torch.tensor([0, 6]), 'in \\[0, 6\\)'),
+        (2, torch.tensor([1, 1]), 'unique'),
+        (4, None, 'no kept channels given but student width 4 != parent width 6'),
+    ],
+)
 def test_scatter_projection_rejects_bad_kept(student_ch, kept, match):
     with pytest.raises(ValueError, match=match):
         scatter_projection(student_ch, 6, kept, 'layer2')
@@ -66,7 +75,8 @@ def test_unpruned_copy_has_zero_inner_loss_at_step_zero():
     with torch.no_grad(), capture_outputs(teacher, wrapper.points) as t_feats:
         t_logits = teacher(x)
     loss, parts = InnerDistillLoss(gamma=1.0, kd_logits_weight=1.0, temperature=4.0)(
-        logits, projected, y, t_logits, t_feats)
+        logits, projected, y, t_logits, t_feats
+    )
     assert set(projected) == {'maxpool', 'layer1', 'layer2', 'layer3', 'layer4'}
     assert parts['inner'].item() == 0.0
     assert parts['kl'].abs().item() < 1e-6

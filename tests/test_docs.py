@@ -1,5 +1,6 @@
 """The documentation: the MkDocs site builds under --strict (every page, link and anchor resolves), and the README
 stays a front door whose Quick start runs what CI runs."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -11,21 +12,26 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from export_utils import REPO_ROOT
 
 README_MAX_LINES = 160
 
 needs_mkdocs = pytest.mark.skipif(
     importlib.util.find_spec('mkdocs') is None or importlib.util.find_spec('material') is None,
-    reason="mkdocs and mkdocs-material are not installed: pip install -e '.[docs]'")
+    reason="mkdocs and mkdocs-material are not installed: pip install -e '.[docs]'",
+)
 
 
 def _mkdocs_build(config: Path, site: Path) -> subprocess.CompletedProcess:
     # NO_MKDOCS_2_WARNING: mkdocs-material prints a banner about its successor on every build
     env = {**os.environ, 'NO_MKDOCS_2_WARNING': '1'}
-    return subprocess.run([sys.executable, '-m', 'mkdocs', 'build', '--strict', '--config-file', str(config),
-                           '--site-dir', str(site)], capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, '-m', 'mkdocs', 'build', '--strict', '--config-file', str(config), '--site-dir', str(site)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
 
 
 @pytest.mark.launch
@@ -59,7 +65,8 @@ def _readme() -> str:
 def test_readme_is_a_front_door():
     lines = _readme().splitlines()
     assert len(lines) <= README_MAX_LINES, (
-        f'README.md has {len(lines)} lines (at most {README_MAX_LINES}): move the detail to a docs/ page')
+        f'README.md has {len(lines)} lines (at most {README_MAX_LINES}): move the detail to a docs/ page'
+    )
 
 
 def _quick_start_commands() -> list[str]:

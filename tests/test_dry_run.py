@@ -9,6 +9,7 @@ accumulation, channels-last). The cheapest recipe of each code path is dry-run; 
 one runs (EfficientNet-B2 beside EfficientNet-B0: the same layers, wider and deeper) is validated, preflighted
 (its FLOPs target against its real parent at its real input size) and planned, in seconds instead of a minute.
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,15 +24,15 @@ import torch
 import yaml
 
 from kpid_zoo.build import preflight
-from kpid_zoo.dry_run import plan_real_run, standin_recipe, standin_sizes
 from kpid_zoo.core.recipe import Recipe, load_recipe
+from kpid_zoo.dry_run import plan_real_run, standin_recipe, standin_sizes
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / 'recipes').glob('*.yaml'))
 ACCELERATE = Path(sys.executable).parent / 'accelerate'
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _parent_layers(model: str) -> tuple[frozenset[str], int]:
     """The layer types of a timm model and its parameter count (built on the meta device: no init)."""
     with torch.device('meta'):
@@ -43,13 +44,28 @@ def code_path(recipe: Recipe) -> tuple:
     """What decides which code a dry run of `recipe` runs (widths, depth, input size and targets only decide how
     long): the parent's layer types and the recipe's switches."""
     layers = _parent_layers(recipe.parent.model)[0]
-    weights = recipe.parent.weights if recipe.parent.weights in ('timm', 'none') or \
-        recipe.parent.weights.startswith('pypi:') else 'checkpoint'
+    weights = (
+        recipe.parent.weights
+        if recipe.parent.weights in ('timm', 'none') or recipe.parent.weights.startswith('pypi:')
+        else 'checkpoint'
+    )
     f, d = recipe.finetune, recipe.data
-    return (layers, weights, recipe.parent.train.epochs > 0, recipe.parent.num_classes is not None,
-            recipe.importance.method, recipe.importance.allow_inexact, recipe.budget is None, d.dataset.split('/')[0],
-            d.num_classes, d.train_subset is None, f.mixed_precision, f.grad_accum_steps > 1, f.channels_last,
-            recipe.parent.train.channels_last)
+    return (
+        layers,
+        weights,
+        recipe.parent.train.epochs > 0,
+        recipe.parent.num_classes is not None,
+        recipe.importance.method,
+        recipe.importance.allow_inexact,
+        recipe.budget is None,
+        d.dataset.split('/')[0],
+        d.num_classes,
+        d.train_subset is None,
+        f.mixed_precision,
+        f.grad_accum_steps > 1,
+        f.channels_last,
+        recipe.parent.train.channels_last,
+    )
 
 
 def _cost(recipe: Recipe) -> float:
@@ -77,9 +93,31 @@ def _launch_dry_run(recipe_path: Path, tmp_path: Path) -> tuple[str, Path, Path]
     """`accelerate launch` of the dry run, checked as every dry run is; returns (stdout, work, out)."""
     work, out = tmp_path / 'work', tmp_path / 'out'
     # --multi_gpu: without it, accelerate starts ONE process on a machine without GPUs (they join over gloo)
-    cmd = [str(ACCELERATE), 'launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1',
-           '--mixed_precision', 'no', '--dynamo_backend', 'no', '-m', 'kpid_zoo.cli', 'build', str(recipe_path),
-           '--dry-run', '--plan-processes', '8', '--work', str(work), '--out', str(out), '--quiet']
+    cmd = [
+        str(ACCELERATE),
+        'launch',
+        '--multi_gpu',
+        '--num_processes',
+        '2',
+        '--num_machines',
+        '1',
+        '--mixed_precision',
+        'no',
+        '--dynamo_backend',
+        'no',
+        '-m',
+        'kpid_zoo.cli',
+        'build',
+        str(recipe_path),
+        '--dry-run',
+        '--plan-processes',
+        '8',
+        '--work',
+        str(work),
+        '--out',
+        str(out),
+        '--quiet',
+    ]
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(REPO)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
@@ -129,8 +167,7 @@ def test_dry_run_of_a_wds_recipe_streams_stand_in_shards(tmp_path):
     recipe['name'] = 'kpid_effnet_lite0_cifar10_wds'
     for key in ('train_subset', 'val_subset'):
         recipe['data'].pop(key, None)
-    recipe['data'].update(dataset='wds/cifar10', root=str(tmp_path / 'cifar10-wds'), num_classes=10,
-                          val_split='test')
+    recipe['data'].update(dataset='wds/cifar10', root=str(tmp_path / 'cifar10-wds'), num_classes=10, val_split='test')
     path = tmp_path / 'wds.yaml'
     path.write_text(yaml.safe_dump(recipe))
     stdout, work, _ = _launch_dry_run(path, tmp_path)
@@ -146,8 +183,11 @@ def test_standin_recipe_keeps_what_decides_the_code_path(tmp_path):
         assert getattr(standin, field) == getattr(recipe, field)
     assert standin.parent.model == recipe.parent.model and standin.parent.weights == 'none'
     assert standin.data.num_classes == recipe.data.num_classes == 1000
-    assert (standin.data.mean, standin.data.std, standin.data.crop_pct) == \
-        (recipe.data.mean, recipe.data.std, recipe.data.crop_pct)
+    assert (standin.data.mean, standin.data.std, standin.data.crop_pct) == (
+        recipe.data.mean,
+        recipe.data.std,
+        recipe.data.crop_pct,
+    )
     for field in ('mixed_precision', 'grad_accum_steps', 'kd_gamma', 'kd_logits_weight', 'temperature', 'optimizer'):
         assert getattr(standin.finetune, field) == getattr(recipe.finetune, field)
     train, val = standin_sizes(recipe, processes=2)

@@ -1,4 +1,5 @@
 """Evaluation: hand-checkable top-1/top-5, uneven last batch, Accelerate path, CPU throughput."""
+
 from __future__ import annotations
 
 import math
@@ -15,13 +16,15 @@ from kpid_zoo.training.evaluate import evaluate, measure_throughput, topk_correc
 
 # 5 samples, 7 classes. Rank of the true class in each row: 1st, 2nd, 5th, 6th, 1st
 #   -> top-1 = 2/5 = 40 %, top-5 = 4/5 = 80 %.
-LOGITS = torch.tensor([
-    [9., 1., 2., 3., 4., 5., 6.],   # target 0: rank 1
-    [5., 9., 1., 2., 3., 4., 0.],   # target 0: rank 2
-    [9., 8., 7., 6., 5., 4., 3.],   # target 4: rank 5
-    [9., 8., 7., 6., 5., 4., 3.],   # target 5: rank 6
-    [0., 0., 0., 0., 0., 0., 1.],   # target 6: rank 1
-])
+LOGITS = torch.tensor(
+    [
+        [9.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0],  # target 0: rank 1
+        [5.0, 9.0, 1.0, 2.0, 3.0, 4.0, 0.0],  # target 0: rank 2
+        [9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0],  # target 4: rank 5
+        [9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0],  # target 5: rank 6
+        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0],  # target 6: rank 1
+    ]
+)
 TARGET = torch.tensor([0, 0, 4, 5, 6])
 
 

@@ -1,4 +1,5 @@
 """export_model: a Hub-repo-shaped folder that timm loads back exactly, written atomically."""
+
 from __future__ import annotations
 
 import json
@@ -9,13 +10,12 @@ import safetensors
 import timm
 import torch
 import yaml
+from export_utils import export_pruned, make_report, pruned_spec, tiny_recipe
 from huggingface_hub import ModelCard
 
 import kpid_zoo  # noqa: F401  (registers kpid_pruned)
-from kpid_zoo.zoo.export import export_model, file_sha256, read_export_config, write_zoo_entry
 from kpid_zoo.zoo.card import WIDTHS_PLOT
-
-from export_utils import export_pruned, make_report, pruned_spec, tiny_recipe
+from kpid_zoo.zoo.export import export_model, file_sha256, read_export_config, write_zoo_entry
 
 
 @pytest.fixture(scope='module')
@@ -30,7 +30,8 @@ def tiny(tmp_path_factory):
 def test_folder_layout_and_safetensors(tiny):
     model, spec, _, folder = tiny
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        ['model.safetensors', 'config.json', 'README.md', WIDTHS_PLOT])
+        ['model.safetensors', 'config.json', 'README.md', WIDTHS_PLOT]
+    )
     with safetensors.safe_open(str(folder / 'model.safetensors'), framework='pt') as f:
         assert f.metadata() == {'format': 'pt'}
         keys = set(f.keys())
@@ -104,16 +105,23 @@ def test_replaces_existing_folder_only_when_complete(tiny, tmp_path, monkeypatch
     model, spec, recipe, _ = tiny
     out = tmp_path / 'out'
     report = make_report(spec, model, 10)
-    kwargs = dict(name='kpid_tiny_test', pretrained_cfg=dict(input_size=(3, 224, 224)),
-                  metrics=dict(top1=1.0, top5=2.0), report=report, recipe=recipe)
+    kwargs = dict(
+        name='kpid_tiny_test',
+        pretrained_cfg=dict(input_size=(3, 224, 224)),
+        metrics=dict(top1=1.0, top5=2.0),
+        report=report,
+        recipe=recipe,
+    )
     # the folder holds a previous export of the entry (other metrics): only such a folder may be replaced
     export_model(model, spec, out, **{**kwargs, 'metrics': dict(top1=0.5, top5=1.0)})
     old = {p.name: p.read_bytes() for p in out.iterdir()}
 
     # a failure mid-export (the card step) leaves the old folder untouched and no temp dir behind
     import kpid_zoo.zoo.export as export_mod
+
     def boom(*a, **k):
         raise OSError('disk full')
+
     monkeypatch.setattr(export_mod, 'build_card', boom)
     with pytest.raises(OSError, match='disk full'):
         export_model(model, spec, out, **kwargs)
@@ -152,13 +160,29 @@ def test_accepts_the_parents_full_pretrained_cfg_without_leaking_its_source(tiny
     model, spec, recipe, _ = tiny
     parent_cfg = timm.models.get_pretrained_cfg('resnet50.a1_in1k').to_dict()  # has test_input_size, hf_hub_id
     cfg = {**parent_cfg, 'input_size': (3, 224, 224), 'crop_pct': 0.9, 'num_classes': 10}
-    folder = export_model(model, spec, tmp_path / 'x', name='x', pretrained_cfg=cfg,
-                          metrics=dict(top1=1.0, top5=2.0), report=make_report(spec, model, 10), recipe=recipe)
+    folder = export_model(
+        model,
+        spec,
+        tmp_path / 'x',
+        name='x',
+        pretrained_cfg=cfg,
+        metrics=dict(top1=1.0, top5=2.0),
+        report=make_report(spec, model, 10),
+        recipe=recipe,
+    )
     pcfg = read_export_config(folder)['pretrained_cfg']
     for key in ('hf_hub_id', 'url', 'tag', 'test_input_size', 'test_crop_pct', 'source'):
         assert key not in pcfg, key
     assert pcfg['origin_url'] == 'https://arxiv.org/abs/2002.08258' and pcfg['crop_pct'] == 0.9
     assert pcfg['first_conv'] == 'conv1.0'  # the pruned model's stem, not resnet50's 'conv1'
     with pytest.raises(ValueError, match='num_classes 1000 does not match'):
-        export_model(model, spec, tmp_path / 'y', name='y', pretrained_cfg={**cfg, 'num_classes': 1000},
-                     metrics=dict(top1=1.0), report=make_report(spec, model, 10), recipe=recipe)
+        export_model(
+            model,
+            spec,
+            tmp_path / 'y',
+            name='y',
+            pretrained_cfg={**cfg, 'num_classes': 1000},
+            metrics=dict(top1=1.0),
+            report=make_report(spec, model, 10),
+            recipe=recipe,
+        )

@@ -1,4 +1,5 @@
 """fvcore FLOP counts against timm's published GMACs, and the caller's model left exactly as it was."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,11 +9,14 @@ import torch
 from kpid_zoo.engine.flops import count_flops, count_params
 
 
-@pytest.mark.parametrize('name, published_gmacs', [
-    ('efficientnet_b0', 0.40),
-    ('mobilenetv3_large_100', 0.23),  # fvcore: 0.2254 (timm rounds up)
-    ('resnet50', 4.11),
-])
+@pytest.mark.parametrize(
+    'name, published_gmacs',
+    [
+        ('efficientnet_b0', 0.40),
+        ('mobilenetv3_large_100', 0.23),  # fvcore: 0.2254 (timm rounds up)
+        ('resnet50', 4.11),
+    ],
+)
 def test_matches_timm_published_gmacs(name, published_gmacs):
     report = count_flops(timm.create_model(name), (3, 224, 224))
     assert round(report.gmacs, 2) == published_gmacs or abs(report.gmacs - published_gmacs) < 0.005

@@ -1,4 +1,5 @@
 """The statistics behind the CIFAR-10 grid's verdicts (benchmarks/cifar10_grid.py): what it calls a win must be."""
+
 import itertools
 import math
 import random
@@ -46,8 +47,10 @@ def test_verdicts_call_a_win_only_past_twice_the_combined_std():
     assert any('CE only' in line and '(+2.50' in line and 'ties' in line for line in lines)
     assert any('Torch-Pruning' in line and '(+3.00' in line and 'wins' in line for line in lines)
     # the knapsack's selection alone (CE only) against Torch-Pruning under the same fine-tune: +0.50, a tie
-    assert any(line.startswith("- 50%: KPID's selection alone 83.50 vs Torch-Pruning") and '(+0.50' in line
-               and 'ties' in line for line in lines)
+    assert any(
+        line.startswith("- 50%: KPID's selection alone 83.50 vs Torch-Pruning") and '(+0.50' in line and 'ties' in line
+        for line in lines
+    )
     assert len(lines) == 3
     with_p = verdicts(summarise(kpid + far), kpid + far)
     assert len(with_p) == 1 and 'p = 0.100' in with_p[0]  # 3 + 3 fully separated runs: the floor, 2 / 20

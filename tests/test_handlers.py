@@ -1,15 +1,15 @@
 """The layer-handler registry: built-in per-channel parameters are sliced, and a user can teach the engine a
 custom module. Every check compares the pruned net with its parent with the pruned channels zeroed (float64)."""
+
 import pytest
 import torch
 import torch.nn as nn
+from engine_utils import INPUT, zero_pruned_inputs
 
 import kpid_zoo
 from kpid_zoo.engine.groups import ROLE_CHANNEL, ROLE_IN, ROLE_PARAM, discover_groups
 from kpid_zoo.engine.handlers import LayerHandler, per_channel
 from kpid_zoo.engine.surgery import prune_model
-
-from engine_utils import INPUT, zero_pruned_inputs
 
 
 def _assert_exact(model, keep):
@@ -39,12 +39,13 @@ class _Net(nn.Module):
 def test_prelu_with_one_slope_per_channel_is_sliced_and_a_shared_slope_is_kept():
     prelu = nn.PReLU(8)
     prelu.weight.data = torch.linspace(-1, 1, 8)
-    graph, pruned = _assert_exact(_Net(prelu), {"a": torch.tensor([1, 2, 6])})
-    assert {("middle", ROLE_CHANNEL), ("gamma", ROLE_PARAM), ("b", ROLE_IN)} <= {
-        (m.module, m.role) for m in graph["a"].members}
+    graph, pruned = _assert_exact(_Net(prelu), {'a': torch.tensor([1, 2, 6])})
+    assert {('middle', ROLE_CHANNEL), ('gamma', ROLE_PARAM), ('b', ROLE_IN)} <= {
+        (m.module, m.role) for m in graph['a'].members
+    }
     assert pruned.middle.weight.shape == (3,) and pruned.middle.num_parameters == 3
     assert pruned.gamma.shape == (3, 1, 1)
-    _, pruned = _assert_exact(_Net(nn.PReLU(1)), {"a": torch.tensor([0, 7])})
+    _, pruned = _assert_exact(_Net(nn.PReLU(1)), {'a': torch.tensor([0, 7])})
     assert pruned.middle.weight.shape == (1,)
 
 
@@ -52,7 +53,7 @@ def test_a_parameter_that_is_not_per_channel_fixes_its_channels():
     net = _Net(nn.Identity())
     net.gamma = nn.Parameter(torch.rand(8, 30, 1))  # varies along a spatial axis too: nothing to slice it by
     graph = discover_groups(net, INPUT)
-    assert not graph["a"].prunable and "gamma of shape (8, 30, 1) meets 8 channels" in graph["a"].reason
+    assert not graph['a'].prunable and 'gamma of shape (8, 30, 1) meets 8 channels' in graph['a'].reason
 
 
 class Shift(nn.Module):
@@ -70,27 +71,28 @@ class Shift(nn.Module):
 
 class ShiftHandler(LayerHandler):
     def propagate(self, ctx, name, module, x):
-        ctx.member(x, name, "channel")  # its offsets are the input's channels, which it passes through
+        ctx.member(x, name, 'channel')  # its offsets are the input's channels, which it passes through
         return x
 
     def tensors(self, module, role):
-        return [("offset", 0)]
+        return [('offset', 0)]
 
 
 def test_a_registered_custom_module_is_traced_sliced_and_scored():
     net = _Net(Shift(8))
-    with pytest.raises(ValueError, match="cannot trace"):
+    with pytest.raises(ValueError, match='cannot trace'):
         discover_groups(net, INPUT)
     kpid_zoo.register_layer_handler(Shift, ShiftHandler())
     try:
-        graph, pruned = _assert_exact(net, {"a": torch.tensor([0, 3, 4, 5])})
-        assert ("middle", "channel") in {(m.module, m.role) for m in graph["a"].members}
+        graph, pruned = _assert_exact(net, {'a': torch.tensor([0, 3, 4, 5])})
+        assert ('middle', 'channel') in {(m.module, m.role) for m in graph['a'].members}
         assert pruned.middle.offset.shape == (4,)
         handler = ShiftHandler()
-        (t, fn), = handler.importance_tensors(net.middle, "channel")
+        ((t, fn),) = handler.importance_tensors(net.middle, 'channel')
         assert t is net.middle.offset and torch.equal(fn(t.abs()), per_channel(0)(t.abs()))
     finally:
         from kpid_zoo.engine.handlers import _REGISTRY
+
         _REGISTRY.pop(Shift)
 
 
@@ -99,7 +101,7 @@ def test_register_layer_handler_as_a_decorator_and_bad_arguments():
         def forward(self, x):
             return x
 
-    from kpid_zoo.engine.handlers import ChannelwiseHandler, _REGISTRY, handler_for
+    from kpid_zoo.engine.handlers import _REGISTRY, ChannelwiseHandler, handler_for
 
     @kpid_zoo.register_layer_handler(Mine)
     class MineHandler(ChannelwiseHandler):
@@ -107,10 +109,10 @@ def test_register_layer_handler_as_a_decorator_and_bad_arguments():
 
     try:
         assert isinstance(handler_for(Mine()), MineHandler)
-        assert isinstance(handler_for(type("Sub", (Mine,), {})()), MineHandler)  # subclasses inherit it
+        assert isinstance(handler_for(type('Sub', (Mine,), {})()), MineHandler)  # subclasses inherit it
     finally:
         _REGISTRY.pop(Mine)
-    with pytest.raises(TypeError, match="expected an nn.Module subclass"):
+    with pytest.raises(TypeError, match='expected an nn.Module subclass'):
         kpid_zoo.register_layer_handler(int, ChannelwiseHandler())
-    with pytest.raises(TypeError, match="expected a LayerHandler"):
+    with pytest.raises(TypeError, match='expected a LayerHandler'):
         kpid_zoo.register_layer_handler(Mine, object())

@@ -6,6 +6,7 @@ options, the pruned net runs too and gives an output of the parent's shape with 
 own width. Inputs are 64 px: the head does not depend on the resolution. Builds reuse the parent's trace
 (`surgery._spec_groups`); what is left is each build's fresh init of the parent.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -109,7 +110,9 @@ def test_a_headless_feature_extractor_is_the_pruned_trunk_pooled():
     full.load_state_dict(model.state_dict(), strict=False)  # the same trunk weights; the classifier stays full's
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(model(x), full.forward_head(full.forward_features(x), pre_logits=True),
-                                   rtol=0, atol=0)
-    assert {k: v.shape for k, v in model.state_dict().items()} == \
-        {k: v.shape for k, v in full.state_dict().items() if not k.startswith('fc.')}
+        torch.testing.assert_close(
+            model(x), full.forward_head(full.forward_features(x), pre_logits=True), rtol=0, atol=0
+        )
+    assert {k: v.shape for k, v in model.state_dict().items()} == {
+        k: v.shape for k, v in full.state_dict().items() if not k.startswith('fc.')
+    }

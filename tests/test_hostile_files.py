@@ -7,24 +7,24 @@ build's first slow step, `preflight`, which creates a model, is replaced by a tr
 Hub, and that every file, link and folder there is byte for byte what it was. Add a row for every new defect.
 The tests after the table check the other side: what kpid-zoo did write is still replaced, cleared and uploaded.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import shutil
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import yaml
+from export_utils import TOKEN, export_pruned, pruned_spec, tiny_recipe
+from hub_server import HubServer
 
 from kpid_zoo.cli import main
 from kpid_zoo.core.files import replace_dir
-
-from export_utils import TOKEN, export_pruned, pruned_spec, tiny_recipe
-from hub_server import HubServer
 
 NAME = 'kpid_hostile'
 REPO = f'kpid-test/{NAME}'
@@ -63,9 +63,9 @@ def snapshot(root: Path) -> dict[str, tuple]:
 
 @dataclass
 class Ctx:
-    root: Path       # everything a row sets up lies below it, and must be unchanged afterwards
-    recipe: Path     # RECIPE, outside root
-    export: Path     # a real export of NAME (to copy; outside root)
+    root: Path  # everything a row sets up lies below it, and must be unchanged afterwards
+    recipe: Path  # RECIPE, outside root
+    export: Path  # a real export of NAME (to copy; outside root)
 
     def user_folder(self, name: str = 'u') -> Path:
         folder = self.root / name
@@ -307,8 +307,13 @@ ROWS: list[Row] = [
 @pytest.fixture(scope='module')
 def exported(tmp_path_factory) -> Path:
     """A real export of NAME (a pruned resnet10t, random weights: the bytes only need to be its own)."""
-    _, folder = export_pruned(tmp_path_factory.mktemp('hostile') / NAME, pruned_spec('resnet10t', 0.5),
-                              tiny_recipe(NAME), name=NAME, num_classes=10)
+    _, folder = export_pruned(
+        tmp_path_factory.mktemp('hostile') / NAME,
+        pruned_spec('resnet10t', 0.5),
+        tiny_recipe(NAME),
+        name=NAME,
+        num_classes=10,
+    )
     return folder
 
 
@@ -326,6 +331,7 @@ def tripwire(monkeypatch):
 
     def reached(*_a, **_k):
         raise ReachedSlowWork('the command reached the slow work before refusing')
+
     monkeypatch.setattr(kpid_zoo.build, 'preflight', reached)
 
 
@@ -373,6 +379,7 @@ def test_restart_clears_only_what_the_build_recorded(ctx, monkeypatch, capsys, r
 
     def stop(*_a, **_k):
         raise ReachedSlowWork('stopped where the stages start')
+
     monkeypatch.setattr(kpid_zoo.build, '_build', stop)
     w = ctx.user_folder('w')
     (w / 'src').mkdir()
@@ -395,8 +402,8 @@ def test_restart_clears_only_what_the_build_recorded(ctx, monkeypatch, capsys, r
 
 def test_export_replaces_only_a_proven_previous_export(exported, tmp_path):
     """config.json naming the entry proves a folder; damaged, the caller's record of the hashes still does."""
-    from kpid_zoo.zoo.export import check_export_folder
     from kpid_zoo.core.files import file_sha256
+    from kpid_zoo.zoo.export import check_export_folder
 
     out = Path(shutil.copytree(exported, tmp_path / 'out'))
     check_export_folder(out, NAME)  # a previous export of NAME

@@ -2,6 +2,7 @@
 traceback, nothing of a file's content -- found before any slow work; and what the real run does, the dry run
 does too.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,6 +56,7 @@ def _write(tmp_path: Path, name: str, text: str) -> Path:
 
 # --- files given as a recipe ----------------------------------------------------------------------------------------
 
+
 def _nested_lists(tmp_path: Path) -> Path:
     return _write(tmp_path, 'nested.yaml', 'name: ' + '[' * 10_000 + ']' * 10_000 + '\n')
 
@@ -71,15 +73,24 @@ def _nested_through_aliases(tmp_path: Path) -> Path:
     return _write(tmp_path, 'nested.yaml', '\n'.join(lines) + '\n')
 
 
-@pytest.mark.parametrize('make, expected', [
-    (_nested_lists, 'nested more than 32 levels deep'),
-    (_nested_mappings, 'nested more than 32 levels deep'),
-    (_nested_through_aliases, 'aliases nest the document more than 32 levels deep'),
-], ids=['lists-10000-deep', 'mappings-3000-deep', 'aliases'])
+@pytest.mark.parametrize(
+    'make, expected',
+    [
+        (_nested_lists, 'nested more than 32 levels deep'),
+        (_nested_mappings, 'nested more than 32 levels deep'),
+        (_nested_through_aliases, 'aliases nest the document more than 32 levels deep'),
+    ],
+    ids=['lists-10000-deep', 'mappings-3000-deep', 'aliases'],
+)
 def test_deeply_nested_yaml_is_a_recipe_error(tmp_path, capsys, make, expected):
     path = make(tmp_path)
-    _one_line_user_error(capsys, ['build', str(path), '--work', str(tmp_path / 'w'), '--out', str(tmp_path / 'o')],
-                         f'{path}: line ', 'invalid YAML', expected)
+    _one_line_user_error(
+        capsys,
+        ['build', str(path), '--work', str(tmp_path / 'w'), '--out', str(tmp_path / 'o')],
+        f'{path}: line ',
+        'invalid YAML',
+        expected,
+    )
     assert not (tmp_path / 'w').exists()
 
 
@@ -93,15 +104,21 @@ def test_deeply_nested_json_is_a_value_error_naming_the_file(tmp_path):
         read_json(path)
 
 
-@pytest.mark.parametrize('name, text, expected', [
-    ('token', SECRET + '\n', 'the file holds one string of 17 characters'),
-    ('id_ed25519', f'-----BEGIN OPENSSH PRIVATE KEY-----\n{SECRET}\n{SECRET}\n-----END OPENSSH PRIVATE KEY-----\n',
-     'the file holds one string of'),
-    ('.env', f'HF_TOKEN={SECRET}\nOTHER=1\n', 'the file holds one string of'),
-    ('list.yaml', f'- {SECRET}\n', 'the file holds a list of 1 item'),
-    ('credentials.json', json.dumps({SECRET: {'token': SECRET}}), 'its one top-level key is not a recipe field'),
-    ('config.yaml', f'user: me\ntoken: {SECRET}\n', 'none of its 2 top-level keys is a recipe field'),
-])
+@pytest.mark.parametrize(
+    'name, text, expected',
+    [
+        ('token', SECRET + '\n', 'the file holds one string of 17 characters'),
+        (
+            'id_ed25519',
+            f'-----BEGIN OPENSSH PRIVATE KEY-----\n{SECRET}\n{SECRET}\n-----END OPENSSH PRIVATE KEY-----\n',
+            'the file holds one string of',
+        ),
+        ('.env', f'HF_TOKEN={SECRET}\nOTHER=1\n', 'the file holds one string of'),
+        ('list.yaml', f'- {SECRET}\n', 'the file holds a list of 1 item'),
+        ('credentials.json', json.dumps({SECRET: {'token': SECRET}}), 'its one top-level key is not a recipe field'),
+        ('config.yaml', f'user: me\ntoken: {SECRET}\n', 'none of its 2 top-level keys is a recipe field'),
+    ],
+)
 def test_a_file_that_is_no_recipe_is_described_never_quoted(tmp_path, capsys, name, text, expected):
     path = _write(tmp_path, name, text)
     line = _one_line_user_error(capsys, ['build', str(path)], str(path), 'expected a mapping', expected)
@@ -110,30 +127,43 @@ def test_a_file_that_is_no_recipe_is_described_never_quoted(tmp_path, capsys, na
 
 # --- flops / groups and the command line ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize('argv, expected', [
-    (['flops', 'resnet18', '--input-size', '0'], '--input-size: expected H and W from 1 to 2048 px, got 0'),
-    (['flops', 'resnet18', '--input-size', '-1'], 'got -1'),
-    (['flops', 'resnet18', '--input-size', '100000'], 'got 100000'),
-    (['flops', 'resnet18', '--input-size', '3 32'],
-     "expected SIZE or C H W in whole numbers, e.g. 224 or 3 224 224, got 2 numbers ('3 32')"),
-    (['flops', 'resnet18', '--input-size', '3', '32'], "got 2 numbers ('3 32')"),
-    (['flops', 'resnet18', '--input-size', '3', '32', 'px'], "got '3 32 px'"),
-    (['flops', 'resnet18', '--input-size', '3', '0', '32'], 'got 0'),
-    (['flops', 'resnet18', '--input-size', '1', '64', '64'], 'resnet18 takes 3-channel images, got C = 1'),
-    (['flops', 'vit_tiny_patch16_224', '--input-size', '64'],
-     'vit_tiny_patch16_224 does not run on a 3x64x64 image: Input height (64)'),
-    (['flops', 'resnt50'], "'resnt50' is not a timm model nor a kpid-zoo name (did you mean resnet50"),
-    (['flops', 'no_such_network_at_all'], "'no_such_network_at_all' is not a timm model"),
-    (['groups', 'resnet18', '--input-size', '0'], '--input-size: expected H and W from 1 to 2048 px, got 0'),
-    (['groups', 'inception_v3', '--input-size', '16'],
-     "inception_v3 does not run on a 3x16x16 image: Calculated padded input size"),
-    (['groups', 'resnt18'], "'resnt18' is not a timm model nor a kpid-zoo name (did you mean resnet18"),
-    # argparse's own refusals: one line too, the usage a --help away
-    (['flops'], 'the following arguments are required: model (see kpid-zoo flops --help)'),
-    (['flops', 'resnet18', '--per-layer', '-2'], "argument --per-layer: expected a whole number >= 0, got '-2'"),
-    (['build', 'recipe.yaml', '--dry-run', '--plan-processes', '0'],
-     "argument --plan-processes: expected a whole number >= 1, got '0'"),
-], ids=lambda v: ' '.join(v) if isinstance(v, list) else '')
+
+@pytest.mark.parametrize(
+    'argv, expected',
+    [
+        (['flops', 'resnet18', '--input-size', '0'], '--input-size: expected H and W from 1 to 2048 px, got 0'),
+        (['flops', 'resnet18', '--input-size', '-1'], 'got -1'),
+        (['flops', 'resnet18', '--input-size', '100000'], 'got 100000'),
+        (
+            ['flops', 'resnet18', '--input-size', '3 32'],
+            "expected SIZE or C H W in whole numbers, e.g. 224 or 3 224 224, got 2 numbers ('3 32')",
+        ),
+        (['flops', 'resnet18', '--input-size', '3', '32'], "got 2 numbers ('3 32')"),
+        (['flops', 'resnet18', '--input-size', '3', '32', 'px'], "got '3 32 px'"),
+        (['flops', 'resnet18', '--input-size', '3', '0', '32'], 'got 0'),
+        (['flops', 'resnet18', '--input-size', '1', '64', '64'], 'resnet18 takes 3-channel images, got C = 1'),
+        (
+            ['flops', 'vit_tiny_patch16_224', '--input-size', '64'],
+            'vit_tiny_patch16_224 does not run on a 3x64x64 image: Input height (64)',
+        ),
+        (['flops', 'resnt50'], "'resnt50' is not a timm model nor a kpid-zoo name (did you mean resnet50"),
+        (['flops', 'no_such_network_at_all'], "'no_such_network_at_all' is not a timm model"),
+        (['groups', 'resnet18', '--input-size', '0'], '--input-size: expected H and W from 1 to 2048 px, got 0'),
+        (
+            ['groups', 'inception_v3', '--input-size', '16'],
+            'inception_v3 does not run on a 3x16x16 image: Calculated padded input size',
+        ),
+        (['groups', 'resnt18'], "'resnt18' is not a timm model nor a kpid-zoo name (did you mean resnet18"),
+        # argparse's own refusals: one line too, the usage a --help away
+        (['flops'], 'the following arguments are required: model (see kpid-zoo flops --help)'),
+        (['flops', 'resnet18', '--per-layer', '-2'], "argument --per-layer: expected a whole number >= 0, got '-2'"),
+        (
+            ['build', 'recipe.yaml', '--dry-run', '--plan-processes', '0'],
+            "argument --plan-processes: expected a whole number >= 1, got '0'",
+        ),
+    ],
+    ids=lambda v: ' '.join(v) if isinstance(v, list) else '',
+)
 def test_flops_and_groups_usage_errors(capsys, argv, expected):
     _one_line_user_error(capsys, argv, f'kpid-zoo {argv[0]}: error: ', expected)
 
@@ -143,6 +173,7 @@ def test_input_size_forms_in_the_help_all_count_the_same(capsys, size):
     import timm
 
     from kpid_zoo.engine.flops import count_flops
+
     gmacs = count_flops(timm.create_model('resnet18'), (3, 64, 64)).gmacs
     assert main(['flops', 'resnet18', '--input-size', *size]) == 0
     assert capsys.readouterr().out == f'resnet18 at 3x64x64: {gmacs:.4f} GMACs, 11.690M params\n'
@@ -150,26 +181,36 @@ def test_input_size_forms_in_the_help_all_count_the_same(capsys, size):
 
 @pytest.mark.launch
 def test_input_size_error_is_one_line_from_the_entry_point_too(tmp_path, repo_root):
-    proc = subprocess.run([sys.executable, '-m', 'kpid_zoo.cli', 'flops', 'resnet18', '--input-size', '3 32'],
-                          capture_output=True, text=True, cwd=tmp_path,
-                          env={**os.environ, 'PYTHONPATH': str(repo_root), 'OMP_NUM_THREADS': '1'})
+    proc = subprocess.run(
+        [sys.executable, '-m', 'kpid_zoo.cli', 'flops', 'resnet18', '--input-size', '3 32'],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, 'PYTHONPATH': str(repo_root), 'OMP_NUM_THREADS': '1'},
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [(
-        "kpid-zoo flops: error: --input-size: expected SIZE or C H W in whole numbers, e.g. 224 or 3 224 224, got 2 "
-        "numbers ('3 32')")]
+    assert proc.stderr.strip().splitlines() == [
+        (
+            'kpid-zoo flops: error: --input-size: expected SIZE or C H W in whole numbers, e.g. 224 or 3 224 224, '
+            "got 2 numbers ('3 32')"
+        )
+    ]
 
 
 # --- the build lock -------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def no_model_may_be_made(monkeypatch):
     """Fails the command (an internal error, exit 1) if any timm model is made: the parent, or the preflight's."""
     import timm
+
     made = []
 
     def refuse(name, *args, **kwargs):
         made.append(name)
         raise AssertionError(f'timm.create_model({name!r}) ran before the lock was checked')
+
     monkeypatch.setattr(timm, 'create_model', refuse)
     return made
 
@@ -179,10 +220,14 @@ def test_a_locked_folder_is_refused_before_any_model_is_made(tmp_path, capsys, n
     recipe = _write(tmp_path, 'recipe.yaml', yaml.safe_dump(RECIPE))
     work = tmp_path / 'work'
     work.mkdir()
-    (work / 'build.lock').write_text(json.dumps({'pid': os.getpid(), 'host': socket.gethostname(),
-                                                 'started': '2026-01-01T00:00:00+00:00'}))
-    argv = ['build', str(recipe), '--work', str(work), '--out', str(tmp_path / 'out')] if command == 'build' else \
-        ['prune', str(recipe), '--out', str(work / 'pruned')]
+    (work / 'build.lock').write_text(
+        json.dumps({'pid': os.getpid(), 'host': socket.gethostname(), 'started': '2026-01-01T00:00:00+00:00'})
+    )
+    argv = (
+        ['build', str(recipe), '--work', str(work), '--out', str(tmp_path / 'out')]
+        if command == 'build'
+        else ['prune', str(recipe), '--out', str(work / 'pruned')]
+    )
     _one_line_user_error(capsys, argv, f'{work} is being built by process {os.getpid()}')
     assert no_model_may_be_made == []
     assert sorted(p.name for p in work.iterdir()) == ['build.lock']
@@ -193,31 +238,46 @@ def test_checks_under_the_lock_leave_no_empty_folders_behind(tmp_path, capsys):
     removes what it made, as it did when the preflight came first."""
     recipe = _write(tmp_path, 'recipe.yaml', yaml.safe_dump({**RECIPE, 'flops': {'target_gmacs': 50.0}}))
     work, out = tmp_path / 'runs' / 'hostile', tmp_path / 'outputs' / 'hostile'
-    _one_line_user_error(capsys, ['build', str(recipe), '--work', str(work), '--out', str(out)], str(recipe),
-                         "is not below the parent's")
+    _one_line_user_error(
+        capsys, ['build', str(recipe), '--work', str(work), '--out', str(out)], str(recipe), "is not below the parent's"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ['recipe.yaml']
 
 
 # --- the dry run ----------------------------------------------------------------------------------------------------
 
+
 def _resnet_at_32px(batch_size: int = 64) -> dict:
-    return {**RECIPE, 'name': 'hostile_resnet18_32px', 'input_size': [3, 32, 32],
-            'data': {'dataset': 'cifar10', 'batch_size': batch_size, 'workers': 0},
-            'parent': {**RECIPE['parent'], 'train': {'epochs': 1}}, 'finetune': {'epochs': 1}}
+    return {
+        **RECIPE,
+        'name': 'hostile_resnet18_32px',
+        'input_size': [3, 32, 32],
+        'data': {'dataset': 'cifar10', 'batch_size': batch_size, 'workers': 0},
+        'parent': {**RECIPE['parent'], 'train': {'epochs': 1}},
+        'finetune': {'epochs': 1},
+    }
 
 
-@pytest.mark.parametrize('model, size, batch_size, expected', [
-    ('resnet18', 32, 64, 2),       # layer4 is 1x1 at 32 px: one image is one value per channel
-    ('resnet18', 32, 1, 1),        # the real run's batch of 1 fails; so must the dry run
-    ('resnet18', 64, 64, 1),       # 2x2 at 64 px
-    ('efficientnet_b0', 224, 128, 1),
-])
+@pytest.mark.parametrize(
+    'model, size, batch_size, expected',
+    [
+        ('resnet18', 32, 64, 2),  # layer4 is 1x1 at 32 px: one image is one value per channel
+        ('resnet18', 32, 1, 1),  # the real run's batch of 1 fails; so must the dry run
+        ('resnet18', 64, 64, 1),  # 2x2 at 64 px
+        ('efficientnet_b0', 224, 128, 1),
+    ],
+)
 def test_the_dry_runs_batch_gives_every_batchnorm_more_than_one_value(model, size, batch_size, expected):
-    from kpid_zoo.dry_run import standin_batch
     from kpid_zoo.core.recipe import Recipe
+    from kpid_zoo.dry_run import standin_batch
 
-    recipe = Recipe.from_dict({**_resnet_at_32px(batch_size), 'input_size': [3, size, size],
-                               'parent': {'model': model, 'weights': 'none', 'num_classes': 10}})
+    recipe = Recipe.from_dict(
+        {
+            **_resnet_at_32px(batch_size),
+            'input_size': [3, size, size],
+            'parent': {'model': model, 'weights': 'none', 'num_classes': 10},
+        }
+    )
     assert standin_batch(recipe) == expected
 
 

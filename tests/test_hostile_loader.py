@@ -3,6 +3,7 @@
 Every case here is an export (a real pruned resnet10t, 10 classes) with one thing in its config.json changed the
 way a careless edit or a hostile Hub repo would change it, loaded the way a user loads it.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,19 +17,18 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from export_utils import TOKEN, make_report, pruned_spec, tiny_recipe
+from hub_server import HubServer
 from huggingface_hub import HfApi
 
 import kpid_zoo  # noqa: F401  (registers kpid_pruned)
 from kpid_zoo.cli import main as cli_main
-from kpid_zoo.zoo.export import bound_digests, export_model, parse_config
-from kpid_zoo.training.parent import create_parent
-from kpid_zoo.zoo.publish import PublishError, validate_export
 from kpid_zoo.core.recipe import Recipe
-from kpid_zoo.zoo.registry import KpidHubError, KpidWeightsError
 from kpid_zoo.engine.surgery import ArchSpec, build_pruned
-
-from export_utils import TOKEN, make_report, pruned_spec, tiny_recipe
-from hub_server import HubServer
+from kpid_zoo.training.parent import create_parent
+from kpid_zoo.zoo.export import bound_digests, export_model, parse_config
+from kpid_zoo.zoo.publish import PublishError, validate_export
+from kpid_zoo.zoo.registry import KpidHubError, KpidWeightsError
 
 SIZE = (3, 64, 64)
 CLASSES = 10
@@ -44,10 +44,22 @@ def export(tmp_path_factory):
     torch.manual_seed(0)
     model = build_pruned(spec, num_classes=CLASSES).eval()
     folder = export_model(
-        model, spec, tmp_path_factory.mktemp('hostile') / 'kpid_tiny_test', name='kpid_tiny_test',
-        pretrained_cfg=dict(input_size=SIZE, crop_pct=0.875, interpolation='bicubic', mean=(0.485, 0.456, 0.406),
-                            std=(0.229, 0.224, 0.225), label_names=LABELS),
-        metrics=dict(top1=71.25, top5=90.5), report=make_report(spec, model, CLASSES), recipe=tiny_recipe())
+        model,
+        spec,
+        tmp_path_factory.mktemp('hostile') / 'kpid_tiny_test',
+        name='kpid_tiny_test',
+        pretrained_cfg=dict(
+            input_size=SIZE,
+            crop_pct=0.875,
+            interpolation='bicubic',
+            mean=(0.485, 0.456, 0.406),
+            std=(0.229, 0.224, 0.225),
+            label_names=LABELS,
+        ),
+        metrics=dict(top1=71.25, top5=90.5),
+        report=make_report(spec, model, CLASSES),
+        recipe=tiny_recipe(),
+    )
     return model, folder
 
 
@@ -60,7 +72,8 @@ def edited(export_dir: Path, tmp_path: Path, edit, *, rebind: bool = False) -> P
     edit(config)
     if rebind:
         config['kpid']['bound'], config['kpid']['bound_sha256'] = bound_digests(
-            *parse_config(config), config['kpid']['weights_sha256'])
+            *parse_config(config), config['kpid']['weights_sha256']
+        )
     (folder / 'config.json').write_text(json.dumps(config, indent=2))
     return folder
 
@@ -100,11 +113,13 @@ def set_path(keys: str, value):
         for key in parents:
             node = node[key]
         node[last] = value
+
     return edit
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # config.json is data: never a path, and its model arguments cannot name files
+
 
 @pytest.mark.parametrize('pretrained', [False, True])
 @pytest.mark.parametrize('target', ['spec_file', 'fifo'])
@@ -146,19 +161,22 @@ def test_model_args_cannot_point_timm_at_a_file(export, tmp_path):
     assert one_line(err).startswith(f'{copy / "config.json"}: model_args.checkpoint_path is not allowed')
 
 
-@pytest.mark.parametrize('field, value', [
-    ('parent', 'local-dir:/etc'),
-    ('parent', ['resnet18']),
-    ('parent', 'kpid_pruned'),
-    ('widths', {'layer1.0.conv1': True}),
-    ('widths', {'../../etc': 4}),
-    ('input_size', '224'),
-    ('input_size', [3, 100000, 100000]),
-    ('parent_kwargs', {'checkpoint_path': '/etc/passwd'}),
-    ('parent_kwargs', {'pretrained_cfg_overlay': {'file': '/etc/passwd'}}),
-    ('parent_kwargs', {'drop_rate': {'nested': 1}}),
-    ('version', True),
-])
+@pytest.mark.parametrize(
+    'field, value',
+    [
+        ('parent', 'local-dir:/etc'),
+        ('parent', ['resnet18']),
+        ('parent', 'kpid_pruned'),
+        ('widths', {'layer1.0.conv1': True}),
+        ('widths', {'../../etc': 4}),
+        ('input_size', '224'),
+        ('input_size', [3, 100000, 100000]),
+        ('parent_kwargs', {'checkpoint_path': '/etc/passwd'}),
+        ('parent_kwargs', {'pretrained_cfg_overlay': {'file': '/etc/passwd'}}),
+        ('parent_kwargs', {'drop_rate': {'nested': 1}}),
+        ('version', True),
+    ],
+)
 def test_every_spec_field_is_checked(field, value):
     spec = dict(parent='resnet18', widths={'layer1.0.conv1': 32}, input_size=[3, 64, 64], parent_kwargs={})
     with pytest.raises(ValueError, match=rf'^config\.json: model_args\.kpid_spec: .*{field}'):
@@ -171,24 +189,27 @@ def test_every_spec_field_is_checked(field, value):
 DIFFERS = 'differs from the value bound to the weights at export'
 
 
-@pytest.mark.parametrize('keys, value, field', [
-    ('pretrained_cfg.mean', [0.5, 0.5, 0.5], f'pretrained_cfg.mean {DIFFERS}'),
-    ('pretrained_cfg.std', [0.5, 0.5, 0.5], f'pretrained_cfg.std {DIFFERS}'),
-    ('pretrained_cfg.input_size', [3, 96, 96], f'pretrained_cfg.input_size {DIFFERS}'),
-    ('pretrained_cfg.interpolation', 'nearest', f'pretrained_cfg.interpolation {DIFFERS}'),
-    ('pretrained_cfg.crop_pct', 1.0, f'pretrained_cfg.crop_pct {DIFFERS}'),
-    ('pretrained_cfg.label_names', LABELS[::-1], f'pretrained_cfg.label_names {DIFFERS}'),
-    ('num_classes', 5, f'pretrained_cfg.num_classes {DIFFERS}'),  # timm reads the top-level one into the cfg
-    ('model_args.num_classes', 5, f'model_args.num_classes {DIFFERS}'),
-    ('model_args.kpid_spec.widths.layer1.0.conv1', 16, f'model_args.kpid_spec.widths {DIFFERS}'),
-    ('model_args.kpid_spec.parent', 'resnet14t', f'model_args.kpid_spec.parent {DIFFERS}'),
-    ('model_args.global_pool', 'max', f'model_args.global_pool {DIFFERS}'),
-    ('model_args.drop_rate', 0.5, 'model_args.drop_rate was not there at export'),
-])
+@pytest.mark.parametrize(
+    'keys, value, field',
+    [
+        ('pretrained_cfg.mean', [0.5, 0.5, 0.5], f'pretrained_cfg.mean {DIFFERS}'),
+        ('pretrained_cfg.std', [0.5, 0.5, 0.5], f'pretrained_cfg.std {DIFFERS}'),
+        ('pretrained_cfg.input_size', [3, 96, 96], f'pretrained_cfg.input_size {DIFFERS}'),
+        ('pretrained_cfg.interpolation', 'nearest', f'pretrained_cfg.interpolation {DIFFERS}'),
+        ('pretrained_cfg.crop_pct', 1.0, f'pretrained_cfg.crop_pct {DIFFERS}'),
+        ('pretrained_cfg.label_names', LABELS[::-1], f'pretrained_cfg.label_names {DIFFERS}'),
+        ('num_classes', 5, f'pretrained_cfg.num_classes {DIFFERS}'),  # timm reads the top-level one into the cfg
+        ('model_args.num_classes', 5, f'model_args.num_classes {DIFFERS}'),
+        ('model_args.kpid_spec.widths.layer1.0.conv1', 16, f'model_args.kpid_spec.widths {DIFFERS}'),
+        ('model_args.kpid_spec.parent', 'resnet14t', f'model_args.kpid_spec.parent {DIFFERS}'),
+        ('model_args.global_pool', 'max', f'model_args.global_pool {DIFFERS}'),
+        ('model_args.drop_rate', 0.5, 'model_args.drop_rate was not there at export'),
+    ],
+)
 def test_a_tampered_field_is_named(export, tmp_path, keys, value, field):
     _, folder = export
     if keys.startswith('model_args.kpid_spec.widths.'):
-        group = keys[len('model_args.kpid_spec.widths.'):]
+        group = keys[len('model_args.kpid_spec.widths.') :]
         edit = lambda c: c['model_args']['kpid_spec']['widths'].__setitem__(group, value)  # noqa: E731
     else:
         edit = set_path(keys, value)
@@ -232,6 +253,7 @@ def test_the_digest_table_itself_is_bound(export, tmp_path):
         config['pretrained_cfg']['mean'] = [0.5, 0.5, 0.5]
         bound, _ = bound_digests(*parse_config(config), config['kpid']['weights_sha256'])
         config['kpid']['bound'] = bound
+
     copy = edited(folder, tmp_path, edit)
     with pytest.raises(KpidWeightsError, match=r'kpid\.bound_sha256 does not match kpid\.bound'):
         timm.create_model(f'local-dir:{copy}', pretrained=True)
@@ -243,6 +265,7 @@ def test_an_export_without_a_binding_is_refused_with_weights(export, tmp_path, c
     def edit(config):  # as kpid-zoo format 1 wrote it
         config['kpid']['format_version'] = 1
         config['kpid'].pop('bound', None), config['kpid'].pop('bound_sha256', None)
+
     copy = edited(folder, tmp_path, edit)
     with pytest.raises(KpidWeightsError) as err:
         timm.create_model(f'local-dir:{copy}', pretrained=True)
@@ -260,6 +283,7 @@ def test_an_export_without_a_binding_is_refused_with_weights(export, tmp_path, c
 # ---------------------------------------------------------------------------------------------------------------
 # publish: widths that do not fit the weights
 
+
 def test_publish_refuses_widths_that_do_not_fit_the_weights(export, tmp_path):
     _, folder = export
     validate_export(folder)
@@ -269,8 +293,10 @@ def test_publish_refuses_widths_that_do_not_fit_the_weights(export, tmp_path):
     with pytest.raises(PublishError) as err:
         validate_export(copy)
     msg = one_line(err)
-    assert msg.startswith(f"{copy / 'model.safetensors'}: tensor 'layer1.0.conv1.weight' has shape (32, 32, 3, 3) "
-                          f"but the spec in {copy / 'config.json'} builds (16, 32, 3, 3)"), msg
+    assert msg.startswith(
+        f"{copy / 'model.safetensors'}: tensor 'layer1.0.conv1.weight' has shape (32, 32, 3, 3) "
+        f'but the spec in {copy / "config.json"} builds (16, 32, 3, 3)'
+    ), msg
     # edited by hand, digests untouched: the field is named
     shutil.rmtree(copy)
     copy = edited(folder, tmp_path, narrower)
@@ -280,6 +306,7 @@ def test_publish_refuses_widths_that_do_not_fit_the_weights(export, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------
 # the class count round-trips
+
 
 def test_the_class_count_round_trips(export, tmp_path):
     model, folder = export
@@ -294,9 +321,13 @@ def test_the_class_count_round_trips(export, tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(loaded(X), want, rtol=0, atol=0)  # same weights, same kernels: exact
     # the generic architecture given the export's spec and its weights file: the trained head is kept
-    generic = timm.create_model('kpid_pruned', pretrained=True, kpid_spec=config['model_args']['kpid_spec'],
-                                num_classes=CLASSES,
-                                pretrained_cfg_overlay=dict(file=str(folder / 'model.safetensors'))).eval()
+    generic = timm.create_model(
+        'kpid_pruned',
+        pretrained=True,
+        kpid_spec=config['model_args']['kpid_spec'],
+        num_classes=CLASSES,
+        pretrained_cfg_overlay=dict(file=str(folder / 'model.safetensors')),
+    ).eval()
     with torch.no_grad():
         torch.testing.assert_close(generic(X), want, rtol=0, atol=0)
 
@@ -310,6 +341,7 @@ def test_the_class_count_round_trips(export, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------
 # an unreachable Hub fails in seconds, in one line
+
 
 @pytest.fixture
 def silent_endpoint():
@@ -331,8 +363,10 @@ def test_an_unreachable_hub_fails_fast_in_one_line(hf_env, monkeypatch, silent_e
         timm.create_model('kpid_effnet_b0', pretrained=True)
     assert time.monotonic() - start < FAST
     msg = one_line(err)
-    assert msg.startswith('kpid_effnet_b0: cannot get pretrained weights model.safetensors from '
-                          'timm/efficientnet_b1_pruned.in1k (HubUnreachableError: cannot reach the Hub at ')
+    assert msg.startswith(
+        'kpid_effnet_b0: cannot get pretrained weights model.safetensors from '
+        'timm/efficientnet_b1_pruned.in1k (HubUnreachableError: cannot reach the Hub at '
+    )
     assert 'set HF_HUB_OFFLINE=1' in msg and isinstance(err.value, OSError)
 
 
@@ -351,8 +385,10 @@ def test_an_unreachable_hub_fails_fast_for_exports_parents_and_the_cli(export, h
     with pytest.raises(KpidHubError) as err:
         timm.create_model('hf-hub:kpid-test/tiny', pretrained=True)
     assert time.monotonic() - start < FAST
-    assert one_line(err).startswith(f'kpid_pruned: cannot get pretrained weights model.safetensors from kpid-test/tiny '
-                                    f'(HubUnreachableError: cannot reach the Hub at {endpoint}')
+    assert one_line(err).startswith(
+        f'kpid_pruned: cannot get pretrained weights model.safetensors from kpid-test/tiny '
+        f'(HubUnreachableError: cannot reach the Hub at {endpoint}'
+    )
 
     recipe = Recipe.from_dict({**tiny_recipe().to_dict(), 'parent': dict(model='resnet10t', weights='timm')})
     start = time.monotonic()

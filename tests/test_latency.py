@@ -1,6 +1,7 @@
 """Latency budgets: the lookup table's interpolation, its structure against the FLOPs cost model, its cache, the
 recipe's budget section, and the correction loop. No test asserts a speed: timings come from injected functions,
 except the one end-to-end run, which checks only what it records."""
+
 from __future__ import annotations
 
 import itertools
@@ -12,36 +13,41 @@ import pytest
 import timm
 import torch
 import yaml
+from engine_utils import INPUT
 
 from kpid_zoo.budget import latency as lat
+from kpid_zoo.budget.latency import LatencyCostModel, LatencySetting, LatencyTerm, Paired, Timing, sample_widths
+from kpid_zoo.budget.prune import latency_knapsack_prune
 from kpid_zoo.cli import main
 from kpid_zoo.core.files import CACHE_ENV
+from kpid_zoo.core.recipe import BudgetSpec, Recipe, RecipeError
 from kpid_zoo.engine.flops import count_flops
 from kpid_zoo.engine.groups import discover_groups
 from kpid_zoo.engine.importance import magnitude_importance
 from kpid_zoo.engine.knapsack import CostModel, solve_for_budget, width_choices
-from kpid_zoo.budget.latency import LatencyCostModel, LatencySetting, LatencyTerm, Paired, Timing, sample_widths
-from kpid_zoo.budget.prune import latency_knapsack_prune
-from kpid_zoo.core.recipe import BudgetSpec, Recipe, RecipeError
-
-from engine_utils import INPUT
 
 SETTING = LatencySetting('cpu', 1, 1)
 
 
 def group_widths(net, graph) -> dict[str, int]:
     """Each prunable group's width in `net`: its first producer's output channels (no concatenations here)."""
+
     def out(m):
         return m.out_channels if isinstance(m, torch.nn.Conv2d) else m.out_features
+
     return {g.name: out(net.get_submodule(g.modules('out')[0])) for g in graph.prunable}
+
+
 FAST_GRID = (0.5, 1.0)  # tables whose values are not measured need not be sampled finely
 
 
 def paired_by(measure):
     """A pair timing from a per-network one: what a device that never drifts would give `measure_paired`."""
+
     def compare(model, reference, input_size, setting, **_):
         a, b = measure(model, input_size, setting), measure(reference, input_size, setting)
         return Paired(a, b, Timing.of([a.median_ms / b.median_ms]))
+
     return compare
 
 
@@ -131,8 +137,17 @@ def test_table_cache_hits_misses_and_invalidation(tmp_path, tiny):
     timer = _CountingTimer()
 
     def table(setting=SETTING):
-        return lat.latency_table(model, graph, 'resnet10t', INPUT, setting, cache_dir=tmp_path, progress=False,
-                                 timer=timer, fractions=FAST_GRID)
+        return lat.latency_table(
+            model,
+            graph,
+            'resnet10t',
+            INPUT,
+            setting,
+            cache_dir=tmp_path,
+            progress=False,
+            timer=timer,
+            fractions=FAST_GRID,
+        )
 
     first = table()
     built = timer.calls
@@ -167,16 +182,20 @@ def test_table_cache_hits_misses_and_invalidation(tmp_path, tiny):
 
 def test_cache_write_is_atomic(tmp_path, tiny, monkeypatch):
     model, graph = tiny
-    good = lat.build_table(model, graph, 'resnet10t', INPUT, SETTING, timer=_CountingTimer(), progress=False,
-                           fractions=FAST_GRID)
+    good = lat.build_table(
+        model, graph, 'resnet10t', INPUT, SETTING, timer=_CountingTimer(), progress=False, fractions=FAST_GRID
+    )
     path = lat.save_cached(good, tmp_path)
     before = path.read_bytes()
-    changed = LatencyCostModel(good.terms, good.fixed + 1.0, good.sizes, good.layer_scale, good.key, good.full_ms,
-                               good.narrow_ms)
+    changed = LatencyCostModel(
+        good.terms, good.fixed + 1.0, good.sizes, good.layer_scale, good.key, good.full_ms, good.narrow_ms
+    )
 
     def fail(*_):
         raise OSError('disk full')
+
     import kpid_zoo.core.files as files
+
     monkeypatch.setattr(files.os, 'replace', fail)
     with pytest.raises(OSError, match='disk full'):
         lat.save_cached(changed, tmp_path)
@@ -186,8 +205,9 @@ def test_cache_write_is_atomic(tmp_path, tiny, monkeypatch):
 
 def test_table_calibration_goes_through_both_measured_ends(tiny):
     model, graph = tiny
-    table = lat.build_table(model, graph, 'resnet10t', INPUT, SETTING, timer=_CountingTimer(), progress=False,
-                            fractions=FAST_GRID)
+    table = lat.build_table(
+        model, graph, 'resnet10t', INPUT, SETTING, timer=_CountingTimer(), progress=False, fractions=FAST_GRID
+    )
     narrowest = {g: sample_widths(n, FAST_GRID)[0] for g, n in table.sizes.items()}
     # the network takes twice its layers' sum plus 1 ms: the fit recovers both (float rounding only)
     table.full_ms, table.narrow_ms = 2 * table.layers(table.sizes) + 1, 2 * table.layers(narrowest) + 1
@@ -225,8 +245,18 @@ def test_a_table_times_concatenated_inputs_and_grouped_convs_at_their_narrowed_w
         shapes.append(tuple(fn().shape))
         return Timing.of([1.0])
 
-    table = lat.build_table(net, graph, 'two_branches', (3, 16, 16), SETTING, fractions=(0.5, 1.0), warmup=0,
-                            repeats=1, timer=run_once, progress=False)
+    table = lat.build_table(
+        net,
+        graph,
+        'two_branches',
+        (3, 16, 16),
+        SETTING,
+        fractions=(0.5, 1.0),
+        warmup=0,
+        repeats=1,
+        timer=run_once,
+        progress=False,
+    )
     terms = {t.module: t for t in table.terms}
     # the BN and the head read the concatenation: their terms depend on both branches' groups
     assert set(terms['bn'].groups) == set(terms['head'].groups) == {'a', 'b2'}
@@ -238,20 +268,28 @@ def test_a_table_times_concatenated_inputs_and_grouped_convs_at_their_narrowed_w
 
 def test_a_layer_reading_too_many_groups_is_one_line_naming_it():
     net = timm.create_model('densenet121').eval()
-    with pytest.raises(ValueError, match=r"layer 'features\.denseblock1\.denselayer\d\.\w+' holds channels of \d "
-                                         r"prunable groups \(a concatenation\).*FLOPs budget"):
+    with pytest.raises(
+        ValueError,
+        match=r"layer 'features\.denseblock1\.denselayer\d\.\w+' holds channels of \d "
+        r'prunable groups \(a concatenation\).*FLOPs budget',
+    ):
         lat.check_timeable(net, discover_groups(net, (3, 32, 32)))
 
 
-@pytest.mark.parametrize('section, message', [
-    ({'latency_ms': 4.0, 'latency_ratio': 0.5},
-     'budget: expected exactly one of latency_ms / latency_ratio / latency_of, got latency_ms and latency_ratio'),
-    ({'latency_of': 'resnet1B'}, "budget.latency_of: 'resnet1B' is not a timm model"),
-    ({'device': 'tpu', 'latency_ms': 4.0}, "budget.device: expected one of 'cpu', 'cuda', got 'tpu'"),
-    ({'latency_ms': -1}, 'budget.latency_ms: expected a positive number, got -1.0'),
-    ({'latency_ms': 4.0, 'batch_size': 0}, 'budget.batch_size: expected a positive integer, got 0'),
-    ({'latency_ms': 4.0, 'tolerance': 1.5}, 'budget.tolerance: expected a number in [0, 1), got 1.5'),
-])
+@pytest.mark.parametrize(
+    'section, message',
+    [
+        (
+            {'latency_ms': 4.0, 'latency_ratio': 0.5},
+            'budget: expected exactly one of latency_ms / latency_ratio / latency_of, got latency_ms and latency_ratio',
+        ),
+        ({'latency_of': 'resnet1B'}, "budget.latency_of: 'resnet1B' is not a timm model"),
+        ({'device': 'tpu', 'latency_ms': 4.0}, "budget.device: expected one of 'cpu', 'cuda', got 'tpu'"),
+        ({'latency_ms': -1}, 'budget.latency_ms: expected a positive number, got -1.0'),
+        ({'latency_ms': 4.0, 'batch_size': 0}, 'budget.batch_size: expected a positive integer, got 0'),
+        ({'latency_ms': 4.0, 'tolerance': 1.5}, 'budget.tolerance: expected a number in [0, 1), got 1.5'),
+    ],
+)
 def test_budget_section_errors_name_the_field(section, message):
     with pytest.raises(RecipeError) as e:
         Recipe.from_dict({'name': 'x', 'parent': {'model': 'resnet18'}, 'budget': section}, source='r.yaml')
@@ -271,9 +309,13 @@ def test_exactly_one_budget_kind():
     assert 'budget' not in Recipe.from_dict({**base, 'flops': {'target_ratio': 0.5}}).to_dict()
 
 
-BASE = {'name': 'lat_resnet10t', 'parent': {'model': 'resnet10t', 'weights': 'none', 'num_classes': 10},
-        'input_size': [3, 32, 32], 'importance': {'method': 'magnitude'},
-        'data': {'dataset': 'imagefolder', 'root': 'unused', 'num_classes': 10}}
+BASE = {
+    'name': 'lat_resnet10t',
+    'parent': {'model': 'resnet10t', 'weights': 'none', 'num_classes': 10},
+    'input_size': [3, 32, 32],
+    'importance': {'method': 'magnitude'},
+    'data': {'dataset': 'imagefolder', 'root': 'unused', 'num_classes': 10},
+}
 
 
 def _prune(tmp_path, budget: dict) -> list[str]:
@@ -282,13 +324,22 @@ def _prune(tmp_path, budget: dict) -> list[str]:
     return ['prune', str(path), '--out', str(tmp_path / 'out'), '--quiet']
 
 
-@pytest.mark.parametrize('budget, expected', [
-    ({'latency_ms': 1e6}, "resnet10t: budget.latency_ms: 1e+06 ms is not below the parent's measured"),
-    ({'latency_ms': 1e-6}, 'ms that the smallest reachable network (every group at 8 channels) measures on cpu'),
-    ({'latency_of': 'resnet152'}, "resnet10t: budget.latency_of: resnet152 measures"),  # 15x the FLOPs, 5x the depth
-    pytest.param({'latency_ms': 4.0, 'device': 'cuda'}, "budget.device: 'cuda' is not present on this machine",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason='CUDA is present here')),
-])
+@pytest.mark.parametrize(
+    'budget, expected',
+    [
+        ({'latency_ms': 1e6}, "resnet10t: budget.latency_ms: 1e+06 ms is not below the parent's measured"),
+        ({'latency_ms': 1e-6}, 'ms that the smallest reachable network (every group at 8 channels) measures on cpu'),
+        (
+            {'latency_of': 'resnet152'},
+            'resnet10t: budget.latency_of: resnet152 measures',
+        ),  # 15x the FLOPs, 5x the depth
+        pytest.param(
+            {'latency_ms': 4.0, 'device': 'cuda'},
+            "budget.device: 'cuda' is not present on this machine",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason='CUDA is present here'),
+        ),
+    ],
+)
 def test_unreachable_budgets_and_absent_devices_fail_in_one_line(tmp_path, capsys, monkeypatch, budget, expected):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / 'cache'))
     assert main(_prune(tmp_path, budget)) == 2
@@ -341,8 +392,17 @@ def test_the_loop_converges_on_a_synthetic_measurement(tiny):
         return Timing.of([device_ms(group_widths(net, graph))])
 
     budget = BudgetSpec(latency_ms=0.5 * device_ms(flops.sizes), tolerance=0.02)
-    result = latency_knapsack_prune(model, graph, magnitude_importance(model, graph), budget, arch='resnet10t',
-                                    input_size=INPUT, table=table, compare=paired_by(measure), progress=False)
+    result = latency_knapsack_prune(
+        model,
+        graph,
+        magnitude_importance(model, graph),
+        budget,
+        arch='resnet10t',
+        input_size=INPUT,
+        table=table,
+        compare=paired_by(measure),
+        progress=False,
+    )
     out = result.report.latency
     assert out.within_budget and out.noise == 0 and out.tolerance == 0.02 and not out.note
     assert 0.98 * budget.latency_ms <= out.measured_ms <= budget.latency_ms
@@ -371,8 +431,17 @@ def test_the_kept_net_is_timed_afresh_and_a_lucky_round_does_not_pass(tiny):
         return Paired(Timing.of([lucky * true_ms(net)]), Timing.of([true_ms(reference)]), Timing.of([ratio]))
 
     budget = BudgetSpec(latency_ms=0.6 * 3e-7 * flops.flops(flops.sizes), tolerance=0.02)
-    result = latency_knapsack_prune(model, graph, magnitude_importance(model, graph), budget, arch='resnet10t',
-                                    input_size=INPUT, table=_flops_table(flops), compare=compare, progress=False)
+    result = latency_knapsack_prune(
+        model,
+        graph,
+        magnitude_importance(model, graph),
+        budget,
+        arch='resnet10t',
+        input_size=INPUT,
+        table=_flops_table(flops),
+        compare=compare,
+        progress=False,
+    )
     out = result.report.latency
     assert out.measured_ms == pytest.approx(true_ms(result.model))  # the fresh look, not the lucky one
     assert out.round_ms == pytest.approx(0.9 * out.measured_ms)
@@ -399,8 +468,17 @@ def test_latency_of_times_every_candidate_beside_that_network(tiny):
         return paired_by(measure)(net, reference, input_size, setting)
 
     budget = BudgetSpec(latency_of='mobilenetv3_small_050', tolerance=0.03)
-    result = latency_knapsack_prune(model, graph, magnitude_importance(model, graph), budget, arch='resnet10t',
-                                    input_size=INPUT, table=_flops_table(flops), compare=compare, progress=False)
+    result = latency_knapsack_prune(
+        model,
+        graph,
+        magnitude_importance(model, graph),
+        budget,
+        arch='resnet10t',
+        input_size=INPUT,
+        table=_flops_table(flops),
+        compare=compare,
+        progress=False,
+    )
     out = result.report.latency
     assert out.reference == 'mobilenetv3_small_050' and set(references) == {'mobilenetv3_small_050'}
     assert out.budget_ms == pytest.approx(0.4 * parent_ms) and out.parent_ms == pytest.approx(parent_ms)
@@ -440,8 +518,17 @@ def test_a_noisy_measurement_widens_the_tolerance_and_says_so(tiny):
         return paired_by(measure)(net, reference, input_size, setting)
 
     budget = BudgetSpec(latency_ms=0.6 * parent_ms, tolerance=0.02)
-    result = latency_knapsack_prune(model, graph, magnitude_importance(model, graph), budget, arch='resnet10t',
-                                    input_size=INPUT, table=_flops_table(flops), compare=compare, progress=False)
+    result = latency_knapsack_prune(
+        model,
+        graph,
+        magnitude_importance(model, graph),
+        budget,
+        arch='resnet10t',
+        input_size=INPUT,
+        table=_flops_table(flops),
+        compare=compare,
+        progress=False,
+    )
     out = result.report.latency
     assert next(aa_ratios, None) is None  # all three A/A series ran, and only they
     assert out.noise == pytest.approx(0.1) and out.tolerance == pytest.approx(2 * 0.1)

@@ -1,4 +1,5 @@
 """Log lines: the command line's -v/-q, the handler it gives the kpid_zoo logger, and main-process-only lines."""
+
 import logging
 
 import pytest
@@ -17,10 +18,18 @@ RESULT_LINE = 'FLOPs error vs target'
 def _prune(tmp_path, *flags):
     tmp_path.mkdir(parents=True, exist_ok=True)
     recipe = tmp_path / 'recipe.yaml'
-    recipe.write_text(yaml.safe_dump({
-        'name': 'log_resnet18', 'parent': {'model': 'resnet18', 'weights': 'none'}, 'input_size': [3, 64, 64],
-        'flops': {'target_ratio': 0.5, 'tolerance': 0.02}, 'importance': {'method': 'magnitude'},
-        'data': {'dataset': 'imagefolder', 'root': 'unused-by-magnitude-importance'}}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                'name': 'log_resnet18',
+                'parent': {'model': 'resnet18', 'weights': 'none'},
+                'input_size': [3, 64, 64],
+                'flops': {'target_ratio': 0.5, 'tolerance': 0.02},
+                'importance': {'method': 'magnitude'},
+                'data': {'dataset': 'imagefolder', 'root': 'unused-by-magnitude-importance'},
+            }
+        )
+    )
     return [*flags, 'prune', str(recipe), '--out', str(tmp_path / 'pruned')]
 
 

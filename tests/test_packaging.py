@@ -1,4 +1,5 @@
 """What reaches a user beyond a clone: the wheel's contents, a plain install, and a quiet, light `import kpid_zoo`."""
+
 from __future__ import annotations
 
 import os
@@ -8,10 +9,9 @@ import sys
 import zipfile
 
 import pytest
+from export_utils import REPO_ROOT
 
 from kpid_zoo.zoo.records import RECIPES_DIR, ZOO_DIR
-
-from export_utils import REPO_ROOT
 
 
 def _run(*args: str, cwd, env_path=None) -> subprocess.CompletedProcess:
@@ -23,17 +23,20 @@ def _run(*args: str, cwd, env_path=None) -> subprocess.CompletedProcess:
 def test_the_repository_recipes_are_the_packaged_ones():
     """One source: recipes/ is a link to the package's recipes (a copy would drift from what a wheel ships)."""
     top = REPO_ROOT / 'recipes'
-    assert top.is_symlink() and top.resolve() == RECIPES_DIR.resolve(), \
+    assert top.is_symlink() and top.resolve() == RECIPES_DIR.resolve(), (
         'recipes/ must be a symlink to kpid_zoo/recipes/ (edit the recipes there)'
+    )
     assert sorted(p.name for p in top.glob('*.yaml')) == sorted(p.name for p in RECIPES_DIR.glob('*.yaml')) != []
 
 
 @pytest.mark.launch
 def test_import_prints_nothing_and_loads_no_pruning_machinery(tmp_path):
-    probe = ('import sys, kpid_zoo, timm; assert timm.list_models("kpid_*"); '
-             'print(sorted(m for m in sys.modules if m.split(".")[0] in ("fvcore", "matplotlib") '
-             'or m in ("kpid_zoo.engine.surgery", "kpid_zoo.engine.groups", "kpid_zoo.budget.prune", '
-             '"kpid_zoo.engine.flops")))')
+    probe = (
+        'import sys, kpid_zoo, timm; assert timm.list_models("kpid_*"); '
+        'print(sorted(m for m in sys.modules if m.split(".")[0] in ("fvcore", "matplotlib") '
+        'or m in ("kpid_zoo.engine.surgery", "kpid_zoo.engine.groups", "kpid_zoo.budget.prune", '
+        '"kpid_zoo.engine.flops")))'
+    )
     done = _run('-W', 'error', '-c', probe, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert (done.stdout, done.stderr) == ('[]\n', '')
@@ -47,10 +50,25 @@ def test_a_plain_wheel_install_has_the_zoo_and_the_recipes(tmp_path):
     # from a copy of the sources: an in-tree build would leave build/ and *.egg-info in the checkout, and a stale
     # build/lib could slip a deleted file into the wheel
     src = tmp_path / 'src'
-    shutil.copytree(REPO_ROOT, src, ignore=shutil.ignore_patterns(
-        '.git', '.venv', 'build', 'dist', '*.egg-info', '__pycache__', 'runs', 'outputs', '.pytest_cache', 'docs'))
-    done = _run('-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-q', '-w', str(tmp_path / 'dist'),
-                str(src), cwd=tmp_path)
+    shutil.copytree(
+        REPO_ROOT,
+        src,
+        ignore=shutil.ignore_patterns(
+            '.git', '.venv', 'build', 'dist', '*.egg-info', '__pycache__', 'runs', 'outputs', '.pytest_cache', 'docs'
+        ),
+    )
+    done = _run(
+        '-m',
+        'pip',
+        'wheel',
+        '--no-deps',
+        '--no-build-isolation',
+        '-q',
+        '-w',
+        str(tmp_path / 'dist'),
+        str(src),
+        cwd=tmp_path,
+    )
     if done.returncode != 0 and 'No module named' in done.stderr:
         pytest.skip(f'cannot build a wheel here: {done.stderr[-200:]}')
     assert done.returncode == 0, done.stderr
@@ -65,16 +83,19 @@ def test_a_plain_wheel_install_has_the_zoo_and_the_recipes(tmp_path):
     assert len(modules) > 30 and modules <= names, sorted(modules - names)
 
     site = tmp_path / 'site'
-    done = _run('-m', 'pip', 'install', '--no-deps', '--no-compile', '-q', '--target', str(site), str(wheel),
-                cwd=tmp_path)
+    done = _run(
+        '-m', 'pip', 'install', '--no-deps', '--no-compile', '-q', '--target', str(site), str(wheel), cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr
     work = tmp_path / 'elsewhere'
     work.mkdir()
     # one interpreter for all the checks (each start imports torch): the CLI's main, as the entry point calls it
-    probe = ('import kpid_zoo; from kpid_zoo.cli import main; from kpid_zoo.zoo.records import find_recipe; '
-             'from kpid_zoo.core.recipe import load_recipe; print(kpid_zoo.__file__); '
-             'main(["zoo"]); main(["flops", "kpid_ecaresnet50d", "--input-size", "64"]); '
-             'print("recipe", load_recipe(find_recipe("kpid_effnet_b0")).name, find_recipe("kpid_effnet_b0"))')
+    probe = (
+        'import kpid_zoo; from kpid_zoo.cli import main; from kpid_zoo.zoo.records import find_recipe; '
+        'from kpid_zoo.core.recipe import load_recipe; print(kpid_zoo.__file__); '
+        'main(["zoo"]); main(["flops", "kpid_ecaresnet50d", "--input-size", "64"]); '
+        'print("recipe", load_recipe(find_recipe("kpid_effnet_b0")).name, find_recipe("kpid_effnet_b0"))'
+    )
     done = _run('-c', probe, cwd=work, env_path=site)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()

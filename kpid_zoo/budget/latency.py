@@ -18,6 +18,7 @@ milliseconds are that ratio times the reference's time at the start. `measure_no
 reference paired with itself several times, the spread of those ratios is what a difference must exceed before
 the loop trusts it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,9 +29,9 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -56,6 +57,7 @@ DEVICES = ('cpu', 'cuda')
 @dataclass(frozen=True)
 class LatencySetting:
     """Where and how a network is timed: the device, the batch, the CPU threads (fixed while timing)."""
+
     device: str = 'cpu'
     batch_size: int = 1
     threads: int = 1
@@ -68,6 +70,7 @@ class LatencySetting:
 @dataclass(frozen=True)
 class Timing:
     """Milliseconds per call: median, quartiles and extremes over `repeats` timed calls."""
+
     median_ms: float
     q1_ms: float
     q3_ms: float
@@ -77,8 +80,9 @@ class Timing:
 
     @classmethod
     def of(cls, samples_ms: list[float]) -> Timing:
-        q1, _, q3 = statistics.quantiles(samples_ms, n=4, method='inclusive') if len(samples_ms) > 1 else \
-            (samples_ms[0],) * 3
+        q1, _, q3 = (
+            statistics.quantiles(samples_ms, n=4, method='inclusive') if len(samples_ms) > 1 else (samples_ms[0],) * 3
+        )
         return cls(statistics.median(samples_ms), q1, q3, min(samples_ms), max(samples_ms), len(samples_ms))
 
     @property
@@ -87,13 +91,20 @@ class Timing:
 
     def scaled(self, factor: float) -> Timing:
         """Every figure times `factor`: a ratio to a reference, scaled by the reference's milliseconds."""
-        return Timing(self.median_ms * factor, self.q1_ms * factor, self.q3_ms * factor, self.min_ms * factor,
-                      self.max_ms * factor, self.repeats)
+        return Timing(
+            self.median_ms * factor,
+            self.q1_ms * factor,
+            self.q3_ms * factor,
+            self.min_ms * factor,
+            self.max_ms * factor,
+            self.repeats,
+        )
 
 
 @dataclass(frozen=True)
 class Paired:
     """Two networks timed in alternation: each one's timing and the per-round ratio model / reference."""
+
     model: Timing
     reference: Timing
     ratio: Timing
@@ -102,10 +113,12 @@ class Paired:
 def check_device(device: str) -> None:
     """Fail unless `device` is present here (a latency budget is measured where the build runs)."""
     if device not in DEVICES:
-        raise UserError(f"expected one of {', '.join(map(repr, DEVICES))}, got {device!r}")
+        raise UserError(f'expected one of {", ".join(map(repr, DEVICES))}, got {device!r}')
     if device == 'cuda' and not torch.cuda.is_available():
-        raise UserError("'cuda' is not present on this machine (torch.cuda.is_available() is False): time the "
-                         "network on the device it is for, or set budget.device: cpu")
+        raise UserError(
+            "'cuda' is not present on this machine (torch.cuda.is_available() is False): time the "
+            'network on the device it is for, or set budget.device: cpu'
+        )
 
 
 def cpu_model() -> str:
@@ -143,8 +156,7 @@ def time_once(fn: Callable[[], object], setting: LatencySetting) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def time_callable(fn: Callable[[], object], setting: LatencySetting, *, warmup: int = 3,
-                  repeats: int = 15) -> Timing:
+def time_callable(fn: Callable[[], object], setting: LatencySetting, *, warmup: int = 3, repeats: int = 15) -> Timing:
     """Time `fn()` `repeats` times after `warmup` untimed calls, in inference mode with the threads fixed."""
     with fixed_threads(setting), torch.inference_mode():
         for _ in range(warmup):
@@ -157,8 +169,15 @@ def example_input(input_size: tuple[int, ...], setting: LatencySetting) -> torch
     return torch.randn(setting.batch_size, *input_size, generator=gen).to(setting.device)
 
 
-def measure_paired(model: nn.Module, reference: nn.Module, input_size: tuple[int, int, int],
-                   setting: LatencySetting, *, warmup: int = 3, repeats: int = 15) -> Paired:
+def measure_paired(
+    model: nn.Module,
+    reference: nn.Module,
+    input_size: tuple[int, int, int],
+    setting: LatencySetting,
+    *,
+    warmup: int = 3,
+    repeats: int = 15,
+) -> Paired:
     """`model` and `reference` timed in alternation, `repeats` calls each, in ABBA order (neither always runs right
     after the other), and their ratio taken call pair by call pair.
 
@@ -175,7 +194,7 @@ def measure_paired(model: nn.Module, reference: nn.Module, input_size: tuple[int
             model(x), reference(x)
         for i in range(repeats):
             pair = ((model, ours), (reference, theirs))
-            for net, samples in (pair if i % 2 == 0 else pair[::-1]):
+            for net, samples in pair if i % 2 == 0 else pair[::-1]:
                 samples.append(time_once(lambda: net(x), setting))
     return Paired(Timing.of(ours), Timing.of(theirs), Timing.of([a / b for a, b in zip(ours, theirs)]))
 
@@ -183,6 +202,7 @@ def measure_paired(model: nn.Module, reference: nn.Module, input_size: tuple[int
 @dataclass(frozen=True)
 class Noise:
     """How far apart repeated A/A ratios of one network land: `relative` = max - min of the ratio medians."""
+
     ratios: tuple[float, ...]
 
     @property
@@ -190,8 +210,14 @@ class Noise:
         return max(self.ratios) - min(self.ratios)
 
 
-def measure_noise(model: nn.Module, input_size: tuple[int, int, int], setting: LatencySetting, *, series: int = 3,
-                  compare: Callable[..., Paired] = measure_paired) -> tuple[Timing, Noise]:
+def measure_noise(
+    model: nn.Module,
+    input_size: tuple[int, int, int],
+    setting: LatencySetting,
+    *,
+    series: int = 3,
+    compare: Callable[..., Paired] = measure_paired,
+) -> tuple[Timing, Noise]:
     """The A/A test: `series` paired measurements of the network against itself. Returns the middle of its
     timings and the spread of the ratios, which for a paired comparison is what a difference must exceed.
 
@@ -206,13 +232,15 @@ def measure_noise(model: nn.Module, input_size: tuple[int, int, int], setting: L
 # ---------------------------------------------------------------------------------------------------------------
 # The lookup table and its cost model
 
+
 @dataclass
 class LatencyTerm:
     """One timed layer: its latency (ms) at every combination of the sampled widths of the groups it depends on."""
+
     module: str
     groups: tuple[str, ...]
-    points: tuple[tuple[int, ...], ...]   # per group, the sampled widths (ascending)
-    values: np.ndarray                    # shape (len(points[0]), len(points[1]), ...)
+    points: tuple[tuple[int, ...], ...]  # per group, the sampled widths (ascending)
+    values: np.ndarray  # shape (len(points[0]), len(points[1]), ...)
 
     def _cells(self, widths: dict[str, float]) -> list[tuple[int, float, float]]:
         """Per group: the grid cell holding its width (the upper one on an interior grid point; the first or last
@@ -253,13 +281,21 @@ class LatencyTerm:
         return [0.0 if cells[d][2] == 0.0 else self._corner_sum(cells, d) for d in range(len(cells))]
 
     def to_dict(self) -> dict:
-        return {'module': self.module, 'groups': list(self.groups), 'points': [list(p) for p in self.points],
-                'values': self.values.tolist()}
+        return {
+            'module': self.module,
+            'groups': list(self.groups),
+            'points': [list(p) for p in self.points],
+            'values': self.values.tolist(),
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> LatencyTerm:
-        return cls(d['module'], tuple(d['groups']), tuple(tuple(p) for p in d['points']),
-                   np.asarray(d['values'], dtype=np.float64))
+        return cls(
+            d['module'],
+            tuple(d['groups']),
+            tuple(tuple(p) for p in d['points']),
+            np.asarray(d['values'], dtype=np.float64),
+        )
 
 
 @dataclass
@@ -269,13 +305,14 @@ class LatencyCostModel:
     It answers what the knapsack asks of a cost model (`at`, `marginal`, `sizes`, `describe`), like
     `knapsack.CostModel` does for FLOPs.
     """
+
     terms: list[LatencyTerm]
     fixed: float
     sizes: dict[str, int]
-    layer_scale: float = 1.0                  # whole network / sum of its layers timed alone (see `build_table`)
-    key: dict = field(default_factory=dict)   # what the table was measured for (the cache key)
-    full_ms: float = 0.0                      # the whole parent, measured when the table was made
-    narrow_ms: float = 0.0                    # the parent with every group at its narrowest sampled width
+    layer_scale: float = 1.0  # whole network / sum of its layers timed alone (see `build_table`)
+    key: dict = field(default_factory=dict)  # what the table was measured for (the cache key)
+    full_ms: float = 0.0  # the whole parent, measured when the table was made
+    narrow_ms: float = 0.0  # the parent with every group at its narrowest sampled width
 
     def layers(self, widths: dict[str, float]) -> float:
         """The sum of the timed layers' interpolated latencies, unscaled."""
@@ -299,14 +336,28 @@ class LatencyCostModel:
         return f'{value:.4g} ms'
 
     def to_dict(self) -> dict:
-        return {'version': TABLE_VERSION, 'key': self.key, 'fixed': self.fixed, 'layer_scale': self.layer_scale,
-                'full_ms': self.full_ms, 'narrow_ms': self.narrow_ms, 'sizes': self.sizes,
-                'terms': [t.to_dict() for t in self.terms]}
+        return {
+            'version': TABLE_VERSION,
+            'key': self.key,
+            'fixed': self.fixed,
+            'layer_scale': self.layer_scale,
+            'full_ms': self.full_ms,
+            'narrow_ms': self.narrow_ms,
+            'sizes': self.sizes,
+            'terms': [t.to_dict() for t in self.terms],
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> LatencyCostModel:
-        return cls([LatencyTerm.from_dict(t) for t in d['terms']], float(d['fixed']), dict(d['sizes']),
-                   float(d['layer_scale']), dict(d['key']), float(d['full_ms']), float(d['narrow_ms']))
+        return cls(
+            [LatencyTerm.from_dict(t) for t in d['terms']],
+            float(d['fixed']),
+            dict(d['sizes']),
+            float(d['layer_scale']),
+            dict(d['key']),
+            float(d['full_ms']),
+            float(d['narrow_ms']),
+        )
 
 
 MAX_TERM_GROUPS = 3  # a layer is timed at every combination of its groups' sampled widths: 5 ** 3 calls at most
@@ -320,16 +371,16 @@ def sample_widths(size: int, fractions: tuple[float, ...] = GRID_FRACTIONS, part
 @dataclass
 class _Timed:
     """A layer the table times: its members' channel layouts, the layout of its input, and its input shape."""
+
     module: str
-    roles: list[tuple[Member, ChannelMap]]   # its dimensions that hold prunable channels
-    groups: tuple[str, ...]                  # the prunable groups in them, the term's variables
-    input_channels: ChannelMap | None        # its input's channel dimension (None: no prunable channel in it)
+    roles: list[tuple[Member, ChannelMap]]  # its dimensions that hold prunable channels
+    groups: tuple[str, ...]  # the prunable groups in them, the term's variables
+    input_channels: ChannelMap | None  # its input's channel dimension (None: no prunable channel in it)
     shape: tuple[int, ...] = ()
 
 
 def _prunable_in(graph: GroupGraph, channels: ChannelMap, prunable: set[str]) -> list[str]:
-    return [graph.groups[gi].name for gi in np.unique(channels.group)
-            if gi >= 0 and graph.groups[gi].name in prunable]
+    return [graph.groups[gi].name for gi in np.unique(channels.group) if gi >= 0 and graph.groups[gi].name in prunable]
 
 
 def _timed_layers(model: nn.Module, graph: GroupGraph) -> list[_Timed]:
@@ -359,9 +410,11 @@ def _timed_layers(model: nn.Module, graph: GroupGraph) -> list[_Timed]:
         maps = [c for _, c in member] + ([input_channels] if input_channels is not None else [])
         groups = tuple(dict.fromkeys(g for c in maps for g in _prunable_in(graph, c, prunable)))
         if len(groups) > MAX_TERM_GROUPS:
-            raise UserError(f"latency table: layer {name!r} holds channels of {len(groups)} prunable groups "
-                             f"(a concatenation); a latency budget times at most {MAX_TERM_GROUPS} per layer; "
-                             f"use a FLOPs budget (flops.target_gmacs) for this network")
+            raise UserError(
+                f'latency table: layer {name!r} holds channels of {len(groups)} prunable groups '
+                f'(a concatenation); a latency budget times at most {MAX_TERM_GROUPS} per layer; '
+                f'use a FLOPs budget (flops.target_gmacs) for this network'
+            )
         timed.append(_Timed(name, member, groups, input_channels))
         taken.append(name)
     return timed
@@ -377,9 +430,11 @@ def _record_shapes(model: nn.Module, layers: list[_Timed], x: torch.Tensor) -> l
     shapes: dict[str, tuple[int, ...] | None] = {}
     hooks = []
     for layer in layers:
+
         def hook(_m, args, _out, name=layer.module):
             ok = len(args) == 1 and isinstance(args[0], torch.Tensor) and name not in shapes
             shapes[name] = tuple(args[0].shape) if ok else None
+
         hooks.append(model.get_submodule(layer.module).register_forward_hook(hook))
     try:
         with torch.inference_mode():
@@ -413,16 +468,33 @@ def _narrowed(module: nn.Module, layer: _Timed, graph: GroupGraph, widths: dict[
 def architecture_sha256(model: nn.Module) -> str:
     """The parent's layers and their shapes (not its weights, on which latency does not depend): another head
     size or another timm version's layout is another table."""
-    return json_sha256([(name, type(m).__name__, [list(p.shape) for p in m.parameters(recurse=False)])
-                        for name, m in model.named_modules()])
+    return json_sha256(
+        [
+            (name, type(m).__name__, [list(p.shape) for p in m.parameters(recurse=False)])
+            for name, m in model.named_modules()
+        ]
+    )
 
 
-def table_key(model: nn.Module, arch: str, input_size: tuple[int, int, int], setting: LatencySetting,
-              fractions: tuple[float, ...] = GRID_FRACTIONS) -> dict:
+def table_key(
+    model: nn.Module,
+    arch: str,
+    input_size: tuple[int, int, int],
+    setting: LatencySetting,
+    fractions: tuple[float, ...] = GRID_FRACTIONS,
+) -> dict:
     """What a table's timings depend on: a table is reused only for the same key."""
-    return {'version': TABLE_VERSION, 'device': setting.device, 'device_name': device_name(setting.device),
-            'parent': arch, 'architecture_sha256': architecture_sha256(model), 'input_size': list(input_size),
-            'batch_size': setting.batch_size, 'threads': setting.threads, 'fractions': list(fractions)}
+    return {
+        'version': TABLE_VERSION,
+        'device': setting.device,
+        'device_name': device_name(setting.device),
+        'parent': arch,
+        'architecture_sha256': architecture_sha256(model),
+        'input_size': list(input_size),
+        'batch_size': setting.batch_size,
+        'threads': setting.threads,
+        'fractions': list(fractions),
+    }
 
 
 def latency_cache_dir() -> Path:
@@ -430,7 +502,7 @@ def latency_cache_dir() -> Path:
 
 
 def cache_path(key: dict, cache_dir: Path | None = None) -> Path:
-    return (cache_dir or latency_cache_dir()) / f"{key['parent']}-{json_sha256(key)[:16]}.json"
+    return (cache_dir or latency_cache_dir()) / f'{key["parent"]}-{json_sha256(key)[:16]}.json'
 
 
 def load_cached(key: dict, cache_dir: Path | None = None) -> LatencyCostModel | None:
@@ -449,10 +521,19 @@ def save_cached(table: LatencyCostModel, cache_dir: Path | None = None) -> Path:
     return path
 
 
-def build_table(model: nn.Module, graph: GroupGraph, arch: str, input_size: tuple[int, int, int],
-                setting: LatencySetting, *, fractions: tuple[float, ...] = GRID_FRACTIONS, warmup: int = 2,
-                repeats: int = 7, timer: Callable[..., Timing] = time_callable, progress: bool = True
-                ) -> LatencyCostModel:
+def build_table(
+    model: nn.Module,
+    graph: GroupGraph,
+    arch: str,
+    input_size: tuple[int, int, int],
+    setting: LatencySetting,
+    *,
+    fractions: tuple[float, ...] = GRID_FRACTIONS,
+    warmup: int = 2,
+    repeats: int = 7,
+    timer: Callable[..., Timing] = time_callable,
+    progress: bool = True,
+) -> LatencyCostModel:
     """Time every layer of `model` that a prunable width changes, alone, at each combination of the sampled widths
     of its groups, on the input shape it sees in the network; then the whole network, for the fixed part."""
     check_device(setting.device)
@@ -481,8 +562,9 @@ def build_table(model: nn.Module, graph: GroupGraph, arch: str, input_size: tupl
         narrow_net = prune_model(model, graph, {g: graph[g].leading(w) for g, w in narrowest.items()})
         full = timer(lambda: model(x), setting, warmup=warmup, repeats=repeats).median_ms
         narrow = timer(lambda: narrow_net(x), setting, warmup=warmup, repeats=repeats).median_ms
-    table = LatencyCostModel(terms, 0.0, sizes, 1.0, table_key(model, arch, input_size, setting, fractions), full,
-                             narrow)
+    table = LatencyCostModel(
+        terms, 0.0, sizes, 1.0, table_key(model, arch, input_size, setting, fractions), full, narrow
+    )
     calibrate(table, narrowest)
     return table
 
@@ -501,9 +583,17 @@ def calibrate(table: LatencyCostModel, narrowest: dict[str, int]) -> None:
     table.fixed = table.full_ms - table.layer_scale * full
 
 
-def latency_table(model: nn.Module, graph: GroupGraph, arch: str, input_size: tuple[int, int, int],
-                  setting: LatencySetting, *, cache_dir: Path | None = None, progress: bool = True,
-                  **build_kwargs) -> LatencyCostModel:
+def latency_table(
+    model: nn.Module,
+    graph: GroupGraph,
+    arch: str,
+    input_size: tuple[int, int, int],
+    setting: LatencySetting,
+    *,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+    **build_kwargs,
+) -> LatencyCostModel:
     """The table for this (device, processor, torch, parent, input size, batch, threads): from the cache when it
     holds one for exactly that, else measured now and cached."""
     key = table_key(model, arch, input_size, setting, build_kwargs.get('fractions', GRID_FRACTIONS))
@@ -517,7 +607,27 @@ def latency_table(model: nn.Module, graph: GroupGraph, arch: str, input_size: tu
     return table
 
 
-__all__ = ['LatencySetting', 'Timing', 'Paired', 'Noise', 'LatencyTerm', 'LatencyCostModel', 'check_device',
-           'cpu_model', 'device_name', 'check_timeable', 'time_callable', 'time_once', 'measure_paired',
-           'measure_noise', 'build_table', 'calibrate', 'latency_table', 'table_key', 'cache_path', 'load_cached',
-           'save_cached', 'sample_widths']
+__all__ = [
+    'LatencySetting',
+    'Timing',
+    'Paired',
+    'Noise',
+    'LatencyTerm',
+    'LatencyCostModel',
+    'check_device',
+    'cpu_model',
+    'device_name',
+    'check_timeable',
+    'time_callable',
+    'time_once',
+    'measure_paired',
+    'measure_noise',
+    'build_table',
+    'calibrate',
+    'latency_table',
+    'table_key',
+    'cache_path',
+    'load_cached',
+    'save_cached',
+    'sample_widths',
+]

@@ -11,6 +11,7 @@ Only the `kpid-zoo` entry points change it (the console script, `python -m kpid_
 `accelerate launch -m kpid_zoo.cli` starts): a program that imports kpid_zoo as a library keeps its own settings.
 A setting already in the environment (OMP_WAIT_POLICY or GOMP_SPINCOUNT) wins.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,7 +43,6 @@ def choose_wait_policy() -> dict[str, str]:
         return {}
     os.environ.update(WAIT_ENV)
     return dict(WAIT_ENV)
-
 
 
 def describe_wait() -> str:

@@ -12,13 +12,15 @@ Sources without a file list fall back to what can be had cheaply: a Hugging Face
 (`hfds/`), or every file under `data.root` (`torch/`); a stream read from URLs records the URLs and sample counts
 only, and the build says that a change to its content would go unnoticed.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any
 
 from ..errors import UnreadableImageError  # noqa: F401 (raised here; its home is kpid_zoo.errors)
 
@@ -49,8 +51,15 @@ def _files_fingerprint(split: str, files: Iterable[tuple[str, tuple[str, str]]])
 
 def _fingerprint(kind: str, split: str, parts: Mapping[str, list], **extra: Any) -> dict[str, Any]:
     total = hashlib.sha256(json.dumps([FINGERPRINT_VERSION, kind, parts, extra], sort_keys=True).encode())
-    return {'kind': kind, 'split': split, 'files': sum(p[0] for p in parts.values()),
-            'bytes': sum(p[1] for p in parts.values()), 'sha256': total.hexdigest(), 'parts': dict(parts), **extra}
+    return {
+        'kind': kind,
+        'split': split,
+        'files': sum(p[0] for p in parts.values()),
+        'bytes': sum(p[1] for p in parts.values()),
+        'sha256': total.hexdigest(),
+        'parts': dict(parts),
+        **extra,
+    }
 
 
 def folder_fingerprint(samples: Iterable[tuple[str, Any]], root: str | os.PathLike, split: str) -> dict[str, Any]:
@@ -61,8 +70,9 @@ def folder_fingerprint(samples: Iterable[tuple[str, Any]], root: str | os.PathLi
     def walk():
         for path, _ in samples:
             # timm lists root-joined paths: slicing is 10x cheaper than os.path.relpath (60k files: 0.1 s of 0.5)
-            rel = path[len(root):] if path.startswith(root) else os.path.relpath(path, root)
+            rel = path[len(root) :] if path.startswith(root) else os.path.relpath(path, root)
             yield os.path.dirname(rel), (path, rel)
+
     return _files_fingerprint(split, walk())
 
 
@@ -76,6 +86,7 @@ def tree_fingerprint(root: str | os.PathLike, split: str) -> dict[str, Any]:
                 path = os.path.join(folder, name)
                 rel = os.path.relpath(path, root)
                 yield rel.split(os.sep, 1)[0] if os.sep in rel else '', (path, rel)
+
     return _files_fingerprint(split, walk())
 
 
@@ -102,7 +113,7 @@ def unknown_fingerprint(split: str, why: str) -> dict[str, Any]:
     return {'kind': UNKNOWN, 'split': split, 'unverified': why}
 
 
-def fingerprint(dataset: Any, split: str, root: Optional[str] = None) -> dict[str, Any]:
+def fingerprint(dataset: Any, split: str, root: str | None = None) -> dict[str, Any]:
     """The fingerprint of what `dataset` reads: a `kpid_zoo.training.data.SeededTransformDataset` (over a timm folder
     dataset, a Hugging Face dataset or a torchvision one) or a `kpid_zoo.training.streams.ShardStream`. `root` is the
     recipe's data.root (the fallback for a source that lists no files)."""
@@ -112,8 +123,11 @@ def fingerprint(dataset: Any, split: str, root: Optional[str] = None) -> dict[st
     base = getattr(dataset, 'base', dataset)
     reader = getattr(base, 'reader', None)
     samples = getattr(reader, 'samples', None)
-    if isinstance(samples, list) and getattr(reader, 'root', None) and \
-            all(isinstance(s, tuple) and isinstance(s[0], str) for s in samples[:1]):
+    if (
+        isinstance(samples, list)
+        and getattr(reader, 'root', None)
+        and all(isinstance(s, tuple) and isinstance(s[0], str) for s in samples[:1])
+    ):
         return folder_fingerprint(samples, reader.root, split)
     hf_fingerprint = getattr(getattr(reader, 'dataset', None), '_fingerprint', None)
     if isinstance(hf_fingerprint, str):
@@ -129,15 +143,15 @@ def _count(n: int, unit: str) -> str:
 
 
 def describe_data_change(old: Any, new: Any, most: int = 3) -> str:
-    """"the 'test' split changed: 32 -> 33 files (+1 in cat, changed files in ship)": what differs between two
+    """ "the 'test' split changed: 32 -> 33 files (+1 in cat, changed files in ship)": what differs between two
     fingerprints (`new` is this run's; `old` the recorded one, or None for a stage recorded without one)."""
     split = (new or old or {}).get('split', '?')
     if not isinstance(old, Mapping):
-        return f"the {split!r} split was not recorded when the stage ran (an older kpid-zoo): it is now"
+        return f'the {split!r} split was not recorded when the stage ran (an older kpid-zoo): it is now'
     if not isinstance(new, Mapping):
-        return f"the {split!r} split is no longer read"
+        return f'the {split!r} split is no longer read'
     if old.get('split') != new.get('split') or old.get('kind') != new.get('kind'):
-        return f"the data changed: {old.get('kind')} {old.get('split')!r} -> {new.get('kind')} {new.get('split')!r}"
+        return f'the data changed: {old.get("kind")} {old.get("split")!r} -> {new.get("kind")} {new.get("split")!r}'
     unit = 'shard' if new.get('kind') == 'shards' else 'file'
     before, after = old.get('parts') or {}, new.get('parts') or {}
     words = []
@@ -156,6 +170,7 @@ def describe_data_change(old: Any, new: Any, most: int = 3) -> str:
     if not words:
         detail = 'the same files, other metadata'
     if old.get('files') != new.get('files'):
-        return f"the {split!r} split changed: {old.get('files')} -> {_count(int(new.get('files') or 0), unit)} " \
-               f"({detail})"
-    return f"the {split!r} split changed: {detail}"
+        return (
+            f'the {split!r} split changed: {old.get("files")} -> {_count(int(new.get("files") or 0), unit)} ({detail})'
+        )
+    return f'the {split!r} split changed: {detail}'

@@ -3,6 +3,7 @@
 Everything written beside its place carries a `.tmp-XXXXXXXX` / `.old-XXXXXXXX` suffix (`STAGING_RE`), so the
 leftovers of a killed writer can be recognised and removed (`remove_staging`) by the next holder of the folder.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -13,8 +14,9 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch.nn as nn
 from safetensors.torch import save_file
@@ -97,7 +99,7 @@ def replace_dir(new: Path, dest: Path, owned: Iterable[str]) -> None:
     try:
         os.rmdir(old)
     except OSError:  # something arrived in the moved-aside folder after its check: keep it, in plain sight
-        kept = dest.parent / f"{dest.name}.kept-{uuid.uuid4().hex[:8]}"
+        kept = dest.parent / f'{dest.name}.kept-{uuid.uuid4().hex[:8]}'
         os.replace(old, kept)
         logger.warning('%s: moved what arrived in the old %s meanwhile here', kept, dest)
 
@@ -107,7 +109,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = staging_path(path)
     try:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_text(text, encoding='utf-8')
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -121,7 +123,7 @@ def save_weights(model: nn.Module, path: str | Path) -> None:
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     tmp = staging_path(path)
     try:
-        save_file(state, str(tmp), metadata={"format": "pt"})
+        save_file(state, str(tmp), metadata={'format': 'pt'})
         os.chmod(tmp, 0o644)  # safetensors writes 0600; a Hub repo folder is meant to be read by others
         os.replace(tmp, path)
     finally:
@@ -143,8 +145,7 @@ def remove_staging(folder: str | Path, name: str | None = None) -> list[Path]:
     if not folder.is_dir():
         return []
     if name is not None:
-        found = [p for p in folder.iterdir()
-                 if STAGING_RE.match(p.name) and p.name.startswith(f'.{name}.')]
+        found = [p for p in folder.iterdir() if STAGING_RE.match(p.name) and p.name.startswith(f'.{name}.')]
     else:
         found = [p for p in folder.rglob('.*') if STAGING_RE.match(p.name)]
     for path in found:

@@ -6,6 +6,7 @@ load sat there 25-50 s (minutes when the connection hangs) before a multi-line e
 with a short timeout; when no answer comes back it serves the file from the cache, or says in one line that it
 cannot. A Hub that answers (even with an error) gets the ordinary `hf_hub_download`, retries and all.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -15,8 +16,15 @@ from pathlib import Path
 
 from ..errors import HubUnreachableError
 
-__all__ = ['HubUnreachableError', 'PROBE_TIMEOUT', 'hub_download', 'network_errors', 'probe_timeout',
-           'require_hub_or_cache', 'unreachable']
+__all__ = [
+    'HubUnreachableError',
+    'PROBE_TIMEOUT',
+    'hub_download',
+    'network_errors',
+    'probe_timeout',
+    'require_hub_or_cache',
+    'unreachable',
+]
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +44,11 @@ def probe_timeout() -> float:
 def network_errors() -> tuple[type[BaseException], ...]:
     """What the HTTP clients under huggingface_hub raise when the Hub cannot be reached (not all are OSErrors)."""
     errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    for module, names in (("httpx2", ("TransportError",)), ("httpx", ("TransportError",)),
-                          ("requests", ("ConnectionError", "Timeout"))):
+    for module, names in (
+        ('httpx2', ('TransportError',)),
+        ('httpx', ('TransportError',)),
+        ('requests', ('ConnectionError', 'Timeout')),
+    ):
         try:
             mod = importlib.import_module(module)
         except ImportError:
@@ -56,17 +67,22 @@ def unreachable(repo_id: str, filename: str, revision: str | None = None) -> str
     from huggingface_hub import hf_hub_url
     from huggingface_hub.utils import get_session
 
-
     try:
-        get_session().head(hf_hub_url(repo_id, filename, revision=revision), timeout=probe_timeout(),
-                           follow_redirects=False)
+        get_session().head(
+            hf_hub_url(repo_id, filename, revision=revision), timeout=probe_timeout(), follow_redirects=False
+        )
     except network_errors() as e:
         return ' '.join(str(e).split()) or type(e).__name__
     return None
 
 
-def require_hub_or_cache(repo_id: str, filenames: tuple[str, ...] | list[str], *, revision: str | None = None,
-                         cache_dir: str | Path | None = None) -> None:
+def require_hub_or_cache(
+    repo_id: str,
+    filenames: tuple[str, ...] | list[str],
+    *,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+) -> None:
     """Before a download someone else makes (timm's): fail in seconds, not after retries, when the Hub does not
     answer and none of `filenames` is cached. Offline (`HF_HUB_OFFLINE`) it does nothing: the cache is all there is.
     """
@@ -82,11 +98,13 @@ def require_hub_or_cache(repo_id: str, filenames: tuple[str, ...] | list[str], *
             return  # hf_hub_download falls back to it after one failed request, no retries
     raise HubUnreachableError(
         f'cannot reach the Hub at {constants.ENDPOINT} ({reason}) and {repo_id}/{filenames[0]} is not in the cache; '
-        f'connect, or set HF_HUB_OFFLINE=1 to use only the cache')
+        f'connect, or set HF_HUB_OFFLINE=1 to use only the cache'
+    )
 
 
-def hub_download(repo_id: str, filename: str, *, revision: str | None = None,
-                 cache_dir: str | Path | None = None) -> str:
+def hub_download(
+    repo_id: str, filename: str, *, revision: str | None = None, cache_dir: str | Path | None = None
+) -> str:
     """`hf_hub_download(repo_id, filename)`, except that an unreachable Hub costs one short request, not retries.
 
     Offline (`HF_HUB_OFFLINE`), the cache only, as hf_hub_download does. Raises HubUnreachableError (an OSError)
@@ -102,8 +120,10 @@ def hub_download(repo_id: str, filename: str, *, revision: str | None = None,
             if not isinstance(path, str):
                 raise HubUnreachableError(
                     f'cannot reach the Hub at {constants.ENDPOINT} ({reason}) and {repo_id}/{filename} is not in '
-                    f'the cache; connect, or set HF_HUB_OFFLINE=1 to use only the cache')
-            logger.info('the Hub at %s is unreachable (%s): %s/%s from the cache', constants.ENDPOINT, reason,
-                         repo_id, filename)
+                    f'the cache; connect, or set HF_HUB_OFFLINE=1 to use only the cache'
+                )
+            logger.info(
+                'the Hub at %s is unreachable (%s): %s/%s from the cache', constants.ENDPOINT, reason, repo_id, filename
+            )
             return path
     return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir)

@@ -6,6 +6,7 @@ process on this host (a killed build) is taken over; one held on another host ca
 message says which file to remove once that build is known to be gone. Under `accelerate launch` only the main
 process takes the lock: the other ranks belong to the same build.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,14 +17,14 @@ import json
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # accelerate is imported where a build takes the lock: `import kpid_zoo` must not load it
     from accelerate import Accelerator
 
 from ..errors import LockedError  # noqa: F401 (raised here; its home is kpid_zoo.errors)
-
 from .files import staging_path
 
 LOCK_FILE = 'build.lock'
@@ -65,8 +66,11 @@ def acquire(folder: str | Path, name: str = LOCK_FILE) -> Path:
     """Create `<folder>/<name>` for this process, or raise `LockedError` naming the live holder."""
     path = Path(folder) / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    me = {'pid': os.getpid(), 'host': socket.gethostname(),
-          'started': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}
+    me = {
+        'pid': os.getpid(),
+        'host': socket.gethostname(),
+        'started': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+    }
     for _ in range(3):
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -90,8 +94,10 @@ def acquire(folder: str | Path, name: str = LOCK_FILE) -> Path:
                 continue
             where = '' if same_host else f' on host {holder.get("host")} (remove {path} if that build is gone)'
             what = folder if name == LOCK_FILE else f'{folder}/{name.removeprefix(".").removesuffix("." + LOCK_FILE)}'
-            raise LockedError(f'{what} is being built by process {pid}{where}, started {holder.get("started")}; '
-                              f'wait for it to finish or stop it')
+            raise LockedError(
+                f'{what} is being built by process {pid}{where}, started {holder.get("started")}; '
+                f'wait for it to finish or stop it'
+            )
         with os.fdopen(fd, 'w', encoding='utf-8') as f:
             json.dump(me, f)
         return path

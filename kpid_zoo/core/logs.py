@@ -12,6 +12,7 @@ process).
 The package's loggers hang under `kpid_zoo`; the command line gives that logger its handler (`kpid_zoo.cli`), a
 library user configures logging as for any other library.
 """
+
 from __future__ import annotations
 
 import logging

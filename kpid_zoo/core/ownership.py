@@ -17,6 +17,7 @@ A command is given folders by its user, and those folders may hold anything. Thr
 
 Every refusal is a `RefusedError`, a ValueError: the command line prints it as one line and exits 2.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,12 +25,12 @@ import logging
 import os
 import shutil
 import stat
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
 
+from ..errors import RefusedError  # noqa: F401 (raised here; its home is kpid_zoo.errors)
 from .files import file_sha256, read_json, remove_staging, write_json
 from .lock import LOCK_FILE
-from ..errors import RefusedError  # noqa: F401 (raised here; its home is kpid_zoo.errors)
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +47,14 @@ def describe(path: Path) -> str:
         return 'missing'
     if stat.S_ISLNK(mode):
         return f'a symlink to {os.readlink(path)}'
-    for test, name in ((stat.S_ISDIR, 'a folder'), (stat.S_ISREG, 'a regular file'),
-                       (stat.S_ISCHR, 'a character device'), (stat.S_ISBLK, 'a block device'),
-                       (stat.S_ISFIFO, 'a FIFO'), (stat.S_ISSOCK, 'a socket')):
+    for test, name in (
+        (stat.S_ISDIR, 'a folder'),
+        (stat.S_ISREG, 'a regular file'),
+        (stat.S_ISCHR, 'a character device'),
+        (stat.S_ISBLK, 'a block device'),
+        (stat.S_ISFIFO, 'a FIFO'),
+        (stat.S_ISSOCK, 'a socket'),
+    ):
         if test(mode):
             return name
     return 'a special file'
@@ -79,14 +85,20 @@ def check_apart(out: Path, work: Path) -> None:
     """The export folder is replaced whole: it must neither be, hold, nor lie inside the work folder."""
     o, w = out.resolve(), work.resolve()
     if o == w:
-        raise RefusedError(f'--out {out} is the work folder {work}: the export replaces its folder whole; '
-                           f'give --out and --work different folders')
+        raise RefusedError(
+            f'--out {out} is the work folder {work}: the export replaces its folder whole; '
+            f'give --out and --work different folders'
+        )
     if w in o.parents:
-        raise RefusedError(f'--out {out} is inside the work folder {work}, where the build keeps its stage results; '
-                           f'give --out a folder outside it')
+        raise RefusedError(
+            f'--out {out} is inside the work folder {work}, where the build keeps its stage results; '
+            f'give --out a folder outside it'
+        )
     if o in w.parents:
-        raise RefusedError(f'the work folder {work} is inside --out {out}, and the export replaces that folder '
-                           f'whole; give --out a folder outside it')
+        raise RefusedError(
+            f'the work folder {work} is inside --out {out}, and the export replaces that folder '
+            f'whole; give --out a folder outside it'
+        )
 
 
 def _present(folder: Path) -> list[str]:
@@ -107,8 +119,10 @@ def stray_entries(folder: Path, names: Iterable[str]) -> list[str]:
 def _refuse_stray(folder: Path, stray: list[str], option: str) -> None:
     first = folder / stray[0]
     more = f' (and {len(stray) - 1} more)' if len(stray) > 1 else ''
-    raise RefusedError(f'{first}: {describe(first)} that kpid-zoo did not write{more}; refusing to replace {folder} '
-                       f'(move it away, or give {option} another folder)')
+    raise RefusedError(
+        f'{first}: {describe(first)} that kpid-zoo did not write{more}; refusing to replace {folder} '
+        f'(move it away, or give {option} another folder)'
+    )
 
 
 def check_output(folder: Path, names: Iterable[str], ours: Callable[[str, str], bool], option: str) -> None:
@@ -123,9 +137,11 @@ def check_output(folder: Path, names: Iterable[str], ours: Callable[[str, str], 
         _refuse_stray(folder, stray, option)
     for name in _present(folder):
         if not ours(name, file_sha256(folder / name)):
-            raise RefusedError(f'{folder / name}: not the bytes kpid-zoo wrote there (changed since, or not '
-                               f'written by this entry); refusing to replace {folder} (move it away, or give '
-                               f'{option} another folder)')
+            raise RefusedError(
+                f'{folder / name}: not the bytes kpid-zoo wrote there (changed since, or not '
+                f'written by this entry); refusing to replace {folder} (move it away, or give '
+                f'{option} another folder)'
+            )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -188,15 +204,19 @@ def check_work(work: Path, entries: Iterable[str], restart: bool = False) -> set
         # --restart has nothing it may clear
         others = [n for n in _present(work) if not (n == LOCK_FILE and _is_lock(work / n))]
         if restart and others:
-            raise RefusedError(f'--work {work}: not a kpid-zoo work folder (no {WORK_MANIFEST}); --restart clears '
-                               f'only what a build recorded there, and this folder holds {others[0]}'
-                               f'{" and more" if len(others) > 1 else ""}')
+            raise RefusedError(
+                f'--work {work}: not a kpid-zoo work folder (no {WORK_MANIFEST}); --restart clears '
+                f'only what a build recorded there, and this folder holds {others[0]}'
+                f'{" and more" if len(others) > 1 else ""}'
+            )
         ours = set()
     for name in entries:
         path = work / name
         if os.path.lexists(path) and name not in ours and not (name == LOCK_FILE and _is_lock(path)):
-            raise RefusedError(f'{path}: {describe(path)} that kpid-zoo did not write (not in {work / WORK_MANIFEST})'
-                               f'; the build keeps its {name} there: move it away, or give --work another folder')
+            raise RefusedError(
+                f'{path}: {describe(path)} that kpid-zoo did not write (not in {work / WORK_MANIFEST})'
+                f'; the build keeps its {name} there: move it away, or give --work another folder'
+            )
     return ours
 
 

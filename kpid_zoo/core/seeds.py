@@ -1,5 +1,6 @@
 """Seeds derived from names: one function, so a stage, an epoch, a step or a sample draws the same numbers in
 every process and every run."""
+
 from __future__ import annotations
 
 import hashlib

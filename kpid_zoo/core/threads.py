@@ -19,6 +19,7 @@ An explicit thread count wins: OMP_NUM_THREADS in the environment (torch already
 --threads N`. Only the command line turns the adaptive count on (`thread_policy`); a library caller keeps torch's
 own setting and `tick` does nothing.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,26 +27,27 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
 
 import psutil
 import torch
 
-from ._openmp import describe_wait
 from ..errors import UserError
+from ._openmp import describe_wait
 
 logger = logging.getLogger(__name__)
 
 THREADS_ENV = 'OMP_NUM_THREADS'
-CHECK_EVERY_S = 5.0   # seconds between re-checks: a few training steps, long enough for 100 Hz CPU counters
-PROBE_S = 0.3         # the first look, before any step has run: 30 clock ticks a core
+CHECK_EVERY_S = 5.0  # seconds between re-checks: a few training steps, long enough for 100 Hz CPU counters
+PROBE_S = 0.3  # the first look, before any step has run: 30 clock ticks a core
 
 
 @dataclass(frozen=True)
 class CpuSample:
     """Cumulative CPU seconds at one moment: of the machine's CPUs this process may use (busy = not idle, counted
     the way `busy_seconds` says), and of this process with its live children ({pid: seconds})."""
+
     time: float
     busy: float
     ours: dict
@@ -75,8 +77,13 @@ def others_busy(before: CpuSample, after: CpuSample) -> float:
 def busy_seconds(times, count_nice: bool) -> float:
     """Non-idle CPU seconds of one /proc/stat line. Niced processes' user time (`nice`) is left out unless this
     process is niced itself: the scheduler gives way to us over them, so they do not slow us down."""
-    busy = times.user + times.system + getattr(times, 'irq', 0.0) + getattr(times, 'softirq', 0.0) \
+    busy = (
+        times.user
+        + times.system
+        + getattr(times, 'irq', 0.0)
+        + getattr(times, 'softirq', 0.0)
         + getattr(times, 'steal', 0.0)
+    )
     return busy + (getattr(times, 'nice', 0.0) if count_nice else 0.0)
 
 
@@ -87,7 +94,7 @@ def usable_cpus() -> list[int]:
     return list(range(os.cpu_count() or 1))
 
 
-def sample_cpu(cpus: Optional[list[int]] = None) -> CpuSample:
+def sample_cpu(cpus: list[int] | None = None) -> CpuSample:
     """Now's counters (psutil: /proc/stat and /proc/<pid>/stat on Linux)."""
     me = psutil.Process()
     count_nice = me.nice() > 0
@@ -107,17 +114,24 @@ def sample_cpu(cpus: Optional[list[int]] = None) -> CpuSample:
 class ThreadGovernor:
     """Sets torch's intra-op threads from `choose_threads`, re-checked every `every` seconds of `tick` calls."""
 
-    def __init__(self, max_threads: int, cpus: Optional[list[int]] = None, every: float = CHECK_EVERY_S,
-                 probe: float = PROBE_S, sampler: Callable[[], CpuSample] | None = None,
-                 set_threads: Callable[[int], None] = torch.set_num_threads,
-                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        max_threads: int,
+        cpus: list[int] | None = None,
+        every: float = CHECK_EVERY_S,
+        probe: float = PROBE_S,
+        sampler: Callable[[], CpuSample] | None = None,
+        set_threads: Callable[[int], None] = torch.set_num_threads,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.max_threads = max_threads
         self.cpus = cpus if cpus is not None else usable_cpus()
         self.every, self.probe = every, probe
         self.sampler = sampler or (lambda: sample_cpu(self.cpus))
         self.set_threads, self.sleep, self.clock = set_threads, sleep, clock
-        self.last: Optional[CpuSample] = None
-        self.threads: Optional[int] = None
+        self.last: CpuSample | None = None
+        self.threads: int | None = None
 
     def tick(self) -> int:
         """Re-check when `every` seconds have passed since the last look (the first call looks for `probe`
@@ -132,18 +146,17 @@ class ThreadGovernor:
         self.last = sample
         threads = choose_threads(self.max_threads, len(self.cpus), others)
         if threads != self.threads:
-            logger.debug('other processes busy on %.2f of %d CPUs: %d torch threads', others, len(self.cpus),
-                         threads)
+            logger.debug('other processes busy on %.2f of %d CPUs: %d torch threads', others, len(self.cpus), threads)
             self.set_threads(threads)
             self.threads = threads
         return threads
 
 
-_GOVERNOR: Optional[ThreadGovernor] = None
+_GOVERNOR: ThreadGovernor | None = None
 _HELD = 0  # how many `fixed_threads` blocks are open: while any is, `tick` leaves the count alone
 
 
-def configure(threads: Optional[int] = None) -> str:
+def configure(threads: int | None = None) -> str:
     """The process's thread policy, chosen once by the command line: `threads` fixes the count; else an
     OMP_NUM_THREADS in the environment is left to torch; else the count adapts (`tick`). Returns what was chosen,
     in words, for the log."""
@@ -169,7 +182,7 @@ def tick() -> None:
 
 
 @contextlib.contextmanager
-def fixed_threads(threads: Optional[int] = None) -> Iterator[None]:
+def fixed_threads(threads: int | None = None) -> Iterator[None]:
     """The block runs with torch's intra-op thread count at `threads` (None: the count in force), which the
     adaptive governor's re-checks leave alone until the block ends (a timing or a one-image pass must not see its
     count change halfway); afterwards the count is what it was before."""
@@ -186,7 +199,7 @@ def fixed_threads(threads: Optional[int] = None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def thread_policy(threads: Optional[int] = None) -> Iterator[str]:
+def thread_policy(threads: int | None = None) -> Iterator[str]:
     """`configure` for the block; afterwards no adaptive count and torch's thread count as it was before."""
     global _GOVERNOR
     before = torch.get_num_threads()

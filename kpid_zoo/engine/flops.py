@@ -1,4 +1,5 @@
 """FLOPs and parameter counts with fvcore; one FLOP = one multiply-add, so `gmacs` matches timm's published GMACs."""
+
 from __future__ import annotations
 
 import copy
@@ -11,7 +12,7 @@ from torch import nn
 with warnings.catch_warnings():
     # fvcore scripts its focal loss with torch.jit at import, which torch flags as deprecated: a FutureWarning on
     # stderr at every `kpid-zoo` start, around the one line an error is meant to be
-    warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
+    warnings.filterwarnings('ignore', message='.*torch.jit.script.*is deprecated', category=FutureWarning)
     from fvcore.nn import FlopCountAnalysis
 
 __all__ = ['FlopsReport', 'count_flops', 'count_params']

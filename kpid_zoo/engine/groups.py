@@ -19,6 +19,7 @@ runs over the channel axis). Removing a channel from such a space leaves a valid
 equals its parent with that channel zeroed: the group stays prunable, marked *inexact* with the reason. Specs can
 always express its widths; the knapsack prunes it only when asked to (`GroupGraph.exact_only`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,8 +29,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .handlers import (ROLE_CHANNEL, ROLE_DW, ROLE_IN, ROLE_NORM, ROLE_OUT, ROLE_PARAM,  # noqa: F401 (re-exported)
-                       LayerHandler, ParameterHandler, handler_for)
+from .handlers import (  # noqa: F401 (re-exported)
+    ROLE_CHANNEL,
+    ROLE_DW,
+    ROLE_IN,
+    ROLE_NORM,
+    ROLE_OUT,
+    ROLE_PARAM,
+    LayerHandler,
+    ParameterHandler,
+    handler_for,
+)
 from .tracing import Elements, Layout, Member, TraceContext, follow_layouts  # noqa: F401 (Member re-exported)
 
 
@@ -37,6 +47,7 @@ from .tracing import Elements, Layout, Member, TraceContext, follow_layouts  # n
 class ChannelMap:
     """Where the positions of one channel dimension come from: the group (index into `GroupGraph.groups`, -1 for
     channels of no group, such as the network input) and the channel within that group, position by position."""
+
     group: np.ndarray
     channel: np.ndarray
 
@@ -58,8 +69,12 @@ class ChannelMap:
 
     def identity_of(self) -> int | None:
         """The group whose channels this dimension is, each once and in order; None if it is not exactly one."""
-        if len(self) and (self.group == self.group[0]).all() and self.group[0] >= 0 \
-                and (self.channel == np.arange(len(self))).all():
+        if (
+            len(self)
+            and (self.group == self.group[0]).all()
+            and self.group[0] >= 0
+            and (self.channel == np.arange(len(self))).all()
+        ):
             return int(self.group[0])
         return None
 
@@ -67,12 +82,13 @@ class ChannelMap:
 @dataclass
 class ChannelGroup:
     """Channels that must be kept or removed together."""
+
     name: str
     size: int
     members: tuple[Member, ...]
     prunable: bool
-    reason: str = ""
-    inexact: str = ""  # why pruning it changes the kept channels' values too ("" for an exact group)
+    reason: str = ''
+    inexact: str = ''  # why pruning it changes the kept channels' values too ("" for an exact group)
     blocks: tuple[int, ...] = ()  # block of each channel (grouped convs keep as many in each); () for one block
 
     @property
@@ -103,13 +119,14 @@ class ChannelGroup:
 @dataclass
 class GroupGraph:
     """All channel groups of a model, in graph order, plus where each module's output channels live."""
+
     groups: list[ChannelGroup]
     module_out_group: dict[str, str] = field(default_factory=dict)
     global_pool_group: str | None = None
     layouts: dict[Member, ChannelMap] = field(default_factory=dict)  # each member's dimension, position by position
-    outputs: dict[str, ChannelMap] = field(default_factory=dict)     # each module's output channels
-    global_pool: ChannelMap | None = None                             # the channels entering the global pool
-    param_dims: dict[str, int] = field(default_factory=dict)          # bare parameters: their channel dimension
+    outputs: dict[str, ChannelMap] = field(default_factory=dict)  # each module's output channels
+    global_pool: ChannelMap | None = None  # the channels entering the global pool
+    param_dims: dict[str, int] = field(default_factory=dict)  # bare parameters: their channel dimension
 
     def __post_init__(self) -> None:
         self._by_name = {g.name: g for g in self.groups}
@@ -119,8 +136,10 @@ class GroupGraph:
         try:
             return self._by_name[name]
         except KeyError:
-            raise KeyError(f"no channel group named {name!r}; groups are named by their first producer, "
-                           f"e.g. {self.groups[0].name!r}") from None
+            raise KeyError(
+                f'no channel group named {name!r}; groups are named by their first producer, '
+                f'e.g. {self.groups[0].name!r}'
+            ) from None
 
     def __contains__(self, name: str) -> bool:
         return name in self._by_name
@@ -138,15 +157,22 @@ class GroupGraph:
 
     def exact_only(self) -> GroupGraph:
         """The same graph with its inexact groups fixed at full width (what the knapsack sees by default)."""
-        groups = [g if g.exact or not g.prunable else dataclasses.replace(
-            g, prunable=False, reason=f"inexact ({g.inexact}); a recipe prunes it with importance.allow_inexact: true")
-            for g in self.groups]
+        groups = [
+            g
+            if g.exact or not g.prunable
+            else dataclasses.replace(
+                g,
+                prunable=False,
+                reason=f'inexact ({g.inexact}); a recipe prunes it with importance.allow_inexact: true',
+            )
+            for g in self.groups
+        ]
         return dataclasses.replace(self, groups=groups, module_out_group=dict(self.module_out_group))
 
     def resolve(self, model: nn.Module, member: Member) -> tuple[LayerHandler, nn.Module]:
         """The handler of a member and the module it is called with (a bare parameter's owner)."""
         if member.role == ROLE_PARAM:
-            owner, _, attr = member.module.rpartition(".")
+            owner, _, attr = member.module.rpartition('.')
             return ParameterHandler(attr, self.param_dims[member.module]), model.get_submodule(owner)
         module = model.get_submodule(member.module)
         return handler_for(module), module
@@ -172,12 +198,10 @@ class GroupGraph:
         return total
 
 
-
 def discover_groups(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224)) -> GroupGraph:
     """Trace `model` and return its channel groups (see the module docstring for the rules)."""
     traced = follow_layouts(model, input_size)
     return _collect(traced.context, traced.module_out, traced.global_pool)
-
 
 
 def _collect(ctx: TraceContext, module_out: dict[str, Layout], pool: Layout | None) -> GroupGraph:
@@ -199,7 +223,7 @@ def _collect(ctx: TraceContext, module_out: dict[str, Layout], pool: Layout | No
 
     # what each member holds of each channel, hashed: channels with the same signature are held alike
     signature = np.zeros(n, dtype=np.uint64)
-    hashes = np.random.default_rng(0).integers(1, 2 ** 63, size=len(ctx.members), dtype=np.uint64)
+    hashes = np.random.default_rng(0).integers(1, 2**63, size=len(ctx.members), dtype=np.uint64)
     for h, layout in zip(hashes, ctx.members.values()):
         np.add.at(signature, roots[layout], h)
 
@@ -250,14 +274,14 @@ def _collect(ctx: TraceContext, module_out: dict[str, Layout], pool: Layout | No
             if f not in group_index:
                 group_index[f] = len(names)
                 k = named_in.get(c, 0)
-                names.append(producer_of[c] if k == 0 else f"{producer_of[c]}#{k}")
+                names.append(producer_of[c] if k == 0 else f'{producer_of[c]}#{k}')
                 named_in[c] = k + 1
                 sizes.append(0)
             gi = group_index[f]
             group_of[r], channel_of[r] = gi, sizes[gi]
             sizes[gi] += 1
     if len(names) != len(set(names)):
-        raise AssertionError("channel group names collide")  # producers are unique per component
+        raise AssertionError('channel group names collide')  # producers are unique per component
 
     def cmap(layout: Layout) -> ChannelMap:
         r = roots[layout]
@@ -276,10 +300,14 @@ def _collect(ctx: TraceContext, module_out: dict[str, Layout], pool: Layout | No
         cm = cmap(layout)
         touched = {int(g) for g in cm.group if g >= 0}
         gi = int(cm.group[0]) if len(cm) else -1
-        if len(cm) % count or len(touched) != 1 or (cm.group != gi).any() or \
-                sorted(cm.channel.tolist()) != list(range(sizes[gi])):
+        if (
+            len(cm) % count
+            or len(touched) != 1
+            or (cm.group != gi).any()
+            or sorted(cm.channel.tolist()) != list(range(sizes[gi]))
+        ):
             for g in touched:
-                reasons.setdefault(g, f"{where}: its blocks do not hold whole channels of one group")
+                reasons.setdefault(g, f'{where}: its blocks do not hold whole channels of one group')
             continue
         block = np.empty(sizes[gi], dtype=np.int64)
         block[cm.channel] = np.arange(len(cm)) // (len(cm) // count)
@@ -288,7 +316,7 @@ def _collect(ctx: TraceContext, module_out: dict[str, Layout], pool: Layout | No
     for gi, block in blocks.items():
         counts = np.bincount(block)
         if (counts != counts[0]).any():
-            reasons.setdefault(gi, "grouped convs with conv-groups that do not nest")
+            reasons.setdefault(gi, 'grouped convs with conv-groups that do not nest')
 
     layouts = {m: cmap(lay) for m, lay in ctx.members.items()}
     members: list[list[Member]] = [[] for _ in names]
@@ -299,14 +327,30 @@ def _collect(ctx: TraceContext, module_out: dict[str, Layout], pool: Layout | No
             block = blocks.get(gi, np.zeros(sizes[gi], dtype=np.int64))
             for b in np.unique(block):  # every block held alike, so the group's width says this member's
                 if (counts[block == b] != counts[block == b][0]).any():
-                    reasons.setdefault(gi, f"{m.module}: holds the channels of this group unevenly")
+                    reasons.setdefault(gi, f'{m.module}: holds the channels of this group unevenly')
 
-    groups = [ChannelGroup(names[gi], sizes[gi], tuple(members[gi]), gi not in reasons, reasons.get(gi, ""),
-                           inexact.get(gi, ""), tuple(int(b) for b in blocks[gi]) if gi in blocks else ())
-              for gi in range(len(names))]
+    groups = [
+        ChannelGroup(
+            names[gi],
+            sizes[gi],
+            tuple(members[gi]),
+            gi not in reasons,
+            reasons.get(gi, ''),
+            inexact.get(gi, ''),
+            tuple(int(b) for b in blocks[gi]) if gi in blocks else (),
+        )
+        for gi in range(len(names))
+    ]
     outputs = {m: cmap(lay) for m, lay in module_out.items()}
     module_out_group = {m: names[gi] for m, cm in outputs.items() if (gi := cm.identity_of()) is not None}
     pool_map = cmap(pool) if pool is not None else None
     pool_gi = pool_map.identity_of() if pool_map is not None else None
-    return GroupGraph(groups, module_out_group, names[pool_gi] if pool_gi is not None else None, layouts, outputs,
-                      pool_map, dict(ctx.param_dims))
+    return GroupGraph(
+        groups,
+        module_out_group,
+        names[pool_gi] if pool_gi is not None else None,
+        layouts,
+        outputs,
+        pool_map,
+        dict(ctx.param_dims),
+    )

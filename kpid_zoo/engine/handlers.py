@@ -16,25 +16,39 @@ A layer type the registry does not know is opaque: the channels it reads or writ
 Teach the engine a custom module with `register_layer_handler(MyModule, MyHandler())` (or as a class decorator
 on the handler); the most specific registered class of a module wins, so subclasses inherit their base's handler.
 """
+
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
-from timm.layers import (BatchNormAct2d, CecaModule, DropPath, EcaModule, MixedConv2d, ScaledStdConv2d,
-                         ScaledStdConv2dSame, SelectAdaptivePool2d, SelectiveKernel, StdConv2d, StdConv2dSame)
-from timm.layers import activations as timm_act, activations_me as timm_act_me
+from timm.layers import (
+    BatchNormAct2d,
+    CecaModule,
+    DropPath,
+    EcaModule,
+    MixedConv2d,
+    ScaledStdConv2d,
+    ScaledStdConv2dSame,
+    SelectAdaptivePool2d,
+    SelectiveKernel,
+    StdConv2d,
+    StdConv2dSame,
+)
+from timm.layers import activations as timm_act
+from timm.layers import activations_me as timm_act_me
 
 if TYPE_CHECKING:
     from .tracing import Layout, TraceContext
 
-ROLE_OUT = "out"          # output channels of a dense conv / linear (dim 0 of its weight)
-ROLE_IN = "in"            # input channels of a dense conv / linear (dim 1 of its weight)
-ROLE_DW = "dw"            # a depthwise conv: its input and output channels are the same channels
-ROLE_NORM = "norm"        # a batch norm's features
-ROLE_CHANNEL = "channel"  # per-channel weights of a channel-wise layer (PReLU with one weight per channel)
-ROLE_PARAM = "param"      # a bare per-channel parameter of some module, meeting activations in an elementwise op
+ROLE_OUT = 'out'  # output channels of a dense conv / linear (dim 0 of its weight)
+ROLE_IN = 'in'  # input channels of a dense conv / linear (dim 1 of its weight)
+ROLE_DW = 'dw'  # a depthwise conv: its input and output channels are the same channels
+ROLE_NORM = 'norm'  # a batch norm's features
+ROLE_CHANNEL = 'channel'  # per-channel weights of a channel-wise layer (PReLU with one weight per channel)
+ROLE_PARAM = 'param'  # a bare per-channel parameter of some module, meeting activations in an elementwise op
 
 # (tensor, function mapping a tensor of that shape to one value per position of the role's dimension)
 TensorScores = list[tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]]
@@ -62,7 +76,7 @@ class LayerHandler:
 
     def propagate(self, ctx: TraceContext, name: str, module: nn.Module, x: Layout) -> Layout:
         """The layout of the output, given the layout `x` of the (first) input; record members with `ctx`."""
-        return ctx.opaque(x, name, f"{type(module).__name__} is not understood channel by channel")
+        return ctx.opaque(x, name, f'{type(module).__name__} is not understood channel by channel')
 
     def tensors(self, module: nn.Module, role: str) -> list[tuple[str, int]]:
         """(attribute, dimension) of every tensor of `module` that holds the channels of `role`."""
@@ -84,8 +98,11 @@ class LayerHandler:
 
     def importance_tensors(self, module: nn.Module, role: str) -> TensorScores:
         """What Taylor importance reads: by default every parameter that slicing `role` cuts."""
-        return [(t, per_channel(dim)) for attr, dim in self.tensors(module, role)
-                if isinstance(t := getattr(module, attr, None), nn.Parameter)]
+        return [
+            (t, per_channel(dim))
+            for attr, dim in self.tensors(module, role)
+            if isinstance(t := getattr(module, attr, None), nn.Parameter)
+        ]
 
     def filters(self, module: nn.Module, role: str) -> TensorScores:
         """What magnitude importance reads (the filters that produce the channels); none by default."""
@@ -101,7 +118,7 @@ class ChannelwiseHandler(LayerHandler):
     def propagate(self, ctx, name, module, x):
         if any(True for _ in module.parameters()):
             # a parameter nobody slices would make the pruned net crash or compute something else
-            return ctx.opaque(x, name, f"{type(module).__name__} has parameters no handler slices")
+            return ctx.opaque(x, name, f'{type(module).__name__} has parameters no handler slices')
         return ctx.passthrough(x, name)
 
 
@@ -111,7 +128,7 @@ class ChannelMixingHandler(LayerHandler):
 
     def propagate(self, ctx, name, module, x):
         y = ctx.passthrough(x, name)
-        ctx.mark_inexact(y, f"{name}: {type(module).__name__} mixes neighbouring channels")
+        ctx.mark_inexact(y, f'{name}: {type(module).__name__} mixes neighbouring channels')
         return y
 
 
@@ -130,18 +147,22 @@ class ConvHandler(LayerHandler):
         if conv.in_channels % g or conv.out_channels % g or g == conv.in_channels:
             # a channel multiplier (groups == in < out) ties each input to a block of outputs: only whole
             # conv-groups could go, which would change `groups`
-            return ctx.opaque(x, name, f"grouped conv (groups={g}, in={conv.in_channels}, "
-                                       f"out={conv.out_channels}) is pruned only as a whole", conv.out_channels)
+            return ctx.opaque(
+                x,
+                name,
+                f'grouped conv (groups={g}, in={conv.in_channels}, out={conv.out_channels}) is pruned only as a whole',
+                conv.out_channels,
+            )
         ctx.member(x, name, ROLE_IN)
-        ctx.balance(x, g, f"{name}: grouped conv (groups={g})")
+        ctx.balance(x, g, f'{name}: grouped conv (groups={g})')
         y = ctx.new(conv.out_channels, name)
-        ctx.balance(y, g, f"{name}: grouped conv (groups={g})")
+        ctx.balance(y, g, f'{name}: grouped conv (groups={g})')
         return y
 
     def tensors(self, conv, role):
         if role == ROLE_IN:
-            return [("weight", 1)]
-        return [("weight", 0), ("bias", 0)]
+            return [('weight', 1)]
+        return [('weight', 0), ('bias', 0)]
 
     def slice(self, conv, role, idx):
         if role == ROLE_IN and conv.groups > 1:
@@ -150,7 +171,7 @@ class ConvHandler(LayerHandler):
             keep = idx.view(g, -1) - torch.arange(g).unsqueeze(1) * per_in  # local indices, one row per conv-group
             w = conv.weight.detach()
             per_out = w.shape[0] // g
-            rows = [w[k * per_out:(k + 1) * per_out].index_select(1, keep[k].to(w.device)) for k in range(g)]
+            rows = [w[k * per_out : (k + 1) * per_out].index_select(1, keep[k].to(w.device)) for k in range(g)]
             conv.weight = nn.Parameter(torch.cat(rows), requires_grad=conv.weight.requires_grad)
             conv.in_channels = len(idx)
             return
@@ -182,22 +203,21 @@ class WeightStandardizedConvHandler(ConvHandler):
     """Convs that normalise each filter over its inputs: removing an input channel changes every output."""
 
     def propagate(self, ctx, name, conv, x):
-        ctx.block(x, f"{name}: {type(conv).__name__} standardises filters over their input channels")
+        ctx.block(x, f'{name}: {type(conv).__name__} standardises filters over their input channels')
         if conv.groups == 1:
             return ctx.new(conv.out_channels, name)
-        return ctx.opaque(x, name, f"grouped {type(conv).__name__}", conv.out_channels)
+        return ctx.opaque(x, name, f'grouped {type(conv).__name__}', conv.out_channels)
 
 
 class LinearHandler(LayerHandler):
     def propagate(self, ctx, name, linear, x):
         if ctx.ndim != 2 or len(x) != linear.in_features:
-            return ctx.opaque(x, name, "linear layer on a tensor that is not (batch, channels)",
-                              linear.out_features)
+            return ctx.opaque(x, name, 'linear layer on a tensor that is not (batch, channels)', linear.out_features)
         ctx.member(x, name, ROLE_IN)
         return ctx.new(linear.out_features, name)
 
     def tensors(self, linear, role):
-        return [("weight", 1)] if role == ROLE_IN else [("weight", 0), ("bias", 0)]
+        return [('weight', 1)] if role == ROLE_IN else [('weight', 0), ('bias', 0)]
 
     def set_width(self, linear, role, n):
         if role == ROLE_IN:
@@ -216,14 +236,14 @@ class BatchNormHandler(LayerHandler):
     """Batch norms (timm's BatchNormAct2d included: its activation and dropout act channel by channel)."""
 
     def propagate(self, ctx, name, bn, x):
-        extra = [n for n, _ in bn.named_parameters() if n not in ("weight", "bias")]
+        extra = [n for n, _ in bn.named_parameters() if n not in ('weight', 'bias')]
         if extra:  # e.g. a BatchNormAct2d whose activation has weights of its own
-            return ctx.opaque(x, name, f"{type(bn).__name__} has parameters no handler slices ({extra[0]})")
+            return ctx.opaque(x, name, f'{type(bn).__name__} has parameters no handler slices ({extra[0]})')
         ctx.member(x, name, ROLE_NORM)
         return x
 
     def tensors(self, bn, role):
-        return [(a, 0) for a in ("weight", "bias", "running_mean", "running_var")]
+        return [(a, 0) for a in ('weight', 'bias', 'running_mean', 'running_var')]
 
     def set_width(self, bn, role, n):
         bn.num_features = n
@@ -239,12 +259,12 @@ class PReLUHandler(LayerHandler):
         if prelu.num_parameters == 1:
             return ctx.passthrough(x, name)
         if prelu.num_parameters != len(x) or ctx.ndim < 2:
-            return ctx.opaque(x, name, f"PReLU with {prelu.num_parameters} slopes on {len(x)} channels")
+            return ctx.opaque(x, name, f'PReLU with {prelu.num_parameters} slopes on {len(x)} channels')
         ctx.member(x, name, ROLE_CHANNEL)
         return x
 
     def tensors(self, prelu, role):
-        return [("weight", 0)]
+        return [('weight', 0)]
 
     def set_width(self, prelu, role, n):
         prelu.num_parameters = n
@@ -269,7 +289,7 @@ class MixedConvHandler(LayerHandler):
     def propagate(self, ctx, name, mixed, x):
         outs, start = [], 0
         for (key, conv), size in zip(mixed.items(), mixed.splits):
-            outs.append(ctx.call(f"{name}.{key}", x[start:start + size]))
+            outs.append(ctx.call(f'{name}.{key}', x[start : start + size]))
             start += size
         return ctx.concat(outs)
 
@@ -287,21 +307,21 @@ class SelectiveKernelHandler(LayerHandler):
     def propagate(self, ctx, name, sk, x):
         paths = len(sk.paths)
         if sk.split_input:
-            ctx.balance(x, paths, f"{name}: splits its input into {paths} equal parts")
+            ctx.balance(x, paths, f'{name}: splits its input into {paths} equal parts')
             step = len(x) // paths
-            inputs = [x[i * step:(i + 1) * step] for i in range(paths)]
+            inputs = [x[i * step : (i + 1) * step] for i in range(paths)]
         else:
             inputs = [x] * paths
         out = None
         for i, (inp, path) in enumerate(zip(inputs, sk.paths)):
-            if not isinstance(getattr(path, "aa", None), (nn.Identity, type(None))):
-                return ctx.opaque(x, name, "SelectiveKernel path with an anti-aliasing layer", sk.out_channels)
-            y = ctx.call(f"{name}.paths.{i}.bn", ctx.call(f"{name}.paths.{i}.conv", inp))
-            out = y if out is None else ctx.merge(out, y, f"{name} (sum of paths)")
-        attn = ctx.call(f"{name}.attn.bn", ctx.call(f"{name}.attn.fc_reduce", out))
-        select = ctx.call(f"{name}.attn.fc_select", attn)
+            if not isinstance(getattr(path, 'aa', None), (nn.Identity, type(None))):
+                return ctx.opaque(x, name, 'SelectiveKernel path with an anti-aliasing layer', sk.out_channels)
+            y = ctx.call(f'{name}.paths.{i}.bn', ctx.call(f'{name}.paths.{i}.conv', inp))
+            out = y if out is None else ctx.merge(out, y, f'{name} (sum of paths)')
+        attn = ctx.call(f'{name}.attn.bn', ctx.call(f'{name}.attn.fc_reduce', out))
+        select = ctx.call(f'{name}.attn.fc_select', attn)
         for i in range(paths):  # view(B, paths, C, H, W): path i's attention is positions i*C .. (i+1)*C
-            ctx.merge(out, select[i * len(out):(i + 1) * len(out)], f"{name}.attn (attention of path {i})")
+            ctx.merge(out, select[i * len(out) : (i + 1) * len(out)], f'{name}.attn (attention of path {i})')
         return out
 
     def refresh(self, sk):
@@ -317,14 +337,16 @@ def register_layer_handler(module_type: type, handler: LayerHandler | None = Non
     """Teach the engine a layer type: `register_layer_handler(MyModule, MyHandler())`, or, as a decorator on a
     handler class, `@register_layer_handler(MyModule)`. The module is traced as one leaf from then on."""
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
-        raise TypeError(f"register_layer_handler: expected an nn.Module subclass, got {module_type!r}")
+        raise TypeError(f'register_layer_handler: expected an nn.Module subclass, got {module_type!r}')
     if handler is None:
+
         def decorate(cls):
             _REGISTRY[module_type] = cls()
             return cls
+
         return decorate
     if not isinstance(handler, LayerHandler):
-        raise TypeError(f"register_layer_handler: expected a LayerHandler, got {type(handler).__name__}")
+        raise TypeError(f'register_layer_handler: expected a LayerHandler, got {type(handler).__name__}')
     _REGISTRY[module_type] = handler
     return handler
 
@@ -339,9 +361,29 @@ def handler_for(module: nn.Module) -> LayerHandler | None:
 
 def _register_builtins() -> None:
     channelwise = ChannelwiseHandler()
-    for cls in (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Hardsigmoid, nn.Hardswish, nn.Tanh,
-                nn.LeakyReLU, nn.ELU, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout2d, nn.MaxPool2d, nn.AvgPool2d,
-                nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, SelectAdaptivePool2d, DropPath):
+    for cls in (
+        nn.ReLU,
+        nn.ReLU6,
+        nn.SiLU,
+        nn.GELU,
+        nn.Sigmoid,
+        nn.Hardsigmoid,
+        nn.Hardswish,
+        nn.Tanh,
+        nn.LeakyReLU,
+        nn.ELU,
+        nn.Mish,
+        nn.Identity,
+        nn.Dropout,
+        nn.Dropout2d,
+        nn.MaxPool2d,
+        nn.AvgPool2d,
+        nn.AdaptiveAvgPool2d,
+        nn.AdaptiveMaxPool2d,
+        nn.Flatten,
+        SelectAdaptivePool2d,
+        DropPath,
+    ):
         register_layer_handler(cls, channelwise)
     for mod in (timm_act, timm_act_me):
         for cls in vars(mod).values():

@@ -4,9 +4,10 @@ KPID scores a channel with the first-order Taylor term of removing it: the sum o
 (the filters producing it, its BN scale and shift, the depthwise filter, the consumers' input slices) of
 |w * dL/dw|, accumulated over N batches. Magnitude (L1 of the producing filters) is the data-free baseline.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -15,8 +16,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..core import threads
-from .groups import ChannelMap, GroupGraph
 from ..errors import UserError
+from .groups import ChannelMap, GroupGraph
 
 Importance = dict[str, torch.Tensor]  # group name -> one score per channel of the parent
 
@@ -44,9 +45,15 @@ def _scatter(scores: dict[str, torch.Tensor], graph: GroupGraph, channels: Chann
             scores[name].index_add_(0, torch.from_numpy(channels.channel)[at], values[at])
 
 
-def taylor_importance(model: nn.Module, graph: GroupGraph, batches: Iterable, num_batches: int,
-                      loss_fn: Callable | None = None, device: str | torch.device = "cpu",
-                      progress: bool = True) -> Importance:
+def taylor_importance(
+    model: nn.Module,
+    graph: GroupGraph,
+    batches: Iterable,
+    num_batches: int,
+    loss_fn: Callable | None = None,
+    device: str | torch.device = 'cpu',
+    progress: bool = True,
+) -> Importance:
     """Sum over `num_batches` batches of |w * dL/dw|, per channel, summed over each prunable group's members
     (a ValueError when `batches` holds fewer).
 
@@ -54,7 +61,7 @@ def taylor_importance(model: nn.Module, graph: GroupGraph, batches: Iterable, nu
     fields are left untouched.
     """
     if num_batches < 1:
-        raise UserError(f"importance.batches must be >= 1, got {num_batches}")
+        raise UserError(f'importance.batches must be >= 1, got {num_batches}')
     loss_fn = loss_fn or F.cross_entropy
     was_training = model.training
     model.eval().to(device)
@@ -63,14 +70,15 @@ def taylor_importance(model: nn.Module, graph: GroupGraph, batches: Iterable, nu
     scores = {g.name: torch.zeros(g.size, dtype=torch.float64) for g in graph.prunable}
     seen = 0
     it = iter(batches)
-    for _ in tqdm(range(num_batches), desc="importance (taylor)", disable=not progress, leave=False):
+    for _ in tqdm(range(num_batches), desc='importance (taylor)', disable=not progress, leave=False):
         try:
             x, y = next(it)
         except StopIteration:
             # scores over fewer batches than asked would be passed off as the recipe's: say so instead
             model.train(was_training)
-            raise UserError(f"importance.batches: {num_batches} batches asked, but the data loader held "
-                             f"{seen}") from None
+            raise UserError(
+                f'importance.batches: {num_batches} batches asked, but the data loader held {seen}'
+            ) from None
         threads.tick()
         with torch.enable_grad():
             loss = loss_fn(model(x.to(device)), y.to(device))

@@ -10,6 +10,7 @@ Within a group the best k channels are the k most important ones, so the problem
 over one width per group. It is solved exactly by dynamic programming on a discretised budget (costs rounded up,
 so the answer is always feasible); the LP relaxation gives the upper bound against which the gap is reported.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,10 +21,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..errors import UserError
 from .flops import FlopsReport
 from .groups import GroupGraph
-from ..errors import UserError
-
 
 # One dimension of a layer as a function of the group widths: const + sum of weight * width over its groups,
 # scaled so that the parent's widths give 1 (a concatenation holds several groups side by side).
@@ -34,12 +34,13 @@ Factor = tuple[float, tuple[tuple[str, float], ...]]
 class CostModel:
     """FLOPs as a function of group widths: fixed + sum of coef * prod(factor) over each term's factors, one factor
     per dimension of a layer that holds prunable channels (a dense conv's input and output, a BN's features)."""
+
     terms: list[tuple[float, tuple[Factor, ...]]]
     fixed: float
     sizes: dict[str, int]
 
     @classmethod
-    def from_flops(cls, model: nn.Module, graph: GroupGraph, flops: FlopsReport) -> "CostModel":
+    def from_flops(cls, model: nn.Module, graph: GroupGraph, flops: FlopsReport) -> CostModel:
         own = _own_flops(model, flops.by_module)
         prunable = {g.name for g in graph.prunable}
         factors_of: dict[str, list[Factor]] = {}
@@ -67,7 +68,7 @@ class CostModel:
 
     @staticmethod
     def describe(value: float) -> str:
-        return f"{value / 1e9:.4g} GMACs"
+        return f'{value / 1e9:.4g} GMACs'
 
     def marginal(self, widths: dict[str, float]) -> dict[str, float]:
         """dFLOPs / d(width of g) at `widths`: the cost of one more channel of g with the others held."""
@@ -103,9 +104,9 @@ def _factor(graph: GroupGraph, channels, prunable: set[str]) -> Factor:
 @dataclass
 class KnapsackSolution:
     widths: dict[str, int]
-    value: float        # summed importance of the kept channels
-    cost: float         # linearised cost of the solution (same units as the budget)
-    lp_bound: float     # value of the LP relaxation: no integer solution does better
+    value: float  # summed importance of the kept channels
+    cost: float  # linearised cost of the solution (same units as the budget)
+    lp_bound: float  # value of the LP relaxation: no integer solution does better
 
     @property
     def gap(self) -> float:
@@ -135,16 +136,23 @@ def value_curve(scores: torch.Tensor, blocks: list[torch.Tensor] | None = None) 
     return np.repeat(per_block, len(blocks))[: len(scores) + 1]
 
 
-def solve_knapsack(importance: dict[str, torch.Tensor], unit_cost: dict[str, float], budget: float,
-                   choices: dict[str, list[int]], resolution: int = 20000,
-                   blocks: dict[str, list[torch.Tensor]] | None = None) -> KnapsackSolution:
+def solve_knapsack(
+    importance: dict[str, torch.Tensor],
+    unit_cost: dict[str, float],
+    budget: float,
+    choices: dict[str, list[int]],
+    resolution: int = 20000,
+    blocks: dict[str, list[torch.Tensor]] | None = None,
+) -> KnapsackSolution:
     """Pick one width per group maximising sum(top-k importance) s.t. sum(unit_cost * width) <= budget.
 
     A group in `blocks` keeps the top width / len(blocks) channels of each of its blocks (grouped convs)."""
     names = list(choices)
     if budget <= 0:
-        raise UserError(f"knapsack: the budget left for prunable channels is {budget:.4g} FLOPs; "
-                         f"the target is below what the unprunable layers alone cost")
+        raise UserError(
+            f'knapsack: the budget left for prunable channels is {budget:.4g} FLOPs; '
+            f'the target is below what the unprunable layers alone cost'
+        )
     blocks = blocks or {}
     cum = {g: value_curve(importance[g], blocks.get(g)) for g in names}
     # Channels with equal (often zero) importance leave many optima; among them prefer keeping channels, so the
@@ -169,8 +177,10 @@ def solve_knapsack(importance: dict[str, torch.Tensor], unit_cost: dict[str, flo
         dp = best
     if not np.isfinite(dp[resolution]):
         floor = sum(unit_cost[g] * choices[g][0] for g in names)
-        raise UserError(f"knapsack: even the narrowest widths cost {floor:.4g} FLOPs, over the budget of "
-                         f"{budget:.4g}: the target is below the smallest reachable")
+        raise UserError(
+            f'knapsack: even the narrowest widths cost {floor:.4g} FLOPs, over the budget of '
+            f'{budget:.4g}: the target is below the smallest reachable'
+        )
     widths, b = {}, resolution
     for gi in reversed(range(len(names))):
         g = names[gi]
@@ -184,6 +194,7 @@ def solve_knapsack(importance: dict[str, torch.Tensor], unit_cost: dict[str, flo
 
 class Cost(Protocol):
     """A cost model the knapsack can solve against: FLOPs (`CostModel`) or latency (`latency.LatencyCostModel`)."""
+
     sizes: dict[str, int]
 
     def at(self, widths: dict[str, float]) -> float: ...
@@ -193,9 +204,16 @@ class Cost(Protocol):
     def describe(self, value: float) -> str: ...
 
 
-def solve_for_budget(importance: dict[str, torch.Tensor], cost: Cost, widths: dict[str, int],
-                     choices: dict[str, list[int]], low: float, high: float, steps: int = 40,
-                     blocks: dict[str, list[torch.Tensor]] | None = None) -> KnapsackSolution:
+def solve_for_budget(
+    importance: dict[str, torch.Tensor],
+    cost: Cost,
+    widths: dict[str, int],
+    choices: dict[str, list[int]],
+    low: float,
+    high: float,
+    steps: int = 40,
+    blocks: dict[str, list[torch.Tensor]] | None = None,
+) -> KnapsackSolution:
     """The knapsack on the cost linearised at `widths`, with the budget bisected until the exact cost of the
     solution lies in [low, high]; failing that, the feasible solution closest to `high`."""
     marginal = cost.marginal(widths)
@@ -216,13 +234,16 @@ def solve_for_budget(importance: dict[str, torch.Tensor], cost: Cost, widths: di
             break
         lo, hi = (budget, hi) if value < low else (lo, budget)
     if best is None:
-        raise UserError(f"knapsack: no width assignment costs at most {cost.describe(high)}; the target is "
-                         f"below the smallest reachable")
+        raise UserError(
+            f'knapsack: no width assignment costs at most {cost.describe(high)}; the target is '
+            f'below the smallest reachable'
+        )
     return best[1]
 
 
-def _lp_bound(cum: dict[str, np.ndarray], unit_cost: dict[str, float], budget: float,
-              choices: dict[str, list[int]]) -> float:
+def _lp_bound(
+    cum: dict[str, np.ndarray], unit_cost: dict[str, float], budget: float, choices: dict[str, list[int]]
+) -> float:
     """Greedy fractional fill of the width increments; exact for the LP because values are concave in width."""
     value = sum(cum[g][ch[0]] for g, ch in choices.items())
     left = budget - sum(unit_cost[g] * ch[0] for g, ch in choices.items())
@@ -244,7 +265,7 @@ def _output_channels(graph: GroupGraph, module: str):
     while module:
         if module in graph.outputs:
             return graph.outputs[module]
-        module = module.rpartition(".")[0]
+        module = module.rpartition('.')[0]
     return None
 
 
@@ -256,10 +277,10 @@ def _own_flops(model: nn.Module, by_module: dict[str, int]) -> dict[str, int]:
     """fvcore counts a module with all its submodules; keep only what each module computes itself."""
     own = {}
     for name, count in by_module.items():
-        if name == "":
+        if name == '':
             continue
-        children = (f"{name}.{c}" for c, _ in model.get_submodule(name).named_children())
+        children = (f'{name}.{c}' for c, _ in model.get_submodule(name).named_children())
         own[name] = count - sum(by_module.get(c, 0) for c in children)
     top_children = sum(by_module.get(c, 0) for c, _ in model.named_children())
-    own[""] = by_module.get("", 0) - top_children  # functional ops in the model's own forward
+    own[''] = by_module.get('', 0) - top_children  # functional ops in the model's own forward
     return own

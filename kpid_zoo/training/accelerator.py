@@ -10,18 +10,19 @@ Under `torchrun` / `accelerate launch` on CPU, Accelerate only sets up the gloo 
 state is a singleton, so the first `PartialState()` of the process decides: code here asks `process_accelerator()`
 for `is_main_process` and `wait_for_everyone`, never a bare `PartialState()`.
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import ContextManager, Optional
+from contextlib import AbstractContextManager
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 
 PRECISION_DTYPES = {'no': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
-_PROCESS_ACCELERATOR: Optional[Accelerator] = None
+_PROCESS_ACCELERATOR: Accelerator | None = None
 
 
 def process_accelerator() -> Accelerator:
@@ -30,12 +31,14 @@ def process_accelerator() -> Accelerator:
     if _PROCESS_ACCELERATOR is None:
         multi_process_cpu = int(os.environ.get('WORLD_SIZE', '1')) > 1 and not torch.cuda.is_available()
         _PROCESS_ACCELERATOR = Accelerator(
-            cpu=multi_process_cpu, mixed_precision='no',
-            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+            cpu=multi_process_cpu,
+            mixed_precision='no',
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        )
     return _PROCESS_ACCELERATOR
 
 
-def stage_autocast(device: torch.device, precision: str) -> ContextManager:
+def stage_autocast(device: torch.device, precision: str) -> AbstractContextManager:
     """Autocast to the stage's precision ('no', 'bf16', 'fp16') on `device` (the accelerator's)."""
     dtype = PRECISION_DTYPES[precision]
     if dtype is None:
@@ -43,7 +46,6 @@ def stage_autocast(device: torch.device, precision: str) -> ContextManager:
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def stage_grad_scaler(accelerator: Accelerator, precision: str) -> Optional[torch.amp.GradScaler]:
+def stage_grad_scaler(accelerator: Accelerator, precision: str) -> torch.amp.GradScaler | None:
     """fp16 needs loss scaling (its range is too small for gradients); bf16 and fp32 do not."""
     return torch.amp.GradScaler(accelerator.device.type) if precision == 'fp16' else None
-

@@ -12,6 +12,7 @@ as an uninterrupted single-process run, independent of worker count and of how m
 A stream source cannot be indexed: it shards itself and seeds augmentation by (seed, epoch, sample key) instead,
 and its sample order depends on the process and worker counts (the contract is in `kpid_zoo.training.streams`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,9 +24,9 @@ import shutil
 import socket
 import tarfile
 import zlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.utils.data as tud
@@ -36,9 +37,9 @@ from tqdm.auto import tqdm
 
 from ..core.datasource import UnreadableImageError
 from ..core.files import CACHE_ENV, default_cache_dir, remove_staging, staging_path
-from ..errors import DataUnavailableError, MissingFileError, UserError  # noqa: F401 (raised here)
 from ..core.recipe import DataSpec
 from ..core.seeds import stable_seed
+from ..errors import DataUnavailableError, MissingFileError, UserError  # noqa: F401 (raised here)
 from .streams import ShardStream, is_stream, seeded_call, split_shards
 
 logger = logging.getLogger(__name__)
@@ -63,23 +64,26 @@ _DEFAULT_CROP_PCT = {'cifar10': 1.0}  # images are already at the training resol
 @dataclass
 class DataBundle:
     """What the data stage hands to training and evaluation."""
+
     train_loader: tud.DataLoader
     val_loader: tud.DataLoader
     data_config: dict  # timm data config actually used: input_size, mean, std, interpolation, crop_pct
     class_to_idx: dict
     num_classes: int
-    source: Optional[str] = None  # which copy of the data, where that matters (CIFAR-10: JPEG or official)
-    source_path: Optional[Path] = None  # and where it was read from
+    source: str | None = None  # which copy of the data, where that matters (CIFAR-10: JPEG or official)
+    source_path: Path | None = None  # and where it was read from
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # CIFAR-10: the JPEG tarball or the official set -> cache dir
 # ---------------------------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Cifar10Source:
     """The CIFAR-10 a build reads: `kind` 'jpeg' (the JPEG tree `path`/{train,test}/<class>/*.jpg, quality 75)
     or 'official' (the python version, lossless: `path`/cifar-10-batches-py, read by torchvision's CIFAR10)."""
+
     kind: str
     path: Path
 
@@ -95,11 +99,17 @@ class Cifar10Source:
 
 def _shared_tarballs() -> list[Path]:
     """Where the JPEG tarball sits beside a checkout: ../shared/data next to the repo or the working directory."""
-    return list(dict.fromkeys([_REPO_ROOT.parent / 'shared' / 'data' / CIFAR10_TARBALL,
-                               Path.cwd().parent / 'shared' / 'data' / CIFAR10_TARBALL]))
+    return list(
+        dict.fromkeys(
+            [
+                _REPO_ROOT.parent / 'shared' / 'data' / CIFAR10_TARBALL,
+                Path.cwd().parent / 'shared' / 'data' / CIFAR10_TARBALL,
+            ]
+        )
+    )
 
 
-def find_cifar10_tarball(root: Optional[str | os.PathLike] = None) -> Path:
+def find_cifar10_tarball(root: str | os.PathLike | None = None) -> Path:
     """Locate `cifar10-jpg.tar.gz`: `root` (the tarball or a folder holding it) if given, else $KPID_CIFAR10_TAR if
     set, else ../shared/data next to the repo (or the working directory). An explicit location never falls back."""
     if root:
@@ -115,7 +125,8 @@ def find_cifar10_tarball(root: Optional[str | os.PathLike] = None) -> Path:
     tried = ', '.join(str(p) for p in dict.fromkeys(candidates))
     raise MissingFileError(
         f'CIFAR-10 JPEG tarball not found; tried: {tried}. '
-        f'Set data.root in the recipe or ${CIFAR10_TAR_ENV} to the path of {CIFAR10_TARBALL}.')
+        f'Set data.root in the recipe or ${CIFAR10_TAR_ENV} to the path of {CIFAR10_TARBALL}.'
+    )
 
 
 def _is_split_tree(path: Path) -> bool:
@@ -124,6 +135,7 @@ def _is_split_tree(path: Path) -> bool:
 
 def _official_files() -> list[str]:
     from torchvision.datasets import CIFAR10
+
     return [name for name, _ in CIFAR10.train_list + CIFAR10.test_list] + [CIFAR10.meta['filename']]
 
 
@@ -133,8 +145,9 @@ def _is_official_tree(path: Path) -> bool:
     return path.is_dir() and all((path / name).is_file() for name in _official_files())
 
 
-def resolve_cifar10(root: Optional[str | os.PathLike] = None, cache_dir: Optional[str | os.PathLike] = None,
-                    progress: bool = False) -> Cifar10Source:
+def resolve_cifar10(
+    root: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None, progress: bool = False
+) -> Cifar10Source:
     """The CIFAR-10 that `dataset: cifar10` reads, the first of:
 
     1. `root` (the recipe's data.root), else $KPID_CIFAR10_TAR: the JPEG tarball, a folder holding it or its
@@ -161,8 +174,10 @@ def resolve_cifar10(root: Optional[str | os.PathLike] = None, cache_dir: Optiona
     if _is_official_tree(cache_dir / CIFAR10_OFFICIAL_DIRNAME):
         return Cifar10Source('official', cache_dir)
     if (cache_dir / CIFAR10_OFFICIAL_DIRNAME).exists():  # checked before a 170 MB download that could not land
-        raise UserError(f'{cache_dir / CIFAR10_OFFICIAL_DIRNAME} exists but is not a complete official CIFAR-10; '
-                         f'remove it to download the set there')
+        raise UserError(
+            f'{cache_dir / CIFAR10_OFFICIAL_DIRNAME} exists but is not a complete official CIFAR-10; '
+            f'remove it to download the set there'
+        )
     with _cache_lock(cache_dir):
         if not _is_official_tree(cache_dir / CIFAR10_OFFICIAL_DIRNAME):  # else another process fetched it meanwhile
             try:
@@ -173,11 +188,12 @@ def resolve_cifar10(root: Optional[str | os.PathLike] = None, cache_dir: Optiona
                     f'{" or ".join(str(p) for p in _shared_tarballs())}; no copy in {cache_dir}; {e}. Provide it: '
                     f'run once where {CIFAR10_URL} can be reached (the official set, 170 MB, goes into '
                     f'{cache_dir}; ${CACHE_ENV} moves it), or set data.root or ${CIFAR10_TAR_ENV} to a copy of '
-                    f'{CIFAR10_OFFICIAL_TARBALL} or {CIFAR10_TARBALL}') from None
+                    f'{CIFAR10_OFFICIAL_TARBALL} or {CIFAR10_TARBALL}'
+                ) from None
     return Cifar10Source('official', cache_dir)
 
 
-def _official_location(path: Path) -> Optional[tuple[str, Path]]:
+def _official_location(path: Path) -> tuple[str, Path] | None:
     """('tarball', cifar-10-python.tar.gz) or ('tree', the folder holding cifar-10-batches-py) when an explicit
     location names the official set; None for anything else (the JPEG copy's rules apply)."""
     if path.name == CIFAR10_OFFICIAL_TARBALL:
@@ -196,8 +212,9 @@ def _prepare_official(location: tuple[str, Path], cache_dir: Path, progress: boo
     if kind == 'tree':
         return Cifar10Source('official', path)
     if not path.is_file():
-        raise MissingFileError(f'{path} does not exist (expected the official {CIFAR10_OFFICIAL_TARBALL} from '
-                                f'{CIFAR10_URL})')
+        raise MissingFileError(
+            f'{path} does not exist (expected the official {CIFAR10_OFFICIAL_TARBALL} from {CIFAR10_URL})'
+        )
     _check_md5(path, CIFAR10_MD5, f'{path}: not the official {CIFAR10_OFFICIAL_TARBALL}')
     with _cache_lock(cache_dir):
         if not _is_official_tree(cache_dir / CIFAR10_OFFICIAL_DIRNAME):
@@ -222,6 +239,7 @@ def _socket_timeout(seconds: float) -> Iterator[None]:
 
 def _check_md5(path: Path, expected: str, what: str) -> None:
     from torchvision.datasets.utils import calculate_md5
+
     actual = calculate_md5(path)
     if actual != expected:
         raise UserError(f'{what} ({path.stat().st_size} bytes, md5 {actual}, expected the published {expected})')
@@ -232,6 +250,7 @@ def download_cifar10(cache_dir: Path, progress: bool = False) -> Path:
     staging folder), check the archive against the published md5 and unpack it. A partial or corrupted download
     fails the check: it is removed with its staging folder, and the error names it. Call under `_cache_lock`."""
     from torchvision.datasets.utils import download_url
+
     cache_dir.mkdir(parents=True, exist_ok=True)
     remove_staging(cache_dir, CIFAR10_OFFICIAL_TARBALL)  # a killed download's leftovers (we hold the lock)
     staging = _staging_dir(cache_dir, CIFAR10_OFFICIAL_TARBALL)
@@ -243,29 +262,36 @@ def download_cifar10(cache_dir: Path, progress: bool = False) -> Path:
         except (OSError, http.client.HTTPException) as e:  # URLError, refused, timed out, cut off
             reason = getattr(e, 'reason', None) or e
             raise _DownloadFailed(f'downloading {CIFAR10_URL} failed ({" ".join(str(reason).split())})') from None
-        _check_md5(archive, CIFAR10_MD5, f'the download of {CIFAR10_URL} is partial or corrupted: removed {archive}; '
-                                         f'run again to retry')
+        _check_md5(
+            archive,
+            CIFAR10_MD5,
+            f'the download of {CIFAR10_URL} is partial or corrupted: removed {archive}; run again to retry',
+        )
         return _unpack_official(archive, cache_dir, progress)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
 def _unpack_official(archive: Path, cache_dir: Path, progress: bool) -> Path:
-    def complete(tree: Path) -> Optional[str]:
+    def complete(tree: Path) -> str | None:
         missing = [name for name in _official_files() if not (tree / name).is_file()]
         return f'has no {CIFAR10_OFFICIAL_DIRNAME}/{missing[0]}' if missing else None
+
     remove_staging(cache_dir, CIFAR10_OFFICIAL_DIRNAME)  # a killed unpack's leftovers (the caller holds the lock)
     return unpack_tarball(archive, cache_dir, CIFAR10_OFFICIAL_DIRNAME, progress, complete)
 
 
-def prepare_cifar10(root: Optional[str | os.PathLike] = None, cache_dir: Optional[str | os.PathLike] = None,
-                    progress: bool = False) -> Path:
+def prepare_cifar10(
+    root: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None, progress: bool = False
+) -> Path:
     """Return a folder with `train/<class>/*.jpg` and `test/<class>/*.jpg`, unpacking the JPEG tarball on first
     use (`unpack_tarball`: staged, every member checked, renamed into place only when complete)."""
     if root and not Path(root).expanduser().exists():
         # checked first: once the cache holds an unpacked copy, a wrong root would otherwise go unnoticed
-        raise MissingFileError(f'data.root: {root} does not exist (expected {CIFAR10_TARBALL}, a folder holding it, '
-                                f'or an unpacked tree with train/ and test/)')
+        raise MissingFileError(
+            f'data.root: {root} does not exist (expected {CIFAR10_TARBALL}, a folder holding it, '
+            f'or an unpacked tree with train/ and test/)'
+        )
     if root and _is_split_tree(Path(root).expanduser()):
         return Path(root).expanduser()  # already an unpacked tree
     cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
@@ -277,8 +303,13 @@ def prepare_cifar10(root: Optional[str | os.PathLike] = None, cache_dir: Optiona
         if _is_split_tree(target):  # another process unpacked it while this one waited
             return target
         remove_staging(cache_dir, CIFAR10_DIRNAME)  # what a killed unpack left (we hold the lock)
-        unpack_tarball(tarball, cache_dir, CIFAR10_DIRNAME, progress,
-                       lambda tree: None if _is_split_tree(tree) else 'has no train/ and test/ folders')
+        unpack_tarball(
+            tarball,
+            cache_dir,
+            CIFAR10_DIRNAME,
+            progress,
+            lambda tree: None if _is_split_tree(tree) else 'has no train/ and test/ folders',
+        )
     return target
 
 
@@ -311,8 +342,9 @@ def _staging_dir(folder: Path, name: str) -> Path:
     return staging
 
 
-def unpack_tarball(tarball: Path, into: Path, top: str, progress: bool = False,
-                   check: Optional[Callable[[Path], Optional[str]]] = None) -> Path:
+def unpack_tarball(
+    tarball: Path, into: Path, top: str, progress: bool = False, check: Callable[[Path], str | None] | None = None
+) -> Path:
     """Unpack the folder `top` of the .tar.gz `tarball` as `into/top`, which must not exist yet.
 
     The archive is unpacked into a staging folder beside the target and renamed into place only when complete
@@ -328,14 +360,26 @@ def unpack_tarball(tarball: Path, into: Path, top: str, progress: bool = False,
     staging = _staging_dir(into, top)
     try:
         try:
-            with open(tarball, 'rb') as raw, \
-                    tqdm.wrapattr(raw, 'read', total=tarball.stat().st_size, desc=f'unpack {tarball.name}',
-                                  unit='B', unit_scale=True, leave=False, disable=not progress) as counted, \
-                    tarfile.open(fileobj=counted, mode='r:gz') as tf:
+            with (
+                open(tarball, 'rb') as raw,
+                tqdm.wrapattr(
+                    raw,
+                    'read',
+                    total=tarball.stat().st_size,
+                    desc=f'unpack {tarball.name}',
+                    unit='B',
+                    unit_scale=True,
+                    leave=False,
+                    disable=not progress,
+                ) as counted,
+                tarfile.open(fileobj=counted, mode='r:gz') as tf,
+            ):
                 tf.extractall(staging, filter='data')
         except tarfile.FilterError as e:
-            raise UserError(f'{tarball}: refused, it holds a member that would land outside the folder it is '
-                             f'unpacked into, or is not a plain file or folder ({e})') from None
+            raise UserError(
+                f'{tarball}: refused, it holds a member that would land outside the folder it is '
+                f'unpacked into, or is not a plain file or folder ({e})'
+            ) from None
         except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
             raise UserError(f'{tarball}: not a readable .tar.gz archive ({" ".join(str(e).split())})') from None
         tree = staging / top
@@ -354,6 +398,7 @@ def load_cifar10_split(source: Cifar10Source, split: str):
     if source.kind == 'jpeg':
         return load_image_folder(source.path, split)
     from torchvision.datasets import CIFAR10
+
     if split not in ('train', 'test'):
         raise UserError(f"data split {split!r}: the official CIFAR-10 has the splits 'train' and 'test'")
     folder = source.path / CIFAR10_OFFICIAL_DIRNAME
@@ -361,16 +406,19 @@ def load_cifar10_split(source: Cifar10Source, split: str):
         # torchvision checks each file against its published md5 before it reads (unpickles) any of them
         dataset = CIFAR10(str(source.path), train=split == 'train', download=False)
     except RuntimeError:
-        raise UserError(f'{folder}: a file is missing or does not have its published md5 (expected the official '
-                         f'CIFAR-10 python version; remove the folder to download it again)') from None
+        raise UserError(
+            f'{folder}: a file is missing or does not have its published md5 (expected the official '
+            f'CIFAR-10 python version; remove the folder to download it again)'
+        ) from None
     if tuple(dataset.classes) != CIFAR10_CLASSES:
-        raise UserError(f'{folder}: classes {dataset.classes} are not CIFAR-10\'s {list(CIFAR10_CLASSES)}')
+        raise UserError(f"{folder}: classes {dataset.classes} are not CIFAR-10's {list(CIFAR10_CLASSES)}")
     return dataset
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Datasets
 # ---------------------------------------------------------------------------------------------------------------
+
 
 class SeededTransformDataset(tud.Dataset):
     """Wraps a timm dataset: optional index subset + a transform run under an RNG seeded by (seed, epoch, index).
@@ -380,8 +428,9 @@ class SeededTransformDataset(tud.Dataset):
     otherwise augment every epoch as the one they started in.
     """
 
-    def __init__(self, base: tud.Dataset, transform: Optional[Callable], indices: Optional[Sequence[int]] = None,
-                 seed: int = 0):
+    def __init__(
+        self, base: tud.Dataset, transform: Callable | None, indices: Sequence[int] | None = None, seed: int = 0
+    ):
         self.base = base
         self.transform = transform
         self.indices = list(indices) if indices is not None else None
@@ -440,7 +489,7 @@ def load_sample(base: tud.Dataset, index: int):
     return img, target
 
 
-def subset_indices(n_total: int, n_keep: Optional[int], seed: int = 0, mode: str = 'random') -> Optional[list]:
+def subset_indices(n_total: int, n_keep: int | None, seed: int = 0, mode: str = 'random') -> list | None:
     """First / seeded-random `n_keep` indices (sorted) of `n_total`; None when no subset is asked for."""
     if not n_keep or n_keep >= n_total:
         return None
@@ -463,8 +512,10 @@ def load_image_folder(root: str | os.PathLike, split: str):
     try:
         return create_dataset('', root=str(split_dir), split=split, search_split=False)
     except RuntimeError as e:  # timm's "Found 0 images in subfolders of ..."
-        raise UserError(f'no images in the class folders of {split_dir} (expected {split_dir}/<class>/<image> '
-                         f'with a .jpg, .jpeg or .png image; timm says: {e})') from None
+        raise UserError(
+            f'no images in the class folders of {split_dir} (expected {split_dir}/<class>/<image> '
+            f'with a .jpg, .jpeg or .png image; timm says: {e})'
+        ) from None
 
 
 def folder_samples(split_dir: str | os.PathLike) -> tuple[list[tuple[str, int]], list[str]]:
@@ -475,34 +526,51 @@ def folder_samples(split_dir: str | os.PathLike) -> tuple[list[tuple[str, int]],
     return [(str(p), int(t)) for p, t in reader.samples], names
 
 
-def resolve_data_settings(model: Optional[torch.nn.Module], data: DataSpec,
-                          input_size: Optional[Sequence[int]] = None) -> dict:
+def resolve_data_settings(
+    model: torch.nn.Module | None, data: DataSpec, input_size: Sequence[int] | None = None
+) -> dict:
     """timm data config from the model's pretrained_cfg, overridden by the recipe's data section and input size."""
     args = {}
     if input_size is not None:
         args['input_size'] = tuple(input_size)
-    config = resolve_data_config(args, model=model) if model is not None else resolve_data_config(
-        args, pretrained_cfg={'input_size': tuple(input_size or (3, 224, 224))})
+    config = (
+        resolve_data_config(args, model=model)
+        if model is not None
+        else resolve_data_config(args, pretrained_cfg={'input_size': tuple(input_size or (3, 224, 224))})
+    )
     if data.mean is not None:
         config['mean'] = tuple(data.mean)
     if data.std is not None:
         config['std'] = tuple(data.std)
-    config['crop_pct'] = data.crop_pct if data.crop_pct is not None else \
-        _DEFAULT_CROP_PCT.get(data.dataset, config['crop_pct'])
+    config['crop_pct'] = (
+        data.crop_pct if data.crop_pct is not None else _DEFAULT_CROP_PCT.get(data.dataset, config['crop_pct'])
+    )
     return config
 
 
 def build_transforms(config: dict, dataset: str = 'imagefolder', train_aug: bool = True):
     """(train, eval) timm transforms. `train_aug=False` gives the eval transform for both (debugging, exactness)."""
     eval_tf = create_transform(
-        config['input_size'], is_training=False, interpolation=config['interpolation'], mean=config['mean'],
-        std=config['std'], crop_pct=config['crop_pct'], crop_mode=config.get('crop_mode'))
+        config['input_size'],
+        is_training=False,
+        interpolation=config['interpolation'],
+        mean=config['mean'],
+        std=config['std'],
+        crop_pct=config['crop_pct'],
+        crop_mode=config.get('crop_mode'),
+    )
     if not train_aug:
         return eval_tf, eval_tf
     train_tf = create_transform(
-        config['input_size'], is_training=True, scale=_TRAIN_SCALE.get(dataset, _TRAIN_SCALE['imagefolder']),
-        hflip=0.5, color_jitter=0.0 if dataset == 'cifar10' else 0.4, interpolation=config['interpolation'],
-        mean=config['mean'], std=config['std'])
+        config['input_size'],
+        is_training=True,
+        scale=_TRAIN_SCALE.get(dataset, _TRAIN_SCALE['imagefolder']),
+        hflip=0.5,
+        color_jitter=0.0 if dataset == 'cifar10' else 0.4,
+        interpolation=config['interpolation'],
+        mean=config['mean'],
+        std=config['std'],
+    )
     return train_tf, eval_tf
 
 
@@ -511,8 +579,7 @@ def _class_to_idx(dataset) -> dict:
     return dict(getattr(reader, 'class_to_idx', None) or getattr(dataset, 'class_to_idx', None) or {})
 
 
-def load_split(data: DataSpec, split: str, cache_dir: Optional[str | os.PathLike] = None,
-               progress: bool = False):
+def load_split(data: DataSpec, split: str, cache_dir: str | os.PathLike | None = None, progress: bool = False):
     """The untransformed dataset of one split of the recipe's data source."""
     if data.dataset == 'cifar10':
         return load_cifar10_split(resolve_cifar10(data.root, cache_dir, progress), split)
@@ -521,14 +588,21 @@ def load_split(data: DataSpec, split: str, cache_dir: Optional[str | os.PathLike
             raise UserError("data.root is required for dataset 'imagefolder'")
         return load_image_folder(data.root, split)
     # hfds/<name>, torch/<name>: timm's create_dataset (map-style, so Accelerate can shard and seed them)
-    return create_dataset(data.dataset, root=data.root, split=split, is_training=False,
-                          download=data.download, trust_remote_code=False)
+    return create_dataset(
+        data.dataset, root=data.root, split=split, is_training=False, download=data.download, trust_remote_code=False
+    )
 
 
-def create_loaders(data: DataSpec, model: Optional[torch.nn.Module] = None,
-                   input_size: Optional[Sequence[int]] = None, seed: int = 0, train_aug: bool = True,
-                   subset_mode: str = 'random', cache_dir: Optional[str | os.PathLike] = None,
-                   progress: bool = False) -> DataBundle:
+def create_loaders(
+    data: DataSpec,
+    model: torch.nn.Module | None = None,
+    input_size: Sequence[int] | None = None,
+    seed: int = 0,
+    train_aug: bool = True,
+    subset_mode: str = 'random',
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> DataBundle:
     """Train/val loaders from the recipe's `data` section (`batch_size` is per process).
 
     Mean/std/interpolation default to `model.pretrained_cfg` via `timm.data.resolve_data_config`. `progress`:
@@ -537,15 +611,21 @@ def create_loaders(data: DataSpec, model: Optional[torch.nn.Module] = None,
     progress = progress and os.environ.get('LOCAL_RANK', '0') == '0'
     config = resolve_data_settings(model, data, input_size)
     train_tf, eval_tf = build_transforms(config, data.dataset, train_aug)
-    loader_args = dict(batch_size=data.batch_size, num_workers=data.workers,
-                       pin_memory=data.pin_memory and torch.cuda.is_available())
+    loader_args = dict(
+        batch_size=data.batch_size, num_workers=data.workers, pin_memory=data.pin_memory and torch.cuda.is_available()
+    )
     if data.workers > 0:  # DataLoader rejects these without worker processes
         loader_args.update(persistent_workers=data.persistent_workers, prefetch_factor=data.prefetch_factor)
     if data.is_stream:
         train_ds, val_ds = stream_datasets(data, train_tf, eval_tf, seed)
         # no shuffle: the stream orders itself; drop_last: its quotas are whole batches anyway
-        return DataBundle(tud.DataLoader(train_ds, drop_last=True, **loader_args),
-                          tud.DataLoader(val_ds, drop_last=False, **loader_args), config, {}, data.num_classes)
+        return DataBundle(
+            tud.DataLoader(train_ds, drop_last=True, **loader_args),
+            tud.DataLoader(val_ds, drop_last=False, **loader_args),
+            config,
+            {},
+            data.num_classes,
+        )
 
     source, source_path = None, None
     if data.dataset == 'cifar10':
@@ -557,36 +637,63 @@ def create_loaders(data: DataSpec, model: Optional[torch.nn.Module] = None,
     class_to_idx = _class_to_idx(train_base)
     if class_to_idx:
         if _class_to_idx(val_base) and _class_to_idx(val_base) != class_to_idx:
-            raise ValueError(f'classes differ between the {data.train_split!r} and {data.val_split!r} splits of '
-                             f'{data.root or data.dataset}')
+            raise ValueError(
+                f'classes differ between the {data.train_split!r} and {data.val_split!r} splits of '
+                f'{data.root or data.dataset}'
+            )
         if data.num_classes != len(class_to_idx):
-            raise ValueError(f'data.num_classes={data.num_classes} but the {data.train_split!r} split of '
-                             f'{data.root or data.dataset} has {len(class_to_idx)} classes')
+            raise ValueError(
+                f'data.num_classes={data.num_classes} but the {data.train_split!r} split of '
+                f'{data.root or data.dataset} has {len(class_to_idx)} classes'
+            )
 
     train_ds = SeededTransformDataset(
-        train_base, train_tf, subset_indices(len(train_base), data.train_subset, seed, subset_mode), seed)
+        train_base, train_tf, subset_indices(len(train_base), data.train_subset, seed, subset_mode), seed
+    )
     val_ds = SeededTransformDataset(
-        val_base, eval_tf, subset_indices(len(val_base), data.val_subset, seed + 1, subset_mode), seed)
+        val_base, eval_tf, subset_indices(len(val_base), data.val_subset, seed + 1, subset_mode), seed
+    )
     # drop_last on train keeps every optimizer step at the same global batch (needed for multi-process equivalence)
     train_loader = tud.DataLoader(train_ds, shuffle=True, drop_last=True, **loader_args)
     val_loader = tud.DataLoader(val_ds, shuffle=False, drop_last=False, **loader_args)
     return DataBundle(train_loader, val_loader, config, class_to_idx, data.num_classes, source, source_path)
 
 
-def stream_datasets(data: DataSpec, train_tf: Callable, eval_tf: Callable, seed: int
-                    ) -> tuple[ShardStream, ShardStream]:
+def stream_datasets(
+    data: DataSpec, train_tf: Callable, eval_tf: Callable, seed: int
+) -> tuple[ShardStream, ShardStream]:
     """(train, val) `ShardStream`s of a stream source; unbound (1 process) until `prepare_loader` binds them."""
-    train_shards, train_total = split_shards(data.dataset, data.root, data.train_split, data.train_samples,
-                                             'data.train_samples')
+    train_shards, train_total = split_shards(
+        data.dataset, data.root, data.train_split, data.train_samples, 'data.train_samples'
+    )
     val_shards, val_total = split_shards(data.dataset, data.root, data.val_split)  # read to the end: no count needed
-    return (ShardStream(train_shards, train_total, data.batch_size, train_tf, True, seed, data.shuffle_buffer,
-                        f'{data.dataset} ({data.train_split})'),
-            ShardStream(val_shards, val_total, data.batch_size, eval_tf, False, seed, data.shuffle_buffer,
-                        f'{data.dataset} ({data.val_split})'))
+    return (
+        ShardStream(
+            train_shards,
+            train_total,
+            data.batch_size,
+            train_tf,
+            True,
+            seed,
+            data.shuffle_buffer,
+            f'{data.dataset} ({data.train_split})',
+        ),
+        ShardStream(
+            val_shards,
+            val_total,
+            data.batch_size,
+            eval_tf,
+            False,
+            seed,
+            data.shuffle_buffer,
+            f'{data.dataset} ({data.val_split})',
+        ),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Loaders on an Accelerator
+
 
 def prepare_loader(accelerator, loader: tud.DataLoader) -> tud.DataLoader:
     """`accelerator.prepare_data_loader(loader)` for a map-style loader (Accelerate shards it). A stream shards
@@ -595,15 +702,29 @@ def prepare_loader(accelerator, loader: tud.DataLoader) -> tud.DataLoader:
     if not is_stream(loader):
         return accelerator.prepare_data_loader(loader)
     from accelerate.data_loader import prepare_data_loader
+
     bound = loader.dataset.for_process(accelerator.num_processes, accelerator.process_index)
-    args = dict(batch_size=loader.batch_size, drop_last=loader.drop_last, num_workers=loader.num_workers,
-                pin_memory=loader.pin_memory, collate_fn=loader.collate_fn, timeout=loader.timeout,
-                worker_init_fn=loader.worker_init_fn, multiprocessing_context=loader.multiprocessing_context)
+    args = dict(
+        batch_size=loader.batch_size,
+        drop_last=loader.drop_last,
+        num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory,
+        collate_fn=loader.collate_fn,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context,
+    )
     if loader.num_workers > 0:
         args.update(persistent_workers=loader.persistent_workers, prefetch_factor=loader.prefetch_factor)
-    return prepare_data_loader(tud.DataLoader(bound, **args), accelerator.device, num_processes=1, process_index=0,
-                               put_on_device=accelerator.device_placement, dispatch_batches=False,
-                               non_blocking=accelerator.non_blocking)
+    return prepare_data_loader(
+        tud.DataLoader(bound, **args),
+        accelerator.device,
+        num_processes=1,
+        process_index=0,
+        put_on_device=accelerator.device_placement,
+        dispatch_batches=False,
+        non_blocking=accelerator.non_blocking,
+    )
 
 
 def skip_first_batches(accelerator, loader: tud.DataLoader, batches: int) -> tud.DataLoader:
@@ -614,7 +735,7 @@ def skip_first_batches(accelerator, loader: tud.DataLoader, batches: int) -> tud
     return loader
 
 
-def loader_layout(loader) -> Optional[dict]:
+def loader_layout(loader) -> dict | None:
     """What a stream's sample order depends on besides the seed (None for a map-style loader, whose order does
     not depend on the worker count)."""
     if not is_stream(loader):

@@ -12,16 +12,17 @@ compared with exactly the parent channel it was cut from, which is what the prun
 `DistillationWrapper` holds student + projections; it is the module Accelerate prepares, syncs and checkpoints.
 Its `.student` is what gets exported: the projections are training-only and are dropped.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Dict, Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-KeptChannels = Mapping[str, Optional[torch.Tensor]]
+KeptChannels = Mapping[str, torch.Tensor | None]
 
 
 def distill_points(model: nn.Module) -> list:
@@ -31,8 +32,11 @@ def distill_points(model: nn.Module) -> list:
     EfficientNet / MobileNet family: `bn1` (stem BN+act) + each stage `blocks.i`.
     """
     if hasattr(model, 'layer1') and hasattr(model, 'act1'):
-        stem = 'maxpool' if isinstance(getattr(model, 'maxpool', None), nn.Module) and not isinstance(
-            model.maxpool, nn.Identity) else 'act1'
+        stem = (
+            'maxpool'
+            if isinstance(getattr(model, 'maxpool', None), nn.Module) and not isinstance(model.maxpool, nn.Identity)
+            else 'act1'
+        )
         stages, i = [], 1
         while isinstance(getattr(model, f'layer{i}', None), nn.Module):
             stages.append(f'layer{i}')
@@ -44,10 +48,11 @@ def distill_points(model: nn.Module) -> list:
     raise ValueError(
         f'cannot find inner-distillation points in {type(model).__name__}: expected a timm ResNet '
         f'(act1/maxpool + layer1..4) or EfficientNet/MobileNet (conv_stem, bn1, blocks.N) layout; '
-        f'pass points=[module names] explicitly')
+        f'pass points=[module names] explicitly'
+    )
 
 
-def _resolve_modules(model: nn.Module, points: Sequence[str]) -> Dict[str, nn.Module]:
+def _resolve_modules(model: nn.Module, points: Sequence[str]) -> dict[str, nn.Module]:
     modules = dict(model.named_modules())
     missing = [p for p in points if p not in modules]
     if missing:
@@ -56,16 +61,18 @@ def _resolve_modules(model: nn.Module, points: Sequence[str]) -> Dict[str, nn.Mo
 
 
 @contextmanager
-def capture_outputs(model: nn.Module, points: Sequence[str]) -> Iterator[Dict[str, torch.Tensor]]:
+def capture_outputs(model: nn.Module, points: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
     """Collect the forward outputs of the named modules while the context is open.
 
     Hooks live only for the duration of the context so copies/pickles of the model never carry stale hooks.
     """
-    feats: Dict[str, torch.Tensor] = {}
+    feats: dict[str, torch.Tensor] = {}
     handles = []
     for name, module in _resolve_modules(model, points).items():
+
         def hook(_m, _inp, out, _name=name):
             feats[_name] = out
+
         handles.append(module.register_forward_hook(hook))
     try:
         yield feats
@@ -74,12 +81,13 @@ def capture_outputs(model: nn.Module, points: Sequence[str]) -> Iterator[Dict[st
             h.remove()
 
 
-def scatter_projection(student_ch: int, teacher_ch: int, kept: Optional[torch.Tensor], point: str) -> nn.Conv2d:
+def scatter_projection(student_ch: int, teacher_ch: int, kept: torch.Tensor | None, point: str) -> nn.Conv2d:
     """Bias-free 1x1 conv student_ch -> teacher_ch with weight[kept[i], i] = 1, all else 0."""
     if kept is None:
         if student_ch != teacher_ch:
-            raise ValueError(f'point {point!r}: no kept channels given but student width {student_ch} != '
-                             f'parent width {teacher_ch}')
+            raise ValueError(
+                f'point {point!r}: no kept channels given but student width {student_ch} != parent width {teacher_ch}'
+            )
         kept = torch.arange(teacher_ch)
     kept = torch.as_tensor(kept, dtype=torch.long).flatten()
     if kept.numel() != student_ch:
@@ -114,7 +122,7 @@ class DistillationWrapper(nn.Module):
 
 
 @torch.no_grad()
-def probe_widths(model: nn.Module, points: Sequence[str], input_size: Sequence[int]) -> Dict[str, tuple]:
+def probe_widths(model: nn.Module, points: Sequence[str], input_size: Sequence[int]) -> dict[str, tuple]:
     """(C, H, W) of each point's output for one dummy image (eval mode, so BN statistics are untouched)."""
     was_training = model.training
     device = next(model.parameters()).device
@@ -130,9 +138,13 @@ def probe_widths(model: nn.Module, points: Sequence[str], input_size: Sequence[i
     return {p: tuple(f.shape[1:]) for p, f in feats.items()}
 
 
-def build_distillation(student: nn.Module, teacher: nn.Module, kept: Optional[KeptChannels] = None,
-                       points: Optional[Sequence[str]] = None, input_size: Sequence[int] = (3, 224, 224)
-                       ) -> DistillationWrapper:
+def build_distillation(
+    student: nn.Module,
+    teacher: nn.Module,
+    kept: KeptChannels | None = None,
+    points: Sequence[str] | None = None,
+    input_size: Sequence[int] = (3, 224, 224),
+) -> DistillationWrapper:
     """Wrap `student` with scatter-initialised projections to `teacher`'s widths at `points`.
 
     kept: {point: LongTensor of parent channel indices kept in that point's output, or None when all are kept}.
@@ -155,15 +167,21 @@ def build_distillation(student: nn.Module, teacher: nn.Module, kept: Optional[Ke
 class InnerDistillLoss(nn.Module):
     """KPID loss; returns (total, parts) where parts holds detached ce / inner / kl for logging."""
 
-    def __init__(self, gamma: float = 1.0, kd_logits_weight: float = 0.0, temperature: float = 1.0,
-                 label_smoothing: float = 0.0):
+    def __init__(
+        self, gamma: float = 1.0, kd_logits_weight: float = 0.0, temperature: float = 1.0, label_smoothing: float = 0.0
+    ):
         super().__init__()
         self.gamma, self.kd_logits_weight = gamma, kd_logits_weight
         self.temperature, self.label_smoothing = temperature, label_smoothing
 
-    def forward(self, logits: torch.Tensor, projected: Mapping[str, torch.Tensor], target: torch.Tensor,
-                teacher_logits: Optional[torch.Tensor] = None,
-                teacher_feats: Optional[Mapping[str, torch.Tensor]] = None):
+    def forward(
+        self,
+        logits: torch.Tensor,
+        projected: Mapping[str, torch.Tensor],
+        target: torch.Tensor,
+        teacher_logits: torch.Tensor | None = None,
+        teacher_feats: Mapping[str, torch.Tensor] | None = None,
+    ):
         ce = F.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing)
         total, parts = ce, {'ce': ce.detach()}
         if self.gamma and projected:
@@ -178,8 +196,16 @@ class InnerDistillLoss(nn.Module):
             if teacher_logits is None:
                 raise ValueError('logit distillation needs the teacher logits (kd_logits_weight > 0)')
             t = self.temperature
-            kl = F.kl_div(F.log_softmax(logits.float() / t, -1), F.log_softmax(teacher_logits.float() / t, -1),
-                          log_target=True, reduction='batchmean') * t * t
+            kl = (
+                F.kl_div(
+                    F.log_softmax(logits.float() / t, -1),
+                    F.log_softmax(teacher_logits.float() / t, -1),
+                    log_target=True,
+                    reduction='batchmean',
+                )
+                * t
+                * t
+            )
             total = total + self.kd_logits_weight * kl
             parts['kl'] = kl.detach()
         return total, parts

@@ -1,8 +1,9 @@
 """Evaluation stage: top-1 / top-5 / loss over a loader (multi-process aware) and CPU throughput."""
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -31,7 +32,7 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int] =
     max_k = min(max(ks), logits.shape[-1])
     pred = logits.topk(max_k, dim=-1).indices  # (N, max_k)
     hit = pred.eq(target.unsqueeze(-1))
-    return {k: hit[:, :min(k, max_k)].any(dim=-1).float() for k in ks}
+    return {k: hit[:, : min(k, max_k)].any(dim=-1).float() for k in ks}
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -40,8 +41,15 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader, accelerator=None, precision: str = 'no',
-             channels_last: bool = False, progress: bool = False, desc: str = 'evaluate') -> EvalResult:
+def evaluate(
+    model: nn.Module,
+    loader,
+    accelerator=None,
+    precision: str = 'no',
+    channels_last: bool = False,
+    progress: bool = False,
+    desc: str = 'evaluate',
+) -> EvalResult:
     """Top-1/top-5/CE of `model` over `loader`.
 
     With an `accelerator` the loader is expected to be prepared (sharded) and the model on `accelerator.device`;
@@ -86,9 +94,15 @@ def evaluate(model: nn.Module, loader, accelerator=None, precision: str = 'no',
 
 
 @torch.inference_mode()
-def measure_throughput(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), batch_size: int = 32,
-                       warmup: int = 3, iters: int = 10, threads: Optional[int] = None,
-                       channels_last: bool = False) -> float:
+def measure_throughput(
+    model: nn.Module,
+    input_size: Sequence[int] = (3, 224, 224),
+    batch_size: int = 32,
+    warmup: int = 3,
+    iters: int = 10,
+    threads: int | None = None,
+    channels_last: bool = False,
+) -> float:
     """Images per second of `model` on CPU (eval mode, inference_mode), median over `iters` timed batches.
 
     threads: torch intra-op threads for the measurement (restored afterwards); None keeps the current setting.

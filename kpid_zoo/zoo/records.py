@@ -15,6 +15,7 @@ A recipe with no record is buildable, not registered.
 Records are written by `python -m kpid_zoo.zoo.sources` (the KPID authors' models that timm hosts) and by
 `kpid-zoo publish --record` (entries built here from a recipe). Nothing here imports the pruning engine.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,11 +27,24 @@ from pathlib import Path
 from typing import Any
 
 from ..core.files import atomic_write_text
-from ..errors import MissingFileError, UserError
 from ..core.names import close_names
+from ..errors import MissingFileError, UserError
 
-__all__ = ['ZOO_DIR', 'RECIPES_DIR', 'RENAMED', 'AUTHORS', 'KPID_BUILD', 'ZooRecord', 'load_records',
-           'pool_size_for', 'zoo_table', 'find_recipe', 'recipe_names', 'closest_names', 'record_for_zoo']
+__all__ = [
+    'ZOO_DIR',
+    'RECIPES_DIR',
+    'RENAMED',
+    'AUTHORS',
+    'KPID_BUILD',
+    'ZooRecord',
+    'load_records',
+    'pool_size_for',
+    'zoo_table',
+    'find_recipe',
+    'recipe_names',
+    'closest_names',
+    'record_for_zoo',
+]
 
 ZOO_DIR = Path(__file__).parent
 # The zoo's recipes, packaged (the repository's recipes/ is a link here), so an installed kpid-zoo builds an entry
@@ -52,10 +66,32 @@ _TAG_RE = re.compile(r'[a-z0-9_]+')
 _NAME_RE = re.compile(r'kpid_[a-z0-9_]+')  # timm lists the zoo as kpid_*; a name is also a file name
 
 # The pretrained-cfg keys a record carries (timm `PretrainedCfg` fields); the registry adds paper and hub ids.
-CFG_KEYS = ('input_size', 'pool_size', 'crop_pct', 'crop_mode', 'interpolation', 'mean', 'std', 'test_input_size',
-            'test_crop_pct', 'first_conv', 'classifier', 'num_classes', 'license')
-_REQUIRED_CFG = ('input_size', 'pool_size', 'crop_pct', 'interpolation', 'mean', 'std', 'first_conv', 'classifier',
-                 'num_classes')
+CFG_KEYS = (
+    'input_size',
+    'pool_size',
+    'crop_pct',
+    'crop_mode',
+    'interpolation',
+    'mean',
+    'std',
+    'test_input_size',
+    'test_crop_pct',
+    'first_conv',
+    'classifier',
+    'num_classes',
+    'license',
+)
+_REQUIRED_CFG = (
+    'input_size',
+    'pool_size',
+    'crop_pct',
+    'interpolation',
+    'mean',
+    'std',
+    'first_conv',
+    'classifier',
+    'num_classes',
+)
 
 
 def pool_size_for(input_size: tuple[int, ...], reduction: int) -> tuple[int, int]:
@@ -65,19 +101,19 @@ def pool_size_for(input_size: tuple[int, ...], reduction: int) -> tuple[int, int
 
 @dataclass(frozen=True)
 class ZooRecord:
-    name: str                       # the timm model name, kpid_*
-    tag: str                        # the pretrained tag of these weights (timm's, for released models)
+    name: str  # the timm model name, kpid_*
+    tag: str  # the pretrained tag of these weights (timm's, for released models)
     description: str
-    spec: dict                      # surgery.ArchSpec.to_dict()
-    source: str                     # 'timm': released by the KPID authors through timm; 'kpid-zoo': built here
-    source_model: str               # timm's model.tag of the released weights, or the recipe name
-    hf_hub_id: str                  # Hub repo of the weights
-    weights_file: str               # file in that repo
-    pretrained_cfg: dict            # the CFG_KEYS
-    gmacs: float                    # fvcore, at pretrained_cfg input_size
+    spec: dict  # surgery.ArchSpec.to_dict()
+    source: str  # 'timm': released by the KPID authors through timm; 'kpid-zoo': built here
+    source_model: str  # timm's model.tag of the released weights, or the recipe name
+    hf_hub_id: str  # Hub repo of the weights
+    weights_file: str  # file in that repo
+    pretrained_cfg: dict  # the CFG_KEYS
+    gmacs: float  # fvcore, at pretrained_cfg input_size
     params: int
     weights_sha256: str | None = None  # None: checked against the sha256 the Hub reports for the file
-    top1: float | None = None       # published ImageNet-1k top-1 / top-5 (%), at eval_size
+    top1: float | None = None  # published ImageNet-1k top-1 / top-5 (%), at eval_size
     top5: float | None = None
     eval_size: int | None = None
     metrics_source: str = ''
@@ -100,8 +136,9 @@ class ZooRecord:
     @property
     def architecture(self) -> dict:
         """What makes the network: parent, widths and the parent's build options (not the input size)."""
-        return dict(parent=self.spec['parent'], widths=self.spec['widths'],
-                    parent_kwargs=self.spec.get('parent_kwargs') or {})
+        return dict(
+            parent=self.spec['parent'], widths=self.spec['widths'], parent_kwargs=self.spec.get('parent_kwargs') or {}
+        )
 
     def file_name(self, default: bool = True) -> str:
         """`<name>.json` for a name's default weights, `<name>.<tag>.json` for other weights of it."""
@@ -118,7 +155,7 @@ class ZooRecord:
         if missing or unknown:
             raise ValueError(f'{where}: not a kpid-zoo record (missing {missing}, unknown {unknown})')
         if d.get('version', RECORD_VERSION) > RECORD_VERSION:
-            raise ValueError(f"{where}: record version {d['version']} is newer than this kpid-zoo; upgrade kpid-zoo")
+            raise ValueError(f'{where}: record version {d["version"]} is newer than this kpid-zoo; upgrade kpid-zoo')
         lacking = [k for k in _REQUIRED_CFG if d['pretrained_cfg'].get(k) is None]
         if lacking:
             raise ValueError(f'{where}: pretrained_cfg lacks {lacking}')
@@ -126,9 +163,9 @@ class ZooRecord:
             if key not in d['spec']:
                 raise ValueError(f'{where}: spec lacks {key!r}')
         if not isinstance(d['name'], str) or not _NAME_RE.fullmatch(d['name']):
-            raise ValueError(f"{where}: name must be kpid_ then lower-case letters, digits and _, got {d['name']!r}")
+            raise ValueError(f'{where}: name must be kpid_ then lower-case letters, digits and _, got {d["name"]!r}')
         if not isinstance(d['tag'], str) or not _TAG_RE.fullmatch(d['tag']):
-            raise ValueError(f"{where}: tag must be lower-case letters, digits and _, got {d['tag']!r}")
+            raise ValueError(f'{where}: tag must be lower-case letters, digits and _, got {d["tag"]!r}')
         return cls(**d)
 
     @classmethod
@@ -155,10 +192,12 @@ def load_records(zoo_dir: str | Path = ZOO_DIR) -> list[ZooRecord]:
     defaults: dict[str, str] = {}
     for path in sorted(Path(zoo_dir).glob('kpid_*.json')):
         record = ZooRecord.load(path)
-        stem = path.name[:-len('.json')]
+        stem = path.name[: -len('.json')]
         if stem not in (record.name, f'{record.name}.{record.tag}'):
-            raise ValueError(f'{path}: holds {record.name}.{record.tag}; a record file is named <name>.json '
-                             f'(the default weights) or <name>.<tag>.json')
+            raise ValueError(
+                f'{path}: holds {record.name}.{record.tag}; a record file is named <name>.json '
+                f'(the default weights) or <name>.<tag>.json'
+            )
         tags = by_name.setdefault(record.name, {})
         if record.tag in tags:
             raise ValueError(f'{path}: {record.name}.{record.tag} is also recorded in {tags[record.tag][0]}')
@@ -172,8 +211,10 @@ def load_records(zoo_dir: str | Path = ZOO_DIR) -> list[ZooRecord]:
         default_path, default = tags[defaults[name]]
         for path, record in tags.values():
             if record.architecture != default.architecture:
-                raise ValueError(f'{path}: records a different architecture than {default_path}; one name is one '
-                                 f'architecture (give other widths another name)')
+                raise ValueError(
+                    f'{path}: records a different architecture than {default_path}; one name is one '
+                    f'architecture (give other widths another name)'
+                )
         records.append(default)
         records += [r for tag, (_, r) in sorted(tags.items()) if tag != default.tag]
     return records
@@ -187,16 +228,20 @@ def record_for_zoo(record: ZooRecord, zoo_dir: str | Path = ZOO_DIR) -> tuple[Zo
     Other widths under a recorded name are refused: a published name is one architecture forever.
     """
     if not _NAME_RE.fullmatch(record.name):
-        raise ValueError(f'{record.name!r}: a zoo name is kpid_ then lower-case letters, digits and _ (timm lists '
-                         f'the zoo as kpid_*): rename the recipe')
+        raise ValueError(
+            f'{record.name!r}: a zoo name is kpid_ then lower-case letters, digits and _ (timm lists '
+            f'the zoo as kpid_*): rename the recipe'
+        )
     existing = [r for r in load_records(zoo_dir) if r.name == record.name]
     if not existing:
         return record, True
     default = existing[0]
     if record.architecture != default.architecture:
-        raise UserError(f'{record.name}: the zoo already records {record.name} ({default.origin}, '
-                         f'{_architecture_difference(default.architecture, record.architecture)}); one name is one '
-                         f'architecture: rename the recipe (its name:) and build again')
+        raise UserError(
+            f'{record.name}: the zoo already records {record.name} ({default.origin}, '
+            f'{_architecture_difference(default.architecture, record.architecture)}); one name is one '
+            f'architecture: rename the recipe (its name:) and build again'
+        )
     for r in existing:
         if record.weights_sha256 is not None and r.weights_sha256 == record.weights_sha256:
             return dataclasses.replace(record, tag=r.tag), r is default
@@ -209,14 +254,16 @@ def record_for_zoo(record: ZooRecord, zoo_dir: str | Path = ZOO_DIR) -> tuple[Zo
 
 def _architecture_difference(old: dict, new: dict) -> str:
     if old['parent'] != new['parent']:
-        return f"parent {old['parent']}, this one {new['parent']}"
+        return f'parent {old["parent"]}, this one {new["parent"]}'
     if old['parent_kwargs'] != new['parent_kwargs']:
-        return f"parent options {old['parent_kwargs']}, this one {new['parent_kwargs']}"
+        return f'parent options {old["parent_kwargs"]}, this one {new["parent_kwargs"]}'
     groups = sorted(set(old['widths']) | set(new['widths']))
     differ = [g for g in groups if old['widths'].get(g) != new['widths'].get(g)]
     first = differ[0]
-    return (f'{len(differ)} channel-group widths differ, e.g. {first}: {old["widths"].get(first, "unpruned")} '
-            f'recorded, {new["widths"].get(first, "unpruned")} here')
+    return (
+        f'{len(differ)} channel-group widths differ, e.g. {first}: {old["widths"].get(first, "unpruned")} '
+        f'recorded, {new["widths"].get(first, "unpruned")} here'
+    )
 
 
 def recipe_names(recipes_dir: str | Path = RECIPES_DIR) -> list[str]:
@@ -232,13 +279,19 @@ def _budget(recipe: Any) -> str:
             return f'{gmacs:.2f} GMACs' if round(gmacs, 2) == gmacs else f'{gmacs:g} GMACs'
         return f"{recipe.flops.target_ratio:.0%} of the parent's GMACs"
     b = recipe.budget
-    stated = (f'{b.latency_ms:g} ms' if b.latency_ms is not None else f"{b.latency_ratio:.0%} of the parent's latency"
-              if b.latency_ratio is not None else f'latency of {b.latency_of}')
+    stated = (
+        f'{b.latency_ms:g} ms'
+        if b.latency_ms is not None
+        else f"{b.latency_ratio:.0%} of the parent's latency"
+        if b.latency_ratio is not None
+        else f'latency of {b.latency_of}'
+    )
     return f'{stated} ({b.device}, batch {b.batch_size})'
 
 
-def zoo_table(records: list[ZooRecord] | None = None, recipes_dir: str | Path | None = RECIPES_DIR
-              ) -> list[dict[str, Any]]:
+def zoo_table(
+    records: list[ZooRecord] | None = None, recipes_dir: str | Path | None = RECIPES_DIR
+) -> list[dict[str, Any]]:
     """One row per registered name and tag, then one per buildable recipe (a recipe with no record).
 
     The columns of timm's results CSVs that apply, plus where the weights come from (`weights`: the authors'
@@ -251,22 +304,44 @@ def zoo_table(records: list[ZooRecord] | None = None, recipes_dir: str | Path | 
     recipes = {p.stem: p for p in sorted(Path(recipes_dir).glob('*.yaml'))} if recipes_dir is not None else {}
     rows = []
     for r in records:
-        rows.append(dict(
-            model=f'{r.name}.{r.tag}', weights=r.origin, source=r.source_model if r.source == 'timm' else r.hf_hub_id,
-            parent=r.parent, img_size=r.input_size[-1], gmacs=round(r.gmacs, 3), param_count=round(r.params / 1e6, 2),
-            top1=r.top1, top5=r.top5, eval_size=r.eval_size, budget=None, build=None,
-        ))
+        rows.append(
+            dict(
+                model=f'{r.name}.{r.tag}',
+                weights=r.origin,
+                source=r.source_model if r.source == 'timm' else r.hf_hub_id,
+                parent=r.parent,
+                img_size=r.input_size[-1],
+                gmacs=round(r.gmacs, 3),
+                param_count=round(r.params / 1e6, 2),
+                top1=r.top1,
+                top5=r.top5,
+                eval_size=r.eval_size,
+                budget=None,
+                build=None,
+            )
+        )
     recorded = {r.name for r in records}
     for name, path in recipes.items():
         if name in recorded:
             continue
         recipe = load_recipe(path)
         parent = f'{recipe.parent.model}.{recipe.parent.tag}' if recipe.parent.tag else recipe.parent.model
-        rows.append(dict(
-            model=name, weights='none (buildable)', source=f'recipes/{path.name}', parent=parent,
-            img_size=recipe.input_size[-1], gmacs=None, param_count=None, top1=None, top5=None, eval_size=None,
-            budget=_budget(recipe), build=f'kpid-zoo build {name}',
-        ))
+        rows.append(
+            dict(
+                model=name,
+                weights='none (buildable)',
+                source=f'recipes/{path.name}',
+                parent=parent,
+                img_size=recipe.input_size[-1],
+                gmacs=None,
+                param_count=None,
+                top1=None,
+                top5=None,
+                eval_size=None,
+                budget=_budget(recipe),
+                build=f'kpid-zoo build {name}',
+            )
+        )
     return rows
 
 
@@ -289,7 +364,7 @@ def closest_names(name: str, registered: list[str] | tuple[str, ...] = (), n: in
             words.append(c)
         else:
             words.append(f'{c} (buildable: kpid-zoo build {c})')
-    return f" (did you mean {', '.join(dict.fromkeys(words))}?)"
+    return f' (did you mean {", ".join(dict.fromkeys(words))}?)'
 
 
 def find_recipe(name_or_path: str | Path) -> Path:
@@ -302,5 +377,5 @@ def find_recipe(name_or_path: str | Path) -> Path:
         return packaged
     hint = closest_names(path.stem, recipe_names())
     if not hint:
-        hint = f" (packaged: {', '.join(recipe_names())})"
+        hint = f' (packaged: {", ".join(recipe_names())})'
     raise MissingFileError(f'{name_or_path}: no such recipe file, nor a packaged recipe of that name{hint}')

@@ -26,6 +26,7 @@ must be the ones bound to the weights at export (`export.bound_values`); the fir
 line. An export without that binding (kpid-zoo format 1) is refused with pretrained=True, and builds with a warning
 without it. Hub downloads fail within seconds, in one line, when the Hub does not answer (`hub.hub_download`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -41,13 +42,22 @@ from timm.models._builder import resolve_pretrained_cfg
 from timm.models._hub import hf_split
 from timm.models._registry import register_model_deprecations
 
-from .export import (CONFIG_FILE, GENERIC_ARCH, REEXPORT, WEIGHTS_FILE, bound_mismatch, export_config_problem,
-                     file_sha256, parse_config, unbound)
 from ..core.files import read_json
 from ..core.hub import hub_download
-from .card import PAPER_ID, PAPER_NAME, PAPER_URL
-from .records import RENAMED, ZOO_DIR, ZooRecord, load_records, pool_size_for
 from ..errors import KpidHubError, KpidWeightsError
+from .card import PAPER_ID, PAPER_NAME, PAPER_URL
+from .export import (
+    CONFIG_FILE,
+    GENERIC_ARCH,
+    REEXPORT,
+    WEIGHTS_FILE,
+    bound_mismatch,
+    export_config_problem,
+    file_sha256,
+    parse_config,
+    unbound,
+)
+from .records import RENAMED, ZOO_DIR, ZooRecord, load_records, pool_size_for
 
 __all__ = ['DEFAULT_SPEC', 'KpidHubError', 'KpidWeightsError', 'create_kpid', 'zoo_records']
 
@@ -56,8 +66,9 @@ logger = logging.getLogger(__name__)
 # What `timm.create_model('kpid_pruned')` builds with no kpid_spec: resnet18 with every block's inner width halved
 # (a small, fast net to try the generic architecture on; real models name their spec).
 DEFAULT_SPEC: dict[str, Any] = dict(
-    parent='resnet18', input_size=[3, 224, 224],
-    widths={f'layer{s}.{b}.conv1': 32 * 2 ** s // 2 for s in range(1, 5) for b in range(2)},
+    parent='resnet18',
+    input_size=[3, 224, 224],
+    widths={f'layer{s}.{b}.conv1': 32 * 2**s // 2 for s in range(1, 5) for b in range(2)},
 )
 
 
@@ -67,18 +78,30 @@ def _paper(**cfg) -> dict:
 
 def _record_cfg(record: ZooRecord) -> dict[str, Any]:
     cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in record.pretrained_cfg.items()}
-    return _paper(hf_hub_id=record.hf_hub_id, hf_hub_filename=record.weights_file, description=record.description,
-                  **cfg)
+    return _paper(
+        hf_hub_id=record.hf_hub_id, hf_hub_filename=record.weights_file, description=record.description, **cfg
+    )
 
 
 def _spec_cfg(spec: dict) -> dict[str, Any]:
     """A pretrained cfg for a bare spec: the parent's stem / head / preprocessing at the spec's input size."""
     parent = get_pretrained_cfg(spec['parent'])
     input_size = tuple(spec.get('input_size', (3, 224, 224)))
-    pool = parent.pool_size and parent.input_size and tuple(
-        pool_size_for(input_size, parent.input_size[-1] // parent.pool_size[-1]))
-    cfg = dict(input_size=input_size, pool_size=pool, first_conv=parent.first_conv, classifier=parent.classifier,
-               crop_pct=parent.crop_pct, interpolation=parent.interpolation, mean=parent.mean, std=parent.std)
+    pool = (
+        parent.pool_size
+        and parent.input_size
+        and tuple(pool_size_for(input_size, parent.input_size[-1] // parent.pool_size[-1]))
+    )
+    cfg = dict(
+        input_size=input_size,
+        pool_size=pool,
+        first_conv=parent.first_conv,
+        classifier=parent.classifier,
+        crop_pct=parent.crop_pct,
+        interpolation=parent.interpolation,
+        mean=parent.mean,
+        std=parent.std,
+    )
     if 'num_classes' in spec.get('parent_kwargs', {}):
         cfg['num_classes'] = spec['parent_kwargs']['num_classes']
     return cfg
@@ -100,10 +123,12 @@ for _record in _all_records:
     else:
         zoo_records[_record.name] = _record
 
-default_cfgs = generate_default_cfgs({
-    **{f'{r.name}.{r.tag}': _record_cfg(r) for r in _all_records},  # timm: a name's first tag is its default
-    GENERIC_ARCH: _generic_cfg(),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        **{f'{r.name}.{r.tag}': _record_cfg(r) for r in _all_records},  # timm: a name's first tag is its default
+        GENERIC_ARCH: _generic_cfg(),
+    }
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -125,8 +150,9 @@ def _read_config(path: str | Path) -> Any:
     if not path.is_file():  # a FIFO or a device could block the load, or never end
         raise KpidWeightsError(f'{path}: not a regular file (expected the config.json of a kpid-zoo export)')
     if path.stat().st_size > _MAX_CONFIG_BYTES:
-        raise KpidWeightsError(f'{path}: {path.stat().st_size} bytes, too big for a config.json '
-                               f'(at most {_MAX_CONFIG_BYTES})')
+        raise KpidWeightsError(
+            f'{path}: {path.stat().st_size} bytes, too big for a config.json (at most {_MAX_CONFIG_BYTES})'
+        )
     try:
         return read_json(path)
     except ValueError as e:
@@ -145,8 +171,9 @@ def _export_config(variant: str, cfg: dict, cache_dir) -> tuple[dict, str] | Non
         except KpidWeightsError:
             raise
         except Exception as e:  # timm just read it: gone from the cache meanwhile, the Hub down...
-            raise KpidHubError(f'{variant}: cannot get {CONFIG_FILE} from {cfg["hf_hub_id"]} '
-                               f'({type(e).__name__}: {_one_line(e)})') from e
+            raise KpidHubError(
+                f'{variant}: cannot get {CONFIG_FILE} from {cfg["hf_hub_id"]} ({type(e).__name__}: {_one_line(e)})'
+            ) from e
     return None
 
 
@@ -177,16 +204,20 @@ def _check_export(variant: str, cfg: dict, model_args: dict | None, pretrained: 
             raise KpidWeightsError(f'{path}: {problem}, so they are not loaded; {REEXPORT}')
         logger.warning('%s: %s; the architecture is built, its preprocessing unchecked; %s', path, problem, REEXPORT)
     elif problem:
-        raise KpidWeightsError(f'{path}: {problem} (config.json was edited after export, or belongs to other '
-                               f'weights); download it again, or {REEXPORT}')
+        raise KpidWeightsError(
+            f'{path}: {problem} (config.json was edited after export, or belongs to other '
+            f'weights); download it again, or {REEXPORT}'
+        )
     return config, path
 
 
 def _recorded_sha(config: dict, where: str) -> str:
     sha = (config.get('kpid') or {}).get('weights_sha256')
     if not sha:
-        raise KpidWeightsError(f'{where}: no kpid.weights_sha256 recorded, so the weights cannot be checked '
-                               f'(was it exported by kpid_zoo.zoo.export?)')
+        raise KpidWeightsError(
+            f'{where}: no kpid.weights_sha256 recorded, so the weights cannot be checked '
+            f'(was it exported by kpid_zoo.zoo.export?)'
+        )
     return sha
 
 
@@ -203,26 +234,34 @@ def _verify_hub_reported(variant: str, path: str) -> None:
         data = blob.read_bytes()
         actual = hashlib.sha1(b'blob %d\0' % len(data) + data).hexdigest()
         if actual != blob.name:
-            raise KpidWeightsError(f'{variant}: pretrained weights {path} fail the check against the git sha1 the '
-                                   f'Hub reported: expected {blob.name}, got {actual}. {_REDOWNLOAD}')
+            raise KpidWeightsError(
+                f'{variant}: pretrained weights {path} fail the check against the git sha1 the '
+                f'Hub reported: expected {blob.name}, got {actual}. {_REDOWNLOAD}'
+            )
         return None
-    raise KpidWeightsError(f'{variant}: pretrained weights {path} carry no hash from the Hub (blob {blob.name}) and '
-                           f'none is recorded, so they cannot be checked')
+    raise KpidWeightsError(
+        f'{variant}: pretrained weights {path} carry no hash from the Hub (blob {blob.name}) and '
+        f'none is recorded, so they cannot be checked'
+    )
 
 
-_REDOWNLOAD = ('The file is corrupt or not the published one: delete it (for a Hub download, the cached blob) and '
-               'download again.')
+_REDOWNLOAD = (
+    'The file is corrupt or not the published one: delete it (for a Hub download, the cached blob) and download again.'
+)
 
 
 def _verify_sha256(variant: str, path: str, expected: str) -> None:
     actual = file_sha256(path)
     if actual != expected:
-        raise KpidWeightsError(f'{variant}: pretrained weights {path} fail the sha256 check: expected {expected}, '
-                               f'got {actual}. {_REDOWNLOAD}')
+        raise KpidWeightsError(
+            f'{variant}: pretrained weights {path} fail the sha256 check: expected {expected}, '
+            f'got {actual}. {_REDOWNLOAD}'
+        )
 
 
-def _verified_weights(variant: str, cfg: dict, record: ZooRecord | None, cache_dir,
-                      export: tuple[dict, str] | None = None) -> str | None:
+def _verified_weights(
+    variant: str, cfg: dict, record: ZooRecord | None, cache_dir, export: tuple[dict, str] | None = None
+) -> str | None:
     """The local weights file timm is about to load, checked; None for caller-supplied weights (nothing to check).
 
     `export`: the (config, path) `_check_export` checked, for an hf-hub: / local-dir: export: its kpid block
@@ -242,8 +281,10 @@ def _verified_weights(variant: str, cfg: dict, record: ZooRecord | None, cache_d
     try:
         path = hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir)
     except Exception as e:  # the Hub unreachable and not cached, offline and not cached, repo or file missing...
-        raise KpidHubError(f'{variant}: cannot get pretrained weights {filename} from {cfg["hf_hub_id"]} '
-                           f'({type(e).__name__}: {_one_line(e)})') from e
+        raise KpidHubError(
+            f'{variant}: cannot get pretrained weights {filename} from {cfg["hf_hub_id"]} '
+            f'({type(e).__name__}: {_one_line(e)})'
+        ) from e
     if record is not None and record.weights_sha256:
         _verify_sha256(variant, path, record.weights_sha256)
     elif export is not None:  # an export: its config.json records the hash
@@ -275,8 +316,10 @@ def _check_shapes(state_dict: dict, model: nn.Module, *, variant: str, source: s
             if skip(key):
                 continue
             missing = [k for k in own if k not in state_dict and not skip(k)]
-            raise KpidWeightsError(f'{variant}: {source} lacks tensor {key!r} of the architecture '
-                                   f'({len(missing)} missing; weights and spec come from different builds?)')
+            raise KpidWeightsError(
+                f'{variant}: {source} lacks tensor {key!r} of the architecture '
+                f'({len(missing)} missing; weights and spec come from different builds?)'
+            )
         if skip(key):
             continue
         want, got = tuple(param.shape), tuple(state_dict[key].shape)
@@ -286,19 +329,24 @@ def _check_shapes(state_dict: dict, model: nn.Module, *, variant: str, source: s
             raise KpidWeightsError(
                 f'{variant}: {source} does not fit the architecture: tensor {key!r} has shape '
                 f'{tuple(state_dict[key].shape)} but the spec builds {tuple(param.shape)} '
-                f'(weights and spec come from different builds?)')
+                f'(weights and spec come from different builds?)'
+            )
     extra = [k for k in state_dict if k not in own and not skip(k)]
     if extra:
-        raise KpidWeightsError(f'{variant}: {source} holds tensor {extra[0]!r}, which the architecture built from '
-                               f'the spec does not have (weights and spec come from different builds?)')
+        raise KpidWeightsError(
+            f'{variant}: {source} holds tensor {extra[0]!r}, which the architecture built from '
+            f'the spec does not have (weights and spec come from different builds?)'
+        )
     return state_dict
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Model creation
 
+
 def _build_net(kpid_spec: dict, feature_cfg: dict, **kwargs) -> nn.Module:
     from ..engine.surgery import ArchSpec, build_pruned  # surgery pulls in the fx tracer: only when a model is built
+
     net = build_pruned(ArchSpec.from_dict(kpid_spec, source='kpid_spec'), **kwargs)
     if feature_cfg.get('all_levels'):
         # features_only: the parent's levels, however many (timm's builder assumes five); read once it is built,
@@ -318,8 +366,14 @@ def _spec_dict(kpid_spec: Any, where: str) -> dict:
     try:
         return ArchSpec.from_dict(kpid_spec, source=where).to_dict()
     except ValueError as e:
-        raise KpidWeightsError(f'{e}' + ('; to build from a saved spec file, pass kpid_spec=ArchSpec.load(path)'
-                                         if isinstance(kpid_spec, str) and where == 'kpid_spec' else '')) from None
+        raise KpidWeightsError(
+            f'{e}'
+            + (
+                '; to build from a saved spec file, pass kpid_spec=ArchSpec.load(path)'
+                if isinstance(kpid_spec, str) and where == 'kpid_spec'
+                else ''
+            )
+        ) from None
 
 
 def _weights_classes(file: Any, classifier: Any) -> int | None:
@@ -378,8 +432,7 @@ def create_kpid(variant: str, pretrained: bool = False, kpid_spec: Any = None, *
     for key in ('num_classes', 'in_chans'):
         if key in parent_kwargs:  # timm's builder would otherwise impose the pretrained cfg's
             kwargs.setdefault(key, parent_kwargs[key])
-    cfg = resolve_pretrained_cfg(
-        variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay')).to_dict()
+    cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay')).to_dict()
     if record is not None and cfg.get('tag') not in (None, record.tag):
         record = _tag_records.get((variant, cfg['tag']), record)  # other weights of the name: their own sha256
 
@@ -395,7 +448,9 @@ def create_kpid(variant: str, pretrained: bool = False, kpid_spec: Any = None, *
     if kwargs.get('features_only') and 'out_indices' not in kwargs:
         feature_cfg['all_levels'] = True
     return build_model_with_cfg(
-        partial(_build_net, feature_cfg=feature_cfg), variant, pretrained,
+        partial(_build_net, feature_cfg=feature_cfg),
+        variant,
+        pretrained,
         kpid_spec=kpid_spec,
         pretrained_filter_fn=filter_fn,
         feature_cfg=feature_cfg,
@@ -412,6 +467,7 @@ def kpid_pruned(pretrained: bool = False, **kwargs) -> nn.Module:
 def _entrypoint(name: str, doc: str):
     def fn(pretrained: bool = False, **kwargs) -> nn.Module:
         return create_kpid(name, pretrained, **kwargs)
+
     fn.__name__ = fn.__qualname__ = name
     fn.__module__ = __name__
     fn.__doc__ = doc
@@ -423,5 +479,6 @@ for _name, _record in zoo_records.items():
     globals()[_name] = register_model(_entrypoint(_name, f'{_record.description} ({_record.source_model}).'))
 
 # the names the zoo had before: timm warns and builds the new name with the same weights (its tag)
-register_model_deprecations(__name__, {old: f'{new}.{zoo_records[new].tag}' for old, new in RENAMED.items()
-                                       if new in zoo_records})
+register_model_deprecations(
+    __name__, {old: f'{new}.{zoo_records[new].tag}' for old, new in RENAMED.items() if new in zoo_records}
+)

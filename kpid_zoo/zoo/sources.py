@@ -14,6 +14,7 @@ released as `efficientnet_b1_pruned`), `kpid_ecaresnet50d` the pruned ECA-ResNet
 One name, one architecture (these widths); the weights are the tag timm gives them. The recipe of the same name
 (`recipes/<name>.yaml`) sets out the same parent and budget for a kpid-zoo build.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,9 +30,9 @@ _TF_BN_EPS = 1e-3  # timm.layers.BN_EPS_TF_DEFAULT, what timm's efficientnet_b*_
 
 @dataclass(frozen=True)
 class TimmRelease:
-    name: str                   # our timm name
-    timm_model: str             # timm's `model.tag` of the released weights
-    parent: str                 # the unpruned timm architecture the widths narrow
+    name: str  # our timm name
+    timm_model: str  # timm's `model.tag` of the released weights
+    parent: str  # the unpruned timm architecture the widths narrow
     top1: float
     top5: float
     eval_size: int
@@ -40,19 +41,54 @@ class TimmRelease:
 
 
 RELEASES: tuple[TimmRelease, ...] = (
-    TimmRelease('kpid_effnet_b0', 'efficientnet_b1_pruned.in1k', 'efficientnet_b1', 78.242, 93.836, 240,
-                "EfficientNet-B1 pruned by KPID to EfficientNet-B0's FLOPs (the paper's EfficientNet-B0-FLOPs model)",
-                dict(bn_eps=_TF_BN_EPS, pad_type='same')),
-    TimmRelease('kpid_effnet_b1', 'efficientnet_b2_pruned.in1k', 'efficientnet_b2', 79.920, 94.852, 260,
-                "EfficientNet-B2 pruned by KPID to EfficientNet-B1's FLOPs",
-                dict(bn_eps=_TF_BN_EPS, pad_type='same')),
-    TimmRelease('kpid_effnet_b2', 'efficientnet_b3_pruned.in1k', 'efficientnet_b3', 80.852, 95.244, 300,
-                "EfficientNet-B3 pruned by KPID to EfficientNet-B2's FLOPs",
-                dict(bn_eps=_TF_BN_EPS, pad_type='same')),
-    TimmRelease('kpid_ecaresnet50d', 'ecaresnet50d_pruned.miil_in1k', 'ecaresnet50d', 80.790, 95.570, 288,
-                'ECA-ResNet-50-D pruned by KPID'),
-    TimmRelease('kpid_ecaresnet101d', 'ecaresnet101d_pruned.miil_in1k', 'ecaresnet101d', 81.998, 96.160, 288,
-                'ECA-ResNet-101-D pruned by KPID'),
+    TimmRelease(
+        'kpid_effnet_b0',
+        'efficientnet_b1_pruned.in1k',
+        'efficientnet_b1',
+        78.242,
+        93.836,
+        240,
+        "EfficientNet-B1 pruned by KPID to EfficientNet-B0's FLOPs (the paper's EfficientNet-B0-FLOPs model)",
+        dict(bn_eps=_TF_BN_EPS, pad_type='same'),
+    ),
+    TimmRelease(
+        'kpid_effnet_b1',
+        'efficientnet_b2_pruned.in1k',
+        'efficientnet_b2',
+        79.920,
+        94.852,
+        260,
+        "EfficientNet-B2 pruned by KPID to EfficientNet-B1's FLOPs",
+        dict(bn_eps=_TF_BN_EPS, pad_type='same'),
+    ),
+    TimmRelease(
+        'kpid_effnet_b2',
+        'efficientnet_b3_pruned.in1k',
+        'efficientnet_b3',
+        80.852,
+        95.244,
+        300,
+        "EfficientNet-B3 pruned by KPID to EfficientNet-B2's FLOPs",
+        dict(bn_eps=_TF_BN_EPS, pad_type='same'),
+    ),
+    TimmRelease(
+        'kpid_ecaresnet50d',
+        'ecaresnet50d_pruned.miil_in1k',
+        'ecaresnet50d',
+        80.790,
+        95.570,
+        288,
+        'ECA-ResNet-50-D pruned by KPID',
+    ),
+    TimmRelease(
+        'kpid_ecaresnet101d',
+        'ecaresnet101d_pruned.miil_in1k',
+        'ecaresnet101d',
+        81.998,
+        96.160,
+        288,
+        'ECA-ResNet-101-D pruned by KPID',
+    ),
 )
 _TRACE = (3, 64, 64)  # channel groups do not depend on the resolution
 
@@ -74,15 +110,21 @@ def spec_from_timm_pruned(release: TimmRelease, timm_pruned=None):
         seen = set()
         for m in group.members:
             w = pruned[m.module].weight
-            seen.add(w.shape[1] if m.role == ROLE_IN else pruned[m.module].num_features if m.role == ROLE_NORM
-                      else w.shape[0])
+            seen.add(
+                w.shape[1]
+                if m.role == ROLE_IN
+                else pruned[m.module].num_features
+                if m.role == ROLE_NORM
+                else w.shape[0]
+            )
         if len(seen) != 1:
             raise ValueError(f'{release.timm_model}: widths {sorted(seen)} inside channel group {group.name!r}')
         width = seen.pop()
         if width != group.size:
             if not group.prunable:
-                raise ValueError(f'{release.timm_model}: narrows {group.name!r}, which cannot be pruned '
-                                 f'({group.reason})')
+                raise ValueError(
+                    f'{release.timm_model}: narrows {group.name!r}, which cannot be pruned ({group.reason})'
+                )
             widths[group.name] = width
     cfg = timm.models.get_pretrained_cfg(release.timm_model)
     return ArchSpec(release.parent, widths, tuple(cfg.input_size), dict(release.parent_kwargs))
@@ -101,12 +143,21 @@ def record_for(release: TimmRelease):
     cfg = timm.models.get_pretrained_cfg(release.timm_model).to_dict()
     model = build_pruned(spec).eval()
     return ZooRecord(
-        name=release.name, tag=release.timm_model.split('.')[1], description=release.description,
-        spec=spec.to_dict(), source='timm', source_model=release.timm_model, hf_hub_id=cfg['hf_hub_id'],
+        name=release.name,
+        tag=release.timm_model.split('.')[1],
+        description=release.description,
+        spec=spec.to_dict(),
+        source='timm',
+        source_model=release.timm_model,
+        hf_hub_id=cfg['hf_hub_id'],
         weights_file=WEIGHTS_FILE,
         pretrained_cfg={k: cfg[k] for k in CFG_KEYS if cfg.get(k) is not None},
-        gmacs=count_flops(model, spec.input_size).gmacs, params=count_params(model),
-        top1=release.top1, top5=release.top5, eval_size=release.eval_size, metrics_source=RESULTS_SOURCE,
+        gmacs=count_flops(model, spec.input_size).gmacs,
+        params=count_params(model),
+        top1=release.top1,
+        top5=release.top5,
+        eval_size=release.eval_size,
+        metrics_source=RESULTS_SOURCE,
     )
 
 
@@ -120,8 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for release in RELEASES:
         record = record_for(release)
-        print(f'{record.save(args.zoo_dir)}: {record.gmacs:.3f} GMACs, {record.params / 1e6:.2f} M params at '
-              f'{record.input_size}')
+        print(
+            f'{record.save(args.zoo_dir)}: {record.gmacs:.3f} GMACs, {record.params / 1e6:.2f} M params at '
+            f'{record.input_size}'
+        )
         card = args.cards_dir / record.name / 'README.md'
         card.parent.mkdir(parents=True, exist_ok=True)
         build_zoo_card(record).save(card)

@@ -3,6 +3,7 @@
 Each process counts the images its own models see; it writes <out>/rank<R>.json with that count and the
 metrics it got back. The student is a narrower resnet18, the parent a resnet18, both seeded (no training).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,10 +15,10 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from kpid_zoo.training.accelerator import process_accelerator  # noqa: E402
 from kpid_zoo.build import BuildPaths, measure  # noqa: E402
-from kpid_zoo.training.data import create_loaders  # noqa: E402
 from kpid_zoo.core.recipe import Recipe  # noqa: E402
+from kpid_zoo.training.accelerator import process_accelerator  # noqa: E402
+from kpid_zoo.training.data import create_loaders  # noqa: E402
 
 
 def main() -> None:
@@ -29,11 +30,21 @@ def main() -> None:
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    recipe = Recipe.from_dict({
-        'name': 'measure_probe', 'parent': {'model': 'resnet18', 'weights': 'none', 'num_classes': 3},
-        'input_size': [3, 32, 32], 'flops': {'target_ratio': 0.5},
-        'data': {'dataset': 'imagefolder', 'root': args.data, 'num_classes': 3, 'batch_size': args.batch_size,
-                 'workers': 0}})
+    recipe = Recipe.from_dict(
+        {
+            'name': 'measure_probe',
+            'parent': {'model': 'resnet18', 'weights': 'none', 'num_classes': 3},
+            'input_size': [3, 32, 32],
+            'flops': {'target_ratio': 0.5},
+            'data': {
+                'dataset': 'imagefolder',
+                'root': args.data,
+                'num_classes': 3,
+                'batch_size': args.batch_size,
+                'workers': 0,
+            },
+        }
+    )
     torch.manual_seed(0)
     parent = timm.create_model('resnet18', num_classes=3).eval()
     student = timm.create_model('resnet18', num_classes=3, channels=(32, 64, 128, 256)).eval()
@@ -44,9 +55,16 @@ def main() -> None:
     accelerator = process_accelerator()
     data = create_loaders(recipe.data, parent, input_size=recipe.input_size)
     metrics = measure(accelerator, recipe, parent, student, data, None, BuildPaths(out / 'work', out / 'export'))
-    (out / f'rank{accelerator.process_index}.json').write_text(json.dumps({
-        'world_size': accelerator.num_processes, 'seen': seen, 'metrics': metrics,
-        'device': str(accelerator.device)}))
+    (out / f'rank{accelerator.process_index}.json').write_text(
+        json.dumps(
+            {
+                'world_size': accelerator.num_processes,
+                'seen': seen,
+                'metrics': metrics,
+                'device': str(accelerator.device),
+            }
+        )
+    )
 
 
 if __name__ == '__main__':

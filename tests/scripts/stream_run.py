@@ -3,6 +3,7 @@
 
 Writes <out>/rank<R>.json: {'world_size', 'epochs': {epoch: [[target, ...], ...]}, 'val_seen', 'val'}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,15 +15,24 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from kpid_zoo.core.recipe import DataSpec  # noqa: E402
 from kpid_zoo.training.accelerator import process_accelerator  # noqa: E402
 from kpid_zoo.training.data import create_loaders, prepare_loader  # noqa: E402
 from kpid_zoo.training.evaluate import evaluate  # noqa: E402
-from kpid_zoo.core.recipe import DataSpec  # noqa: E402
 
 
 def spec(root: str, num_classes: int, workers: int) -> DataSpec:
-    return DataSpec(dataset='wds/test', root=root, num_classes=num_classes, val_split='val', batch_size=8,
-                    workers=workers, mean=(0.4914, 0.4822, 0.4465), std=(0.247, 0.2435, 0.2616), crop_pct=1.0)
+    return DataSpec(
+        dataset='wds/test',
+        root=root,
+        num_classes=num_classes,
+        val_split='val',
+        batch_size=8,
+        workers=workers,
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.247, 0.2435, 0.2616),
+        crop_pct=1.0,
+    )
 
 
 def main() -> None:
@@ -47,8 +57,11 @@ def main() -> None:
     model.register_forward_pre_hook(lambda _m, inputs: seen.__setitem__(0, seen[0] + len(inputs[0])))
     classes = create_loaders(spec(args.classes, 4, workers=2), model, input_size=(3, 32, 32))
     val = evaluate(model, prepare_loader(accelerator, classes.val_loader), accelerator)
-    (Path(args.out) / f'rank{accelerator.process_index}.json').write_text(json.dumps({
-        'world_size': accelerator.num_processes, 'epochs': epochs, 'val_seen': seen[0], 'val': val.as_dict()}))
+    (Path(args.out) / f'rank{accelerator.process_index}.json').write_text(
+        json.dumps(
+            {'world_size': accelerator.num_processes, 'epochs': epochs, 'val_seen': seen[0], 'val': val.as_dict()}
+        )
+    )
 
 
 if __name__ == '__main__':
