@@ -1,8 +1,8 @@
 """Reading a recipe file as hostile input: the file checks and a YAML loader with bounds.
 
 A path that is a folder, missing, not UTF-8 or holding NUL bytes is refused with one line naming it; the YAML is
-read by PyYAML's SafeLoader with duplicate keys refused and aliases, their expansion and nesting bounded, so no
-file makes the loader run out of memory or recursion; a syntax error names its line and column.
+read by PyYAML's SafeLoader with duplicate keys refused and aliases, their expansion and nesting bounded (a few
+hundred bytes expand to no gigabytes and end in no RecursionError); a syntax error names its line and column.
 """
 
 from __future__ import annotations
