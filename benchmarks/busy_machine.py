@@ -240,7 +240,7 @@ LABELS = {
 def report(args, runs: dict, seconds: float, load: tuple[float, float]) -> str:
     import torch
 
-    from kpid_zoo.budget.latency import cpu_model
+    from kpid_zoo.budget.timing import cpu_model
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
     lines = [

@@ -37,8 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kpid_zoo.budget.latency import cpu_model  # noqa: E402
 from kpid_zoo.budget.prune import knapsack_prune  # noqa: E402
+from kpid_zoo.budget.timing import cpu_model  # noqa: E402
 from kpid_zoo.core.recipe import DataSpec, FinetuneSpec  # noqa: E402
 from kpid_zoo.engine.flops import count_flops, count_params  # noqa: E402
 from kpid_zoo.engine.groups import discover_groups  # noqa: E402

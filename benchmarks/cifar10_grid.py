@@ -55,8 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _figures import save_figure  # noqa: E402
 from cifar10 import _atomic_write, torch_pruning_taylor, uniform_l1  # noqa: E402  (the project's baselines)
 
-from kpid_zoo.budget.latency import cpu_model  # noqa: E402
 from kpid_zoo.budget.prune import knapsack_prune  # noqa: E402
+from kpid_zoo.budget.timing import cpu_model  # noqa: E402
 from kpid_zoo.core.files import file_sha256, save_weights  # noqa: E402
 from kpid_zoo.core.recipe import PYPI_LITE_WEIGHTS, DataSpec, FinetuneSpec, TrainSpec  # noqa: E402
 from kpid_zoo.engine.flops import count_flops, count_params  # noqa: E402

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from _figures import save_figure  # noqa: E402
 
-from kpid_zoo.budget.latency import LatencySetting, device_name, fixed_threads, time_once
+from kpid_zoo.budget.timing import LatencySetting, device_name, fixed_threads, time_once
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDTHS = sorted(set(range(32, 257, 4)) | set(range(60, 69)) | set(range(124, 133)))

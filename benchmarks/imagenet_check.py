@@ -58,8 +58,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _figures import save_figure  # noqa: E402
 from cifar10 import _atomic_write, smallest_ratio_meeting, uniform_l1  # noqa: E402  (the project's baseline)
 
-from kpid_zoo.budget.latency import cpu_model  # noqa: E402
 from kpid_zoo.budget.prune import knapsack_prune  # noqa: E402
+from kpid_zoo.budget.timing import cpu_model  # noqa: E402
 from kpid_zoo.core.files import default_cache_dir  # noqa: E402
 from kpid_zoo.engine.flops import count_flops, count_params  # noqa: E402
 from kpid_zoo.engine.groups import discover_groups  # noqa: E402

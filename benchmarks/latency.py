@@ -7,7 +7,7 @@ latency, and the parent itself; plus timm's efficientnet_b1_pruned (the KPID aut
 efficientnet_b0. Weights are random (latency does not depend on them; no Hub here); importance is magnitude (no
 data needed). Two settings: batch 1 on 1 thread at 224 px, and batch 32 on all threads at 64 px (224 px would
 take about an hour of lookup tables on 2 cores; its table samples 3 widths per group instead of 5). Every
-comparison is a pair timed in alternation (`kpid_zoo.budget.latency.measure_paired`, ABBA): the latency budget is
+comparison is a pair timed in alternation (`kpid_zoo.budget.timing.measure_paired`, ABBA): the latency budget is
 `latency_of: <stock net>`, so the loop times each candidate beside the stock net, and so does the final table;
 the ratio is taken call pair by call pair and reported as median and interquartile range, so what the machine
 does meanwhile hits both nets of a pair alike.
@@ -32,8 +32,9 @@ import timm
 import torch
 from _figures import save_figure  # noqa: E402
 
-from kpid_zoo.budget.latency import GRID_FRACTIONS, LatencySetting, device_name, measure_paired
+from kpid_zoo.budget.latency import GRID_FRACTIONS
 from kpid_zoo.budget.prune import knapsack_prune, latency_knapsack_prune
+from kpid_zoo.budget.timing import LatencySetting, device_name, measure_paired
 from kpid_zoo.core.recipe import BudgetSpec
 from kpid_zoo.engine.flops import count_flops, count_params
 from kpid_zoo.engine.groups import discover_groups
@@ -298,7 +299,7 @@ def write_doc(runs: list[dict]) -> None:
         f"{meta['load_after']} (the benchmark's own threads count: 1-2)."
         + (f' {meta["note"]}' if meta.get('note') else ''),
         '',
-        'Every figure is a pair timed in alternation (ABBA, `kpid_zoo.budget.latency.measure_paired`), the way the '
+        'Every figure is a pair timed in alternation (ABBA, `kpid_zoo.budget.timing.measure_paired`), the way the '
         'pruning loop times its candidates: each net below beside its stock net, after discarded cold calls; '
         'the ratio is taken call pair by call pair and reported as median [IQR]; the ratio of the two '
         'fastest calls (least disturbed on a busy machine) is given too.',

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.utils.data as tud
 
-from kpid_zoo.budget.latency import cpu_model
+from kpid_zoo.budget.timing import cpu_model
 from kpid_zoo.core.recipe import DataSpec
 from kpid_zoo.training.data import SeededTransformDataset, build_transforms, load_image_folder, resolve_data_settings
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cifar10 import _atomic_write  # noqa: E402
 
-from kpid_zoo.budget.latency import cpu_model  # noqa: E402
+from kpid_zoo.budget.timing import cpu_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ('parent', 'pruned', 'finetune', 'eval', 'export')  # the order kpid_zoo.build runs them in

@@ -22,8 +22,8 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from kpid_zoo.budget.latency import cpu_model
 from kpid_zoo.budget.prune import knapsack_prune
+from kpid_zoo.budget.timing import cpu_model
 from kpid_zoo.core.recipe import DataSpec
 from kpid_zoo.engine.flops import count_flops, count_params
 from kpid_zoo.engine.groups import discover_groups

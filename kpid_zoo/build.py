@@ -35,7 +35,6 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from ._version import __version__
-from .budget.latency import check_device
 from .budget.prune import (
     LatencyOutcome,
     PruneReport,
@@ -51,6 +50,7 @@ from .budget.report import (
     summary_table,
     write_prune_outputs,
 )
+from .budget.timing import check_device
 from .core.datasource import fingerprint
 from .core.files import WEIGHTS_FILE, file_sha256, read_json, remove_staging, save_weights, write_json
 from .core.lock import LOCK_FILE, build_lock, export_lock_name, main_process_value

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import timm
 
-from kpid_zoo.budget.prune import PruneReport, layer_widths
+from kpid_zoo.budget._result import layer_widths
+from kpid_zoo.budget.prune import PruneReport
 from kpid_zoo.core.recipe import Recipe, load_recipe
 from kpid_zoo.engine.flops import count_flops, count_params
 from kpid_zoo.engine.groups import discover_groups

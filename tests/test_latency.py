@@ -16,8 +16,10 @@ import yaml
 from engine_utils import INPUT
 
 from kpid_zoo.budget import latency as lat
-from kpid_zoo.budget.latency import LatencyCostModel, LatencySetting, LatencyTerm, Paired, Timing, sample_widths
+from kpid_zoo.budget import timing
+from kpid_zoo.budget.latency import LatencyCostModel, LatencyTerm, sample_widths
 from kpid_zoo.budget.prune import latency_knapsack_prune
+from kpid_zoo.budget.timing import LatencySetting, Paired, Timing
 from kpid_zoo.cli import main
 from kpid_zoo.core.files import CACHE_ENV
 from kpid_zoo.core.recipe import BudgetSpec, Recipe, RecipeError
@@ -165,7 +167,7 @@ def test_table_cache_hits_misses_and_invalidation(tmp_path, tiny):
     assert lat.table_key(model, 'resnet10t', (3, 64, 64), SETTING) != first.key
     assert lat.table_key(model, 'resnet10t', INPUT, LatencySetting('cpu', 8, 1)) != first.key
     assert lat.table_key(timm.create_model('resnet10t', num_classes=10), 'resnet10t', INPUT, SETTING) != first.key
-    assert first.key['device_name'] == lat.device_name('cpu') and torch.__version__ in first.key['device_name']
+    assert first.key['device_name'] == timing.device_name('cpu') and torch.__version__ in first.key['device_name']
 
     # a file whose key is not the one asked for, or no table at all, is a miss and is measured again
     data = json.loads(path.read_text())
@@ -370,8 +372,8 @@ def test_paired_timing_alternates_abba_and_cancels_a_drift_both_nets_share(monke
         slowdown = 1 + (len(timed) - 1) // 2  # one step per call pair
         return {'a': 2.0, 'b': 1.0}[calls[-1]] * slowdown
 
-    monkeypatch.setattr(lat, 'time_once', fake_time_once)
-    paired = lat.measure_paired(Net('a'), Net('b'), (3, 8, 8), SETTING, warmup=2, repeats=6)
+    monkeypatch.setattr(timing, 'time_once', fake_time_once)
+    paired = timing.measure_paired(Net('a'), Net('b'), (3, 8, 8), SETTING, warmup=2, repeats=6)
     assert calls[:4] == ['a', 'b', 'a', 'b'] and timed == list('abbaabbaabba')
     assert paired.ratio.median_ms == 2.0 and paired.ratio.min_ms == paired.ratio.max_ms == 2.0
     assert paired.model.max_ms / paired.model.min_ms > 2  # what a comparison of separate timings would carry

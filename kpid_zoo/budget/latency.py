@@ -10,25 +10,14 @@ timed at full and at narrowest widths, fixes the rest (`calibrate`): a fixed par
 dispatch, residual adds, gates) and a scale from layers timed alone to layers in the network. The table is cached
 on disk per (device, processor, torch, parent, input size, batch, threads).
 
-Measurement (`time_callable`): warm-up calls first, then many timed calls under `torch.inference_mode` with the
-thread count fixed, reported as median and quartiles. The pruning loop never compares timings taken apart:
-`measure_paired` times a candidate in alternation with a reference network (the parent, or a budget's
-`latency_of`) and keeps the per-call ratio, so both see the same machine (other jobs, clock, caches); a candidate's
-milliseconds are that ratio times the reference's time at the start. `measure_noise` is the A/A test: the
-reference paired with itself several times, the spread of those ratios is what a difference must exceed before
-the loop trusts it.
+The timings come from `timing.time_callable`; the layers timed and their narrowed copies from `_table_layers`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
 import json
-import os
-import platform
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,197 +29,16 @@ from tqdm.auto import tqdm
 
 from ..core.files import atomic_write_text, default_cache_dir, json_sha256
 from ..core.logs import get_logger
-from ..core.threads import fixed_threads as fixed_thread_count
-from ..engine.groups import ROLE_DW, ROLE_IN, ROLE_NORM, ROLE_PARAM, ChannelMap, GroupGraph, Member
-from ..engine.handlers import handler_for
+from ..engine.groups import GroupGraph
 from ..engine.surgery import prune_model
-from ..errors import UserError
+from ._table_layers import narrowed, record_shapes, timed_layers
+from .timing import LatencySetting, Timing, check_device, device_name, example_input, fixed_threads, time_callable
 
 logger = get_logger(__name__)
 
 TABLE_VERSION = 1
 # Width fractions each group is sampled at; the interpolation is linear between them (and beyond the ends).
 GRID_FRACTIONS = (0.125, 0.25, 0.5, 0.75, 1.0)
-DEVICES = ('cpu', 'cuda')
-
-
-@dataclass(frozen=True)
-class LatencySetting:
-    """Where and how a network is timed: the device, the batch, the CPU threads (fixed while timing)."""
-
-    device: str = 'cpu'
-    batch_size: int = 1
-    threads: int = 1
-
-    def describe(self) -> str:
-        threads = f', {self.threads} thread{"s" if self.threads != 1 else ""}' if self.device == 'cpu' else ''
-        return f'{self.device} (batch {self.batch_size}{threads})'
-
-
-@dataclass(frozen=True)
-class Timing:
-    """Milliseconds per call: median, quartiles and extremes over `repeats` timed calls."""
-
-    median_ms: float
-    q1_ms: float
-    q3_ms: float
-    min_ms: float
-    max_ms: float
-    repeats: int
-
-    @classmethod
-    def of(cls, samples_ms: list[float]) -> Timing:
-        q1, _, q3 = (
-            statistics.quantiles(samples_ms, n=4, method='inclusive') if len(samples_ms) > 1 else (samples_ms[0],) * 3
-        )
-        return cls(statistics.median(samples_ms), q1, q3, min(samples_ms), max(samples_ms), len(samples_ms))
-
-    @property
-    def relative_iqr(self) -> float:
-        return (self.q3_ms - self.q1_ms) / self.median_ms if self.median_ms > 0 else 0.0
-
-    def scaled(self, factor: float) -> Timing:
-        """Every figure times `factor`: a ratio to a reference, scaled by the reference's milliseconds."""
-        return Timing(
-            self.median_ms * factor,
-            self.q1_ms * factor,
-            self.q3_ms * factor,
-            self.min_ms * factor,
-            self.max_ms * factor,
-            self.repeats,
-        )
-
-
-@dataclass(frozen=True)
-class Paired:
-    """Two networks timed in alternation: each one's timing and the per-round ratio model / reference."""
-
-    model: Timing
-    reference: Timing
-    ratio: Timing
-
-
-def check_device(device: str) -> None:
-    """Fail unless `device` is present here (a latency budget is measured where the build runs)."""
-    if device not in DEVICES:
-        raise UserError(f'expected one of {", ".join(map(repr, DEVICES))}, got {device!r}')
-    if device == 'cuda' and not torch.cuda.is_available():
-        raise UserError(
-            "'cuda' is not present on this machine (torch.cuda.is_available() is False): time the "
-            'network on the device it is for, or set budget.device: cpu'
-        )
-
-
-def cpu_model() -> str:
-    """The processor's model name (Linux /proc/cpuinfo), else what `platform` knows of it."""
-    with contextlib.suppress(OSError):
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('model name'):
-                return line.split(':', 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def device_name(device: str) -> str:
-    """What the timings depend on beyond the settings: the processor (or GPU) and the torch build."""
-    if device == 'cuda':
-        return f'{torch.cuda.get_device_name()} / torch {torch.__version__} / cuda {torch.version.cuda}'
-    return f'{cpu_model()} ({os.cpu_count()} cpus) / torch {torch.__version__}'
-
-
-def fixed_threads(setting: LatencySetting) -> contextlib.AbstractContextManager:
-    """The block runs with torch's intra-op thread count at `setting.threads` (CPU), restored after."""
-    return fixed_thread_count(setting.threads if setting.device == 'cpu' else None)
-
-
-def time_once(fn: Callable[[], object], setting: LatencySetting) -> float:
-    """Milliseconds of one call (inside `time_callable` / `measure_paired`: threads fixed, inference mode)."""
-    if setting.device == 'cuda':  # untested here (no GPU was lent): CUDA events around the call
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
-def time_callable(fn: Callable[[], object], setting: LatencySetting, *, warmup: int = 3, repeats: int = 15) -> Timing:
-    """Time `fn()` `repeats` times after `warmup` untimed calls, in inference mode with the threads fixed."""
-    with fixed_threads(setting), torch.inference_mode():
-        for _ in range(warmup):
-            fn()
-        return Timing.of([time_once(fn, setting) for _ in range(repeats)])
-
-
-def example_input(input_size: tuple[int, ...], setting: LatencySetting) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(0)
-    return torch.randn(setting.batch_size, *input_size, generator=gen).to(setting.device)
-
-
-def measure_paired(
-    model: nn.Module,
-    reference: nn.Module,
-    input_size: tuple[int, int, int],
-    setting: LatencySetting,
-    *,
-    warmup: int = 3,
-    repeats: int = 15,
-) -> Paired:
-    """`model` and `reference` timed in alternation, `repeats` calls each, in ABBA order (neither always runs right
-    after the other), and their ratio taken call pair by call pair.
-
-    Why pairs: timings taken minutes apart differ by what the machine did in between (other jobs, clocks), and a
-    network timed back to back keeps its weights in the caches while one deployed beside others does not; two
-    networks timed in turn share both, so their ratio holds where separate medians do not. Measured: a net the
-    old loop timed alone at its budget ran 5-39% above it beside the stock net (docs/latency_benchmark.md)."""
-    model, reference = model.to(setting.device).eval(), reference.to(setting.device).eval()
-    x = example_input(input_size, setting)
-    ours: list[float] = []
-    theirs: list[float] = []
-    with fixed_threads(setting), torch.inference_mode():
-        for _ in range(warmup):
-            model(x), reference(x)
-        for i in range(repeats):
-            pair = ((model, ours), (reference, theirs))
-            for net, samples in pair if i % 2 == 0 else pair[::-1]:
-                samples.append(time_once(lambda: net(x), setting))
-    return Paired(Timing.of(ours), Timing.of(theirs), Timing.of([a / b for a, b in zip(ours, theirs)]))
-
-
-@dataclass(frozen=True)
-class Noise:
-    """How far apart repeated A/A ratios of one network land: `relative` = max - min of the ratio medians."""
-
-    ratios: tuple[float, ...]
-
-    @property
-    def relative(self) -> float:
-        return max(self.ratios) - min(self.ratios)
-
-
-def measure_noise(
-    model: nn.Module,
-    input_size: tuple[int, int, int],
-    setting: LatencySetting,
-    *,
-    series: int = 3,
-    compare: Callable[..., Paired] = measure_paired,
-) -> tuple[Timing, Noise]:
-    """The A/A test: `series` paired measurements of the network against itself. Returns the middle of its
-    timings and the spread of the ratios, which for a paired comparison is what a difference must exceed.
-
-    One more series runs first, untimed: the first calls of a network new to the process run cold (the allocator,
-    oneDNN's primitive cache), beyond what a few warm-up calls absorb."""
-    compare(model, model, input_size, setting)
-    runs = [compare(model, model, input_size, setting) for _ in range(series)]
-    timings = sorted((r.reference for r in runs), key=lambda t: t.median_ms)
-    return timings[len(timings) // 2], Noise(tuple(r.ratio.median_ms for r in runs))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The lookup table and its cost model
 
 
 @dataclass
@@ -360,109 +168,14 @@ class LatencyCostModel:
         )
 
 
-MAX_TERM_GROUPS = 3  # a layer is timed at every combination of its groups' sampled widths: 5 ** 3 calls at most
-
-
 def sample_widths(size: int, fractions: tuple[float, ...] = GRID_FRACTIONS, parts: int = 1) -> tuple[int, ...]:
     """Widths a group is timed at; a group with `parts` blocks (grouped convs) takes multiples of `parts` only."""
     return tuple(sorted({max(parts, parts * round(size * f / parts)) for f in fractions} | {size}))
 
 
-@dataclass
-class _Timed:
-    """A layer the table times: its members' channel layouts, the layout of its input, and its input shape."""
-
-    module: str
-    roles: list[tuple[Member, ChannelMap]]  # its dimensions that hold prunable channels
-    groups: tuple[str, ...]  # the prunable groups in them, the term's variables
-    input_channels: ChannelMap | None  # its input's channel dimension (None: no prunable channel in it)
-    shape: tuple[int, ...] = ()
-
-
-def _prunable_in(graph: GroupGraph, channels: ChannelMap, prunable: set[str]) -> list[str]:
-    return [graph.groups[gi].name for gi in np.unique(channels.group) if gi >= 0 and graph.groups[gi].name in prunable]
-
-
-def _timed_layers(model: nn.Module, graph: GroupGraph) -> list[_Timed]:
-    """The layers whose cost depends on a prunable width: every group member (a conv, a BN, a BN+act) and every
-    channel-wise leaf on prunable channels (activations, pools), outermost first, none inside another.
-
-    Each dimension is read from the graph's layouts, so a layer whose input concatenates several groups depends
-    on all of them; past `MAX_TERM_GROUPS` groups in one layer the grid is too large to time, which is an error
-    (a latency budget does not reach such networks; a FLOPs budget does)."""
-    prunable = {g.name for g in graph.prunable}
-    roles: dict[str, list[tuple[Member, ChannelMap]]] = {}
-    for member, channels in graph.layouts.items():
-        if member.role != ROLE_PARAM and _prunable_in(graph, channels, prunable):
-            roles.setdefault(member.module, []).append((member, channels))
-    timed, taken = [], []
-    for name, module in model.named_modules():
-        if not name or any(name.startswith(t + '.') for t in taken):
-            continue
-        leaf = next(module.children(), None) is None
-        if name in roles:
-            member = roles[name]
-            input_channels = next((c for m, c in member if m.role in (ROLE_IN, ROLE_DW, ROLE_NORM)), None)
-        elif leaf and name in graph.outputs and _prunable_in(graph, graph.outputs[name], prunable):
-            member, input_channels = [], graph.outputs[name]  # channel-wise: its input has its output's channels
-        else:
-            continue
-        maps = [c for _, c in member] + ([input_channels] if input_channels is not None else [])
-        groups = tuple(dict.fromkeys(g for c in maps for g in _prunable_in(graph, c, prunable)))
-        if len(groups) > MAX_TERM_GROUPS:
-            raise UserError(
-                f'latency table: layer {name!r} holds channels of {len(groups)} prunable groups '
-                f'(a concatenation); a latency budget times at most {MAX_TERM_GROUPS} per layer; '
-                f'use a FLOPs budget (flops.target_gmacs) for this network'
-            )
-        timed.append(_Timed(name, member, groups, input_channels))
-        taken.append(name)
-    return timed
-
-
 def check_timeable(model: nn.Module, graph: GroupGraph) -> None:
     """Fail (one line) unless every layer of `model` can be timed for a table: what a preflight checks."""
-    _timed_layers(model, graph)
-
-
-def _record_shapes(model: nn.Module, layers: list[_Timed], x: torch.Tensor) -> list[_Timed]:
-    """Each layer's input shape in a forward pass; layers called with anything but one tensor are left out."""
-    shapes: dict[str, tuple[int, ...] | None] = {}
-    hooks = []
-    for layer in layers:
-
-        def hook(_m, args, _out, name=layer.module):
-            ok = len(args) == 1 and isinstance(args[0], torch.Tensor) and name not in shapes
-            shapes[name] = tuple(args[0].shape) if ok else None
-
-        hooks.append(model.get_submodule(layer.module).register_forward_hook(hook))
-    try:
-        with torch.inference_mode():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    kept = []
-    for layer in layers:
-        shape = shapes.get(layer.module)
-        if shape is None or len(shape) < 2:
-            continue
-        layer.shape = shape
-        kept.append(layer)
-    return kept
-
-
-def _narrowed(module: nn.Module, layer: _Timed, graph: GroupGraph, widths: dict[str, int]) -> nn.Module:
-    """A copy of the layer with each of its groups at `widths`, sliced as `surgery.prune_model` slices it."""
-    narrow = copy.deepcopy(module)
-    masks = graph.masks({g: graph[g].leading(w) for g, w in widths.items()})
-    for member, channels in layer.roles:
-        handler_for(narrow).slice(narrow, member.role, torch.from_numpy(channels.kept(masks)))
-    for m in narrow.modules():
-        handler = handler_for(m)
-        if handler is not None:
-            handler.refresh(m)
-    return narrow
+    timed_layers(model, graph)
 
 
 def architecture_sha256(model: nn.Module) -> str:
@@ -540,7 +253,7 @@ def build_table(
     sizes = {g.name: g.size for g in graph.prunable}
     model = copy.deepcopy(model).float().to(setting.device).eval()
     x = example_input(input_size, setting)
-    layers = _record_shapes(model, _timed_layers(model, graph), x)
+    layers = record_shapes(model, timed_layers(model, graph), x)
     points = {g.name: sample_widths(g.size, fractions, g.parts) for g in graph.prunable}
     gen = torch.Generator().manual_seed(0)
     terms = []
@@ -555,7 +268,7 @@ def build_table(
                 if layer.input_channels is not None:
                     shape[1] = graph.width(layer.input_channels, widths)
                 inp = torch.randn(shape, generator=gen).to(setting.device)
-                narrow = _narrowed(module, layer, graph, widths)
+                narrow = narrowed(module, layer, graph, widths)
                 values[index] = timer(lambda: narrow(inp), setting, warmup=warmup, repeats=repeats).median_ms
             terms.append(LatencyTerm(layer.module, layer.groups, tuple(grid), values))
         narrowest = {g: p[0] for g, p in points.items()}
@@ -608,20 +321,11 @@ def latency_table(
 
 
 __all__ = [
-    'LatencySetting',
-    'Timing',
-    'Paired',
-    'Noise',
+    'TABLE_VERSION',
+    'GRID_FRACTIONS',
     'LatencyTerm',
     'LatencyCostModel',
-    'check_device',
-    'cpu_model',
-    'device_name',
     'check_timeable',
-    'time_callable',
-    'time_once',
-    'measure_paired',
-    'measure_noise',
     'build_table',
     'calibrate',
     'latency_table',

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..budget.latency import LatencySetting, time_callable
+from ..budget.timing import LatencySetting, time_callable
 from ..core import threads
 from .accelerator import stage_autocast
 from .streams import is_stream
