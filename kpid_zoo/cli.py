@@ -92,7 +92,7 @@ def cmd_shards(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from .training.data import folder_samples
-    from .training.streams import write_shards
+    from .training.shards import write_shards
 
     for split in args.splits:
         samples, classes = folder_samples(Path(args.folder) / split)

@@ -117,7 +117,8 @@ def standin_shards(image_root: Path, out: Path, recipe: Recipe, processes: int) 
     """The stand-in ImageFolder as WebDataset shards: the train images a dry run uses (as `standin_sizes` counts
     them) in STANDIN_TRAIN_SHARDS shards per process, every validation image in one shard per process."""
     from .training.data import folder_samples, subset_indices
-    from .training.streams import INFO_FILE, write_shards
+    from .training.shards import write_shards
+    from .training.streams import INFO_FILE
 
     if (out / INFO_FILE).exists():
         return out

@@ -40,7 +40,7 @@ def repo_root() -> Path:
 @pytest.fixture(scope='session')
 def cifar10_tarball() -> Path:
     """The shared CIFAR-10 JPEG tarball (../shared/data or $KPID_CIFAR10_TAR); skips the test where it is absent."""
-    from kpid_zoo.training.data import find_cifar10_tarball
+    from kpid_zoo.training.cifar10 import find_cifar10_tarball
 
     try:
         return find_cifar10_tarball()

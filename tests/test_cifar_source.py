@@ -30,15 +30,10 @@ from torchvision.datasets import CIFAR10
 
 from kpid_zoo.cli import main
 from kpid_zoo.core.recipe import DataSpec
-from kpid_zoo.training import data as kdata
-from kpid_zoo.training.data import (
-    CIFAR10_CLASSES,
-    DataUnavailableError,
-    create_loaders,
-    prepare_cifar10,
-    resolve_cifar10,
-    unpack_tarball,
-)
+from kpid_zoo.errors import DataUnavailableError
+from kpid_zoo.training import cifar10 as kcifar10
+from kpid_zoo.training.cifar10 import CIFAR10_CLASSES, prepare_cifar10, resolve_cifar10, unpack_tarball
+from kpid_zoo.training.data import create_loaders
 
 OFFICIAL_FILES = [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']
 PER_BATCH = 4  # images per pickled batch: 20 train images, 4 test images
@@ -114,12 +109,12 @@ def _unused_port() -> int:
 def no_local_copy(tmp_path, monkeypatch) -> Path:
     """Nothing beside the checkout, no $KPID_CIFAR10_TAR, an empty cache (returned); the official set's published
     checksums are those of the small stand-in archive."""
-    monkeypatch.setattr(kdata, '_REPO_ROOT', tmp_path / 'clone' / 'repo')
+    monkeypatch.setattr(kcifar10, '_REPO_ROOT', tmp_path / 'clone' / 'repo')
     (tmp_path / 'clone' / 'repo').mkdir(parents=True)
     monkeypatch.chdir(tmp_path / 'clone' / 'repo')
     monkeypatch.delenv('KPID_CIFAR10_TAR', raising=False)
     monkeypatch.setenv('KPID_CACHE', str(tmp_path / 'cache'))
-    monkeypatch.setattr(kdata, 'CIFAR10_MD5', _md5(ARCHIVE))
+    monkeypatch.setattr(kcifar10, 'CIFAR10_MD5', _md5(ARCHIVE))
     monkeypatch.setattr(CIFAR10, 'train_list', [[n, _md5(FILES[n])] for n in OFFICIAL_FILES[:5]])
     monkeypatch.setattr(CIFAR10, 'test_list', [['test_batch', _md5(FILES['test_batch'])]])
     monkeypatch.setattr(CIFAR10, 'meta', {**CIFAR10.meta, 'md5': _md5(FILES['batches.meta'])})
@@ -129,7 +124,7 @@ def no_local_copy(tmp_path, monkeypatch) -> Path:
 @pytest.fixture
 def server(monkeypatch):
     srv = _Server()
-    monkeypatch.setattr(kdata, 'CIFAR10_URL', srv.url)
+    monkeypatch.setattr(kcifar10, 'CIFAR10_URL', srv.url)
     yield srv
     srv.close()
 
@@ -192,11 +187,11 @@ def test_a_corrupt_download_is_named_and_removed_and_a_retry_succeeds(no_local_c
 
 def test_offline_stops_at_once_with_one_line_saying_what_was_tried(no_local_copy, monkeypatch, tmp_path, capsys):
     url = f'http://127.0.0.1:{_unused_port()}/cifar-10-python.tar.gz'  # nothing listens: refused, like offline
-    monkeypatch.setattr(kdata, 'CIFAR10_URL', url)
+    monkeypatch.setattr(kcifar10, 'CIFAR10_URL', url)
     start = time.monotonic()
     with pytest.raises(DataUnavailableError) as e:
         resolve_cifar10()
-    assert time.monotonic() - start < kdata.DOWNLOAD_TIMEOUT_S
+    assert time.monotonic() - start < kcifar10.DOWNLOAD_TIMEOUT_S
     message = str(e.value)
     for tried in (
         'data.root',
@@ -237,8 +232,8 @@ def test_a_server_that_never_answers_times_out(no_local_copy, monkeypatch):
     silent = socket.socket()
     silent.bind(('127.0.0.1', 0))
     silent.listen(1)  # connections are queued, never answered
-    monkeypatch.setattr(kdata, 'CIFAR10_URL', f'http://127.0.0.1:{silent.getsockname()[1]}/x.tar.gz')
-    monkeypatch.setattr(kdata, 'DOWNLOAD_TIMEOUT_S', 0.5)
+    monkeypatch.setattr(kcifar10, 'CIFAR10_URL', f'http://127.0.0.1:{silent.getsockname()[1]}/x.tar.gz')
+    monkeypatch.setattr(kcifar10, 'DOWNLOAD_TIMEOUT_S', 0.5)
     try:
         with pytest.raises(DataUnavailableError, match='timed out'):
             resolve_cifar10()
@@ -381,7 +376,7 @@ def test_a_killed_unpack_leaves_nothing_a_later_run_uses(tmp_path):
     cache = tmp_path / 'cache'
     script = textwrap.dedent(f"""
         import os, signal, tarfile
-        from kpid_zoo.training.data import prepare_cifar10
+        from kpid_zoo.training.cifar10 import prepare_cifar10
         seen = []
         def die_at_the_fifth(member, path):
             seen.append(member)

@@ -13,14 +13,13 @@ import torch
 from PIL import Image
 
 from kpid_zoo.core.recipe import DataSpec
-from kpid_zoo.training import data as kdata
+from kpid_zoo.training import cifar10 as kcifar10
+from kpid_zoo.training.cifar10 import find_cifar10_tarball, prepare_cifar10
 from kpid_zoo.training.data import (
     SeededTransformDataset,
     build_transforms,
     create_loaders,
-    find_cifar10_tarball,
     load_image_folder,
-    prepare_cifar10,
     resolve_data_settings,
     subset_indices,
 )
@@ -75,7 +74,7 @@ def test_real_cifar10_unpacked_and_loaded(cifar10_tree, cifar10_tarball, monkeyp
         'truck',
     ]
     # second use: the cached tree is reused, the tarball is not opened again
-    monkeypatch.setattr(kdata.tarfile, 'open', lambda *a, **k: pytest.fail('re-extracted'))
+    monkeypatch.setattr(kcifar10.tarfile, 'open', lambda *a, **k: pytest.fail('re-extracted'))
     assert prepare_cifar10(cifar10_tarball, cache_dir=cifar10_tree.parent) == cifar10_tree
 
     spec = DataSpec(

@@ -250,7 +250,8 @@ def test_fingerprints_name_what_changed_in_a_shard_set(real_jpeg_folder, tmp_pat
     pytest.importorskip('webdataset')
     from kpid_zoo.core.datasource import describe_data_change, fingerprint
     from kpid_zoo.training.data import folder_samples
-    from kpid_zoo.training.streams import split_shards, write_shards
+    from kpid_zoo.training.shards import write_shards
+    from kpid_zoo.training.streams import split_shards
 
     samples, classes = folder_samples(real_jpeg_folder / 'val')
     write_shards(samples, tmp_path, 'val', shard_size=12, class_names=classes)

@@ -29,7 +29,8 @@ from kpid_zoo.training.data import (
     load_image_folder,
     resolve_data_settings,
 )
-from kpid_zoo.training.streams import INFO_FILE, ShardStream, round_robin_position, split_shards, write_shards
+from kpid_zoo.training.shards import write_shards
+from kpid_zoo.training.streams import INFO_FILE, ShardStream, round_robin_position, split_shards
 from kpid_zoo.training.train import finetune, list_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,11 +22,8 @@ batch, as it does over each accumulated batch in one process.
 
 from __future__ import annotations
 
-import functools
 import json
-import math
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -38,26 +35,42 @@ import torch.nn as nn
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 from timm.optim import create_optimizer_v2
-from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from ..core import threads
-from ..core.files import first_mismatch, hash_files, read_json, write_json
 from ..core.logs import get_logger
-from ..core.recipe import FinetuneSpec, RecipeError, TrainSpec
+from ..core.recipe import FinetuneSpec, TrainSpec
 from ..core.seeds import stable_seed
+from ._checkpoints import (
+    TrainState,
+    checkpoint_interval,
+    latest_intact_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from ._schedule import MAX_TOTAL_STEPS, Schedule, plan_schedule, warmup_cosine_schedule
 from .accelerator import process_accelerator, stage_autocast, stage_grad_scaler
 from .data import first_image_shape, loader_layout, prepare_loader, skip_first_batches
 from .distill import DistillationWrapper, InnerDistillLoss, build_distillation, capture_outputs
 from .evaluate import EvalResult, evaluate
 
+# The schedule and checkpoint helpers live in `_schedule` and `_checkpoints`; this module is their public home.
+__all__ = [
+    'finetune',
+    'TrainResult',
+    'JsonlTracker',
+    'Schedule',
+    'plan_schedule',
+    'MAX_TOTAL_STEPS',
+    'warmup_cosine_schedule',
+    'TrainState',
+    'checkpoint_interval',
+    'list_checkpoints',
+    'latest_intact_checkpoint',
+]
+
 logger = get_logger(__name__)
-CHECKPOINT_RE = re.compile(r'^step_(\d+)$')
-LOOP_STATE_FILE = 'kpid_loop_state.pt'  # TrainState + LR schedule, beside what accelerator.save_state writes
-CHECKSUMS = 'checksums.json'  # in each checkpoint: {file: sha256} of every file in it
-# The most optimizer steps a schedule may hold. The longest published ImageNet schedules are about 10^6 steps; 10^9
-# would take years at any rate a CNN trains at, so a schedule past it is a typo (`epochs: 1e12`), not a plan.
-MAX_TOTAL_STEPS = 10**9
 
 
 @dataclass
@@ -70,77 +83,6 @@ class TrainResult:
     val: EvalResult | None
     checkpoint_dir: Path
     schedule: Schedule | None = None
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """A training stage's length in optimizer steps, from the batches each process reads per epoch."""
-
-    batches_per_epoch: int  # per process (drop_last: full batches only)
-    grad_accum_steps: int
-    steps_per_epoch: int  # the last step of an epoch may accumulate fewer batches
-    total_steps: int
-    warmup_steps: int
-
-    @property
-    def epochs(self) -> float:
-        """The epochs `total_steps` make (the recipe's `epochs`, rounded to whole steps)."""
-        return self.total_steps / self.steps_per_epoch
-
-
-def plan_schedule(cfg: TrainSpec, batches_per_epoch: int, where: str = '', counted: str = '') -> Schedule:
-    """The schedule `cfg` gives over epochs of `batches_per_epoch` batches, or a `RecipeError` for one that cannot
-    run as written: no full batch, accumulation past the end of the epoch (every epoch would end in one short
-    step), epochs > 0 that round to 0 steps, or more than MAX_TOTAL_STEPS steps. `epochs: 0` is no training
-    (0 steps). `where` is the section the error names (`finetune`, `parent.train`), `counted` how the batches were
-    counted (for the message)."""
-
-    def name(f: str) -> str:
-        return f'{where}.{f}' if where else f
-
-    accum = cfg.grad_accum_steps
-    if batches_per_epoch < 1:
-        raise RecipeError(
-            f'an epoch holds no full batch{counted}: expected a batch size (x processes) no larger '
-            f'than the training set',
-            'data.batch_size',
-        )
-    if accum > batches_per_epoch:
-        raise RecipeError(
-            f'{accum} batches per optimizer step, but an epoch holds {batches_per_epoch}{counted}: '
-            f'expected at most {batches_per_epoch}',
-            name('grad_accum_steps'),
-        )
-    steps_per_epoch = math.ceil(batches_per_epoch / accum)
-    total = round(cfg.epochs * steps_per_epoch)
-    if cfg.epochs > 0 and total == 0:
-        raise RecipeError(
-            f'{cfg.epochs:g} epochs of {steps_per_epoch} optimizer steps round to 0 steps{counted}: '
-            f'expected 0 (no training) or at least {1 / steps_per_epoch:.3g} (one step)',
-            name('epochs'),
-        )
-    if total > MAX_TOTAL_STEPS:
-        raise RecipeError(
-            f'{cfg.epochs:g} epochs of {steps_per_epoch} optimizer steps are {total:.3g} steps'
-            f'{counted}: expected at most {MAX_TOTAL_STEPS:.0e} steps',
-            name('epochs'),
-        )
-    return Schedule(batches_per_epoch, accum, steps_per_epoch, total, round(cfg.warmup_epochs * steps_per_epoch))
-
-
-class TrainState:
-    """Loop position, checkpointed beside the model (`LOOP_STATE_FILE`)."""
-
-    def __init__(self):
-        self.step = 0  # optimizer steps done
-        self.epoch = 0
-        self.batch_in_epoch = 0  # batches of `epoch` already consumed
-
-    def state_dict(self) -> dict:
-        return {'step': self.step, 'epoch': self.epoch, 'batch_in_epoch': self.batch_in_epoch}
-
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        self.step, self.epoch, self.batch_in_epoch = state['step'], state['epoch'], state['batch_in_epoch']
 
 
 class JsonlTracker(GeneralTracker):
@@ -169,107 +111,12 @@ class JsonlTracker(GeneralTracker):
             f.write(json.dumps({'step': step, 'time': time.time(), **values}, default=float) + '\n')
 
 
-def _warmup_cosine(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
-    """Linear warmup then cosine to 0, in optimizer steps."""
-    return LambdaLR(optimizer, functools.partial(_warmup_cosine, warmup=warmup_steps, total=total_steps))
-
-
 def _set_epoch(loader, epoch: int) -> None:
     """Sampler order (seed + epoch) and per-sample augmentation seed. Accelerate's `set_epoch` skips the
     dataset when the sampler is sharded (multi-process), so the dataset is set explicitly too."""
     loader.set_epoch(epoch)
     if hasattr(loader.dataset, 'set_epoch'):
         loader.dataset.set_epoch(epoch)
-
-
-def list_checkpoints(checkpoint_dir: str | os.PathLike) -> list:
-    """Completed checkpoints `step_N`, oldest first (temp dirs of interrupted saves are ignored)."""
-    checkpoint_dir = Path(checkpoint_dir)
-    if not checkpoint_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in checkpoint_dir.iterdir() if (m := CHECKPOINT_RE.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def _save_checkpoint(
-    accelerator: Accelerator,
-    checkpoint_dir: Path,
-    state: TrainState,
-    scheduler: LambdaLR,
-    keep: int,
-    layout: dict | None = None,
-) -> None:
-    """save_state into a temp dir, rename to step_N once every process has written its part, keep the last `keep`.
-
-    The loop state is saved by hand rather than with `register_for_checkpointing`: registrations live as long as
-    the Accelerator, which outlives this stage (the next stage would save and expect this one's objects too).
-    """
-    step = state.step
-    final, tmp = checkpoint_dir / f'step_{step}', checkpoint_dir / f'.tmp-step_{step}'
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        torch.save(
-            {'train_state': state.state_dict(), 'scheduler': scheduler.state_dict(), 'loader_layout': layout},
-            tmp / LOOP_STATE_FILE,
-        )
-        # every file's sha256, inside the checkpoint before it is renamed in: a resume verifies before it loads
-        write_json(tmp / CHECKSUMS, hash_files(tmp))
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        for old in list_checkpoints(checkpoint_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def checkpoint_interval(checkpoint_every: int, total_steps: int) -> int:
-    """Optimizer steps between checkpoints: the recipe's, but at most a tenth of the run, so that a kill loses at
-    most a tenth of a stage whatever its length (a 78-step stage with `checkpoint_every: 200` would lose all)."""
-    return max(1, min(checkpoint_every, math.ceil(total_steps / 10)))
-
-
-def latest_intact_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
-    """The newest checkpoint whose files all have the sha256 recorded when it was saved; the others are named."""
-    for checkpoint in reversed(list_checkpoints(checkpoint_dir)):
-        try:
-            recorded = read_json(checkpoint / CHECKSUMS)
-        except (OSError, ValueError):
-            problem = f'no readable {CHECKSUMS}'
-        else:
-            problem = first_mismatch(checkpoint, recorded) if isinstance(recorded, dict) else f'bad {CHECKSUMS}'
-        if problem is None:
-            return checkpoint
-        logger.info('not resuming from %s (%s): trying an earlier one', checkpoint, problem)
-    return None
-
-
-def _load_checkpoint(
-    accelerator: Accelerator, checkpoint: Path, state: TrainState, scheduler: LambdaLR, layout: dict | None = None
-) -> None:
-    loop = torch.load(checkpoint / LOOP_STATE_FILE, map_location='cpu', weights_only=True)
-    saved = loop.get('loader_layout')
-    if layout is not None and saved is not None and saved != layout:
-        raise ValueError(
-            f'{checkpoint}: written with {saved["processes"]} process(es) x {saved["workers"]} loader worker(s), '
-            f"this run has {layout['processes']} x {layout['workers']}: a stream's sample order depends on both, "
-            f'so it resumes only under the same layout (set data.workers: {saved["workers"]} and launch '
-            f'{saved["processes"]} process(es), or start over without resuming)'
-        )
-    accelerator.load_state(str(checkpoint))
-    state.load_state_dict(loop['train_state'])
-    scheduler.load_state_dict(loop['scheduler'])
 
 
 def finetune(
@@ -397,7 +244,7 @@ def _train_loop(
     intact = latest_intact_checkpoint(checkpoint_dir) if resume else None
     layout = loader_layout(train_loader)
     if intact is not None:
-        _load_checkpoint(accelerator, intact, state, scheduler, layout)
+        load_checkpoint(accelerator, intact, state, scheduler, layout)
         resumed_from = state.step
     tracker = JsonlTracker(out_dir / 'metrics.jsonl') if accelerator.is_main_process else None
     # a stream says what an epoch reads, and how many samples it repeats or drops (kpid_zoo.training.streams)
@@ -471,7 +318,7 @@ def _train_loop(
             bar.update(1)
             bar.set_postfix(loss=f'{metrics["loss"]:.3f}', lr=f'{metrics["lr"]:.2e}')
             if state.step % every == 0 or state.step == total_steps:
-                _save_checkpoint(accelerator, checkpoint_dir, state, scheduler, keep_checkpoints, layout)
+                save_checkpoint(accelerator, checkpoint_dir, state, scheduler, keep_checkpoints, layout)
             if step_callback is not None:
                 step_callback(state.step, metrics)
             if state.step >= total_steps or state.batch_in_epoch == 0:
