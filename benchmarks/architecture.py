@@ -26,7 +26,15 @@ END = '<!-- architecture:end -->'
 # The package's __init__ is exempt (it gathers the public names from every layer).
 LAYERS = ['base', 'core', 'engine', 'budget', 'training', 'zoo', 'top']
 BASE = {'kpid_zoo.errors', 'kpid_zoo._version'}
-TOP = {'kpid_zoo.build', 'kpid_zoo.dry_run', 'kpid_zoo.cli'}
+TOP = {
+    'kpid_zoo.build',
+    'kpid_zoo._stages',
+    'kpid_zoo._runner',
+    'kpid_zoo._workdir',
+    'kpid_zoo.dry_run',
+    'kpid_zoo._commands',
+    'kpid_zoo.cli',
+}
 SUBPACKAGES = {'core', 'engine', 'budget', 'training', 'zoo'}
 
 

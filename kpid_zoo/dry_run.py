@@ -292,7 +292,8 @@ def dry_run(
 ) -> RunPlan:
     """Build the stand-in version of `recipe_path` end to end, then plan the real run (for `processes`
     processes; default: as many as this launch has)."""
-    from .build import BuildPaths, build, guard_build_paths  # torch and timm: only when a dry run happens
+    from ._workdir import BuildPaths, guard_build_paths  # torch and timm: only when a dry run happens
+    from .build import build
     from .core.ownership import claim_work
 
     recipe = load_recipe(recipe_path)

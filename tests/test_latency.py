@@ -539,12 +539,12 @@ def test_a_noisy_measurement_widens_the_tolerance_and_says_so(tiny):
 
 
 def test_a_changed_budget_reruns_the_prune_stage_only_where_it_reads_it():
-    from kpid_zoo.build import FINETUNE_FIELDS, PRUNE_FIELDS, PRUNE_FIELDS_NO_DATA, _recipe_inputs
+    from kpid_zoo._runner import FINETUNE_FIELDS, PRUNE_FIELDS, PRUNE_FIELDS_NO_DATA, recipe_inputs
 
     base = {'name': 'x', 'parent': {'model': 'resnet18'}}
     a = Recipe.from_dict({**base, 'budget': {'latency_ms': 4.0}})
     b = Recipe.from_dict({**base, 'budget': {'latency_ms': 5.0}})
     for fields in (PRUNE_FIELDS, PRUNE_FIELDS_NO_DATA):
-        assert _recipe_inputs(a, fields) != _recipe_inputs(b, fields)
-        assert _recipe_inputs(a, fields)['recipe.budget.latency_ms'] == 4.0
-    assert _recipe_inputs(a, FINETUNE_FIELDS) == _recipe_inputs(b, FINETUNE_FIELDS)
+        assert recipe_inputs(a, fields) != recipe_inputs(b, fields)
+        assert recipe_inputs(a, fields)['recipe.budget.latency_ms'] == 4.0
+    assert recipe_inputs(a, FINETUNE_FIELDS) == recipe_inputs(b, FINETUNE_FIELDS)

@@ -208,7 +208,7 @@ def test_torchrun_two_cpu_processes_match_accumulation_bit_for_bit(image_folder,
 
 @pytest.mark.launch
 def test_measure_shards_parent_and_student_over_two_processes(image_folder, tmp_path):
-    """build.measure under torchrun x2 (gloo): each process scores about half of the 30 validation images (Accelerate
+    """_stages.measure under torchrun x2 (gloo): each process scores about half of the 30 validation images (Accelerate
     pads the uneven tail with repeats), gather_for_metrics counts each image once, and the figures equal 1 process."""
     script = REPO / 'tests' / 'scripts' / 'measure_run.py'
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(REPO)}

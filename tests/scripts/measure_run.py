@@ -1,4 +1,4 @@
-"""`build.measure` (parent and student top-1/top-5 on the validation split) run directly or under torchrun.
+"""`kpid_zoo._stages.measure` (parent and student top-1/top-5 on the validation split) run directly or under torchrun.
 
 Each process counts the images its own models see; it writes <out>/rank<R>.json with that count and the
 metrics it got back. The student is a narrower resnet18, the parent a resnet18, both seeded (no training).
@@ -15,7 +15,8 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from kpid_zoo.build import BuildPaths, measure  # noqa: E402
+from kpid_zoo._stages import measure  # noqa: E402
+from kpid_zoo._workdir import BuildPaths  # noqa: E402
 from kpid_zoo.core.recipe import Recipe  # noqa: E402
 from kpid_zoo.training.accelerator import process_accelerator  # noqa: E402
 from kpid_zoo.training.data import create_loaders  # noqa: E402
