@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 import kpid_zoo  # noqa: F401
 from kpid_zoo.core.recipe import load_recipe
-from kpid_zoo.zoo import registry
+from kpid_zoo.zoo import _weights, registry
 from kpid_zoo.zoo.export import file_sha256, write_zoo_entry
 from kpid_zoo.zoo.publish import publish
 from kpid_zoo.zoo.records import CFG_KEYS, ZooRecord
@@ -274,10 +274,10 @@ def test_a_regular_hub_file_is_checked_against_its_git_sha1(tmp_path):
     data = b'{"not": "an LFS file"}'
     blob = tmp_path / git_blob_sha1(data)
     blob.write_bytes(data)
-    registry._verify_hub_reported(REL, str(blob))
+    _weights._verify_hub_reported(REL, str(blob))
     flip_one_byte(blob, 3)
     with pytest.raises(KpidWeightsError, match=rf'{REL}: pretrained weights .* fail the check against the git sha1'):
-        registry._verify_hub_reported(REL, str(blob))
+        _weights._verify_hub_reported(REL, str(blob))
 
 
 def test_offline_and_not_cached_is_one_clear_error(hf_env):

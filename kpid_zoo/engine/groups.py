@@ -11,7 +11,7 @@ consumers' input slices) at once, so the pruned network keeps its structure. Gro
 the channel count equal in each of their conv-groups: a group they touch has *blocks*, and keeps as many
 channels in each.
 
-Following the layouts through a torch.fx trace is `kpid_zoo.engine.tracing`'s work (with one handler per layer type,
+Following the layouts through a torch.fx trace is `kpid_zoo.engine._layouts`'s work (with one handler per layer type,
 `kpid_zoo.engine.handlers`); this module holds the result types and turns the tied channels into groups (`_collect`).
 
 Some ops mix neighbouring channels with parameters that do not depend on the channel count (ECA's Conv1d gate
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ._layouts import follow_layouts
 from .handlers import (  # noqa: F401 (re-exported)
     ROLE_CHANNEL,
     ROLE_DW,
@@ -40,7 +41,7 @@ from .handlers import (  # noqa: F401 (re-exported)
     ParameterHandler,
     handler_for,
 )
-from .tracing import Elements, Layout, Member, TraceContext, follow_layouts  # noqa: F401 (Member re-exported)
+from .tracing import Elements, Layout, Member, TraceContext  # noqa: F401 (Member re-exported)
 
 
 @dataclass(frozen=True, eq=False)
