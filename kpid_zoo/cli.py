@@ -74,6 +74,18 @@ def _count(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """The options of the commands that train or prune: progress bars and torch's thread count."""
+    p.add_argument('--quiet', action='store_true', help='no progress bars')
+    p.add_argument(
+        '--threads',
+        type=int,
+        metavar='N',
+        help='torch intra-op threads (default: OMP_NUM_THREADS if set, else one per core that other '
+        'processes leave free, re-checked every few seconds)',
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog='kpid-zoo',
@@ -129,14 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('recipe', help='recipe YAML or the name of a packaged one, e.g. recipes/kpid_effnet_b0.yaml')
     p.add_argument('--out', help='output folder (default runs/<name>/pruned)')
     p.add_argument('--force', action='store_true', help='prune again even if the output folder exists')
-    p.add_argument('--quiet', action='store_true', help='no progress bars')
-    p.add_argument(
-        '--threads',
-        type=int,
-        metavar='N',
-        help='torch intra-op threads (default: OMP_NUM_THREADS if set, else one per core that other '
-        'processes leave free, re-checked every few seconds)',
-    )
+    _add_run_options(p)
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser('build', help='prune -> fine-tune with inner distillation -> evaluate -> export (resumable)')
@@ -160,14 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar='N',
         help="with --dry-run: plan the real run for N processes (default: this launch's)",
     )
-    p.add_argument('--quiet', action='store_true', help='no progress bars')
-    p.add_argument(
-        '--threads',
-        type=int,
-        metavar='N',
-        help='torch intra-op threads (default: OMP_NUM_THREADS if set, else one per core that other '
-        'processes leave free, re-checked every few seconds)',
-    )
+    _add_run_options(p)
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser('shards', help="write an ImageFolder's splits as WebDataset shards for a wds/<name> recipe")
