@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from .core.logs import get_logger
-from .errors import KpidError, UserError
+from .errors import KpidError, UserError, one_line
 
 T = TypeVar('T')
 logger = get_logger('kpid_zoo.cli')  # the command line's lines under one name, as before the commands had a module
@@ -264,7 +264,7 @@ def _at_size(args: argparse.Namespace, model, size: tuple[int, int, int], count:
             with torch.no_grad():
                 model(torch.zeros(1, *size))
         except Exception as forward_error:  # any kind: a user-chosen size made the model's own forward fail
-            reason = ' '.join(str(forward_error).split()) or type(forward_error).__name__
+            reason = one_line(forward_error)
             raise UserError(
                 f'--input-size: {args.model} does not run on a {"x".join(map(str, size))} image: {reason[:300]}'
             ) from e

@@ -21,7 +21,7 @@ from ._commands import (
     cmd_zoo,
 )
 from .core.logs import get_logger
-from .errors import UserError
+from .errors import UserError, one_line
 
 logger = get_logger('kpid_zoo.cli')  # not __name__: run as `python -m kpid_zoo.cli`, that is __main__
 
@@ -35,6 +35,7 @@ EPILOG = """examples:
 """
 
 
+MESSAGE_LIMIT = 1000  # characters of an error shown on the one line a command prints
 INPUT_SIZE_HELP = "SIZE (C is 3), or C H W; also written C,H,W or CxHxW (default: the model's)"
 
 
@@ -274,11 +275,6 @@ def _write_traceback(e: BaseException) -> str:
             return f'nowhere: {write_error}'
 
 
-def _one_line(e: BaseException) -> str:
-    text = ' '.join(str(e).split()) or type(e).__name__
-    return text if len(text) <= 1000 else text[:997] + '...'
-
-
 class _ConsoleHandler(logging.StreamHandler):
     """Writes to `sys.stdout` (or `sys.stderr`) as it is when a line is written, not as it was when the handler was
     made: whatever replaces the stream later (pytest's capture, a redirect in a caller) gets the lines."""
@@ -349,16 +345,20 @@ def main(argv: list[str] | None = None) -> int:
             raise
         from .core.hub import network_errors
 
+        message = one_line(e, limit=MESSAGE_LIMIT)
         if isinstance(e, network_errors()):
             offline = '' if os.environ.get('HF_HUB_OFFLINE') else ' (set HF_HUB_OFFLINE=1 to use only the local cache)'
-            print(f'kpid-zoo {args.command}: error: cannot reach the network: {_one_line(e)}{offline}', file=sys.stderr)
+            print(
+                f'kpid-zoo {args.command}: error: cannot reach the network: {message}{offline}',
+                file=sys.stderr,
+            )
             return 2
         if _is_user_error(e):
-            print(f'kpid-zoo {args.command}: error: {_one_line(e)}', file=sys.stderr)
+            print(f'kpid-zoo {args.command}: error: {message}', file=sys.stderr)
             return 2
         # a bug, not a usage problem: still one line, and where its traceback is
         print(
-            f'kpid-zoo {args.command}: internal error: {type(e).__name__}: {_one_line(e)} '
+            f'kpid-zoo {args.command}: internal error: {type(e).__name__}: {message} '
             f'(traceback written to {_write_traceback(e)}; --debug prints it)',
             file=sys.stderr,
         )

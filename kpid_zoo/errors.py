@@ -116,3 +116,10 @@ class KpidHubError(UserError, RuntimeError, OSError):
 
 class PublishError(UserError, RuntimeError):
     """The folder cannot be published as it is, or the Hub refused it; the message says which and why."""
+
+
+def one_line(error: BaseException, limit: int | None = None) -> str:
+    """An exception's message on one line (its whitespace collapsed; its type's name when it has none), cut to
+    `limit` characters: how every message that quotes another error shows it."""
+    text = ' '.join(str(error).split()) or type(error).__name__
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + '...'

@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from ..errors import HubUnreachableError
+from ..errors import HubUnreachableError, one_line
 
 __all__ = [
     'HubUnreachableError',
@@ -72,7 +72,7 @@ def unreachable(repo_id: str, filename: str, revision: str | None = None) -> str
             hf_hub_url(repo_id, filename, revision=revision), timeout=probe_timeout(), follow_redirects=False
         )
     except network_errors() as e:
-        return ' '.join(str(e).split()) or type(e).__name__
+        return one_line(e)
     return None
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..core.files import CACHE_ENV, default_cache_dir, remove_staging, staging_path
-from ..errors import DataUnavailableError, MissingFileError, UserError
+from ..errors import DataUnavailableError, MissingFileError, UserError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ def download_cifar10(cache_dir: Path, progress: bool = False) -> Path:
                 download_url(CIFAR10_URL, str(staging), CIFAR10_OFFICIAL_TARBALL)  # md5: below, to name the file
         except (OSError, http.client.HTTPException) as e:  # URLError, refused, timed out, cut off
             reason = getattr(e, 'reason', None) or e
-            raise _DownloadFailed(f'downloading {CIFAR10_URL} failed ({" ".join(str(reason).split())})') from None
+            raise _DownloadFailed(f'downloading {CIFAR10_URL} failed ({one_line(reason)})') from None
         _check_md5(
             archive,
             CIFAR10_MD5,
@@ -344,7 +344,7 @@ def unpack_tarball(
                 f'unpacked into, or is not a plain file or folder ({e})'
             ) from None
         except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
-            raise UserError(f'{tarball}: not a readable .tar.gz archive ({" ".join(str(e).split())})') from None
+            raise UserError(f'{tarball}: not a readable .tar.gz archive ({one_line(e)})') from None
         tree = staging / top
         problem = f'has no {top}/ folder' if not tree.is_dir() else check(tree) if check else None
         if problem:

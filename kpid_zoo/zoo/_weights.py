@@ -19,7 +19,7 @@ from timm.models._hub import hf_split
 
 from ..core.files import read_json
 from ..core.hub import hub_download
-from ..errors import KpidHubError, KpidWeightsError
+from ..errors import KpidHubError, KpidWeightsError, one_line
 from ._binding import REEXPORT, bound_mismatch, export_config_problem, parse_config, unbound
 from .export import CONFIG_FILE, WEIGHTS_FILE, file_sha256
 from .records import ZooRecord
@@ -64,7 +64,7 @@ def _export_config(variant: str, cfg: dict, cache_dir) -> tuple[dict, str] | Non
             raise
         except Exception as e:  # timm just read it: gone from the cache meanwhile, the Hub down...
             raise KpidHubError(
-                f'{variant}: cannot get {CONFIG_FILE} from {cfg["hf_hub_id"]} ({type(e).__name__}: {_one_line(e)})'
+                f'{variant}: cannot get {CONFIG_FILE} from {cfg["hf_hub_id"]} ({type(e).__name__}: {one_line(e)})'
             ) from e
     return None
 
@@ -111,10 +111,6 @@ def _recorded_sha(config: dict, where: str) -> str:
             f'(was it exported by kpid_zoo.zoo.export?)'
         )
     return sha
-
-
-def _one_line(e: BaseException) -> str:
-    return ' '.join(str(e).split()) or type(e).__name__
 
 
 def _verify_hub_reported(variant: str, path: str) -> None:
@@ -175,7 +171,7 @@ def _verified_weights(
     except Exception as e:  # the Hub unreachable and not cached, offline and not cached, repo or file missing...
         raise KpidHubError(
             f'{variant}: cannot get pretrained weights {filename} from {cfg["hf_hub_id"]} '
-            f'({type(e).__name__}: {_one_line(e)})'
+            f'({type(e).__name__}: {one_line(e)})'
         ) from e
     if record is not None and record.weights_sha256:
         _verify_sha256(variant, path, record.weights_sha256)
