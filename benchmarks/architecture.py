@@ -24,7 +24,7 @@ END = '<!-- architecture:end -->'
 
 # Bottom to top: a module may import its own layer (acyclically) and the layers below it, never one above.
 # The package's __init__ is exempt (it gathers the public names from every layer).
-LAYERS = ['base', 'core', 'engine', 'budget', 'training', 'zoo', 'top']
+LAYERS = ['base', 'core', 'deploy', 'engine', 'budget', 'training', 'zoo', 'top']
 BASE = {'kpid_zoo.errors', 'kpid_zoo._version'}
 TOP = {
     'kpid_zoo.build',
@@ -35,7 +35,7 @@ TOP = {
     'kpid_zoo._commands',
     'kpid_zoo.cli',
 }
-SUBPACKAGES = {'core', 'engine', 'budget', 'training', 'zoo'}
+SUBPACKAGES = {'core', 'deploy', 'engine', 'budget', 'training', 'zoo'}
 
 
 @dataclass(frozen=True)

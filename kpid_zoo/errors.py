@@ -27,6 +27,7 @@ __all__ = [
     'PublishError',
     'MissingFileError',
     'MissingDependencyError',
+    'UnsupportedModelError',
 ]
 
 
@@ -48,6 +49,11 @@ class MissingFileError(UserError, FileNotFoundError):
 
 class MissingDependencyError(UserError, ImportError):
     """An optional package a recipe needs is not installed; the message says what to `pip install`."""
+
+
+class UnsupportedModelError(UserError):
+    """A network cannot be exported to, or run in, a deployment runtime (an op it lacks): the message names the
+    network or layer, the runtime and its reason."""
 
 
 # --- core -----------------------------------------------------------------------------------------------------------

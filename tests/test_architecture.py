@@ -1,4 +1,4 @@
-"""The package's layers (docs/architecture.md): imports point down (errors/_version < core < engine < budget <
+"""The package's layers (docs/architecture.md): imports point down (errors/_version < core < deploy < engine < budget <
 training < zoo < build/dry_run/cli), no two modules import each other round a cycle, every module sits in a layer,
 and the picture of the layers in the docs is the one the code draws."""
 

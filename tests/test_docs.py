@@ -99,3 +99,20 @@ def test_readme_links_resolve():
         if not (REPO_ROOT / target.split('#', 1)[0]).exists():
             missing.append(target)
     assert not missing, f'README.md links to files that do not exist: {missing}'
+
+
+def test_no_file_holds_merge_conflict_markers():
+    """A merge left unresolved still builds as a site (the markers are plain text): look for them in every tracked
+    text file."""
+
+    root = Path(__file__).resolve().parents[1]
+    tracked = subprocess.run(['git', 'ls-files'], cwd=root, capture_output=True, text=True, check=True).stdout
+    found = []
+    for name in tracked.splitlines():
+        path = root / name
+        if path.suffix not in {'.md', '.py', '.yaml', '.yml', '.toml', '.json', '.txt'} or not path.is_file():
+            continue
+        for number, line in enumerate(path.read_text(errors='replace').splitlines(), 1):
+            if line.startswith(('<<<<<<< ', '>>>>>>> ')) or line == '=======':
+                found.append(f'{name}:{number}')
+    assert not found, f'merge conflict markers: {found}'
