@@ -31,7 +31,7 @@ from ._version import __version__
 from ._workdir import BUILD_ENTRIES, BuildPaths, guard_build_paths, prepare_work, recorded_files
 from .budget.prune import PruneResult, check_latency_budget, check_target
 from .budget.report import summary_table
-from .budget.timing import check_device
+from .budget.timing import check_device, check_runtime
 from .core.lock import build_lock, export_lock_name
 from .core.logs import get_logger
 from .core.provenance import Stage
@@ -142,14 +142,20 @@ def _build(accelerator: Accelerator, recipe: Recipe, paths: BuildPaths, progress
 def preflight(recipe: Recipe) -> None:
     """What can fail without weights, data or training fails here, before any of them, in a second or so:
     the FLOPs target against the parent's FLOPs and against the smallest network the knapsack can reach; for a
-    latency budget, the device, and the budget against what the parent and the smallest network measure here
-    (latency does not depend on the weights: a randomly initialised parent is timed)."""
+    latency budget, the device, the runtime (installed, and able to run the parent and every layer its table
+    times: in ONNX Runtime or OpenVINO each is exported and compiled once, seconds more), and the budget against
+    what the parent and the smallest network measure here (latency does not depend on the weights: a randomly
+    initialised parent is timed)."""
     spec = recipe.parent
     if recipe.budget is not None:
         try:
             check_device(recipe.budget.device)
         except ValueError as e:
             raise UserError(f'{recipe.source}: budget.device: {e}') from None
+        try:
+            check_runtime(recipe.budget.runtime)  # its package: one line naming it, before the parent is made
+        except ValueError as e:
+            raise UserError(f'{recipe.source}: budget.runtime: {e}') from None
     with torch.random.fork_rng(devices=[]):  # the model is thrown away: leave the RNG as it was
         model = timm.create_model(spec.model, num_classes=spec.num_classes or recipe.data.num_classes).eval()
     size = tuple(recipe.input_size)

@@ -8,7 +8,15 @@ group. Each is timed alone, on the input shape it sees in the network, at every 
 its groups; `LatencyCostModel` interpolates multilinearly between them (bilinear for a conv). The whole network,
 timed at full and at narrowest widths, fixes the rest (`calibrate`): a fixed part no layer accounts for (Python
 dispatch, residual adds, gates) and a scale from layers timed alone to layers in the network. The table is cached
-on disk per (device, processor, torch, parent, input size, batch, threads).
+on disk per (device, processor, torch, parent, input size, batch, threads), and for a deployment runtime per
+runtime and its version.
+
+In a deployment runtime (`LatencySetting.runtime`: ONNX Runtime, OpenVINO) each timed layer is exported alone
+(torch's TorchScript exporter: fast, and exact for a single layer) and compiled in a session of its own for its
+shape; the whole network at full and narrowest widths is compiled as `timing.measure_paired` compiles it. These
+runtimes fold a norm into the convolution before it and run the activation after it as part of the convolution,
+so there a convolution, its norm and its activation are one timed unit (`_table_layers.fuse_following`): timed
+apart, the norm and the activation cost what the deployed network never spends (docs/latency.md, measured).
 
 The timings come from `timing.time_callable`; the layers timed and their narrowed copies from `_table_layers`.
 """
@@ -29,14 +37,25 @@ from tqdm.auto import tqdm
 
 from ..core.files import atomic_write_text, default_cache_dir, json_sha256
 from ..core.logs import get_logger
+from ..deploy.runtimes import bind, get_runtime
 from ..engine.groups import GroupGraph
 from ..engine.surgery import prune_model
-from ._table_layers import narrowed, record_shapes, timed_layers
-from .timing import LatencySetting, Timing, check_device, device_name, example_input, fixed_threads, time_callable
+from ._table_layers import fuse_following, narrowed_unit, record_shapes, timed_layers
+from .timing import (
+    LatencySetting,
+    Timing,
+    check_setting,
+    compiled,
+    device_name,
+    example_input,
+    fixed_threads,
+    time_callable,
+)
 
 logger = get_logger(__name__)
 
 TABLE_VERSION = 1
+FUSED_UNITS = 'conv+norm+act'  # a deployment runtime's table key says its layers were timed as fused units
 # Width fractions each group is sampled at; the interpolation is linear between them (and beyond the ends).
 GRID_FRACTIONS = (0.125, 0.25, 0.5, 0.75, 1.0)
 
@@ -173,9 +192,29 @@ def sample_widths(size: int, fractions: tuple[float, ...] = GRID_FRACTIONS, part
     return tuple(sorted({max(parts, parts * round(size * f / parts)) for f in fractions} | {size}))
 
 
-def check_timeable(model: nn.Module, graph: GroupGraph) -> None:
-    """Fail (one line) unless every layer of `model` can be timed for a table: what a preflight checks."""
-    timed_layers(model, graph)
+def check_timeable(
+    model: nn.Module,
+    graph: GroupGraph,
+    setting: LatencySetting | None = None,
+    input_size: tuple[int, int, int] | None = None,
+) -> None:
+    """Fail (one line) unless every layer of `model` can be timed for a table: what a preflight checks. In a
+    deployment runtime (`setting`), every unit the table times is also exported and compiled there once, at full
+    width: an op the exporter or the runtime lacks is one line naming the layer before any training."""
+    layers = timed_layers(model, graph)
+    if setting is None or input_size is None or not get_runtime(setting.runtime).uses_onnx:
+        return
+    runtime = get_runtime(setting.runtime)
+    model = copy.deepcopy(model).float().eval()
+    x = example_input(input_size, setting)
+    layers = fuse_following(model, record_shapes(model, layers, x), x)
+    full = {g.name: g.size for g in graph.prunable}
+    gen = torch.Generator().manual_seed(0)
+    for layer in layers:
+        unit = narrowed_unit(model, layer, graph, {g: full[g] for g in layer.groups})
+        runtime.compile(
+            unit, torch.randn(layer.shape, generator=gen), setting.threads, exporter='torchscript', what=layer.name
+        )
 
 
 def architecture_sha256(model: nn.Module) -> str:
@@ -196,11 +235,13 @@ def table_key(
     setting: LatencySetting,
     fractions: tuple[float, ...] = GRID_FRACTIONS,
 ) -> dict:
-    """What a table's timings depend on: a table is reused only for the same key."""
-    return {
+    """What a table's timings depend on: a table is reused only for the same key. A deployment runtime's table
+    adds the runtime, its version and the timed units (eager PyTorch's key is as it was before runtimes: the
+    tables cached then stay valid)."""
+    key = {
         'version': TABLE_VERSION,
         'device': setting.device,
-        'device_name': device_name(setting.device),
+        'device_name': device_name(setting.device, setting.runtime),
         'parent': arch,
         'architecture_sha256': architecture_sha256(model),
         'input_size': list(input_size),
@@ -208,6 +249,9 @@ def table_key(
         'threads': setting.threads,
         'fractions': list(fractions),
     }
+    if setting.runtime != 'torch':
+        key.update(runtime=setting.runtime, runtime_version=get_runtime(setting.runtime).version(), units=FUSED_UNITS)
+    return key
 
 
 def latency_cache_dir() -> Path:
@@ -215,7 +259,8 @@ def latency_cache_dir() -> Path:
 
 
 def cache_path(key: dict, cache_dir: Path | None = None) -> Path:
-    return (cache_dir or latency_cache_dir()) / f'{key["parent"]}-{json_sha256(key)[:16]}.json'
+    runtime = f'-{key["runtime"]}' if 'runtime' in key else ''
+    return (cache_dir or latency_cache_dir()) / f'{key["parent"]}{runtime}-{json_sha256(key)[:16]}.json'
 
 
 def load_cached(key: dict, cache_dir: Path | None = None) -> LatencyCostModel | None:
@@ -248,18 +293,23 @@ def build_table(
     progress: bool = True,
 ) -> LatencyCostModel:
     """Time every layer of `model` that a prunable width changes, alone, at each combination of the sampled widths
-    of its groups, on the input shape it sees in the network; then the whole network, for the fixed part."""
-    check_device(setting.device)
+    of its groups, on the input shape it sees in the network; then the whole network, for the fixed part.
+
+    In a deployment runtime each layer (a conv with its norm and activation: one unit) is exported and compiled
+    in a session of its own per shape, and the whole network as `timing.compiled` compiles it."""
+    check_setting(setting)
+    runtime = get_runtime(setting.runtime)
     sizes = {g.name: g.size for g in graph.prunable}
     model = copy.deepcopy(model).float().to(setting.device).eval()
     x = example_input(input_size, setting)
     layers = record_shapes(model, timed_layers(model, graph), x)
+    if runtime.uses_onnx:
+        layers = fuse_following(model, layers, x)
     points = {g.name: sample_widths(g.size, fractions, g.parts) for g in graph.prunable}
     gen = torch.Generator().manual_seed(0)
     terms = []
     with fixed_threads(setting):
         for layer in tqdm(layers, desc=f'latency table {arch}', disable=not progress, leave=False):
-            module = model.get_submodule(layer.module)
             grid = [points[g] for g in layer.groups]
             values = np.zeros([len(p) for p in grid])
             for index in itertools.product(*(range(len(p)) for p in grid)):
@@ -268,13 +318,18 @@ def build_table(
                 if layer.input_channels is not None:
                     shape[1] = graph.width(layer.input_channels, widths)
                 inp = torch.randn(shape, generator=gen).to(setting.device)
-                narrow = narrowed(module, layer, graph, widths)
-                values[index] = timer(lambda: narrow(inp), setting, warmup=warmup, repeats=repeats).median_ms
-            terms.append(LatencyTerm(layer.module, layer.groups, tuple(grid), values))
+                narrow = narrowed_unit(model, layer, graph, widths)
+                if runtime.uses_onnx:  # a session of its own for this shape
+                    unit = runtime.compile(narrow, inp, setting.threads, exporter='torchscript', what=layer.name)
+                    run = bind(unit, inp.numpy())
+                else:
+                    run = lambda: narrow(inp)  # noqa: E731 (eager: the layer itself, as it always was)
+                values[index] = timer(run, setting, warmup=warmup, repeats=repeats).median_ms
+            terms.append(LatencyTerm(layer.name, layer.groups, tuple(grid), values))
         narrowest = {g: p[0] for g, p in points.items()}
         narrow_net = prune_model(model, graph, {g: graph[g].leading(w) for g, w in narrowest.items()})
-        full = timer(lambda: model(x), setting, warmup=warmup, repeats=repeats).median_ms
-        narrow = timer(lambda: narrow_net(x), setting, warmup=warmup, repeats=repeats).median_ms
+        full = timer(compiled(model, x, setting, what=arch), setting, warmup=warmup, repeats=repeats).median_ms
+        narrow = timer(compiled(narrow_net, x, setting, what=arch), setting, warmup=warmup, repeats=repeats).median_ms
     table = LatencyCostModel(
         terms, 0.0, sizes, 1.0, table_key(model, arch, input_size, setting, fractions), full, narrow
     )
@@ -307,8 +362,8 @@ def latency_table(
     progress: bool = True,
     **build_kwargs,
 ) -> LatencyCostModel:
-    """The table for this (device, processor, torch, parent, input size, batch, threads): from the cache when it
-    holds one for exactly that, else measured now and cached."""
+    """The table for this (device, processor, torch, runtime and its version, parent, input size, batch, threads):
+    from the cache when it holds one for exactly that, else measured now and cached."""
     key = table_key(model, arch, input_size, setting, build_kwargs.get('fractions', GRID_FRACTIONS))
     cached = load_cached(key, cache_dir)
     if cached is not None:
@@ -322,6 +377,7 @@ def latency_table(
 
 __all__ = [
     'TABLE_VERSION',
+    'FUSED_UNITS',
     'GRID_FRACTIONS',
     'LatencyTerm',
     'LatencyCostModel',

@@ -1,6 +1,7 @@
 """The prune step to a latency budget (`recipe.BudgetSpec`): the knapsack solves against the latency lookup table
 (`latency`), each round's network is timed in alternation with a reference network (`timing.measure_paired`), and
-the kept network is timed afresh before it is accepted.
+the kept network is timed afresh before it is accepted. Everything is timed in the budget's runtime
+(`budget.runtime`): eager PyTorch, or each whole network exported and compiled in ONNX Runtime or OpenVINO.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from ..core.recipe import BudgetSpec
+from ..deploy.runtimes import get_runtime
 from ..engine.flops import count_flops
 from ..engine.groups import GroupGraph
 from ..engine.importance import Importance
@@ -24,14 +26,14 @@ from ..errors import UserError
 from ._result import LatencyOutcome, PruneResult, prune_result
 from ._rounds import check_prunable, group_width_choices, knapsack_rounds
 from .latency import LatencyCostModel, cache_path, calibrate, check_timeable, latency_table
-from .timing import LatencySetting, Paired, Timing, check_device, device_name, measure_noise, measure_paired
+from .timing import LatencySetting, Paired, Timing, check_setting, device_name, measure_noise, measure_paired
 
 MAX_NOISY_TOLERANCE = 0.5  # however noisy the machine, the loop aims at no less than half the budget
 MAX_CONFIRMATIONS = 3  # fresh looks at the kept net (each over the budget lowers the aim and reruns the loop)
 
 
 def latency_setting(budget: BudgetSpec) -> LatencySetting:
-    return LatencySetting(budget.device, budget.batch_size, budget.threads or os.cpu_count() or 1)
+    return LatencySetting(budget.device, budget.batch_size, budget.threads or os.cpu_count() or 1, budget.runtime)
 
 
 def latency_reference(parent: nn.Module, budget: BudgetSpec) -> nn.Module:
@@ -56,15 +58,18 @@ def check_latency_budget(
     compare: Callable[..., Paired] = measure_paired,
     reference: nn.Module | None = None,
     reference_timing: Timing | None = None,
+    check_layers: bool = True,
 ) -> tuple[float, Timing, Timing, dict[str, list[int]]]:
-    """Fail unless the device is present and the budget lies between what the smallest reachable network and the
-    parent measure here (each timed in alternation with the `reference`, default `latency_reference`). Returns
-    the budget (ms), the parent's and the smallest network's timings, and the width choices per group."""
+    """Fail unless the device is present, the runtime installed and able to run the parent (in a deployment
+    runtime, with `check_layers`, every layer the table times too), and the budget lies between what the smallest
+    reachable network and the parent measure here (each timed in alternation with the `reference`, default
+    `latency_reference`). Returns the budget (ms), the parent's and the smallest network's timings, and the width
+    choices per group."""
     setting = latency_setting(budget)
-    check_device(setting.device)
+    check_setting(setting)
     check_prunable(graph, arch)
     try:
-        check_timeable(parent, graph)
+        check_timeable(parent, graph, setting if check_layers else None, input_size)
     except ValueError as e:
         raise UserError(f'{arch}: {e}') from None
     where = f'on {setting.describe()} at {"x".join(map(str, input_size))}'
@@ -119,7 +124,7 @@ def latency_knapsack_prune(
     (`timing.measure_paired`); `table_kwargs` go to `latency.build_table` (grid fractions, warm-up, repeats).
     """
     setting = latency_setting(budget)
-    check_device(setting.device)
+    check_setting(setting)
     reference = latency_reference(parent, budget)
     reference_timing, noise = measure_noise(reference, input_size, setting, compare=compare)
     target, parent_timing, smallest_timing, choices = check_latency_budget(
@@ -133,6 +138,7 @@ def latency_knapsack_prune(
         compare=compare,
         reference=reference,
         reference_timing=reference_timing,
+        check_layers=False,  # the table compiles every layer, a cached one was compiled when it was made
     )
     if table is None:
         table = latency_table(
@@ -213,7 +219,7 @@ def latency_knapsack_prune(
     achieved = count_flops(model, input_size).gmacs
     outcome = LatencyOutcome(
         device=setting.device,
-        device_name=device_name(setting.device),
+        device_name=device_name(setting.device, setting.runtime),
         batch_size=setting.batch_size,
         threads=setting.threads,
         budget_ms=target,
@@ -230,6 +236,7 @@ def latency_knapsack_prune(
         table=str(cache_path(table.key, cache_dir)) if table.key else '',
         note=note,
         reference=budget.latency_of or 'parent',
+        runtime=get_runtime(setting.runtime).describe(),
     )
     # a latency budget sets no FLOPs target: the report's target is the FLOPs it reached
     return prune_result(

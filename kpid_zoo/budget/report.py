@@ -65,6 +65,7 @@ def summary_table(result: PruneResult) -> str:
     else:
         rows += [
             ('latency measured on', f'{lat.device} (batch {lat.batch_size}, {lat.threads} threads): {lat.device_name}'),
+            ('runtime', f'{lat.runtime} (eager)' if lat.runtime.split()[0] == 'torch' else lat.runtime),
             (
                 'ms parent / budget / measured',
                 f'{lat.parent_ms:.3f} / {lat.budget_ms:.3f} / '

@@ -7,6 +7,10 @@ thread count fixed, reported as median and quartiles. The pruning loop never com
 milliseconds are that ratio times the reference's time at the start. `measure_noise` is the A/A test: the
 reference paired with itself several times, the spread of those ratios is what a difference must exceed before
 the loop trusts it.
+
+Runtimes (`LatencySetting.runtime`): in 'torch' the networks run eagerly, as they are. In a deployment runtime
+('onnxruntime', 'openvino': `kpid_zoo.deploy.runtimes`) each network is exported to ONNX and compiled for the input
+shape once (`compiled`), and the same calls, in the same order, time the compiled network.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 import platform
 import statistics
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from ..core.threads import fixed_threads as fixed_thread_count
+from ..deploy.runtimes import RUNTIMES, Compiled, bind, get_runtime
 from ..errors import UserError
 
 DEVICES = ('cpu', 'cuda')
@@ -31,15 +37,18 @@ DEVICES = ('cpu', 'cuda')
 
 @dataclass(frozen=True)
 class LatencySetting:
-    """Where and how a network is timed: the device, the batch, the CPU threads (fixed while timing)."""
+    """Where and how a network is timed: the device, the batch, the CPU threads (fixed while timing), and the
+    runtime that runs it (`kpid_zoo.deploy.runtimes`: eager 'torch', or 'onnxruntime' / 'openvino' on the CPU)."""
 
     device: str = 'cpu'
     batch_size: int = 1
     threads: int = 1
+    runtime: str = 'torch'
 
     def describe(self) -> str:
         threads = f', {self.threads} thread{"s" if self.threads != 1 else ""}' if self.device == 'cpu' else ''
-        return f'{self.device} (batch {self.batch_size}{threads})'
+        runtime = '' if self.runtime == 'torch' else f' in {self.runtime}'
+        return f'{self.device} (batch {self.batch_size}{threads}){runtime}'
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,20 @@ def check_device(device: str) -> None:
         )
 
 
+def check_runtime(runtime: str) -> None:
+    """Fail in one line unless `runtime` is known and its package installed (`runtimes.get_runtime`)."""
+    get_runtime(runtime)
+
+
+def check_setting(setting: LatencySetting) -> None:
+    """Fail in one line unless `setting` can be timed here: the device present, the runtime known and installed
+    (`runtimes.get_runtime`), and a deployment runtime on the CPU (their [deploy] packages are CPU builds)."""
+    check_device(setting.device)
+    get_runtime(setting.runtime)
+    if setting.runtime != 'torch' and setting.device != 'cpu':
+        raise UserError(f'{setting.runtime} is timed on the CPU here: device {setting.device!r} needs runtime torch')
+
+
 def cpu_model() -> str:
     """The processor's model name (Linux /proc/cpuinfo), else what `platform` knows of it."""
     with contextlib.suppress(OSError):
@@ -105,11 +128,14 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def device_name(device: str) -> str:
-    """What the timings depend on beyond the settings: the processor (or GPU) and the torch build."""
+def device_name(device: str, runtime: str = 'torch') -> str:
+    """What the timings depend on beyond the settings: the processor (or GPU), the torch build, and a deployment
+    runtime's version (e.g. '... / torch 2.9.1 / onnxruntime 1.23.2')."""
     if device == 'cuda':
-        return f'{torch.cuda.get_device_name()} / torch {torch.__version__} / cuda {torch.version.cuda}'
-    return f'{cpu_model()} ({os.cpu_count()} cpus) / torch {torch.__version__}'
+        name = f'{torch.cuda.get_device_name()} / torch {torch.__version__} / cuda {torch.version.cuda}'
+    else:
+        name = f'{cpu_model()} ({os.cpu_count()} cpus) / torch {torch.__version__}'
+    return name if runtime == 'torch' else f'{name} / {RUNTIMES[runtime].describe()}'
 
 
 def fixed_threads(setting: LatencySetting) -> contextlib.AbstractContextManager:
@@ -144,6 +170,31 @@ def example_input(input_size: tuple[int, ...], setting: LatencySetting) -> torch
     return torch.randn(setting.batch_size, *input_size, generator=gen).to(setting.device)
 
 
+# Each network compiled in a deployment runtime, kept while the network lives: the loop pairs the same reference
+# with every candidate, and a whole network's export takes a second or more. Keyed by what the compiled graph
+# depends on: the runtime, threads, input shape and the parameters' shapes (a net narrowed in place is recompiled).
+_COMPILED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Compiled]] = weakref.WeakKeyDictionary()
+
+
+def compiled(model: nn.Module, x: torch.Tensor, setting: LatencySetting, *, what: str = '') -> Callable[[], object]:
+    """`model` as `setting.runtime` runs it on `x`, as a zero-arg call: the model itself under torch; else its ONNX
+    graph (the whole network: torch's torch.export-based exporter) compiled once for `x`'s shape."""
+    if setting.runtime == 'torch':
+        return lambda: model(x)
+    key = (
+        setting.runtime,
+        setting.threads,
+        tuple(x.shape),
+        tuple(tuple(p.shape) for p in model.parameters()),
+    )
+    per_model = _COMPILED.setdefault(model, {})
+    if key not in per_model:
+        runtime = get_runtime(setting.runtime)
+        what = what or getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
+        per_model[key] = runtime.compile(model.cpu().eval(), x.cpu(), setting.threads, exporter='dynamo', what=what)
+    return bind(per_model[key], x.cpu().numpy())
+
+
 def measure_paired(
     model: nn.Module,
     reference: nn.Module,
@@ -159,18 +210,25 @@ def measure_paired(
     Why pairs: timings taken minutes apart differ by what the machine did in between (other jobs, clocks), and a
     network timed back to back keeps its weights in the caches while one deployed beside others does not; two
     networks timed in turn share both, so their ratio holds where separate medians do not. Measured: a net the
-    old loop timed alone at its budget ran 5-39% above it beside the stock net (docs/latency_benchmark.md)."""
+    old loop timed alone at its budget ran 5-39% above it beside the stock net (docs/latency_benchmark.md).
+
+    In a deployment runtime (`setting.runtime`) each network is compiled first (`compiled`), then the same
+    alternation times the compiled calls."""
     model, reference = model.to(setting.device).eval(), reference.to(setting.device).eval()
     x = example_input(input_size, setting)
+    if setting.runtime == 'torch':  # eager: the networks themselves, called exactly as they always were
+        run_model, run_reference = (lambda: model(x)), (lambda: reference(x))
+    else:
+        run_model, run_reference = compiled(model, x, setting), compiled(reference, x, setting)
     ours: list[float] = []
     theirs: list[float] = []
     with fixed_threads(setting), torch.inference_mode():
         for _ in range(warmup):
-            model(x), reference(x)
+            run_model(), run_reference()
         for i in range(repeats):
-            pair = ((model, ours), (reference, theirs))
-            for net, samples in pair if i % 2 == 0 else pair[::-1]:
-                samples.append(time_once(lambda: net(x), setting))
+            pair = ((run_model, ours), (run_reference, theirs))
+            for run, samples in pair if i % 2 == 0 else pair[::-1]:
+                samples.append(time_once(run, setting))
     return Paired(Timing.of(ours), Timing.of(theirs), Timing.of([a / b for a, b in zip(ours, theirs)]))
 
 
@@ -211,6 +269,9 @@ __all__ = [
     'Paired',
     'Noise',
     'check_device',
+    'check_runtime',
+    'check_setting',
+    'compiled',
     'cpu_model',
     'device_name',
     'fixed_threads',

