@@ -234,10 +234,11 @@ def table_key(
     input_size: tuple[int, int, int],
     setting: LatencySetting,
     fractions: tuple[float, ...] = GRID_FRACTIONS,
+    fuse: bool | None = None,
 ) -> dict:
     """What a table's timings depend on: a table is reused only for the same key. A deployment runtime's table
     adds the runtime, its version and the timed units (eager PyTorch's key is as it was before runtimes: the
-    tables cached then stay valid)."""
+    tables cached then stay valid); `fuse` as `build_table` takes it."""
     key = {
         'version': TABLE_VERSION,
         'device': setting.device,
@@ -251,6 +252,8 @@ def table_key(
     }
     if setting.runtime != 'torch':
         key.update(runtime=setting.runtime, runtime_version=get_runtime(setting.runtime).version(), units=FUSED_UNITS)
+    if fuse is not None and fuse != (setting.runtime != 'torch'):  # not how this runtime's tables are timed
+        key['units'] = FUSED_UNITS if fuse else 'layers'
     return key
 
 
@@ -291,19 +294,22 @@ def build_table(
     repeats: int = 7,
     timer: Callable[..., Timing] = time_callable,
     progress: bool = True,
+    fuse: bool | None = None,
 ) -> LatencyCostModel:
     """Time every layer of `model` that a prunable width changes, alone, at each combination of the sampled widths
     of its groups, on the input shape it sees in the network; then the whole network, for the fixed part.
 
     In a deployment runtime each layer (a conv with its norm and activation: one unit) is exported and compiled
-    in a session of its own per shape, and the whole network as `timing.compiled` compiles it."""
+    in a session of its own per shape, and the whole network as `timing.compiled` compiles it. `fuse` (default:
+    in a deployment runtime) times a conv with its norm and activation as one unit; off, every layer alone."""
     check_setting(setting)
     runtime = get_runtime(setting.runtime)
     sizes = {g.name: g.size for g in graph.prunable}
     model = copy.deepcopy(model).float().to(setting.device).eval()
     x = example_input(input_size, setting)
     layers = record_shapes(model, timed_layers(model, graph), x)
-    if runtime.uses_onnx:
+    fuse = runtime.uses_onnx if fuse is None else fuse
+    if fuse:
         layers = fuse_following(model, layers, x)
     points = {g.name: sample_widths(g.size, fractions, g.parts) for g in graph.prunable}
     gen = torch.Generator().manual_seed(0)
@@ -330,9 +336,8 @@ def build_table(
         narrow_net = prune_model(model, graph, {g: graph[g].leading(w) for g, w in narrowest.items()})
         full = timer(compiled(model, x, setting, what=arch), setting, warmup=warmup, repeats=repeats).median_ms
         narrow = timer(compiled(narrow_net, x, setting, what=arch), setting, warmup=warmup, repeats=repeats).median_ms
-    table = LatencyCostModel(
-        terms, 0.0, sizes, 1.0, table_key(model, arch, input_size, setting, fractions), full, narrow
-    )
+    key = table_key(model, arch, input_size, setting, fractions, fuse)
+    table = LatencyCostModel(terms, 0.0, sizes, 1.0, key, full, narrow)
     calibrate(table, narrowest)
     return table
 
@@ -364,7 +369,9 @@ def latency_table(
 ) -> LatencyCostModel:
     """The table for this (device, processor, torch, runtime and its version, parent, input size, batch, threads):
     from the cache when it holds one for exactly that, else measured now and cached."""
-    key = table_key(model, arch, input_size, setting, build_kwargs.get('fractions', GRID_FRACTIONS))
+    key = table_key(
+        model, arch, input_size, setting, build_kwargs.get('fractions', GRID_FRACTIONS), build_kwargs.get('fuse')
+    )
     cached = load_cached(key, cache_dir)
     if cached is not None:
         logger.info('latency: reusing the table in %s', cache_path(key, cache_dir))

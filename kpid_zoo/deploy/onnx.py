@@ -12,6 +12,10 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
+import re
+import sys
+import tempfile
 import warnings
 from collections.abc import Iterator
 
@@ -30,10 +34,44 @@ EXPORTERS = ('dynamo', 'torchscript')
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """The exporters report progress on stdout and warn about their own internals: a build's log keeps neither."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    """The exporters report progress on stdout and warn about their own internals: a build's log keeps neither.
+    The TorchScript exporter also writes the whole graph to the process's stdout from C++ when an op fails (its
+    ONNX log is always on: torch checks `_jit_is_onnx_log_enabled` without calling it), which would print the
+    network's layers around a one-line error: file descriptor 1 goes to a discarded file meanwhile."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _stdout_discarded():
         warnings.simplefilter('ignore')
         yield
+
+
+@contextlib.contextmanager
+def _stdout_discarded() -> Iterator[None]:
+    try:
+        sys.__stdout__.flush()
+        saved = os.dup(1)
+    except (AttributeError, OSError, ValueError):  # no file descriptor 1 (an embedded interpreter): nothing to keep
+        yield
+        return
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 1)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 1)
+    finally:
+        os.close(saved)
+
+
+def _reason(error: BaseException) -> str:
+    """The exporter's reason in one line: the innermost error it chained (torch.export's exporter wraps the op it
+    has no translation for, e.g. "No ONNX function found for <OpOverload(op='prims.bessel_i0', ...)>", in two
+    generic errors), its terminal colour codes removed."""
+    seen = {id(error)}
+    while (error.__cause__ or error.__context__) is not None and id(error.__cause__ or error.__context__) not in seen:
+        error = error.__cause__ or error.__context__
+        seen.add(id(error))
+    text = re.sub(r'\x1b\[[0-9;]*m', '', str(error))
+    return one_line(Exception(text) if text.strip() else error, 300)
 
 
 def onnx_bytes(
@@ -58,7 +96,8 @@ def onnx_bytes(
         if dynamic_batch:
             kwargs['dynamic_shapes'] = ({0: torch.export.Dim('batch', min=1, max=1 << 16)},)
     else:
-        kwargs.update(dynamo=False, do_constant_folding=True)
+        # verbose=False: left unset, torch's legacy exporter writes the whole graph to stderr when an op fails
+        kwargs.update(dynamo=False, do_constant_folding=True, verbose=False)
         if dynamic_batch:
             kwargs['dynamic_axes'] = {INPUT_NAME: {0: 'batch'}, OUTPUT_NAME: {0: 'batch'}}
     try:
@@ -66,7 +105,7 @@ def onnx_bytes(
             torch.onnx.export(model, (example,), buffer, **kwargs)
     except Exception as e:  # the exporters raise many types; the user needs the op and the layer
         name = what or type(model).__name__
-        raise UnsupportedModelError(f'{name}: torch.onnx ({exporter}) cannot export it: {one_line(e, 300)}') from e
+        raise UnsupportedModelError(f'{name}: torch.onnx ({exporter}) cannot export it: {_reason(e)}') from e
     return buffer.getvalue()
 
 

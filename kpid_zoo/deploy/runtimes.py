@@ -60,10 +60,19 @@ class Runtime:
     def compile(
         self, model: nn.Module, example: torch.Tensor, threads: int, *, exporter: str = 'dynamo', what: str = ''
     ) -> Compiled:
-        """`model` ready to run on inputs shaped like `example` (float32, CPU)."""
+        """`model` ready to run on inputs shaped like `example` (float32, CPU). A whole network (`exporter`
+        'dynamo') that cannot be exported or run is one line naming the layer that fails alone (`failing_layer`)."""
         self.require()
-        data = onnx_bytes(model, example, dynamic_batch=False, exporter=exporter, what=what)
-        return self.compile_onnx(data, tuple(example.shape), threads, what=what)
+        try:
+            data = onnx_bytes(model, example, dynamic_batch=False, exporter=exporter, what=what)
+            return self.compile_onnx(data, tuple(example.shape), threads, what=what)
+        except UnsupportedModelError as e:
+            layer = failing_layer(self, model, example, threads) if exporter == 'dynamo' else None
+            if layer is None:
+                raise
+            name = what or type(model).__name__
+            detail = str(e).removeprefix(f'{name}: ')
+            raise UnsupportedModelError(f'{name}: {layer}: {detail}') from e
 
     def compile_onnx(self, data: bytes, shape: tuple[int, ...], threads: int, *, what: str = '') -> Compiled:
         raise NotImplementedError
@@ -147,6 +156,37 @@ class OpenVinoRuntime(Runtime):
         return run
 
 
+def failing_layer(runtime: Runtime, model: nn.Module, example: torch.Tensor, threads: int) -> str | None:
+    """The first leaf module of `model` (in call order) that cannot be exported or run alone in `runtime`, on the
+    input it sees in a forward pass on `example`; None when every one can (the failure is in how they combine).
+    What a network's export error lacks: torch.export's exporter names the op, not the layer."""
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if name and next(module.children(), None) is None:
+
+            def record(_m, args, name=name):
+                if args and isinstance(args[0], torch.Tensor) and name not in inputs:
+                    inputs[name] = args[0].detach().clone()
+
+            hooks.append(module.register_forward_pre_hook(record))
+    try:
+        with torch.no_grad():
+            model(example)
+    except Exception:  # a network that does not even run eagerly: its own error says more than a layer would
+        return None
+    finally:
+        for h in hooks:
+            h.remove()
+    for name, x in inputs.items():
+        try:
+            data = onnx_bytes(model.get_submodule(name), x, dynamic_batch=False, exporter='torchscript', what=name)
+            runtime.compile_onnx(data, tuple(x.shape), threads, what=name)
+        except UnsupportedModelError:
+            return name
+    return None
+
+
 RUNTIMES: dict[str, Runtime] = {r.name: r for r in (TorchRuntime(), OnnxRuntime(), OpenVinoRuntime())}
 
 
@@ -165,4 +205,14 @@ def bind(compiled: Compiled, x: np.ndarray) -> Callable[[], object]:
     return lambda: compiled(x)
 
 
-__all__ = ['Compiled', 'Runtime', 'TorchRuntime', 'OnnxRuntime', 'OpenVinoRuntime', 'RUNTIMES', 'get_runtime', 'bind']
+__all__ = [
+    'Compiled',
+    'Runtime',
+    'failing_layer',
+    'TorchRuntime',
+    'OnnxRuntime',
+    'OpenVinoRuntime',
+    'RUNTIMES',
+    'get_runtime',
+    'bind',
+]
