@@ -39,7 +39,7 @@ class LatencyOutcome:
     table: str = ''  # the lookup table's cache file
     note: str = ''
     reference: str = 'parent'  # what every candidate was timed beside
-    runtime: str = 'torch'  # what ran every timed network, with its version ('onnxruntime 1.23.2', 'torch 2.9.1')
+    runtime: str = 'torch'  # what ran every timed network, with its version ('onnxruntime 1.32.0', 'torch 2.9.1')
 
 
 @dataclass

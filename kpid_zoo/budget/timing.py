@@ -130,7 +130,7 @@ def cpu_model() -> str:
 
 def device_name(device: str, runtime: str = 'torch') -> str:
     """What the timings depend on beyond the settings: the processor (or GPU), the torch build, and a deployment
-    runtime's version (e.g. '... / torch 2.9.1 / onnxruntime 1.23.2')."""
+    runtime's version (e.g. '... / torch 2.9.1 / onnxruntime 1.32.0')."""
     if device == 'cuda':
         name = f'{torch.cuda.get_device_name()} / torch {torch.__version__} / cuda {torch.version.cuda}'
     else:
