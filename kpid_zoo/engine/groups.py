@@ -305,6 +305,8 @@ def _collect(ctx: TraceContext, module_out: dict[str, Layout], pool: Layout | No
     blocks: dict[int, np.ndarray] = {}
     for layout, count, where in ctx.balanced:
         cm = cmap(layout)
+        if len(cm) % count == 0 and _blocks_alike(cm, count):
+            continue  # every block holds the same channels (GluMlp's halves, tied by their product): always balanced
         touched = {int(g) for g in cm.group if g >= 0}
         gi = int(cm.group[0]) if len(cm) else -1
         if (
@@ -361,3 +363,9 @@ def _collect(ctx: TraceContext, module_out: dict[str, Layout], pool: Layout | No
         pool_map,
         dict(ctx.param_dims),
     )
+
+
+def _blocks_alike(cm: ChannelMap, count: int) -> bool:
+    """Whether the `count` consecutive blocks of `cm` hold the same channels, position by position."""
+    group, channel = cm.group.reshape(count, -1), cm.channel.reshape(count, -1)
+    return bool((group == group[0]).all() and (channel == channel[0]).all())
