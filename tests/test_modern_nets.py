@@ -258,3 +258,53 @@ def test_ops_that_cannot_be_followed_fix_their_channels_with_a_reason():
     )
     conv = discover_groups(_ChannelsLastTrouble(flatten=True), (3, 32, 32))['conv']
     assert not conv.prunable and conv.reason == 'flatten: flatten merges or splits the channel dimension'
+
+
+class _ScaledBy(nn.Module):
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+        self.gamma = nn.Parameter(torch.rand(8) + 0.5)
+
+    def forward(self, x):
+        if self.how == 'view':
+            g = self.gamma.view(1, -1, 1, 1).to(x.dtype)
+        elif self.how == 'literal':  # sized for 8 channels only
+            g = self.gamma.view(1, 8, 1, 1)
+        elif self.how == 'double':
+            g = (self.gamma * 2).view(1, -1, 1, 1)
+        else:
+            g = self.gamma.exp().view(1, -1, 1, 1)
+        return self.b(self.a(x) * g)
+
+
+@pytest.mark.parametrize('how', ['double', 'exp'])
+def test_a_parameter_changed_by_more_than_a_view_fixes_the_channels_it_meets(how):
+    graph = discover_groups(_ScaledBy(how), (3, 8, 8))
+    assert not graph['a'].prunable
+    assert graph['a'].reason.endswith('gamma meets 8 channels through an op other than a view (reshape, a cast...)')
+
+
+def test_a_parameter_reached_through_views_is_sliced_with_its_channels():
+    model = _ScaledBy('view').double().eval()
+    graph = discover_groups(model, (3, 8, 8))
+    assert ('gamma', ROLE_PARAM) in {(m.module, m.role) for m in graph['a'].members}
+    pruned = _assert_exact(model, graph, {'a': torch.tensor([1, 4, 5])}, (3, 8, 8))
+    assert pruned.gamma.shape == (3,)
+
+
+def test_sizes_written_into_the_code_fix_the_channels():
+    graph = discover_groups(_ScaledBy('literal'), (3, 8, 8))
+    assert graph['a'].reason == 'mul: view sizes gamma with a constant of the code'
+
+    class Literal(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.fc = nn.Conv2d(3, 8, 1), nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(self.a(x).mean((2, 3)).reshape(-1, 8))  # a pruned net has fewer than 8
+
+    graph = discover_groups(Literal(), (3, 8, 8))
+    assert graph['a'].reason == 'reshape: reshape sizes the channels with a constant of the code'

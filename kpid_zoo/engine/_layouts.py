@@ -137,6 +137,7 @@ class _LayoutFollower:
         self.cdim: dict[fx.Node, int] = {}
         # a parameter, or a view of one: its name, and the parameter's dimension at each of the view's (None: new)
         self.param_view: dict[fx.Node, tuple[str, tuple[int | None, ...]]] = {}
+        self.literal_views: dict[fx.Node, str] = {}  # views of a parameter sized with constants of the code
         self.module_out: dict[str, Layout] = {}
         self.global_pool: Layout | None = None
         # (input layout, output layout) of each layer with parameters, from its first call
@@ -301,6 +302,8 @@ class _LayoutFollower:
         if main is None:
             if acts:
                 self.opaque(node, f'{node.name}: {node.target} of tensors whose channels do not line up')
+            else:
+                self.taint_params(node)
             return
         cdim = main[1]
         ins = []
@@ -310,7 +313,7 @@ class _LayoutFollower:
             elif len(self.layout[a]) > 1:  # its channels would land on another dimension of the output
                 self.ctx.block(self.layout[a], f'{node.name}: {node.target} of tensors whose channels do not line up')
         for arg in _flatten(list(node.args) + list(node.kwargs.values())):
-            if arg in self.param_view and arg not in self.layout:
+            if isinstance(arg, fx.Node) and arg in self.param_view and arg not in self.layout:
                 p_layout = self.param_layout(arg, node, cdim, nd)
                 if p_layout is not None:
                     ins.append(p_layout)
@@ -327,6 +330,11 @@ class _LayoutFollower:
         dim = dims[at] if 0 <= at < len(dims) else None
         if shape is not None and (at < 0 or at >= len(dims) or shape[at] == 1):
             dim = -1  # broadcast along the channels: one value for all of them
+        elif view in self.literal_views and dims[at] is not None:  # `gamma.view(1, 8, 1, 1)`: fits 8 channels only
+            return self.ctx.opaque(None, node.name, self.literal_views[view].split(': ', 1)[1], _shape(node)[cdim])
+        elif all(d is None for d in dims):
+            why = f'{qualname} meets {_shape(node)[cdim]} channels through an op other than a view (reshape, a cast...)'
+            return self.ctx.opaque(None, node.name, why, _shape(node)[cdim])
         return _parameter_layout(self.ctx, qualname, self.modules, node, _shape(node)[cdim], dim, cdim == ndim - 1)
 
     def concat(self, node: fx.Node) -> None:
@@ -334,7 +342,11 @@ class _LayoutFollower:
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get('dim', 0)
         acts = [t for t in tensors if self.layout_of(t) is not None]
         shape = _shape(node)
-        if not acts or shape is None or any(self.layout_of(t) is None and t not in self.param_view for t in tensors):
+        if (
+            not acts
+            or shape is None
+            or any(self.layout_of(t) is None and not (isinstance(t, fx.Node) and t in self.param_view) for t in tensors)
+        ):
             return self.opaque(node, f'{node.name}: concatenates tensors without channels')
         cdim = self.cdim_of(acts[0])
         if any(self.cdim_of(t) != cdim for t in acts):
@@ -412,6 +424,8 @@ class _LayoutFollower:
         to = _moved_dim(node, self.cdim_of(src), _shape(src), _shape(node), batch=True)
         if isinstance(to, str):
             return self.opaque(node, f'{node.name}: {node.target} {to}')
+        if _literal_size(node, to):
+            return self.opaque(node, f'{node.name}: {node.target} sizes the channels with a constant of the code')
         self.set_layout(node, self.layout[src], to)
 
     def is_param_view(self, node: fx.Node) -> bool:
@@ -419,6 +433,7 @@ class _LayoutFollower:
         return (
             node.op in ('call_method', 'call_function')
             and bool(node.args)
+            and isinstance(node.args[0], fx.Node)
             and node.args[0] in self.param_view
             and (node.target in _PARAM_VIEW_METHODS or node.target in _AXES_FUNCTIONS)
             and not self.tensor_nodes(node)
@@ -435,13 +450,31 @@ class _LayoutFollower:
             to = _moved_dim(node, i, in_shape, out_shape, batch=False) if in_shape[i] > 1 else None
             if isinstance(to, int):
                 out[to] = p
+                if _literal_size(node, to):
+                    self.literal_views[node] = (
+                        f'{node.name}: {node.target} sizes {qualname} with a constant of the code'
+                    )
         self.param_view[node] = (qualname, tuple(out))
+        if src in self.literal_views:
+            self.literal_views.setdefault(node, self.literal_views[src])
 
     def shape_query(self, node: fx.Node) -> None:
         pass  # x.shape, x.dtype, x.device: no channels
 
     def unknown(self, node: fx.Node) -> None:
+        if not self.tensor_nodes(node) and self.taint_params(node):
+            return  # computed from parameters alone: fixed where it meets activations
         self.opaque(node, f'{node.name}: {node.op} {getattr(node.target, "__name__", node.target)} is not understood')
+
+    def taint_params(self, node: fx.Node) -> bool:
+        """A tensor computed from parameters alone, by something other than a view (`self.gamma * 2`,
+        `self.gamma.exp()`): where it meets activations, their channels are fixed (nothing says how to slice it)."""
+        args = _flatten(list(node.args) + list(node.kwargs.values()))
+        views = [a for a in args if isinstance(a, fx.Node) and a in self.param_view]
+        shape = _shape(node)
+        if views and shape is not None:
+            self.param_view[node] = (self.param_view[views[0]][0], (None,) * len(shape))
+        return bool(views)
 
 
 # the step for each kind of node (`_LayoutFollower.kind`)
@@ -535,6 +568,21 @@ def _moved_dim(node: fx.Node, dim: int, in_shape, out_shape, batch: bool) -> int
                 return 'moves the batch dimension'
             return to
     return 'merges or splits the channel dimension'
+
+
+def _literal_size(node: fx.Node, to: int) -> bool:
+    """Whether a reshape, view or expand writes the size of its output's dimension `to` as a constant (which a
+    pruned network, with fewer channels there, cannot meet), rather than -1 or a size read from a tensor."""
+    target = node.target if isinstance(node.target, str) else node.target.__name__
+    if target not in ('reshape', 'view', 'expand'):
+        return False
+    sizes = list(node.args[1:]) or list(node.kwargs.get('shape', node.kwargs.get('size', ())))
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+        sizes = list(sizes[0])
+    shape = _shape(node)
+    if shape is None or len(sizes) != len(shape):
+        return False
+    return isinstance(sizes[to], int) and sizes[to] > 1
 
 
 def _indexed_channels(node: fx.Node, cdim: int) -> tuple[str, int]:
