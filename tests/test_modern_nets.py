@@ -308,3 +308,13 @@ def test_sizes_written_into_the_code_fix_the_channels():
 
     graph = discover_groups(Literal(), (3, 8, 8))
     assert graph['a'].reason == 'reshape: reshape sizes the channels with a constant of the code'
+
+
+def test_layer_scale_and_pooled_norm_are_sliced_with_the_embedding():
+    model, size = _model('vit_tiny_ls_avg')  # timm LayerScale (x * gamma), avg pooling over tokens, fc_norm
+    graph = discover_groups(model, size)
+    members = {(m.module, m.role) for m in graph['patch_embed.proj'].members}
+    assert {('blocks.0.ls1.gamma', ROLE_PARAM), ('blocks.1.ls2.gamma', ROLE_PARAM), ('fc_norm', ROLE_NORM)} <= members
+    pruned = prune_model(model, graph, {'patch_embed.proj': torch.arange(0, 192, 2)})
+    assert pruned.blocks[0].ls1.gamma.shape == (96,) and pruned.pos_embed.shape == (1, 5, 96)
+    assert pruned(torch.randn(2, *size, dtype=torch.float64)).shape == (2, 1000)

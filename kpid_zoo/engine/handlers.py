@@ -45,6 +45,8 @@ from timm.layers import (
 from timm.layers import activations as timm_act
 from timm.layers import activations_me as timm_act_me
 from timm.layers.grn import GlobalResponseNorm
+from timm.layers.norm import LayerNormExp2d
+from timm.layers.norm_act import LayerNormAct2dFp32
 
 if TYPE_CHECKING:
     from .tracing import Layout, TraceContext
@@ -537,7 +539,7 @@ def _register_builtins() -> None:
     ):
         register_layer_handler(cls, spatial)
     register_layer_handler(nn.LayerNorm, LayerNormHandler())
-    for cls in (LayerNorm2d, LayerNorm2dFp32, LayerNormAct2d):
+    for cls in (LayerNorm2d, LayerNorm2dFp32, LayerNormExp2d, LayerNormAct2d, LayerNormAct2dFp32):
         register_layer_handler(cls, LayerNormHandler(channels_first=True))
     register_layer_handler(GlobalResponseNorm, GlobalResponseNormHandler())
     register_layer_handler(Attention, AttentionHandler())
