@@ -67,7 +67,7 @@ def cmd_groups(args: argparse.Namespace) -> int:
     print(f'{args.model}: {len(graph.groups)} channel groups, {len(graph.prunable)} prunable')
     for g in graph.groups:
         status = f'  [fixed: {g.reason}]' if not g.prunable else f'  [inexact: {g.inexact}]' if g.inexact else ''
-        print(f'  {g.name:<40} {g.size:>5} ch  {len(g.members):>3} members{status}')
+        print(f'  {g.name:<40} {g.size:>5} {g.unit}  {len(g.members):>3} members{status}')
         if args.members:
             for m in g.members:
                 print(f'      {m.role:<4} {m.module}')

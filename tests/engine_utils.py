@@ -65,6 +65,8 @@ def zero_pruned_inputs(model: nn.Module, graph: GroupGraph, keep: dict[str, torc
 
         def hook(module, args, mask=mask):
             x = args[0]
+            if isinstance(module, nn.Linear):  # reads the last dimension: (batch, channels) or channels-last tokens
+                return (x * mask.to(x.dtype),) + tuple(args[1:])
             return (x * mask.to(x.dtype).view(1, -1, *([1] * (x.dim() - 2))),) + tuple(args[1:])
 
         ref.get_submodule(member.module).register_forward_pre_hook(hook)

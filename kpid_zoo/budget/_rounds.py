@@ -88,8 +88,15 @@ def knapsack_rounds(
 
 
 def group_width_choices(graph: GroupGraph, min_channels: int, round_to: int) -> dict[str, list[int]]:
-    """The widths each prunable group may take (a grouped conv's group: multiples of its conv-group count)."""
-    return {g.name: width_choices(g.size, min_channels, round_to, g.parts) for g in graph.prunable}
+    """The widths each prunable group may take (a grouped conv's group: multiples of its conv-group count; an
+    attention layer's heads: any number of whole heads from one, since min_channels and round_to count channels
+    and a head is already head_dim of them)."""
+    return {
+        g.name: width_choices(g.size, 1, 1)
+        if g.unit == 'heads'
+        else width_choices(g.size, min_channels, round_to, g.parts)
+        for g in graph.prunable
+    }
 
 
 def check_prunable(graph: GroupGraph, arch: str) -> None:

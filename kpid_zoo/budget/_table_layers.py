@@ -60,7 +60,8 @@ def timed_layers(model: nn.Module, graph: GroupGraph) -> list[TimedLayer]:
             continue
         leaf = next(module.children(), None) is None
         if name in roles:
-            member = roles[name]
+            # a layer with members of its own and inside it (an attention layer's heads, and its qkv and proj)
+            member = roles[name] + [r for m, rs in roles.items() if m.startswith(name + '.') for r in rs]
             input_channels = next((c for m, c in member if m.role in (ROLE_IN, ROLE_DW, ROLE_NORM)), None)
         elif leaf and name in graph.outputs and _prunable_in(graph, graph.outputs[name], prunable):
             member, input_channels = [], graph.outputs[name]  # channel-wise: its input has its output's channels
@@ -187,7 +188,10 @@ def narrowed(module: nn.Module, layer: TimedLayer, graph: GroupGraph, widths: di
     narrow = copy.deepcopy(module)
     masks = graph.masks({g: graph[g].leading(w) for g, w in widths.items()})
     for member, channels in layer.roles:
-        handler_for(narrow).slice(narrow, member.role, torch.from_numpy(channels.kept(masks)))
+        inner = (
+            narrow if member.module == layer.module else narrow.get_submodule(member.module[len(layer.module) + 1 :])
+        )
+        handler_for(inner).slice(inner, member.role, torch.from_numpy(channels.kept(masks)))
     for m in narrow.modules():
         handler = handler_for(m)
         if handler is not None:

@@ -9,6 +9,7 @@ it fills; `kpid_zoo.engine.groups` turns that into channel groups.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable, Iterable
 
@@ -79,6 +80,25 @@ _MERGING_FUNCTIONS = {
 }
 _MERGING_METHODS = {'add', 'add_', 'sub', 'sub_', 'mul', 'mul_', 'div', 'div_'}
 _CONCAT_FUNCTIONS = {torch.cat, torch.concat}
+# -- ops that move or merge axes: the channels are followed to wherever they land (channels-last tensors) --
+_AXES_METHODS = {
+    'permute',
+    'transpose',
+    'reshape',
+    'view',
+    'flatten',
+    'squeeze',
+    'unsqueeze',
+    'expand',
+    'view_as',
+    'reshape_as',
+    'expand_as',
+}
+_AXES_FUNCTIONS = {torch.permute, torch.transpose, torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze}
+# what a parameter may go through on its way to an activation (`self.gamma.reshape(1, -1, 1, 1)`)
+_PARAM_VIEW_METHODS = _AXES_METHODS | {'to', 'float', 'double', 'half', 'type_as', 'contiguous', 'clone'}
+# channel-wise functions that read NCHW maps: the channels must be on dim 1
+_SPATIAL_FUNCTIONS = {F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d}
 _SPLIT_FUNCTIONS = {torch.split, torch.chunk, torch.tensor_split}
 _SPLIT_METHODS = {'split', 'chunk', 'tensor_split'}
 
@@ -113,6 +133,11 @@ class _LayoutFollower:
         self.layout: dict[fx.Node, Layout] = {}
         self.parts: dict[fx.Node, list[Layout]] = {}  # the pieces of a split, for the getitems that take them
         self.params: dict[fx.Node, str] = {}  # get_attr nodes of parameters and buffers
+        # the dimension that holds the channels of each layout (1 unless an op moved it: channels-last tensors)
+        self.cdim: dict[fx.Node, int] = {}
+        # a parameter, or a view of one: its name, and the parameter's dimension at each of the view's (None: new)
+        self.param_view: dict[fx.Node, tuple[str, tuple[int | None, ...]]] = {}
+        self.literal_views: dict[fx.Node, str] = {}  # views of a parameter sized with constants of the code
         self.module_out: dict[str, Layout] = {}
         self.global_pool: Layout | None = None
         # (input layout, output layout) of each layer with parameters, from its first call
@@ -126,6 +151,8 @@ class _LayoutFollower:
             return op
         if op == 'call_module':
             return 'module_again' if str(target) in self.first_call and self.tensor_args(node) else 'module'
+        if self.is_param_view(node):
+            return 'param_view'
         if op == 'call_function' and target in _MERGING_FUNCTIONS or op == 'call_method' and target in _MERGING_METHODS:
             return 'merge'
         if op == 'call_function' and target in _CONCAT_FUNCTIONS:
@@ -136,6 +163,10 @@ class _LayoutFollower:
             return 'split_piece'
         if op == 'call_function' and target is operator.getitem and self.layout_of(node.args[0]) is not None:
             return 'getitem'
+        if (
+            op == 'call_method' and target in _AXES_METHODS or op == 'call_function' and target in _AXES_FUNCTIONS
+        ) and (node.args and self.layout_of(node.args[0]) is not None):
+            return 'axes'
         if (
             op == 'call_function'
             and target in _CHANNELWISE_FUNCTIONS
@@ -152,31 +183,49 @@ class _LayoutFollower:
         return self.layout.get(arg) if isinstance(arg, fx.Node) else None
 
     def tensor_args(self, node: fx.Node) -> list[Layout]:
+        return [self.layout[a] for a in self.tensor_nodes(node)]
+
+    def tensor_nodes(self, node: fx.Node) -> list[fx.Node]:
         args = list(node.args) + list(node.kwargs.values())
-        return [s for s in (self.layout_of(a) for a in _flatten(args)) if s is not None]
+        return [a for a in _flatten(args) if self.layout_of(a) is not None]
+
+    def cdim_of(self, node: fx.Node) -> int:
+        return self.cdim.get(node, 1)
+
+    def set_layout(self, node: fx.Node, layout: Layout, cdim: int) -> None:
+        self.layout[node] = layout
+        self.cdim[node] = cdim
 
     def opaque(self, node: fx.Node, why: str) -> None:
-        for s in self.tensor_args(node):
-            self.ctx.block(s, why)
-        c = _channels(node)
-        if c is not None:
-            self.layout[node] = self.ctx.new(c)
+        ins = self.tensor_nodes(node)
+        for a in ins:
+            self.ctx.block(self.layout[a], why)
+        shape = _shape(node)
+        cdim = self.cdim_of(ins[0]) if ins else 1
+        cdim = cdim if shape is not None and cdim < len(shape) else 1
+        if shape is not None and len(shape) > cdim:
+            self.set_layout(node, self.ctx.new(int(shape[cdim])), cdim)
             self.ctx.block(self.layout[node], why)
 
-    def passthrough(self, node: fx.Node, where: str) -> None:
-        ins = self.tensor_args(node)
+    def passthrough(self, node: fx.Node, where: str, cdim: int | None = None) -> None:
+        """The output holds the first input's channels, on `cdim` (default: the dimension they were on)."""
+        ins = self.tensor_nodes(node)
         if not ins:
             return self.opaque(node, f'{where}: no channelled input')
-        c = _channels(node)
-        if c is None or c != len(ins[0]):
+        cdim = self.cdim_of(ins[0]) if cdim is None else cdim
+        shape = _shape(node)
+        if shape is None or cdim >= len(shape) or shape[cdim] != len(self.layout[ins[0]]):
             return self.opaque(node, f'{where}: changes the channel dimension')
-        self.layout[node] = ins[0]
+        self.set_layout(node, self.layout[ins[0]], cdim)
 
-    @staticmethod
-    def channel_dim(node: fx.Node, dim, default: int = 0) -> bool:
-        ndim = _ndim(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else _ndim(node)
+    def channel_dim(self, node: fx.Node, dim, default: int = 0) -> bool:
+        """Whether `dim` of the node's first input is the dimension holding its channels."""
+        src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        if src is None and node.args and isinstance(node.args[0], (list, tuple)) and node.args[0]:
+            src = node.args[0][0]  # torch.cat((a, b), dim)
+        ndim = _ndim(src) if isinstance(src, fx.Node) else _ndim(node)
         dim = default if dim is None else dim
-        return isinstance(dim, int) and ndim is not None and dim % ndim == 1
+        return isinstance(dim, int) and ndim is not None and dim % ndim == self.cdim_of(src)
 
     # -- one step per kind of node -------------------------------------------------------------------------------
     def placeholder(self, node: fx.Node) -> None:
@@ -191,72 +240,128 @@ class _LayoutFollower:
 
     def get_attr(self, node: fx.Node) -> None:
         self.params[node] = str(node.target)
+        shape = _shape(node)
+        if shape is not None:
+            self.param_view[node] = (str(node.target), tuple(range(len(shape))))
 
     def module_again(self, node: fx.Node) -> None:
         # A module called again holds the same filters: slicing its input once must fit every call, and its
         # outputs are the same channels. So its input layouts become one, and so do its output layouts.
         name, (x_first, y_first) = str(node.target), self.first_call[str(node.target)]
-        x_again = self.tensor_args(node)[0]
+        x_node = self.tensor_nodes(node)[0]
+        x_again = self.layout[x_node]
         if len(x_again) == len(x_first):
             self.ctx.merge(x_first, x_again, f'{name} (called more than once)')
         else:  # a layer that takes any width (some custom module): nothing can tie the two calls
             for s in (x_first, x_again, y_first):
                 self.ctx.block(s, f'{name}: called more than once on inputs of different widths')
-        self.layout[node] = y_first
+        self.set_layout(node, y_first, self.cdim_of(x_node))
 
     def module(self, node: fx.Node) -> None:
         mod, name = self.modules[node.target], str(node.target)
-        ins = self.tensor_args(node)
+        in_nodes = self.tensor_nodes(node)
+        ins = [self.layout[a] for a in in_nodes]
         handler = handler_for(mod)
+        cdim = self.cdim_of(in_nodes[0]) if in_nodes else 1
         if handler is None or not ins:
             self.opaque(node, f'{name}: {type(mod).__name__} is not understood channel by channel')
+        elif cdim != 1 and not handler.any_channel_dim:
+            self.opaque(
+                node, f'{name}: {type(mod).__name__} reads channels on dim 1, but they are on dim {cdim} of its input'
+            )
         else:
-            self.ctx.ndim = _ndim(node.args[0]) or 4
+            self.ctx.ndim = _ndim(in_nodes[0]) or 4
+            self.ctx.cdim = cdim
             try:
                 y = handler.propagate(self.ctx, name, mod, ins[0])
             except Opaque as e:
                 y = None
                 self.opaque(node, str(e))
             if y is not None:
-                if _channels(node) is not None and len(y) != _channels(node):
+                shape = _shape(node)
+                if shape is not None and (cdim >= len(shape) or len(y) != shape[cdim]):
                     self.opaque(node, f'{name}: changes the channel dimension')
                 else:
-                    self.layout[node] = y
+                    self.set_layout(node, y, cdim)
             if name.endswith('global_pool'):
                 self.global_pool = ins[0]
         if ins and node in self.layout and any(True for _ in mod.parameters()):
             self.first_call[name] = (ins[0], self.layout[node])
 
     def merge(self, node: fx.Node) -> None:
-        """An elementwise op of tensors (and perhaps a bare per-channel parameter)."""
-        c_out = _channels(node)
-        ndim = len(node.meta['tensor_meta'].shape) if hasattr(node.meta.get('tensor_meta'), 'shape') else None
-        for arg in node.args:
-            if arg in self.params and c_out is not None and ndim is not None:
-                p_layout = _parameter_layout(self.ctx, self.params[arg], self.modules, node, c_out, ndim)
+        """An elementwise op of tensors (and perhaps a parameter broadcast against them, e.g. `x * self.gamma`)."""
+        shape = _shape(node)
+        acts = self.tensor_nodes(node)
+        if shape is None:
+            return self.opaque(node, f'{node.name}: {node.target} of tensors gives no tensor') if acts else None
+        nd = len(shape)
+        # broadcasting aligns the trailing dimensions: where each operand's channels land in the output
+        aligned = [(a, self.cdim_of(a) + nd - (_ndim(a) or nd)) for a in acts]
+        main = next(((a, d) for a, d in aligned if 0 <= d < nd and shape[d] == len(self.layout[a]) > 1), None)
+        main = main or next(((a, d) for a, d in aligned if 0 <= d < nd and shape[d] == len(self.layout[a])), None)
+        if main is None:
+            if acts:
+                self.opaque(node, f'{node.name}: {node.target} of tensors whose channels do not line up')
+            else:
+                self.taint_params(node)
+            return
+        cdim = main[1]
+        ins = []
+        for a, d in aligned:
+            if d == cdim and len(self.layout[a]) == shape[cdim]:
+                ins.append(self.layout[a])
+            elif len(self.layout[a]) > 1:  # its channels would land on another dimension of the output
+                self.ctx.block(self.layout[a], f'{node.name}: {node.target} of tensors whose channels do not line up')
+        for arg in _flatten(list(node.args) + list(node.kwargs.values())):
+            if isinstance(arg, fx.Node) and arg in self.param_view and arg not in self.layout:
+                p_layout = self.param_layout(arg, node, cdim, nd)
                 if p_layout is not None:
-                    self.layout[arg] = p_layout
-        # an operand with one channel is broadcast (e.g. a spatial attention map): it ties nothing
-        ins = [s for s in self.tensor_args(node) if len(s) == c_out]
-        if ins:
-            self.layout[node] = ins[0]
-            for s in ins[1:]:
-                self.ctx.merge(ins[0], s, f'{node.name} ({node.target})')
-        elif self.tensor_args(node):
-            self.opaque(node, f'{node.name}: {node.target} of tensors whose channels do not line up')
+                    ins.append(p_layout)
+        self.set_layout(node, ins[0], cdim)
+        for s in ins[1:]:
+            self.ctx.merge(ins[0], s, f'{node.name} ({node.target})')
+
+    def param_layout(self, view: fx.Node, node: fx.Node, cdim: int, ndim: int) -> Layout | None:
+        """The layout of a parameter (or a view of it) broadcast against activations whose channels are on `cdim` of
+        the `ndim` dimensions of `node`'s output (None: it holds no channels, e.g. a scalar)."""
+        qualname, dims = self.param_view[view]
+        at = cdim - (ndim - len(dims))  # the view's dimension that meets the channels
+        shape = _shape(view)
+        dim = dims[at] if 0 <= at < len(dims) else None
+        if shape is not None and (at < 0 or at >= len(dims) or shape[at] == 1):
+            dim = -1  # broadcast along the channels: one value for all of them
+        elif view in self.literal_views and dims[at] is not None:  # `gamma.view(1, 8, 1, 1)`: fits 8 channels only
+            return self.ctx.opaque(None, node.name, self.literal_views[view].split(': ', 1)[1], _shape(node)[cdim])
+        elif all(d is None for d in dims):
+            why = f'{qualname} meets {_shape(node)[cdim]} channels through an op other than a view (reshape, a cast...)'
+            return self.ctx.opaque(None, node.name, why, _shape(node)[cdim])
+        return _parameter_layout(self.ctx, qualname, self.modules, node, _shape(node)[cdim], dim, cdim == ndim - 1)
 
     def concat(self, node: fx.Node) -> None:
         tensors = node.args[0] if node.args else node.kwargs.get('tensors', ())
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get('dim', 0)
-        ins = [self.layout_of(t) for t in tensors]
-        if any(s is None for s in ins) or not ins:
-            self.opaque(node, f'{node.name}: concatenates tensors without channels')
-        elif self.channel_dim(node, dim):
-            self.layout[node] = self.ctx.concat(ins)
-        else:  # along another dimension: channel c of every input is channel c of the output
-            for s in ins[1:]:
-                self.ctx.merge(ins[0], s, f'{node.name} (cat on dim {dim})')
-            self.layout[node] = ins[0]
+        acts = [t for t in tensors if self.layout_of(t) is not None]
+        shape = _shape(node)
+        if (
+            not acts
+            or shape is None
+            or any(self.layout_of(t) is None and not (isinstance(t, fx.Node) and t in self.param_view) for t in tensors)
+        ):
+            return self.opaque(node, f'{node.name}: concatenates tensors without channels')
+        cdim = self.cdim_of(acts[0])
+        if any(self.cdim_of(t) != cdim for t in acts):
+            return self.opaque(node, f'{node.name}: concatenates tensors whose channels are on different dimensions')
+        if isinstance(dim, int) and dim % len(shape) == cdim:
+            if len(acts) < len(tensors):  # a parameter's channels would be new ones, of no producer
+                return self.opaque(node, f'{node.name}: concatenates a parameter along the channels')
+            self.set_layout(node, self.ctx.concat([self.layout[t] for t in tensors]), cdim)
+            return
+        # along another dimension: channel c of every input is channel c of the output (a class token's too)
+        ins = [self.layout[t] if t in acts else self.param_layout(t, node, cdim, len(shape)) for t in tensors]
+        ins = [x for x in ins if x is not None]
+        for x in ins[1:]:
+            self.ctx.merge(ins[0], x, f'{node.name} (cat on dim {dim})')
+        self.set_layout(node, ins[0], cdim)
 
     def split(self, node: fx.Node) -> None:
         x = self.layout_of(node.args[0])
@@ -267,6 +372,7 @@ class _LayoutFollower:
         )
         dim = node.args[2] if len(node.args) > 2 else node.kwargs.get('dim', 0)
         n_out = len(node.meta['tensor_meta']) if isinstance(node.meta.get('tensor_meta'), (list, tuple)) else None
+        self.cdim[node] = cdim = self.cdim_of(node.args[0])  # the pieces' channels stay where they were
         if not self.channel_dim(node, dim):
             self.parts[node] = [x] * (n_out or 1)  # every piece has all the channels
             return
@@ -283,34 +389,92 @@ class _LayoutFollower:
             f'code; register a handler for the module that owns them (kpid_zoo.register_layer_handler)'
         )
         self.ctx.block(x, why)
-        sizes = [int(m.shape[1]) for m in node.meta['tensor_meta']] if n_out else []
+        sizes = [int(m.shape[cdim]) for m in node.meta['tensor_meta']] if n_out else []
         self.parts[node] = [self.ctx.opaque(None, node.name, why.split(': ', 1)[1], s) for s in sizes]
 
     def split_piece(self, node: fx.Node) -> None:
         pieces = self.parts[node.args[0]]
         if isinstance(node.args[1], int) and -len(pieces) <= node.args[1] < len(pieces):
-            self.layout[node] = pieces[node.args[1]]
+            self.set_layout(node, pieces[node.args[1]], self.cdim_of(node.args[0]))
         else:
             self.opaque(node, f'{node.name}: takes {node.args[1]!r} of a split')
 
     def getitem(self, node: fx.Node) -> None:
-        why = _slices_channels(node)
+        why, cdim = _indexed_channels(node, self.cdim_of(node.args[0]))
         if why:
             self.opaque(node, f'{node.name}: {why}')
         else:
-            self.passthrough(node, node.name)
+            self.passthrough(node, node.name, cdim)
 
     def channelwise(self, node: fx.Node) -> None:
-        if _reduces_channels(node):
+        cdim = self.cdim_of(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else 1
+        if node.target in _SPATIAL_FUNCTIONS and cdim != 1:
+            self.opaque(
+                node, f'{node.name}: {node.target.__name__} pools dims 2, 3, but the channels are on dim {cdim}'
+            )
+        elif _reduces_channels(node, cdim):
             self.opaque(node, f'{node.name}: reduces over channels')
         else:
-            self.passthrough(node, node.name)
+            self.passthrough(node, node.name, _reduced_cdim(node, cdim))
+
+    def axes(self, node: fx.Node) -> None:
+        """permute, transpose, reshape, view, flatten, (un)squeeze, expand: the channels move to another dimension,
+        or stay whole where the op merges or splits only other dimensions."""
+        src = node.args[0]
+        to = _moved_dim(node, self.cdim_of(src), _shape(src), _shape(node), batch=True)
+        if isinstance(to, str):
+            return self.opaque(node, f'{node.name}: {node.target} {to}')
+        if _literal_size(node, to):
+            return self.opaque(node, f'{node.name}: {node.target} sizes the channels with a constant of the code')
+        self.set_layout(node, self.layout[src], to)
+
+    def is_param_view(self, node: fx.Node) -> bool:
+        """A view of a parameter (reshape, expand, a dtype cast...) that no activation meets yet."""
+        return (
+            node.op in ('call_method', 'call_function')
+            and bool(node.args)
+            and isinstance(node.args[0], fx.Node)
+            and node.args[0] in self.param_view
+            and (node.target in _PARAM_VIEW_METHODS or node.target in _AXES_FUNCTIONS)
+            and not self.tensor_nodes(node)
+        )
+
+    def param_view_step(self, node: fx.Node) -> None:
+        src = node.args[0]
+        qualname, dims = self.param_view[src]
+        in_shape, out_shape = _shape(src), _shape(node)
+        if in_shape is None or out_shape is None:
+            return
+        out: list[int | None] = [None] * len(out_shape)
+        for i, p in enumerate(dims):
+            to = _moved_dim(node, i, in_shape, out_shape, batch=False) if in_shape[i] > 1 else None
+            if isinstance(to, int):
+                out[to] = p
+                if _literal_size(node, to):
+                    self.literal_views[node] = (
+                        f'{node.name}: {node.target} sizes {qualname} with a constant of the code'
+                    )
+        self.param_view[node] = (qualname, tuple(out))
+        if src in self.literal_views:
+            self.literal_views.setdefault(node, self.literal_views[src])
 
     def shape_query(self, node: fx.Node) -> None:
         pass  # x.shape, x.dtype, x.device: no channels
 
     def unknown(self, node: fx.Node) -> None:
+        if not self.tensor_nodes(node) and self.taint_params(node):
+            return  # computed from parameters alone: fixed where it meets activations
         self.opaque(node, f'{node.name}: {node.op} {getattr(node.target, "__name__", node.target)} is not understood')
+
+    def taint_params(self, node: fx.Node) -> bool:
+        """A tensor computed from parameters alone, by something other than a view (`self.gamma * 2`,
+        `self.gamma.exp()`): where it meets activations, their channels are fixed (nothing says how to slice it)."""
+        args = _flatten(list(node.args) + list(node.kwargs.values()))
+        views = [a for a in args if isinstance(a, fx.Node) and a in self.param_view]
+        shape = _shape(node)
+        if views and shape is not None:
+            self.param_view[node] = (self.param_view[views[0]][0], (None,) * len(shape))
+        return bool(views)
 
 
 # the step for each kind of node (`_LayoutFollower.kind`)
@@ -326,22 +490,29 @@ _STEPS: dict[str, Callable[[_LayoutFollower, fx.Node], None]] = {
     'split_piece': _LayoutFollower.split_piece,
     'getitem': _LayoutFollower.getitem,
     'channelwise': _LayoutFollower.channelwise,
+    'axes': _LayoutFollower.axes,
+    'param_view': _LayoutFollower.param_view_step,
     'shape_query': _LayoutFollower.shape_query,
     'unknown': _LayoutFollower.unknown,
 }
 
 
 def _parameter_layout(
-    ctx: TraceContext, qualname: str, modules: dict, node: fx.Node, channels: int, ndim: int
+    ctx: TraceContext, qualname: str, modules: dict, node: fx.Node, channels: int, dim: int | None, channels_last: bool
 ) -> Layout | None:
-    """A bare parameter broadcast against an activation: per channel if it varies along the channel axis only."""
+    """A parameter broadcast against activations of `channels` channels, its dimension `dim` meeting theirs (-1: it
+    is broadcast along them, None: no dimension of its own meets them whole). Sliced with the channels if it holds
+    one value per channel; on channels-last tensors (tokens) it may also vary along other dimensions (a position
+    embedding: one vector per token)."""
     owner, _, attr = qualname.rpartition('.')
     t = getattr(modules[owner] if owner else modules[''], attr)
     shape = tuple(t.shape)
-    if all(s == 1 for s in shape):
-        return None  # a scalar: it ties nothing
-    dim = 1 - (ndim - len(shape))  # broadcasting aligns the trailing dimensions
-    if 0 <= dim < len(shape) and shape[dim] == channels and all(s == 1 for i, s in enumerate(shape) if i != dim):
+    if all(s == 1 for s in shape) or dim == -1:
+        return None  # one value for every channel: it ties nothing
+    per_channel = dim is not None and shape[dim] == channels
+    if per_channel and not channels_last and any(s != 1 for i, s in enumerate(shape) if i != dim):
+        per_channel = False  # on a feature map, a value per channel and position depends on the resolution
+    if per_channel:
         if not isinstance(t, nn.Parameter):
             return ctx.opaque(
                 None,
@@ -361,27 +532,115 @@ def _parameter_layout(
     )
 
 
-def _slices_channels(node: fx.Node) -> str:
-    """Why a getitem on a tensor is not a plain pass-through of its channels ("" when it is)."""
+def _shape(node) -> tuple[int, ...] | None:
+    meta = node.meta.get('tensor_meta') if isinstance(node, fx.Node) else None
+    return tuple(int(d) for d in meta.shape) if meta is not None and hasattr(meta, 'shape') else None
+
+
+def _moved_dim(node: fx.Node, dim: int, in_shape, out_shape, batch: bool) -> int | str:
+    """Where dimension `dim` of the input of an axes op (permute, reshape...) lands in its output, whole; or why it
+    does not (a string). With `batch`, the input is an activation whose dim 0 is the batch: a reshape must keep it
+    in front (the trace runs one image, where a batch merged into other dims would look the same)."""
+    if in_shape is None or out_shape is None:
+        return 'gives no tensor shape'
+    target = node.target if isinstance(node.target, str) else node.target.__name__
+    nd = len(in_shape)
+    args = list(node.args[1:])
+    if target == 'permute':
+        dims = node.kwargs.get('dims', args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args)
+        if not all(isinstance(d, int) for d in dims) or len(dims) != nd:
+            return 'permutes with dimensions not known when tracing'
+        return [d % nd for d in dims].index(dim)
+    if target == 'transpose':
+        a, b = (args + [node.kwargs.get('dim0'), node.kwargs.get('dim1')])[:2]
+        if not (isinstance(a, int) and isinstance(b, int)):
+            return 'transposes dimensions not known when tracing'
+        a, b = a % nd, b % nd
+        return b if dim == a else a if dim == b else dim
+    if target in ('expand', 'expand_as'):
+        to = dim + len(out_shape) - nd
+        return to if out_shape[to] == in_shape[dim] else 'expands the channel dimension'
+    # reshape-like: the dimension stays whole where the elements before it and its size are unchanged
+    before = math.prod(in_shape[:dim])
+    for to in range(len(out_shape)):
+        if math.prod(out_shape[:to]) == before and out_shape[to] == in_shape[dim]:
+            if batch and dim > 0 and (to == 0 or out_shape[0] != in_shape[0]):
+                return 'moves the batch dimension'
+            return to
+    return 'merges or splits the channel dimension'
+
+
+def _literal_size(node: fx.Node, to: int) -> bool:
+    """Whether a reshape, view or expand writes the size of its output's dimension `to` as a constant (which a
+    pruned network, with fewer channels there, cannot meet), rather than -1 or a size read from a tensor."""
+    target = node.target if isinstance(node.target, str) else node.target.__name__
+    if target not in ('reshape', 'view', 'expand'):
+        return False
+    sizes = list(node.args[1:]) or list(node.kwargs.get('shape', node.kwargs.get('size', ())))
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+        sizes = list(sizes[0])
+    shape = _shape(node)
+    if shape is None or len(sizes) != len(shape):
+        return False
+    return isinstance(sizes[to], int) and sizes[to] > 1
+
+
+def _indexed_channels(node: fx.Node, cdim: int) -> tuple[str, int]:
+    """Why a getitem on a tensor is not a plain pass-through of its channels ("" when it is), and the dimension that
+    holds them in the result."""
     index = node.args[1]
     index = index if isinstance(index, tuple) else (index,)
-    if len(index) < 2 or Ellipsis in index[:2] or index[0] != slice(None):
-        return 'indexes a tensor in a way that may move its channel dimension'
-    s, c = index[1], _channels(node.args[0])
-    if not isinstance(s, slice) or not all(v is None or isinstance(v, int) for v in (s.start, s.stop, s.step)):
-        return 'indexes the channel dimension'
-    if (s.start or 0) == 0 and (s.step or 1) == 1 and (s.stop is None or (c is not None and s.stop >= c)):
-        return ''  # keeps every channel, and still will when there are fewer
-    return f'slices channels [{s.start}:{s.stop}:{s.step}] with constants of the code'
+    shape = _shape(node.args[0])
+    if shape is None or not all(i is None or i is Ellipsis or isinstance(i, (int, slice)) for i in index):
+        return 'indexes a tensor in a way that may move its channel dimension', cdim
+    if index.count(Ellipsis) > 1:
+        return 'indexes a tensor in a way that may move its channel dimension', cdim
+    real = sum(1 for i in index if i is not None and i is not Ellipsis)
+    if Ellipsis in index:
+        at = index.index(Ellipsis)
+        index = index[:at] + (slice(None),) * (len(shape) - real) + index[at + 1 :]
+    index = index + (slice(None),) * (len(shape) - real)
+    dim = out = 0
+    new_cdim = cdim
+    for i in index:
+        if i is None:
+            out += 1
+            continue
+        if dim == cdim:
+            if not isinstance(i, slice):
+                return 'indexes the channel dimension', cdim
+            if not all(v is None or isinstance(v, int) for v in (i.start, i.stop, i.step)):
+                return 'indexes the channel dimension', cdim
+            c = shape[cdim]
+            if not ((i.start or 0) == 0 and (i.step or 1) == 1 and (i.stop is None or i.stop >= c)):
+                return f'slices channels [{i.start}:{i.stop}:{i.step}] with constants of the code', cdim
+            new_cdim = out  # keeps every channel, and still will when there are fewer
+        dim += 1
+        out += isinstance(i, slice)
+    return '', new_cdim
 
 
-def _reduces_channels(node: fx.Node) -> bool:
+def _reduction_dims(node: fx.Node) -> tuple[int, ...] | None:
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get('dim')
+    ndim = len(node.args[0].meta['tensor_meta'].shape)
+    if dims is None:
+        return None
+    dims = (dims,) if isinstance(dims, int) else tuple(dims)
+    return tuple(d % ndim for d in dims)
+
+
+def _reduces_channels(node: fx.Node, cdim: int = 1) -> bool:
     if node.target not in ('mean', 'amax'):
         return False
-    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get('dim')
-    dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
-    ndim = len(node.args[0].meta['tensor_meta'].shape)
-    return not dims or any(d % ndim == 1 for d in dims)
+    dims = _reduction_dims(node)
+    return not dims or cdim in dims
+
+
+def _reduced_cdim(node: fx.Node, cdim: int) -> int:
+    """Where the channels are after a channel-wise op: a reduction without keepdim drops the dims before them."""
+    if node.target not in ('mean', 'amax') or node.kwargs.get('keepdim') or (len(node.args) > 2 and node.args[2]):
+        return cdim
+    return cdim - sum(1 for d in _reduction_dims(node) or () if d < cdim)
 
 
 def _flatten(args: Iterable) -> Iterable:

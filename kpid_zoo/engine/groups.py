@@ -33,6 +33,7 @@ from ._layouts import follow_layouts
 from .handlers import (  # noqa: F401 (re-exported)
     ROLE_CHANNEL,
     ROLE_DW,
+    ROLE_HEADS,
     ROLE_IN,
     ROLE_NORM,
     ROLE_OUT,
@@ -100,6 +101,11 @@ class ChannelGroup:
     def parts(self) -> int:
         """Number of blocks: a width must be a multiple of it, with width / parts channels kept in each block."""
         return max(self.blocks) + 1 if self.blocks else 1
+
+    @property
+    def unit(self) -> str:
+        """What one of its channels is: "heads" for an attention layer's heads (each head_dim wide), else "ch"."""
+        return 'heads' if any(m.role == ROLE_HEADS for m in self.members) else 'ch'
 
     def block_index(self) -> list[torch.Tensor]:
         """The channels of each block, in order."""
@@ -299,6 +305,8 @@ def _collect(ctx: TraceContext, module_out: dict[str, Layout], pool: Layout | No
     blocks: dict[int, np.ndarray] = {}
     for layout, count, where in ctx.balanced:
         cm = cmap(layout)
+        if len(cm) % count == 0 and _blocks_alike(cm, count):
+            continue  # every block holds the same channels (GluMlp's halves, tied by their product): always balanced
         touched = {int(g) for g in cm.group if g >= 0}
         gi = int(cm.group[0]) if len(cm) else -1
         if (
@@ -355,3 +363,9 @@ def _collect(ctx: TraceContext, module_out: dict[str, Layout], pool: Layout | No
         pool_map,
         dict(ctx.param_dims),
     )
+
+
+def _blocks_alike(cm: ChannelMap, count: int) -> bool:
+    """Whether the `count` consecutive blocks of `cm` hold the same channels, position by position."""
+    group, channel = cm.group.reshape(count, -1), cm.channel.reshape(count, -1)
+    return bool((group == group[0]).all() and (channel == channel[0]).all())

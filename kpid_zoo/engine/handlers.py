@@ -22,13 +22,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn as nn
 from timm.layers import (
+    Attention,
     BatchNormAct2d,
     CecaModule,
     DropPath,
     EcaModule,
+    LayerNorm2d,
+    LayerNorm2dFp32,
+    LayerNormAct2d,
     MixedConv2d,
     ScaledStdConv2d,
     ScaledStdConv2dSame,
@@ -39,6 +44,9 @@ from timm.layers import (
 )
 from timm.layers import activations as timm_act
 from timm.layers import activations_me as timm_act_me
+from timm.layers.grn import GlobalResponseNorm
+from timm.layers.norm import LayerNormExp2d
+from timm.layers.norm_act import LayerNormAct2dFp32
 
 if TYPE_CHECKING:
     from .tracing import Layout, TraceContext
@@ -49,6 +57,7 @@ ROLE_DW = 'dw'  # a depthwise conv: its input and output channels are the same c
 ROLE_NORM = 'norm'  # a batch norm's features
 ROLE_CHANNEL = 'channel'  # per-channel weights of a channel-wise layer (PReLU with one weight per channel)
 ROLE_PARAM = 'param'  # a bare per-channel parameter of some module, meeting activations in an elementwise op
+ROLE_HEADS = 'heads'  # an attention layer's heads: its channels are heads, each head_dim wide in q, k, v and proj
 
 # (tensor, function mapping a tensor of that shape to one value per position of the role's dimension)
 TensorScores = list[tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]]
@@ -73,6 +82,10 @@ def slice_tensor(owner: nn.Module, attr: str, dim: int, idx: torch.Tensor) -> No
 
 class LayerHandler:
     """What the engine knows about one layer type (see the module docstring); subclass and override."""
+
+    # False: the layer reads NCHW-style tensors, channels on dim 1 (a layer given channels elsewhere is opaque);
+    # True: `propagate` checks `ctx.cdim` itself (channel-wise ops, linear layers and norms on channels-last tensors)
+    any_channel_dim = False
 
     def propagate(self, ctx: TraceContext, name: str, module: nn.Module, x: Layout) -> Layout:
         """The layout of the output, given the layout `x` of the (first) input; record members with `ctx`."""
@@ -114,6 +127,8 @@ class LayerHandler:
 
 class ChannelwiseHandler(LayerHandler):
     """A layer that acts channel by channel without parameters (activations, pooling, dropout, flatten)."""
+
+    any_channel_dim = True
 
     def propagate(self, ctx, name, module, x):
         if any(True for _ in module.parameters()):
@@ -210,9 +225,18 @@ class WeightStandardizedConvHandler(ConvHandler):
 
 
 class LinearHandler(LayerHandler):
+    """nn.Linear: reads and writes the last dimension, (batch, channels) or channels-last (tokens, NHWC)."""
+
+    any_channel_dim = True
+
     def propagate(self, ctx, name, linear, x):
-        if ctx.ndim != 2 or len(x) != linear.in_features:
-            return ctx.opaque(x, name, 'linear layer on a tensor that is not (batch, channels)', linear.out_features)
+        if ctx.cdim != ctx.ndim - 1 or len(x) != linear.in_features:
+            return ctx.opaque(
+                x,
+                name,
+                f'linear layer on a tensor whose channels are on dim {ctx.cdim}, not its last',
+                linear.out_features,
+            )
         ctx.member(x, name, ROLE_IN)
         return ctx.new(linear.out_features, name)
 
@@ -330,6 +354,108 @@ class SelectiveKernelHandler(LayerHandler):
         sk.out_channels = conv.out_channels
 
 
+# -- channels-last and transformer layers (ConvNeXt, ViT, DeiT) ----------------------------------------------------
+
+
+class SpatialHandler(ChannelwiseHandler):
+    """A parameter-free layer that acts on NCHW maps (pooling, 2d dropout, flatten): channels on dim 1 only."""
+
+    any_channel_dim = False
+
+
+class LayerNormHandler(LayerHandler):
+    """nn.LayerNorm (and timm's LayerNorm) over the channels of a channels-last tensor, timm's LayerNorm2d over
+    dim 1 of an NCHW map: the weight and bias are sliced with the channels. Removing a channel changes the mean and
+    variance every other channel is normalised with, so the group is inexact."""
+
+    any_channel_dim = True
+
+    def __init__(self, channels_first: bool = False) -> None:
+        self.channels_first = channels_first
+
+    def propagate(self, ctx, name, ln, x):
+        want = 1 if self.channels_first else ctx.ndim - 1
+        extra = [n for n, _ in ln.named_parameters() if n not in ('weight', 'bias')]
+        if tuple(ln.normalized_shape) != (len(x),) or ctx.cdim != want or extra:
+            why = (
+                f'has parameters no handler slices ({extra[0]})'
+                if extra
+                else (f'normalises over {tuple(ln.normalized_shape)}, not the {len(x)} channels on dim {ctx.cdim}')
+            )
+            return ctx.opaque(x, name, f'{type(ln).__name__} {why}')
+        ctx.member(x, name, ROLE_NORM)
+        ctx.mark_inexact(
+            x, f'{name}: {type(ln).__name__} normalises over the channels (a removed one changes the mean and variance)'
+        )
+        return x
+
+    def tensors(self, ln, role):
+        return [('weight', 0), ('bias', 0)]
+
+    def set_width(self, ln, role, n):
+        ln.normalized_shape = (n,)
+
+    def width(self, ln, role):
+        return ln.normalized_shape[0]
+
+
+class GlobalResponseNormHandler(LayerHandler):
+    """timm's GlobalResponseNorm (ConvNeXt-V2): each channel is scaled by its spatial L2 norm over the mean of all
+    channels' norms. Its weight and bias are per channel; removing a channel changes that mean: inexact."""
+
+    any_channel_dim = True
+
+    def propagate(self, ctx, name, grn, x):
+        want = ctx.ndim - 1 if grn.channel_dim == -1 else grn.channel_dim
+        if ctx.cdim != want or grn.weight.shape[0] != len(x):
+            return ctx.opaque(x, name, f'GlobalResponseNorm over dim {want}, but the channels are on dim {ctx.cdim}')
+        ctx.member(x, name, ROLE_CHANNEL)
+        ctx.mark_inexact(x, f'{name}: GlobalResponseNorm divides each channel by the mean response of all channels')
+        return x
+
+    def tensors(self, grn, role):
+        return [('weight', 0), ('bias', 0)]
+
+
+class AttentionHandler(LayerHandler):
+    """timm's multi-head self-attention (ViT, DeiT): `qkv` reads the embedding, `proj` writes it. Its heads are
+    one group whose channels are heads: removing head h removes its rows of q, k and v and its proj input columns
+    (head_dim each), so every other head computes exactly what it did; `num_heads` follows the cut. Fused
+    (scaled_dot_product_attention) or not, the layer is traced as one leaf."""
+
+    any_channel_dim = True
+
+    def propagate(self, ctx, name, attn, x):
+        qkv, proj = getattr(attn, 'qkv', None), getattr(attn, 'proj', None)
+        heads, head_dim = getattr(attn, 'num_heads', 0), getattr(attn, 'head_dim', 0)
+        if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear)) or ctx.cdim != ctx.ndim - 1:
+            return ctx.opaque(x, name, f'{type(attn).__name__} without qkv and proj linears on channels-last tokens')
+        if (
+            qkv.in_features != len(x)
+            or qkv.out_features != 3 * heads * head_dim
+            or proj.in_features != heads * head_dim
+        ):
+            return ctx.opaque(
+                x, name, f'{type(attn).__name__} whose qkv / proj widths are not 3 x / 1 x heads x head_dim'
+            )
+        ctx.member(x, f'{name}.qkv', ROLE_IN)
+        units = ctx.new(heads, name, ROLE_HEADS)
+        per_head = np.repeat(units, head_dim)  # the attn_dim positions: head by head, head_dim each
+        ctx.member(np.tile(per_head, 3), f'{name}.qkv', ROLE_OUT)  # qkv rows: (q, k, v) x heads x head_dim
+        ctx.member(per_head, f'{name}.proj', ROLE_IN)
+        extra = [n for n in ('norm', 'gate') if not isinstance(getattr(attn, n, None), (nn.Identity, type(None)))]
+        if extra:  # a norm over all heads' outputs (scale_norm) or a gate: not sliced here
+            ctx.block(units, f'{name}: {type(attn).__name__} with a {extra[0]} over all heads keeps its heads')
+        return ctx.new(proj.out_features, f'{name}.proj')
+
+    def set_width(self, attn, role, n):
+        attn.num_heads = n
+        attn.attn_dim = n * attn.head_dim
+
+    def width(self, attn, role):
+        return attn.num_heads
+
+
 _REGISTRY: dict[type, LayerHandler] = {}
 
 
@@ -400,6 +526,23 @@ def _register_builtins() -> None:
         register_layer_handler(cls, ChannelMixingHandler())
     register_layer_handler(MixedConv2d, MixedConvHandler())
     register_layer_handler(SelectiveKernel, SelectiveKernelHandler())
+    # channels-last and transformer layers
+    spatial = SpatialHandler()
+    for cls in (
+        nn.Dropout2d,
+        nn.MaxPool2d,
+        nn.AvgPool2d,
+        nn.AdaptiveAvgPool2d,
+        nn.AdaptiveMaxPool2d,
+        nn.Flatten,
+        SelectAdaptivePool2d,
+    ):
+        register_layer_handler(cls, spatial)
+    register_layer_handler(nn.LayerNorm, LayerNormHandler())
+    for cls in (LayerNorm2d, LayerNorm2dFp32, LayerNormExp2d, LayerNormAct2d, LayerNormAct2dFp32):
+        register_layer_handler(cls, LayerNormHandler(channels_first=True))
+    register_layer_handler(GlobalResponseNorm, GlobalResponseNormHandler())
+    register_layer_handler(Attention, AttentionHandler())
 
 
 _register_builtins()

@@ -22,6 +22,7 @@ import numpy as np
 import timm
 import torch
 import torch.nn as nn
+from timm.layers import NormMlpClassifierHead
 from timm.models import build_model_with_cfg
 
 from ..core.files import read_json
@@ -351,9 +352,19 @@ def _trace_groups(model: nn.Module, spec: ArchSpec, in_chans: int) -> GroupGraph
 
 def _update_model_widths(model: nn.Module, graph: GroupGraph, widths: dict[str, int]) -> None:
     """Keep timm's width attributes true, so reset_classifier, forward_head and features_only keep working."""
+    classifier = model.get_classifier() if hasattr(model, 'get_classifier') else None
     if graph.global_pool is not None and hasattr(model, 'num_features'):
         model.num_features = graph.width(graph.global_pool, widths)
-    classifier = model.get_classifier() if hasattr(model, 'get_classifier') else None
+    elif isinstance(classifier, nn.Linear) and hasattr(model, 'num_features'):
+        model.num_features = classifier.in_features  # token models (ViT): the head reads a token, no pool module
+    if isinstance(getattr(model, 'embed_dim', None), int) and 'patch_embed' in graph.outputs:
+        model.embed_dim = graph.width(graph.outputs['patch_embed'], widths)  # ViT's reset_classifier reads it
+    head = getattr(model, 'head', None)
+    if isinstance(head, NormMlpClassifierHead) and graph.global_pool is not None:
+        # ConvNeXt's head: reset_classifier refuses an in_features other than the head's own
+        head.in_features = graph.width(graph.global_pool, widths)
+        head.num_features = head.pre_logits.fc.out_features if head.hidden_size else head.in_features
+        head.hidden_size = head.num_features if head.hidden_size else head.hidden_size
     if hasattr(model, 'head_hidden_size'):
         if isinstance(classifier, nn.Linear):
             model.head_hidden_size = classifier.in_features

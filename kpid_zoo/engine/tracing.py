@@ -96,14 +96,16 @@ class TraceContext:
         self.balanced: list[tuple[Layout, int, str]] = []
         self.param_dims: dict[str, int] = {}
         self.ndim = 4  # of the tensor the current layer reads
+        self.cdim = 1  # the dimension of that tensor that holds its channels (channels-last: ndim - 1)
 
     # -- what handlers call ------------------------------------------------------------------------------------
-    def new(self, size: int, producer: str | None = None) -> Layout:
-        """`size` new channels; `producer` (a module name) makes them a group's, as that module's "out" member."""
+    def new(self, size: int, producer: str | None = None, role: str = ROLE_OUT) -> Layout:
+        """`size` new channels; `producer` (a module name) makes them a group's, as that module's `role` member
+        ("out"; an attention layer produces "heads")."""
         layout = self._elements.new(size)
         self.spaces.append((layout, producer))
         if producer is not None:
-            self.member(layout, producer, ROLE_OUT)
+            self.member(layout, producer, role)
         return layout
 
     def member(self, layout: Layout, module: str, role: str) -> None:
