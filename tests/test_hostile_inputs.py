@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import registered_models  # noqa: F401  (registers the kpid_test_* parents in timm)
 import yaml
 
 from kpid_zoo.cli import main
@@ -242,6 +243,94 @@ def test_checks_under_the_lock_leave_no_empty_folders_behind(tmp_path, capsys):
         capsys, ['build', str(recipe), '--work', str(work), '--out', str(out)], str(recipe), "is not below the parent's"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ['recipe.yaml']
+
+
+# --- the parent: any timm model the engine can prune -----------------------------------------------------------------
+
+
+@pytest.fixture
+def no_parent_may_be_made(monkeypatch):
+    """Fails the command (exit 1) if the parent is made: the preflight's refusal must come before it."""
+    import kpid_zoo.build
+    import kpid_zoo.training.parent
+
+    def refuse(recipe, *args, **kwargs):
+        raise AssertionError(f'the parent {recipe.parent.model} was made before the preflight refused it')
+
+    monkeypatch.setattr(kpid_zoo.build, 'create_parent', refuse)
+    monkeypatch.setattr(kpid_zoo.training.parent, 'create_parent', refuse)
+
+
+@pytest.mark.parametrize('command', ['build', 'prune'])
+@pytest.mark.parametrize(
+    'parent, sections, expected',
+    [
+        (  # a layer no handler follows: the engine's reason, the layer and the op
+            'kpid_test_fftnet',
+            {},
+            'kpid_test_fftnet: no prunable channel group was found (fft_fft2: call_function fft_fft2 is not understood',
+        ),
+        (  # only inexact groups (an ECA gate; a LayerNorm over the channels): the field that opts in
+            'kpid_test_ecanet',
+            {},
+            'kpid_test_ecanet: every prunable channel group is inexact (eca: EcaModule mixes neighbouring channels): '
+            'set importance.allow_inexact: true to prune it',
+        ),
+        (  # exact groups too narrow for the target, inexact ones that reach it: the same field
+            'kpid_test_ecanet_stem',
+            {'flops': {'target_ratio': 0.25}},
+            'GMACs (every group at 8 channels) with exact groups only; set importance.allow_inexact: true to also '
+            'prune its 1 inexact groups, which reach it',
+        ),
+        (  # a timm name that is no model: the closest names, as the recipe check always said
+            'convnxt_atto',
+            {},
+            "parent.model: 'convnxt_atto' is not a timm model (did you mean 'convnext_atto'?)",
+        ),
+    ],
+)
+def test_a_parent_the_engine_cannot_prune_is_refused_before_it_is_made(
+    tmp_path, capsys, no_parent_may_be_made, command, parent, sections, expected
+):
+    recipe = _write(
+        tmp_path,
+        'recipe.yaml',
+        yaml.safe_dump({**RECIPE, **sections, 'parent': {**RECIPE['parent'], 'model': parent}}),
+    )
+    work = tmp_path / 'runs' / 'hostile'
+    argv = (
+        ['build', str(recipe), '--work', str(work), '--out', str(tmp_path / 'outputs' / 'hostile')]
+        if command == 'build'
+        else ['prune', str(recipe), '--out', str(work / 'pruned')]
+    )
+    _one_line_user_error(capsys, argv, f'{recipe}: ', expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['recipe.yaml']
+
+
+@pytest.mark.parametrize(
+    'parent, importance',
+    [
+        ('regnety_002', {}),  # outside the families recipes once took; the engine prunes it exactly
+        ('kpid_test_ecanet', {'allow_inexact': True}),  # inexact groups, opted in
+    ],
+)
+def test_any_timm_parent_the_engine_prunes_is_a_recipe_parent(tmp_path, capsys, parent, importance):
+    recipe = _write(
+        tmp_path,
+        'recipe.yaml',
+        yaml.safe_dump(
+            {
+                **RECIPE,
+                'parent': {**RECIPE['parent'], 'model': parent},
+                'importance': {**RECIPE['importance'], **importance},
+            }
+        ),
+    )
+    out = tmp_path / 'work' / 'pruned'
+    assert _run(['prune', str(recipe), '--out', str(out), '--quiet']) == 0, capsys.readouterr().err[-2000:]
+    report = json.loads((out / 'report.json').read_text())
+    assert report['parent'] == parent
+    assert 0.99 * report['target_gmacs'] <= report['achieved_gmacs'] <= report['target_gmacs']
 
 
 # --- the dry run ----------------------------------------------------------------------------------------------------
