@@ -380,3 +380,19 @@ def test_dry_run_of_a_32px_resnet_recipe_passes(tmp_path, capsys, monkeypatch):
     assert f'dry run passed: every stage of {recipe} ran on stand-in data' in captured.out
     assert yaml.safe_load((tmp_path / 'work' / 'standin' / 'recipe.yaml').read_text())['data']['batch_size'] == 2
     assert sorted(p.name for p in (tmp_path / 'work' / 'finetune' / 'checkpoints').iterdir()) == ['step_2', 'step_3']
+
+
+@pytest.mark.heavy
+def test_dry_run_of_a_regnet_recipe_passes(tmp_path, capsys, monkeypatch):
+    """A parent outside the families recipes once took, end to end: preflight, prune, a fine-tune distilled at its
+    feature_info stages, evaluation, export."""
+    monkeypatch.chdir(tmp_path)
+    data = {**_resnet_at_32px(), 'name': 'hostile_regnety_002'}
+    data['parent'] = {**data['parent'], 'model': 'regnety_002', 'train': {'epochs': 0}}
+    recipe = _write(tmp_path, 'recipe.yaml', yaml.safe_dump(data))
+    rc = main(['build', str(recipe), '--dry-run', '--work', 'work', '--out', 'out', '--quiet'])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err[-2000:]
+    assert f'dry run passed: every stage of {recipe} ran on stand-in data' in captured.out
+    assert json.loads((tmp_path / 'work' / 'pruned' / 'report.json').read_text())['parent'] == 'regnety_002'
+    assert sorted(p.name for p in (tmp_path / 'work' / 'finetune' / 'checkpoints').iterdir()) == ['step_2', 'step_3']
