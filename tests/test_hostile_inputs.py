@@ -261,7 +261,7 @@ def no_parent_may_be_made(monkeypatch):
     monkeypatch.setattr(kpid_zoo.training.parent, 'create_parent', refuse)
 
 
-@pytest.mark.parametrize('command', ['build', 'prune'])
+@pytest.mark.parametrize('command', ['build', 'dry-run', 'prune'])
 @pytest.mark.parametrize(
     'parent, sections, expected',
     [
@@ -298,11 +298,12 @@ def test_a_parent_the_engine_cannot_prune_is_refused_before_it_is_made(
         yaml.safe_dump({**RECIPE, **sections, 'parent': {**RECIPE['parent'], 'model': parent}}),
     )
     work = tmp_path / 'runs' / 'hostile'
-    argv = (
-        ['build', str(recipe), '--work', str(work), '--out', str(tmp_path / 'outputs' / 'hostile')]
-        if command == 'build'
-        else ['prune', str(recipe), '--out', str(work / 'pruned')]
-    )
+    argv = {
+        'build': ['build', str(recipe), '--work', str(work), '--out', str(tmp_path / 'outputs' / 'hostile')],
+        'dry-run': ['build', str(recipe), '--dry-run', '--work', str(work), '--out', str(tmp_path / 'dry')],
+        'prune': ['prune', str(recipe), '--out', str(work / 'pruned')],
+    }[command]
+    # the user's recipe is named (a dry run's stand-in recipe is not), and nothing is left behind: no stand-in data
     _one_line_user_error(capsys, argv, f'{recipe}: ', expected)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['recipe.yaml']
 
