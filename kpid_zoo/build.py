@@ -37,10 +37,11 @@ from .core.logs import get_logger
 from .core.provenance import Stage
 from .core.recipe import Recipe, load_recipe
 from .engine.flops import count_flops
-from .engine.groups import discover_groups
+from .engine.groups import GroupGraph, discover_groups
 from .errors import UserError
 from .training.accelerator import process_accelerator
 from .training.data import create_loaders
+from .training.distill import distill_points
 from .training.parent import create_parent
 from .zoo.export import KPID_FORMAT_VERSION, export_model
 from .zoo.export import WRITTEN_FILES as EXPORT_WRITES
@@ -139,13 +140,14 @@ def _build(accelerator: Accelerator, recipe: Recipe, paths: BuildPaths, progress
     return BuildResult(recipe, paths.export, pruned, metrics)
 
 
-def preflight(recipe: Recipe) -> None:
+def preflight(recipe: Recipe, fine_tunes: bool = True) -> None:
     """What can fail without weights, data or training fails here, before any of them, in a second or so:
     whether the engine can prune the parent at all (any timm model is a recipe's parent: one that no channel group
     of can be pruned, or only inexact ones without `importance.allow_inexact`, is refused with the engine's
     reasons), the FLOPs target against the parent's FLOPs and against the smallest network the knapsack can reach;
     for a latency budget, the device, and the budget against what the parent and the smallest network measure here
-    (latency does not depend on the weights: a randomly initialised parent is timed)."""
+    (latency does not depend on the weights: a randomly initialised parent is timed); when the run `fine_tunes`
+    with inner distillation, that the parent names its distillation points."""
     spec = recipe.parent
     if recipe.budget is not None:
         try:
@@ -163,20 +165,35 @@ def preflight(recipe: Recipe) -> None:
         widths = dict(arch=spec.model, input_size=size, min_channels=settings.min_channels, round_to=settings.round_to)
         if recipe.budget is not None:
             check_latency_budget(model, usable, recipe.budget, **widths)
-            return
-        target = recipe.flops.resolve_target(count_flops(model, size).gmacs)
-        try:
-            check_target(model, usable, target, **widths)
-        except UserError as e:
-            if usable is graph or not graph.inexact or not usable.prunable:
-                raise
-            try:  # would the inexact groups reach the target? Then the recipe only needs to opt in
-                check_target(model, graph, target, **widths)
-            except UserError:
-                raise e from None
-            raise UserError(
-                f'{e} with exact groups only; set importance.allow_inexact: true to also prune its '
-                f'{len(graph.inexact)} inexact groups, which reach it'
-            ) from None
+        else:
+            _check_flops_target(recipe, model, graph, usable, widths)
     except ValueError as e:
         raise UserError(f'{recipe.source}: {e}') from None
+    if fine_tunes and recipe.finetune.epochs > 0 and recipe.finetune.kd_gamma > 0:
+        try:  # the fine-tune's inner distillation reads the parent at these points: known before any training
+            distill_points(model)
+        except ValueError as e:
+            raise UserError(
+                f'{recipe.source}: finetune.kd_gamma: {e}; finetune.kd_gamma: 0 fine-tunes without inner distillation'
+            ) from None
+
+
+def _check_flops_target(
+    recipe: Recipe, model: torch.nn.Module, graph: GroupGraph, usable: GroupGraph, widths: dict
+) -> None:
+    """The FLOPs target against the parent's FLOPs and the smallest network the `usable` groups reach; where only
+    the inexact groups the recipe leaves out would reach it, the error names the field that lets them in."""
+    target = recipe.flops.resolve_target(count_flops(model, widths['input_size']).gmacs)
+    try:
+        check_target(model, usable, target, **widths)
+    except UserError as e:
+        if usable is graph or not graph.inexact or not usable.prunable:
+            raise
+        try:  # would the inexact groups reach the target? Then the recipe only needs to opt in
+            check_target(model, graph, target, **widths)
+        except UserError:
+            raise e from None
+        raise UserError(
+            f'{e} with exact groups only; set importance.allow_inexact: true to also prune its '
+            f'{len(graph.inexact)} inexact groups, which reach it'
+        ) from None

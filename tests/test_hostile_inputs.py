@@ -308,6 +308,29 @@ def test_a_parent_the_engine_cannot_prune_is_refused_before_it_is_made(
     assert sorted(p.name for p in tmp_path.iterdir()) == ['recipe.yaml']
 
 
+@pytest.mark.parametrize('dry_run', [False, True])
+def test_a_fine_tune_without_distillation_points_is_refused_before_the_parent_is_made(
+    tmp_path, capsys, no_parent_may_be_made, dry_run
+):
+    """The engine prunes it, but no timm feature_info (nor a known layout) names points to distil it at: a build
+    that would fine-tune with inner distillation is refused at once, not after the pruning."""
+    data = {
+        **RECIPE,
+        'parent': {**RECIPE['parent'], 'model': 'kpid_test_ecanet'},
+        'importance': {'method': 'magnitude', 'allow_inexact': True},
+        'finetune': {'epochs': 1, 'kd_gamma': 1.0},
+    }
+    recipe = _write(tmp_path, 'recipe.yaml', yaml.safe_dump(data))
+    argv = ['build', str(recipe), '--work', str(tmp_path / 'runs' / 'w'), '--out', str(tmp_path / 'outputs' / 'o')]
+    _one_line_user_error(
+        capsys,
+        argv + ['--dry-run'] * dry_run,
+        f'{recipe}: finetune.kd_gamma: cannot find inner-distillation points in EcaNet: it has no timm feature_info',
+        'finetune.kd_gamma: 0 fine-tunes without inner distillation',
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['recipe.yaml']
+
+
 @pytest.mark.parametrize(
     'parent, importance',
     [

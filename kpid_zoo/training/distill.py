@@ -62,7 +62,7 @@ def distill_points(model: nn.Module) -> list[str]:
     raise ValueError(
         f'cannot find inner-distillation points in {type(model).__name__}: it has no timm feature_info naming its '
         f'stage outputs, nor a ResNet (act1/maxpool + layer1..4) or EfficientNet/MobileNet (conv_stem, bn1, '
-        f'blocks.N) layout; pass points=[module names] explicitly'
+        f'blocks.N) layout (build_distillation takes points=[module names])'
     )
 
 
