@@ -114,7 +114,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     out = paths.pruned
     accelerator = process_accelerator()
     with build_lock(accelerator, paths.work):  # first: a locked folder is refused before the checks trace the parent
-        preflight(recipe)
+        preflight(recipe, fine_tunes=False)  # prune only: no distillation points needed
         guard_prune_paths(out)  # again, now that no other build can write there
         prepare_work(accelerator, paths.work, PRUNE_ENTRIES + (out.name,), vetted=(out.name,))
         if args.force:

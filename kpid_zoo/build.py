@@ -1,19 +1,19 @@
 """`kpid-zoo build`: one recipe, end to end, resumable, and never reusing what it cannot vouch for.
 
 parent (load, optionally adapt to the data) -> prune (importance + knapsack + surgery) -> fine-tune with inner
-distillation -> evaluate -> export a Hub-shaped folder. Every stage leaves its result on disk under the work
-folder with a manifest (`kpid_zoo.core.provenance`): the recipe fields and upstream results it was made from and the
-sha256 of each file. A rerun reuses a stage only when both still hold, says why it runs each other one, and the
-fine-tunes resume from their last checkpoint whose files still have their recorded hashes. First the folders are
-checked (`guard_build_paths`, `kpid_zoo.core.ownership`: the build replaces or removes only what it wrote); then a lock
-keeps a second build out of the same work folder, refusing it at once; then the checks that need no training
-(family, FLOPs target vs the parent's and vs the smallest reachable) run before any work. Every stage starts from
-an RNG state of its own, so a build gives the same bytes whether it ran straight through or was killed and resumed
-anywhere, at a fixed torch thread count (`--threads N` or OMP_NUM_THREADS; the command line's default follows
-the machine's load, `kpid_zoo.core.threads`, and torch's sums follow the thread count). Under `accelerate launch`
-the pruning runs on the main process first and the other ranks read its result, so all ranks train the same
-architecture. This module runs the build; the stages are in `kpid_zoo._stages`, what they share (inputs, reuse,
-seeds) in `kpid_zoo._runner`, and the folder checks in `kpid_zoo._workdir`.
+distillation -> evaluate -> export a Hub-shaped folder. Every stage leaves its result on disk under the work folder with
+a manifest (`kpid_zoo.core.provenance`): the recipe fields and upstream results it was made from and the sha256 of each
+file. A rerun reuses a stage only when both still hold, says why it runs each other one, and the fine-tunes resume from
+their last checkpoint whose files still have their recorded hashes. First the folders are checked (`guard_build_paths`,
+`kpid_zoo.core.ownership`: the build replaces or removes only what it wrote); then a lock keeps a second build out of
+the same work folder, refusing it at once; then the checks that need no training (a parent the engine can prune, FLOPs
+target vs the parent's and vs the smallest reachable) run before any work. Every stage starts from an RNG state of its
+own, so a build gives the same bytes whether it ran straight through or was killed and resumed anywhere, at a fixed
+torch thread count (`--threads N` or OMP_NUM_THREADS; the command line's default follows the machine's load,
+`kpid_zoo.core.threads`, and torch's sums follow the thread count). Under `accelerate launch` the pruning runs on the
+main process first and the other ranks read its result, so all ranks train the same architecture. This module runs the
+build; the stages are in `kpid_zoo._stages`, what they share (inputs, reuse, seeds) in `kpid_zoo._runner`, and the
+folder checks in `kpid_zoo._workdir`.
 """
 
 from __future__ import annotations
@@ -37,10 +37,11 @@ from .core.logs import get_logger
 from .core.provenance import Stage
 from .core.recipe import Recipe, load_recipe
 from .engine.flops import count_flops
-from .engine.groups import discover_groups
+from .engine.groups import GroupGraph, discover_groups
 from .errors import UserError
 from .training.accelerator import process_accelerator
 from .training.data import create_loaders
+from .training.distill import distill_points
 from .training.parent import create_parent
 from .zoo.export import KPID_FORMAT_VERSION, export_model
 from .zoo.export import WRITTEN_FILES as EXPORT_WRITES
@@ -139,13 +140,16 @@ def _build(accelerator: Accelerator, recipe: Recipe, paths: BuildPaths, progress
     return BuildResult(recipe, paths.export, pruned, metrics)
 
 
-def preflight(recipe: Recipe) -> None:
+def preflight(recipe: Recipe, fine_tunes: bool = True) -> None:
     """What can fail without weights, data or training fails here, before any of them, in a second or so:
-    the FLOPs target against the parent's FLOPs and against the smallest network the knapsack can reach; for a
-    latency budget, the device, the runtime (installed, and able to run the parent and every layer its table
+    whether the engine can prune the parent at all (any timm model is a recipe's parent: one that no channel group
+    of can be pruned, or only inexact ones without `importance.allow_inexact`, is refused with the engine's
+    reasons), the FLOPs target against the parent's FLOPs and against the smallest network the knapsack can reach;
+    for a latency budget, the device, the runtime (installed, and able to run the parent and every layer its table
     times: in ONNX Runtime or OpenVINO each is exported and compiled once, seconds more), and the budget against
     what the parent and the smallest network measure here (latency does not depend on the weights: a randomly
-    initialised parent is timed)."""
+    initialised parent is timed); when the run `fine_tunes` with inner distillation, that the parent names its
+    distillation points."""
     spec = recipe.parent
     if recipe.budget is not None:
         try:
@@ -162,26 +166,40 @@ def preflight(recipe: Recipe) -> None:
     settings = recipe.importance
     try:
         graph = discover_groups(model, size)
+        # the groups the prune step will see (`prune_from_recipe`): inexact ones only when the recipe opts in
+        usable = graph if settings.allow_inexact else graph.exact_only()
+        widths = dict(arch=spec.model, input_size=size, min_channels=settings.min_channels, round_to=settings.round_to)
         if recipe.budget is not None:
-            check_latency_budget(
-                model,
-                graph if settings.allow_inexact else graph.exact_only(),
-                recipe.budget,
-                arch=spec.model,
-                input_size=size,
-                min_channels=settings.min_channels,
-                round_to=settings.round_to,
-            )
-            return
-        target = recipe.flops.resolve_target(count_flops(model, size).gmacs)
-        check_target(
-            model,
-            graph,
-            target,
-            arch=spec.model,
-            input_size=size,
-            min_channels=settings.min_channels,
-            round_to=settings.round_to,
-        )
+            check_latency_budget(model, usable, recipe.budget, **widths)
+        else:
+            _check_flops_target(recipe, model, graph, usable, widths)
     except ValueError as e:
         raise UserError(f'{recipe.source}: {e}') from None
+    if fine_tunes and recipe.finetune.epochs > 0 and recipe.finetune.kd_gamma > 0:
+        try:  # the fine-tune's inner distillation reads the parent at these points: known before any training
+            distill_points(model)
+        except ValueError as e:
+            raise UserError(
+                f'{recipe.source}: finetune.kd_gamma: {e}; finetune.kd_gamma: 0 fine-tunes without inner distillation'
+            ) from None
+
+
+def _check_flops_target(
+    recipe: Recipe, model: torch.nn.Module, graph: GroupGraph, usable: GroupGraph, widths: dict
+) -> None:
+    """The FLOPs target against the parent's FLOPs and the smallest network the `usable` groups reach; where only
+    the inexact groups the recipe leaves out would reach it, the error names the field that lets them in."""
+    target = recipe.flops.resolve_target(count_flops(model, widths['input_size']).gmacs)
+    try:
+        check_target(model, usable, target, **widths)
+    except UserError as e:
+        if usable is graph or not graph.inexact or not usable.prunable:
+            raise
+        try:  # would the inexact groups reach the target? Then the recipe only needs to opt in
+            check_target(model, graph, target, **widths)
+        except UserError:
+            raise e from None
+        raise UserError(
+            f'{e} with exact groups only; set importance.allow_inexact: true to also prune its '
+            f'{len(graph.inexact)} inexact groups, which reach it'
+        ) from None

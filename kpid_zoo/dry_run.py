@@ -293,7 +293,7 @@ def dry_run(
     """Build the stand-in version of `recipe_path` end to end, then plan the real run (for `processes`
     processes; default: as many as this launch has)."""
     from ._workdir import BuildPaths, guard_build_paths  # torch and timm: only when a dry run happens
-    from .build import build
+    from .build import build, preflight
     from .core.ownership import claim_work
 
     recipe = load_recipe(recipe_path)
@@ -307,6 +307,9 @@ def dry_run(
         recipe.name,
     )
     work, out = paths.work, paths.export
+    # the user's recipe, not the stand-in's: a parent the engine cannot prune (or a target it cannot reach) is
+    # refused naming the user's file, before any stand-in data is written
+    preflight(recipe)
     standin = work / 'standin'
     with state.main_process_first():
         if state.is_main_process:

@@ -1,4 +1,5 @@
-"""Inner distillation: points by timm conventions, scatter-initialised projections, the KPID loss."""
+"""Inner distillation: points by timm conventions and feature_info (maps and tokens), scatter-initialised
+projections, the KPID loss."""
 
 from __future__ import annotations
 
@@ -173,3 +174,82 @@ def test_wrapper_trains_projections_but_exports_student_only():
     assert set(projected) == set(wrapper.points) and all(v.shape[0] == 2 for v in projected.values())
     exported = wrapper.student.state_dict().keys()
     assert exported == teacher.state_dict().keys()  # the projections are not part of the exported model
+
+
+# --- any timm parent: points from feature_info, tokens as well as maps ----------------------------------------------
+
+# (model, create_model kwargs, the points expected): timm's feature_info names a ConvNeXt's and a RegNet's stages and
+# a ViT's blocks; MobileNetV4 keeps the EfficientNet/MobileNet rule (bn1 + every stage), as every existing parent does
+ANY_PARENT = [
+    ('convnext_atto', {}, [f'stages.{i}' for i in range(4)]),
+    ('vit_tiny_patch16_224', {'img_size': 32}, [f'blocks.{i}' for i in range(12)]),
+    ('regnety_002', {}, ['stem', 's1', 's2', 's3', 's4']),
+    ('mobilenetv4_conv_small', {}, ['bn1'] + [f'blocks.{i}' for i in range(5)]),
+]
+
+
+def _unpruned_student(teacher: nn.Module) -> nn.Module:
+    """The parent through the engine with every channel kept (the surgery's copy); the parent's own copy where the
+    engine cannot trace it."""
+    try:
+        graph = discover_groups(teacher, INPUT)
+    except ValueError:
+        return copy.deepcopy(teacher)
+    return prune_model(teacher, graph, {})
+
+
+@pytest.mark.parametrize('name, kwargs, points', ANY_PARENT, ids=[p[0] for p in ANY_PARENT])
+def test_any_parent_distils_from_its_feature_info_starting_at_zero_inner_loss(name, kwargs, points):
+    torch.manual_seed(0)
+    teacher = timm.create_model(name, num_classes=10, **kwargs).eval()
+    assert distill_points(teacher) == points
+    student = _unpruned_student(teacher).eval()
+    wrapper = build_distillation(student, teacher, input_size=INPUT).eval()
+    tokens = name.startswith('vit')
+    assert all(isinstance(p, nn.Linear if tokens else nn.Conv2d) for p in wrapper.projections.values())
+    x, y = torch.randn(2, *INPUT), torch.tensor([1, 7])
+    criterion = InnerDistillLoss(gamma=1.0)
+    with torch.no_grad():
+        logits, projected = wrapper(x)
+        with capture_outputs(teacher, points) as t_feats:
+            teacher(x)
+    assert all(projected[p].shape == t_feats[p].shape for p in points)
+    assert all(t_feats[p].dim() == (3 if tokens else 4) for p in points)  # tokens (B, N, C), not maps
+    _, parts = criterion(logits, projected, y, None, t_feats)
+    assert parts['inner'].item() == 0.0  # identity-kept channels: the projection copies the student exactly
+
+    # one optimizer step of the student and its projections against the frozen parent
+    teacher.requires_grad_(False)
+    wrapper.train()
+    optimizer = torch.optim.SGD(wrapper.parameters(), lr=0.1)
+    logits, projected = wrapper(x)
+    with torch.no_grad(), capture_outputs(teacher, points) as t_feats:
+        teacher(x)
+    t_feats = {k: v + 0.1 for k, v in t_feats.items()}  # a non-zero inner loss, so that gradients flow
+    loss, parts = criterion(logits, projected, y, None, t_feats)
+    loss.backward()
+    assert parts['inner'].item() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in wrapper.projections.parameters())
+    before = {k: v.clone() for k, v in wrapper.projections.state_dict().items()}
+    optimizer.step()
+    assert any(not torch.equal(before[k], v) for k, v in wrapper.projections.state_dict().items())
+
+
+def test_token_projection_places_student_channels_at_kept_parent_channels_on_the_last_dim():
+    kept = torch.tensor([4, 0, 2])
+    proj = scatter_projection(3, 6, kept, 'blocks.3', channels_last=True)
+    assert isinstance(proj, nn.Linear) and proj.bias is None
+    tokens = torch.randn(2, 5, 3)  # (B, N, C): the channel dimension is the last
+    with torch.no_grad():
+        out = proj(tokens)
+    assert out.shape == (2, 5, 6)
+    for i, k in enumerate(kept.tolist()):
+        assert torch.equal(out[..., k], tokens[..., i])
+    assert torch.equal(out[..., [1, 3, 5]], torch.zeros(2, 5, 3))
+
+
+def test_points_from_feature_info_that_name_no_module_are_an_error():
+    model = timm.create_model('regnety_002')
+    model.feature_info = [{'module': 's9', 'num_chs': 8, 'reduction': 2}]
+    with pytest.raises(ValueError, match=r"RegNet.feature_info names \['s9'\]"):
+        distill_points(model)

@@ -109,8 +109,8 @@ def test_missing_explicit_cifar10_root_is_an_error_even_with_a_cache(tmp_path, c
         ({'finetune': {'epochs': float('inf')}}, 'finetune.epochs: expected a finite non-negative number, got inf'),
         ({'finetune': {'warmup_epochs': float('inf')}}, 'finetune.warmup_epochs: expected a finite number, got inf'),
         (
-            {'parent': {'model': 'vit_small_patch16_224'}},
-            "parent.model: 'vit_small_patch16_224' is not a supported CNN family",
+            {'parent': {'model': 'vit_smal_patch16_224'}},
+            "parent.model: 'vit_smal_patch16_224' is not a timm model (did you mean 'vit_small_patch16_224'?)",
         ),
         ({'input_size': [3, 50000, 50000]}, 'input_size: expected [3, H, W] (RGB) with H and W from 16 to 2048'),
         ({'input_size': [1, 32, 32]}, 'input_size: expected [3, H, W]'),
@@ -164,7 +164,7 @@ def test_the_cli_says_so_in_one_line_as_a_subprocess(tmp_path, repo_root):
     import subprocess
     import sys
 
-    recipe = _recipe(tmp_path, parent={'model': 'vit_small_patch16_224'})
+    recipe = _recipe(tmp_path, parent={'model': 'vit_smal_patch16_224'})
     proc = subprocess.run(
         [sys.executable, '-m', 'kpid_zoo.cli', 'build', str(recipe)],
         capture_output=True,
@@ -174,8 +174,8 @@ def test_the_cli_says_so_in_one_line_as_a_subprocess(tmp_path, repo_root):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"kpid-zoo build: error: {recipe}: parent.model: 'vit_small_patch16_224' is not a supported CNN family "
-        f'(expected a timm ResNet, EfficientNet, MobileNetV3 model, e.g. resnet50)'
+        f"kpid-zoo build: error: {recipe}: parent.model: 'vit_smal_patch16_224' is not a timm model "
+        f"(did you mean 'vit_small_patch16_224'?)"
     ], proc.stderr
 
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import registered_models  # noqa: F401  (registers the kpid_test_* parents in timm)
 import yaml
 
 from kpid_zoo.cli import main
@@ -244,6 +245,118 @@ def test_checks_under_the_lock_leave_no_empty_folders_behind(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ['recipe.yaml']
 
 
+# --- the parent: any timm model the engine can prune -----------------------------------------------------------------
+
+
+@pytest.fixture
+def no_parent_may_be_made(monkeypatch):
+    """Fails the command (exit 1) if the parent is made: the preflight's refusal must come before it."""
+    import kpid_zoo.build
+    import kpid_zoo.training.parent
+
+    def refuse(recipe, *args, **kwargs):
+        raise AssertionError(f'the parent {recipe.parent.model} was made before the preflight refused it')
+
+    monkeypatch.setattr(kpid_zoo.build, 'create_parent', refuse)
+    monkeypatch.setattr(kpid_zoo.training.parent, 'create_parent', refuse)
+
+
+@pytest.mark.parametrize('command', ['build', 'dry-run', 'prune'])
+@pytest.mark.parametrize(
+    'parent, sections, expected',
+    [
+        (  # a layer no handler follows: the engine's reason, the layer and the op
+            'kpid_test_fftnet',
+            {},
+            'kpid_test_fftnet: no prunable channel group was found (fft_fft2: call_function fft_fft2 is not understood',
+        ),
+        (  # only inexact groups (an ECA gate; a LayerNorm over the channels): the field that opts in
+            'kpid_test_ecanet',
+            {},
+            'kpid_test_ecanet: every prunable channel group is inexact (eca: EcaModule mixes neighbouring channels): '
+            'set importance.allow_inexact: true to prune it',
+        ),
+        (  # exact groups too narrow for the target, inexact ones that reach it: the same field
+            'kpid_test_ecanet_stem',
+            {'flops': {'target_ratio': 0.25}},
+            'GMACs (every group at 8 channels) with exact groups only; set importance.allow_inexact: true to also '
+            'prune its 1 inexact groups, which reach it',
+        ),
+        (  # a timm name that is no model: the closest names, as the recipe check always said
+            'convnxt_atto',
+            {},
+            "parent.model: 'convnxt_atto' is not a timm model (did you mean 'convnext_atto'?)",
+        ),
+    ],
+)
+def test_a_parent_the_engine_cannot_prune_is_refused_before_it_is_made(
+    tmp_path, capsys, no_parent_may_be_made, command, parent, sections, expected
+):
+    recipe = _write(
+        tmp_path,
+        'recipe.yaml',
+        yaml.safe_dump({**RECIPE, **sections, 'parent': {**RECIPE['parent'], 'model': parent}}),
+    )
+    work = tmp_path / 'runs' / 'hostile'
+    argv = {
+        'build': ['build', str(recipe), '--work', str(work), '--out', str(tmp_path / 'outputs' / 'hostile')],
+        'dry-run': ['build', str(recipe), '--dry-run', '--work', str(work), '--out', str(tmp_path / 'dry')],
+        'prune': ['prune', str(recipe), '--out', str(work / 'pruned')],
+    }[command]
+    # the user's recipe is named (a dry run's stand-in recipe is not), and nothing is left behind: no stand-in data
+    _one_line_user_error(capsys, argv, f'{recipe}: ', expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['recipe.yaml']
+
+
+@pytest.mark.parametrize('dry_run', [False, True])
+def test_a_fine_tune_without_distillation_points_is_refused_before_the_parent_is_made(
+    tmp_path, capsys, no_parent_may_be_made, dry_run
+):
+    """The engine prunes it, but no timm feature_info (nor a known layout) names points to distil it at: a build
+    that would fine-tune with inner distillation is refused at once, not after the pruning."""
+    data = {
+        **RECIPE,
+        'parent': {**RECIPE['parent'], 'model': 'kpid_test_ecanet'},
+        'importance': {'method': 'magnitude', 'allow_inexact': True},
+        'finetune': {'epochs': 1, 'kd_gamma': 1.0},
+    }
+    recipe = _write(tmp_path, 'recipe.yaml', yaml.safe_dump(data))
+    argv = ['build', str(recipe), '--work', str(tmp_path / 'runs' / 'w'), '--out', str(tmp_path / 'outputs' / 'o')]
+    _one_line_user_error(
+        capsys,
+        argv + ['--dry-run'] * dry_run,
+        f'{recipe}: finetune.kd_gamma: cannot find inner-distillation points in EcaNet: it has no timm feature_info',
+        'finetune.kd_gamma: 0 fine-tunes without inner distillation',
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['recipe.yaml']
+
+
+@pytest.mark.parametrize(
+    'parent, importance',
+    [
+        ('regnety_002', {}),  # outside the families recipes once took; the engine prunes it exactly
+        ('kpid_test_ecanet', {'allow_inexact': True}),  # inexact groups, opted in
+    ],
+)
+def test_any_timm_parent_the_engine_prunes_is_a_recipe_parent(tmp_path, capsys, parent, importance):
+    recipe = _write(
+        tmp_path,
+        'recipe.yaml',
+        yaml.safe_dump(
+            {
+                **RECIPE,
+                'parent': {**RECIPE['parent'], 'model': parent},
+                'importance': {**RECIPE['importance'], **importance},
+            }
+        ),
+    )
+    out = tmp_path / 'work' / 'pruned'
+    assert _run(['prune', str(recipe), '--out', str(out), '--quiet']) == 0, capsys.readouterr().err[-2000:]
+    report = json.loads((out / 'report.json').read_text())
+    assert report['parent'] == parent
+    assert 0.99 * report['target_gmacs'] <= report['achieved_gmacs'] <= report['target_gmacs']
+
+
 # --- the dry run ----------------------------------------------------------------------------------------------------
 
 
@@ -290,4 +403,20 @@ def test_dry_run_of_a_32px_resnet_recipe_passes(tmp_path, capsys, monkeypatch):
     assert rc == 0, captured.err[-2000:]
     assert f'dry run passed: every stage of {recipe} ran on stand-in data' in captured.out
     assert yaml.safe_load((tmp_path / 'work' / 'standin' / 'recipe.yaml').read_text())['data']['batch_size'] == 2
+    assert sorted(p.name for p in (tmp_path / 'work' / 'finetune' / 'checkpoints').iterdir()) == ['step_2', 'step_3']
+
+
+@pytest.mark.heavy
+def test_dry_run_of_a_regnet_recipe_passes(tmp_path, capsys, monkeypatch):
+    """A parent outside the families recipes once took, end to end: preflight, prune, a fine-tune distilled at its
+    feature_info stages, evaluation, export."""
+    monkeypatch.chdir(tmp_path)
+    data = {**_resnet_at_32px(), 'name': 'hostile_regnety_002'}
+    data['parent'] = {**data['parent'], 'model': 'regnety_002', 'train': {'epochs': 0}}
+    recipe = _write(tmp_path, 'recipe.yaml', yaml.safe_dump(data))
+    rc = main(['build', str(recipe), '--dry-run', '--work', 'work', '--out', 'out', '--quiet'])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err[-2000:]
+    assert f'dry run passed: every stage of {recipe} ran on stand-in data' in captured.out
+    assert json.loads((tmp_path / 'work' / 'pruned' / 'report.json').read_text())['parent'] == 'regnety_002'
     assert sorted(p.name for p in (tmp_path / 'work' / 'finetune' / 'checkpoints').iterdir()) == ['step_2', 'step_3']

@@ -5,7 +5,7 @@ and the prunability check both budgets start from.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -99,13 +99,29 @@ def group_width_choices(graph: GroupGraph, min_channels: int, round_to: int) -> 
     }
 
 
+SHOWN_REASONS = 3  # distinct reasons a refusal quotes; `kpid-zoo groups MODEL` lists every one
+
+
 def check_prunable(graph: GroupGraph, arch: str) -> None:
-    """Fail, naming why, unless some channel group can be pruned (any budget needs one)."""
-    if not graph.prunable:
+    """Fail in one line, naming why, unless some channel group can be pruned (any budget needs one): the groups
+    left whole only because they are inexact (`GroupGraph.exact_only`) name the field that prunes them."""
+    if graph.prunable:
+        return
+    held = [g for g in graph.groups if g.inexact]  # prunable, but inexact and not opted in
+    if held:
         raise UserError(
-            f'{arch}: no prunable channel group was found '
-            f'({", ".join(sorted({g.reason for g in graph.groups if g.reason})) or "no conv layers"})'
+            f'{arch}: every prunable channel group is inexact ({_reasons((g.inexact for g in held), arch)}): set '
+            f'importance.allow_inexact: true to prune {"it" if len(held) == 1 else f"these {len(held)} groups"}'
         )
+    reasons = _reasons((g.reason for g in graph.groups), arch) or 'no conv layers'
+    raise UserError(f'{arch}: no prunable channel group was found ({reasons})')
+
+
+def _reasons(reasons: Iterable[str], arch: str) -> str:
+    distinct = sorted({r for r in reasons if r})
+    shown = ', '.join(distinct[:SHOWN_REASONS])
+    more = len(distinct) - SHOWN_REASONS
+    return f'{shown} and {more} more: kpid-zoo groups {arch} lists them' if more > 0 else shown
 
 
 def top_k(scores: torch.Tensor, k: int, blocks: list[torch.Tensor] | None = None) -> torch.Tensor:
