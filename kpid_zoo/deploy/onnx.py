@@ -1,19 +1,25 @@
-"""A network as an ONNX graph: the file a deployment runtime (ONNX Runtime, OpenVINO) loads.
+"""A network as an ONNX graph: the file a deployment runtime (ONNX Runtime, OpenVINO) loads, and its check.
 
 Two exporters, both torch's own. The published `model.onnx` comes from `torch.onnx.export(dynamo=True)`, the
 torch.export-based exporter PyTorch develops and defaults to, with a dynamic batch axis. The latency tables export
 hundreds of single layers; for those the TorchScript exporter (`dynamo=False`) is used: 0.01-0.04 s a layer
 against 0.8-3 s for the torch.export one on a 2-core AMD EPYC, and a layer alone has no graph feature
 (control flow, symbolic shapes) that the two would translate differently.
+
+`check_onnx` runs a graph in ONNX Runtime on real images and checks its outputs, and PyTorch's, against the exact
+(float64) output of the network within the tolerance float32 rounding allows (`kpid_zoo.deploy.rounding`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
+import importlib.util
 import io
 import logging
 import warnings
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -26,6 +32,29 @@ OPSET = 18  # the lowest opset torch's torch.export-based exporter writes
 INPUT_NAME = 'input'
 OUTPUT_NAME = 'logits'
 EXPORTERS = ('dynamo', 'torchscript')
+# what writing and checking a model.onnx needs (the [deploy] extra): the exporter's own dependencies and ONNX Runtime
+ONNX_PACKAGES = ('onnx', 'onnxscript', 'onnxruntime')
+DEPLOY_HINT = "pip install 'kpid-zoo[deploy]'"
+
+
+def missing_onnx_packages() -> list[str]:
+    """The packages of `ONNX_PACKAGES` that cannot be imported (a module set to None in sys.modules counts)."""
+    missing = []
+    for name in ONNX_PACKAGES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a parent package broken, or a module without a spec
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 @contextlib.contextmanager
@@ -48,6 +77,23 @@ def onnx_bytes(
     """`model` (in eval mode, on the CPU) as a serialised ONNX model with one input `input` and one output `logits`;
     the batch axis is dynamic when `dynamic_batch`. An op the exporter cannot translate is one line naming `what`
     (the network or layer) and the exporter's reason."""
+    return _export(model, example, dynamic_batch=dynamic_batch, exporter=exporter, opset=opset, what=what)[0]
+
+
+def onnx_program(
+    model: nn.Module, example: torch.Tensor, *, dynamic_batch: bool = True, opset: int = OPSET, what: str = ''
+) -> tuple[bytes, torch.export.ExportedProgram]:
+    """`onnx_bytes` with the 'dynamo' exporter, and the `torch.export` graph it translated (ATen ops): the graph
+    `check_onnx` derives its tolerance on."""
+    data, program = _export(model, example, dynamic_batch=dynamic_batch, exporter='dynamo', opset=opset, what=what)
+    if program is None:  # a torch whose ONNXProgram does not keep it
+        raise UnsupportedModelError(f'{what or type(model).__name__}: torch.onnx kept no exported program')
+    return data, program
+
+
+def _export(
+    model: nn.Module, example: torch.Tensor, *, dynamic_batch: bool, exporter: str, opset: int, what: str
+) -> tuple[bytes, torch.export.ExportedProgram | None]:
     if exporter not in EXPORTERS:
         raise ValueError(f'exporter: expected one of {EXPORTERS}, got {exporter!r}')
     model = model.eval()
@@ -63,11 +109,115 @@ def onnx_bytes(
             kwargs['dynamic_axes'] = {INPUT_NAME: {0: 'batch'}, OUTPUT_NAME: {0: 'batch'}}
     try:
         with _quiet(), torch.no_grad():
-            torch.onnx.export(model, (example,), buffer, **kwargs)
+            program = torch.onnx.export(model, (example,), buffer, **kwargs)
     except Exception as e:  # the exporters raise many types; the user needs the op and the layer
         name = what or type(model).__name__
         raise UnsupportedModelError(f'{name}: torch.onnx ({exporter}) cannot export it: {one_line(e, 300)}') from e
-    return buffer.getvalue()
+    return buffer.getvalue(), getattr(program, 'exported_program', None)
 
 
-__all__ = ['OPSET', 'INPUT_NAME', 'OUTPUT_NAME', 'EXPORTERS', 'onnx_bytes']
+@dataclass
+class OnnxCheck:
+    """The check of a model.onnx: ONNX Runtime's and PyTorch's float32 outputs against the exact (float64) one,
+    each |difference| / tolerance at its worst over every output of every image (passed: both <= 1)."""
+
+    passed: bool
+    images: int
+    outputs: int
+    onnxruntime_max_ratio: float  # max |ONNX Runtime - exact| / tolerance
+    torch_max_ratio: float  # max |PyTorch float32 - exact| / tolerance
+    onnxruntime_max_abs: float
+    torch_max_abs: float
+    tolerance_min: float
+    tolerance_max: float
+    lam: float
+    samples: int
+    onnxruntime: str
+    reason: str = ''
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_onnx(
+    data: bytes,
+    program: torch.export.ExportedProgram,
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    threads: int = 1,
+    what: str = '',
+) -> OnnxCheck:
+    """Run `data` (a serialised ONNX graph of `model`) in ONNX Runtime on `images` (float32, N x C x H x W, the
+    network's input preprocessing applied) and check it (see `kpid_zoo.deploy.rounding`): every output within the
+    tolerance float32 rounding allows around the exact value of the network `program` (the graph `data` was
+    translated from), and PyTorch's own float32 output too. A graph ONNX Runtime cannot load or run is an
+    `UnsupportedModelError` naming `what`; an op the tolerance has no rule for is `rounding.NoRoundingModel`."""
+    from .rounding import float32_tolerance
+    from .runtimes import get_runtime
+
+    images = images.detach().to(torch.float32).cpu().contiguous()
+    runtime = get_runtime('onnxruntime')
+    compiled = runtime.compile_onnx(data, tuple(images.shape), threads, what=what)
+    try:
+        got = torch.from_numpy(compiled(images.numpy()).copy()).to(torch.float64)
+    except Exception as e:  # onnxruntime's own error types, for an op it loads but cannot run
+        raise runtime.unsupported(what, e) from e
+    with torch.no_grad():
+        own = model.eval()(images).to(torch.float64)
+    tol = float32_tolerance(program, images)
+    if got.shape != tol.exact.shape:
+        return _failed(
+            images,
+            tol,
+            runtime.describe(),
+            f'ONNX Runtime gave shape {tuple(got.shape)}, the network {tuple(tol.exact.shape)}',
+        )
+    ort_ratio = ((got - tol.exact).abs() / tol.tolerance).max().item()
+    torch_ratio = ((own - tol.exact).abs() / tol.tolerance).max().item()
+    reason = ''
+    if not torch_ratio <= 1:  # NaN fails too
+        reason = f"PyTorch's own float32 output is {torch_ratio:.3g} tolerances from the exact one"
+    elif not ort_ratio <= 1:
+        worst = int(((got - tol.exact).abs() / tol.tolerance).flatten().argmax())
+        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), got.shape))
+        reason = (
+            f'ONNX Runtime output {index} is {ort_ratio:.3g} tolerances from the exact value '
+            f'({(got - tol.exact).flatten()[worst].item():.3g}, tolerance {tol.tolerance.flatten()[worst].item():.3g})'
+        )
+    return OnnxCheck(
+        passed=not reason,
+        images=images.shape[0],
+        outputs=got.numel(),
+        onnxruntime_max_ratio=ort_ratio,
+        torch_max_ratio=torch_ratio,
+        onnxruntime_max_abs=(got - tol.exact).abs().max().item(),
+        torch_max_abs=(own - tol.exact).abs().max().item(),
+        tolerance_min=tol.tolerance.min().item(),
+        tolerance_max=tol.tolerance.max().item(),
+        lam=tol.lam,
+        samples=tol.samples,
+        onnxruntime=runtime.describe(),
+        reason=reason,
+    )
+
+
+def _failed(images: torch.Tensor, tol, describe: str, reason: str) -> OnnxCheck:
+    nan = float('nan')
+    return OnnxCheck(False, images.shape[0], 0, nan, nan, nan, nan, nan, nan, tol.lam, tol.samples, describe, reason)
+
+
+__all__ = [
+    'OPSET',
+    'INPUT_NAME',
+    'OUTPUT_NAME',
+    'EXPORTERS',
+    'ONNX_PACKAGES',
+    'DEPLOY_HINT',
+    'OnnxCheck',
+    'check_onnx',
+    'missing_onnx_packages',
+    'onnx_bytes',
+    'onnx_program',
+    'package_version',
+]
