@@ -19,7 +19,7 @@ independent roundings (`_independent`), elementwise:
   divide, subtract, multiply, add, and a folded bias' two roundings).
 * add: rho = sqrt(m + 1) u (|a| + |b|), m the accumulation length of a conv (through a batch norm) producing a
   term: ONNX Runtime may add a residual inside that conv's sum. mul: rho = u |y|.
-* mean / average pool over k values: rho = sqrt(k + 1) u mean(|x|). max pool, ReLU, view, reshape: exact.
+* mean / (adaptive) average pool over k values: rho = sqrt(k + 1) u mean(|x|). max pool, ReLU, view, reshape: exact.
 * sigmoid: rho = 8 u |y| + u (vectorised exp-based sigmoids are within a few ULP; ONNX Runtime's MLAS saturates
   the logistic at |x| = 18, an absolute error below sigmoid(-18) < 2^-25); SiLU = x sigmoid(x): that times |x|,
   plus u |y| for the product; hardswish / hardsigmoid: rho = 4 u (|y| + |x|) (their 1/6 is no float32 number:
@@ -64,7 +64,6 @@ SIGMOID_ULPS = 8
 ELEMENTWISE_ULPS = 4
 LAMBDA = 10.0  # the tolerance in units of S_j (see the module docstring)
 SAMPLES = 16  # K: the Rademacher runs that measure S_j
-_CHUNK = 64  # samples per float64 run (memory)
 
 __all__ = ['NoRoundingModel', 'Tolerance', 'gamma', 'float32_tolerance', 'U', 'LAMBDA', 'SAMPLES']
 
@@ -199,6 +198,10 @@ def local_error(target: Any, args: tuple, kwargs: dict, out: Any, acc: dict[int,
         k = math.prod(kernel) if isinstance(kernel, (list, tuple)) else kernel ** (args[0].dim() - 2)
         fn = F.avg_pool2d if name == 'avg_pool2d' else F.avg_pool1d
         return _independent(k + 1) * fn(args[0].abs(), *args[1:]), 0
+    if name == 'adaptive_avg_pool2d':
+        (h, w), (oh, ow) = args[0].shape[-2:], out.shape[-2:]
+        k = math.ceil(h / oh + 1) * math.ceil(w / ow + 1) if (oh, ow) != (1, 1) else h * w  # the largest window
+        return _independent(k + 1) * F.adaptive_avg_pool2d(args[0].abs(), args[1]), 0
     raise NoRoundingModel(str(target))
 
 
@@ -248,7 +251,6 @@ def float32_tolerance(
     output) at the float32 input `x`, and the tolerance per output within which any float32 evaluation of it lies
     (see the module docstring). Raises `NoRoundingModel` naming the first op without a rule."""
     x64 = x.detach().to(torch.float64)
-    batch = x64.shape[0]
     rho: dict[str, Any] = {}
     acc: dict[int, int] = {}
 
@@ -262,26 +264,18 @@ def float32_tolerance(
 
     exact_out = _interpret(program, x64, exact)
     generator = torch.Generator().manual_seed(seed)
-    per_chunk = max(1, _CHUNK // batch)
+
+    def perturbed(node, target, args, kwargs, out):
+        r = rho.get(node.name)
+        if not isinstance(r, torch.Tensor) and not r:
+            return out
+        value = out[0] if isinstance(out, tuple) else out
+        sign = torch.randint(0, 2, value.shape, generator=generator, dtype=torch.float64) * 2 - 1
+        value = value + sign * r
+        return (value, *out[1:]) if isinstance(out, tuple) else value
+
+    # one run per sample, at the input's own batch size: a graph exported for a fixed batch runs only that
     squares = torch.zeros_like(exact_out)
-    done = 0
-    while done < samples:
-        k = min(per_chunk, samples - done)
-
-        def perturbed(node, target, args, kwargs, out, k=k):
-            r = rho.get(node.name)
-            if not isinstance(r, torch.Tensor) and not r:
-                return out
-            value = out[0] if isinstance(out, tuple) else out
-            if isinstance(r, torch.Tensor) and r.dim() and r.shape[0] == batch:
-                r = r.repeat(k, *([1] * (r.dim() - 1)))
-            sign = torch.randint(0, 2, value.shape, generator=generator, dtype=torch.float64) * 2 - 1
-            value = value + sign * r
-            return (value, *out[1:]) if isinstance(out, tuple) else value
-
-        out = _interpret(program, x64.repeat(k, *([1] * (x64.dim() - 1))), perturbed)
-        squares += (
-            ((out - exact_out.repeat(k, *([1] * (exact_out.dim() - 1)))) ** 2).reshape(k, *exact_out.shape).sum(0)
-        )
-        done += k
+    for _ in range(samples):
+        squares += (_interpret(program, x64, perturbed) - exact_out) ** 2
     return Tolerance(exact_out, lam * (squares / samples).sqrt(), samples, lam)
