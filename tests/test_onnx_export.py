@@ -24,7 +24,8 @@ onnx = pytest.importorskip('onnx')
 from export_utils import export_pruned, pruned_spec, tiny_recipe  # noqa: E402
 
 from kpid_zoo.cli import main  # noqa: E402
-from kpid_zoo.deploy.onnx import INPUT_NAME, OPSET, OUTPUT_NAME, check_onnx, onnx_program  # noqa: E402
+from kpid_zoo.deploy.check import check_onnx  # noqa: E402
+from kpid_zoo.deploy.onnx import INPUT_NAME, OPSET, OUTPUT_NAME, onnx_program  # noqa: E402
 from kpid_zoo.deploy.rounding import LAMBDA, U, float32_tolerance, gamma  # noqa: E402
 from kpid_zoo.engine.surgery import build_pruned  # noqa: E402
 from kpid_zoo.zoo._onnx import ONNX_FILE, OnnxSkipped, check_images, make_onnx  # noqa: E402

@@ -1,5 +1,5 @@
 """How far a float32 evaluation of a network may lie from its exact value: a tolerance per output, from the
-arithmetic of float32 rounding. It is what `model.onnx` is checked with (`kpid_zoo.deploy.onnx.check_onnx`).
+arithmetic of float32 rounding. It is what `model.onnx` is checked with (`kpid_zoo.deploy.check.check_onnx`).
 
 ONNX Runtime and eager PyTorch evaluate the same function in float32; they differ only in the order of each sum,
 in fusion (a batch norm folded into the conv before it, a residual add accumulated into the conv's sum, a matmul

@@ -1,6 +1,6 @@
 """The export's `model.onnx`: the pruned network as an ONNX graph (torch's dynamo exporter, a dynamic batch axis),
 written only once ONNX Runtime's outputs on real images are checked against the exact network
-(`kpid_zoo.deploy.onnx.check_onnx`), and its record in config.json (`kpid.onnx`).
+(`kpid_zoo.deploy.check.check_onnx`), and its record in config.json (`kpid.onnx`).
 
 The PyTorch export stands without it: when the [deploy] extra is not installed, the exporter cannot translate an
 op, ONNX Runtime cannot run the graph or the check fails, the folder gets everything else, config.json records why
@@ -22,12 +22,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..deploy.check import check_onnx
 from ..deploy.onnx import (
     DEPLOY_HINT,
     INPUT_NAME,
     OPSET,
     OUTPUT_NAME,
-    check_onnx,
     missing_onnx_packages,
     onnx_program,
     package_version,
