@@ -153,21 +153,22 @@ def _perturbed(data: bytes, initializer: str, index: int, delta: float) -> bytes
 def test_check_passes_the_real_graph_and_fails_one_weight_moved_beyond_the_tolerance(parent, images):
     model = _randomise_bn(build_pruned(pruned_spec(parent, 0.5, input_size=SIZE), num_classes=10))
     data, program = onnx_program(model, images[:1], what=parent)
-    check = check_onnx(data, program, model, images, what=parent)
+    tolerance = float32_tolerance(program, images)
+    check = check_onnx(data, program, model, images, what=parent, tolerance=tolerance)
     assert check.passed, check.reason
     assert 0 < check.onnxruntime_max_ratio <= 1 and 0 < check.torch_max_ratio <= 1
     assert check.images == 4 and check.outputs == 40
     # the classifier's bias of class 3 moves logit 3 of every image by exactly delta: 3 tolerances is caught,
     # a quarter of the smallest is not (the float32 errors themselves are far below the tolerance)
-    tol = float32_tolerance(program, images).tolerance
+    tol = tolerance.tolerance
     names = [i.name for i in onnx.load_from_string(data).graph.initializer]
     bias = next(n for n in names if n.endswith('classifier.bias'))
     beyond = _perturbed(data, bias, 3, 3 * tol[:, 3].max().item())
-    failed = check_onnx(beyond, program, model, images, what=parent)
+    failed = check_onnx(beyond, program, model, images, what=parent, tolerance=tolerance)
     assert not failed.passed and 2 < failed.onnxruntime_max_ratio < 4
     assert 'ONNX Runtime output (' in failed.reason and ', 3)' in failed.reason
     within = _perturbed(data, bias, 3, 0.25 * tol[:, 3].min().item())
-    assert check_onnx(within, program, model, images, what=parent).passed
+    assert check_onnx(within, program, model, images, what=parent, tolerance=tolerance).passed
 
 
 # ---------------------------------------------------------------------------------------------------------------
