@@ -32,6 +32,7 @@ EPILOG = """examples:
   kpid-zoo groups efficientnet_b0                  # the channel groups pruning works on
   kpid-zoo prune recipes/kpid_effnet_lite0_cifar10.yaml --out runs/lite0/pruned
   kpid-zoo build recipes/kpid_effnet_lite0_cifar10.yaml      # prune -> fine-tune -> evaluate -> export
+  kpid-zoo export-onnx outputs/kpid_effnet_lite0_cifar10     # add a checked model.onnx to an older export
   kpid-zoo publish outputs/kpid_effnet_lite0_cifar10 --repo-id ORG/NAME
 """
 
