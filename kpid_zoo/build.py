@@ -43,7 +43,7 @@ from .errors import UserError
 from .training.accelerator import process_accelerator
 from .training.data import create_loaders
 from .training.parent import create_parent
-from .zoo._onnx import CHECK_IMAGES
+from .zoo._onnx import CHECK_IMAGES, ONNX_FILE
 from .zoo.export import KPID_FORMAT_VERSION, export_model
 from .zoo.export import WRITTEN_FILES as EXPORT_WRITES
 
@@ -132,7 +132,7 @@ def _build(accelerator: Accelerator, recipe: Recipe, paths: BuildPaths, progress
         # installing the deploy extra later makes the next build write the model.onnx this one could not
         'kpid_zoo.onnx_packages': not missing_onnx_packages(),
     }
-    stage = Stage('export', paths.work, paths.export, EXPORT_WRITES, inputs)
+    stage = Stage('export', paths.work, paths.export, EXPORT_WRITES, inputs, optional=(ONNX_FILE,))
     # read before the stage starts over its manifest: what this work folder exported before may be replaced
     recorded = recorded_files(paths.work, 'export')
 

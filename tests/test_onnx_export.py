@@ -377,3 +377,25 @@ def test_an_op_the_check_or_the_exporter_cannot_handle_is_one_line_naming_net_an
         make_onnx(_DataDependent().eval(), SIZE, images, name='branchy_net', inputs='4 images')
     text = str(e.value)
     assert '\n' not in text and 'branchy_net' in text and 'cannot export' in text
+
+
+def test_the_export_stage_commits_and_reuses_a_result_without_model_onnx(tmp_path):
+    """A build whose export skipped model.onnx (no deploy extra, an op it cannot run) records what it wrote and
+    finds it up to date on the next run; a result that had model.onnx and lost it is redone."""
+    from kpid_zoo.core.provenance import Stage
+
+    out = tmp_path / 'out'
+    out.mkdir()
+    for name in ('model.safetensors', 'config.json'):
+        (out / name).write_text(name)
+    files = ('model.safetensors', 'config.json', ONNX_FILE)
+    stage = Stage('export', tmp_path / 'work', out, files, {'a': 1}, optional=(ONNX_FILE,))
+    assert not stage.check()
+    stage.begin()
+    stage.commit()
+    assert Stage('export', tmp_path / 'work', out, files, {'a': 1}, optional=(ONNX_FILE,)).check()
+    assert not Stage('export', tmp_path / 'work', out, files, {'a': 1}).check()  # required: not there
+    (out / ONNX_FILE).write_text('graph')
+    stage.commit()
+    (out / ONNX_FILE).unlink()
+    assert not Stage('export', tmp_path / 'work', out, files, {'a': 1}, optional=(ONNX_FILE,)).check()
