@@ -165,7 +165,10 @@ def test_check_passes_the_real_graph_and_fails_one_weight_moved_beyond_the_toler
     bias = next(n for n in names if n.endswith('classifier.bias'))
     beyond = _perturbed(data, bias, 3, 3 * tol[:, 3].max().item())
     failed = check_onnx(beyond, program, model, images, what=parent, tolerance=tolerance)
-    assert not failed.passed and 2 < failed.onnxruntime_max_ratio < 4
+    # logit 3 of image i is off by 3 max_k tol[k, 3] (+- the float32 error, 1e-2 tolerances at most): between 3 and
+    # 3 max / min tolerances
+    spread = (tol[:, 3].max() / tol[:, 3].min()).item()
+    assert not failed.passed and 3 - 0.01 < failed.onnxruntime_max_ratio < 3 * spread + 0.01
     assert 'ONNX Runtime output (' in failed.reason and ', 3)' in failed.reason
     within = _perturbed(data, bias, 3, 0.25 * tol[:, 3].min().item())
     assert check_onnx(within, program, model, images, what=parent, tolerance=tolerance).passed

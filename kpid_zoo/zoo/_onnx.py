@@ -77,6 +77,12 @@ def make_onnx(
             f'{ONNX_FILE} not written: {name}: its graph holds {one_line(e, 100)}, for which the float32 '
             f'tolerance of the check has no rule (kpid_zoo.deploy.rounding)'
         ) from None
+    except Exception as e:  # a bug of the check must not cost the build its (valid) PyTorch export
+        logger.debug('export: %s: the model.onnx check failed', name, exc_info=True)
+        raise OnnxSkipped(
+            f'{ONNX_FILE} not written: {name}: the check itself failed ({type(e).__name__}: {one_line(e, 200)}); '
+            f'a kpid-zoo bug: please report it'
+        ) from None
     if not check.passed:
         raise OnnxSkipped(f'{ONNX_FILE} not written: {name}: the check on {inputs} failed: {check.reason}')
     record = {
