@@ -196,6 +196,14 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    from .zoo.export_onnx import add_onnx
+
+    _, message = add_onnx(args.folder, images=args.images, force=args.force)
+    print(message)
+    return 0
+
+
 def cmd_zoo(args: argparse.Namespace) -> int:
     import csv
 

@@ -36,6 +36,7 @@ from .core.lock import build_lock, export_lock_name
 from .core.logs import get_logger
 from .core.provenance import Stage
 from .core.recipe import Recipe, load_recipe
+from .deploy.onnx import missing_onnx_packages
 from .engine.flops import count_flops
 from .engine.groups import GroupGraph, discover_groups
 from .errors import UserError
@@ -43,6 +44,7 @@ from .training.accelerator import process_accelerator
 from .training.data import create_loaders
 from .training.distill import distill_points
 from .training.parent import create_parent
+from .zoo._onnx import CHECK_IMAGES, ONNX_FILE
 from .zoo.export import KPID_FORMAT_VERSION, export_model
 from .zoo.export import WRITTEN_FILES as EXPORT_WRITES
 
@@ -55,6 +57,16 @@ class BuildResult:
     export_dir: Path
     prune: PruneResult
     metrics: dict
+
+
+def _check_images(loader) -> torch.Tensor:
+    """The first CHECK_IMAGES validation images, preprocessed as evaluated: what model.onnx is checked on."""
+    found: list[torch.Tensor] = []
+    for x, _ in loader:
+        found.extend(x[: CHECK_IMAGES - len(found)].cpu())
+        if len(found) >= CHECK_IMAGES:
+            break
+    return torch.stack(found)
 
 
 def build(
@@ -118,12 +130,15 @@ def _build(accelerator: Accelerator, recipe: Recipe, paths: BuildPaths, progress
         **eval_ref,
         'kpid_zoo.version': __version__,
         'kpid_zoo.export_format': KPID_FORMAT_VERSION,
+        # installing the deploy extra later makes the next build write the model.onnx this one could not
+        'kpid_zoo.onnx_packages': not missing_onnx_packages(),
     }
-    stage = Stage('export', paths.work, paths.export, EXPORT_WRITES, inputs)
+    stage = Stage('export', paths.work, paths.export, EXPORT_WRITES, inputs, optional=(ONNX_FILE,))
     # read before the stage starts over its manifest: what this work folder exported before may be replaced
     recorded = recorded_files(paths.work, 'export')
 
     def export() -> None:
+        images = _check_images(data.val_loader)
         export_model(
             student,
             pruned.spec,
@@ -134,6 +149,8 @@ def _build(accelerator: Accelerator, recipe: Recipe, paths: BuildPaths, progress
             report=pruned.report,
             recipe=recipe,
             recorded=recorded,
+            images=images,
+            images_from=f'{len(images)} validation images of the build ({recipe.data.val_split} split)',
         )
 
     run_stage(accelerator, stage, export, lambda: None, everywhere=False)

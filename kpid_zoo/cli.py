@@ -13,6 +13,7 @@ from typing import NoReturn
 
 from ._commands import (
     cmd_build,
+    cmd_export_onnx,
     cmd_flops,
     cmd_groups,
     cmd_prune,
@@ -31,6 +32,7 @@ EPILOG = """examples:
   kpid-zoo groups efficientnet_b0                  # the channel groups pruning works on
   kpid-zoo prune recipes/kpid_effnet_lite0_cifar10.yaml --out runs/lite0/pruned
   kpid-zoo build recipes/kpid_effnet_lite0_cifar10.yaml      # prune -> fine-tune -> evaluate -> export
+  kpid-zoo export-onnx outputs/kpid_effnet_lite0_cifar10     # add a checked model.onnx to an older export
   kpid-zoo publish outputs/kpid_effnet_lite0_cifar10 --repo-id ORG/NAME
 """
 
@@ -202,6 +204,31 @@ def build_parser() -> argparse.ArgumentParser:
         'timm.create_model(<name>) knows its architecture without asking the Hub',
     )
     p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser(
+        'export-onnx',
+        help='add model.onnx (checked in ONNX Runtime) to an export folder written without one',
+        description='Add model.onnx to an export folder that `kpid-zoo build` wrote before exports had one (or '
+        'without the deploy extra): the network is rebuilt from the folder as a pretrained load builds it, '
+        "exported with torch.onnx (opset 18, dynamic batch axis), and written only if ONNX Runtime's outputs on "
+        "real images lie within the tolerance float32 rounding allows around the exact network's. config.json "
+        '(kpid.onnx, kpid.files) and the model card are updated with it, the folder swapped in whole, so '
+        '`publish` uploads it. A model.onnx the export did not write is never replaced. Needs the deploy '
+        "extra: pip install 'kpid-zoo[deploy]'.",
+    )
+    p.add_argument('folder', help='an export folder written by `kpid-zoo build`')
+    p.add_argument(
+        '--images',
+        metavar='PATH',
+        help='a folder of images, or a .tar/.tar.gz of them, to check model.onnx on (the first 4, preprocessed '
+        'as config.json says; default: CIFAR-10 JPEGs from $KPID_CIFAR10_TAR or ../shared/data)',
+    )
+    p.add_argument(
+        '--force',
+        action='store_true',
+        help='export again even when model.onnx is up to date (exported from the current weights, unchanged)',
+    )
+    p.set_defaults(func=cmd_export_onnx)
     return parser
 
 

@@ -70,7 +70,11 @@ def export_pruned(
     crop_pct: float = 0.875,
     **kw,
 ):
-    """Build `spec` (random init: the bytes only need to round-trip), export it; returns (model, folder)."""
+    """Build `spec` (random init: the bytes only need to round-trip), export it; returns (model, folder).
+
+    Without model.onnx unless `onnx=True` is passed: its export and check take seconds per call, and
+    tests/test_onnx_export.py covers it."""
+    kw.setdefault('onnx', False)
     model = build_pruned(spec, num_classes=num_classes).eval()
     folder = export_model(
         model,

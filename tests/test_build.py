@@ -179,6 +179,10 @@ def test_build_exports_a_timm_loadable_pruned_model_and_a_rerun_changes_nothing(
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     assert count_flops(model, (3, 32, 32)).gmacs == pytest.approx(report['achieved_gmacs'])
     assert report['target_gmacs'] * 0.95 <= report['achieved_gmacs'] <= report['target_gmacs']
+    # model.onnx beside the weights, checked on the build's own validation images (issue 24)
+    onnx = config['kpid']['onnx']
+    assert (out / 'model.onnx').is_file() and 'model.onnx' in config['kpid']['files'], onnx
+    assert onnx['check']['passed'] and onnx['check']['inputs'] == '4 validation images of the build (test split)'
 
     # a second run finds every stage done and changes nothing
     stamps = {p: p.stat().st_mtime_ns for p in [*work.rglob('*'), *out.rglob('*')] if p.is_file()}

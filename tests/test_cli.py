@@ -31,7 +31,7 @@ def _recipe(tmp_path, **overrides):
 @pytest.mark.launch
 def test_help_reads_well_from_the_installed_entry_point():
     out = subprocess.run([sys.executable, '-m', 'kpid_zoo.cli', '--help'], capture_output=True, text=True, check=True)
-    for command in ('flops', 'groups', 'prune', 'build', 'publish'):
+    for command in ('flops', 'groups', 'prune', 'build', 'publish', 'export-onnx'):
         assert command in out.stdout
     assert 'examples:' in out.stdout
 

@@ -270,6 +270,34 @@ def _publish_changed_card(c: Ctx):
     return c.publish(out), out / 'README.md', 'differs from the'
 
 
+def _out_export_with_users_model_onnx(c: Ctx):
+    out = c.copy_export()
+    (out / 'model.onnx').write_bytes(b'my own graph')  # the name an export writes, bytes it did not
+    return c.build(out, c.root / 'w'), out / 'model.onnx', 'not the bytes kpid-zoo wrote'
+
+
+def _publish_planted_model_onnx_symlink(c: Ctx):
+    secret = c.root / 'secret.onnx'
+    secret.write_bytes(b'private graph')
+    out = c.copy_export()
+    (out / 'model.onnx').symlink_to(secret)
+    return c.publish(out), 'model.onnx', 'the export did not write'
+
+
+def _export_onnx_over_users_model_onnx(c: Ctx):
+    out = c.copy_export()
+    (out / 'model.onnx').write_bytes(b'my own graph')
+    return ['export-onnx', str(out)], out / 'model.onnx', 'did not write'
+
+
+def _export_onnx_over_a_symlink(c: Ctx):
+    mine = c.root / 'mine.onnx'
+    mine.write_bytes(b'my own graph')
+    out = c.copy_export()
+    (out / 'model.onnx').symlink_to(mine)
+    return ['export-onnx', str(out)], out / 'model.onnx', 'a symlink to'
+
+
 ROWS: list[Row] = [
     # item 1: nothing the build did not write is deleted or replaced
     ('build-out-holds-a-user-file', _out_user_file),
@@ -301,6 +329,11 @@ ROWS: list[Row] = [
     ('publish-hidden-file-matching-the-patterns', _publish_hidden_json),
     ('publish-extra-file-matching-the-patterns', _publish_extra_markdown),
     ('publish-a-file-changed-after-the-export', _publish_changed_card),
+    # model.onnx (issue 24): one of the export's file names, never a user's file of that name
+    ('build-out-holds-the-export-and-a-users-model-onnx', _out_export_with_users_model_onnx),
+    ('publish-a-planted-model-onnx-symlink', _publish_planted_model_onnx_symlink),
+    ('export-onnx-over-a-users-model-onnx', _export_onnx_over_users_model_onnx),
+    ('export-onnx-over-a-model-onnx-symlink', _export_onnx_over_a_symlink),
 ]
 
 

@@ -117,8 +117,12 @@ class Stage:
         files: Iterable[str],
         inputs: Mapping[str, Any],
         scratch: Iterable[Path] = (),
+        optional: Iterable[str] = (),
     ):
         self.name, self.folder, self.files = name, Path(folder), tuple(files)
+        # files of `files` a run may leave out (the export's model.onnx, without the deploy extra): the manifest
+        # lists those it wrote
+        self.optional = frozenset(optional)
         self.inputs = dict(inputs)
         self.manifest_path = Path(work) / MANIFEST_DIR / f'{name}.json'
         self.scratch = tuple(scratch)
@@ -152,7 +156,7 @@ class Stage:
             reason = f'stale: {describe_change(old.inputs, new.inputs)}'
         elif old.files is None:
             reason = 'interrupted earlier: resuming'
-        elif sorted(old.files) != sorted(self.files):
+        elif not set(self.files) - self.optional <= set(old.files) <= set(self.files):
             reason = f'its manifest lists other files ({", ".join(sorted(old.files))})'
         else:
             bad = first_mismatch(self.folder, old.files)
@@ -178,7 +182,8 @@ class Stage:
 
     def commit(self) -> str:
         """After the result files are in place: record their hashes. Returns the stage's digest."""
-        manifest = Manifest(self.name, self.inputs, hash_files(self.folder, self.files))
+        written = [f for f in self.files if f not in self.optional or (self.folder / f).is_file()]
+        manifest = Manifest(self.name, self.inputs, hash_files(self.folder, written))
         write_json(self.manifest_path, manifest.to_dict())
         self.digest = manifest.digest
         return self.digest

@@ -1,15 +1,19 @@
-"""A network as an ONNX graph: the file a deployment runtime (ONNX Runtime, OpenVINO) loads.
+"""A network as an ONNX graph: the file a deployment runtime (ONNX Runtime, OpenVINO) loads, and its check.
 
 Two exporters, both torch's own. The published `model.onnx` comes from `torch.onnx.export(dynamo=True)`, the
 torch.export-based exporter PyTorch develops and defaults to, with a dynamic batch axis. The latency tables export
 hundreds of single layers; for those the TorchScript exporter (`dynamo=False`) is used: 0.01-0.04 s a layer
 against 0.8-3 s for the torch.export one on a 2-core AMD EPYC, and a layer alone has no graph feature
 (control flow, symbolic shapes) that the two would translate differently.
+
+`kpid_zoo.deploy.check` runs such a graph in ONNX Runtime on real images and checks it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
+import importlib.util
 import io
 import logging
 import os
@@ -30,6 +34,29 @@ OPSET = 18  # the lowest opset torch's torch.export-based exporter writes
 INPUT_NAME = 'input'
 OUTPUT_NAME = 'logits'
 EXPORTERS = ('dynamo', 'torchscript')
+# what writing and checking a model.onnx needs (the [deploy] extra): the exporter's own dependencies and ONNX Runtime
+ONNX_PACKAGES = ('onnx', 'onnxscript', 'onnxruntime')
+DEPLOY_HINT = "pip install 'kpid-zoo[deploy]'"
+
+
+def missing_onnx_packages() -> list[str]:
+    """The packages of `ONNX_PACKAGES` that cannot be imported (a module set to None in sys.modules counts)."""
+    missing = []
+    for name in ONNX_PACKAGES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a parent package broken, or a module without a spec
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 @contextlib.contextmanager
@@ -86,6 +113,23 @@ def onnx_bytes(
     """`model` (in eval mode, on the CPU) as a serialised ONNX model with one input `input` and one output `logits`;
     the batch axis is dynamic when `dynamic_batch`. An op the exporter cannot translate is one line naming `what`
     (the network or layer) and the exporter's reason."""
+    return _export(model, example, dynamic_batch=dynamic_batch, exporter=exporter, opset=opset, what=what)[0]
+
+
+def onnx_program(
+    model: nn.Module, example: torch.Tensor, *, dynamic_batch: bool = True, opset: int = OPSET, what: str = ''
+) -> tuple[bytes, torch.export.ExportedProgram]:
+    """`onnx_bytes` with the 'dynamo' exporter, and the `torch.export` graph it translated (ATen ops): the graph
+    `deploy.check.check_onnx` derives its tolerance on."""
+    data, program = _export(model, example, dynamic_batch=dynamic_batch, exporter='dynamo', opset=opset, what=what)
+    if program is None:  # a torch whose ONNXProgram does not keep it
+        raise UnsupportedModelError(f'{what or type(model).__name__}: torch.onnx kept no exported program')
+    return data, program
+
+
+def _export(
+    model: nn.Module, example: torch.Tensor, *, dynamic_batch: bool, exporter: str, opset: int, what: str
+) -> tuple[bytes, torch.export.ExportedProgram | None]:
     if exporter not in EXPORTERS:
         raise ValueError(f'exporter: expected one of {EXPORTERS}, got {exporter!r}')
     model = model.eval()
@@ -102,11 +146,22 @@ def onnx_bytes(
             kwargs['dynamic_axes'] = {INPUT_NAME: {0: 'batch'}, OUTPUT_NAME: {0: 'batch'}}
     try:
         with _quiet(), torch.no_grad():
-            torch.onnx.export(model, (example,), buffer, **kwargs)
+            program = torch.onnx.export(model, (example,), buffer, **kwargs)
     except Exception as e:  # the exporters raise many types; the user needs the op and the layer
         name = what or type(model).__name__
         raise UnsupportedModelError(f'{name}: torch.onnx ({exporter}) cannot export it: {_reason(e)}') from e
-    return buffer.getvalue()
+    return buffer.getvalue(), getattr(program, 'exported_program', None)
 
 
-__all__ = ['OPSET', 'INPUT_NAME', 'OUTPUT_NAME', 'EXPORTERS', 'onnx_bytes']
+__all__ = [
+    'OPSET',
+    'INPUT_NAME',
+    'OUTPUT_NAME',
+    'EXPORTERS',
+    'ONNX_PACKAGES',
+    'DEPLOY_HINT',
+    'missing_onnx_packages',
+    'onnx_bytes',
+    'onnx_program',
+    'package_version',
+]

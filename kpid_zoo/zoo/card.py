@@ -96,8 +96,10 @@ def build_card(
     recipe_sha256: str,
     weights_sha256: str,
     pretrained_cfg: Mapping[str, Any],
+    onnx: Mapping[str, Any] | None = None,
 ) -> ModelCard:
-    """The card for one export; `metrics` holds top1/top5 in percent (as `evaluate.EvalResult`)."""
+    """The card for one export; `metrics` holds top1/top5 in percent (as `evaluate.EvalResult`); `onnx` is the
+    export's `kpid.onnx` record: the card tells how to run model.onnx only when there is one."""
     dataset_id, dataset_name = _DATASETS.get(dataset, (dataset, dataset))
     eval_results = [
         EvalResult(
@@ -178,7 +180,7 @@ transform = timm.data.create_transform(**data_config, is_training=False)
 {table}
 
 Weights: `{WEIGHTS_FILE}`, sha256 `{weights_sha256}` (checked on load).
-
+{onnx_section(onnx, pretrained_cfg)}
 ## Per-layer widths
 
 ![per-layer width, parent vs pruned]({WIDTHS_PLOT})
@@ -193,6 +195,48 @@ sha256 `{recipe_sha256}` (of the canonical JSON of the recipe)
 
 {CITATION}"""
     return ModelCard(content)
+
+
+ONNX_HEADING = '## ONNX'
+
+
+def onnx_section(onnx: Mapping[str, Any] | None, pretrained_cfg: Mapping[str, Any]) -> str:
+    """The card's section on model.onnx (with a blank line before it), or '' when the export has none."""
+    if not onnx or not onnx.get('file'):
+        return ''
+    size = ', '.join(str(s) for s in pretrained_cfg['input_size'])
+    check = onnx.get('check') or {}
+    return f"""
+{ONNX_HEADING}
+
+`{onnx['file']}` is this network as an ONNX graph (opset {onnx.get('opset')}, input `{onnx.get('input')}` of shape
+(batch, {size}) with a dynamic batch axis, output `{onnx.get('output')}`), sha256 `{onnx.get('sha256')}`, exported
+from the weights above. Checked at export: on {check.get('inputs', 'real images')}, ONNX Runtime's outputs are
+within the tolerance float32 rounding allows around the exact network's (at most
+{float(check.get('onnxruntime_max_ratio', float('nan'))):.2g} of it). Preprocess images as for timm (above), then:
+
+```python
+import onnxruntime as ort
+
+session = ort.InferenceSession('{onnx['file']}', providers=['CPUExecutionProvider'])
+logits = session.run(None, {{'{onnx.get('input')}': batch}})[0]  # batch: float32, N x {size.replace(', ', ' x ')}
+```
+"""
+
+
+def with_onnx_section(card: str, onnx: Mapping[str, Any], pretrained_cfg: Mapping[str, Any]) -> str:
+    """`card` (a card `build_card` wrote) with its model.onnx section put in or replaced."""
+    section = onnx_section(onnx, pretrained_cfg)
+    start = card.find('\n' + ONNX_HEADING + '\n')
+    if start >= 0:  # the section runs to the next heading
+        end = card.find('\n## ', start + 1)
+        card = card[:start] + card[end if end >= 0 else len(card) :]
+    anchor = card.find('\n## Per-layer widths')
+    if anchor < 0:
+        anchor = card.find('\n## Citation')
+    if anchor < 0:
+        return card.rstrip('\n') + '\n' + section
+    return card[:anchor] + section + card[anchor:]
 
 
 def build_zoo_card(record: Any) -> ModelCard:

@@ -4,6 +4,8 @@
     <out_dir>/config.json         timm's config (architecture 'kpid_pruned' + model_args.kpid_spec rebuild the net)
     <out_dir>/README.md           the model card
     <out_dir>/layer_widths.png    per-layer widths, parent vs pruned (linked from the card)
+    <out_dir>/model.onnx          the same network as an ONNX graph (opset 18, dynamic batch), checked in ONNX
+                                  Runtime on real images; absent (config.json says why) without the [deploy] extra
 
 config.json is written by timm's own `save_config_for_hf`, so `timm.create_model('hf-hub:ORG/NAME')` and
 `'local-dir:/path'` read it like any timm export; kpid-zoo adds a top-level "kpid" block (ignored by timm) that
@@ -11,6 +13,8 @@ records the weights' sha256, the spec, the metrics and the recipe hash, and bind
 (`kpid.bound`, `kpid.bound_sha256`: see `bound_values`). Registry loads check the weights and the binding.
 Its `files` maps every other file the export wrote to its sha256 and size: what `publish` uploads (with config.json,
 which cannot hash itself: it is checked by parsing it), and the proof that lets a later export replace the folder.
+`kpid.onnx` describes model.onnx (opset, input and output names, the dynamic batch axis, exporter and versions,
+the check's result, its sha256 and the sha256 of the weights it was exported from), or why there is none.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn as nn
 from timm.models import PretrainedCfg, get_pretrained_cfg
 from timm.models._hub import save_config_for_hf
@@ -30,7 +35,7 @@ from timm.models._hub import save_config_for_hf
 from .._version import __version__
 from ..core.files import WEIGHTS_FILE, atomic_write_text, file_sha256, save_weights, staged_dir
 from ..core.ownership import RefusedError, check_output, recorded_sha256, stray_entries
-from ..errors import MissingFileError
+from ..errors import MissingFileError, UserError
 from ._binding import (
     BOUND_CFG_KEYS,
     GENERIC_ARCH,
@@ -43,6 +48,7 @@ from ._binding import (
     parse_config,
     unbound,
 )
+from ._onnx import ONNX_FILE, OnnxSkipped, check_images, finish_record, make_onnx, skipped_record
 from .card import PAPER_ID, PAPER_NAME, PAPER_URL, WIDTHS_PLOT, build_card
 from .records import CFG_KEYS, ZOO_DIR, ZooRecord, pool_size_for, record_for_zoo
 
@@ -68,6 +74,7 @@ __all__ = [
     'KPID_FORMAT_VERSION',
     'BOUND_CFG_KEYS',
     'REEXPORT',
+    'ONNX_FILE',
 ]
 
 logger = logging.getLogger(__name__)
@@ -75,7 +82,7 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = 'config.json'
 CARD_FILE = 'README.md'
 EXPORT_FILES = (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE)
-WRITTEN_FILES = EXPORT_FILES + (WIDTHS_PLOT,)  # everything an export writes, and all its folder may hold
+WRITTEN_FILES = EXPORT_FILES + (WIDTHS_PLOT, ONNX_FILE)  # everything an export writes, and all its folder may hold
 
 # Preprocessing keys a caller may set; everything else in the exported pretrained_cfg is derived.
 _DATA_KEYS = ('input_size', 'crop_pct', 'crop_mode', 'mean', 'std', 'interpolation')
@@ -190,6 +197,9 @@ def export_model(
     repo_id: str | None = None,
     card_copy_dir: str | Path | None = None,
     recorded: Mapping[str, str] | None = None,
+    onnx: bool = True,
+    images: torch.Tensor | None = None,
+    images_from: str = '',
 ) -> Path:
     """Write `model` (a pruned timm network built from `spec`) into `out_dir` as a Hub repo, atomically.
 
@@ -206,6 +216,11 @@ def export_model(
         card_copy_dir: also write the card to `<card_copy_dir>/<name>.md` (the committed cards of zoo entries).
         recorded: {file: sha256} of what the caller exported into `out_dir` before (the build's stage record): a
             previous export whose config.json was damaged may then be replaced (see `check_export_folder`).
+        onnx: also write model.onnx (checked in ONNX Runtime on `images`); False records that it was not asked for.
+        images: real images, preprocessed for the model (N x C x H x W), to check model.onnx on (the build gives a
+            few of its validation images); default: a few CIFAR-10 JPEGs where kpid-zoo finds them
+            (`_onnx.check_images`), else model.onnx is skipped.
+        images_from: what `images` are, for config.json (e.g. '4 validation images of the build').
     Returns:
         out_dir as a Path.
     """
@@ -313,6 +328,8 @@ def export_model(
         from ..budget.report import plot_widths  # matplotlib and the pruning engine load only for an export
 
         plot_widths(list(report.layer_widths), tmp / WIDTHS_PLOT, title=f'{name}: per-layer width, parent vs pruned')
+        onnx_record = _write_onnx(model, name, tmp, config['pretrained_cfg'], weights_sha, onnx, images, images_from)
+        config['kpid']['onnx'] = onnx_record
         card = build_card(
             name=name,
             repo_id=repo_id,
@@ -328,18 +345,50 @@ def export_model(
             recipe_sha256=recipe_sha,
             weights_sha256=weights_sha,
             pretrained_cfg=config['pretrained_cfg'],
+            onnx=onnx_record,
         )
         card.save(tmp / CARD_FILE)
         # the export's own files, for publish and for the next export into this folder (config.json is the record)
         config['kpid']['files'] = {
             f: {'sha256': file_sha256(tmp / f), 'size': (tmp / f).stat().st_size}
-            for f in (WEIGHTS_FILE, CARD_FILE, WIDTHS_PLOT)
+            for f in (WEIGHTS_FILE, CARD_FILE, WIDTHS_PLOT, ONNX_FILE)
+            if (tmp / f).is_file()
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + '\n')
     if card_copy_dir is not None:
         atomic_write_text(Path(card_copy_dir) / f'{name}.md', (out_dir / CARD_FILE).read_text(encoding='utf-8'))
     logger.info('exported %s to %s (weights sha256 %s)', name, out_dir, weights_sha)
     return out_dir
+
+
+def _write_onnx(
+    model: nn.Module,
+    name: str,
+    folder: Path,
+    pretrained_cfg: Mapping[str, Any],
+    weights_sha: str,
+    wanted: bool,
+    images: torch.Tensor | None,
+    images_from: str,
+) -> dict:
+    """Write model.onnx into `folder` when it can be written and checked; its `kpid.onnx` record either way. Whatever
+    stops it is one log line: the PyTorch export is complete and valid without it."""
+    if not wanted:
+        return skipped_record('not asked for (export_model(onnx=False))')
+    try:
+        if images is None:
+            try:
+                images, images_from = check_images(pretrained_cfg)
+            except UserError as e:
+                raise OnnxSkipped(f'{ONNX_FILE} not written: {e}') from None
+        data, record = make_onnx(
+            model, tuple(pretrained_cfg['input_size']), images, name=name, inputs=images_from or 'real images'
+        )
+    except OnnxSkipped as e:
+        logger.warning('export: %s: %s', name, e)
+        return skipped_record(str(e))
+    (folder / ONNX_FILE).write_bytes(data)
+    return finish_record(record, data, weights_sha)
 
 
 def read_export_config(folder: str | Path) -> dict:

@@ -28,7 +28,7 @@ from .._version import __version__
 from ..core.hub import network_errors
 from ..core.ownership import describe
 from ..errors import PublishError
-from .export import CARD_FILE, CONFIG_FILE, EXPORT_FILES, WEIGHTS_FILE, read_export_config
+from .export import CARD_FILE, CONFIG_FILE, EXPORT_FILES, ONNX_FILE, WEIGHTS_FILE, read_export_config
 
 __all__ = ['check_weights_fit', 'publish', 'validate_export', 'export_payload', 'PublishError']
 
@@ -63,8 +63,9 @@ def export_payload(folder: str | Path) -> tuple[dict, dict[str, bytes]]:
     """Check that `folder` is a complete, consistent kpid-zoo export holding nothing else; returns its config.json
     and {file name: bytes} of exactly what is to be uploaded.
 
-    Checks: the three files are there, no pickles, config.json is a sound kpid-zoo config whose spec, class count
-    and preprocessing are the ones bound to the weights at export (`export.read_export_config`) and that lists the
+    Checks: the three files are there, no pickles, a listed model.onnx is the one `kpid.onnx` describes (its
+    sha256, exported from these weights, its check passed), config.json is a sound kpid-zoo config whose spec, class
+    count and preprocessing are the ones bound to the weights at export (`export.read_export_config`) and that lists the
     export's files (`kpid.files`: name -> sha256, size); the folder holds those and config.json only (each a
     regular file, no symlink, subfolder or hidden file), each with its recorded sha256 and size; the weights are
     safetensors whose sha256 is the one config.json records and whose tensors have the shapes of the architecture
@@ -107,6 +108,7 @@ def export_payload(folder: str | Path) -> tuple[dict, dict[str, bytes]]:
                 f'{config_path}: kpid.files entry {name!r} is not a plain file name with its sha256 '
                 f'and size; re-run the export'
             )
+    _check_onnx_record(config, listed, config_path)
     own = set(listed) | {CONFIG_FILE}
     stray = sorted(set(os.listdir(folder)) - own)
     if stray:
@@ -155,6 +157,29 @@ def export_payload(folder: str | Path) -> tuple[dict, dict[str, bytes]]:
     if not meta or meta.get('library_name') != 'timm':
         raise PublishError(f'{folder / CARD_FILE}: metadata must declare library_name: timm (got {meta!r})')
     return config, payload
+
+
+def _check_onnx_record(config: dict, listed: dict, config_path: Path) -> None:
+    """model.onnx is uploaded only as what config.json says it is: the export's, from these weights, checked."""
+    onnx = config['kpid'].get('onnx')
+    if ONNX_FILE not in listed:
+        if isinstance(onnx, dict) and onnx.get('file'):
+            raise PublishError(
+                f'{config_path}: kpid.onnx names {onnx.get("file")!r}, which kpid.files does not list; '
+                f're-run the export (or `kpid-zoo export-onnx`)'
+            )
+        return
+    problem = None
+    if not isinstance(onnx, dict) or onnx.get('file') != ONNX_FILE:
+        problem = 'kpid.onnx does not describe it'
+    elif onnx.get('sha256') != listed[ONNX_FILE].get('sha256'):
+        problem = 'kpid.onnx.sha256 differs from its kpid.files entry'
+    elif onnx.get('weights_sha256') != config['kpid']['weights_sha256']:
+        problem = 'it was exported from other weights (kpid.onnx.weights_sha256 is not kpid.weights_sha256)'
+    elif not isinstance(onnx.get('check'), dict) or onnx['check'].get('passed') is not True:
+        problem = 'kpid.onnx.check does not record a passed check'
+    if problem:
+        raise PublishError(f'{config_path}: {ONNX_FILE}: {problem}; re-run `kpid-zoo export-onnx --force`')
 
 
 def validate_export(folder: str | Path) -> dict:
