@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn as nn
 from timm.layers import (
@@ -39,6 +40,7 @@ from timm.layers import (
 )
 from timm.layers import activations as timm_act
 from timm.layers import activations_me as timm_act_me
+from timm.models.efficientvit_mit import LiteMLA
 
 if TYPE_CHECKING:
     from .tracing import Layout, TraceContext
@@ -49,6 +51,9 @@ ROLE_DW = 'dw'  # a depthwise conv: its input and output channels are the same c
 ROLE_NORM = 'norm'  # a batch norm's features
 ROLE_CHANNEL = 'channel'  # per-channel weights of a channel-wise layer (PReLU with one weight per channel)
 ROLE_PARAM = 'param'  # a bare per-channel parameter of some module, meeting activations in an elementwise op
+# whole conv-groups of a grouped conv (input and output channels of each, and `groups`): a channel-multiplier conv
+# (groups == in < out) or a grouped conv whose conv-groups are cut whole (an attention head's)
+ROLE_CONV_GROUPS = 'conv_groups'
 
 # (tensor, function mapping a tensor of that shape to one value per position of the role's dimension)
 TensorScores = list[tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]]
@@ -144,9 +149,13 @@ class ConvHandler(LayerHandler):
         if g == conv.in_channels == conv.out_channels:
             ctx.member(x, name, ROLE_DW)
             return x
-        if conv.in_channels % g or conv.out_channels % g or g == conv.in_channels:
-            # a channel multiplier (groups == in < out) ties each input to a block of outputs: only whole
-            # conv-groups could go, which would change `groups`
+        if g == conv.in_channels and conv.out_channels % g == 0:
+            # a channel multiplier: each input channel is the only input of its conv-group, whose outputs it alone
+            # makes, so the input channel and those outputs go together, and whole conv-groups with them
+            y = ctx.repeat(x, conv.out_channels // g)
+            ctx.member(y, name, ROLE_CONV_GROUPS)
+            return y
+        if conv.in_channels % g or conv.out_channels % g:
             return ctx.opaque(
                 x,
                 name,
@@ -182,6 +191,10 @@ class ConvHandler(LayerHandler):
             conv.out_channels = n
         elif role == ROLE_IN:
             conv.in_channels = n
+        elif role == ROLE_CONV_GROUPS:  # n output positions, in whole conv-groups
+            per_in, per_out = conv.in_channels // conv.groups, conv.out_channels // conv.groups
+            conv.groups = n // per_out
+            conv.in_channels, conv.out_channels = conv.groups * per_in, n
         else:
             conv.in_channels = conv.out_channels = conv.groups = n
 
@@ -196,7 +209,7 @@ class ConvHandler(LayerHandler):
         return super().importance_tensors(conv, role)
 
     def filters(self, conv, role):
-        return [(conv.weight, per_channel(0))] if role in (ROLE_OUT, ROLE_DW) else []
+        return [(conv.weight, per_channel(0))] if role in (ROLE_OUT, ROLE_DW, ROLE_CONV_GROUPS) else []
 
 
 class WeightStandardizedConvHandler(ConvHandler):
@@ -330,6 +343,64 @@ class SelectiveKernelHandler(LayerHandler):
         sk.out_channels = conv.out_channels
 
 
+class LiteMLAHandler(LayerHandler):
+    """timm's LiteMLA (EfficientViT's multi-scale linear attention), traced as one layer as timm traces it (its
+    forward branches on the device type). Its heads are pruned whole: a head is `3 * dim` consecutive channels of
+    the qkv conv (its q, k and v), the same channels of each scale's depthwise conv and of that scale's grouped
+    conv (three whole conv-groups of `dim`), and `dim` consecutive inputs of the projection per scale. The heads
+    compute independently and meet only in the projection, so removing one equals zeroing its projection inputs.
+    The head dimension stays: its q and k dims meet in a matmul, and `reshape` keeps `3 * dim` per head.
+    The input and the projection's output are plain channels (the residual stream's)."""
+
+    def propagate(self, ctx, name, mla, x):
+        qkv, proj, dim = mla.qkv, mla.proj, mla.dim
+        why = self._not_understood(mla)
+        if why:
+            return ctx.opaque(x, name, f'LiteMLA {why}', proj.conv.out_channels)
+        heads = qkv.conv.out_channels // (3 * dim)
+        x = ctx.call(f'{name}.qkv.dropout', x)
+        ctx.member(x, f'{name}.qkv.conv', ROLE_IN)
+        qkv_out = ctx.new_repeated(heads, 3 * dim, f'{name}.qkv.conv')
+        if isinstance(qkv.norm, nn.modules.batchnorm._BatchNorm):
+            ctx.member(qkv_out, f'{name}.qkv.norm', ROLE_NORM)
+        for i in range(len(mla.aggreg)):
+            ctx.member(qkv_out, f'{name}.aggreg.{i}.0', ROLE_DW)
+            ctx.member(qkv_out, f'{name}.aggreg.{i}.1', ROLE_CONV_GROUPS)
+        # (scale, head, dim) order: the attention's output is reshaped back with the heads of each scale in turn
+        attn_out = np.tile(ctx.repeat(qkv_out[:: 3 * dim], dim), 1 + len(mla.aggreg))
+        y = ctx.call(f'{name}.proj.conv', ctx.call(f'{name}.proj.dropout', attn_out))
+        return ctx.call(f'{name}.proj.act', ctx.call(f'{name}.proj.norm', y))
+
+    @staticmethod
+    def _not_understood(mla) -> str:
+        """Why the layout above does not hold for this LiteMLA ("" when it does)."""
+        qkv, dim = mla.qkv, mla.dim
+        total = qkv.conv.out_channels
+        if type(qkv.conv) is not nn.Conv2d or qkv.conv.groups != 1 or total % (3 * dim):
+            return f'with a qkv conv of {total} channels that are not whole heads of 3 x {dim}'
+        if not isinstance(qkv.norm, (nn.Identity, nn.modules.batchnorm._BatchNorm)) or not all(
+            isinstance(handler_for(m), ChannelwiseHandler) and not any(True for _ in m.parameters())
+            for m in (qkv.act, mla.kernel_func)
+        ):
+            return 'with a qkv norm or activation that is not a batch norm or channel-wise'
+        for scale in mla.aggreg:
+            dw, grouped = (scale[0], scale[1]) if len(scale) == 2 else (None, None)
+            if not (
+                type(dw) is nn.Conv2d
+                and dw.groups == dw.in_channels == dw.out_channels == total
+                and type(grouped) is nn.Conv2d
+                and grouped.in_channels == grouped.out_channels == total
+                and grouped.groups * dim == total
+            ):
+                return (
+                    'with an aggregation that is not a depthwise conv then a grouped conv of one conv-group per q/k/v'
+                )
+        return ''
+
+    def slice(self, mla, role, idx):
+        raise AssertionError('LiteMLA is cut through its convs and norms, never as a whole')
+
+
 _REGISTRY: dict[type, LayerHandler] = {}
 
 
@@ -400,6 +471,7 @@ def _register_builtins() -> None:
         register_layer_handler(cls, ChannelMixingHandler())
     register_layer_handler(MixedConv2d, MixedConvHandler())
     register_layer_handler(SelectiveKernel, SelectiveKernelHandler())
+    register_layer_handler(LiteMLA, LiteMLAHandler())
 
 
 _register_builtins()
