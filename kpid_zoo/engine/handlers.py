@@ -19,6 +19,7 @@ on the handler); the most specific registered class of a module wins, so subclas
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -41,6 +42,7 @@ from timm.layers import (
 from timm.layers import activations as timm_act
 from timm.layers import activations_me as timm_act_me
 from timm.models.efficientvit_mit import LiteMLA
+from timm.models.fastvit import MobileOneBlock, ReparamLargeKernelConv, RepConditionalPosEnc, RepMixer
 
 if TYPE_CHECKING:
     from .tracing import Layout, TraceContext
@@ -78,6 +80,10 @@ def slice_tensor(owner: nn.Module, attr: str, dim: int, idx: torch.Tensor) -> No
 
 class LayerHandler:
     """What the engine knows about one layer type (see the module docstring); subclass and override."""
+
+    # A leaf is traced as one layer, through `propagate`; otherwise the tracer goes through the module's forward and
+    # the handler only keeps the module's own size attributes true after a cut (`refresh`)
+    leaf = True
 
     def propagate(self, ctx: TraceContext, name: str, module: nn.Module, x: Layout) -> Layout:
         """The layout of the output, given the layout `x` of the (first) input; record members with `ctx`."""
@@ -401,6 +407,38 @@ class LiteMLAHandler(LayerHandler):
         raise AssertionError('LiteMLA is cut through its convs and norms, never as a whole')
 
 
+class ReparamBlockHandler(LayerHandler):
+    """FastViT's reparameterisable blocks (MobileOne, RepLKNet's large-kernel conv, RepMixer, the conditional
+    position encoding), traced through: their train-time branches are plain convs and batch norms summed, which
+    the engine follows. After a cut, `refresh` keeps the sizes their `reparameterize()` reads true (in_chs, out_chs,
+    groups, dim), so a pruned network still fuses with timm's `reparameterize_model`."""
+
+    leaf = False
+
+    def refresh(self, block):
+        conv = getattr(block, 'reparam_conv', None)
+        for path in ('conv_kxk.0.conv', 'conv_scale.conv', 'large_conv.conv', 'mixer.conv_kxk.0.conv', 'pos_enc'):
+            if conv is not None:
+                break
+            with contextlib.suppress(AttributeError, IndexError, TypeError):
+                conv = block.get_submodule(path)
+        if conv is None:  # a MobileOneBlock of only its identity batch norm (RepMixer's norm): depthwise
+            identity = getattr(block, 'identity', None)
+            if identity is not None:
+                depthwise = block.groups == block.in_chs
+                block.in_chs = block.out_chs = identity.num_features
+                block.groups = block.in_chs if depthwise else block.groups
+        elif hasattr(block, 'in_chs'):
+            block.in_chs, block.out_chs, block.groups = conv.in_channels, conv.out_channels, conv.groups
+        elif hasattr(block, 'dim_out'):
+            block.dim, block.dim_out, block.groups = conv.in_channels, conv.out_channels, conv.groups
+        else:
+            block.dim = conv.out_channels
+        id_tensor = getattr(block, 'id_tensor', None)
+        if id_tensor is not None and id_tensor.shape[0] != getattr(block, 'in_chs', id_tensor.shape[0]):
+            del block.id_tensor  # built again at the pruned width when the block is fused
+
+
 _REGISTRY: dict[type, LayerHandler] = {}
 
 
@@ -472,6 +510,8 @@ def _register_builtins() -> None:
     register_layer_handler(MixedConv2d, MixedConvHandler())
     register_layer_handler(SelectiveKernel, SelectiveKernelHandler())
     register_layer_handler(LiteMLA, LiteMLAHandler())
+    for cls in (MobileOneBlock, ReparamLargeKernelConv, RepMixer, RepConditionalPosEnc):
+        register_layer_handler(cls, ReparamBlockHandler())
 
 
 _register_builtins()

@@ -52,7 +52,10 @@ class _Tracer(fx.Tracer):
         self.failed_in: tuple[str, str] | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return handler_for(m) is not None or is_timm_leaf(m) or super().is_leaf_module(m, qualname)
+        handler = handler_for(m)
+        if handler is not None and not handler.leaf:
+            return False
+        return handler is not None or is_timm_leaf(m) or super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
         try:
@@ -81,7 +84,7 @@ def _source_line(error: BaseException) -> str:
     for frame in reversed(traceback.extract_tb(error.__traceback__)):
         if '/torch/' not in frame.filename and '/kpid_zoo/' not in frame.filename:
             code = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
-            return f'{frame.filename.rsplit("/", 1)[-1]}:{frame.lineno}: {code}'
+            return f'{frame.filename.rsplit("/", 1)[-1]}:{frame.lineno}' + (f' ({code})' if code else '')
     return ''
 
 
