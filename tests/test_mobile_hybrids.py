@@ -160,3 +160,34 @@ def test_a_timm_leaf_without_a_handler_fixes_its_channels_with_its_name(monkeypa
         'stages.3.blocks.1.context_module.main: LiteMLA is traced as one layer (timm marks it not traceable) and '
         'has no layer handler'
     )
+
+
+def test_a_latency_table_times_channel_multiplier_convs_at_their_narrowed_widths():
+    from kpid_zoo.budget import latency as lat
+    from kpid_zoo.budget.timing import LatencySetting, Timing
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3, groups=8), nn.ReLU(), nn.Conv2d(16, 4, 1))
+    graph = discover_groups(net.eval(), (3, 16, 16))
+    shapes = []
+
+    def run_once(fn, setting, *, warmup, repeats):  # runs the narrowed layer on the input it was given, once
+        shapes.append(tuple(fn().shape))
+        return Timing.of([1.0])
+
+    setting = LatencySetting(device='cpu', batch_size=1, threads=1)
+    table = lat.build_table(
+        net,
+        graph,
+        'multiplier',
+        (3, 16, 16),
+        setting,
+        fractions=(0.5, 1.0),
+        warmup=0,
+        repeats=1,
+        timer=run_once,
+        progress=False,
+    )
+    terms = {t.module: t for t in table.terms}
+    assert terms['2'].groups == ('0',) and len(shapes) == sum(t.values.size for t in table.terms) + 2
+    assert (1, 8, 12, 12) in shapes  # the multiplier conv at half width: 4 conv-groups of 2 outputs each
