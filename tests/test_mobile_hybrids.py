@@ -191,3 +191,22 @@ def test_a_latency_table_times_channel_multiplier_convs_at_their_narrowed_widths
     terms = {t.module: t for t in table.terms}
     assert terms['2'].groups == ('0',) and len(shapes) == sum(t.values.size for t in table.terms) + 2
     assert (1, 8, 12, 12) in shapes  # the multiplier conv at half width: 4 conv-groups of 2 outputs each
+
+
+def test_mobilenetv4_hybrid_attention_prunes_query_heads_and_layer_scales_exactly():
+    model = random_model('mobilenetv4_hybrid_medium', 6)
+    for name, p in model.named_parameters():
+        if name.endswith('layer_scale.gamma'):  # 1e-5 at init: the attention would hardly reach the output
+            p.data.uniform_(0.5, 1.5)
+    graph = discover_groups(model, INPUT)
+    heads = graph['blocks.3.8.attn.query.proj']  # 4 query heads of 64
+    assert heads.prunable and heads.size == 4
+    assert graph.layouts[Member('blocks.3.8.attn.output.proj', ROLE_IN)].multiplicity(graph.index(heads.name)) == 64
+    key = graph['blocks.3.8.attn.key.proj']
+    assert not key.prunable and key.reason == 'blocks.3.8.attn.key.proj: one key head, shared by every query head'
+    stream = graph['blocks.3.0.pw_proj.conv']  # the stage's residual stream, through attention blocks' layer scales
+    assert stream.prunable and ('blocks.3.8.layer_scale', 'channel') in {(m.module, m.role) for m in stream.members}
+    keep = random_keep(graph, torch.Generator().manual_seed(6))
+    pruned = _assert_exact(model, graph, keep)
+    assert pruned.blocks[3][8].attn.num_heads == len(keep[heads.name])
+    assert pruned.blocks[3][8].layer_scale.gamma.shape == (len(keep[stream.name]),)

@@ -31,6 +31,7 @@ from timm.layers import (
     CecaModule,
     DropPath,
     EcaModule,
+    LayerScale2d,
     MixedConv2d,
     ScaledStdConv2d,
     ScaledStdConv2dSame,
@@ -41,6 +42,7 @@ from timm.layers import (
 )
 from timm.layers import activations as timm_act
 from timm.layers import activations_me as timm_act_me
+from timm.layers.attention2d import MultiQueryAttention2d
 from timm.models.efficientvit_mit import LiteMLA
 from timm.models.fastvit import MobileOneBlock, ReparamLargeKernelConv, RepConditionalPosEnc, RepMixer
 
@@ -407,6 +409,66 @@ class LiteMLAHandler(LayerHandler):
         raise AssertionError('LiteMLA is cut through its convs and norms, never as a whole')
 
 
+class MultiQueryAttention2dHandler(LayerHandler):
+    """timm's MultiQueryAttention2d (MobileNetV4's hybrid blocks), traced as one layer: its query heads are pruned
+    whole (`key_dim` consecutive channels of the query projection, `value_dim` consecutive inputs of the output
+    projection), the key and value (one head, shared by every query head) stay whole, and its input and output are
+    plain channels (the residual stream's). A query head meets only its own softmax and the output projection, so
+    removing one equals zeroing its inputs to the output projection."""
+
+    def propagate(self, ctx, name, mqa, x):
+        out_channels = mqa.output.proj.out_channels
+        if getattr(mqa, 'einsum', False) or any(
+            type(getattr(seq, 'proj', None)) is not nn.Conv2d or seq.proj.groups != 1
+            for seq in (mqa.query, mqa.key, mqa.value, mqa.output)
+        ):
+            return ctx.opaque(x, name, 'MultiQueryAttention2d with projections that are not dense convs', out_channels)
+        q = self._through(ctx, f'{name}.query', mqa.query, x)
+        ctx.member(q, f'{name}.query.proj', ROLE_IN)
+        heads = ctx.new_repeated(mqa.num_heads, mqa.key_dim, f'{name}.query.proj')[:: mqa.key_dim]
+        for branch in ('key', 'value'):
+            seq = getattr(mqa, branch)
+            shared = ctx.call(f'{name}.{branch}.proj', self._through(ctx, f'{name}.{branch}', seq, x))
+            ctx.block(shared, f'{name}.{branch}.proj: one {branch} head, shared by every query head')
+        o = ctx.repeat(heads, mqa.value_dim)
+        for child, module in mqa.output.named_children():
+            if child == 'proj':
+                o = ctx.call(f'{name}.output.proj', o)
+            elif not isinstance(module, (nn.Upsample, nn.Dropout)):
+                return ctx.opaque(
+                    x, name, f'MultiQueryAttention2d with output.{child} ({type(module).__name__})', out_channels
+                )
+        return o
+
+    @staticmethod
+    def _through(ctx, prefix, seq, x):
+        """x through a projection's pooling, depthwise conv and norm (everything before its `proj`)."""
+        for child, _ in seq.named_children():
+            if child == 'proj':
+                return x
+            x = ctx.call(f'{prefix}.{child}', x)
+        return x
+
+    def refresh(self, mqa):
+        mqa.num_heads = mqa.query.proj.out_channels // mqa.key_dim
+
+
+class LayerScale2dHandler(LayerHandler):
+    """timm's LayerScale2d (NCHW: `x * gamma.view(1, -1, 1, 1)`, MobileNetV4's blocks): one scale per channel,
+    sliced with the channels it scales."""
+
+    def propagate(self, ctx, name, scale, x):
+        if scale.gamma.dim() != 1 or len(scale.gamma) != len(x) or ctx.ndim != 4:
+            return ctx.opaque(
+                x, name, f'LayerScale2d with gamma of shape {tuple(scale.gamma.shape)} on {len(x)} channels'
+            )
+        ctx.member(x, name, ROLE_CHANNEL)
+        return x
+
+    def tensors(self, scale, role):
+        return [('gamma', 0)]
+
+
 class ReparamBlockHandler(LayerHandler):
     """FastViT's reparameterisable blocks (MobileOne, RepLKNet's large-kernel conv, RepMixer, the conditional
     position encoding), traced through: their train-time branches are plain convs and batch norms summed, which
@@ -510,6 +572,8 @@ def _register_builtins() -> None:
     register_layer_handler(MixedConv2d, MixedConvHandler())
     register_layer_handler(SelectiveKernel, SelectiveKernelHandler())
     register_layer_handler(LiteMLA, LiteMLAHandler())
+    register_layer_handler(MultiQueryAttention2d, MultiQueryAttention2dHandler())
+    register_layer_handler(LayerScale2d, LayerScale2dHandler())
     for cls in (MobileOneBlock, ReparamLargeKernelConv, RepMixer, RepConditionalPosEnc):
         register_layer_handler(cls, ReparamBlockHandler())
 
