@@ -44,7 +44,8 @@ def test_random_masks_prune_exactly_and_specs_rebuild_them(name):
         torch.testing.assert_close(rebuilt(x), pruned(x), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize('name', MODELS)
+# regnety_002's knapsack masks: tests/test_engine_reach.py
+@pytest.mark.parametrize('name', [n for n in MODELS if n != 'regnety_002'])
 def test_knapsack_masks_prune_exactly_within_the_flops_target(name):
     model = random_model(name, 2)
     graph = discover_groups(model, INPUT)
