@@ -42,6 +42,12 @@ def test_random_masks_prune_exactly_and_specs_rebuild_them(name):
     x = torch.randn(1, *INPUT, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x), pruned(x), atol=0, rtol=0)
+        # timm's width attributes stay true: features, feature_info, and a new classifier on the pruned features
+        assert pruned.forward_features(x).shape[1] == pruned.num_features == rebuilt.num_features
+        for info, feat in zip(pruned.feature_info, pruned.forward_intermediates(x, intermediates_only=True)):
+            assert feat.shape[1] == info['num_chs'], info['module']
+        pruned.reset_classifier(7)
+        assert pruned.double()(x).shape == (1, 7)
 
 
 # regnety_002's knapsack masks: tests/test_engine_reach.py

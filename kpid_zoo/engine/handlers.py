@@ -43,6 +43,7 @@ from timm.layers import (
 from timm.layers import activations as timm_act
 from timm.layers import activations_me as timm_act_me
 from timm.layers.attention2d import MultiQueryAttention2d
+from timm.models.efficientvit_mit import ClassifierHead as EfficientVitClassifierHead
 from timm.models.efficientvit_mit import LiteMLA
 from timm.models.fastvit import MobileOneBlock, ReparamLargeKernelConv, RepConditionalPosEnc, RepMixer
 
@@ -469,6 +470,20 @@ class LayerScale2dHandler(LayerHandler):
         return [('gamma', 0)]
 
 
+class EfficientVitHeadHandler(LayerHandler):
+    """EfficientViT's classifier head (a conv before the pool, then linear, norm, linear), traced through: after a
+    cut, `refresh` keeps its `in_features` and `num_features` true, which `reset_classifier` checks."""
+
+    leaf = False
+
+    def refresh(self, head):
+        conv = getattr(head.in_conv, 'conv', None)
+        if isinstance(conv, nn.Conv2d):
+            head.in_features = conv.in_channels
+        if isinstance(head.classifier[0], nn.Linear):
+            head.num_features = head.classifier[0].out_features
+
+
 class ReparamBlockHandler(LayerHandler):
     """FastViT's reparameterisable blocks (MobileOne, RepLKNet's large-kernel conv, RepMixer, the conditional
     position encoding), traced through: their train-time branches are plain convs and batch norms summed, which
@@ -574,6 +589,7 @@ def _register_builtins() -> None:
     register_layer_handler(LiteMLA, LiteMLAHandler())
     register_layer_handler(MultiQueryAttention2d, MultiQueryAttention2dHandler())
     register_layer_handler(LayerScale2d, LayerScale2dHandler())
+    register_layer_handler(EfficientVitClassifierHead, EfficientVitHeadHandler())
     for cls in (MobileOneBlock, ReparamLargeKernelConv, RepMixer, RepConditionalPosEnc):
         register_layer_handler(cls, ReparamBlockHandler())
 

@@ -353,6 +353,12 @@ def _update_model_widths(model: nn.Module, graph: GroupGraph, widths: dict[str, 
     """Keep timm's width attributes true, so reset_classifier, forward_head and features_only keep working."""
     if graph.global_pool is not None and hasattr(model, 'num_features'):
         model.num_features = graph.width(graph.global_pool, widths)
+    head = getattr(model, 'head', None)
+    in_conv = getattr(head, 'in_conv', None)
+    if isinstance(in_conv, nn.Module) and not isinstance(in_conv, nn.Identity) and hasattr(model, 'num_features'):
+        # a head that convolves before it pools (EfficientViT's): the features are what enters the head, whose
+        # handler keeps `in_features` true
+        model.num_features = getattr(head, 'in_features', model.num_features)
     classifier = model.get_classifier() if hasattr(model, 'get_classifier') else None
     if hasattr(model, 'head_hidden_size'):
         if isinstance(classifier, nn.Linear):
