@@ -217,3 +217,25 @@ def test_mobilenetv4_hybrid_attention_prunes_query_heads_and_layer_scales_exactl
     pruned = _assert_exact(model, graph, keep)
     assert pruned.blocks[3][8].attn.num_heads == len(keep[heads.name])
     assert pruned.blocks[3][8].layer_scale.gamma.shape == (len(keep[stream.name]),)
+
+
+class _Odd(nn.Module):
+    def forward(self, x):
+        return x
+
+
+def test_a_graph_the_engine_cannot_follow_is_one_line_naming_the_node(monkeypatch):
+    from kpid_zoo.engine import handlers
+    from kpid_zoo.errors import UserError
+
+    class Mismatched(handlers.LayerHandler):  # a handler tying spaces of different widths: nothing can follow it
+        def propagate(self, ctx, name, module, x):
+            return ctx.merge(x, ctx.new(len(x) + 1), name)
+
+    monkeypatch.setitem(handlers._REGISTRY, _Odd, Mismatched())
+    with pytest.raises(UserError) as info:
+        discover_groups(nn.Sequential(nn.Conv2d(3, 8, 1), nn.Sequential(_Odd())), INPUT)
+    assert str(info.value) == (
+        'cannot follow the channels of Sequential: node _1_0 (call_module 1.0) in 1.0: 1.0: ties channel spaces of '
+        'different sizes (8 vs 9)'
+    )

@@ -98,7 +98,16 @@ def follow_layouts(model: nn.Module, input_size: tuple[int, int, int]) -> Traced
         ) from e
     follower = _LayoutFollower(dict(gm.named_modules()))
     for node in gm.graph.nodes:
-        _STEPS[follower.kind(node)](follower, node)
+        try:
+            _STEPS[follower.kind(node)](follower, node)
+        except (ValueError, IndexError, KeyError, TypeError) as e:  # a graph the steps cannot follow: say where
+            stack = list(node.meta.get('nn_module_stack', {}))
+            where = f' in {stack[-1]}' if stack else ''
+            target = getattr(node.target, '__name__', node.target)
+            raise UserError(
+                f'cannot follow the channels of {type(model).__name__}: node {node.name} ({node.op} {target}){where}: '
+                f'{one_line(e, 300)}'
+            ) from e
         if node in follower.layout:
             # a module's output is the last value computed inside it (containers such as stages included)
             for module_name in node.meta.get('nn_module_stack', {}):
