@@ -10,11 +10,16 @@ A handler says, for the layers of its type,
 Roles name the dimension of a layer a channel group owns: `out` (the filters producing new channels), `in` (the
 slice of each filter reading them), `dw` (a depthwise conv: input and output are the same channels), `norm` (a
 batch norm's features), `channel` (per-channel weights of a channel-wise layer, e.g. PReLU) and `param` (a bare
-per-channel parameter, e.g. `x * self.gamma`, found by the engine itself).
+per-channel parameter, e.g. `x * self.gamma`, found by the engine itself). `conv_groups` (whole conv-groups of a
+grouped conv, their inputs with their outputs: a channel multiplier's, an attention head's) holds a channel at
+several positions, as an attention head's projections hold each head at `head_dim` positions.
 
 A layer type the registry does not know is opaque: the channels it reads or writes are fixed, with the reason.
 Teach the engine a custom module with `register_layer_handler(MyModule, MyHandler())` (or as a class decorator
 on the handler); the most specific registered class of a module wins, so subclasses inherit their base's handler.
+A registered module is traced as one layer (a leaf), unless its handler sets `leaf = False` (then it only keeps the
+module's size attributes true after a cut, in `refresh`). Modules timm registers as not traceable by torch.fx are
+leaves too; without a handler, their channels are fixed.
 """
 
 from __future__ import annotations
