@@ -242,3 +242,15 @@ def test_a_graph_the_engine_cannot_follow_is_one_line_naming_the_node(monkeypatc
         'cannot follow the channels of Sequential: node _1_0 (call_module 1.0) in 1.0: 1.0: ties channel spaces of '
         'different sizes (8 vs 9)'
     )
+
+
+def test_the_knapsack_counts_an_attention_head_as_its_channels():
+    from kpid_zoo.budget._rounds import group_width_choices
+
+    graph = discover_groups(timm.create_model('efficientvit_b0'), INPUT)
+    choices = group_width_choices(graph, min_channels=8, round_to=8)
+    # one head is 3 x 16 qkv channels: every head count is at least 8 channels and a multiple of 8
+    assert choices['stages.3.blocks.1.context_module.main.qkv.conv'] == list(range(1, 9))
+    assert choices['stages.3.blocks.1.local_module.main.inverted_conv.conv'] == list(range(8, 513, 8))
+    choices = group_width_choices(graph, min_channels=96, round_to=96)  # two heads' channels at a time
+    assert choices['stages.3.blocks.1.context_module.main.qkv.conv'] == [2, 4, 6, 8]
