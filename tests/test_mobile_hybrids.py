@@ -101,8 +101,8 @@ def test_efficientvit_lite_mla_prunes_whole_heads():
     model = random_model('efficientvit_b0', 3)
     graph = discover_groups(model, INPUT)
     mla = 'stages.3.blocks.1.context_module.main'
-    heads = graph[f'{mla}.qkv.conv']  # 8 heads of 3 x 16 qkv channels
-    assert heads.prunable and heads.size == 8
+    heads = graph[mla]  # 8 heads of 3 x 16 qkv channels, a group named by the attention layer
+    assert heads.prunable and heads.size == 8 and heads.unit == 'heads'
     assert graph.layouts[Member(f'{mla}.qkv.conv', ROLE_OUT)].multiplicity(graph.index(heads.name)) == 48
     assert graph.layouts[Member(f'{mla}.proj.conv', ROLE_IN)].multiplicity(graph.index(heads.name)) == 32  # 2 scales
     stream = graph['stages.3.blocks.0.main.point_conv.conv']  # the residual stream runs through the LiteMLA
@@ -209,8 +209,8 @@ def test_mobilenetv4_hybrid_attention_prunes_query_heads_and_layer_scales_exactl
         if name.endswith('layer_scale.gamma'):  # 1e-5 at init: the attention would hardly reach the output
             p.data.uniform_(0.5, 1.5)
     graph = discover_groups(model, INPUT)
-    heads = graph['blocks.3.8.attn.query.proj']  # 4 query heads of 64
-    assert heads.prunable and heads.size == 4
+    heads = graph['blocks.3.8.attn']  # 4 query heads of 64
+    assert heads.prunable and heads.size == 4 and heads.unit == 'heads'
     assert graph.layouts[Member('blocks.3.8.attn.output.proj', ROLE_IN)].multiplicity(graph.index(heads.name)) == 64
     key = graph['blocks.3.8.attn.key.proj']
     assert not key.prunable and key.reason == 'blocks.3.8.attn.key.proj: one key head, shared by every query head'
@@ -244,13 +244,11 @@ def test_a_graph_the_engine_cannot_follow_is_one_line_naming_the_node(monkeypatc
     )
 
 
-def test_the_knapsack_counts_an_attention_head_as_its_channels():
+def test_the_knapsack_keeps_any_number_of_whole_heads():
     from kpid_zoo.budget._rounds import group_width_choices
 
     graph = discover_groups(timm.create_model('efficientvit_b0'), INPUT)
     choices = group_width_choices(graph, min_channels=8, round_to=8)
-    # one head is 3 x 16 qkv channels: every head count is at least 8 channels and a multiple of 8
-    assert choices['stages.3.blocks.1.context_module.main.qkv.conv'] == list(range(1, 9))
+    # one head is already 3 x 16 qkv channels: any number of whole heads may stay
+    assert choices['stages.3.blocks.1.context_module.main'] == list(range(1, 9))
     assert choices['stages.3.blocks.1.local_module.main.inverted_conv.conv'] == list(range(8, 513, 8))
-    choices = group_width_choices(graph, min_channels=96, round_to=96)  # two heads' channels at a time
-    assert choices['stages.3.blocks.1.context_module.main.qkv.conv'] == [2, 4, 6, 8]

@@ -5,14 +5,13 @@ and the prunability check both budgets start from.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..engine.groups import ROLE_OUT, GroupGraph, Member
+from ..engine.groups import GroupGraph
 from ..engine.importance import Importance
 from ..engine.knapsack import Cost, KnapsackSolution, solve_for_budget, width_choices
 from ..engine.surgery import prune_model
@@ -89,17 +88,15 @@ def knapsack_rounds(
 
 
 def group_width_choices(graph: GroupGraph, min_channels: int, round_to: int) -> dict[str, list[int]]:
-    """The widths each prunable group may take (a grouped conv's group: multiples of its conv-group count).
-
-    `min_channels` and `round_to` count the producer's channels: where it holds each channel of its group at
-    several positions (an attention head, 3 x 16 channels of EfficientViT's qkv conv), one head is that many."""
-    choices = {}
-    for g in graph.prunable:
-        produced = graph.layouts.get(Member(g.name, ROLE_OUT))
-        unit = produced.multiplicity(graph.index(g.name)) if produced is not None else 1
-        per = (math.ceil(min_channels / unit), math.ceil(round_to / unit)) if unit > 1 else (min_channels, round_to)
-        choices[g.name] = width_choices(g.size, *per, g.parts)
-    return choices
+    """The widths each prunable group may take (a grouped conv's group: multiples of its conv-group count; an
+    attention layer's heads: any number of whole heads from one, since min_channels and round_to count channels
+    and a head is already head_dim of them)."""
+    return {
+        g.name: width_choices(g.size, 1, 1)
+        if g.unit == 'heads'
+        else width_choices(g.size, min_channels, round_to, g.parts)
+        for g in graph.prunable
+    }
 
 
 def check_prunable(graph: GroupGraph, arch: str) -> None:

@@ -34,6 +34,7 @@ from .handlers import (  # noqa: F401 (re-exported)
     ROLE_CHANNEL,
     ROLE_CONV_GROUPS,
     ROLE_DW,
+    ROLE_HEADS,
     ROLE_IN,
     ROLE_NORM,
     ROLE_OUT,
@@ -101,6 +102,11 @@ class ChannelGroup:
     def parts(self) -> int:
         """Number of blocks: a width must be a multiple of it, with width / parts channels kept in each block."""
         return max(self.blocks) + 1 if self.blocks else 1
+
+    @property
+    def unit(self) -> str:
+        """What one of its channels is: "heads" for an attention layer's heads (each head_dim wide), else "ch"."""
+        return 'heads' if any(m.role == ROLE_HEADS for m in self.members) else 'ch'
 
     def block_index(self) -> list[torch.Tensor]:
         """The channels of each block, in order."""

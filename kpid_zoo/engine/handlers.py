@@ -61,12 +61,14 @@ ROLE_DW = 'dw'  # a depthwise conv: its input and output channels are the same c
 ROLE_NORM = 'norm'  # a batch norm's features
 ROLE_CHANNEL = 'channel'  # per-channel weights of a channel-wise layer (PReLU with one weight per channel)
 ROLE_PARAM = 'param'  # a bare per-channel parameter of some module, meeting activations in an elementwise op
-# whole conv-groups of a grouped conv (input and output channels of each, and `groups`): a channel-multiplier conv
-# (groups == in < out) or a grouped conv whose conv-groups are cut whole (an attention head's)
-ROLE_CONV_GROUPS = 'conv_groups'
+ROLE_HEADS = 'heads'  # an attention layer's heads: its channels are heads, each head_dim wide in q, k, v and proj
 
 # (tensor, function mapping a tensor of that shape to one value per position of the role's dimension)
 TensorScores = list[tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]]
+
+# whole conv-groups of a grouped conv (input and output channels of each, and `groups`): a channel-multiplier conv
+# (groups == in < out) or a grouped conv whose conv-groups are cut whole (an attention head's)
+ROLE_CONV_GROUPS = 'conv_groups'
 
 
 def per_channel(dim: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -371,17 +373,18 @@ class LiteMLAHandler(LayerHandler):
         why = self._not_understood(mla)
         if why:
             return ctx.opaque(x, name, f'LiteMLA {why}', proj.conv.out_channels)
-        heads = qkv.conv.out_channels // (3 * dim)
         x = ctx.call(f'{name}.qkv.dropout', x)
         ctx.member(x, f'{name}.qkv.conv', ROLE_IN)
-        qkv_out = ctx.new_repeated(heads, 3 * dim, f'{name}.qkv.conv')
+        heads = ctx.new(self.width(mla, ROLE_HEADS), name, ROLE_HEADS)
+        qkv_out = ctx.repeat(heads, 3 * dim)  # head by head: its q, k and v, dim channels each
+        ctx.member(qkv_out, f'{name}.qkv.conv', ROLE_OUT)
         if isinstance(qkv.norm, nn.modules.batchnorm._BatchNorm):
             ctx.member(qkv_out, f'{name}.qkv.norm', ROLE_NORM)
         for i in range(len(mla.aggreg)):
             ctx.member(qkv_out, f'{name}.aggreg.{i}.0', ROLE_DW)
             ctx.member(qkv_out, f'{name}.aggreg.{i}.1', ROLE_CONV_GROUPS)
         # (scale, head, dim) order: the attention's output is reshaped back with the heads of each scale in turn
-        attn_out = np.tile(ctx.repeat(qkv_out[:: 3 * dim], dim), 1 + len(mla.aggreg))
+        attn_out = np.tile(ctx.repeat(heads, dim), 1 + len(mla.aggreg))
         y = ctx.call(f'{name}.proj.conv', ctx.call(f'{name}.proj.dropout', attn_out))
         return ctx.call(f'{name}.proj.act', ctx.call(f'{name}.proj.norm', y))
 
@@ -411,8 +414,8 @@ class LiteMLAHandler(LayerHandler):
                 )
         return ''
 
-    def slice(self, mla, role, idx):
-        raise AssertionError('LiteMLA is cut through its convs and norms, never as a whole')
+    def width(self, mla, role):
+        return mla.qkv.conv.out_channels // (3 * mla.dim)  # heads: their tensors are cut through the convs' members
 
 
 class MultiQueryAttention2dHandler(LayerHandler):
@@ -431,7 +434,8 @@ class MultiQueryAttention2dHandler(LayerHandler):
             return ctx.opaque(x, name, 'MultiQueryAttention2d with projections that are not dense convs', out_channels)
         q = self._through(ctx, f'{name}.query', mqa.query, x)
         ctx.member(q, f'{name}.query.proj', ROLE_IN)
-        heads = ctx.new_repeated(mqa.num_heads, mqa.key_dim, f'{name}.query.proj')[:: mqa.key_dim]
+        heads = ctx.new(mqa.num_heads, name, ROLE_HEADS)
+        ctx.member(ctx.repeat(heads, mqa.key_dim), f'{name}.query.proj', ROLE_OUT)
         for branch in ('key', 'value'):
             seq = getattr(mqa, branch)
             shared = ctx.call(f'{name}.{branch}.proj', self._through(ctx, f'{name}.{branch}', seq, x))
@@ -455,8 +459,11 @@ class MultiQueryAttention2dHandler(LayerHandler):
             x = ctx.call(f'{prefix}.{child}', x)
         return x
 
-    def refresh(self, mqa):
-        mqa.num_heads = mqa.query.proj.out_channels // mqa.key_dim
+    def set_width(self, mqa, role, n):
+        mqa.num_heads = n
+
+    def width(self, mqa, role):
+        return mqa.num_heads
 
 
 class LayerScale2dHandler(LayerHandler):

@@ -148,27 +148,19 @@ class TraceContext:
         self.ndim = 4  # of the tensor the current layer reads
 
     # -- what handlers call ------------------------------------------------------------------------------------
-    def new(self, size: int, producer: str | None = None) -> Layout:
-        """`size` new channels; `producer` (a module name) makes them a group's, as that module's "out" member."""
+    def new(self, size: int, producer: str | None = None, role: str = ROLE_OUT) -> Layout:
+        """`size` new channels; `producer` (a module name) makes them a group's, as that module's `role` member
+        ("out"; an attention layer produces "heads")."""
         layout = self._elements.new(size)
         self.spaces.append((layout, producer))
         if producer is not None:
-            self.member(layout, producer, ROLE_OUT)
+            self.member(layout, producer, role)
         return layout
 
     def repeat(self, layout: Layout, times: int) -> Layout:
         """Each channel of `layout` at `times` consecutive positions (a channel multiplier's conv-group, an
         attention head's dimensions): those positions are kept or cut together."""
         return np.repeat(layout, times)
-
-    def new_repeated(self, size: int, times: int, producer: str) -> Layout:
-        """`size` new channels of `producer`'s (a group's, named by it) that its output holds at `times` consecutive
-        positions each (whole attention heads); returns the layout of that output."""
-        layout = self._elements.new(size)
-        self.spaces.append((layout, producer))
-        out = self.repeat(layout, times)
-        self.member(out, producer, ROLE_OUT)
-        return out
 
     def member(self, layout: Layout, module: str, role: str) -> None:
         """`module`'s dimension of `role` holds the channels of `layout`, position by position."""
