@@ -35,7 +35,8 @@ def _assert_exact(model, graph, keep):
 def test_random_masks_prune_exactly_and_specs_rebuild_them(name):
     model = random_model(name, 1)
     graph = discover_groups(model, INPUT)
-    keep = random_keep(graph, torch.Generator().manual_seed(1))
+    # groups normalised by a LayerNorm (EfficientViT's head, once LayerNorm has a handler) are inexact by design
+    keep = random_keep(graph, torch.Generator().manual_seed(1), [g for g in graph.prunable if g.exact])
     pruned = _assert_exact(model, graph, keep)
     rebuilt = build_pruned(ArchSpec(name, {g: len(i) for g, i in keep.items()}, INPUT)).double().eval()
     rebuilt.load_state_dict(pruned.state_dict())  # strict: every name and shape agrees
@@ -54,7 +55,7 @@ def test_random_masks_prune_exactly_and_specs_rebuild_them(name):
 @pytest.mark.parametrize('name', [n for n in MODELS if n != 'regnety_002'])
 def test_knapsack_masks_prune_exactly_within_the_flops_target(name):
     model = random_model(name, 2)
-    graph = discover_groups(model, INPUT)
+    graph = discover_groups(model, INPUT).exact_only()  # what the knapsack sees unless a recipe allows inexact groups
     target = 0.5 * count_flops(model, INPUT).gmacs
     result = knapsack_prune(
         model, graph, magnitude_importance(model, graph), target, arch=name, input_size=INPUT, progress=False
