@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 from engine_utils import FAMILIES, INPUT
 
-from kpid_zoo.engine.groups import ROLE_DW, ROLE_IN, ROLE_NORM, ROLE_OUT, discover_groups
+from kpid_zoo.engine.groups import ROLE_CONV_GROUPS, ROLE_DW, ROLE_IN, ROLE_NORM, ROLE_OUT, Member, discover_groups
 from kpid_zoo.engine.surgery import ArchSpec, build_pruned
 
 GOLDEN = FAMILIES + ['efficientnet_b3', 'resnet50', 'regnety_002']
@@ -84,7 +84,7 @@ def test_timm_efficientnet_b1_pruned_widths_are_a_valid_assignment_of_our_groups
     assert shapes == {k: v.shape for k, v in timm_pruned.state_dict().items()}
 
 
-def test_channel_multiplier_convs_and_unknown_layers_are_not_prunable():
+def test_channel_multiplier_convs_cut_whole_conv_groups_and_unknown_layers_are_not_prunable():
     class Unknown(nn.Module):  # no handler: the engine cannot know what it does to channels
         def forward(self, x):
             return torch.roll(x, 1, dims=1)
@@ -99,7 +99,9 @@ def test_channel_multiplier_convs_and_unknown_layers_are_not_prunable():
         nn.Conv2d(8, 4, 1),
     )
     graph = discover_groups(model, INPUT)
-    assert not graph['0'].prunable and 'groups=8, in=8, out=16) is pruned only as a whole' in graph['0'].reason
+    # a channel multiplier (groups == in < out): each input channel and the two outputs of its conv-group go together
+    assert graph['0'].prunable and ('2', ROLE_CONV_GROUPS) in {(m.module, m.role) for m in graph['0'].members}
+    assert graph.layouts[Member('4', ROLE_IN)].multiplicity(graph.index('0')) == 2
     assert not graph['4'].prunable and 'roll is not understood' in graph['4'].reason
     assert all(g.reason for g in graph.groups if not g.prunable)
 

@@ -14,7 +14,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..engine.groups import ROLE_DW, ROLE_IN, ROLE_NORM, ROLE_PARAM, ChannelMap, GroupGraph, Member
+from ..engine.groups import (
+    ROLE_CONV_GROUPS,
+    ROLE_DW,
+    ROLE_IN,
+    ROLE_NORM,
+    ROLE_PARAM,
+    ChannelMap,
+    GroupGraph,
+    Member,
+)
 from ..engine.handlers import handler_for
 from ..errors import UserError
 
@@ -63,6 +72,9 @@ def timed_layers(model: nn.Module, graph: GroupGraph) -> list[TimedLayer]:
             # a layer with members of its own and inside it (an attention layer's heads, and its qkv and proj)
             member = roles[name] + [r for m, rs in roles.items() if m.startswith(name + '.') for r in rs]
             input_channels = next((c for m, c in member if m.role in (ROLE_IN, ROLE_DW, ROLE_NORM)), None)
+            cut_whole = next((c for m, c in member if m.role == ROLE_CONV_GROUPS), None)
+            if input_channels is None and cut_whole is not None:
+                input_channels = _conv_groups_input(module, cut_whole)
         elif leaf and name in graph.outputs and _prunable_in(graph, graph.outputs[name], prunable):
             member, input_channels = [], graph.outputs[name]  # channel-wise: its input has its output's channels
         else:
@@ -78,6 +90,13 @@ def timed_layers(model: nn.Module, graph: GroupGraph) -> list[TimedLayer]:
         timed.append(TimedLayer(name, member, groups, input_channels))
         taken.append(name)
     return timed
+
+
+def _conv_groups_input(conv: nn.Module, channels: ChannelMap) -> ChannelMap:
+    """The input of a grouped conv cut in whole conv-groups (a channel multiplier's): each conv-group's inputs
+    hold the channel its outputs hold."""
+    per_in, per_out = conv.in_channels // conv.groups, conv.out_channels // conv.groups
+    return ChannelMap(np.repeat(channels.group[::per_out], per_in), np.repeat(channels.channel[::per_out], per_in))
 
 
 def record_shapes(model: nn.Module, layers: list[TimedLayer], x: torch.Tensor) -> list[TimedLayer]:

@@ -18,8 +18,9 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import UserError, one_line
 from .handlers import ROLE_PARAM, handler_for
-from .tracing import Layout, Opaque, TraceContext, Traced, _channels, _ndim, trace
+from .tracing import Layout, Opaque, TraceContext, Traced, TraceFailure, _channels, _ndim, is_timm_leaf, trace
 
 __all__ = ['follow_layouts']
 
@@ -107,16 +108,26 @@ def follow_layouts(model: nn.Module, input_size: tuple[int, int, int]) -> Traced
     """Trace `model` and follow its channel layouts, node by node (see the module docstring)."""
     try:
         gm = trace(model, input_size)
-    except Exception as e:  # fx raises many kinds; the user needs to know which model and why
-        cause = e
-        while cause.__cause__ is not None:  # ShapeProp wraps the failing op's error in a page about the node
-            cause = cause.__cause__
-        raise ValueError(
-            f'cannot trace {type(model).__name__} with torch.fx to find its channel groups: {cause}'
+    except TraceFailure as e:  # the user needs to know which model, which module and why, in one line
+        hint = ''
+        if e.where.startswith('in '):
+            kind = e.where.split('(', 1)[1].split(')', 1)[0]
+            hint = f'; register a layer handler for {kind} (kpid_zoo.register_layer_handler) to trace it as one layer'
+        raise UserError(
+            f'cannot trace {type(model).__name__} with torch.fx to find its channel groups: {one_line(e, 400)}{hint}'
         ) from e
     follower = _LayoutFollower(dict(gm.named_modules()))
     for node in gm.graph.nodes:
-        _STEPS[follower.kind(node)](follower, node)
+        try:
+            _STEPS[follower.kind(node)](follower, node)
+        except (ValueError, IndexError, KeyError, TypeError) as e:  # a graph the steps cannot follow: say where
+            stack = list(node.meta.get('nn_module_stack', {}))
+            where = f' in {stack[-1]}' if stack else ''
+            target = getattr(node.target, '__name__', node.target)
+            raise UserError(
+                f'cannot follow the channels of {type(model).__name__}: node {node.name} ({node.op} {target}){where}: '
+                f'{one_line(e, 300)}'
+            ) from e
         if node in follower.layout:
             # a module's output is the last value computed inside it (containers such as stages included)
             for module_name in node.meta.get('nn_module_stack', {}):
@@ -263,7 +274,10 @@ class _LayoutFollower:
         ins = [self.layout[a] for a in in_nodes]
         handler = handler_for(mod)
         cdim = self.cdim_of(in_nodes[0]) if in_nodes else 1
-        if handler is None or not ins:
+        if handler is None and is_timm_leaf(mod):
+            why = 'is traced as one layer (timm marks it not traceable) and has no layer handler'
+            self.opaque(node, f'{name}: {type(mod).__name__} {why}')
+        elif handler is None or not ins:
             self.opaque(node, f'{name}: {type(mod).__name__} is not understood channel by channel')
         elif cdim != 1 and not handler.any_channel_dim:
             self.opaque(

@@ -32,6 +32,7 @@ import torch.nn as nn
 from ._layouts import follow_layouts
 from .handlers import (  # noqa: F401 (re-exported)
     ROLE_CHANNEL,
+    ROLE_CONV_GROUPS,
     ROLE_DW,
     ROLE_HEADS,
     ROLE_IN,

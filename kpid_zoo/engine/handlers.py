@@ -10,15 +10,21 @@ A handler says, for the layers of its type,
 Roles name the dimension of a layer a channel group owns: `out` (the filters producing new channels), `in` (the
 slice of each filter reading them), `dw` (a depthwise conv: input and output are the same channels), `norm` (a
 batch norm's features), `channel` (per-channel weights of a channel-wise layer, e.g. PReLU) and `param` (a bare
-per-channel parameter, e.g. `x * self.gamma`, found by the engine itself).
+per-channel parameter, e.g. `x * self.gamma`, found by the engine itself). `conv_groups` (whole conv-groups of a
+grouped conv, their inputs with their outputs: a channel multiplier's, an attention head's) holds a channel at
+several positions, as an attention head's projections hold each head at `head_dim` positions.
 
 A layer type the registry does not know is opaque: the channels it reads or writes are fixed, with the reason.
 Teach the engine a custom module with `register_layer_handler(MyModule, MyHandler())` (or as a class decorator
 on the handler); the most specific registered class of a module wins, so subclasses inherit their base's handler.
+A registered module is traced as one layer (a leaf), unless its handler sets `leaf = False` (then it only keeps the
+module's size attributes true after a cut, in `refresh`). Modules timm registers as not traceable by torch.fx are
+leaves too; without a handler, their channels are fixed.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -34,6 +40,7 @@ from timm.layers import (
     LayerNorm2d,
     LayerNorm2dFp32,
     LayerNormAct2d,
+    LayerScale2d,
     MixedConv2d,
     ScaledStdConv2d,
     ScaledStdConv2dSame,
@@ -44,9 +51,13 @@ from timm.layers import (
 )
 from timm.layers import activations as timm_act
 from timm.layers import activations_me as timm_act_me
+from timm.layers.attention2d import MultiQueryAttention2d
 from timm.layers.grn import GlobalResponseNorm
 from timm.layers.norm import LayerNormExp2d
 from timm.layers.norm_act import LayerNormAct2dFp32
+from timm.models.efficientvit_mit import ClassifierHead as EfficientVitClassifierHead
+from timm.models.efficientvit_mit import LiteMLA
+from timm.models.fastvit import MobileOneBlock, ReparamLargeKernelConv, RepConditionalPosEnc, RepMixer
 
 if TYPE_CHECKING:
     from .tracing import Layout, TraceContext
@@ -61,6 +72,10 @@ ROLE_HEADS = 'heads'  # an attention layer's heads: its channels are heads, each
 
 # (tensor, function mapping a tensor of that shape to one value per position of the role's dimension)
 TensorScores = list[tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]]
+
+# whole conv-groups of a grouped conv (input and output channels of each, and `groups`): a channel-multiplier conv
+# (groups == in < out) or a grouped conv whose conv-groups are cut whole (an attention head's)
+ROLE_CONV_GROUPS = 'conv_groups'
 
 
 def per_channel(dim: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -86,6 +101,10 @@ class LayerHandler:
     # False: the layer reads NCHW-style tensors, channels on dim 1 (a layer given channels elsewhere is opaque);
     # True: `propagate` checks `ctx.cdim` itself (channel-wise ops, linear layers and norms on channels-last tensors)
     any_channel_dim = False
+
+    # A leaf is traced as one layer, through `propagate`; otherwise the tracer goes through the module's forward and
+    # the handler only keeps the module's own size attributes true after a cut (`refresh`)
+    leaf = True
 
     def propagate(self, ctx: TraceContext, name: str, module: nn.Module, x: Layout) -> Layout:
         """The layout of the output, given the layout `x` of the (first) input; record members with `ctx`."""
@@ -159,9 +178,13 @@ class ConvHandler(LayerHandler):
         if g == conv.in_channels == conv.out_channels:
             ctx.member(x, name, ROLE_DW)
             return x
-        if conv.in_channels % g or conv.out_channels % g or g == conv.in_channels:
-            # a channel multiplier (groups == in < out) ties each input to a block of outputs: only whole
-            # conv-groups could go, which would change `groups`
+        if g == conv.in_channels and conv.out_channels % g == 0:
+            # a channel multiplier: each input channel is the only input of its conv-group, whose outputs it alone
+            # makes, so the input channel and those outputs go together, and whole conv-groups with them
+            y = ctx.repeat(x, conv.out_channels // g)
+            ctx.member(y, name, ROLE_CONV_GROUPS)
+            return y
+        if conv.in_channels % g or conv.out_channels % g:
             return ctx.opaque(
                 x,
                 name,
@@ -197,6 +220,10 @@ class ConvHandler(LayerHandler):
             conv.out_channels = n
         elif role == ROLE_IN:
             conv.in_channels = n
+        elif role == ROLE_CONV_GROUPS:  # n output positions, in whole conv-groups
+            per_in, per_out = conv.in_channels // conv.groups, conv.out_channels // conv.groups
+            conv.groups = n // per_out
+            conv.in_channels, conv.out_channels = conv.groups * per_in, n
         else:
             conv.in_channels = conv.out_channels = conv.groups = n
 
@@ -211,7 +238,7 @@ class ConvHandler(LayerHandler):
         return super().importance_tensors(conv, role)
 
     def filters(self, conv, role):
-        return [(conv.weight, per_channel(0))] if role in (ROLE_OUT, ROLE_DW) else []
+        return [(conv.weight, per_channel(0))] if role in (ROLE_OUT, ROLE_DW, ROLE_CONV_GROUPS) else []
 
 
 class WeightStandardizedConvHandler(ConvHandler):
@@ -456,6 +483,178 @@ class AttentionHandler(LayerHandler):
         return attn.num_heads
 
 
+# -- timm layers traced as one (EfficientViT, MobileNetV4 hybrids) and reparameterisable blocks (FastViT) ----------
+
+
+class LiteMLAHandler(LayerHandler):
+    """timm's LiteMLA (EfficientViT's multi-scale linear attention), traced as one layer as timm traces it (its
+    forward branches on the device type). Its heads are pruned whole: a head is `3 * dim` consecutive channels of
+    the qkv conv (its q, k and v), the same channels of each scale's depthwise conv and of that scale's grouped
+    conv (three whole conv-groups of `dim`), and `dim` consecutive inputs of the projection per scale. The heads
+    compute independently and meet only in the projection, so removing one equals zeroing its projection inputs.
+    The head dimension stays: its q and k dims meet in a matmul, and `reshape` keeps `3 * dim` per head.
+    The input and the projection's output are plain channels (the residual stream's)."""
+
+    def propagate(self, ctx, name, mla, x):
+        qkv, proj, dim = mla.qkv, mla.proj, mla.dim
+        why = self._not_understood(mla)
+        if why:
+            return ctx.opaque(x, name, f'LiteMLA {why}', proj.conv.out_channels)
+        x = ctx.call(f'{name}.qkv.dropout', x)
+        ctx.member(x, f'{name}.qkv.conv', ROLE_IN)
+        heads = ctx.new(self.width(mla, ROLE_HEADS), name, ROLE_HEADS)
+        qkv_out = ctx.repeat(heads, 3 * dim)  # head by head: its q, k and v, dim channels each
+        ctx.member(qkv_out, f'{name}.qkv.conv', ROLE_OUT)
+        if isinstance(qkv.norm, nn.modules.batchnorm._BatchNorm):
+            ctx.member(qkv_out, f'{name}.qkv.norm', ROLE_NORM)
+        for i in range(len(mla.aggreg)):
+            ctx.member(qkv_out, f'{name}.aggreg.{i}.0', ROLE_DW)
+            ctx.member(qkv_out, f'{name}.aggreg.{i}.1', ROLE_CONV_GROUPS)
+        # (scale, head, dim) order: the attention's output is reshaped back with the heads of each scale in turn
+        attn_out = np.tile(ctx.repeat(heads, dim), 1 + len(mla.aggreg))
+        y = ctx.call(f'{name}.proj.conv', ctx.call(f'{name}.proj.dropout', attn_out))
+        return ctx.call(f'{name}.proj.act', ctx.call(f'{name}.proj.norm', y))
+
+    @staticmethod
+    def _not_understood(mla) -> str:
+        """Why the layout above does not hold for this LiteMLA ("" when it does)."""
+        qkv, dim = mla.qkv, mla.dim
+        total = qkv.conv.out_channels
+        if type(qkv.conv) is not nn.Conv2d or qkv.conv.groups != 1 or total % (3 * dim):
+            return f'with a qkv conv of {total} channels that are not whole heads of 3 x {dim}'
+        if not isinstance(qkv.norm, (nn.Identity, nn.modules.batchnorm._BatchNorm)) or not all(
+            isinstance(handler_for(m), ChannelwiseHandler) and not any(True for _ in m.parameters())
+            for m in (qkv.act, mla.kernel_func)
+        ):
+            return 'with a qkv norm or activation that is not a batch norm or channel-wise'
+        for scale in mla.aggreg:
+            dw, grouped = (scale[0], scale[1]) if len(scale) == 2 else (None, None)
+            if not (
+                type(dw) is nn.Conv2d
+                and dw.groups == dw.in_channels == dw.out_channels == total
+                and type(grouped) is nn.Conv2d
+                and grouped.in_channels == grouped.out_channels == total
+                and grouped.groups * dim == total
+            ):
+                return (
+                    'with an aggregation that is not a depthwise conv then a grouped conv of one conv-group per q/k/v'
+                )
+        return ''
+
+    def width(self, mla, role):
+        return mla.qkv.conv.out_channels // (3 * mla.dim)  # heads: their tensors are cut through the convs' members
+
+
+class MultiQueryAttention2dHandler(LayerHandler):
+    """timm's MultiQueryAttention2d (MobileNetV4's hybrid blocks), traced as one layer: its query heads are pruned
+    whole (`key_dim` consecutive channels of the query projection, `value_dim` consecutive inputs of the output
+    projection), the key and value (one head, shared by every query head) stay whole, and its input and output are
+    plain channels (the residual stream's). A query head meets only its own softmax and the output projection, so
+    removing one equals zeroing its inputs to the output projection."""
+
+    def propagate(self, ctx, name, mqa, x):
+        out_channels = mqa.output.proj.out_channels
+        if getattr(mqa, 'einsum', False) or any(
+            type(getattr(seq, 'proj', None)) is not nn.Conv2d or seq.proj.groups != 1
+            for seq in (mqa.query, mqa.key, mqa.value, mqa.output)
+        ):
+            return ctx.opaque(x, name, 'MultiQueryAttention2d with projections that are not dense convs', out_channels)
+        q = self._through(ctx, f'{name}.query', mqa.query, x)
+        ctx.member(q, f'{name}.query.proj', ROLE_IN)
+        heads = ctx.new(mqa.num_heads, name, ROLE_HEADS)
+        ctx.member(ctx.repeat(heads, mqa.key_dim), f'{name}.query.proj', ROLE_OUT)
+        for branch in ('key', 'value'):
+            seq = getattr(mqa, branch)
+            shared = ctx.call(f'{name}.{branch}.proj', self._through(ctx, f'{name}.{branch}', seq, x))
+            ctx.block(shared, f'{name}.{branch}.proj: one {branch} head, shared by every query head')
+        o = ctx.repeat(heads, mqa.value_dim)
+        for child, module in mqa.output.named_children():
+            if child == 'proj':
+                o = ctx.call(f'{name}.output.proj', o)
+            elif not isinstance(module, (nn.Upsample, nn.Dropout)):
+                return ctx.opaque(
+                    x, name, f'MultiQueryAttention2d with output.{child} ({type(module).__name__})', out_channels
+                )
+        return o
+
+    @staticmethod
+    def _through(ctx, prefix, seq, x):
+        """x through a projection's pooling, depthwise conv and norm (everything before its `proj`)."""
+        for child, _ in seq.named_children():
+            if child == 'proj':
+                return x
+            x = ctx.call(f'{prefix}.{child}', x)
+        return x
+
+    def set_width(self, mqa, role, n):
+        mqa.num_heads = n
+
+    def width(self, mqa, role):
+        return mqa.num_heads
+
+
+class LayerScale2dHandler(LayerHandler):
+    """timm's LayerScale2d (NCHW: `x * gamma.view(1, -1, 1, 1)`, MobileNetV4's blocks): one scale per channel,
+    sliced with the channels it scales."""
+
+    def propagate(self, ctx, name, scale, x):
+        if scale.gamma.dim() != 1 or len(scale.gamma) != len(x) or ctx.ndim != 4:
+            return ctx.opaque(
+                x, name, f'LayerScale2d with gamma of shape {tuple(scale.gamma.shape)} on {len(x)} channels'
+            )
+        ctx.member(x, name, ROLE_CHANNEL)
+        return x
+
+    def tensors(self, scale, role):
+        return [('gamma', 0)]
+
+
+class EfficientVitHeadHandler(LayerHandler):
+    """EfficientViT's classifier head (a conv before the pool, then linear, norm, linear), traced through: after a
+    cut, `refresh` keeps its `in_features` and `num_features` true, which `reset_classifier` checks."""
+
+    leaf = False
+
+    def refresh(self, head):
+        conv = getattr(head.in_conv, 'conv', None)
+        if isinstance(conv, nn.Conv2d):
+            head.in_features = conv.in_channels
+        if isinstance(head.classifier[0], nn.Linear):
+            head.num_features = head.classifier[0].out_features
+
+
+class ReparamBlockHandler(LayerHandler):
+    """FastViT's reparameterisable blocks (MobileOne, RepLKNet's large-kernel conv, RepMixer, the conditional
+    position encoding), traced through: their train-time branches are plain convs and batch norms summed, which
+    the engine follows. After a cut, `refresh` keeps the sizes their `reparameterize()` reads true (in_chs, out_chs,
+    groups, dim), so a pruned network still fuses with timm's `reparameterize_model`."""
+
+    leaf = False
+
+    def refresh(self, block):
+        conv = getattr(block, 'reparam_conv', None)
+        for path in ('conv_kxk.0.conv', 'conv_scale.conv', 'large_conv.conv', 'mixer.conv_kxk.0.conv', 'pos_enc'):
+            if conv is not None:
+                break
+            with contextlib.suppress(AttributeError, IndexError, TypeError):
+                conv = block.get_submodule(path)
+        if conv is None:  # a MobileOneBlock of only its identity batch norm (RepMixer's norm): depthwise
+            identity = getattr(block, 'identity', None)
+            if identity is not None:
+                depthwise = block.groups == block.in_chs
+                block.in_chs = block.out_chs = identity.num_features
+                block.groups = block.in_chs if depthwise else block.groups
+        elif hasattr(block, 'in_chs'):
+            block.in_chs, block.out_chs, block.groups = conv.in_channels, conv.out_channels, conv.groups
+        elif hasattr(block, 'dim_out'):
+            block.dim, block.dim_out, block.groups = conv.in_channels, conv.out_channels, conv.groups
+        else:
+            block.dim = conv.out_channels
+        id_tensor = getattr(block, 'id_tensor', None)
+        if id_tensor is not None and id_tensor.shape[0] != getattr(block, 'in_chs', id_tensor.shape[0]):
+            del block.id_tensor  # built again at the pruned width when the block is fused
+
+
 _REGISTRY: dict[type, LayerHandler] = {}
 
 
@@ -543,6 +742,12 @@ def _register_builtins() -> None:
         register_layer_handler(cls, LayerNormHandler(channels_first=True))
     register_layer_handler(GlobalResponseNorm, GlobalResponseNormHandler())
     register_layer_handler(Attention, AttentionHandler())
+    register_layer_handler(LiteMLA, LiteMLAHandler())
+    register_layer_handler(MultiQueryAttention2d, MultiQueryAttention2dHandler())
+    register_layer_handler(LayerScale2d, LayerScale2dHandler())
+    register_layer_handler(EfficientVitClassifierHead, EfficientVitHeadHandler())
+    for cls in (MobileOneBlock, ReparamLargeKernelConv, RepMixer, RepConditionalPosEnc):
+        register_layer_handler(cls, ReparamBlockHandler())
 
 
 _register_builtins()

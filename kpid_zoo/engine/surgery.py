@@ -365,6 +365,11 @@ def _update_model_widths(model: nn.Module, graph: GroupGraph, widths: dict[str, 
         head.in_features = graph.width(graph.global_pool, widths)
         head.num_features = head.pre_logits.fc.out_features if head.hidden_size else head.in_features
         head.hidden_size = head.num_features if head.hidden_size else head.hidden_size
+    in_conv = getattr(head, 'in_conv', None)
+    if isinstance(in_conv, nn.Module) and not isinstance(in_conv, nn.Identity) and hasattr(model, 'num_features'):
+        # a head that convolves before it pools (EfficientViT's): the features are what enters the head, whose
+        # handler keeps `in_features` true
+        model.num_features = getattr(head, 'in_features', model.num_features)
     if hasattr(model, 'head_hidden_size'):
         if isinstance(classifier, nn.Linear):
             model.head_hidden_size = classifier.in_features

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import io
+import linecache
+import traceback
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from timm.layers._fx import get_notrace_functions
+from timm.layers._fx import get_notrace_functions, get_notrace_modules
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..core.threads import fixed_threads
@@ -39,13 +41,61 @@ class Member:
 
 
 class _Tracer(fx.Tracer):
-    """Keeps the layers that have a handler as leaves, and timm's untraceable helpers opaque."""
+    """Keeps the layers that have a handler as leaves, and what timm's own FX feature extraction keeps opaque
+    (`timm.layers._fx`: the modules and functions timm registers as not traceable, e.g. EfficientViT's LiteMLA,
+    whose forward branches on the device type), so that every model timm traces, the engine traces. A leaf
+    without a handler fixes the channels it touches, with its name in the reason. When tracing fails,
+    `failed_in` names the innermost module being traced (qualified name, type)."""
 
     def __init__(self) -> None:
         super().__init__(autowrap_functions=tuple(get_notrace_functions()))
+        self.failed_in: tuple[str, str] | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return handler_for(m) is not None or super().is_leaf_module(m, qualname)
+        handler = handler_for(m)
+        if handler is not None and not handler.leaf:
+            return False
+        return handler is not None or is_timm_leaf(m) or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:  # the innermost module sees the error first
+                self.failed_in = (self.path_of_module(m), type(m).__name__)
+            raise
+
+
+def is_timm_leaf(module: nn.Module) -> bool:
+    """Whether timm registers `module`'s type as not traceable by torch.fx (`timm.layers.register_notrace_module`)."""
+    return isinstance(module, tuple(get_notrace_modules()))
+
+
+class TraceFailure(Exception):
+    """torch.fx could not trace a network: `where` names the module (and the source line) it failed in."""
+
+    def __init__(self, where: str, cause: BaseException) -> None:
+        super().__init__(f'{where}: {cause}' if where else str(cause))
+        self.where, self.cause = where, cause
+
+
+def _source_line(error: BaseException) -> str:
+    """file:line and code of the innermost frame outside torch that raised `error` (the model's own code)."""
+    for frame in reversed(traceback.extract_tb(error.__traceback__)):
+        if '/torch/' not in frame.filename and '/kpid_zoo/' not in frame.filename:
+            code = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
+            return f'{frame.filename.rsplit("/", 1)[-1]}:{frame.lineno}' + (f' ({code})' if code else '')
+    return ''
+
+
+class _ShapeProp(ShapeProp):
+    """ShapeProp that remembers the node it runs, to name it when the pass fails."""
+
+    node: fx.Node | None = None
+
+    def run_node(self, n: fx.Node):
+        self.node = n
+        return super().run_node(n)
 
 
 class Elements:
@@ -107,6 +157,11 @@ class TraceContext:
         if producer is not None:
             self.member(layout, producer, role)
         return layout
+
+    def repeat(self, layout: Layout, times: int) -> Layout:
+        """Each channel of `layout` at `times` consecutive positions (a channel multiplier's conv-group, an
+        attention head's dimensions): those positions are kept or cut together."""
+        return np.repeat(layout, times)
 
     def member(self, layout: Layout, module: str, role: str) -> None:
         """`module`'s dimension of `role` holds the channels of `layout`, position by position."""
@@ -175,8 +230,15 @@ def _ndim(node) -> int | None:
 
 
 def trace(model: nn.Module, input_size: tuple[int, int, int]) -> fx.GraphModule:
-    """Symbolic trace with shapes propagated on one real (zero) batch."""
-    graph = _Tracer().trace(model)
+    """Symbolic trace with shapes propagated on one real (zero) batch; a `TraceFailure` names where it failed."""
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:  # fx raises many kinds: control flow on a traced value, len() or iter() of one...
+        module, kind = tracer.failed_in or ('', '')
+        where = f'in {module} ({kind})' if module else ''
+        line = _source_line(e)
+        raise TraceFailure(f'{where} at {line}' if where and line else where or line, e) from e
     gm = fx.GraphModule(model, graph)
     was_training = gm.training
     gm.eval()
@@ -187,8 +249,19 @@ def trace(model: nn.Module, input_size: tuple[int, int, int]) -> fx.GraphModule:
     try:
         # ShapeProp prints the traceback of a failing node to stderr before raising; the error itself is the caller's
         # to word (one line for a user), so the print goes nowhere
+        prop = _ShapeProp(gm)
         with fixed_threads(1), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-            ShapeProp(gm).propagate(torch.zeros(1, *input_size, dtype=dtype, device=device))
+            prop.propagate(torch.zeros(1, *input_size, dtype=dtype, device=device))
+    except Exception as e:
+        cause = e
+        while cause.__cause__ is not None:  # ShapeProp wraps the failing op's error in a page about the node
+            cause = cause.__cause__
+        node = prop.node
+        stack = list(node.meta.get('nn_module_stack', {}).values()) if node is not None else []
+        where = f'in {stack[-1][0]} ({getattr(stack[-1][1], "__name__", stack[-1][1])})' if stack else ''
+        if node is not None:
+            where = f'{where} at node {node.name}' if where else f'at node {node.name}'
+        raise TraceFailure(where, cause) from e
     finally:
         gm.train(was_training)
     return gm
