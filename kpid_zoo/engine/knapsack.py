@@ -143,8 +143,10 @@ def solve_knapsack(
     choices: dict[str, list[int]],
     resolution: int = 20000,
     blocks: dict[str, list[torch.Tensor]] | None = None,
+    floor: float = 0.0,
 ) -> KnapsackSolution:
-    """Pick one width per group maximising sum(top-k importance) s.t. sum(unit_cost * width) <= budget.
+    """Pick one width per group maximising sum(top-k importance) s.t. sum(unit_cost * width) <= budget (and
+    >= `floor`, when one is given: the best of what costs at least that much, not the best overall).
 
     A group in `blocks` keeps the top width / len(blocks) channels of each of its blocks (grouped convs)."""
     names = list(choices)
@@ -162,7 +164,9 @@ def solve_knapsack(
     nudge = 1e-9 * (total / channels if total > 0 else 1.0)
     ranked = {g: c + nudge * np.arange(len(c)) for g, c in cum.items()}
     unit = budget / resolution
-    dp = np.zeros(resolution + 1)
+    # dp[i]: the best value costing at most i units; with a floor, costing exactly i units (so the answer can be
+    # taken among the costs at or above the floor)
+    dp = np.zeros(resolution + 1) if floor <= 0 else np.r_[0.0, np.full(resolution, -np.inf)]
     picks = np.zeros((len(names), resolution + 1), dtype=np.int32)
     for gi, g in enumerate(names):
         best = np.full(resolution + 1, -np.inf)
@@ -175,13 +179,19 @@ def solve_knapsack(
             better = cand > best
             best[better], picks[gi][better] = cand[better], ci
         dp = best
-    if not np.isfinite(dp[resolution]):
-        floor = sum(unit_cost[g] * choices[g][0] for g in names)
+    b = resolution
+    if floor > 0:
+        first = min(resolution, math.ceil(floor / unit - 1e-9))
+        b = first + int(np.argmax(dp[first:]))
+        if not np.isfinite(dp[b]):
+            raise ValueError(f'knapsack: no width assignment costs between {floor:.4g} and {budget:.4g}')
+    if not np.isfinite(dp[b]):
+        narrowest = sum(unit_cost[g] * choices[g][0] for g in names)
         raise UserError(
-            f'knapsack: even the narrowest widths cost {floor:.4g} FLOPs, over the budget of '
+            f'knapsack: even the narrowest widths cost {narrowest:.4g} FLOPs, over the budget of '
             f'{budget:.4g}: the target is below the smallest reachable'
         )
-    widths, b = {}, resolution
+    widths = {}
     for gi in reversed(range(len(names))):
         g = names[gi]
         k = choices[g][picks[gi][b]]
@@ -213,13 +223,75 @@ def solve_for_budget(
     high: float,
     steps: int = 40,
     blocks: dict[str, list[torch.Tensor]] | None = None,
+    relinearise: int = 3,
 ) -> KnapsackSolution:
     """The knapsack on the cost linearised at `widths`, with the budget bisected until the exact cost of the
-    solution lies in [low, high]; failing that, the feasible solution closest to `high`."""
+    solution lies in [low, high]; failing that, the feasible solution closest to `high`.
+
+    A cost that is not linear in the widths can leave the bisection torn between a solution under `low` and one
+    over `high`: a ViT's embedding width multiplies the cost of every block, so at 64 px one step of it is 4% of
+    the network, and marginal costs taken at full width misprice the blocks' widths beside a narrow embedding.
+    Linearised again at the cheapest solution over `high` (up to `relinearise` times), the marginal costs are the
+    true ones near the target, and the bisection finds what lies between."""
+    best, over = _bisect(importance, cost, widths, choices, low, high, steps, blocks)
+    for _ in range(relinearise):
+        if over is None or (best is not None and best[0] >= low):
+            break
+        again, over = _bisect(importance, cost, over[1].widths, choices, low, high, steps, blocks)
+        if again is not None and (best is None or again[0] > best[0]):
+            best = again
+    if over is not None and (best is None or best[0] < low):
+        # Still torn: the most important channels under `high` cost less than `low` (one step of a wide group is
+        # more than the tolerance, and the knapsack's value prefers the step down). Ask for the best assignment
+        # whose cost lies in [low, high] instead, on the cost linearised at the solution just over `high`.
+        windowed = _window(importance, cost, over[1].widths, choices, low, high, blocks)
+        if windowed is not None:
+            best = windowed
+    if best is None:
+        raise UserError(
+            f'knapsack: no width assignment costs at most {cost.describe(high)}; the target is '
+            f'below the smallest reachable'
+        )
+    return best[1]
+
+
+def _window(
+    importance: dict[str, torch.Tensor],
+    cost: Cost,
+    widths: dict[str, int],
+    choices: dict[str, list[int]],
+    low: float,
+    high: float,
+    blocks: dict[str, list[torch.Tensor]] | None,
+) -> tuple[float, KnapsackSolution] | None:
+    """The best solution whose linearised cost lies in [low, high] shifted to the linearisation at `widths` (near
+    there, cost(w) ~ cost(widths) + marginal . (w - widths)); kept only if its exact cost lies in [low, high]."""
+    marginal = cost.marginal(widths)
+    shift = cost.at(widths) - sum(marginal[g] * widths[g] for g in choices)
+    try:
+        sol = solve_knapsack(importance, marginal, high - shift, choices, blocks=blocks, floor=low - shift)
+    except ValueError:
+        return None
+    value = cost.at(sol.widths)
+    return (value, sol) if low <= value <= high else None
+
+
+def _bisect(
+    importance: dict[str, torch.Tensor],
+    cost: Cost,
+    widths: dict[str, int],
+    choices: dict[str, list[int]],
+    low: float,
+    high: float,
+    steps: int,
+    blocks: dict[str, list[torch.Tensor]] | None,
+) -> tuple[tuple[float, KnapsackSolution] | None, tuple[float, KnapsackSolution] | None]:
+    """The budget bisected on the cost linearised at `widths`: the best solution costing at most `high`, and the
+    cheapest one found over it (exact costs beside each)."""
     marginal = cost.marginal(widths)
     lo = sum(marginal[g] * ch[0] for g, ch in choices.items())
     hi = sum(marginal[g] * ch[-1] for g, ch in choices.items())
-    best = None
+    best = over = None
     for _ in range(steps):
         budget = (lo + hi) / 2
         try:
@@ -230,15 +302,12 @@ def solve_for_budget(
         value = cost.at(sol.widths)
         if value <= high and (best is None or value > best[0]):
             best = (value, sol)
+        if value > high and (over is None or value < over[0]):
+            over = (value, sol)
         if low <= value <= high:
             break
         lo, hi = (budget, hi) if value < low else (lo, budget)
-    if best is None:
-        raise UserError(
-            f'knapsack: no width assignment costs at most {cost.describe(high)}; the target is '
-            f'below the smallest reachable'
-        )
-    return best[1]
+    return best, over
 
 
 def _lp_bound(
