@@ -60,6 +60,7 @@ from kpid_zoo.budget.prune import knapsack_prune, latency_knapsack_prune  # noqa
 from kpid_zoo.budget.timing import LatencySetting, Paired, Timing, cpu_model, measure_paired, time_once  # noqa: E402
 from kpid_zoo.core.files import default_cache_dir, json_sha256, read_json, write_json  # noqa: E402
 from kpid_zoo.core.recipe import BudgetSpec  # noqa: E402
+from kpid_zoo.core.threads import fixed_threads  # noqa: E402
 from kpid_zoo.deploy.onnx import onnx_bytes  # noqa: E402
 from kpid_zoo.deploy.runtimes import RUNTIMES, bind, get_runtime  # noqa: E402
 from kpid_zoo.engine.flops import count_flops, count_params  # noqa: E402
@@ -98,23 +99,22 @@ class Setting:
     table_repeats: int  # timed calls per grid point of a lookup table
     fractions: tuple[float, ...]  # the eager-PyTorch table's width grid (as benchmarks/latency.py: its cache reused)
     deploy_fractions: tuple[float, ...]  # ONNX Runtime / OpenVINO tables: a session per layer shape, fewer widths
+    max_rounds: int = 6  # the latency loop's rounds (its default)
 
     @property
     def label(self) -> str:
         threads = f'{self.threads} thread{"s" if self.threads != 1 else ""}'
         return f'batch {self.batch_size}, {threads}, {self.px} px'
 
-    def latency(self, runtime: str = 'torch') -> LatencySetting:
-        extra = {'runtime': runtime} if runtime_budgets() else {}
-        return LatencySetting('cpu', self.batch_size, self.threads, **extra)
-
 
 def settings(quick: bool) -> dict[str, Setting]:
     cores = os.cpu_count() or 1
     if quick:
         return {
-            'b1': Setting('b1', 1, 1, 224, 4, 3, 2, (0.5, 1.0), (0.5, 1.0)),
-            'b32': Setting('b32', 4, cores, 32, 4, 3, 2, (0.5, 1.0), (0.5, 1.0)),
+            'b1': Setting('b1', 1, 1, 224, 4, 3, 2, (0.5, 1.0), (0.5, 1.0), max_rounds=2),
+            # one thread: all cores of a busy 2-core machine stall eager PyTorch's every layer, and a smoke run
+            # only needs the code path
+            'b32': Setting('b32', 4, 1, 32, 4, 3, 2, (0.5, 1.0), (0.5, 1.0), max_rounds=2),
         }
     coarse = (0.25, 0.5, 1.0)
     return {
@@ -153,19 +153,21 @@ def arm_label(arm: str, parent: str, stock: str) -> str:
 # paired timing of compiled networks
 
 
-def paired_calls(a, b, *, warmup: int, repeats: int) -> Paired:
+def paired_calls(a, b, *, threads: int, warmup: int, repeats: int) -> Paired:
     """`a()` and `b()` (compiled networks bound to their input) timed in alternation, ABBA, the ratio call pair by
     call pair: `kpid_zoo.budget.timing.measure_paired`'s loop, over networks compiled once in a runtime rather than
-    torch modules (each runtime fixes its own threads at compile time)."""
+    torch modules. ONNX Runtime and OpenVINO fix their threads at compile time; torch's count is fixed around the
+    whole loop, so eager PyTorch's per-call `fixed_threads` changes nothing between calls."""
     setting = LatencySetting()  # time_once's CPU clock
-    for _ in range(warmup):
-        a(), b()
-    ours: list[float] = []
-    theirs: list[float] = []
-    for i in range(repeats):
-        pair = ((a, ours), (b, theirs))
-        for fn, samples in pair if i % 2 == 0 else pair[::-1]:
-            samples.append(time_once(fn, setting))
+    with fixed_threads(threads), torch.inference_mode():
+        for _ in range(warmup):
+            a(), b()
+        ours: list[float] = []
+        theirs: list[float] = []
+        for i in range(repeats):
+            pair = ((a, ours), (b, theirs))
+            for fn, samples in pair if i % 2 == 0 else pair[::-1]:
+                samples.append(time_once(fn, setting))
     return Paired(Timing.of(ours), Timing.of(theirs), Timing.of([x / y for x, y in zip(ours, theirs)]))
 
 
@@ -301,6 +303,7 @@ def prune_latency(pair: Pair, runtime: str, s: Setting, fold: int, log) -> dict:
             arch=pair.name,
             input_size=size,
             compare=compare,
+            max_rounds=s.max_rounds,
             progress=False,
             table_kwargs={'warmup': 1, 'repeats': s.table_repeats, 'fractions': fractions},
         )
@@ -421,8 +424,8 @@ def time_part(args, pair: Pair, sets: dict[str, Setting], runtimes: list[str], l
                     if runtime.uses_onnx and onnx is None:  # one export per net and setting, for both runtimes
                         onnx = onnx_bytes(net, x, dynamic_batch=False, exporter=args.exporter, what=arm)
                     call = bind(compile_net(runtime, net, x, s.threads, args.exporter, onnx), x.numpy())
-                paired_calls(call, compiled_stock[r], warmup=3, repeats=2)  # cold calls, discarded
-                p = paired_calls(call, compiled_stock[r], warmup=2, repeats=s.repeats)
+                paired_calls(call, compiled_stock[r], threads=s.threads, warmup=3, repeats=2)  # cold, discarded
+                p = paired_calls(call, compiled_stock[r], threads=s.threads, warmup=2, repeats=s.repeats)
                 row = {
                     'parent': pair.name,
                     'stock': pair.stock_name,
@@ -484,7 +487,7 @@ class ImageNetHalves:
             raise SystemExit(f'{args.imagenet}: expected 1000 images in 1000 classes, got {len(self.images)}')
         self.halves = half_split(len(self.images))
         if args.quick:  # a smoke run scores a few images of each half
-            self.halves = tuple(h[:24] for h in self.halves)
+            self.halves = tuple(h[:16] for h in self.halves)
         self._fold: tuple[int, Fold] | None = None
 
     def fold(self, k: int) -> Fold:
@@ -593,7 +596,7 @@ def latency_table(rows: dict, s: Setting, labels: dict) -> list[str]:
                 else:
                     cell = ratio_cell(f)  # a net in the runtime of its own budget: the whole cell in bold
                     cells.append(f'**{cell.replace("**", "")}**' if f and arm == f'latency-{r}' else cell)
-            label = arm_label(arm, parent, stock).replace(f'{parent} ', '')
+            label = 'parent' if arm == 'parent' else arm_label(arm, parent, stock).replace(f'{parent} ', '')
             lines.append(
                 f'| {parent} -> {stock} | {label} | {"-" if gmacs is None else f"{gmacs:.3f}"} | '
                 + ' | '.join(cells)
@@ -756,7 +759,9 @@ def loops_section(cells: dict, sets: dict[str, Setting]) -> list[str]:
 def write_doc(cells: dict, sets: dict[str, Setting], args) -> list[str]:
     rows = time_rows(cells)
     every = cells['time'] + cells['nets'] + cells['top1']
-    seen = sorted({json.dumps(c['versions'], sort_keys=True) for c in every if 'versions' in c})
+    seen = sorted({json.dumps(c['versions'], sort_keys=True) for c in every if 'versions' in c}) or [
+        json.dumps(versions(), sort_keys=True)
+    ]
     cpus = sorted({c['cpu'] for c in every if 'cpu' in c}) or [cpu_model()]
     runs = cells['runs']
     minutes = sum(r['minutes'] for r in runs)
@@ -794,9 +799,11 @@ def write_doc(cells: dict, sets: dict[str, Setting], args) -> list[str]:
         f'{len(sets["b1"].deploy_fractions)} widths ({", ".join(f"{f:g}" for f in sets["b1"].deploy_fractions)} of '
         "each group) in both settings: a coarser grid, corrected by the loop's whole-network measurements.",
         '',
-        '![ratio to the stock net per runtime](deploy_latency.png)',
-        '',
     ]
+    if not rows:
+        lines += ['No timed cells yet: run `PYTHONPATH=. python benchmarks/deploy_latency.py`.', '']
+    else:
+        lines += ['![ratio to the stock net per runtime](deploy_latency.png)', '']
     if not runtime_budgets():
         lines += [
             f'The latency budgets measured in ONNX Runtime and OpenVINO are {NOT_MEASURED}: the kpid_zoo these cells '
@@ -869,7 +876,8 @@ def report(args, sets: dict[str, Setting], write: bool) -> None:
         from kpid_zoo.core.files import atomic_write_text
 
         atomic_write_text(ROOT / 'docs' / 'deploy_latency.md', '\n'.join(lines) + '\n')
-        plot(time_rows(cells), sets, ROOT / 'docs' / 'deploy_latency.png')
+        if time_rows(cells):
+            plot(time_rows(cells), sets, ROOT / 'docs' / 'deploy_latency.png')
 
 
 def main() -> None:
@@ -891,8 +899,8 @@ def main() -> None:
     args.parts = args.part or list(PARTS)
     args.pairs = args.pairs or ([LITE] if args.quick else list(PAIRS))
     args.results = default_cache_dir() / 'deploy_latency_quick' if args.quick else RESULTS
-    if args.quick:
-        args.importance_images = min(args.importance_images, 16)
+    if args.quick:  # a smoke run: every cell made afresh (in its own scratch folder), the faster exporter
+        args.importance_images, args.fresh, args.exporter = min(args.importance_images, 16), True, 'torchscript'
     args.done = set()  # cells written by this run: reused within it even under --fresh
     all_sets = settings(args.quick)
     sets = {k: all_sets[k] for k in args.settings}
