@@ -385,6 +385,8 @@ def timed_net(args, pair: Pair, arm: str, s: Setting, log) -> tuple[nn.Module | 
     if arm in ('stock', 'parent'):  # the Lite pair's with their ImageNet weights, as deployed
         return pair.model(pair.stock_name if arm == 'stock' else pair.name), arm
     record = net_record(args, pair, arm, None if arm == 'flops' else s, 0, log)
+    if record is None and (arm in ('flops', 'latency-torch') or runtime_budgets()):
+        log(f'  {pair.name} {arm} [{s.label}]: no cached net to time (run --part prune first)')
     if record is None or 'keep' not in record:
         return None, ''
     return pair.net(record), record['sha256']
