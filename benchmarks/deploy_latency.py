@@ -257,8 +257,11 @@ def net_path(args, parent: str, arm: str, setting: str | None, fold: int) -> Pat
     return args.results / 'nets' / f'{parent}__{arm}{where}__fold{fold}.json'
 
 
-def cached(path: Path, args) -> dict | None:
-    return None if args.fresh or not path.is_file() else read_json(path)
+def cached(path: Path, args, part: str) -> dict | None:
+    """The cell at `path`, unless absent or made afresh in this run (--fresh applies to the parts selected)."""
+    if not path.is_file() or (args.fresh and part in args.parts and path not in args.done):
+        return None
+    return read_json(path)
 
 
 def prune_flops(pair: Pair, fold: int, log) -> dict:
@@ -335,7 +338,7 @@ def net_record(args, pair: Pair, arm: str, setting: Setting | None, fold: int, l
     if arm.startswith('latency-') and arm != 'latency-torch' and not runtime_budgets():
         return None
     path = net_path(args, pair.name, arm, setting.key if setting else None, fold)
-    record = cached(path, args) if path not in args.done else read_json(path)
+    record = cached(path, args, 'prune')
     if record is not None:
         return record
     if 'prune' not in args.parts:
@@ -405,7 +408,7 @@ def time_part(args, pair: Pair, sets: dict[str, Setting], runtimes: list[str], l
         stock = pair.model(pair.stock_name)
         compiled_stock: dict[str, object] = {}
         for arm in ARMS:
-            todo = [r for r in runtimes if cached(time_path(args, s.key, r, pair.name, arm), args) is None]
+            todo = [r for r in runtimes if cached(time_path(args, s.key, r, pair.name, arm), args, 'time') is None]
             if not todo:
                 continue
             net, identity = timed_net(args, pair, arm, s, log)
@@ -459,6 +462,7 @@ def time_part(args, pair: Pair, sets: dict[str, Setting], runtimes: list[str], l
                     'versions': versions(),
                 }
                 write_json(time_path(args, s.key, r, pair.name, arm), row)
+                args.done.add(time_path(args, s.key, r, pair.name, arm))
                 log(
                     f'  [{s.label}] {RUNTIME_NAMES[r]:<13} {row["net"]:<58} {p.model.median_ms:8.2f} ms '
                     f'x{p.ratio.median_ms:.3f} [{p.ratio.q1_ms:.3f}-{p.ratio.q3_ms:.3f}] of {pair.stock_name} '
@@ -508,7 +512,7 @@ def top1_part(args, pair: Pair, sets: dict[str, Setting], log) -> None:
     for fold in FOLDS:
         for arm in ARMS:
             path = args.results / 'top1' / f'{pair.name}__{arm}__fold{fold}.json'
-            if cached(path, args) is not None:
+            if cached(path, args, 'top1') is not None:
                 continue
             if arm not in ('stock', 'parent') and fold not in pair.folds(arm, b1.key):
                 continue
@@ -544,6 +548,7 @@ def top1_part(args, pair: Pair, sets: dict[str, Setting], log) -> None:
                 'versions': versions(),
             }
             write_json(path, row)
+            args.done.add(path)
             log(
                 f'  [{pair.name} fold {fold}] {row["net"]:<58} top-1 '
                 f'{100 * reestimated["top1_hits"] / reestimated["n"]:.1f} (BN re-est.) / '
@@ -842,7 +847,7 @@ def plot(rows: dict, sets: dict[str, Setting], path: Path) -> None:
     colors = {'torch': '#7f7f7f', 'onnxruntime': '#1f77b4', 'openvino': '#ff7f0e'}
     fig, axes = plt.subplots(1, len(sets), figsize=(8 * len(sets), 5), dpi=110, squeeze=False)
     for ax, s in zip(axes[0], sets.values()):
-        names = []
+        names, labelled = [], set()
         for parent in PAIRS:
             for arm in ARMS:
                 if arm in ('stock', 'parent'):
@@ -856,7 +861,9 @@ def plot(rows: dict, sets: dict[str, Setting], path: Path) -> None:
                     if row is None:
                         continue
                     x = i + (j - 1) * 0.27
-                    ax.bar(x, row['ratio'], width=0.27, color=colors[r], label=RUNTIME_NAMES[r] if i == 0 else None)
+                    label = None if r in labelled else RUNTIME_NAMES[r]
+                    labelled.add(r)
+                    ax.bar(x, row['ratio'], width=0.27, color=colors[r], label=label)
                     ax.errorbar(
                         x,
                         row['ratio'],

@@ -99,3 +99,17 @@ def test_a_runtime_budget_this_kpid_zoo_cannot_measure_is_reported_not_measured(
     miss = next(line for line in lines if line.startswith('| batch 1') and 'ONNX Runtime |' in line)
     assert '+20.0%' in miss and dl.NOT_MEASURED in miss
     assert any('resnet50 latency-knapsack (eager PyTorch budget) is slower' in line for line in lines)
+
+
+def test_fresh_remakes_the_cells_of_the_parts_it_runs_only_once_and_only_those(tmp_path):
+    from types import SimpleNamespace
+
+    net, timed = tmp_path / 'net.json', tmp_path / 'time.json'
+    net.write_text('{"keep": {}}')
+    timed.write_text('{"ratio": 1.0}')
+    args = SimpleNamespace(fresh=True, parts=['time'], done=set())
+    assert dl.cached(net, args, 'prune') == {'keep': {}}  # --part time --fresh times the cached nets again
+    assert dl.cached(timed, args, 'time') is None
+    args.done.add(timed)  # made afresh in this run: reused from then on
+    assert dl.cached(timed, args, 'time') == {'ratio': 1.0}
+    assert dl.cached(tmp_path / 'absent.json', SimpleNamespace(fresh=False, parts=[], done=set()), 'time') is None
