@@ -278,8 +278,12 @@ def prune_flops(pair: Pair, fold: int, log) -> dict:
         progress=False,
     )
     log(f'  {pair.name} fold {fold}: FLOPs knapsack -> {result.report.achieved_gmacs:.3f} GMACs')
-    return {'px': 224, 'gmacs': result.report.achieved_gmacs, 'seconds': time.time() - start, 'latency': None} | {
-        'keep': {g: idx.tolist() for g, idx in result.keep.items()}
+    return {
+        'px': 224,
+        'gmacs': result.report.achieved_gmacs,
+        'seconds': time.time() - start,
+        'latency': None,
+        'keep': {g: idx.tolist() for g, idx in result.keep.items()},
     }
 
 
@@ -313,7 +317,9 @@ def prune_latency(pair: Pair, runtime: str, s: Setting, fold: int, log) -> dict:
             progress=False,
             table_kwargs={'warmup': 1, 'repeats': s.table_repeats, 'fractions': fractions},
         )
-    except (ValueError, UserError) as e:  # the stock net is faster than anything the parent can be cut to
+    # a budget out of reach (the stock net faster than the smallest net the parent can be cut to), or a net the
+    # runtime cannot run: the cell keeps the one-line reason, and the report shows it in place of the net
+    except (ValueError, UserError) as e:
         log(f'  {pair.name} [{s.label}, {runtime}] fold {fold}: no latency-knapsack net: {one_line(e, 300)}')
         return {'unreachable': one_line(e, 300), 'seconds': time.time() - start}
     out = result.report.latency
@@ -386,16 +392,17 @@ def time_path(args, setting: str, runtime: str, parent: str, arm: str) -> Path:
     return args.results / 'time' / f'{setting}__{runtime}__{parent}__{arm}.json'
 
 
-def timed_net(args, pair: Pair, arm: str, s: Setting, log) -> tuple[nn.Module | None, str]:
-    """The module timed for `arm` in setting `s` and its identity (for the cache), or None when it does not exist."""
-    if arm in ('stock', 'parent'):  # the Lite pair's with their ImageNet weights, as deployed
-        return pair.model(pair.stock_name if arm == 'stock' else pair.name), arm
+def timed_net(args, pair: Pair, arm: str, s: Setting, log) -> tuple[dict | None, str]:
+    """The cached record of the net timed for `arm` in setting `s` (None for the stock net and the parent) and its
+    identity (the sha256 of its kept channels: a timed cell counts only for the net it timed), '' when it has none."""
+    if arm in ('stock', 'parent'):
+        return None, arm
     record = net_record(args, pair, arm, None if arm == 'flops' else s, 0, log)
     if record is None and (arm in ('flops', 'latency-torch') or runtime_budgets()):
         log(f'  {pair.name} {arm} [{s.label}]: no cached net to time (run --part prune first)')
     if record is None or 'keep' not in record:
         return None, ''
-    return pair.net(record), record['sha256']
+    return record, record['sha256']
 
 
 def time_part(args, pair: Pair, sets: dict[str, Setting], runtimes: list[str], log) -> None:
@@ -405,19 +412,23 @@ def time_part(args, pair: Pair, sets: dict[str, Setting], runtimes: list[str], l
     for s in sets.values():
         size = (3, s.px, s.px)
         x = torch.randn(s.batch_size, *size, generator=torch.Generator().manual_seed(0))
-        stock = pair.model(pair.stock_name)
+        stock = pair.model(pair.stock_name)  # the Lite pair's with their ImageNet weights, as deployed
         compiled_stock: dict[str, object] = {}
         for arm in ARMS:
-            todo = [r for r in runtimes if cached(time_path(args, s.key, r, pair.name, arm), args, 'time') is None]
+            record, identity = timed_net(args, pair, arm, s, log)
+            if not identity:
+                continue
+            todo = []
+            for r in runtimes:  # a cell absent, or of another net (pruned again since), is measured (again)
+                cell = cached(time_path(args, s.key, r, pair.name, arm), args, 'time')
+                if cell is None or cell.get('net_sha256') != identity:
+                    todo.append(r)
             if not todo:
                 continue
-            net, identity = timed_net(args, pair, arm, s, log)
-            if net is None:
-                continue
-            stale = [r for r in runtimes if r not in todo]
-            for r in stale:  # a cached cell of another net (re-pruned since) is measured again
-                if read_json(time_path(args, s.key, r, pair.name, arm)).get('net_sha256') != identity:
-                    todo.append(r)
+            if arm in ('stock', 'parent'):
+                net = stock if arm == 'stock' else pair.model(pair.name)
+            else:
+                net = pair.net(record)
             onnx = None
             gmacs, params = count_flops(net, size).gmacs, count_params(net) / 1e6
             for r in todo:
