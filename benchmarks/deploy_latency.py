@@ -920,11 +920,12 @@ def main() -> None:
     ap.add_argument('--importance-images', type=int, default=256, help='images of a half scored for Taylor importance')
     ap.add_argument('--pause-file', default=None, help='wait before each cell while this file exists (< 20 min old)')
     ap.add_argument('--note', default='', help='what else ran on the machine (goes into the doc)')
+    ap.add_argument('--results', type=Path, help=f'cell folder (default {RESULTS.relative_to(ROOT)}; --quick: scratch)')
     args = ap.parse_args()
     args.parts = args.part or list(PARTS)
     args.pairs = args.pairs or ([LITE] if args.quick else list(PAIRS))
     args.settings = args.settings or (['b1'] if args.quick else ['b1', 'b32'])
-    args.results = default_cache_dir() / 'deploy_latency_quick' if args.quick else RESULTS
+    args.results = args.results or (default_cache_dir() / 'deploy_latency_quick' if args.quick else RESULTS)
     if args.quick:  # a smoke run: every cell made afresh (in its own scratch folder), the faster exporter
         args.importance_images, args.fresh, args.exporter = min(args.importance_images, 16), True, 'torchscript'
     args.done = set()  # cells written by this run: reused within it even under --fresh
