@@ -841,9 +841,11 @@ def write_doc(cells: dict, sets: dict[str, Setting], args) -> list[str]:
     lines += [
         '## GPU: not measured',
         '',
-        "The issue's GPU column (eager CUDA and ONNX Runtime's CUDA provider at batch 256 in bf16 / fp16) was not "
-        'measured: no GPU was available to this benchmark. The CUDA timing path (`kpid_zoo.budget.timing`, CUDA '
-        'events around each call) is covered by CPU-only logic tests, not by a measurement.',
+        "The GPU column (eager CUDA and ONNX Runtime's CUDA provider at batch 256 in bf16 / fp16) was not "
+        'measured: no GPU was available to this benchmark. What runs without one is tested (a `budget.device: '
+        'cuda` on a machine without CUDA is one line before any training, exit 2); the CUDA-event timing in '
+        '`kpid_zoo.budget.timing` and `tests/test_gpu.py` (marker `gpu`) run only where a GPU is present, and '
+        "ONNX Runtime's CUDA provider is not among `kpid_zoo.deploy.runtimes` (its CPU provider is).",
         '',
     ]
     return lines
