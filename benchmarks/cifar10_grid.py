@@ -646,7 +646,7 @@ def family_section(grid: Grid) -> list[str]:
     lines = [
         f'## `{a.parent}`{f" ({kwargs})" if kwargs else ""} at {a.px} px',
         '',
-        f'Config `{grid.tag}` (cells in `benchmarks/results/cifar10_grid/{grid.tag}/`). Parent: timm '
+        f'Config `{grid.tag}` (cells in `{_shown(grid.results)}/`). Parent: timm '
         f'`{a.parent}`{f" with {kwargs}" if kwargs else ""}, 10 classes, trained here from scratch for '
         f'{s["parent_epochs"]:g} epochs at {a.px} px ({s["optimizer"]} lr {s["lr"]}, weight decay '
         f'{s["weight_decay"]}, warmup + cosine, label smoothing 0.1, random-resized-crop + flip, batch '
@@ -703,6 +703,12 @@ def family_section(grid: Grid) -> list[str]:
         '',
     ]
     return lines + (verdicts(summary) or ['- no two arms with cells yet.']) + ['']
+
+
+def _shown(path: Path) -> str:
+    """A path as the docs show it: from the repository root when inside it."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def report_families(args, out_md: Path) -> None:
