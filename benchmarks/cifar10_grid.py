@@ -33,6 +33,13 @@ runs/ is not committed, so a part should end within its session; --budget-minute
     python benchmarks/cifar10_grid.py --part 4 --ratios 0.5 --arms kpid kpid_logit kpid_ce  # more seeds, some arms
     python benchmarks/cifar10_grid.py --report-only      # docs/cifar10_grid.md + .png from the cached cells
     python benchmarks/cifar10_grid.py --quick            # smoke run: tiny subsets, writes under runs/ only
+
+The new families (issue 25; docs/cifar10_grid_families.md, one section each): --family convnext|vit sets a parent
+trained here from scratch at 32 px with AdamW (FAMILIES: model, --model-kwargs, epochs), the 50% target, the arms
+KPID / Torch-Pruning / uniform L1 and --allow-inexact; every option given beside it overrides the preset.
+
+    PYTHONPATH=. nice -n 19 python benchmarks/cifar10_grid.py --family vit --part 0 --budget-minutes 600
+    python benchmarks/cifar10_grid.py --family vit --part 1 2 3 --budget-minutes 85
 """
 
 from __future__ import annotations
