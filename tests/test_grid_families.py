@@ -1,0 +1,84 @@
+"""The CIFAR-10 grid's new-family rows (benchmarks/cifar10_grid.py --family, issue 25): the Torch-Pruning baselines
+prune a timm ViT and ConvNeXt into networks that run, the FLOPs count sees attention, the model kwargs parse."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
+from cifar10 import count_gmacs, uniform_l1  # noqa: E402
+from cifar10_grid import FAMILIES, model_kwargs  # noqa: E402
+
+from kpid_zoo.engine.flops import count_flops  # noqa: E402
+
+SIZE = (3, 32, 32)
+
+
+def _vit(depth: int = 2):
+    torch.manual_seed(0)
+    return timm.create_model('vit_tiny_patch16_224', num_classes=10, img_size=32, patch_size=8, depth=depth).eval()
+
+
+def test_count_gmacs_adds_exactly_the_attention_matmuls():
+    # fvcore does not count F.scaled_dot_product_attention; count_gmacs adds q k^T and attn v: N*N*dim MACs each per
+    # block (N tokens: 16 patches + the class token, dim 192), integers, so the difference is exact
+    model = _vit(depth=2)
+    tokens, dim = 17, 192
+    fused = count_flops(model, SIZE).total
+    assert count_gmacs(model, SIZE) * 1e9 == pytest.approx(fused + 2 * 2 * tokens * tokens * dim, abs=0.5)
+    assert all(m.fused_attn for m in model.modules() if hasattr(m, 'fused_attn'))  # the caller's model untouched
+
+
+def test_count_gmacs_equals_count_flops_without_attention():
+    model = timm.create_model('resnet10t', num_classes=10).eval()
+    assert count_gmacs(model, SIZE) == count_flops(model, SIZE).gmacs
+
+
+def test_uniform_l1_prunes_a_vit_per_head_and_keeps_the_softmax_scale():
+    # without Torch-Pruning's num_heads the qkv channels are pruned as one flat group and timm's head reshape fails
+    parent = _vit(depth=2)
+    target = 0.5 * count_gmacs(parent, SIZE)
+    pruned = uniform_l1(parent, target, SIZE, iters=4, round_to=None)
+    assert count_gmacs(pruned, SIZE) <= target
+    for old, new in zip(parent.blocks, pruned.blocks):
+        a = new.attn
+        assert a.num_heads == old.attn.num_heads  # head dims pruned, every head kept (Torch-Pruning's default)
+        assert 3 * a.num_heads * a.head_dim == a.qkv.out_features and a.attn_dim == a.proj.in_features
+        assert a.head_dim < old.attn.head_dim and a.scale == old.attn.scale and not a.fused_attn
+    assert pruned.pos_embed.shape[-1] == pruned.cls_token.shape[-1] == pruned.patch_embed.proj.out_channels
+    assert pruned(torch.randn(2, *SIZE)).shape == (2, 10)
+
+
+def test_uniform_l1_prunes_convnext_with_its_layer_scales():
+    torch.manual_seed(0)
+    parent = timm.create_model('convnext_atto', num_classes=10).eval()
+    target = 0.5 * count_gmacs(parent, SIZE)
+    pruned = uniform_l1(parent, target, SIZE, iters=4, round_to=None)
+    assert count_gmacs(pruned, SIZE) <= target
+    for stage in pruned.stages:
+        for block in stage.blocks:
+            assert block.gamma.shape == (block.conv_dw.out_channels,)
+    assert pruned(torch.randn(2, *SIZE)).shape == (2, 10)
+
+
+def test_model_kwargs_parse_json_values_and_refuse_a_bare_word():
+    assert model_kwargs('img_size=32') == ('img_size', 32)
+    assert model_kwargs('act_layer=gelu') == ('act_layer', 'gelu')
+    assert model_kwargs('class_token=false') == ('class_token', False)
+    for bad in ('img_size', '=3', '1x=2'):
+        with pytest.raises(argparse.ArgumentTypeError, match='KEY=VALUE'):
+            model_kwargs(bad)
+
+
+@pytest.mark.parametrize('family', list(FAMILIES))
+def test_family_parents_build_at_their_size(family):
+    preset = FAMILIES[family]
+    model = timm.create_model(preset['parent'], num_classes=10, **dict(preset['model_kwargs']))
+    out = model(torch.randn(1, 3, preset['px'], preset['px']))
+    assert out.shape == (1, 10)
