@@ -109,7 +109,7 @@ def torch_pruning_taylor(
         """Step until FLOPs <= target; returns (net, net before the last step or None)."""
         p, before = pruner(model, ratio, n), None
         for _ in range(n):
-            if count_gmacs(model, input_size) <= target:
+            if count_flops(model, input_size).gmacs <= target:
                 break
             x, y = next(data)
             model.zero_grad(set_to_none=True)
@@ -175,17 +175,6 @@ def tp_sync_attention(model: nn.Module) -> nn.Module:
     return model
 
 
-def count_gmacs(model: nn.Module, input_size) -> float:
-    """fvcore GMACs with attention's two matmuls (q @ k^T, attn @ v) counted: fvcore sees them on timm's unfused
-    attention path only (F.scaled_dot_product_attention is not one of its ops), so the count runs on a copy with
-    that path; the same count for every arm and the parent. Equals count_flops for networks without attention."""
-    if _attentions(model):
-        model = copy.deepcopy(model)
-        for m in _attentions(model):
-            m.fused_attn = False
-    return count_flops(model, input_size).gmacs
-
-
 def smallest_ratio_meeting(prune, target: float, input_size, iters: int) -> nn.Module:
     """Bisection on a pruning ratio in [0, 0.9]: the net `prune(ratio)` of the smallest ratio found whose fvcore
     GMACs are <= target (the ratio moves FLOPs in coarse, rounded steps, so it lands under the target)."""
@@ -193,7 +182,7 @@ def smallest_ratio_meeting(prune, target: float, input_size, iters: int) -> nn.M
     for _ in range(iters):
         mid = (lo + hi) / 2
         model = prune(mid)
-        if count_gmacs(model, input_size) <= target:
+        if count_flops(model, input_size).gmacs <= target:
             best, hi = model, mid
         else:
             lo = mid

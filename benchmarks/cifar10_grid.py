@@ -60,14 +60,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _figures import save_figure  # noqa: E402
-from cifar10 import _atomic_write, count_gmacs, torch_pruning_taylor, uniform_l1  # noqa: E402  (the baselines)
+from cifar10 import _atomic_write, torch_pruning_taylor, uniform_l1  # noqa: E402  (the baselines)
 
 from kpid_zoo.budget.flops_loop import check_target  # noqa: E402
 from kpid_zoo.budget.prune import knapsack_prune  # noqa: E402
 from kpid_zoo.budget.timing import cpu_model  # noqa: E402
 from kpid_zoo.core.files import file_sha256, save_weights  # noqa: E402
 from kpid_zoo.core.recipe import PYPI_LITE_WEIGHTS, DataSpec, FinetuneSpec, TrainSpec  # noqa: E402
-from kpid_zoo.engine.flops import count_params  # noqa: E402
+from kpid_zoo.engine.flops import count_flops, count_params  # noqa: E402
 from kpid_zoo.engine.groups import discover_groups  # noqa: E402
 from kpid_zoo.engine.importance import taylor_importance  # noqa: E402
 from kpid_zoo.errors import one_line  # noqa: E402
@@ -313,7 +313,7 @@ class Grid:
                 'top1': res.val.top1,
                 'top5': res.val.top5,
                 'n_eval': res.val.n,
-                'gmacs': count_gmacs(model, self.input_size),
+                'gmacs': count_flops(model, self.input_size).gmacs,
                 'params_m': count_params(model) / 1e6,
                 'seconds': time.perf_counter() - start,
                 'model_kwargs': self.args.model_kwargs,
@@ -324,7 +324,7 @@ class Grid:
 
     def stock_model(self, target: float) -> str:
         def gmacs(name):
-            return count_gmacs(timm.create_model(name, num_classes=10), self.input_size)
+            return count_flops(timm.create_model(name, num_classes=10), self.input_size).gmacs
 
         return min(STOCK_CANDIDATES, key=lambda n: abs(math.log(gmacs(n) / target)))
 
@@ -354,8 +354,8 @@ class Grid:
         )
         graph = self.kpid_graph(parent)
         importance = taylor_importance(parent, graph, batches, len(batches), progress=False)
-        # the knapsack counts with the engine's fvcore; the arms are compared by count_gmacs (attention's matmuls
-        # counted in every arm): where the two differ, the aim is corrected by what count_gmacs measured
+        # the knapsack's cost model and the recount can differ by ops the model does not price: where they do, the
+        # aim is corrected by what the recount measured
         aim = target
         for _ in range(3):
             pruned = knapsack_prune(
@@ -368,7 +368,7 @@ class Grid:
                 tolerance=0.005,
                 progress=False,
             )
-            achieved = count_gmacs(pruned.model, self.input_size)
+            achieved = count_flops(pruned.model, self.input_size).gmacs
             if achieved <= target * 1.005:
                 break
             aim *= target / achieved
@@ -467,7 +467,7 @@ class Grid:
                 'seed': seed,
                 'parent_sha256': self.parent_row['weights_sha256'],
                 'target_gmacs': target,
-                'gmacs': count_gmacs(model, self.input_size),
+                'gmacs': count_flops(model, self.input_size).gmacs,
                 'parent_gmacs': self.parent_gmacs,
                 'params_m': count_params(model) / 1e6,
                 'top1': res.val.top1,
@@ -492,7 +492,7 @@ class Grid:
     ) -> None:
         self.parent_model, self.parent_row = self.parent()
         # the targets come from the parent counted now, as every arm is (parent.json's figure is from its training)
-        self.parent_gmacs = count_gmacs(self.parent_model, self.input_size)
+        self.parent_gmacs = count_flops(self.parent_model, self.input_size).gmacs
         # part 0 = the parent alone; part k = seed k-1: every ratio and arm (or only `arms`, and the baseline cells
         # their FLOPs target is read from)
         seeds = self.s['seeds'] if not parts else [p - 1 for p in parts if p >= 1]
@@ -735,8 +735,8 @@ def report_families(args, out_md: Path) -> None:
         'the same command resumes a part its budget stopped). `--report-only --family F` rewrites this page.',
         '',
         "How the arms treat these networks. FLOPs are fvcore MACs with attention's two matmuls (q k^T and "
-        "attn v) counted in every arm and the parent (`cifar10.count_gmacs` runs the count on timm's unfused "
-        'attention path: fvcore does not count the fused kernel). Torch-Pruning gets its ViT option `num_heads` '
+        "attn v) counted in every arm and the parent (`kpid_zoo.engine.flops.count_flops` counts timm's fused "
+        'attention kernel as those two matmuls). Torch-Pruning gets its ViT option `num_heads` '
         '(q, k and v lose the same dims in every head, its default `prune_head_dims`; the embedding width, '
         'position embedding and class token are pruned together as its dependency graph finds them); its '
         "pruned attention keeps the parent's softmax scale. On ConvNeXt it prunes the residual stream with its "

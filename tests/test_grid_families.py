@@ -12,7 +12,7 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
-from cifar10 import count_gmacs, uniform_l1  # noqa: E402
+from cifar10 import uniform_l1  # noqa: E402
 from cifar10_grid import FAMILIES, model_kwargs  # noqa: E402
 
 from kpid_zoo.engine.flops import count_flops  # noqa: E402
@@ -25,27 +25,12 @@ def _vit(depth: int = 2):
     return timm.create_model('vit_tiny_patch16_224', num_classes=10, img_size=32, patch_size=8, depth=depth).eval()
 
 
-def test_count_gmacs_adds_exactly_the_attention_matmuls():
-    # fvcore does not count F.scaled_dot_product_attention; count_gmacs adds q k^T and attn v: N*N*dim MACs each per
-    # block (N tokens: 16 patches + the class token, dim 192), integers, so the difference is exact
-    model = _vit(depth=2)
-    tokens, dim = 17, 192
-    fused = count_flops(model, SIZE).total
-    assert count_gmacs(model, SIZE) * 1e9 == pytest.approx(fused + 2 * 2 * tokens * tokens * dim, abs=0.5)
-    assert all(m.fused_attn for m in model.modules() if hasattr(m, 'fused_attn'))  # the caller's model untouched
-
-
-def test_count_gmacs_equals_count_flops_without_attention():
-    model = timm.create_model('resnet10t', num_classes=10).eval()
-    assert count_gmacs(model, SIZE) == count_flops(model, SIZE).gmacs
-
-
 def test_uniform_l1_prunes_a_vit_per_head_and_keeps_the_softmax_scale():
     # without Torch-Pruning's num_heads the qkv channels are pruned as one flat group and timm's head reshape fails
     parent = _vit(depth=2)
-    target = 0.5 * count_gmacs(parent, SIZE)
+    target = 0.5 * count_flops(parent, SIZE).gmacs
     pruned = uniform_l1(parent, target, SIZE, iters=4, round_to=None)
-    assert count_gmacs(pruned, SIZE) <= target
+    assert count_flops(pruned, SIZE).gmacs <= target
     for old, new in zip(parent.blocks, pruned.blocks):
         a = new.attn
         assert a.num_heads == old.attn.num_heads  # head dims pruned, every head kept (Torch-Pruning's default)
@@ -58,9 +43,9 @@ def test_uniform_l1_prunes_a_vit_per_head_and_keeps_the_softmax_scale():
 def test_uniform_l1_prunes_convnext_with_its_layer_scales():
     torch.manual_seed(0)
     parent = timm.create_model('convnext_atto', num_classes=10).eval()
-    target = 0.5 * count_gmacs(parent, SIZE)
+    target = 0.5 * count_flops(parent, SIZE).gmacs
     pruned = uniform_l1(parent, target, SIZE, iters=4, round_to=None)
-    assert count_gmacs(pruned, SIZE) <= target
+    assert count_flops(pruned, SIZE).gmacs <= target
     for stage in pruned.stages:
         for block in stage.blocks:
             assert block.gamma.shape == (block.conv_dw.out_channels,)
