@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _figures import save_figure  # noqa: E402
 from imagenet_check import Fold, bn_recalibrate, half_split, imagenet_samples, scores, se, wait_while_paused  # noqa: E402
-from latency import create, load_avg, verdict  # noqa: E402
+from latency import create, load_avg, paired_fields, verdict  # noqa: E402
 
 from kpid_zoo.budget.latency import GRID_FRACTIONS  # noqa: E402
 from kpid_zoo.budget.prune import knapsack_prune, latency_knapsack_prune  # noqa: E402
@@ -458,14 +458,7 @@ def time_part(args, pair: Pair, sets: dict[str, Setting], runtimes: list[str], l
                     'net_sha256': identity,
                     'gmacs': gmacs,
                     'params_m': params,
-                    'median_ms': p.model.median_ms,
-                    'q1_ms': p.model.q1_ms,
-                    'q3_ms': p.model.q3_ms,
-                    'stock_ms': p.reference.median_ms,
-                    'ratio': p.ratio.median_ms,
-                    'ratio_q1': p.ratio.q1_ms,
-                    'ratio_q3': p.ratio.q3_ms,
-                    'min_ratio': p.model.min_ms / p.reference.min_ms,
+                    **paired_fields(p),
                     'repeats': s.repeats,
                     'seconds': time.time() - start,
                     'load_avg_1m': load,

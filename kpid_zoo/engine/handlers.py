@@ -700,13 +700,6 @@ def _register_builtins() -> None:
         nn.Mish,
         nn.Identity,
         nn.Dropout,
-        nn.Dropout2d,
-        nn.MaxPool2d,
-        nn.AvgPool2d,
-        nn.AdaptiveAvgPool2d,
-        nn.AdaptiveMaxPool2d,
-        nn.Flatten,
-        SelectAdaptivePool2d,
         DropPath,
     ):
         register_layer_handler(cls, channelwise)
@@ -725,7 +718,7 @@ def _register_builtins() -> None:
         register_layer_handler(cls, ChannelMixingHandler())
     register_layer_handler(MixedConv2d, MixedConvHandler())
     register_layer_handler(SelectiveKernel, SelectiveKernelHandler())
-    # channels-last and transformer layers
+    # layers of NCHW maps only (channels on dim 1), then channels-last and transformer layers
     spatial = SpatialHandler()
     for cls in (
         nn.Dropout2d,
