@@ -49,15 +49,15 @@ class EcaNet(nn.Module):
 
 
 @register_model
-def kpid_test_fftnet(pretrained: bool = False, **kwargs) -> FftNet:
+def hostile_fftnet(pretrained: bool = False, **kwargs) -> FftNet:
     return FftNet(**kwargs)
 
 
 @register_model
-def kpid_test_ecanet(pretrained: bool = False, **kwargs) -> EcaNet:
+def hostile_ecanet(pretrained: bool = False, **kwargs) -> EcaNet:
     return EcaNet(**kwargs)
 
 
 @register_model
-def kpid_test_ecanet_stem(pretrained: bool = False, **kwargs) -> EcaNet:
+def hostile_ecanet_stem(pretrained: bool = False, **kwargs) -> EcaNet:
     return EcaNet(exact_stem=True, **kwargs)

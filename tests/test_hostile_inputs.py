@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import registered_models  # noqa: F401  (registers the kpid_test_* parents in timm)
+import registered_models  # noqa: F401  (registers the hostile_* parents in timm)
 import yaml
 
 from kpid_zoo.cli import main
@@ -266,18 +266,18 @@ def no_parent_may_be_made(monkeypatch):
     'parent, sections, expected',
     [
         (  # a layer no handler follows: the engine's reason, the layer and the op
-            'kpid_test_fftnet',
+            'hostile_fftnet',
             {},
-            'kpid_test_fftnet: no prunable channel group was found (fft_fft2: call_function fft_fft2 is not understood',
+            'hostile_fftnet: no prunable channel group was found (fft_fft2: call_function fft_fft2 is not understood',
         ),
         (  # only inexact groups (an ECA gate; a LayerNorm over the channels): the field that opts in
-            'kpid_test_ecanet',
+            'hostile_ecanet',
             {},
-            'kpid_test_ecanet: every prunable channel group is inexact (eca: EcaModule mixes neighbouring channels): '
+            'hostile_ecanet: every prunable channel group is inexact (eca: EcaModule mixes neighbouring channels): '
             'set importance.allow_inexact: true to prune it',
         ),
         (  # exact groups too narrow for the target, inexact ones that reach it: the same field
-            'kpid_test_ecanet_stem',
+            'hostile_ecanet_stem',
             {'flops': {'target_ratio': 0.25}},
             'GMACs (every group at 8 channels) with exact groups only; set importance.allow_inexact: true to also '
             'prune its 1 inexact groups, which reach it',
@@ -316,7 +316,7 @@ def test_a_fine_tune_without_distillation_points_is_refused_before_the_parent_is
     that would fine-tune with inner distillation is refused at once, not after the pruning."""
     data = {
         **RECIPE,
-        'parent': {**RECIPE['parent'], 'model': 'kpid_test_ecanet'},
+        'parent': {**RECIPE['parent'], 'model': 'hostile_ecanet'},
         'importance': {'method': 'magnitude', 'allow_inexact': True},
         'finetune': {'epochs': 1, 'kd_gamma': 1.0},
     }
@@ -335,7 +335,7 @@ def test_a_fine_tune_without_distillation_points_is_refused_before_the_parent_is
     'parent, importance',
     [
         ('regnety_002', {}),  # outside the families recipes once took; the engine prunes it exactly
-        ('kpid_test_ecanet', {'allow_inexact': True}),  # inexact groups, opted in
+        ('hostile_ecanet', {'allow_inexact': True}),  # inexact groups, opted in
     ],
 )
 def test_any_timm_parent_the_engine_prunes_is_a_recipe_parent(tmp_path, capsys, parent, importance):
