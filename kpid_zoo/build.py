@@ -75,8 +75,10 @@ def build(
     work_dir: str | Path | None = None,
     resume: bool = True,
     progress: bool = True,
+    onnx: bool = True,
 ) -> BuildResult:
-    """Build the zoo entry of `recipe_path` into `out_dir` (default outputs/<name>)."""
+    """Build the zoo entry of `recipe_path` into `out_dir` (default outputs/<name>); with `onnx`, its model.onnx too
+    (checked in ONNX Runtime on validation images, when the deploy extra is installed)."""
     recipe = load_recipe(recipe_path)
     restart = not resume
     # read-only and quick: a folder the build must not touch is refused before anything else
@@ -97,10 +99,10 @@ def build(
         preflight(recipe)  # before anything is removed, reused or written
         prepare_work(accelerator, paths.work, BUILD_ENTRIES, restart=restart, export=paths.export)
         accelerator.wait_for_everyone()
-        return _build(accelerator, recipe, paths, progress)
+        return _build(accelerator, recipe, paths, progress, onnx)
 
 
-def _build(accelerator: Accelerator, recipe: Recipe, paths: BuildPaths, progress: bool) -> BuildResult:
+def _build(accelerator: Accelerator, recipe: Recipe, paths: BuildPaths, progress: bool, onnx: bool) -> BuildResult:
     parent = create_parent(recipe)
     data = create_loaders(
         recipe.data, model=parent, input_size=recipe.input_size, seed=recipe.finetune.seed, progress=progress
@@ -131,14 +133,14 @@ def _build(accelerator: Accelerator, recipe: Recipe, paths: BuildPaths, progress
         'kpid_zoo.version': __version__,
         'kpid_zoo.export_format': KPID_FORMAT_VERSION,
         # installing the deploy extra later makes the next build write the model.onnx this one could not
-        'kpid_zoo.onnx_packages': not missing_onnx_packages(),
+        'kpid_zoo.onnx_packages': onnx and not missing_onnx_packages(),
     }
     stage = Stage('export', paths.work, paths.export, EXPORT_WRITES, inputs, optional=(ONNX_FILE,))
     # read before the stage starts over its manifest: what this work folder exported before may be replaced
     recorded = recorded_files(paths.work, 'export')
 
     def export() -> None:
-        images = _check_images(data.val_loader)
+        images = _check_images(data.val_loader) if onnx else None
         export_model(
             student,
             pruned.spec,
@@ -149,6 +151,7 @@ def _build(accelerator: Accelerator, recipe: Recipe, paths: BuildPaths, progress
             report=pruned.report,
             recipe=recipe,
             recorded=recorded,
+            onnx=onnx,
             images=images,
             images_from=f'{len(images)} validation images of the build ({recipe.data.val_split} split)',
         )
