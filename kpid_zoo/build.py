@@ -153,7 +153,7 @@ def _build(accelerator: Accelerator, recipe: Recipe, paths: BuildPaths, progress
             recorded=recorded,
             onnx=onnx,
             images=images,
-            images_from=f'{len(images)} validation images of the build ({recipe.data.val_split} split)',
+            images_from=f'{len(images)} validation images of the build ({recipe.data.val_split} split)' if onnx else '',
         )
 
     run_stage(accelerator, stage, export, lambda: None, everywhere=False)
