@@ -835,7 +835,8 @@ def write_doc(cells: dict, sets: dict[str, Setting], args) -> list[str]:
         '## GPU: not measured',
         '',
         "The GPU column (eager CUDA and ONNX Runtime's CUDA provider at batch 256 in bf16 / fp16) was not "
-        'measured: no GPU was available to this benchmark. What runs without one is tested (a `budget.device: '
+        'measured: it needs a CUDA GPU, and every figure above is from a CPU-only 2-core AMD EPYC. What runs '
+        'without one is tested (a `budget.device: '
         'cuda` on a machine without CUDA is one line before any training, exit 2); the CUDA-event timing in '
         '`kpid_zoo.budget.timing` and `tests/test_gpu.py` (marker `gpu`) run only where a GPU is present, and '
         "ONNX Runtime's CUDA provider is not among `kpid_zoo.deploy.runtimes` (its CPU provider is).",
