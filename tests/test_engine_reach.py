@@ -5,7 +5,7 @@ KPID_TEST_SLOW=1."""
 
 import pytest
 import torch
-from engine_utils import INPUT, random_keep, random_model, zero_pruned_inputs
+from engine_utils import INPUT, assert_pruned_exact, random_keep, random_model
 
 from kpid_zoo.budget.prune import knapsack_prune
 from kpid_zoo.engine.flops import count_flops
@@ -18,23 +18,12 @@ SLOW = ['resnext50_32x4d', 'densenet121', 'ghostnet_100', 'skresnet18']
 ALL = [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in DEFAULT + SLOW]
 
 
-def _assert_exact(model, graph, keep):
-    x = torch.randn(2, *INPUT, dtype=torch.float64)
-    pruned = prune_model(model, graph, keep)
-    with torch.no_grad():
-        expected, got = zero_pruned_inputs(model, graph, keep)(x), pruned(x)
-    assert expected.abs().max() > 1e-3  # a vanishing output would make the comparison meaningless
-    # float64 through ~100 layers: rounding stays near 1e-15 of the output scale, far below this bound
-    torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
-    return pruned
-
-
 @pytest.mark.parametrize('name', ALL)
 def test_random_masks_prune_exactly_and_specs_rebuild_them(name):
     model = random_model(name, 1)
     graph = discover_groups(model, INPUT)
     keep = random_keep(graph, torch.Generator().manual_seed(1))
-    pruned = _assert_exact(model, graph, keep)
+    pruned = assert_pruned_exact(model, graph, keep, INPUT)
     x = torch.randn(1, *INPUT, dtype=torch.float64)
     for info, feat in zip(pruned.feature_info, pruned.forward_intermediates(x, intermediates_only=True)):
         assert feat.shape[1] == info['num_chs'], info['module']
@@ -61,7 +50,7 @@ def test_knapsack_masks_prune_exactly_within_the_flops_target(name):
         assert len(set(per_block)) == 1, name_
     # blocks come from grouped convs (ResNeXt, RegNet) and from SKNet's equal split of its input between paths
     assert any(graph[g].parts > 1 for g in result.keep) == (name in ('regnety_002', 'resnext50_32x4d', 'skresnet18'))
-    _assert_exact(model, graph, result.keep)
+    assert_pruned_exact(model, graph, result.keep, INPUT)
 
 
 def test_grouped_conv_groups_keep_their_conv_groups_balanced():

@@ -7,28 +7,17 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
-from engine_utils import random_keep, random_model, zero_pruned_inputs
+from engine_utils import assert_pruned_exact, random_keep, random_model
 from test_groups import _torch_pruning_groups
 
 from kpid_zoo.budget.prune import knapsack_prune
 from kpid_zoo.engine.flops import count_flops
 from kpid_zoo.engine.groups import ROLE_CONV_GROUPS, ROLE_IN, ROLE_OUT, Member, discover_groups
 from kpid_zoo.engine.importance import magnitude_importance
-from kpid_zoo.engine.surgery import ArchSpec, build_pruned, prune_model
+from kpid_zoo.engine.surgery import ArchSpec, build_pruned
 
 MODELS = ['mobilenetv4_conv_small', 'fastvit_t8', 'efficientvit_b0', 'regnety_002']
 INPUT = (3, 64, 64)  # EfficientViT's and FastViT's strides leave 2 px at the last stage
-
-
-def _assert_exact(model, graph, keep):
-    x = torch.randn(2, *INPUT, dtype=torch.float64)
-    pruned = prune_model(model, graph, keep)
-    with torch.no_grad():
-        expected, got = zero_pruned_inputs(model, graph, keep)(x), pruned(x)
-    assert expected.abs().max() > 1e-3  # a vanishing output would make the comparison meaningless
-    # float64 through ~100 layers: rounding stays near 1e-15 of the output scale, far below this bound
-    torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
-    return pruned
 
 
 @pytest.mark.parametrize('name', MODELS)
@@ -37,7 +26,7 @@ def test_random_masks_prune_exactly_and_specs_rebuild_them(name):
     graph = discover_groups(model, INPUT)
     # groups normalised by a LayerNorm (EfficientViT's head, once LayerNorm has a handler) are inexact by design
     keep = random_keep(graph, torch.Generator().manual_seed(1), [g for g in graph.prunable if g.exact])
-    pruned = _assert_exact(model, graph, keep)
+    pruned = assert_pruned_exact(model, graph, keep, INPUT)
     rebuilt = build_pruned(ArchSpec(name, {g: len(i) for g, i in keep.items()}, INPUT)).double().eval()
     rebuilt.load_state_dict(pruned.state_dict())  # strict: every name and shape agrees
     x = torch.randn(1, *INPUT, dtype=torch.float64)
@@ -61,7 +50,7 @@ def test_knapsack_masks_prune_exactly_within_the_flops_target(name):
         model, graph, magnitude_importance(model, graph), target, arch=name, input_size=INPUT, progress=False
     )
     assert target * 0.99 <= count_flops(result.model, INPUT).gmacs <= target
-    _assert_exact(model, graph, result.keep)
+    assert_pruned_exact(model, graph, result.keep, INPUT)
 
 
 def _special(model: nn.Module):
@@ -108,7 +97,7 @@ def test_efficientvit_lite_mla_prunes_whole_heads():
     assert graph.layouts[Member(f'{mla}.proj.conv', ROLE_IN)].multiplicity(graph.index(heads.name)) == 32  # 2 scales
     stream = graph['stages.3.blocks.0.main.point_conv.conv']  # the residual stream runs through the LiteMLA
     assert stream.prunable and f'{mla}.proj.conv' in stream.modules(ROLE_OUT)
-    pruned = _assert_exact(model, graph, {heads.name: torch.tensor([1, 4, 6])})
+    pruned = assert_pruned_exact(model, graph, {heads.name: torch.tensor([1, 4, 6])}, INPUT)
     block = pruned.get_submodule(mla)
     assert block.qkv.conv.out_channels == 3 * 3 * 16 and block.proj.conv.in_channels == 2 * 3 * 16
     assert block.aggreg[0][1].groups == 3 * 3 and block.aggreg[0][0].groups == 3 * 3 * 16
@@ -127,7 +116,7 @@ def test_fastvit_multiplier_convs_tie_the_trunk_and_pruned_nets_still_fuse():
     assert graph.layouts[Member('head.fc', ROLE_IN)].multiplicity(gi) == 16  # and the final conv doubles again
     assert 'stages.2.blocks.1.layer_scale.gamma' in trunk.modules()
     keep = random_keep(graph, torch.Generator().manual_seed(4))
-    pruned = _assert_exact(model, graph, keep)
+    pruned = assert_pruned_exact(model, graph, keep, INPUT)
     kept = len(keep[trunk.name])
     assert pruned.stages[3].blocks[0].layer_scale.gamma.shape == (8 * kept, 1, 1)
     assert pruned.stages[1].downsample.proj[0].in_chs == kept  # what reparameterize() reads, kept true
@@ -140,7 +129,7 @@ def test_fastvit_multiplier_convs_tie_the_trunk_and_pruned_nets_still_fuse():
     fused_parent = reparameterize_model(model)
     fused_graph = discover_groups(fused_parent, INPUT)
     assert len(fused_graph.prunable) > len(graph.prunable)
-    _assert_exact(fused_parent, fused_graph, random_keep(fused_graph, torch.Generator().manual_seed(5)))
+    assert_pruned_exact(fused_parent, fused_graph, random_keep(fused_graph, torch.Generator().manual_seed(5)), INPUT)
 
 
 class _Branchy(nn.Module):
@@ -218,7 +207,7 @@ def test_mobilenetv4_hybrid_attention_prunes_query_heads_and_layer_scales_exactl
     stream = graph['blocks.3.0.pw_proj.conv']  # the stage's residual stream, through attention blocks' layer scales
     assert stream.prunable and ('blocks.3.8.layer_scale', 'channel') in {(m.module, m.role) for m in stream.members}
     keep = random_keep(graph, torch.Generator().manual_seed(6))
-    pruned = _assert_exact(model, graph, keep)
+    pruned = assert_pruned_exact(model, graph, keep, INPUT)
     assert pruned.blocks[3][8].attn.num_heads == len(keep[heads.name])
     assert pruned.blocks[3][8].layer_scale.gamma.shape == (len(keep[stream.name]),)
 
