@@ -234,6 +234,30 @@ def test_a_locked_folder_is_refused_before_any_model_is_made(tmp_path, capsys, n
     assert sorted(p.name for p in work.iterdir()) == ['build.lock']
 
 
+def test_the_lock_appears_with_its_holder_so_the_other_ranks_never_see_an_empty_one(tmp_path, monkeypatch):
+    """Under `accelerate launch` every rank checks the work folder (read-only) while the main process takes the
+    lock. A lock file that existed empty for a moment read as a file the build did not write, and the launch failed
+    now and then; the lock now comes into being with its content, so the check right after it appears accepts it."""
+    from kpid_zoo import _workdir
+    from kpid_zoo.core import lock
+    from kpid_zoo.core.ownership import check_work
+
+    work = tmp_path / 'work'
+    seen = []
+    real_link = os.link
+
+    def link_then_check(src, dst, *args, **kwargs):
+        real_link(src, dst, *args, **kwargs)
+        seen.append((json.loads(Path(dst).read_text())['pid'], check_work(work, _workdir.BUILD_ENTRIES)))
+
+    monkeypatch.setattr(lock.os, 'link', link_then_check)
+    path = lock.acquire(work)
+    assert seen == [(os.getpid(), set())]
+    assert sorted(p.name for p in work.iterdir()) == ['build.lock']  # the staging file is gone
+    lock.release(path)
+    assert not path.exists()
+
+
 def test_checks_under_the_lock_leave_no_empty_folders_behind(tmp_path, capsys):
     """The preflight now runs under the lock, which makes the work and export folders' parents: a refused recipe
     removes what it made, as it did when the preflight came first."""

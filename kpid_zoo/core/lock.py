@@ -73,7 +73,7 @@ def acquire(folder: str | Path, name: str = LOCK_FILE) -> Path:
     }
     for _ in range(3):
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            _create_with(path, me)
         except FileNotFoundError:  # a refused build removed the empty folder it had made for its lock: make it again
             path.parent.mkdir(parents=True, exist_ok=True)
             continue
@@ -98,10 +98,29 @@ def acquire(folder: str | Path, name: str = LOCK_FILE) -> Path:
                 f'{what} is being built by process {pid}{where}, started {holder.get("started")}; '
                 f'wait for it to finish or stop it'
             )
-        with os.fdopen(fd, 'w', encoding='utf-8') as f:
-            json.dump(me, f)
         return path
     raise LockedError(f'{path}: could not take the build lock (other builds keep taking it)')
+
+
+def _create_with(path: Path, holder: dict) -> None:
+    """Create `path` holding `holder`, failing with EEXIST if it exists. The content is written to a staging file
+    that is then hard-linked into place, so the lock never exists empty: the other ranks of a launch check the work
+    folder while the main process takes the lock, and an empty build.lock reads as a file the build did not write.
+    Where the file system has no hard links, an exclusive create and a write (empty for a moment)."""
+    staged = staging_path(path)
+    try:
+        staged.write_text(json.dumps(holder), encoding='utf-8')
+        try:
+            os.link(staged, path)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise
+    finally:
+        staged.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, 'w', encoding='utf-8') as f:
+        json.dump(holder, f)
 
 
 def _age(path: Path) -> float:

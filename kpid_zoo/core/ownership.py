@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from ..errors import RefusedError  # noqa: F401 (raised here; its home is kpid_zoo.errors)
-from .files import file_sha256, read_json, remove_staging, write_json
+from .files import STAGING_RE, file_sha256, read_json, remove_staging, write_json
 from .lock import LOCK_FILE
 
 logger = logging.getLogger(__name__)
@@ -202,7 +202,13 @@ def check_work(work: Path, entries: Iterable[str], restart: bool = False) -> set
     if ours is None:
         # a folder with nothing of the build's: the build may add its entries beside what is there, but
         # --restart has nothing it may clear
-        others = [n for n in _present(work) if not (n == LOCK_FILE and _is_lock(work / n))]
+        # the lock, and the file a starting build writes it from (`lock.acquire`), are not the user's
+        others = [
+            n
+            for n in _present(work)
+            if not (n == LOCK_FILE and _is_lock(work / n))
+            and not (STAGING_RE.match(n) and n.startswith(f'.{LOCK_FILE}.'))
+        ]
         if restart and others:
             raise RefusedError(
                 f'--work {work}: not a kpid-zoo work folder (no {WORK_MANIFEST}); --restart clears '
