@@ -136,6 +136,11 @@ def save_weights(model: nn.Module, path: str | Path) -> None:
 STAGING_RE = re.compile(r'^\.(.+\.(tmp|old)-[0-9a-f]{8}|tmp-step_\d+)$')
 
 
+def is_staging_of(entry: str, name: str) -> bool:
+    """Whether the folder entry `entry` is a staging name beside `name` (`.<name>.tmp-…` or `.<name>.old-…`)."""
+    return bool(STAGING_RE.match(entry)) and entry.startswith(f'.{name}.')
+
+
 def remove_staging(folder: str | Path, name: str | None = None) -> list[Path]:
     """Remove what killed writers left below `folder` (only beside `name` and not below, when given).
 
@@ -145,7 +150,7 @@ def remove_staging(folder: str | Path, name: str | None = None) -> list[Path]:
     if not folder.is_dir():
         return []
     if name is not None:
-        found = [p for p in folder.iterdir() if STAGING_RE.match(p.name) and p.name.startswith(f'.{name}.')]
+        found = [p for p in folder.iterdir() if is_staging_of(p.name, name)]
     else:
         found = [p for p in folder.rglob('.*') if STAGING_RE.match(p.name)]
     for path in found:

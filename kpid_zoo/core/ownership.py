@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from ..errors import RefusedError  # noqa: F401 (raised here; its home is kpid_zoo.errors)
-from .files import STAGING_RE, file_sha256, read_json, remove_staging, write_json
+from .files import file_sha256, is_staging_of, read_json, remove_staging, write_json
 from .lock import LOCK_FILE
 
 logger = logging.getLogger(__name__)
@@ -204,10 +204,7 @@ def check_work(work: Path, entries: Iterable[str], restart: bool = False) -> set
         # --restart has nothing it may clear
         # the lock, and the file a starting build writes it from (`lock.acquire`), are not the user's
         others = [
-            n
-            for n in _present(work)
-            if not (n == LOCK_FILE and _is_lock(work / n))
-            and not (STAGING_RE.match(n) and n.startswith(f'.{LOCK_FILE}.'))
+            n for n in _present(work) if not (n == LOCK_FILE and _is_lock(work / n)) and not is_staging_of(n, LOCK_FILE)
         ]
         if restart and others:
             raise RefusedError(
