@@ -264,6 +264,12 @@ def cached(path: Path, args, part: str) -> dict | None:
     return read_json(path)
 
 
+def budget_settings(arm: str) -> dict[str, str]:
+    """The settings of the runtime an arm's budget is measured in (`Runtime.settings`): a net pruned under others
+    is pruned again, a cell timed under others is timed again."""
+    return RUNTIMES[arm[len('latency-') :]].settings() if arm.startswith('latency-') else {}
+
+
 def prune_flops(pair: Pair, fold: int, log) -> dict:
     size = (3, 224, 224)
     start = time.time()
@@ -345,7 +351,7 @@ def net_record(args, pair: Pair, arm: str, setting: Setting | None, fold: int, l
         return None
     path = net_path(args, pair.name, arm, setting.key if setting else None, fold)
     record = cached(path, args, 'prune')
-    if record is not None:
+    if record is not None and record.get('runtime_settings', {}) == budget_settings(arm):
         return record
     if 'prune' not in args.parts:
         return None
@@ -362,6 +368,7 @@ def net_record(args, pair: Pair, arm: str, setting: Setting | None, fold: int, l
         setting=setting.key if setting else None,
         fold=fold,
         importance=pair.importance_words(fold),
+        runtime_settings=budget_settings(arm),
         load_avg_1m=load,
         versions=versions(),
         cpu=cpu_model(),
@@ -419,9 +426,12 @@ def time_part(args, pair: Pair, sets: dict[str, Setting], runtimes: list[str], l
             if not identity:
                 continue
             todo = []
-            for r in runtimes:  # a cell absent, or of another net (pruned again since), is measured (again)
+            for r in runtimes:  # a cell absent, of another net (pruned again since) or runtime settings: again
                 cell = cached(time_path(args, s.key, r, pair.name, arm), args, 'time')
-                if cell is None or cell.get('net_sha256') != identity:
+                if cell is None or (cell.get('net_sha256'), cell.get('runtime_settings', {})) != (
+                    identity,
+                    RUNTIMES[r].settings(),
+                ):
                     todo.append(r)
             if not todo:
                 continue
@@ -454,6 +464,7 @@ def time_part(args, pair: Pair, sets: dict[str, Setting], runtimes: list[str], l
                     'label': s.label,
                     'runtime': r,
                     'runtime_version': runtime.describe(),
+                    'runtime_settings': runtime.settings(),
                     'exporter': args.exporter if runtime.uses_onnx else '',
                     'net_sha256': identity,
                     'gmacs': gmacs,
@@ -516,19 +527,21 @@ def top1_part(args, pair: Pair, sets: dict[str, Setting], log) -> None:
     for fold in FOLDS:
         for arm in ARMS:
             path = args.results / 'top1' / f'{pair.name}__{arm}__fold{fold}.json'
-            if cached(path, args, 'top1') is not None:
-                continue
             if arm not in ('stock', 'parent') and fold not in pair.folds(arm, b1.key):
                 continue
             if arm in ('stock', 'parent'):
-                model, identity, record = pair.model(pair.stock_name if arm == 'stock' else pair.name), arm, None
+                identity, record = arm, None
             else:
                 record = net_record(args, pair, arm, None if arm == 'flops' else b1, fold, log)
                 if record is None or 'keep' not in record:
                     continue
                 if record['px'] != 224:
                     continue  # a quick run prunes at other sizes: not an ImageNet net
-                model, identity = pair.net(record), record['sha256']
+                identity = record['sha256']
+            cell = cached(path, args, 'top1')
+            if cell is not None and cell.get('net_sha256') == identity:  # else: the net was pruned again since
+                continue
+            model = pair.model(pair.stock_name if arm == 'stock' else pair.name) if record is None else pair.net(record)
             wait_while_paused(args.pause_file)
             start = time.time()
             data = pair.data.fold(fold)

@@ -249,9 +249,20 @@ def test_a_runtimes_table_has_a_key_of_its_own_and_is_reused_from_the_cache(tmp_
     torch_key = lat.table_key(model, 'resnet10t', INPUT, LatencySetting('cpu', 1, 1))
     assert torch_key != key and lat.cache_path(torch_key, tmp_path) != path
     assert 'runtime' not in torch_key  # eager PyTorch's key is as it was: tables cached before stay valid
-    # another version of the runtime is another table
+    assert key.get('runtime_settings', {}) == rt.settings()  # OpenVINO has none: its older tables stay valid
+    # another version of the runtime, or other settings, is another table
+    monkeypatch.setattr(type(rt), 'settings', lambda self: {'session.some_option': '1'})
+    assert lat.table_key(model, 'resnet10t', INPUT, setting) != key
     monkeypatch.setattr(type(rt), 'version', lambda self: '0.0.1')
     assert lat.table_key(model, 'resnet10t', INPUT, setting) != key
+
+
+def test_onnx_runtime_sessions_stop_spinning_when_a_run_ends():
+    """Two sessions timed in turn: the first one's threads must not spin on the cores the second one runs on."""
+    pytest.importorskip('onnxruntime')
+    options = runtimes.RUNTIMES['onnxruntime'].session_options(2)
+    assert options.get_session_config_entry('session.force_spinning_stop') == '1'
+    assert options.intra_op_num_threads == 2 and options.inter_op_num_threads == 1
 
 
 @pytest.mark.launch

@@ -237,8 +237,8 @@ def table_key(
     fuse: bool | None = None,
 ) -> dict:
     """What a table's timings depend on: a table is reused only for the same key. A deployment runtime's table
-    adds the runtime, its version and the timed units (eager PyTorch's key is as it was before runtimes: the
-    tables cached then stay valid); `fuse` as `build_table` takes it."""
+    adds the runtime, its version, its settings (`Runtime.settings`) and the timed units (eager PyTorch's key is
+    as it was before runtimes: the tables cached then stay valid); `fuse` as `build_table` takes it."""
     key = {
         'version': TABLE_VERSION,
         'device': setting.device,
@@ -251,7 +251,10 @@ def table_key(
         'fractions': list(fractions),
     }
     if setting.runtime != 'torch':
-        key.update(runtime=setting.runtime, runtime_version=get_runtime(setting.runtime).version(), units=FUSED_UNITS)
+        runtime = get_runtime(setting.runtime)
+        key.update(runtime=setting.runtime, runtime_version=runtime.version(), units=FUSED_UNITS)
+        if runtime.settings():  # only where there are any: the tables cached before settings existed stay valid
+            key['runtime_settings'] = runtime.settings()
     if fuse is not None and fuse != (setting.runtime != 'torch'):  # not how this runtime's tables are timed
         key['units'] = FUSED_UNITS if fuse else 'layers'
     return key
