@@ -36,8 +36,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.metadata
+import itertools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -57,7 +59,15 @@ from latency import create, load_avg, paired_fields, verdict  # noqa: E402
 
 from kpid_zoo.budget.latency import GRID_FRACTIONS  # noqa: E402
 from kpid_zoo.budget.prune import knapsack_prune, latency_knapsack_prune  # noqa: E402
-from kpid_zoo.budget.timing import LatencySetting, Paired, Timing, cpu_model, measure_paired, time_once  # noqa: E402
+from kpid_zoo.budget.timing import (  # noqa: E402
+    LatencySetting,
+    Paired,
+    Timing,
+    cpu_model,
+    measure_paired,
+    measure_paired_afresh,
+    time_once,
+)
 from kpid_zoo.core.files import default_cache_dir, json_sha256, read_json, write_json  # noqa: E402
 from kpid_zoo.core.recipe import BudgetSpec  # noqa: E402
 from kpid_zoo.core.threads import fixed_threads  # noqa: E402
@@ -86,6 +96,9 @@ FOLDS = (0, 1)
 PARTS = ('prune', 'time', 'top1', 'report')
 EXPORTER = 'dynamo'  # the whole networks timed in ONNX Runtime / OpenVINO: exported as a build's model.onnx is
 NOT_MEASURED = 'not measured (needs budget.runtime)'
+# the latency loop a latency-knapsack net was pruned with; a net of an older loop is pruned again.
+# 2: the kept net's fresh look runs in a new process (`timing.measure_paired_afresh`)
+LOOP_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -270,6 +283,14 @@ def budget_settings(arm: str) -> dict[str, str]:
     return RUNTIMES[arm[len('latency-') :]].settings() if arm.startswith('latency-') else {}
 
 
+def current_net(record: dict, arm: str) -> bool:
+    """Whether a cached net is the one this benchmark would prune now: a latency-knapsack net pruned by this loop
+    (`LOOP_VERSION`) under its runtime's settings."""
+    if not arm.startswith('latency-'):
+        return True
+    return (record.get('loop_version', 1), record.get('runtime_settings', {})) == (LOOP_VERSION, budget_settings(arm))
+
+
 def prune_flops(pair: Pair, fold: int, log) -> dict:
     size = (3, 224, 224)
     start = time.time()
@@ -300,6 +321,9 @@ def prune_latency(pair: Pair, runtime: str, s: Setting, fold: int, log) -> dict:
     def compare(model, reference, input_size, setting):
         return measure_paired(model, reference, input_size, setting, warmup=2, repeats=s.measure_repeats)
 
+    def confirm(model, reference, input_size, setting):  # the loop's fresh look, in a new process as in a build
+        return measure_paired_afresh(model, reference, input_size, setting, warmup=2, repeats=s.measure_repeats)
+
     budget = BudgetSpec(
         latency_of=pair.stock_name,
         device='cpu',
@@ -319,6 +343,7 @@ def prune_latency(pair: Pair, runtime: str, s: Setting, fold: int, log) -> dict:
             arch=pair.name,
             input_size=size,
             compare=compare,
+            confirm=confirm,
             max_rounds=s.max_rounds,
             progress=False,
             table_kwargs={'warmup': 1, 'repeats': s.table_repeats, 'fractions': fractions},
@@ -351,7 +376,7 @@ def net_record(args, pair: Pair, arm: str, setting: Setting | None, fold: int, l
         return None
     path = net_path(args, pair.name, arm, setting.key if setting else None, fold)
     record = cached(path, args, 'prune')
-    if record is not None and record.get('runtime_settings', {}) == budget_settings(arm):
+    if record is not None and current_net(record, arm):
         return record
     if 'prune' not in args.parts:
         return None
@@ -369,6 +394,7 @@ def net_record(args, pair: Pair, arm: str, setting: Setting | None, fold: int, l
         fold=fold,
         importance=pair.importance_words(fold),
         runtime_settings=budget_settings(arm),
+        **({'loop_version': LOOP_VERSION} if arm.startswith('latency-') else {}),
         load_avg_1m=load,
         versions=versions(),
         cpu=cpu_model(),
@@ -582,7 +608,7 @@ def load_cells(results: Path) -> dict:
         return [read_json(p) for p in sorted((results / folder).glob('*.json'))]
 
     runs = read_json(results / 'runs.json') if (results / 'runs.json').is_file() else []
-    return {'nets': read('nets'), 'time': read('time'), 'top1': read('top1'), 'runs': runs}
+    return {'nets': read('nets'), 'time': read('time'), 'top1': read('top1'), 'spread': read('spread'), 'runs': runs}
 
 
 def time_rows(cells: dict) -> dict[tuple[str, str, str, str], dict]:
@@ -728,13 +754,17 @@ def top1_table(cells: dict) -> list[str]:
         "A pruned net is a different net in each fold (its own importance); the latency table times fold 0's.",
         '',
         '| net | folds | GMACs | params (M) | top-1 ± SE (BN re-est.) | top-5 | top-1 ± SE (its BN) | top-5 | '
-        "fold 1's loop |",
-        '|---|---|---|---|---|---|---|---|---|',
+        "fold 1's loop | thinnest group, fold 0 |",
+        '|---|---|---|---|---|---|---|---|---|---|',
     ]
+    widths = {g.name: g.size for g in discover_groups(create(LITE), (3, 224, 224)).prunable}
+    nets = {
+        n['arm']: n for n in cells['nets'] if n['parent'] == LITE and n['fold'] == 0 and n['setting'] in (None, 'b1')
+    }
     for arm in ARMS:
         folds = sorted(by.get(arm, []), key=lambda c: c['fold'])
         if not folds:
-            lines.append(f'| {arm_label(arm, LITE, PAIRS[LITE])} | - | | | not measured | | | | |')
+            lines.append(f'| {arm_label(arm, LITE, PAIRS[LITE])} | - | | | not measured | | | | | |')
             continue
         accs = []
         for column in ('bn_reestimated', 'parent_bn_stats'):
@@ -748,13 +778,26 @@ def top1_table(cells: dict) -> list[str]:
             if loop
             else ''
         )
+        keep = nets.get(arm, {}).get('keep', {})
+        thinnest = min(keep, key=lambda g: len(keep[g]) / widths[g], default=None)
+        thinnest_cell = f'{thinnest}: {len(keep[thinnest])} of {widths[thinnest]}' if thinnest else ''
         lines.append(
             f'| {folds[0]["net"]} | {",".join(str(f["fold"]) for f in folds)} | '
             f'{sum(f["gmacs"] for f in folds) / len(folds):.3f} | '
             f'{sum(f["params_m"] for f in folds) / len(folds):.2f} | '
-            f'{accs[0]} | {accs[1]} | {loop_cell} |'
+            f'{accs[0]} | {accs[1]} | {loop_cell} | {thinnest_cell} |'
         )
-    return lines + ['']
+    return lines + [
+        '',
+        'The knapsack keeps the channels of most summed importance under the budget, and a channel costs what its '
+        'runtime spends on it. Eager PyTorch runs each BN and activation as a pass of its own over the maps, so a '
+        "channel of the early, 112-px blocks costs many times one of the last blocks' 7-px channels; ONNX Runtime "
+        'and OpenVINO fold the BN into the conv and fuse the activation. A net whose thinnest group lies early and '
+        'was cut far down scores low before any fine-tune: few early channels carry every later one, which summed '
+        'Taylor importance does not see. A build fine-tunes with inner distillation after pruning; these figures '
+        'are before it.',
+        '',
+    ]
 
 
 def loops_section(cells: dict, sets: dict[str, Setting]) -> list[str]:
@@ -816,7 +859,9 @@ def write_doc(cells: dict, sets: dict[str, Setting], args) -> list[str]:
         '(`budget: {latency_of: <stock net>, runtime: torch | onnxruntime | openvino}`); the stock net; the parent. '
         'Every net timed in every runtime, in alternation with the stock net in that runtime (ABBA, the ratio call '
         'pair by call pair, after discarded cold calls). ONNX Runtime: CPU execution provider, every graph '
-        "optimisation; OpenVINO: CPU plugin, LATENCY hint, one stream; both fed the graph of torch's "
+        'optimisation, its threads stop spinning when a run ends (`session.force_spinning_stop`: with two sessions '
+        "timed in turn, the first one's spinning threads had held the cores the second one ran on); OpenVINO: CPU "
+        "plugin, LATENCY hint, one stream; both fed the graph of torch's "
         f"`{EXPORTER}` exporter (as a build's `model.onnx`) with a static input shape; threads fixed per setting.",
         '',
         f'Settings: {labels["b1"]}; {labels["b32"]} (224 px at batch 32 would take hours of lookup tables on 2 cores). '
@@ -844,6 +889,7 @@ def write_doc(cells: dict, sets: dict[str, Setting], args) -> list[str]:
     lines += findings(rows, cells, sets)
     lines += top1_table(cells)
     lines += loops_section(cells, sets)
+    lines += spread_section(cells, sets)
     lines += [
         '## GPU: not measured',
         '',
@@ -853,6 +899,46 @@ def write_doc(cells: dict, sets: dict[str, Setting], args) -> list[str]:
         'cuda` on a machine without CUDA is one line before any training, exit 2); the CUDA-event timing in '
         '`kpid_zoo.budget.timing` and `tests/test_gpu.py` (marker `gpu`) run only where a GPU is present, and '
         "ONNX Runtime's CUDA provider is not among `kpid_zoo.deploy.runtimes` (its CPU provider is).",
+        '',
+    ]
+    return lines
+
+
+def spread_section(cells: dict, sets: dict[str, Setting]) -> list[str]:
+    """The goal cells timed again in fresh processes (benchmarks/process_spread.py), beside the loop's and the run's
+    ratios: what separates the process that pruned a net from the one that runs it."""
+    current = {(n['parent'], n['arm'], n['setting']): n.get('sha256') for n in cells['nets'] if n['fold'] == 0}
+    spread = [c for c in cells['spread'] if current.get((c['parent'], c['arm'], c['setting'])) == c['net_sha256']]
+    lines = ['## Between processes', '']
+    if not spread:
+        return lines + ['Not measured yet (`PYTHONPATH=. python benchmarks/process_spread.py`).', '']
+    order = {key: i for i, key in enumerate(itertools.product(sets, BUDGET_RUNTIMES, PAIRS))}
+    spread.sort(key=lambda c: order.get((c['setting'], c['runtime'], c['parent']), len(order)))
+    widths = [max(r['ratio'] for r in c['runs']) - min(r['ratio'] for r in c['runs']) for c in spread]
+    lines += [
+        'A latency budget is met in the process that pruned the net; a user runs it in another one. Each goal cell '
+        "(a latency-budgeted net in its own budget's runtime, beside the stock net) timed again in "
+        f'{spread[0]["processes"]} fresh Python processes one after another, each exactly as the run above times '
+        'it: each process\'s median ratio. "Loop": the kept net\'s fresh look in the pruning loop (measured / '
+        'budget); "run": the table above.',
+        '',
+        '| setting | pair | runtime | loop | run | fresh processes: min-max (middle) | in every process |',
+        '|---|---|---|---|---|---|---|',
+    ]
+    for c in spread:
+        medians = [r['ratio'] for r in c['runs']]
+        side = 'faster' if max(medians) < 1 else ('slower' if min(medians) > 1 else 'both sides of 1')
+        run = '-' if c['benchmark_ratio'] is None else f'{c["benchmark_ratio"]:.3f}'
+        lines.append(
+            f'| {sets[c["setting"]].label} | {c["parent"]} -> {c["stock"]} | {RUNTIME_NAMES[c["runtime"]]} | '
+            f'{c["loop_ratio"]:.3f} | {run} | {min(medians):.3f}-{max(medians):.3f} '
+            f'({statistics.median(medians):.3f}) | {side} |'
+        )
+    lines += [
+        '',
+        f'The ratio moved by up to {100 * max(widths):.1f} points between processes (median '
+        f'{100 * statistics.median(widths):.1f}) over {len(spread)} cells: a net the loop lands within that of its '
+        'budget can measure on either side of it elsewhere.',
         '',
     ]
     return lines

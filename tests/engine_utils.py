@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import numpy as np
 import timm
@@ -84,3 +85,17 @@ def assert_pruned_exact(model: nn.Module, graph: GroupGraph, keep: dict[str, tor
     # float64 through ~100 layers: rounding stays near 1e-15 of the output scale, far below this bound
     torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
     return pruned
+
+
+class HomeProcessGuard(nn.Module):
+    """A conv that refuses to run in the process that built it: a network that must be timed in a new process."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.home = os.getpid()
+        self.conv = nn.Conv2d(3, width, 3, padding=1)
+
+    def forward(self, x):
+        if os.getpid() == self.home:
+            raise RuntimeError('ran in the process that built it')
+        return self.conv(x)

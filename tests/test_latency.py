@@ -13,7 +13,7 @@ import pytest
 import timm
 import torch
 import yaml
-from engine_utils import INPUT
+from engine_utils import INPUT, HomeProcessGuard
 
 from kpid_zoo.budget import latency as lat
 from kpid_zoo.budget import timing
@@ -450,6 +450,43 @@ def test_the_kept_net_is_timed_afresh_and_a_lucky_round_does_not_pass(tiny):
     assert 'on a fresh look, over the budget: aimed' in out.note  # the first kept net was over, and the loop said so
     assert out.within_budget and out.measured_ms <= budget.latency_ms  # after aiming lower once
     assert any(r['aim_ms'] < budget.latency_ms for r in result.report.rounds)
+
+
+def test_a_fresh_look_runs_in_a_new_process_and_times_the_pair_as_in_this_one():
+    """`measure_paired_afresh`: the networks run in another process (these two refuse to run in this one), and the
+    pair is timed as `measure_paired` times it: 15 call pairs, and the one ordering 16x the multiply-adds cannot
+    reverse."""
+    narrow, wide = HomeProcessGuard(8), HomeProcessGuard(128)
+    with pytest.raises(RuntimeError, match='ran in the process that built it'):
+        timing.measure_paired(narrow, wide, INPUT, SETTING)
+    paired = timing.measure_paired_afresh(narrow, wide, INPUT, SETTING)
+    assert paired.ratio.repeats == paired.model.repeats == 15
+    assert paired.ratio.median_ms < 1 and paired.model.median_ms < paired.reference.median_ms
+
+
+def test_the_loop_takes_its_fresh_look_in_a_new_process_unless_given_a_device(tiny, monkeypatch):
+    """With no `compare`, every round is timed by `measure_paired` and the kept net's fresh look by
+    `measure_paired_afresh`, whose figure is the one reported; a given `compare` (a simulated device) does both."""
+    from kpid_zoo.budget import latency_loop
+
+    model, graph = tiny
+    flops = CostModel.from_flops(model, graph, count_flops(model, INPUT))
+    true_ms = paired_by(lambda net, *_: Timing.of([3e-7 * flops.flops(group_widths(net, graph))]))
+    afresh = []
+
+    def fresh_look(net, reference, input_size, setting, **kwargs):
+        afresh.append(net)
+        return true_ms(net, reference, input_size, setting)
+
+    monkeypatch.setattr(latency_loop, 'measure_paired', true_ms)
+    monkeypatch.setattr(latency_loop, 'measure_paired_afresh', fresh_look)
+    budget = BudgetSpec(latency_ms=0.6 * 3e-7 * flops.flops(flops.sizes), tolerance=0.05)
+    kwargs = dict(arch='resnet10t', input_size=INPUT, table=_flops_table(flops), progress=False)
+    result = latency_knapsack_prune(model, graph, magnitude_importance(model, graph), budget, **kwargs)
+    assert afresh and afresh[-1] is result.model  # the kept net's last look was the fresh process's
+    assert result.report.latency.within_budget
+    given = latency_knapsack_prune(model, graph, magnitude_importance(model, graph), budget, compare=true_ms, **kwargs)
+    assert len(afresh) == 1 and given.report.latency.measured_ms == result.report.latency.measured_ms
 
 
 def test_latency_of_times_every_candidate_beside_that_network(tiny):

@@ -6,7 +6,8 @@ thread count fixed, reported as median and quartiles. The pruning loop never com
 `latency_of`) and keeps the per-call ratio, so both see the same machine (other jobs, clock, caches); a candidate's
 milliseconds are that ratio times the reference's time at the start. `measure_noise` is the A/A test: the
 reference paired with itself several times, the spread of those ratios is what a difference must exceed before
-the loop trusts it.
+the loop trusts it. `measure_paired_afresh` takes a paired measurement in a new process: what a user's process
+sees, without what the pruning process holds (its memory, its threads, the runtimes it has loaded).
 
 Runtimes (`LatencySetting.runtime`): in 'torch' the networks run eagerly, as they are. In a deployment runtime
 ('onnxruntime', 'openvino': `kpid_zoo.deploy.runtimes`) each network is exported to ONNX and compiled for the input
@@ -15,7 +16,9 @@ shape once (`compiled`), and the same calls, in the same order, time the compile
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import multiprocessing
 import os
 import platform
 import statistics
@@ -232,6 +235,35 @@ def measure_paired(
     return Paired(Timing.of(ours), Timing.of(theirs), Timing.of([a / b for a, b in zip(ours, theirs)]))
 
 
+def _cold_then_paired(model, reference, input_size, setting, warmup, repeats) -> Paired:
+    measure_paired(model, reference, input_size, setting, warmup=warmup, repeats=2)  # a new process's cold calls
+    return measure_paired(model, reference, input_size, setting, warmup=warmup, repeats=repeats)
+
+
+def measure_paired_afresh(
+    model: nn.Module,
+    reference: nn.Module,
+    input_size: tuple[int, int, int],
+    setting: LatencySetting,
+    *,
+    warmup: int = 3,
+    repeats: int = 15,
+) -> Paired:
+    """`measure_paired` in a new Python process (spawned: it holds nothing of this one but the two networks), after
+    a discarded series of its cold calls.
+
+    Why: a net kept because it measured under the budget in the process that pruned it can measure over it in
+    another. Measured (docs/deploy_latency.md, "Between processes"): five fresh processes agreed within about a
+    point on a net that the pruning process had put 2.5 points lower."""
+    context = multiprocessing.get_context('spawn')
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+        args = (model.cpu(), reference.cpu(), input_size, setting, warmup, repeats)
+        try:
+            return pool.submit(_cold_then_paired, *args).result()
+        except concurrent.futures.process.BrokenProcessPool as e:
+            raise RuntimeError(f'the process timing {setting.describe()} ended without a result: {e}') from None
+
+
 @dataclass(frozen=True)
 class Noise:
     """How far apart repeated A/A ratios of one network land: `relative` = max - min of the ratio medians."""
@@ -279,5 +311,6 @@ __all__ = [
     'time_callable',
     'example_input',
     'measure_paired',
+    'measure_paired_afresh',
     'measure_noise',
 ]
