@@ -97,8 +97,9 @@ PARTS = ('prune', 'time', 'top1', 'report')
 EXPORTER = 'dynamo'  # the whole networks timed in ONNX Runtime / OpenVINO: exported as a build's model.onnx is
 NOT_MEASURED = 'not measured (needs budget.runtime)'
 # the latency loop a latency-knapsack net was pruned with; a net of an older loop is pruned again.
-# 2: the kept net's fresh look runs in a new process (`timing.measure_paired_afresh`)
-LOOP_VERSION = 2
+# 2: the kept net's fresh look runs in a new process (`timing.measure_paired_afresh`); 3: an aim interpolated
+# between the rounds measured on either side of the window (`_rounds.bracketed_aim`)
+LOOP_VERSION = 3
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from engine_utils import INPUT, HomeProcessGuard
 
 from kpid_zoo.budget import latency as lat
 from kpid_zoo.budget import timing
+from kpid_zoo.budget._rounds import bracketed_aim
 from kpid_zoo.budget.latency import LatencyCostModel, LatencyTerm, sample_widths
 from kpid_zoo.budget.prune import latency_knapsack_prune
 from kpid_zoo.budget.timing import LatencySetting, Paired, Timing
@@ -450,6 +451,44 @@ def test_the_kept_net_is_timed_afresh_and_a_lucky_round_does_not_pass(tiny):
     assert 'on a fresh look, over the budget: aimed' in out.note  # the first kept net was over, and the loop said so
     assert out.within_budget and out.measured_ms <= budget.latency_ms  # after aiming lower once
     assert any(r['aim_ms'] < budget.latency_ms for r in result.report.rounds)
+
+
+def test_a_model_wrong_by_more_for_narrow_nets_than_wide_ones_still_lands_in_the_window(tiny):
+    """A device on which a net runs in (its FLOPs cost)^2 / the parent's: the table, fitted at the parent and the
+    narrowest net, puts mid-width nets far above what they run. One correction factor swings between the narrow
+    nets it overestimates and the wide ones it gets right (the loop alternated far under and far over the budget);
+    interpolating between the rounds on either side lands in [budget * (1 - tolerance), budget]."""
+    model, graph = tiny
+    flops = CostModel.from_flops(model, graph, count_flops(model, INPUT))
+    parent_cost = 3e-7 * flops.flops(flops.sizes)
+
+    def true_ms(net, *_):
+        return Timing.of([(3e-7 * flops.flops(group_widths(net, graph))) ** 2 / parent_cost])
+
+    budget = BudgetSpec(latency_ms=0.6 * parent_cost, tolerance=0.05)
+    result = latency_knapsack_prune(
+        model,
+        graph,
+        magnitude_importance(model, graph),
+        budget,
+        arch='resnet10t',
+        input_size=INPUT,
+        table=_flops_table(flops),
+        compare=paired_by(true_ms),
+        progress=False,
+    )
+    out = result.report.latency
+    measured = [r['measured_ms'] for r in result.report.rounds]
+    assert any(m > budget.latency_ms for m in measured) and any(m < 0.95 * budget.latency_ms for m in measured)
+    assert out.within_budget and 0.95 * budget.latency_ms <= out.measured_ms <= budget.latency_ms, measured
+
+
+def test_the_aim_between_two_rounds_is_interpolated_and_refused_when_they_disagree_with_the_model():
+    low, high = 57.0, 60.0
+    assert bracketed_aim([(60.0, 36.0)], low, high) is None  # one side only: the correction factor decides
+    aim = bracketed_aim([(60.0, 36.0), (100.0, 100.0), (50.0, 30.0), (120.0, 130.0)], low, high)
+    assert aim == pytest.approx(60.0 + (58.5 - 36.0) * 40.0 / 64.0)  # the nearest round on each side
+    assert bracketed_aim([(100.0, 36.0), (60.0, 100.0)], low, high) is None  # wider ran faster: noise, not a slope
 
 
 def test_a_fresh_look_runs_in_a_new_process_and_times_the_pair_as_in_this_one():

@@ -42,7 +42,10 @@ def knapsack_rounds(
     importance. The correction is what the measurement adds to the model (FLOPs: ops the model does not count), or
     with `relative` the factor by which it differs from the model (latency: a machine a little faster or slower than
     when the table was timed), starting at `scale`; a correction within `noise` (relative) of the last one is not
-    trusted, the last is kept.
+    trusted, the last is kept. Once `relative` rounds have measured on both sides of [low, high], the next aim is
+    interpolated between the nearest two (`bracketed_aim`): where the model's error differs between narrow and wide
+    nets, one factor swings from one side to the other (measured: an eager-PyTorch table at batch 32 put nets at
+    half and at the whole of what they ran, and six rounds alternated 27, 116, 20, 140, 28, 116 ms around 58).
 
     Returns the best round under `high` (None if none was), the cheapest round measured, and every round's record.
     """
@@ -52,6 +55,7 @@ def knapsack_rounds(
     best: tuple[tuple, _Best] | None = None
     cheapest: _Best | None = None
     rounds = []
+    points: list[tuple[float, float]] = []  # (model cost, measured) of each round
     bar = tqdm(range(max_rounds), desc='knapsack', disable=not progress, leave=False)
     for _ in bar:
         try:
@@ -68,7 +72,11 @@ def knapsack_rounds(
         predicted = cost.at(sol.widths)
         if relative:
             record = {**record, 'scale': scale}  # the correction this round aimed with
-            if abs(achieved / predicted - scale) > noise * scale:
+            points.append((predicted, achieved))
+            aim = bracketed_aim(points, low, high)
+            if aim is not None:
+                scale = (low + high) / 2 / aim
+            elif abs(achieved / predicted - scale) > noise * scale:
                 scale = achieved / predicted
         elif abs(achieved - predicted - offset) > noise * achieved:
             offset = achieved - predicted
@@ -85,6 +93,20 @@ def knapsack_rounds(
             break  # the linearisation has settled, or re-linearising stopped paying off
         widths = sol.widths
     return (best[1] if best else None), cheapest, rounds
+
+
+def bracketed_aim(points: list[tuple[float, float]], low: float, high: float) -> float | None:
+    """The model cost at which the measured cost should reach the middle of [low, high], interpolated linearly
+    between the round measured nearest under `low` and the one nearest over `high` (each by model cost); None until
+    rounds lie on both sides, or when those two disagree with the model's order (noise larger than the step)."""
+    under = [p for p in points if p[1] < low]
+    over = [p for p in points if p[1] > high]
+    if not under or not over:
+        return None
+    (p0, m0), (p1, m1) = max(under), min(over)
+    if not p0 < p1:
+        return None
+    return p0 + ((low + high) / 2 - m0) * (p1 - p0) / (m1 - m0)
 
 
 def group_width_choices(graph: GroupGraph, min_channels: int, round_to: int) -> dict[str, list[int]]:
@@ -131,4 +153,4 @@ def top_k(scores: torch.Tensor, k: int, blocks: list[torch.Tensor] | None = None
     return torch.argsort(scores, descending=True, stable=True)[:k].sort().values
 
 
-__all__ = ['knapsack_rounds', 'group_width_choices', 'check_prunable', 'top_k']
+__all__ = ['knapsack_rounds', 'bracketed_aim', 'group_width_choices', 'check_prunable', 'top_k']

@@ -253,8 +253,8 @@ def measure_paired_afresh(
     a discarded series of its cold calls.
 
     Why: a net kept because it measured under the budget in the process that pruned it can measure over it in
-    another. Measured (docs/deploy_latency.md, "Between processes"): five fresh processes agreed within about a
-    point on a net that the pruning process had put 2.5 points lower."""
+    another. Measured (docs/latency.md, "The budget loop"): five new processes agreed within a point on a net that
+    the pruning process had put 2.5 points lower."""
     context = multiprocessing.get_context('spawn')
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
         args = (model.cpu(), reference.cpu(), input_size, setting, warmup, repeats)
