@@ -919,9 +919,9 @@ def spread_section(cells: dict, sets: dict[str, Setting]) -> list[str]:
     lines += [
         'A latency budget is met in the process that pruned the net; a user runs it in another one. Each goal cell '
         "(a latency-budgeted net in its own budget's runtime, beside the stock net) timed again in "
-        f'{spread[0]["processes"]} fresh Python processes one after another, each exactly as the run above times '
-        'it: each process\'s median ratio. "Loop": the kept net\'s fresh look in the pruning loop (measured / '
-        'budget); "run": the table above.',
+        f'{spread[0]["processes"]} fresh Python processes one after another (`PYTHONPATH=. python '
+        "benchmarks/process_spread.py`), each exactly as the run above times it: each process's median ratio. "
+        '"Loop": the kept net\'s fresh look in the pruning loop (measured / budget); "run": the table above.',
         '',
         '| setting | pair | runtime | loop | run | fresh processes: min-max (middle) | in every process |',
         '|---|---|---|---|---|---|---|',
