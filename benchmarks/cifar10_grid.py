@@ -670,7 +670,8 @@ def family_section(grid: Grid) -> list[str]:
     lines += [
         f'Parent: top-1 **{parent["top1"]:.2f}%** (top-5 {parent["top5"]:.2f}%), '
         f'{parent["gmacs"]:.4f} GMACs, {parent["params_m"]:.2f} M params, trained in '
-        f'{parent["seconds"] / 60:.0f} min on {parent["machine"]}.',
+        f'{parent["seconds"] / 60:.0f} min of wall time on {parent["machine"]} (the last part that ran it, from its '
+        'checkpoint: other jobs and pauses included).',
         '',
         '| target | arm | n | GMACs (mean) | % parent | params (M) | top-1 before FT | top-1 after FT | top-5 |',
         '|---|---|---|---|---|---|---|---|---|',
