@@ -115,6 +115,10 @@ class Setting:
     deploy_fractions: tuple[float, ...]  # ONNX Runtime / OpenVINO tables: a session per layer shape, fewer widths
     max_rounds: int = 6  # the latency loop's rounds (its default)
 
+    def example(self) -> torch.Tensor:
+        """The input every net is timed on in this setting (the same in every process: seed 0)."""
+        return torch.randn(self.batch_size, 3, self.px, self.px, generator=torch.Generator().manual_seed(0))
+
     @property
     def label(self) -> str:
         threads = f'{self.threads} thread{"s" if self.threads != 1 else ""}'
@@ -183,6 +187,12 @@ def paired_calls(a, b, *, threads: int, warmup: int, repeats: int) -> Paired:
             for fn, samples in pair if i % 2 == 0 else pair[::-1]:
                 samples.append(time_once(fn, setting))
     return Paired(Timing.of(ours), Timing.of(theirs), Timing.of([x / y for x, y in zip(ours, theirs)]))
+
+
+def timed_cell(call, stock_call, s: Setting) -> Paired:
+    """A net's call beside the stock net's, as every timed cell is measured: cold calls discarded, then the pairs."""
+    paired_calls(call, stock_call, threads=s.threads, warmup=3, repeats=2)  # cold, discarded
+    return paired_calls(call, stock_call, threads=s.threads, warmup=2, repeats=s.repeats)
 
 
 def goal(row: dict) -> str:
@@ -445,7 +455,7 @@ def time_part(args, pair: Pair, sets: dict[str, Setting], runtimes: list[str], l
     The order is setting > net > runtime, so each net is exported once per setting and compiled for every runtime."""
     for s in sets.values():
         size = (3, s.px, s.px)
-        x = torch.randn(s.batch_size, *size, generator=torch.Generator().manual_seed(0))
+        x = s.example()
         stock = pair.model(pair.stock_name)  # the Lite pair's with their ImageNet weights, as deployed
         compiled_stock: dict[str, object] = {}
         for arm in ARMS:
@@ -480,8 +490,7 @@ def time_part(args, pair: Pair, sets: dict[str, Setting], runtimes: list[str], l
                     if runtime.uses_onnx and onnx is None:  # one export per net and setting, for both runtimes
                         onnx = onnx_bytes(net, x, dynamic_batch=False, exporter=args.exporter, what=arm)
                     call = bind(compile_net(runtime, net, x, s.threads, args.exporter, onnx), x.numpy())
-                paired_calls(call, compiled_stock[r], threads=s.threads, warmup=3, repeats=2)  # cold, discarded
-                p = paired_calls(call, compiled_stock[r], threads=s.threads, warmup=2, repeats=s.repeats)
+                p = timed_cell(call, compiled_stock[r], s)
                 row = {
                     'parent': pair.name,
                     'stock': pair.stock_name,

@@ -31,8 +31,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from deploy_latency import (  # noqa: E402
@@ -43,9 +41,9 @@ from deploy_latency import (  # noqa: E402
     compile_net,
     current_net,
     net_path,
-    paired_calls,
     settings,
     time_path,
+    timed_cell,
     versions,
 )
 from latency import load_avg  # noqa: E402
@@ -64,7 +62,7 @@ def child(spec: dict) -> dict:
     """One process's measurement of one cell: deploy_latency.time_part's calls, on the graphs the parent exported."""
     s = settings(False)[spec['setting']]
     pair = Pair(spec['parent'], argparse.Namespace(quick=False), None)
-    x = torch.randn(s.batch_size, 3, s.px, s.px, generator=torch.Generator().manual_seed(0))
+    x = s.example()
     runtime = get_runtime(spec['runtime'])
     record = read_json(Path(spec['net']))
     nets = {'net': pair.net(record), 'stock': pair.model(pair.stock_name)}
@@ -72,8 +70,7 @@ def child(spec: dict) -> dict:
     for name, net in nets.items():
         graph = Path(spec[name + '_onnx']).read_bytes() if runtime.uses_onnx else None
         calls[name] = bind(compile_net(runtime, net, x, s.threads, 'dynamo', graph), x.numpy())
-    paired_calls(calls['net'], calls['stock'], threads=s.threads, warmup=3, repeats=2)  # cold, discarded
-    p = paired_calls(calls['net'], calls['stock'], threads=s.threads, warmup=2, repeats=s.repeats)
+    p = timed_cell(calls['net'], calls['stock'], s)
     return {'ratio': p.ratio.median_ms, 'ratio_q1': p.ratio.q1_ms, 'ratio_q3': p.ratio.q3_ms, 'ms': p.model.median_ms}
 
 
@@ -98,7 +95,7 @@ def measure(args, setting: str, runtime: str, parent: str, log) -> None:
         return
     s = settings(False)[setting]
     pair = Pair(parent, argparse.Namespace(quick=False), None)
-    x = torch.randn(s.batch_size, 3, s.px, s.px, generator=torch.Generator().manual_seed(0))
+    x = s.example()
     start, load = time.time(), load_avg()
     with tempfile.TemporaryDirectory(prefix='kpid-spread-') as tmp:
         spec = {'setting': setting, 'runtime': runtime, 'parent': parent, 'net': str(net_file)}
