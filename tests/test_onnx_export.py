@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 pytest.importorskip('onnxruntime')
 pytest.importorskip('onnxscript')
@@ -26,7 +27,7 @@ from export_utils import export_pruned, pruned_spec, tiny_recipe  # noqa: E402
 from kpid_zoo.cli import main  # noqa: E402
 from kpid_zoo.deploy.check import check_onnx  # noqa: E402
 from kpid_zoo.deploy.onnx import INPUT_NAME, OPSET, OUTPUT_NAME, onnx_program  # noqa: E402
-from kpid_zoo.deploy.rounding import LAMBDA, U, float32_tolerance, gamma  # noqa: E402
+from kpid_zoo.deploy.rounding import LAMBDA, NoRoundingModel, U, float32_tolerance, gamma  # noqa: E402
 from kpid_zoo.engine.surgery import build_pruned  # noqa: E402
 from kpid_zoo.zoo._onnx import ONNX_FILE, OnnxSkipped, check_images, make_onnx  # noqa: E402
 from kpid_zoo.zoo.export import check_export_folder  # noqa: E402
@@ -121,7 +122,7 @@ def test_tolerance_of_one_linear_layer_is_its_own_rounding_scale():
 
 def test_tolerance_covers_pytorchs_float32_error_of_real_nets(images):
     """The derivation's own check: eager PyTorch's float32 output of every family lies within it."""
-    for parent in ('efficientnet_b0', 'mobilenetv3_large_100'):
+    for parent in ('efficientnet_b0', 'mobilenetv3_large_100', 'tf_efficientnet_lite0'):
         model = _randomise_bn(build_pruned(pruned_spec(parent, 0.5, input_size=SIZE), num_classes=10))
         program = torch.export.export(model, (images,)).run_decompositions({})  # functional ops, as exported
         tol = float32_tolerance(program, images)
@@ -129,6 +130,35 @@ def test_tolerance_covers_pytorchs_float32_error_of_real_nets(images):
             error = (model(images).double() - tol.exact).abs()
         assert (error <= tol.tolerance).all(), parent
         assert (error > 0).any(), f'{parent}: float32 equal to the exact value everywhere: nothing was measured'
+
+
+def test_padding_and_clamping_are_exact_only_against_float32_constants():
+    """TF-"same" padding and ReLU6 (the tf_ nets, EfficientNet-Lite) copy or compare values: no rounding of their
+    own, so where the clamp passes a value on its tolerance is the conv's, and where it clamps there is none; a
+    bound float32 cannot hold has no rule."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3).eval()
+    x = torch.randn(2, 3, 8, 8)
+    padded = F.pad(x, (0, 1, 0, 1))
+
+    class PadConvReLU6(nn.Module):
+        def __init__(self, bound: float):
+            super().__init__()
+            self.conv, self.bound = conv, bound
+
+        def forward(self, x):
+            return F.hardtanh(self.conv(F.pad(x, (0, 1, 0, 1))), 0.0, self.bound)
+
+    tol = float32_tolerance(torch.export.export(PadConvReLU6(6.0), (x,)).run_decompositions({}), x)
+    y = F.conv2d(padded.double(), conv.weight.double(), conv.bias.double())
+    torch.testing.assert_close(tol.exact, y.clamp(0, 6), rtol=0, atol=1e-12)
+    plain = float32_tolerance(torch.export.export(conv, (padded,)), padded)
+    inside = (y > 0) & (y < 6)
+    assert inside.any() and (~inside).any()
+    torch.testing.assert_close(tol.tolerance[inside], plain.tolerance[inside], rtol=1e-9, atol=0)
+    assert (tol.tolerance[~inside] == 0).all()
+    with pytest.raises(NoRoundingModel, match='0.1'):
+        float32_tolerance(torch.export.export(PadConvReLU6(0.1), (x,)).run_decompositions({}), x)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -149,7 +179,7 @@ def _perturbed(data: bytes, initializer: str, index: int, delta: float) -> bytes
     raise AssertionError(f'no initializer {initializer}: {[i.name for i in model.graph.initializer]}')
 
 
-@pytest.mark.parametrize('parent', ['efficientnet_b0', 'mobilenetv3_large_100'])
+@pytest.mark.parametrize('parent', ['efficientnet_b0', 'mobilenetv3_large_100', 'tf_efficientnet_lite0'])
 def test_check_passes_the_real_graph_and_fails_one_weight_moved_beyond_the_tolerance(parent, images):
     model = _randomise_bn(build_pruned(pruned_spec(parent, 0.5, input_size=SIZE), num_classes=10))
     data, program = onnx_program(model, images[:1], what=parent)

@@ -20,6 +20,8 @@ independent roundings (`_independent`), elementwise:
 * add: rho = sqrt(m + 1) u (|a| + |b|), m the accumulation length of a conv (through a batch norm) producing a
   term: ONNX Runtime may add a residual inside that conv's sum. mul: rho = u |y|.
 * mean / (adaptive) average pool over k values: rho = sqrt(k + 1) u mean(|x|). max pool, ReLU, view, reshape: exact.
+  Padding (TF-"same" convs) and clamping (ReLU6 = hardtanh(0, 6), clamp) only copy or compare values: exact when
+  the value they pad with and their bounds are float32 numbers (else no rule); leaky ReLU: rho = u |y|.
 * sigmoid: rho = 8 u |y| + u (vectorised exp-based sigmoids are within a few ULP; ONNX Runtime's MLAS saturates
   the logistic at |x| = 18, an absolute error below sigmoid(-18) < 2^-25); SiLU = x sigmoid(x): that times |x|,
   plus u |y| for the product; hardswish / hardsigmoid: rho = 4 u (|y| + |x|) (their 1/6 is no float32 number:
@@ -164,6 +166,30 @@ _EXACT = {
 }
 
 
+# ops that copy or compare values against constants (argument positions, keyword names): exact when those
+# constants are float32 numbers
+_COPIES_CONSTANTS = {
+    'pad': ((3, 'value'),),
+    'constant_pad_nd': ((2, 'value'),),
+    'hardtanh': ((1, 'min_val'), (2, 'max_val')),
+    'clamp': ((1, 'min'), (2, 'max')),
+    'clamp_min': ((1, 'min'),),
+    'clamp_max': ((1, 'max'),),
+}
+
+
+def _constant_of(name: str, args: tuple, kwargs: dict, where: tuple[int, str]) -> Any:
+    position, keyword = where
+    value = args[position] if len(args) > position else kwargs.get(keyword)
+    if isinstance(value, torch.Tensor):
+        raise NoRoundingModel(f'{name} with a tensor bound')
+    return value
+
+
+def _is_float32(value: float) -> bool:
+    return math.isfinite(value) and float(torch.tensor(value, dtype=torch.float32)) == value
+
+
 def local_error(target: Any, args: tuple, kwargs: dict, out: Any, acc: dict[int, int]) -> tuple[Any, int]:
     """(rho, the accumulation length a later add may be fused into) of one op at exact arguments; `acc` maps
     id(argument) to its own accumulation length."""
@@ -186,8 +212,14 @@ def local_error(target: Any, args: tuple, kwargs: dict, out: Any, acc: dict[int,
         alpha = kwargs.get('alpha', 1)
         m = max(acc.get(id(a), 0), acc.get(id(b), 0))
         return _independent(m + 1) * (_abs(a) + abs(alpha) * _abs(b)), 0
-    if name == 'mul':
+    if name == 'mul' or name == 'leaky_relu':
         return U * out.abs(), 0
+    if name in _COPIES_CONSTANTS:
+        constants = [_constant_of(name, args, kwargs, i) for i in _COPIES_CONSTANTS[name]]
+        unrepresentable = [c for c in constants if c is not None and not _is_float32(c)]
+        if unrepresentable:  # the float32 graph holds a rounded constant: that is no rounding of arithmetic
+            raise NoRoundingModel(f'{target} with {unrepresentable[0]!r}, which is no float32 number')
+        return 0.0, 0
     if name == 'mean':
         dims = args[1] if len(args) > 1 else kwargs.get('dim')
         keep = args[2] if len(args) > 2 else kwargs.get('keepdim', False)
