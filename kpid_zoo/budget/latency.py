@@ -237,8 +237,9 @@ def table_key(
     fuse: bool | None = None,
 ) -> dict:
     """What a table's timings depend on: a table is reused only for the same key. A deployment runtime's table
-    adds the runtime, its version, its settings (`Runtime.settings`) and the timed units (eager PyTorch's key is
-    as it was before runtimes: the tables cached then stay valid); `fuse` as `build_table` takes it."""
+    adds the runtime, its version and the timed units (eager PyTorch's key has none of them: the tables cached
+    before runtimes stay valid); a table timed on the CPU adds the runtime's settings (`Runtime.settings`: ONNX
+    Runtime's session options, eager PyTorch's allocator thresholds); `fuse` as `build_table` takes it."""
     key = {
         'version': TABLE_VERSION,
         'device': setting.device,
@@ -250,11 +251,11 @@ def table_key(
         'threads': setting.threads,
         'fractions': list(fractions),
     }
+    runtime = get_runtime(setting.runtime)
     if setting.runtime != 'torch':
-        runtime = get_runtime(setting.runtime)
         key.update(runtime=setting.runtime, runtime_version=runtime.version(), units=FUSED_UNITS)
-        if runtime.settings():  # only where there are any: the tables cached before settings existed stay valid
-            key['runtime_settings'] = runtime.settings()
+    if setting.device == 'cpu' and runtime.settings():  # only where there are any (eager PyTorch's: the allocator)
+        key['runtime_settings'] = runtime.settings()
     if fuse is not None and fuse != (setting.runtime != 'torch'):  # not how this runtime's tables are timed
         key['units'] = FUSED_UNITS if fuse else 'layers'
     return key

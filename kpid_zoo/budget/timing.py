@@ -1,7 +1,8 @@
 """Timing a network on the device a build runs on: one call, many calls, and two networks in alternation.
 
 Measurement (`time_callable`): warm-up calls first, then many timed calls under `torch.inference_mode` with the
-thread count fixed, reported as median and quartiles. The pruning loop never compares timings taken apart:
+thread count fixed (and, for eager PyTorch on the CPU, malloc's thresholds: `kpid_zoo.core.allocator`), reported
+as median and quartiles. The pruning loop never compares timings taken apart:
 `measure_paired` times a candidate in alternation with a reference network (the parent, or a budget's
 `latency_of`) and keeps the per-call ratio, so both see the same machine (other jobs, clock, caches); a candidate's
 milliseconds are that ratio times the reference's time at the start. `measure_noise` is the A/A test: the
@@ -24,7 +25,7 @@ import platform
 import statistics
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,9 +161,19 @@ def time_once(fn: Callable[[], object], setting: LatencySetting) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def time_callable(fn: Callable[[], object], setting: LatencySetting, *, warmup: int = 3, repeats: int = 15) -> Timing:
-    """Time `fn()` `repeats` times after `warmup` untimed calls, in inference mode with the threads fixed."""
+@contextlib.contextmanager
+def timing_conditions(setting: LatencySetting) -> Iterator[None]:
+    """What every timing runs under: the runtime's process set-up on the CPU (`Runtime.prepare`: eager PyTorch's
+    allocator thresholds fixed), the thread count fixed, inference mode."""
+    if setting.device == 'cpu':
+        get_runtime(setting.runtime).prepare()
     with fixed_threads(setting), torch.inference_mode():
+        yield
+
+
+def time_callable(fn: Callable[[], object], setting: LatencySetting, *, warmup: int = 3, repeats: int = 15) -> Timing:
+    """Time `fn()` `repeats` times after `warmup` untimed calls, under `timing_conditions`."""
+    with timing_conditions(setting):
         for _ in range(warmup):
             fn()
         return Timing.of([time_once(fn, setting) for _ in range(repeats)])
@@ -225,7 +236,7 @@ def measure_paired(
         run_model, run_reference = compiled(model, x, setting), compiled(reference, x, setting)
     ours: list[float] = []
     theirs: list[float] = []
-    with fixed_threads(setting), torch.inference_mode():
+    with timing_conditions(setting):
         for _ in range(warmup):
             run_model(), run_reference()
         for i in range(repeats):
@@ -307,6 +318,7 @@ __all__ = [
     'cpu_model',
     'device_name',
     'fixed_threads',
+    'timing_conditions',
     'time_once',
     'time_callable',
     'example_input',

@@ -15,6 +15,8 @@ after each run, waiting for the next: with two sessions timed in turn (a candida
 one's spinning threads hold the cores the second one needs. Its sessions stop spinning when a run ends
 (`session.force_spinning_stop`; within a run they spin as deployed). Measured, two sessions of one network in turn at
 batch 32 on 2 threads: the A/A ratio's IQR went from +-25-50% to +-3%, and each run took half the time.
+Eager PyTorch's tensors come from the C library's malloc, whose thresholds are fixed before it is timed
+(`kpid_zoo.core.allocator`: else two processes time one pair of networks at different ratios).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..core import allocator
 from ..core.threads import fixed_threads
 from ..errors import MissingDependencyError, UnsupportedModelError, UserError, one_line
 from .onnx import onnx_bytes
@@ -60,6 +63,9 @@ class Runtime:
     def settings(self) -> dict[str, str]:
         """The runtime's options beyond the threads that its timings depend on (a latency table's key has them)."""
         return {}
+
+    def prepare(self) -> None:
+        """Set this process up to time the runtime on the CPU (`kpid_zoo.budget.timing` calls it first)."""
 
     def describe(self) -> str:
         """The runtime and its version: what a latency table and a measured figure depend on."""
@@ -98,6 +104,12 @@ class TorchRuntime(Runtime):
     distribution = 'torch'
     module = 'torch'
     uses_onnx = False
+
+    def settings(self):
+        return allocator.settings()  # eager tensors come from malloc: its thresholds are fixed while timing
+
+    def prepare(self):
+        allocator.fix_thresholds()
 
     def compile(self, model, example, threads, *, exporter='dynamo', what=''):
         model = model.eval()
