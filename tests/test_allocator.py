@@ -9,6 +9,7 @@ thresholds (mmap 32 MiB, trim 1 GiB) the blocks come from the heap and stay ther
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -20,6 +21,8 @@ import torch
 
 from kpid_zoo.budget import latency as lat
 from kpid_zoo.budget import timing
+from kpid_zoo.budget._result import LatencyOutcome
+from kpid_zoo.budget.report import runtime_in_words
 from kpid_zoo.budget.timing import LatencySetting
 from kpid_zoo.core import allocator
 
@@ -151,3 +154,13 @@ def test_an_eager_table_on_the_cpu_is_keyed_by_the_allocator(monkeypatch):
     assert lat.table_key(model, 'resnet10t', (3, 32, 32), LatencySetting('cpu', 1, 1)) != cpu
     monkeypatch.setattr(lat, 'device_name', lambda device, runtime='torch': 'a GPU')
     assert 'runtime_settings' not in lat.table_key(model, 'resnet10t', (3, 32, 32), LatencySetting('cuda', 1, 1))
+
+
+def test_the_prune_report_names_the_allocator_an_eager_budget_was_timed_under():
+    required = [f for f in dataclasses.fields(LatencyOutcome) if dataclasses.MISSING is f.default is f.default_factory]
+    fields = {f.name: 0.0 for f in required}
+    outcome = LatencyOutcome(**{**fields, 'device': 'cpu', 'device_name': 'a CPU'}, runtime='torch 2.14.1')
+    assert runtime_in_words(outcome) == 'torch 2.14.1 (eager)'  # a report written before settings were recorded
+    settings = {'malloc': 'glibc mmap_threshold=33554432 trim_threshold=1073741824'}
+    outcome = dataclasses.replace(outcome, runtime_settings=settings)
+    assert runtime_in_words(outcome) == f'torch 2.14.1 (eager; malloc: {settings["malloc"]})'

@@ -1,6 +1,7 @@
 """The logic behind benchmarks/deploy_latency.py's verdicts: the paired timer's order and ratios, what it calls
 meeting the goal, and which cached cells it reports."""
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -25,7 +26,11 @@ def test_paired_calls_alternate_abba_and_pair_each_call_with_its_neighbour(monke
         return float(next(durations[calls[-1]]))
 
     monkeypatch.setattr(dl, 'time_once', fake_time_once)
-    p = dl.paired_calls(lambda: calls.append('a'), lambda: calls.append('b'), threads=1, warmup=1, repeats=4)
+    conditions = []  # the library's own timing conditions (eager PyTorch: the allocator's thresholds fixed)
+    monkeypatch.setattr(dl, 'timing_conditions', lambda setting: conditions.append(setting) or contextlib.nullcontext())
+    setting = dl.LatencySetting('cpu', 1, 1, 'torch')
+    p = dl.paired_calls(lambda: calls.append('a'), lambda: calls.append('b'), setting, warmup=1, repeats=4)
+    assert conditions == [setting]
     assert calls == ['a', 'b'] + ['a', 'b', 'b', 'a', 'a', 'b', 'b', 'a']  # warm-up, then ABBA ABBA
     assert p.ratio.median_ms == p.ratio.q1_ms == p.ratio.q3_ms == 2.0
     assert p.model.median_ms == 5.0 and p.reference.median_ms == 2.5  # medians of 2,4,6,8 and 1,2,3,4

@@ -342,5 +342,7 @@ def test_prune_to_a_budget_measured_in_onnx_runtime_end_to_end(tmp_path, tiny):
         assert out.measured_ms <= out.budget_ms
     else:
         assert out.note.startswith('stopped after') or 'still over the budget' in out.note
-    summary = summary_table(result)
-    assert f'runtime {version}' in ' '.join(summary.split()) and 'round 1: predicted / measured ms' in summary
+    assert out.runtime_settings == runtimes.RUNTIMES['onnxruntime'].settings()  # the report says what was timed
+    summary = ' '.join(summary_table(result).split())
+    assert f'runtime {version} (session.force_spinning_stop=1)' in summary
+    assert 'round 1: predicted / measured ms' in summary

@@ -40,6 +40,7 @@ class LatencyOutcome:
     note: str = ''
     reference: str = 'parent'  # what every candidate was timed beside
     runtime: str = 'torch'  # what ran every timed network, with its version ('onnxruntime 1.32.0', 'torch 2.9.1')
+    runtime_settings: dict = field(default_factory=dict)  # the runtime's settings it was timed under (Runtime.settings)
 
 
 @dataclass

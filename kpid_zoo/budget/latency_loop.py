@@ -256,6 +256,7 @@ def latency_knapsack_prune(
         note=note,
         reference=budget.latency_of or 'parent',
         runtime=get_runtime(setting.runtime).describe(),
+        runtime_settings=get_runtime(setting.runtime).settings() if setting.device == 'cpu' else {},
     )
     # a latency budget sets no FLOPs target: the report's target is the FLOPs it reached
     return prune_result(

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from ..core.files import WEIGHTS_FILE, save_weights, staged_dir
+from ._result import LatencyOutcome
 from .prune import PruneResult
 
 SPEC_FILE = 'spec.json'
@@ -50,6 +51,14 @@ def plot_widths(layer_widths: list[tuple[str, int, int]], path: str | Path, titl
     return Path(path)
 
 
+def runtime_in_words(lat: LatencyOutcome) -> str:
+    """The runtime row: 'torch 2.14.1 (eager; malloc: glibc mmap_threshold=...)', 'onnxruntime 1.32.0 (...)'."""
+    details = (['eager'] if lat.runtime.split()[0] == 'torch' else []) + [
+        f'{k}: {v}' if k == 'malloc' else f'{k}={v}' for k, v in lat.runtime_settings.items()
+    ]
+    return f'{lat.runtime} ({"; ".join(details)})' if details else lat.runtime
+
+
 def summary_table(result: PruneResult) -> str:
     r = result.report
     rows = [('parent', r.parent), ('input size', 'x'.join(map(str, r.input_size)))]
@@ -65,7 +74,7 @@ def summary_table(result: PruneResult) -> str:
     else:
         rows += [
             ('latency measured on', f'{lat.device} (batch {lat.batch_size}, {lat.threads} threads): {lat.device_name}'),
-            ('runtime', f'{lat.runtime} (eager)' if lat.runtime.split()[0] == 'torch' else lat.runtime),
+            ('runtime', runtime_in_words(lat)),
             (
                 'ms parent / budget / measured',
                 f'{lat.parent_ms:.3f} / {lat.budget_ms:.3f} / '
