@@ -67,10 +67,10 @@ from kpid_zoo.budget.timing import (  # noqa: E402
     measure_paired,
     measure_paired_afresh,
     time_once,
+    timing_conditions,
 )
 from kpid_zoo.core.files import default_cache_dir, json_sha256, read_json, write_json  # noqa: E402
 from kpid_zoo.core.recipe import BudgetSpec  # noqa: E402
-from kpid_zoo.core.threads import fixed_threads  # noqa: E402
 from kpid_zoo.deploy.onnx import onnx_bytes  # noqa: E402
 from kpid_zoo.deploy.runtimes import RUNTIMES, bind, get_runtime  # noqa: E402
 from kpid_zoo.engine.flops import count_flops, count_params  # noqa: E402
@@ -171,13 +171,13 @@ def arm_label(arm: str, parent: str, stock: str) -> str:
 # paired timing of compiled networks
 
 
-def paired_calls(a, b, *, threads: int, warmup: int, repeats: int) -> Paired:
+def paired_calls(a, b, setting: LatencySetting, *, warmup: int, repeats: int) -> Paired:
     """`a()` and `b()` (compiled networks bound to their input) timed in alternation, ABBA, the ratio call pair by
     call pair: `kpid_zoo.budget.timing.measure_paired`'s loop, over networks compiled once in a runtime rather than
-    torch modules. ONNX Runtime and OpenVINO fix their threads at compile time; torch's count is fixed around the
-    whole loop, so eager PyTorch's per-call `fixed_threads` changes nothing between calls."""
-    setting = LatencySetting()  # time_once's CPU clock
-    with fixed_threads(threads), torch.inference_mode():
+    torch modules, under the same `timing_conditions` (eager PyTorch: malloc's thresholds fixed; torch's thread
+    count fixed around the whole loop, so its per-call `fixed_threads` changes nothing between calls; ONNX Runtime
+    and OpenVINO fixed their threads when they compiled)."""
+    with timing_conditions(setting):
         for _ in range(warmup):
             a(), b()
         ours: list[float] = []
@@ -189,10 +189,12 @@ def paired_calls(a, b, *, threads: int, warmup: int, repeats: int) -> Paired:
     return Paired(Timing.of(ours), Timing.of(theirs), Timing.of([x / y for x, y in zip(ours, theirs)]))
 
 
-def timed_cell(call, stock_call, s: Setting) -> Paired:
-    """A net's call beside the stock net's, as every timed cell is measured: cold calls discarded, then the pairs."""
-    paired_calls(call, stock_call, threads=s.threads, warmup=3, repeats=2)  # cold, discarded
-    return paired_calls(call, stock_call, threads=s.threads, warmup=2, repeats=s.repeats)
+def timed_cell(call, stock_call, s: Setting, runtime: str) -> Paired:
+    """A net's call beside the stock net's in `runtime`, as every timed cell is measured: cold calls discarded,
+    then the pairs."""
+    setting = LatencySetting('cpu', s.batch_size, s.threads, runtime)
+    paired_calls(call, stock_call, setting, warmup=3, repeats=2)  # cold, discarded
+    return paired_calls(call, stock_call, setting, warmup=2, repeats=s.repeats)
 
 
 def goal(row: dict) -> str:
@@ -490,7 +492,7 @@ def time_part(args, pair: Pair, sets: dict[str, Setting], runtimes: list[str], l
                     if runtime.uses_onnx and onnx is None:  # one export per net and setting, for both runtimes
                         onnx = onnx_bytes(net, x, dynamic_batch=False, exporter=args.exporter, what=arm)
                     call = bind(compile_net(runtime, net, x, s.threads, args.exporter, onnx), x.numpy())
-                p = timed_cell(call, compiled_stock[r], s)
+                p = timed_cell(call, compiled_stock[r], s, r)
                 row = {
                     'parent': pair.name,
                     'stock': pair.stock_name,

@@ -70,7 +70,7 @@ def child(spec: dict) -> dict:
     for name, net in nets.items():
         graph = Path(spec[name + '_onnx']).read_bytes() if runtime.uses_onnx else None
         calls[name] = bind(compile_net(runtime, net, x, s.threads, 'dynamo', graph), x.numpy())
-    p = timed_cell(calls['net'], calls['stock'], s)
+    p = timed_cell(calls['net'], calls['stock'], s, spec['runtime'])
     return {'ratio': p.ratio.median_ms, 'ratio_q1': p.ratio.q1_ms, 'ratio_q3': p.ratio.q3_ms, 'ms': p.model.median_ms}
 
 
