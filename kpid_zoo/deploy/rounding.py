@@ -21,7 +21,20 @@ independent roundings (`_independent`), elementwise:
   term: ONNX Runtime may add a residual inside that conv's sum. mul: rho = u |y|.
 * mean / (adaptive) average pool over k values: rho = sqrt(k + 1) u mean(|x|). max pool, ReLU, view, reshape: exact.
   Padding (TF-"same" convs) and clamping (ReLU6 = hardtanh(0, 6), clamp) only copy or compare values: exact when
-  the value they pad with and their bounds are float32 numbers (else no rule); leaky ReLU: rho = u |y|.
+  the value they pad with and their bounds are float32 numbers (else no rule); leaky ReLU, div: rho = u |y|; sub
+  as add; addcmul (a + v b c): rho = sqrt(2) u (|a| + |v b c|).
+* matmul / bmm, inner length n: as a linear layer, rho = sqrt(n + 5) u |A| |B| + n 2^-126. GELU: as hardswish
+  (erf or tanh, within a few ULP, of x / sqrt(2), no float32 number). L2 norm over k values:
+  rho = sqrt(k + 2) u |y| (k squares summed, a square root).
+* layer norm over C values, x^ = (x - mean) / sigma, y = w x^ + b: the mean and the variance are sums of C terms
+  (ONNX Runtime's kernel takes the variance as E[x^2] - mean^2, one pass, whose error is relative to E[x^2], not
+  to the variance), the rest a few roundings: rho = sqrt(C + 8) u (|w x^| (1 + E[x^2] / sigma^2) +
+  |w| E|x| / sigma + |b|).
+* scaled dot-product attention, O = softmax(s Q K^T) V over L keys of dimension d: the scores' errors (a dot
+  product of d, scaled: e_S = sqrt(d + 2) u s |Q| |K^T|) move each probability by P (e_S + sum_l P_l e_S_l), and
+  the softmax's own roundings (an exp of a few ULP, a sum of L, a divide) by sqrt(L + 33) u P (1 + |S - max S|);
+  then O = P V is a dot product of L: rho = sqrt(L + 5) u |P| |V| + (e_P) |V|, the attention's errors summed with
+  the sign that hurts (no cancellation assumed inside the op).
 * sigmoid: rho = 8 u |y| + u (vectorised exp-based sigmoids are within a few ULP; ONNX Runtime's MLAS saturates
   the logistic at |x| = 18, an absolute error below sigmoid(-18) < 2^-25); SiLU = x sigmoid(x): that times |x|,
   plus u |y| for the product; hardswish / hardsigmoid: rho = 4 u (|y| + |x|) (their 1/6 is no float32 number:
@@ -124,6 +137,41 @@ def _bn_local(args: tuple) -> torch.Tensor:
     return _independent(BN_ROUNDINGS) * ((s * x).abs() + (s * mean).abs() + beta.abs())
 
 
+def _layer_norm_local(args: tuple) -> torch.Tensor:
+    x, shape = args[0], args[1]
+    weight = args[2] if len(args) > 2 else None
+    bias = args[3] if len(args) > 3 else None
+    eps = args[4] if len(args) > 4 else 1e-5
+    dims = tuple(range(x.dim() - len(shape), x.dim()))
+    mean = x.mean(dims, keepdim=True)
+    var = x.var(dims, unbiased=False, keepdim=True)
+    sigma = torch.sqrt(var + eps)
+    normalised = (x - mean) / sigma
+    w = weight.abs() if weight is not None else torch.ones_like(x)
+    b = bias.abs() if bias is not None else 0.0
+    square = (x * x).mean(dims, keepdim=True)
+    count = math.prod(shape)
+    scale = (w * normalised).abs() * (1 + square / sigma**2) + w * x.abs().mean(dims, keepdim=True) / sigma + b
+    return _independent(count + 8) * scale
+
+
+def _attention_local(args: tuple, kwargs: dict) -> torch.Tensor:
+    q, k, v = args[:3]
+    mask = args[3] if len(args) > 3 else kwargs.get('attn_mask')
+    causal = args[5] if len(args) > 5 else kwargs.get('is_causal', False)
+    scale = kwargs.get('scale') or (args[6] if len(args) > 6 else None)
+    if mask is not None or causal:
+        raise NoRoundingModel('scaled_dot_product_attention with a mask')
+    d, keys = q.shape[-1], k.shape[-2]
+    scale = scale if scale is not None else 1 / math.sqrt(d)
+    scores = scale * (q @ k.transpose(-2, -1))
+    probs = torch.softmax(scores, dim=-1)
+    score_error = _independent(d + 2) * abs(scale) * (q.abs() @ k.abs().transpose(-2, -1))
+    own = _independent(keys + 33) * (1 + (scores - scores.amax(-1, keepdim=True)).abs())
+    prob_error = probs * (score_error + (probs * score_error).sum(-1, keepdim=True) + own)
+    return _independent(keys + CONV_EXTRA) * (probs @ v.abs()) + prob_error @ v.abs() + keys * TINY
+
+
 def _sigmoid_local(y: torch.Tensor) -> torch.Tensor:
     return SIGMOID_ULPS * U * y.abs() + U
 
@@ -159,6 +207,11 @@ _EXACT = {
     'relu',
     'max_pool2d',
     'max_pool1d',
+    'as_strided',
+    'split',
+    'split_with_sizes',
+    'chunk',
+    'unbind',
     'sym_size',
     'size',
     'sym_numel',
@@ -175,6 +228,7 @@ _COPIES_CONSTANTS = {
     'clamp': ((1, 'min'), (2, 'max')),
     'clamp_min': ((1, 'min'),),
     'clamp_max': ((1, 'max'),),
+    'scalar_tensor': ((0, 's'),),
 }
 
 
@@ -207,13 +261,33 @@ def local_error(target: Any, args: tuple, kwargs: dict, out: Any, acc: dict[int,
         return _sigmoid_local(torch.sigmoid(args[0])) * args[0].abs() + U * out.abs(), 0
     if name in ('hardswish', 'hardsigmoid'):
         return ELEMENTWISE_ULPS * U * (out.abs() + args[0].abs()), 0
-    if name == 'add':
+    if name in ('add', 'sub'):
         a, b = args[0], args[1]
         alpha = kwargs.get('alpha', 1)
         m = max(acc.get(id(a), 0), acc.get(id(b), 0))
         return _independent(m + 1) * (_abs(a) + abs(alpha) * _abs(b)), 0
-    if name == 'mul' or name == 'leaky_relu':
+    if name in ('mul', 'div', 'leaky_relu'):
         return U * out.abs(), 0
+    if name == 'addcmul':
+        a, b, c = args[:3]
+        value = args[3] if len(args) > 3 else kwargs.get('value', 1)
+        return _independent(2) * (_abs(a) + abs(value) * _abs(b) * _abs(c)), 0
+    if name in ('matmul', 'bmm', 'mm'):
+        a, b = args[0], args[1]
+        n = a.shape[-1]
+        return _independent(n + CONV_EXTRA) * (a.abs() @ b.abs()) + n * TINY, n + CONV_EXTRA
+    if name == 'gelu':
+        return ELEMENTWISE_ULPS * U * (out.abs() + args[0].abs()), 0
+    if name == 'linalg_vector_norm':
+        order = args[1] if len(args) > 1 else kwargs.get('ord', 2)
+        if order != 2:
+            raise NoRoundingModel(f'{target} of order {order}')
+        dims = args[2] if len(args) > 2 else kwargs.get('dim')
+        return _independent(_reduced(args[0], dims) + 2) * out.abs(), 0
+    if name == 'layer_norm':
+        return _layer_norm_local(args), 0
+    if name == 'scaled_dot_product_attention':
+        return _attention_local(args, kwargs), 0
     if name in _COPIES_CONSTANTS:
         constants = [_constant_of(name, args, kwargs, i) for i in _COPIES_CONSTANTS[name]]
         unrepresentable = [c for c in constants if c is not None and not _is_float32(c)]

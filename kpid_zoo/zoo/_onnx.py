@@ -66,7 +66,8 @@ def make_onnx(
             f'{DEPLOY_HINT}, then `kpid-zoo export-onnx DIR`'
         )
     net = _cpu_copy(model)
-    example = torch.zeros(1, *input_size)
+    # a batch of 2: with 1, torch.export may specialise the batch and refuse it as dynamic (ConvNeXt's layer norms)
+    example = torch.zeros(2, *input_size)
     try:
         data, program = onnx_program(net, example, dynamic_batch=True, what=name)
         check = check_onnx(data, program, net, images, threads=max(1, torch.get_num_threads()), what=name)
