@@ -170,8 +170,9 @@ def cmd_build(args: argparse.Namespace) -> int:
         f'top-1 {m["top1"]:.2f}% (parent {m["parent_top1"]:.2f}%), top-5 {m["top5"]:.2f}% on '
         f'{m["dataset"]} {m["split"]}'
     )
+    onnx = ', model.onnx' if (Path(result.export_dir) / 'model.onnx').is_file() else ''  # else the log said why
     print(
-        f'wrote {result.export_dir}/ (model.safetensors, config.json, README.md): '
+        f'wrote {result.export_dir}/ (model.safetensors, config.json{onnx}, README.md): '
         f'publish it with `kpid-zoo publish {result.export_dir} --repo-id {result.recipe.hub.repo_id}`'
     )
     return 0
