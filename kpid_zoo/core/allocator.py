@@ -7,8 +7,8 @@ runs: the mmap threshold starts at 128 KiB and rises to the size of each mapped 
 trim threshold follows at twice it. So whether a network's activations land on fresh pages at every call depends on
 what the process allocated and freed before, and two processes time the same pair of networks at different ratios.
 Measured (`benchmarks/process_spread.py`, docs/latency.md "Limits"): a latency-budgeted tf_efficientnet_lite1
-beside tf_efficientnet_lite0, eager PyTorch at batch 32 on 2 threads, read 0.59-0.77 in new processes with glibc's
-moving thresholds and 0.90-0.94 with them fixed.
+beside tf_efficientnet_lite0, eager PyTorch at batch 32 on 2 threads, read 0.589-0.774 in new processes with glibc's
+moving thresholds and 0.901-0.935 with them fixed.
 
 `fix_thresholds` fixes both where the moving ones end up in a long-running process: the mmap threshold at its
 ceiling (32 MiB), and a trim threshold of 1 GiB, so the heap a forward pass freed serves the next one. Timing
