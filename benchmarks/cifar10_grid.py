@@ -703,7 +703,12 @@ def family_section(grid: Grid) -> list[str]:
     lines += [
         '',
         f'Cells finished: {len(cells)} of {len(a.ratios) * len(a.arms or ARMS) * len(s["seeds"])}'
-        + (f'; {min(minutes):.1f}-{max(minutes):.1f} min each on {cells[0]["machine"]}' if cells else '')
+        + (
+            f'; {min(minutes):.1f}-{max(minutes):.1f} min of wall time each on {cells[0]["machine"]}'
+            ', other jobs and pauses included'
+            if cells
+            else ''
+        )
         + '.',
         '',
         "Where KPID wins and where it does not (the grid page's rule: a win or a loss is a difference over twice "
