@@ -52,9 +52,10 @@ NETS = (  # (timm name, why it is here)
 )
 
 
-def randomised(name: str) -> nn.Module:
-    extra = {'img_size': SIZE[1:]} if name.startswith(('vit_', 'deit_')) else {}
-    model = timm.create_model(name, num_classes=10, **extra)
+def randomise_norms(model: nn.Module) -> nn.Module:
+    """Batch norm statistics away from init's (0, 1), so that folding them into the convs changes the arithmetic;
+    norms' affine parameters away from (1, 0), and the classifier's bias away from zero (timm's zeros are dropped
+    from the ONNX graph). tests/test_onnx_export.py uses it too."""
     g = torch.Generator().manual_seed(0)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -65,6 +66,11 @@ def randomised(name: str) -> nn.Module:
             m.bias.data.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
     model.get_classifier().bias.data.normal_(generator=g)
     return model.eval()
+
+
+def randomised(name: str) -> nn.Module:
+    extra = {'img_size': SIZE[1:]} if name.startswith(('vit_', 'deit_')) else {}
+    return randomise_norms(timm.create_model(name, num_classes=10, **extra))
 
 
 def main() -> None:

@@ -24,6 +24,9 @@ onnx = pytest.importorskip('onnx')
 
 from export_utils import export_pruned, pruned_spec, tiny_recipe  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
+from onnx_check import randomise_norms  # noqa: E402
+
 from kpid_zoo.cli import main  # noqa: E402
 from kpid_zoo.deploy.check import check_onnx  # noqa: E402
 from kpid_zoo.deploy.onnx import INPUT_NAME, OPSET, OUTPUT_NAME, onnx_program  # noqa: E402
@@ -44,22 +47,6 @@ CFG = {
 }
 
 
-def _randomise_bn(model: nn.Module) -> nn.Module:
-    """Batch norm statistics away from init's (0, 1), so that folding them into the convs changes the arithmetic;
-    norms' affine parameters away from (1, 0), and the classifier's bias away from zero, too."""
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-        if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)) and m.weight is not None:
-            m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-    # a classifier bias of timm's zeros is dropped from the ONNX graph: the check's test moves one of it
-    model.get_classifier().bias.data.normal_(generator=g)
-    return model.eval()
-
-
 @pytest.fixture(scope='module')
 def images(cifar10_tarball) -> torch.Tensor:
     """4 real CIFAR-10 JPEGs, preprocessed at 64 px as an export's config.json says."""
@@ -73,7 +60,7 @@ def exported(tmp_path_factory, images) -> Path:
     """A real export of resnet18 pruned by the engine to half its widths, with model.onnx checked on real images."""
     folder = tmp_path_factory.mktemp('onnx') / NAME
     spec = pruned_spec('resnet18', 0.5, input_size=SIZE)
-    model = _randomise_bn(build_pruned(spec, num_classes=10))
+    model = randomise_norms(build_pruned(spec, num_classes=10))
     from export_utils import make_report
 
     from kpid_zoo.zoo.export import export_model
@@ -127,7 +114,7 @@ def test_tolerance_of_one_linear_layer_is_its_own_rounding_scale():
 def test_tolerance_covers_pytorchs_float32_error_of_real_nets(images):
     """The derivation's own check: eager PyTorch's float32 output of every family lies within it."""
     for parent in ('efficientnet_b0', 'mobilenetv3_large_100', 'tf_efficientnet_lite0'):
-        model = _randomise_bn(build_pruned(pruned_spec(parent, 0.5, input_size=SIZE), num_classes=10))
+        model = randomise_norms(build_pruned(pruned_spec(parent, 0.5, input_size=SIZE), num_classes=10))
         program = torch.export.export(model, (images,)).run_decompositions({})  # functional ops, as exported
         tol = float32_tolerance(program, images)
         with torch.no_grad():
@@ -187,7 +174,7 @@ def _perturbed(data: bytes, initializer: str, index: int, delta: float) -> bytes
     'parent', ['efficientnet_b0', 'mobilenetv3_large_100', 'tf_efficientnet_lite0', 'convnext_atto']
 )
 def test_check_passes_the_real_graph_and_fails_one_weight_moved_beyond_the_tolerance(parent, images):
-    model = _randomise_bn(build_pruned(pruned_spec(parent, 0.5, input_size=SIZE), num_classes=10))
+    model = randomise_norms(build_pruned(pruned_spec(parent, 0.5, input_size=SIZE), num_classes=10))
     data, program = onnx_program(model, images[:2], what=parent)  # a batch of 2, as make_onnx exports
     tolerance = float32_tolerance(program, images)
     check = check_onnx(data, program, model, images, what=parent, tolerance=tolerance)
@@ -216,7 +203,7 @@ def test_check_passes_a_vision_transformer(images):
     logit moves by a few tolerances."""
     import timm
 
-    model = _randomise_bn(timm.create_model('deit_tiny_patch16_224', img_size=SIZE[1:], num_classes=10))
+    model = randomise_norms(timm.create_model('deit_tiny_patch16_224', img_size=SIZE[1:], num_classes=10))
     data, program = onnx_program(model, torch.zeros(2, *SIZE), what='deit_tiny')
     tolerance = float32_tolerance(program, images)
     check = check_onnx(data, program, model, images, what='deit_tiny', tolerance=tolerance)
